@@ -1,0 +1,37 @@
+# metricops: `make test` and `make bench` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-stamp
+export MAX_JOBS ?= 2
+
+.PHONY: all venv build test bench bench-quick info sanitize clean
+
+all: test
+
+venv: $(STAMP)
+
+$(STAMP): requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+# Incremental (ninja): only changed sources recompile.
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+
+info: build
+	$(PY) -m metricops.info
+
+test: build
+	$(PY) -m metricops.info
+	$(PY) -m pytest tests
+
+bench: build
+	$(PY) -m benchmarks
+
+bench-quick: build
+	$(PY) -m benchmarks --quick
+
+clean:
+	rm -rf build metricops/*.so

@@ -1,0 +1,118 @@
+// Device-generic orchestration of pairwise_distance forward and backward.
+//
+// The GEMMs go through ATen (BLAS on CPU, cuBLAS on CUDA); everything else is
+// an elementwise epilogue supplied by `Kernels` (cpu/ or cuda/), which must
+// provide:
+//   Tensor row_aux(const Tensor& x, Metric)                  -> (rows,) acc dtype
+//   void distance_epilogue(const Tensor& dot, const Tensor& x_aux,
+//                          const Tensor& y_aux, Metric, bool self, Tensor& out)
+//   void grad_weights(const Tensor& grad, const Tensor& dist, const Tensor& x_aux,
+//                     const Tensor& y_aux, Metric, bool self,
+//                     Tensor& cross, Tensor& norm_term)
+// with the math of common/distance.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/ScalarType.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common/checks.h"
+
+namespace metricops {
+
+inline bool is_low_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// float32 accumulation for float16/bfloat16, the input dtype otherwise.
+inline at::ScalarType acc_dtype(const at::Tensor& t) {
+  return is_low_precision(t) ? at::kFloat : t.scalar_type();
+}
+
+// a @ b.T in the accumulation dtype (tensor cores with float32 output for
+// float16/bfloat16 on CUDA).
+inline at::Tensor gram_acc(const at::Tensor& a, const at::Tensor& b) {
+  return is_low_precision(a) ? at::mm(a, b.t(), at::kFloat) : at::mm(a, b.t());
+}
+
+inline at::Tensor matmul_acc(const at::Tensor& a, const at::Tensor& b) {
+  return is_low_precision(a) ? at::mm(a, b, at::kFloat) : at::mm(a, b);
+}
+
+inline void check_pairwise_inputs(const at::Tensor& x, const std::optional<at::Tensor>& y) {
+  check_embeddings(x, "x");
+  if (y.has_value()) {
+    check_embeddings(*y, "y");
+    check_same_device_dtype(x, "x", *y, "y");
+    TORCH_CHECK_VALUE(x.size(1) == y->size(1), "y must have the same embedding size D as x (",
+                      x.size(1), "), got shape ", y->sizes());
+  }
+}
+
+template <class Kernels>
+at::Tensor pairwise_distance_impl(const at::Tensor& x, const std::optional<at::Tensor>& y_opt,
+                                  c10::string_view metric_name) {
+  const Metric metric = parse_metric(metric_name);
+  check_pairwise_inputs(x, y_opt);
+  const bool self = !y_opt.has_value();
+  const at::Tensor& y = self ? x : *y_opt;
+  if (x.size(0) == 0 || y.size(0) == 0) return at::empty({x.size(0), y.size(0)}, x.options());
+  at::Tensor dot = gram_acc(x, y);
+  // Write the distances over the Gram matrix unless the dtypes differ.
+  at::Tensor out = is_low_precision(x) ? at::empty(dot.sizes(), x.options()) : dot;
+  at::Tensor x_aux = Kernels::row_aux(x, metric);
+  at::Tensor y_aux = self ? x_aux : Kernels::row_aux(y, metric);
+  Kernels::distance_epilogue(dot, x_aux, y_aux, metric, self, out);
+  return out;
+}
+
+// Returns (grad_x, grad_y); grad_y is an empty (0, D) tensor when y is None
+// (then grad_x already holds both roles of x).
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_impl(
+    const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& y_opt,
+    const at::Tensor& dist, c10::string_view metric_name) {
+  const Metric metric = parse_metric(metric_name);
+  check_pairwise_inputs(x, y_opt);
+  const bool self = !y_opt.has_value();
+  const at::Tensor& y = self ? x : *y_opt;
+  const int64_t M = x.size(0), N = y.size(0);
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == N,
+                    "grad must have shape (", M, ", ", N, "), got ", grad.sizes());
+  TORCH_CHECK_VALUE(dist.dim() == 2 && dist.size(0) == M && dist.size(1) == N,
+                    "dist must have shape (", M, ", ", N, "), got ", dist.sizes());
+  check_same_device_dtype(x, "x", grad, "grad");
+  check_same_device_dtype(x, "x", dist, "dist");
+
+  at::Tensor grad_y_empty = at::empty({0, x.size(1)}, x.options());
+  if (M == 0 || N == 0 || x.size(1) == 0) {
+    return {at::zeros_like(x), self ? grad_y_empty : at::zeros_like(y)};
+  }
+  const auto acc = acc_dtype(x);
+  at::Tensor x_aux = Kernels::row_aux(x, metric);
+  at::Tensor y_aux = self ? x_aux : Kernels::row_aux(y, metric);
+  // cross: the coefficient of the x_i <-> y_j cross term (w_ij, symmetrised
+  // when y is None); norm_term: p_ij, summed into the per-row coefficients.
+  at::Tensor cross = at::empty({M, N}, x.options());
+  at::Tensor norm_term = at::empty({M, N}, x.options().dtype(acc));
+  Kernels::grad_weights(grad, dist, x_aux, y_aux, metric, self, cross, norm_term);
+
+  at::Tensor row_coef = norm_term.sum(1);
+  at::Tensor col_coef = norm_term.sum(0);
+  if (self) row_coef.add_(col_coef);
+  if (metric == Metric::Cosine) {
+    row_coef.mul_(x_aux.square());
+    if (!self) col_coef.mul_(y_aux.square());
+  }
+  at::Tensor grad_x = x.to(acc).mul(row_coef.unsqueeze(1)).sub_(matmul_acc(cross, y));
+  if (self) return {grad_x.to(x.scalar_type()), grad_y_empty};
+  at::Tensor grad_y = y.to(acc).mul(col_coef.unsqueeze(1)).sub_(matmul_acc(cross.t(), x));
+  return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type())};
+}
+
+}  // namespace metricops

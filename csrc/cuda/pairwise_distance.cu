@@ -1,0 +1,178 @@
+// CUDA kernels for pairwise_distance. The Gram term goes through cuBLAS
+// (float32 accumulation for float16/bfloat16); these kernels are the fused
+// epilogues, on the current stream, with the math of common/distance.h.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/dispatch.h"
+#include "common/pairwise_distance_impl.h"
+#include "cuda/cuda_helpers.h"
+
+namespace metricops {
+namespace cuda {
+namespace {
+
+// One warp per row: squared norm accumulated in opmath, then row_aux.
+template <typename scalar_t, typename acc_t>
+__global__ void row_aux_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t dim, Metric metric,
+                               acc_t* __restrict__ aux) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps_per_block = blockDim.x / 32;
+  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / 32; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    const scalar_t* xr = x + row * dim;
+    acc_t s = 0;
+    for (int64_t k = lane; k < dim; k += 32) {
+      const acc_t v = static_cast<acc_t>(xr[k]);
+      s += v * v;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffff, s, offset);
+    if (lane == 0) aux[row] = metricops::row_aux<acc_t>(metric, s);
+  }
+}
+
+template <typename scalar_t, typename acc_t, Metric kMetric>
+__global__ void distance_epilogue_kernel(const acc_t* dot, const acc_t* __restrict__ x_aux,
+                                         const acc_t* __restrict__ y_aux, int64_t M, int64_t N, bool self,
+                                         scalar_t* out) {  // out may alias dot
+  METRICOPS_CUDA_KERNEL_LOOP(idx, M * N) {
+    const int64_t i = idx / N, j = idx - i * N;
+    acc_t d = distance_from_dot<acc_t>(kMetric, x_aux[i], y_aux[j], dot[idx]);
+    if (self && i == j && kMetric != Metric::Cosine) d = acc_t(0);
+    out[idx] = static_cast<scalar_t>(d);
+  }
+}
+
+template <typename scalar_t, typename acc_t, Metric kMetric>
+__global__ void grad_weights_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ dist,
+                                    const acc_t* __restrict__ x_aux, const acc_t* __restrict__ y_aux, int64_t M,
+                                    int64_t N, scalar_t* __restrict__ cross, acc_t* __restrict__ norm_term) {
+  METRICOPS_CUDA_KERNEL_LOOP(idx, M * N) {
+    const int64_t i = idx / N, j = idx - i * N;
+    acc_t w, p;
+    distance_grad_weights<acc_t>(kMetric, static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), x_aux[i],
+                                 y_aux[j], w, p);
+    cross[idx] = static_cast<scalar_t>(w);
+    norm_term[idx] = p;
+  }
+}
+
+// y is x: cross_ij = w_ij + w_ji. 32x32 tiles staged through shared memory so
+// that the transposed reads stay coalesced.
+constexpr int kTile = 32;
+constexpr int kTileRows = 8;
+
+template <typename scalar_t, typename acc_t, Metric kMetric>
+__global__ void grad_weights_self_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ dist,
+                                         const acc_t* __restrict__ aux, int64_t N, scalar_t* __restrict__ cross,
+                                         acc_t* __restrict__ norm_term) {
+  __shared__ acc_t g_t[kTile][kTile + 1];
+  __shared__ acc_t d_t[kTile][kTile + 1];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  // Load the mirrored tile (rows j0.., cols i0..) transposed into shared memory.
+  for (int r = threadIdx.y; r < kTile; r += kTileRows) {
+    const int64_t row = j0 + r, col = i0 + threadIdx.x;
+    if (row < N && col < N) {
+      g_t[threadIdx.x][r] = static_cast<acc_t>(grad[row * N + col]);
+      d_t[threadIdx.x][r] = static_cast<acc_t>(dist[row * N + col]);
+    }
+  }
+  __syncthreads();
+  for (int r = threadIdx.y; r < kTile; r += kTileRows) {
+    const int64_t i = i0 + r, j = j0 + threadIdx.x;
+    if (i < N && j < N) {
+      const int64_t idx = i * N + j;
+      acc_t w_ij, p_ij, w_ji, p_ji;
+      distance_grad_weights<acc_t>(kMetric, static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), aux[i],
+                                   aux[j], w_ij, p_ij);
+      distance_grad_weights<acc_t>(kMetric, g_t[r][threadIdx.x], d_t[r][threadIdx.x], aux[j], aux[i], w_ji, p_ji);
+      cross[idx] = static_cast<scalar_t>(w_ij + w_ji);
+      norm_term[idx] = p_ij;
+    }
+  }
+}
+
+struct PairwiseKernels {
+  static at::Tensor row_aux(const at::Tensor& x_in, Metric metric) {
+    const at::Tensor x = x_in.contiguous();
+    const int64_t rows = x.size(0), dim = x.size(1);
+    at::Tensor aux = at::empty({rows}, x.options().dtype(acc_dtype(x)));
+    if (rows == 0) return aux;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metricops_row_aux_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const int warps_per_block = kThreads / 32;
+      row_aux_kernel<scalar_t, acc_t><<<grid_for(rows, warps_per_block), kThreads, 0, current_stream()>>>(
+          x.const_data_ptr<scalar_t>(), rows, dim, metric, aux.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return aux;
+  }
+
+  static void distance_epilogue(const at::Tensor& dot, const at::Tensor& x_aux, const at::Tensor& y_aux,
+                                Metric metric, bool self, at::Tensor& out) {
+    const int64_t M = out.size(0), N = out.size(1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "metricops_distance_epilogue_cuda",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+        distance_epilogue_kernel<scalar_t, acc_t, kMetric><<<grid_for(M * N), kThreads, 0, current_stream()>>>(
+            dot.const_data_ptr<acc_t>(), x_aux.const_data_ptr<acc_t>(), y_aux.const_data_ptr<acc_t>(), M, N, self,
+            out.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+
+  static void grad_weights(const at::Tensor& grad_in, const at::Tensor& dist_in, const at::Tensor& x_aux,
+                           const at::Tensor& y_aux, Metric metric, bool self, at::Tensor& cross,
+                           at::Tensor& norm_term) {
+    const at::Tensor grad = grad_in.contiguous();
+    const at::Tensor dist = dist_in.contiguous();
+    const int64_t M = grad.size(0), N = grad.size(1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "metricops_grad_weights_cuda",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+        if (self) {
+          const dim3 block(kTile, kTileRows);
+          const dim3 grid(static_cast<unsigned int>(ceil_div(N, kTile)), static_cast<unsigned int>(ceil_div(M, kTile)));
+          grad_weights_self_kernel<scalar_t, acc_t, kMetric><<<grid, block, 0, current_stream()>>>(
+              grad.const_data_ptr<scalar_t>(), dist.const_data_ptr<scalar_t>(), x_aux.const_data_ptr<acc_t>(), N,
+              cross.mutable_data_ptr<scalar_t>(), norm_term.mutable_data_ptr<acc_t>());
+        } else {
+          grad_weights_kernel<scalar_t, acc_t, kMetric><<<grid_for(M * N), kThreads, 0, current_stream()>>>(
+              grad.const_data_ptr<scalar_t>(), dist.const_data_ptr<scalar_t>(), x_aux.const_data_ptr<acc_t>(),
+              y_aux.const_data_ptr<acc_t>(), M, N, cross.mutable_data_ptr<scalar_t>(),
+              norm_term.mutable_data_ptr<acc_t>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+};
+
+at::Tensor pairwise_distance_cuda(const at::Tensor& x, const std::optional<at::Tensor>& y, c10::string_view metric) {
+  c10::cuda::CUDAGuard guard(x.device());
+  return pairwise_distance_impl<PairwiseKernels>(x, y, metric);
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& y,
+                                                                   const at::Tensor& dist, c10::string_view metric) {
+  c10::cuda::CUDAGuard guard(x.device());
+  return pairwise_distance_backward_impl<PairwiseKernels>(grad, x, y, dist, metric);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metricops, CUDA, m) {
+  m.impl("pairwise_distance", &pairwise_distance_cuda);
+  m.impl("pairwise_distance_backward", &pairwise_distance_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace metricops

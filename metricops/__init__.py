@@ -1,0 +1,15 @@
+"""metricops: fused C++/CUDA kernels for deep metric learning.
+
+Importing the package loads the native operators (``torch.ops.metricops``) and
+registers their fake kernels and autograd formulas.
+"""
+
+from . import _ops  # noqa: F401  (loads the native library first)
+from . import _registrations  # noqa: F401
+from . import reference  # noqa: F401
+from ._ops import build_info
+from .distance import pairwise_distance
+
+__version__ = "0.1.0"
+
+__all__ = ["pairwise_distance", "build_info", "reference", "__version__"]

@@ -1,0 +1,89 @@
+"""Input validation shared by every public function.
+
+Each check raises with a message that names the argument and what was
+expected; the C++ TORCH_CHECKs repeat the same wording as the last line of
+defence for direct ``torch.ops.metricops`` calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
+_CPU_FLOATS = (torch.float32, torch.float64)
+_CUDA_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_embeddings(t, name: str = "embeddings") -> None:
+    """A (B, D) floating matrix of a dtype the kernels support on its device."""
+    check_tensor(t, name)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor of shape (B, D), got {t.dim()}-D tensor of shape {tuple(t.shape)}")
+    allowed = _CUDA_FLOATS if t.device.type == "cuda" else _CPU_FLOATS
+    if t.dtype not in allowed:
+        raise TypeError(
+            f"{name} must be float32 or float64 (float16/bfloat16 on CUDA), got {t.dtype} on {t.device}"
+        )
+
+
+def check_same_device_dtype(a, a_name: str, b, b_name: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{b_name} must be on the same device as {a_name} ({a.device}), got {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{b_name} must have the same dtype as {a_name} ({a.dtype}), got {b.dtype}")
+
+
+def check_same_dim(a, a_name: str, b, b_name: str) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{b_name} must have the same embedding size D as {a_name} ({a.shape[1]}), got shape {tuple(b.shape)}"
+        )
+
+
+def check_metric(metric) -> str:
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(f"metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got {metric!r}")
+    return metric
+
+
+def check_reduction(reduction, allowed=REDUCTIONS) -> str:
+    if not isinstance(reduction, str) or reduction not in allowed:
+        raise ValueError(f"reduction must be one of {', '.join(repr(r) for r in allowed)}, got {reduction!r}")
+    return reduction
+
+
+def check_labels(labels, embeddings, name: str = "labels") -> None:
+    check_tensor(labels, name)
+    b = embeddings.shape[0]
+    if labels.dim() != 1 or labels.shape[0] != b:
+        raise ValueError(
+            f"{name} must be a 1-D tensor of length B={b} (one label per embedding), got shape {tuple(labels.shape)}"
+        )
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {labels.dtype}")
+    if labels.device != embeddings.device:
+        raise ValueError(f"{name} must be on the embeddings' device ({embeddings.device}), got {labels.device}")
+
+
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_number(value, name: str, *, min_value=None, allow_equal=True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{name} must not be NaN")
+    if min_value is not None and (value < min_value or (not allow_equal and value == min_value)):
+        op = ">=" if allow_equal else ">"
+        raise ValueError(f"{name} must be {op} {min_value}, got {value}")
+    return value

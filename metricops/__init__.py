@@ -9,6 +9,7 @@ from . import _registrations  # noqa: F401
 from . import reference  # noqa: F401
 from ._ops import build_info
 from .distance import pairwise_distance
+from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -6,13 +6,13 @@
 //   Tensor row_aux(const Tensor& x, Metric)                  -> (rows,) acc dtype
 //   void distance_epilogue(const Tensor& dot, const Tensor& x_aux,
 //                          const Tensor& y_aux, Metric, bool self, Tensor& out)
-//   void grad_weights(const Tensor& grad, const Tensor& dist, const Tensor& x_aux,
-//                     const Tensor& y_aux, Metric, bool self,
-//                     Tensor& cross, Tensor& norm_term)
+//   GradCoefficients grad_coefficients(const Tensor& grad, const Tensor& dist,
+//                     const Tensor& x_aux, const Tensor& y_aux, Metric, bool self)
 // with the math of common/distance.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros_like.h>
@@ -24,6 +24,17 @@
 #include "common/checks.h"
 
 namespace metricops {
+
+// Backward of pairwise_distance in coefficient form:
+//   grad_x = row_coef[:, None] * x - cross @ y
+//   grad_y = col_coef[:, None] * y - cross.T @ x
+// When y is None, cross is symmetrised (w_ij + w_ji) and row_coef holds both
+// roles of x, so one GEMM gives the whole gradient; col_coef is undefined.
+struct GradCoefficients {
+  at::Tensor cross;     // (M, N), input dtype (a GEMM operand)
+  at::Tensor row_coef;  // (M,), accumulation dtype
+  at::Tensor col_coef;  // (N,), accumulation dtype
+};
 
 inline bool is_low_precision(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
@@ -42,6 +53,12 @@ inline at::Tensor gram_acc(const at::Tensor& a, const at::Tensor& b) {
 
 inline at::Tensor matmul_acc(const at::Tensor& a, const at::Tensor& b) {
   return is_low_precision(a) ? at::mm(a, b, at::kFloat) : at::mm(a, b);
+}
+
+// scaled - a @ b in the accumulation dtype (one fused addmm when possible).
+inline at::Tensor scaled_minus_matmul(const at::Tensor& scaled, const at::Tensor& a, const at::Tensor& b) {
+  if (is_low_precision(a)) return scaled.sub_(at::mm(a, b, at::kFloat));
+  return at::addmm(scaled, a, b, /*beta=*/1, /*alpha=*/-1);
 }
 
 inline void check_pairwise_inputs(const at::Tensor& x, const std::optional<at::Tensor>& y) {
@@ -96,22 +113,13 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_impl(
   const auto acc = acc_dtype(x);
   at::Tensor x_aux = Kernels::row_aux(x, metric);
   at::Tensor y_aux = self ? x_aux : Kernels::row_aux(y, metric);
-  // cross: the coefficient of the x_i <-> y_j cross term (w_ij, symmetrised
-  // when y is None); norm_term: p_ij, summed into the per-row coefficients.
-  at::Tensor cross = at::empty({M, N}, x.options());
-  at::Tensor norm_term = at::empty({M, N}, x.options().dtype(acc));
-  Kernels::grad_weights(grad, dist, x_aux, y_aux, metric, self, cross, norm_term);
-
-  at::Tensor row_coef = norm_term.sum(1);
-  at::Tensor col_coef = norm_term.sum(0);
-  if (self) row_coef.add_(col_coef);
-  if (metric == Metric::Cosine) {
-    row_coef.mul_(x_aux.square());
-    if (!self) col_coef.mul_(y_aux.square());
-  }
-  at::Tensor grad_x = x.to(acc).mul(row_coef.unsqueeze(1)).sub_(matmul_acc(cross, y));
+  GradCoefficients c = Kernels::grad_coefficients(grad, dist, x_aux, y_aux, metric, self);
+  const at::Tensor& cross = c.cross;
+  const at::Tensor& row_coef = c.row_coef;
+  const at::Tensor& col_coef = c.col_coef;
+  at::Tensor grad_x = scaled_minus_matmul(x.to(acc).mul(row_coef.unsqueeze(1)), cross, y);
   if (self) return {grad_x.to(x.scalar_type()), grad_y_empty};
-  at::Tensor grad_y = y.to(acc).mul(col_coef.unsqueeze(1)).sub_(matmul_acc(cross.t(), x));
+  at::Tensor grad_y = scaled_minus_matmul(y.to(acc).mul(col_coef.unsqueeze(1)), cross.t(), x);
   return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type())};
 }
 

@@ -127,13 +127,17 @@ struct PairwiseKernels {
     });
   }
 
-  static void grad_weights(const at::Tensor& grad_in, const at::Tensor& dist_in, const at::Tensor& x_aux,
-                           const at::Tensor& y_aux, Metric metric, bool self, at::Tensor& cross,
-                           at::Tensor& norm_term) {
+  static GradCoefficients grad_coefficients(const at::Tensor& grad_in, const at::Tensor& dist_in,
+                                            const at::Tensor& x_aux, const at::Tensor& y_aux, Metric metric,
+                                            bool self) {
     const at::Tensor grad = grad_in.contiguous();
     const at::Tensor dist = dist_in.contiguous();
     const int64_t M = grad.size(0), N = grad.size(1);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "metricops_grad_weights_cuda",
+    GradCoefficients c;
+    c.cross = at::empty({M, N}, grad.options());
+    // The norm terms are reduced by ATen (deterministic, no atomics).
+    at::Tensor norm_term = at::empty({M, N}, grad.options().dtype(acc_dtype(grad)));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "metricops_distance_grad_cuda",
                                     [&] {
       using acc_t = at::opmath_type<scalar_t>;
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
@@ -142,16 +146,28 @@ struct PairwiseKernels {
           const dim3 grid(static_cast<unsigned int>(ceil_div(N, kTile)), static_cast<unsigned int>(ceil_div(M, kTile)));
           grad_weights_self_kernel<scalar_t, acc_t, kMetric><<<grid, block, 0, current_stream()>>>(
               grad.const_data_ptr<scalar_t>(), dist.const_data_ptr<scalar_t>(), x_aux.const_data_ptr<acc_t>(), N,
-              cross.mutable_data_ptr<scalar_t>(), norm_term.mutable_data_ptr<acc_t>());
+              c.cross.mutable_data_ptr<scalar_t>(), norm_term.mutable_data_ptr<acc_t>());
         } else {
           grad_weights_kernel<scalar_t, acc_t, kMetric><<<grid_for(M * N), kThreads, 0, current_stream()>>>(
               grad.const_data_ptr<scalar_t>(), dist.const_data_ptr<scalar_t>(), x_aux.const_data_ptr<acc_t>(),
-              y_aux.const_data_ptr<acc_t>(), M, N, cross.mutable_data_ptr<scalar_t>(),
+              y_aux.const_data_ptr<acc_t>(), M, N, c.cross.mutable_data_ptr<scalar_t>(),
               norm_term.mutable_data_ptr<acc_t>());
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
+    c.row_coef = norm_term.sum(1);
+    at::Tensor col_sum = norm_term.sum(0);
+    if (self) {
+      c.row_coef.add_(col_sum);
+    } else {
+      c.col_coef = col_sum;
+    }
+    if (metric == Metric::Cosine) {
+      c.row_coef.mul_(x_aux.square());
+      if (!self) c.col_coef.mul_(y_aux.square());
+    }
+    return c;
   }
 };
 

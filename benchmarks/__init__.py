@@ -1,0 +1,1 @@
+"""metricops benchmarks: `python -m benchmarks` (CLI) or `pytest benchmarks` (pytest-benchmark)."""

@@ -9,7 +9,7 @@ import torch
 import metricops
 from metricops import reference
 
-from .harness import Case
+from ..harness import Case
 
 
 def _randn(*shape, device, dtype, requires_grad=False):
@@ -51,8 +51,3 @@ def pairwise_distance_cases(device: str, quick: bool, dtype=torch.float32) -> Li
             Case("pairwise_distance", "forward+backward", dict(params), {n: _fwd_bwd(f, x) for n, f in contenders.items()})
         )
     return cases
-
-
-SUITES = {
-    "pairwise_distance": pairwise_distance_cases,
-}

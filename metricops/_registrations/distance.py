@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import ops
+from .._ops import ops
 
 _LIB = "metricops::"
 

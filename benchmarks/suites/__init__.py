@@ -1,0 +1,7 @@
+"""Benchmark suites: name -> builder(device, quick) -> list of harness.Case."""
+
+from .distance import pairwise_distance_cases
+
+SUITES = {
+    "pairwise_distance": pairwise_distance_cases,
+}

@@ -44,6 +44,35 @@ TORCH_LIBRARY(metricops, m) {
   m.def(
       "pairwise_distance_backward(Tensor grad, Tensor x, Tensor? y, Tensor dist, str metric) "
       "-> (Tensor grad_x, Tensor grad_y)");
+
+  // Triplet mining and losses on a labelled batch (see metricops/triplet.py).
+  // batch-hard: per anchor its loss, farthest positive, nearest negative
+  // (-1 when the anchor has no triplet) and their distances. block_rows <= 0
+  // computes the distance matrix at once; > 0 streams it in row blocks.
+  m.def(
+      "batch_hard_triplet(Tensor embeddings, Tensor labels, float margin, str metric, bool soft, int block_rows) "
+      "-> (Tensor losses, Tensor positive, Tensor negative, Tensor dist_ap, Tensor dist_an)");
+  m.def(
+      "batch_hard_triplet_backward(Tensor grad_losses, Tensor grad_dist_ap, Tensor grad_dist_an, Tensor embeddings, "
+      "Tensor positive, Tensor negative, Tensor dist_ap, Tensor dist_an, float margin, str metric, bool soft) "
+      "-> Tensor");
+  // semi-hard: (B, B) terms and chosen negatives (-1 off valid pairs), and the
+  // distance matrix; the backward is pairwise_distance_backward.
+  m.def(
+      "semihard_triplet(Tensor embeddings, Tensor labels, float margin, str metric) "
+      "-> (Tensor losses, Tensor negative, Tensor dist)");
+  // batch-all: sum of terms, numbers of valid and of active (> 0) triplets,
+  // the distance matrix, and each pair's signed multiplicity in active
+  // triplets (the loss sum's gradient w.r.t. the distances).
+  m.def(
+      "batch_all_triplet(Tensor embeddings, Tensor labels, float margin, str metric) "
+      "-> (Tensor loss_sum, Tensor num_valid, Tensor num_active, Tensor dist, Tensor multiplicity)");
+  // int64 (4,): total, easy, semihard, hard valid triplets.
+  m.def("triplet_statistics(Tensor embeddings, Tensor labels, float margin, str metric) -> Tensor");
+  // (anchor, positive, negative) int64, sorted lexicographically.
+  m.def(
+      "mine_triplets(Tensor embeddings, Tensor labels, str strategy, float margin, str metric) "
+      "-> (Tensor anchor, Tensor positive, Tensor negative)");
 }
 
 }  // namespace metricops

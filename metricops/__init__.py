@@ -9,8 +9,25 @@ from . import _registrations  # noqa: F401
 from . import reference  # noqa: F401
 from ._ops import build_info
 from .distance import pairwise_distance
+from .triplet import (
+    batch_all_triplet_loss,
+    batch_hard_triplet_loss,
+    mine_triplets,
+    semihard_triplet_loss,
+    triplet_statistics,
+)
 from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["pairwise_distance", "build_info", "reference", "__version__"]
+__all__ = [
+    "pairwise_distance",
+    "batch_hard_triplet_loss",
+    "semihard_triplet_loss",
+    "batch_all_triplet_loss",
+    "triplet_statistics",
+    "mine_triplets",
+    "build_info",
+    "reference",
+    "__version__",
+]

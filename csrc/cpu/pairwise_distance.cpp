@@ -13,27 +13,12 @@
 
 #include "common/dispatch.h"
 #include "common/pairwise_distance_impl.h"
+#include "cpu/distance_rows.h"
 #include "cpu/simd.h"
 
 namespace metricops {
 namespace cpu {
 namespace {
-
-// Rows per parallel task: enough work to amortise scheduling.
-int64_t rows_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
-
-template <typename scalar_t>
-METRICOPS_SIMD_CLONES scalar_t squared_norm(const scalar_t* x, int64_t n) {
-  scalar_t s = 0;
-  for (int64_t k = 0; k < n; ++k) s += x[k] * x[k];
-  return s;
-}
-
-template <typename scalar_t, Metric kMetric>
-METRICOPS_SIMD_CLONES void distance_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n,
-                                        scalar_t* out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = distance_from_dot<scalar_t>(kMetric, x_aux, y_aux[j], dot[j]);
-}
 
 // One row of the backward weights; returns the row's sum of norm terms.
 template <typename scalar_t, Metric kMetric>
@@ -69,19 +54,7 @@ METRICOPS_SIMD_CLONES scalar_t grad_weights_self_row(const scalar_t* g, const sc
 }
 
 struct PairwiseKernels {
-  static at::Tensor row_aux(const at::Tensor& x_in, Metric metric) {
-    const at::Tensor x = x_in.contiguous();
-    const int64_t rows = x.size(0), dim = x.size(1);
-    at::Tensor aux = at::empty({rows}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_row_aux_cpu", [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      scalar_t* ap = aux.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, rows_grain(dim), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) ap[i] = metricops::row_aux<scalar_t>(metric, squared_norm(xp + i * dim, dim));
-      });
-    });
-    return aux;
-  }
+  static at::Tensor row_aux(const at::Tensor& x, Metric metric) { return row_aux_cpu(x, metric); }
 
   static void distance_epilogue(const at::Tensor& dot, const at::Tensor& x_aux, const at::Tensor& y_aux,
                                 Metric metric, bool self, at::Tensor& out) {

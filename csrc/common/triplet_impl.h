@@ -1,0 +1,145 @@
+// Device-generic parts of the triplet ops: argument checks, mining
+// strategies, and the batch-hard backward, which is a gather/scatter of
+// O(B·D) (each anchor touches one positive and one negative) built from
+// per-anchor coefficients that a device kernel computes with common/triplet.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+#include "common/checks.h"
+#include "common/distance.h"
+#include "common/triplet.h"
+
+namespace metricops {
+
+inline void check_triplet_inputs(const at::Tensor& embeddings, const at::Tensor& labels, double margin) {
+  check_embeddings(embeddings, "embeddings");
+  check_labels(labels, embeddings);
+  TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be a finite number, got ", margin);
+}
+
+enum class MiningStrategy { All, Violating, Semihard, Hard, Easy, BatchHard };
+
+inline MiningStrategy parse_strategy(c10::string_view name) {
+  if (name == "all") return MiningStrategy::All;
+  if (name == "violating") return MiningStrategy::Violating;
+  if (name == "semihard") return MiningStrategy::Semihard;
+  if (name == "hard") return MiningStrategy::Hard;
+  if (name == "easy") return MiningStrategy::Easy;
+  if (name == "batch_hard") return MiningStrategy::BatchHard;
+  TORCH_CHECK_VALUE(false,
+                    "strategy must be one of 'all', 'violating', 'semihard', 'hard', 'easy', 'batch_hard', got '",
+                    std::string(name), "'");
+}
+
+// Whether a valid triplet with m = d_an - d_ap is selected.
+template <typename T>
+C10_HOST_DEVICE inline bool strategy_selects(MiningStrategy strategy, T m, T margin) {
+  switch (strategy) {
+    case MiningStrategy::All:
+      return true;
+    case MiningStrategy::Violating:
+      return m <= margin;
+    case MiningStrategy::Semihard:
+      return m > T(0) && m <= margin;
+    case MiningStrategy::Hard:
+      return m <= T(0);
+    case MiningStrategy::Easy:
+      return m > margin;
+    default:
+      return false;
+  }
+}
+
+// Per-anchor backward coefficients of batch-hard. With c_p, c_n the
+// gradients reaching d_ap, d_an:
+//   grad[a] += anchor_self * x[a] - cross_positive * x[p] - cross_negative * x[n]
+//   grad[p] += positive_self * x[p] - cross_positive * x[a]
+//   grad[n] += negative_self * x[n] - cross_negative * x[a]
+template <typename T>
+C10_HOST_DEVICE inline void batch_hard_anchor_coefficients(Metric metric, int64_t a, int64_t p, int64_t n, T g,
+                                                           T g_ap, T g_an, T d_ap, T d_an, const T* aux, T margin,
+                                                           bool soft, T& anchor_self, T& cross_positive,
+                                                           T& cross_negative, T& positive_self, T& negative_self) {
+  if (p < 0 || n < 0) {
+    anchor_self = cross_positive = cross_negative = positive_self = negative_self = T(0);
+    return;
+  }
+  const T t = triplet_term_grad(d_ap, d_an, margin, soft);
+  const T c_p = g * t + g_ap;
+  const T c_n = -g * t + g_an;
+  T q_p, q_n;
+  distance_grad_weights<T>(metric, c_p, d_ap, aux[a], aux[p], cross_positive, q_p);
+  distance_grad_weights<T>(metric, c_n, d_an, aux[a], aux[n], cross_negative, q_n);
+  anchor_self = norm_term_scale<T>(metric, aux[a]) * (q_p + q_n);
+  positive_self = norm_term_scale<T>(metric, aux[p]) * q_p;
+  negative_self = norm_term_scale<T>(metric, aux[n]) * q_n;
+}
+
+struct BatchHardGradInputs {
+  at::Tensor grad_losses, grad_dist_ap, grad_dist_an, positive, negative, dist_ap, dist_an, aux;  // contiguous
+  double margin;
+  Metric metric;
+  bool soft;
+};
+
+struct BatchHardGradCoefficients {
+  at::Tensor anchor_self, cross_positive, cross_negative, positive_self, negative_self;  // (B,) acc dtype
+};
+
+// Kernels must provide:
+//   Tensor row_aux(const Tensor& x, Metric)  -> (B,) acc dtype
+//   void batch_hard_coefficients(const BatchHardGradInputs&, BatchHardGradCoefficients&)
+template <class Kernels>
+at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const at::Tensor& grad_dist_ap,
+                                            const at::Tensor& grad_dist_an, const at::Tensor& embeddings,
+                                            const at::Tensor& positive, const at::Tensor& negative,
+                                            const at::Tensor& dist_ap, const at::Tensor& dist_an, double margin,
+                                            c10::string_view metric_name, bool soft) {
+  const Metric metric = parse_metric(metric_name);
+  check_embeddings(embeddings, "embeddings");
+  const int64_t B = embeddings.size(0);
+  for (const at::Tensor* t : {&grad_losses, &grad_dist_ap, &grad_dist_an, &positive, &negative, &dist_ap, &dist_an}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == B, "batch_hard_triplet_backward: every per-anchor input must have shape (",
+                      B, ",), got ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == embeddings.device(), "batch_hard_triplet_backward: inputs must be on ",
+                      embeddings.device(), ", got ", t->device());
+  }
+  TORCH_CHECK_TYPE(positive.scalar_type() == at::kLong && negative.scalar_type() == at::kLong,
+                   "batch_hard_triplet_backward: positive and negative must be int64");
+  if (B == 0) return at::zeros_like(embeddings);
+  const at::ScalarType acc = (embeddings.scalar_type() == at::kHalf || embeddings.scalar_type() == at::kBFloat16)
+                                 ? at::kFloat
+                                 : embeddings.scalar_type();
+  const at::Tensor x = embeddings.to(acc).contiguous();
+  BatchHardGradInputs in{grad_losses.to(acc).contiguous(), grad_dist_ap.to(acc).contiguous(),
+                         grad_dist_an.to(acc).contiguous(), positive.contiguous(), negative.contiguous(),
+                         dist_ap.to(acc).contiguous(), dist_an.to(acc).contiguous(),
+                         Kernels::row_aux(embeddings, metric).to(acc), margin, metric, soft};
+  BatchHardGradCoefficients c;
+  for (at::Tensor* t : {&c.anchor_self, &c.cross_positive, &c.cross_negative, &c.positive_self, &c.negative_self}) {
+    *t = at::empty({B}, x.options());
+  }
+  Kernels::batch_hard_coefficients(in, c);
+  // Anchors without a triplet point at themselves with zero coefficients, so
+  // no index is ever out of range.
+  const at::Tensor self_index = at::arange(B, positive.options());
+  const at::Tensor pos = at::where(positive.ge(0), positive, self_index);
+  const at::Tensor neg = at::where(negative.ge(0), negative, self_index);
+  const at::Tensor x_pos = x.index_select(0, pos);
+  const at::Tensor x_neg = x.index_select(0, neg);
+  const at::Tensor w_p = c.cross_positive.unsqueeze(1), w_n = c.cross_negative.unsqueeze(1);
+  at::Tensor grad = x.mul(c.anchor_self.unsqueeze(1)).sub_(x_pos.mul(w_p)).sub_(x_neg.mul(w_n));
+  grad.index_add_(0, pos, x_pos.mul(c.positive_self.unsqueeze(1)).sub_(x.mul(w_p)));
+  grad.index_add_(0, neg, x_neg.mul(c.negative_self.unsqueeze(1)).sub_(x.mul(w_n)));
+  return grad.to(embeddings.scalar_type());
+}
+
+}  // namespace metricops

@@ -1,0 +1,394 @@
+// CPU kernels for triplet mining and triplet losses on a labelled batch.
+//
+// Every op streams the self-distance matrix row by row (cpu/distance_rows.h:
+// one BLAS GEMM per row block, a vectorised distance epilogue) and mines each
+// anchor's row while it is hot in cache. Per-anchor selections use the shared
+// math of common/triplet.h. Per-row partial results are reduced serially, so
+// every op is deterministic for a given thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/triplet.h"
+#include "common/triplet_impl.h"
+#include "cpu/distance_rows.h"
+
+namespace metricops {
+namespace cpu {
+namespace {
+
+template <typename scalar_t>
+struct SortedNegatives {
+  std::vector<std::pair<scalar_t, int64_t>> pairs;
+  std::vector<scalar_t> dist;  // ascending, NaN last
+  std::vector<int64_t> index;
+
+  // The anchor's negatives sorted by (distance, index), NaN last.
+  void build(const scalar_t* row, const int64_t* labels, int64_t B, int64_t anchor) {
+    pairs.clear();
+    for (int64_t j = 0; j < B; ++j) {
+      if (labels[j] != labels[anchor]) pairs.emplace_back(row[j], j);
+    }
+    std::sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) {
+      return dist_index_less(a.first, a.second, b.first, b.second);
+    });
+    dist.resize(pairs.size());
+    index.resize(pairs.size());
+    for (size_t k = 0; k < pairs.size(); ++k) {
+      dist[k] = pairs[k].first;
+      index[k] = pairs[k].second;
+    }
+  }
+  int64_t size() const { return static_cast<int64_t>(dist.size()); }
+  bool has_nan() const { return !dist.empty() && dist.back() != dist.back(); }
+};
+
+at::Tensor labels_int64(const at::Tensor& labels) { return labels.to(at::kLong).contiguous(); }
+
+// ---------------------------------------------------------------- batch-hard
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name, bool soft,
+    int64_t block_rows) {
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = x.size(0);
+  at::Tensor losses = at::zeros({B}, x.options());
+  at::Tensor positive = at::full({B}, -1, labels.options());
+  at::Tensor negative = at::full({B}, -1, labels.options());
+  at::Tensor dist_ap = at::zeros({B}, x.options());
+  at::Tensor dist_an = at::zeros({B}, x.options());
+  if (B == 0) return {losses, positive, negative, dist_ap, dist_an};
+  const at::Tensor aux = row_aux_cpu(x, metric);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_batch_hard_cpu", [&] {
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    scalar_t* lp = losses.mutable_data_ptr<scalar_t>();
+    int64_t* pp = positive.mutable_data_ptr<int64_t>();
+    int64_t* np = negative.mutable_data_ptr<int64_t>();
+    scalar_t* dap = dist_ap.mutable_data_ptr<scalar_t>();
+    scalar_t* dan = dist_an.mutable_data_ptr<scalar_t>();
+    const scalar_t m = static_cast<scalar_t>(margin);
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      for_each_distance_row<scalar_t, kMetric>(x, aux, block_rows, nullptr, [&](int64_t i, const scalar_t* row) {
+        int64_t best_p = -1, best_n = -1;
+        scalar_t d_p = 0, d_n = 0;
+        const int64_t li = lab[i];
+        for (int64_t j = 0; j < B; ++j) {
+          const scalar_t d = row[j];
+          if (lab[j] == li) {
+            if (j != i && (best_p < 0 || farther(d, d_p))) best_p = j, d_p = d;
+          } else if (best_n < 0 || nearer(d, d_n)) {
+            best_n = j, d_n = d;
+          }
+        }
+        if (best_p >= 0 && best_n >= 0) {
+          pp[i] = best_p;
+          np[i] = best_n;
+          dap[i] = d_p;
+          dan[i] = d_n;
+          lp[i] = triplet_term<scalar_t>(d_p, d_n, m, soft);
+        }
+      });
+    });
+  });
+  return {losses, positive, negative, dist_ap, dist_an};
+}
+
+struct CpuPairKernels {
+  static at::Tensor row_aux(const at::Tensor& x, Metric metric) { return row_aux_cpu(x, metric); }
+
+  // Fills the per-anchor coefficients of BatchHardGradCoefficients.
+  static void batch_hard_coefficients(const BatchHardGradInputs& in, BatchHardGradCoefficients& out) {
+    const int64_t B = in.positive.size(0);
+    AT_DISPATCH_FLOATING_TYPES(in.dist_ap.scalar_type(), "metricops_batch_hard_backward_cpu", [&] {
+      const auto* g = in.grad_losses.const_data_ptr<scalar_t>();
+      const auto* g_ap = in.grad_dist_ap.const_data_ptr<scalar_t>();
+      const auto* g_an = in.grad_dist_an.const_data_ptr<scalar_t>();
+      const auto* pos = in.positive.const_data_ptr<int64_t>();
+      const auto* neg = in.negative.const_data_ptr<int64_t>();
+      const auto* dap = in.dist_ap.const_data_ptr<scalar_t>();
+      const auto* dan = in.dist_an.const_data_ptr<scalar_t>();
+      const auto* aux = in.aux.const_data_ptr<scalar_t>();
+      const scalar_t m = static_cast<scalar_t>(in.margin);
+      auto* anchor_self = out.anchor_self.mutable_data_ptr<scalar_t>();
+      auto* w_p = out.cross_positive.mutable_data_ptr<scalar_t>();
+      auto* w_n = out.cross_negative.mutable_data_ptr<scalar_t>();
+      auto* p_self = out.positive_self.mutable_data_ptr<scalar_t>();
+      auto* n_self = out.negative_self.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, B, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t a = begin; a < end; ++a) {
+          batch_hard_anchor_coefficients<scalar_t>(in.metric, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a],
+                                                   dan[a], aux, m, in.soft, anchor_self[a], w_p[a], w_n[a], p_self[a],
+                                                   n_self[a]);
+        }
+      });
+    });
+  }
+};
+
+at::Tensor batch_hard_triplet_backward_cpu(const at::Tensor& grad_losses, const at::Tensor& grad_dist_ap,
+                                           const at::Tensor& grad_dist_an, const at::Tensor& embeddings,
+                                           const at::Tensor& positive, const at::Tensor& negative,
+                                           const at::Tensor& dist_ap, const at::Tensor& dist_an, double margin,
+                                           c10::string_view metric, bool soft) {
+  return batch_hard_triplet_backward_impl<CpuPairKernels>(grad_losses, grad_dist_ap, grad_dist_an, embeddings,
+                                                          positive, negative, dist_ap, dist_an, margin, metric, soft);
+}
+
+// ---------------------------------------------------------------- semi-hard
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cpu(const at::Tensor& embeddings,
+                                                                    const at::Tensor& labels_in, double margin,
+                                                                    c10::string_view metric_name) {
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = x.size(0);
+  at::Tensor losses = at::zeros({B, B}, x.options());
+  at::Tensor negative = at::full({B, B}, -1, labels.options());
+  at::Tensor dist = at::empty({B, B}, x.options());
+  if (B == 0) return {losses, negative, dist};
+  const at::Tensor aux = row_aux_cpu(x, metric);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_semihard_cpu", [&] {
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    scalar_t* lp = losses.mutable_data_ptr<scalar_t>();
+    int64_t* np = negative.mutable_data_ptr<int64_t>();
+    const scalar_t m = static_cast<scalar_t>(margin);
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      // One sort buffer per thread, reused across its rows.
+      std::vector<SortedNegatives<scalar_t>> buffers(at::get_num_threads());
+      for_each_distance_row<scalar_t, kMetric>(x, aux, 0, &dist, [&](int64_t i, const scalar_t* row) {
+        SortedNegatives<scalar_t>& negs = buffers[at::get_thread_num()];
+        negs.build(row, lab, B, i);
+        const int64_t n = negs.size();
+        if (n == 0) return;
+        const scalar_t poison = negs.has_nan() ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
+        for (int64_t p = 0; p < B; ++p) {
+          if (p == i || lab[p] != lab[i]) continue;
+          const int64_t k = semihard_position(negs.dist.data(), n, row[p]);
+          np[i * B + p] = negs.index[k];
+          lp[i * B + p] = triplet_term<scalar_t>(row[p], negs.dist[k], m, false) + poison;
+        }
+      });
+    });
+  });
+  return {losses, negative, dist};
+}
+
+// ---------------------------------------------------------------- batch-all
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name) {
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = x.size(0);
+  at::Tensor dist = at::empty({B, B}, x.options());
+  at::Tensor multiplicity = at::zeros({B, B}, x.options());
+  at::Tensor loss_sum = at::zeros({}, x.options());
+  at::Tensor num_valid = at::zeros({}, labels.options());
+  at::Tensor num_active = at::zeros({}, labels.options());
+  if (B == 0) return {loss_sum, num_valid, num_active, dist, multiplicity};
+  const at::Tensor aux = row_aux_cpu(x, metric);
+  std::vector<double> row_sum(B, 0.0);
+  std::vector<int64_t> row_valid(B, 0), row_active(B, 0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_batch_all_cpu", [&] {
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    scalar_t* mp = multiplicity.mutable_data_ptr<scalar_t>();
+    const scalar_t m = static_cast<scalar_t>(margin);
+    struct Workspace {
+      SortedNegatives<scalar_t> negs;
+      std::vector<double> prefix;     // prefix sums of the sorted negative distances
+      std::vector<scalar_t> shifted;  // margin + d_ap over the positives, ascending
+    };
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      std::vector<Workspace> buffers(at::get_num_threads());
+      for_each_distance_row<scalar_t, kMetric>(x, aux, 0, &dist, [&](int64_t i, const scalar_t* row) {
+        Workspace& ws = buffers[at::get_thread_num()];
+        ws.negs.build(row, lab, B, i);
+        const int64_t n = ws.negs.size();
+        ws.shifted.clear();
+        for (int64_t p = 0; p < B; ++p) {
+          if (p != i && lab[p] == lab[i]) ws.shifted.push_back(m + row[p]);
+        }
+        const int64_t P = static_cast<int64_t>(ws.shifted.size());
+        if (n == 0 || P == 0) return;
+        ws.prefix.assign(n + 1, 0.0);
+        for (int64_t k = 0; k < n; ++k) ws.prefix[k + 1] = ws.prefix[k] + static_cast<double>(ws.negs.dist[k]);
+        double sum = 0;
+        int64_t active = 0;
+        bool any_nan = ws.negs.has_nan();
+        // Positives: each is active with the negatives nearer than margin + d_ap.
+        for (int64_t p = 0; p < B; ++p) {
+          if (p == i || lab[p] != lab[i]) continue;
+          const scalar_t d_ap = row[p];
+          any_nan |= d_ap != d_ap;
+          const int64_t cnt = count_active_negatives(ws.negs.dist.data(), n, d_ap, m);
+          sum += static_cast<double>(cnt) * static_cast<double>(m + d_ap) - ws.prefix[cnt];
+          active += cnt;
+          mp[i * B + p] = static_cast<scalar_t>(cnt);
+        }
+        // Negatives: each is active with the positives whose margin + d_ap exceeds it.
+        std::sort(ws.shifted.begin(), ws.shifted.end(), [](scalar_t a, scalar_t b) { return dist_index_less(a, 0, b, 0); });
+        for (int64_t k = 0; k < n; ++k) {
+          const scalar_t d_an = ws.negs.dist[k];
+          const int64_t first = partition_point(ws.shifted.data(), P, [d_an](scalar_t s) { return s - d_an > scalar_t(0) || s != s; });
+          const int64_t nan_shifted = P - partition_point(ws.shifted.data(), P, [](scalar_t s) { return s != s; });
+          mp[i * B + ws.negs.index[k]] = -static_cast<scalar_t>(P - first - nan_shifted);
+        }
+        row_sum[i] = any_nan ? std::numeric_limits<double>::quiet_NaN() : sum;
+        row_valid[i] = P * n;
+        row_active[i] = active;
+      });
+    });
+    double total = 0;
+    int64_t valid = 0, active = 0;
+    for (int64_t i = 0; i < B; ++i) total += row_sum[i], valid += row_valid[i], active += row_active[i];
+    loss_sum.fill_(total);
+    num_valid.fill_(valid);
+    num_active.fill_(active);
+  });
+  return {loss_sum, num_valid, num_active, dist, multiplicity};
+}
+
+// ---------------------------------------------------------------- statistics
+
+at::Tensor triplet_statistics_cpu(const at::Tensor& embeddings, const at::Tensor& labels_in, double margin,
+                                  c10::string_view metric_name) {
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = x.size(0);
+  at::Tensor counts = at::zeros({4}, labels.options());  // total, easy, semihard, hard
+  if (B == 0) return counts;
+  const at::Tensor aux = row_aux_cpu(x, metric);
+  std::vector<int64_t> row_counts(4 * B, 0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_triplet_statistics_cpu", [&] {
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    const scalar_t m = static_cast<scalar_t>(margin);
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      std::vector<SortedNegatives<scalar_t>> buffers(at::get_num_threads());
+      for_each_distance_row<scalar_t, kMetric>(x, aux, 1024, nullptr, [&](int64_t i, const scalar_t* row) {
+        SortedNegatives<scalar_t>& negs = buffers[at::get_thread_num()];
+        negs.build(row, lab, B, i);
+        const int64_t n = negs.size();
+        if (n == 0) return;
+        int64_t* c = row_counts.data() + 4 * i;
+        for (int64_t p = 0; p < B; ++p) {
+          if (p == i || lab[p] != lab[i]) continue;
+          int64_t easy, semihard, hard;
+          classify_negatives(negs.dist.data(), n, row[p], m, easy, semihard, hard);
+          c[0] += n, c[1] += easy, c[2] += semihard, c[3] += hard;
+        }
+      });
+    });
+  });
+  int64_t* cp = counts.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    for (int k = 0; k < 4; ++k) cp[k] += row_counts[4 * i + k];
+  }
+  return counts;
+}
+
+// ---------------------------------------------------------------- miner
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_cpu(const at::Tensor& embeddings,
+                                                                 const at::Tensor& labels_in,
+                                                                 c10::string_view strategy_name, double margin,
+                                                                 c10::string_view metric_name) {
+  const Metric metric = parse_metric(metric_name);
+  const MiningStrategy strategy = parse_strategy(strategy_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = x.size(0);
+  auto empty_index = [&](int64_t n) { return at::empty({n}, labels.options()); };
+  if (strategy == MiningStrategy::BatchHard) {
+    auto [losses, positive, negative, d_ap, d_an] = batch_hard_triplet_cpu(embeddings, labels_in, margin, metric_name,
+                                                                           false, 0);
+    const int64_t* pp = positive.const_data_ptr<int64_t>();
+    std::vector<int64_t> anchors;
+    for (int64_t a = 0; a < B; ++a) {
+      if (pp[a] >= 0) anchors.push_back(a);
+    }
+    const int64_t n = static_cast<int64_t>(anchors.size());
+    at::Tensor a_out = empty_index(n), p_out = empty_index(n), n_out = empty_index(n);
+    const int64_t* np = negative.const_data_ptr<int64_t>();
+    for (int64_t k = 0; k < n; ++k) {
+      a_out.mutable_data_ptr<int64_t>()[k] = anchors[k];
+      p_out.mutable_data_ptr<int64_t>()[k] = pp[anchors[k]];
+      n_out.mutable_data_ptr<int64_t>()[k] = np[anchors[k]];
+    }
+    return {a_out, p_out, n_out};
+  }
+  if (B == 0) return {empty_index(0), empty_index(0), empty_index(0)};
+  at::Tensor dist = at::empty({B, B}, x.options());
+  const at::Tensor aux = row_aux_cpu(x, metric);
+  std::vector<int64_t> per_anchor(B + 1, 0);
+  at::Tensor a_out, p_out, n_out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_mine_triplets_cpu", [&] {
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    const scalar_t m = static_cast<scalar_t>(margin);
+    // Visits the selected (p, n) of anchor a in lexicographic order.
+    auto visit = [&](int64_t a, const scalar_t* row, auto&& emit) {
+      for (int64_t p = 0; p < B; ++p) {
+        if (p == a || lab[p] != lab[a]) continue;
+        for (int64_t n = 0; n < B; ++n) {
+          if (lab[n] != lab[a] && strategy_selects<scalar_t>(strategy, row[n] - row[p], m)) emit(p, n);
+        }
+      }
+    };
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      for_each_distance_row<scalar_t, kMetric>(x, aux, 0, &dist, [&](int64_t a, const scalar_t* row) {
+        int64_t count = 0;
+        visit(a, row, [&](int64_t, int64_t) { ++count; });
+        per_anchor[a + 1] = count;
+      });
+    });
+    std::partial_sum(per_anchor.begin(), per_anchor.end(), per_anchor.begin());
+    const int64_t total = per_anchor[B];
+    a_out = empty_index(total), p_out = empty_index(total), n_out = empty_index(total);
+    int64_t* ap = a_out.mutable_data_ptr<int64_t>();
+    int64_t* pp = p_out.mutable_data_ptr<int64_t>();
+    int64_t* np = n_out.mutable_data_ptr<int64_t>();
+    const scalar_t* dp = dist.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t a = begin; a < end; ++a) {
+        int64_t k = per_anchor[a];
+        visit(a, dp + a * B, [&](int64_t p, int64_t n) { ap[k] = a, pp[k] = p, np[k] = n, ++k; });
+      }
+    });
+  });
+  return {a_out, p_out, n_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metricops, CPU, m) {
+  m.impl("batch_hard_triplet", &batch_hard_triplet_cpu);
+  m.impl("batch_hard_triplet_backward", &batch_hard_triplet_backward_cpu);
+  m.impl("semihard_triplet", &semihard_triplet_cpu);
+  m.impl("batch_all_triplet", &batch_all_triplet_cpu);
+  m.impl("triplet_statistics", &triplet_statistics_cpu);
+  m.impl("mine_triplets", &mine_triplets_cpu);
+}
+
+}  // namespace cpu
+}  // namespace metricops

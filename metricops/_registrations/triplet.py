@@ -1,0 +1,150 @@
+"""Fake kernels and autograd for the triplet ops."""
+
+from __future__ import annotations
+
+import torch
+
+from .._ops import ops
+from .distance import _no_double_backward
+
+_LIB = "metricops::"
+
+
+def _check_batch(embeddings, labels):
+    torch._check(embeddings.dim() == 2, lambda: f"embeddings must be a 2-D tensor of shape (B, D), got {embeddings.dim()}-D")
+    torch._check(
+        labels.dim() == 1 and labels.shape[0] == embeddings.shape[0],
+        lambda: f"labels must be a 1-D tensor of length B={embeddings.shape[0]} (one label per embedding), "
+        f"got shape {tuple(labels.shape)}",
+    )
+
+
+# ------------------------------------------------------------------ batch-hard
+
+
+@torch.library.register_fake(_LIB + "batch_hard_triplet")
+def _batch_hard_fake(embeddings, labels, margin, metric, soft, block_rows):
+    _check_batch(embeddings, labels)
+    B = embeddings.shape[0]
+    index = embeddings.new_empty((B,), dtype=torch.int64)
+    return (embeddings.new_empty((B,)), index, torch.empty_like(index), embeddings.new_empty((B,)), embeddings.new_empty((B,)))
+
+
+@torch.library.register_fake(_LIB + "batch_hard_triplet_backward")
+def _batch_hard_backward_fake(grad_losses, grad_dist_ap, grad_dist_an, embeddings, positive, negative, dist_ap, dist_an, margin, metric, soft):
+    return torch.empty_like(embeddings)
+
+
+def _batch_hard_setup_context(ctx, inputs, output):
+    embeddings, labels, margin, metric, soft, block_rows = inputs
+    _, positive, negative, dist_ap, dist_an = output
+    ctx.margin, ctx.metric, ctx.soft = margin, metric, soft
+    ctx.mark_non_differentiable(positive, negative)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(embeddings, positive, negative, dist_ap, dist_an)
+
+
+def _batch_hard_backward(ctx, grad_losses, grad_positive, grad_negative, grad_dist_ap, grad_dist_an):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    embeddings, positive, negative, dist_ap, dist_an = ctx.saved_tensors
+    zeros = torch.zeros_like(dist_ap)
+    grad = ops.batch_hard_triplet_backward(
+        zeros if grad_losses is None else grad_losses,
+        zeros if grad_dist_ap is None else grad_dist_ap,
+        zeros if grad_dist_an is None else grad_dist_an,
+        embeddings, positive, negative, dist_ap, dist_an, ctx.margin, ctx.metric, ctx.soft,
+    )
+    return grad, None, None, None, None, None
+
+
+torch.library.register_autograd(_LIB + "batch_hard_triplet", _batch_hard_backward, setup_context=_batch_hard_setup_context)
+torch.library.register_autograd(
+    _LIB + "batch_hard_triplet_backward",
+    _no_double_backward("batch_hard_triplet"),
+    setup_context=lambda ctx, inputs, output: None,
+)
+
+# ------------------------------------------------------------------ semi-hard
+
+
+@torch.library.register_fake(_LIB + "semihard_triplet")
+def _semihard_fake(embeddings, labels, margin, metric):
+    _check_batch(embeddings, labels)
+    B = embeddings.shape[0]
+    return embeddings.new_empty((B, B)), embeddings.new_empty((B, B), dtype=torch.int64), embeddings.new_empty((B, B))
+
+
+def _semihard_setup_context(ctx, inputs, output):
+    embeddings, labels, margin, metric = inputs
+    losses, negative, dist = output
+    ctx.metric = metric
+    ctx.mark_non_differentiable(negative)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(embeddings, losses, negative, dist)
+
+
+def _semihard_backward(ctx, grad_losses, grad_negative, grad_dist):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    embeddings, losses, negative, dist = ctx.saved_tensors
+    # d(loss)/d(dist): +g on (a, p), -g on (a, n*) for active terms (relu' = 0 at 0).
+    coef = torch.zeros_like(dist) if grad_dist is None else grad_dist.clone()
+    if grad_losses is not None:
+        active = torch.where(losses > 0, grad_losses, torch.zeros_like(grad_losses))
+        coef = coef + active
+        coef = coef.scatter_add(1, negative.clamp_min(0), -active)
+    grad, _ = ops.pairwise_distance_backward(coef, embeddings, None, dist, ctx.metric)
+    return grad, None, None, None
+
+
+torch.library.register_autograd(_LIB + "semihard_triplet", _semihard_backward, setup_context=_semihard_setup_context)
+
+# ------------------------------------------------------------------ batch-all
+
+
+@torch.library.register_fake(_LIB + "batch_all_triplet")
+def _batch_all_fake(embeddings, labels, margin, metric):
+    _check_batch(embeddings, labels)
+    B = embeddings.shape[0]
+    count = embeddings.new_empty((), dtype=torch.int64)
+    return (embeddings.new_empty(()), count, torch.empty_like(count), embeddings.new_empty((B, B)), embeddings.new_empty((B, B)))
+
+
+def _batch_all_setup_context(ctx, inputs, output):
+    embeddings, labels, margin, metric = inputs
+    _, num_valid, num_active, dist, multiplicity = output
+    ctx.metric = metric
+    ctx.mark_non_differentiable(num_valid, num_active, multiplicity)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(embeddings, dist, multiplicity)
+
+
+def _batch_all_backward(ctx, grad_sum, grad_valid, grad_active, grad_dist, grad_multiplicity):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    embeddings, dist, multiplicity = ctx.saved_tensors
+    coef = torch.zeros_like(dist) if grad_dist is None else grad_dist.clone()
+    if grad_sum is not None:
+        coef = coef + grad_sum * multiplicity
+    grad, _ = ops.pairwise_distance_backward(coef, embeddings, None, dist, ctx.metric)
+    return grad, None, None, None
+
+
+torch.library.register_autograd(_LIB + "batch_all_triplet", _batch_all_backward, setup_context=_batch_all_setup_context)
+
+# ------------------------------------------------------------------ statistics and miner
+
+
+@torch.library.register_fake(_LIB + "triplet_statistics")
+def _statistics_fake(embeddings, labels, margin, metric):
+    _check_batch(embeddings, labels)
+    return embeddings.new_empty((4,), dtype=torch.int64)
+
+
+@torch.library.register_fake(_LIB + "mine_triplets")
+def _mine_fake(embeddings, labels, strategy, margin, metric):
+    _check_batch(embeddings, labels)
+    n = torch.library.get_ctx().new_dynamic_size()
+    index = embeddings.new_empty((n,), dtype=torch.int64)
+    return index, torch.empty_like(index), torch.empty_like(index)

@@ -1,0 +1,200 @@
+"""Triplet mining and triplet losses on a labelled batch.
+
+A valid triplet (a, p, n) has a != p, labels[a] == labels[p] and
+labels[a] != labels[n]; d is the pairwise distance matrix and
+m = d[a, n] - d[a, p]. Every loss here is one native op that computes the
+distances and mines them in the same pass; none builds a B×B×B tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as v
+from ._ops import ops
+
+STRATEGIES = ("all", "violating", "semihard", "hard", "easy", "batch_hard")
+MEMORY_MODES = ("auto", "matrix", "streaming")
+
+# Rows of the distance matrix held at once by streaming kernels, and the batch
+# size above which "auto" streams (a B×B float32 matrix of 4096² is 64 MiB).
+_STREAM_BLOCK_ROWS = 256
+_AUTO_STREAM_MIN_B = 4096
+
+
+def _prepare(embeddings, labels, margin, metric, normalize, *, loss: bool):
+    v.check_embeddings(embeddings, "embeddings")
+    v.check_labels(labels, embeddings)
+    v.check_metric(metric)
+    v.check_flag(normalize, "normalize")
+    margin = v.check_number(margin, "margin", min_value=0.0 if loss else None)
+    if normalize:
+        embeddings = F.normalize(embeddings, p=2, dim=1)
+    return embeddings, margin
+
+
+def _block_rows(memory: str, batch: int) -> int:
+    if not isinstance(memory, str) or memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of 'auto', 'matrix', 'streaming', got {memory!r}")
+    if memory == "streaming" or (memory == "auto" and batch >= _AUTO_STREAM_MIN_B):
+        return _STREAM_BLOCK_ROWS
+    return 0
+
+
+def _reduce(terms: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce per-term losses (0 where not valid) without a host sync.
+
+    With no valid term every branch returns a 0 that stays attached to the
+    graph (a sum of zeros), so its gradient is zero.
+    """
+    if reduction == "none":
+        return terms
+    total = terms.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / valid.sum().clamp_min(1).to(terms.dtype)
+    return total / (terms > 0).sum().clamp_min(1).to(terms.dtype)  # mean_nonzero
+
+
+def batch_hard_triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    metric: str = "euclidean",
+    soft: bool = False,
+    normalize: bool = False,
+    reduction: str = "mean",
+    memory: str = "auto",
+) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans et al. 2017).
+
+    Each anchor with at least one positive and one negative contributes
+    ``relu(margin + max_p d[a, p] - min_n d[a, n])`` (``softplus(max_p d - min_n d)``
+    with ``soft=True``).
+
+    Args:
+        embeddings: ``(B, D)`` float tensor. labels: ``(B,)`` int32/int64.
+        reduction: ``"mean"`` over anchors with a triplet, ``"sum"``,
+            ``"mean_nonzero"``, or ``"none"`` for ``(B,)`` with 0 for anchors
+            without a triplet.
+        memory: ``"matrix"`` holds the B×B distance matrix; ``"streaming"``
+            computes it in row blocks (O(block·B) extra memory); ``"auto"``
+            streams from B >= 4096.
+
+    The forward mines and scores in one pass over the distances and saves the
+    chosen indices; the backward is an O(B·D) gather/scatter. Ties pick one
+    maximiser, which alone gets the gradient; NaN embeddings give NaN.
+    """
+    embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
+    v.check_flag(soft, "soft")
+    v.check_reduction(reduction)
+    block_rows = _block_rows(memory, embeddings.shape[0])
+    losses, positive, _, _, _ = ops.batch_hard_triplet(embeddings, labels, margin, metric, soft, block_rows)
+    return _reduce(losses, positive >= 0, reduction)
+
+
+def semihard_triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    metric: str = "euclidean",
+    normalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """FaceNet semi-hard triplet loss, with the TensorFlow-Addons selection rule.
+
+    Each positive pair (a, p) whose anchor has a negative uses ``n*``: the
+    negative with the smallest ``d[a, n]`` among those with ``d[a, n] > d[a, p]``,
+    or, if there is none, the negative with the largest ``d[a, n]``. The term is
+    ``relu(margin + d[a, p] - d[a, n*])``.
+
+    Returns the mean over those positive pairs (``"mean"``), ``"sum"``,
+    ``"mean_nonzero"``, or ``(B, B)`` terms with 0 off those pairs (``"none"``).
+
+    Per anchor, the negative distances are sorted once and each positive's
+    distance is binary-searched: O(B² log B) work, O(B²) memory.
+    """
+    embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
+    v.check_reduction(reduction)
+    losses, negative, _ = ops.semihard_triplet(embeddings, labels, margin, metric)
+    return _reduce(losses, negative >= 0, reduction)
+
+
+def batch_all_triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    metric: str = "euclidean",
+    normalize: bool = False,
+    reduction: str = "mean_nonzero",
+) -> torch.Tensor:
+    """Batch-all triplet loss: ``relu(margin + d[a, p] - d[a, n])`` over every valid triplet.
+
+    ``"mean_nonzero"`` (default) averages over the terms > 0, ``"mean"`` over
+    all valid triplets, ``"sum"`` sums; ``"none"`` is refused (there are O(B³)
+    terms). Never materialises the triplets: per anchor, sorted negative
+    distances and prefix sums give every positive's active count and term sum
+    by binary search, so work is O(B² log B) and memory O(B²).
+    """
+    embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
+    v.check_reduction(reduction, ("mean", "sum", "mean_nonzero"))
+    loss_sum, num_valid, num_active, _, _ = ops.batch_all_triplet(embeddings, labels, margin, metric)
+    if reduction == "sum":
+        return loss_sum
+    count = num_valid if reduction == "mean" else num_active
+    return loss_sum / count.clamp_min(1).to(loss_sum.dtype)
+
+
+def triplet_statistics(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    metric: str = "euclidean",
+    normalize: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """Exact counts of valid triplets, as 0-dim int64 tensors.
+
+    Keys: ``"total"``, ``"easy"`` (m > margin), ``"semihard"`` (0 < m <= margin)
+    and ``"hard"`` (m <= 0), with m = d[a, n] - d[a, p]. O(B² log B), no B³ memory.
+    """
+    with torch.no_grad():
+        embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=False)
+        counts = ops.triplet_statistics(embeddings, labels, margin, metric)
+    return {"total": counts[0], "easy": counts[1], "semihard": counts[2], "hard": counts[3]}
+
+
+def mine_triplets(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    strategy: str,
+    margin: float = 0.2,
+    metric: str = "euclidean",
+    normalize: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices ``(a, p, n)`` (int64, sorted lexicographically) of the selected triplets.
+
+    ``strategy``: ``"all"`` (every valid triplet), ``"violating"`` (m <= margin),
+    ``"semihard"`` (0 < m <= margin), ``"hard"`` (m <= 0), ``"easy"`` (m > margin),
+    or ``"batch_hard"`` (per anchor with a triplet: farthest positive, nearest
+    negative). With no ties this matches pytorch-metric-learning 2.9's
+    ``TripletMarginMiner`` (whose ``"all"`` is our ``"violating"``) and ``BatchHardMiner``.
+
+    The output size depends on the data, so under ``torch.compile`` this
+    op breaks the graph (or needs dynamic shapes); the losses do not.
+    """
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(
+            "strategy must be one of 'all', 'violating', 'semihard', 'hard', 'easy', 'batch_hard', " f"got {strategy!r}"
+        )
+    with torch.no_grad():
+        embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=False)
+        return ops.mine_triplets(embeddings, labels, strategy, margin, metric)

@@ -77,6 +77,8 @@ def batch_hard_triplet_loss(
     d = pairwise_distance(embeddings, metric=metric, normalize=normalize)
     pos, neg = _triplet_masks(labels)
     valid = pos.any(1) & neg.any(1)
+    if d.shape[0] == 0:  # max over an empty dim is undefined
+        return _reduce(d.sum(1), valid, reduction)
     inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
     hardest_pos = torch.where(pos, d, -inf).max(1).values
     hardest_neg = torch.where(neg, d, inf).min(1).values
@@ -103,6 +105,8 @@ def semihard_triplet_loss(embeddings, labels, *, margin=0.2, metric="euclidean",
     d = pairwise_distance(embeddings, metric=metric, normalize=normalize)
     pos, neg = _triplet_masks(labels)
     valid = pos & neg.any(1)[:, None]
+    if d.shape[0] == 0:
+        return _reduce(d, valid, reduction)
     d_an_star = _semihard_negative_distances(d, pos, neg)
     terms = F.relu(margin + d - d_an_star)
     terms = torch.where(valid, terms, torch.zeros_like(terms))
@@ -168,6 +172,8 @@ def mine_triplets(embeddings, labels, *, strategy, margin=0.2, metric="euclidean
             pos, neg = _triplet_masks(labels)
             inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
             anchors = torch.nonzero(pos.any(1) & neg.any(1)).flatten()
+            if d.shape[0] == 0:
+                return anchors, anchors.clone(), anchors.clone()
             p = torch.where(pos, d, -inf).argmax(1)[anchors]
             n = torch.where(neg, d, inf).argmin(1)[anchors]
             return anchors, p, n

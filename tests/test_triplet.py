@@ -1,0 +1,325 @@
+import pytest
+import torch
+
+import metricops
+from metricops import reference
+from common import assert_close, cpu_and_cuda, make_layout
+
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+LOSSES = ("batch_hard_triplet_loss", "semihard_triplet_loss", "batch_all_triplet_loss")
+REDUCTIONS = {
+    "batch_hard_triplet_loss": ("mean", "sum", "mean_nonzero", "none"),
+    "semihard_triplet_loss": ("mean", "sum", "mean_nonzero", "none"),
+    "batch_all_triplet_loss": ("mean", "sum", "mean_nonzero"),
+}
+
+
+def label_patterns(B, gen):
+    """Many and few classes, singletons, one class, all distinct."""
+    yield "few", torch.randint(0, 3, (B,), generator=gen)
+    yield "many", torch.randint(0, max(1, B // 2), (B,), generator=gen)
+    yield "one_class", torch.zeros(B, dtype=torch.int64)
+    yield "distinct", torch.arange(B) * 7 - 3
+    if B >= 3:
+        lab = torch.randint(0, 2, (B,), generator=gen)
+        lab[-1] = 99  # a singleton class: anchors with no positive
+        yield "singleton", lab
+
+
+def sample_inputs(device, dtype=torch.float64, requires_grad=False, sizes=(0, 1, 2, 5, 13, 40)):
+    """One list drives parity, gradient and opcheck tests: (embeddings, labels, id)."""
+    gen = torch.Generator().manual_seed(1234)
+    for B in sizes:
+        for name, labels in label_patterns(B, gen):
+            x = torch.randn(B, 6, generator=gen, dtype=dtype).to(device).requires_grad_(requires_grad)
+            yield x, labels.to(device), f"B{B}-{name}"
+
+
+def _loss(name, impl, x, labels, **kw):
+    return getattr(impl, name)(x, labels, **kw)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", LOSSES)
+def test_losses_match_reference(device, dtype, name):
+    for x, labels, case in sample_inputs(device, dtype):
+        for metric in METRICS:
+            for normalize in (False, True):
+                for reduction in REDUCTIONS[name]:
+                    kw = dict(metric=metric, normalize=normalize, reduction=reduction, margin=0.3)
+                    out = _loss(name, metricops, x, labels, **kw)
+                    expected = _loss(name, reference, x.double(), labels, **kw)
+                    tol = 1e-9 if dtype == torch.float64 else 2e-4
+                    assert_close(out, expected.to(out.dtype), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_gradients_match_reference(device, name):
+    # Random float64 data: no ties among distances, no hinge exactly at 0.
+    for x, labels, case in sample_inputs(device, requires_grad=True):
+        for metric in METRICS:
+            reduction = "sum" if name != "batch_hard_triplet_loss" else "mean"
+            kw = dict(metric=metric, reduction=reduction, margin=0.3)
+            (g,) = torch.autograd.grad(_loss(name, metricops, x, labels, **kw), x, allow_unused=True)
+            (g_ref,) = torch.autograd.grad(_loss(name, reference, x, labels, **kw), x, allow_unused=True)
+            g = torch.zeros_like(x) if g is None else g
+            g_ref = torch.zeros_like(x) if g_ref is None else g_ref
+            assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_soft_batch_hard(device):
+    for x, labels, case in sample_inputs(device, requires_grad=True, sizes=(5, 13)):
+        out = metricops.batch_hard_triplet_loss(x, labels, soft=True, reduction="none")
+        expected = reference.batch_hard_triplet_loss(x, labels, soft=True, reduction="none")
+        assert_close(out, expected)
+        g = torch.autograd.grad(out.sum(), x, allow_unused=True)[0]
+        g_ref = torch.autograd.grad(expected.sum(), x, allow_unused=True)[0]
+        if g is not None and g_ref is not None:
+            assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("name", LOSSES)
+def test_gradcheck(device, name):
+    gen = torch.Generator().manual_seed(7)
+    labels = torch.tensor([0, 0, 1, 1, 2, 0, 2, 1], device=device)
+    for metric in METRICS:
+        x = torch.randn(8, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+        kw = dict(metric=metric, margin=0.5)
+        assert torch.autograd.gradcheck(lambda t: _loss(name, metricops, t, labels, **kw), (x,), eps=1e-6, atol=1e-5)
+        if name != "batch_all_triplet_loss":
+            kw["reduction"] = "none"
+            assert torch.autograd.gradcheck(lambda t: _loss(name, metricops, t, labels, **kw), (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_layouts_and_int32_labels(device):
+    x = torch.randn(20, 7, dtype=torch.float64, device=device)
+    labels = torch.randint(-5, 5, (20,), device=device)
+    for layout in ("transposed", "strided", "offset"):
+        xl = make_layout(x, layout)
+        for name in LOSSES:
+            assert_close(_loss(name, metricops, xl, labels.int()), _loss(name, reference, x, labels))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_huge_and_negative_labels(device):
+    x = torch.randn(16, 5, dtype=torch.float64, device=device)
+    small = torch.randint(0, 3, (16,), device=device)
+    huge = small * (2**62) - 2**62
+    for name in LOSSES:
+        assert_close(_loss(name, metricops, x, huge), _loss(name, reference, x, small))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_duplicate_embeddings(device):
+    base = torch.randn(4, 5, dtype=torch.float64, device=device)
+    x = torch.cat([base, base]).requires_grad_()
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1], device=device)
+    for name in LOSSES:
+        for metric in METRICS:
+            loss = _loss(name, metricops, x, labels, metric=metric)
+            (g,) = torch.autograd.grad(loss, x)
+            assert torch.isfinite(loss) and torch.isfinite(g).all()
+            assert_close(loss, _loss(name, reference, x, labels, metric=metric))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("name", LOSSES)
+def test_no_valid_triplet_gives_attached_zero(device, name):
+    for labels in (torch.zeros(5, dtype=torch.int64), torch.arange(5)):
+        x = torch.randn(5, 3, device=device, requires_grad=True)
+        loss = _loss(name, metricops, x, labels.to(device))
+        assert loss.item() == 0.0 and loss.requires_grad
+        (g,) = torch.autograd.grad(loss, x)
+        assert torch.all(g == 0)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_nan_gives_nan_and_valid_indices(device):
+    x = torch.randn(10, 4, device=device)
+    x[3, 1] = float("nan")
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 0], device=device)
+    for name in LOSSES:
+        assert torch.isnan(_loss(name, metricops, x, labels))
+    _, positive, negative, _, _ = torch.ops.metricops.batch_hard_triplet(x, labels, 0.2, "euclidean", False, 0)
+    assert ((positive >= 0) & (positive < 10)).all() and ((negative >= 0) & (negative < 10)).all()
+    _, neg, _ = torch.ops.metricops.semihard_triplet(x, labels, 0.2, "euclidean")
+    assert ((neg >= -1) & (neg < 10)).all()
+    for strategy in ("all", "violating", "semihard", "hard", "easy", "batch_hard"):
+        for idx in metricops.mine_triplets(x, labels, strategy=strategy):
+            assert ((idx >= 0) & (idx < 10)).all()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_ties_send_gradient_to_one_index(device):
+    # Two positives at exactly the same distance: the gradient reaches one.
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 3.0]], dtype=torch.float64, device=device)
+    x.requires_grad_()
+    labels = torch.tensor([0, 0, 0, 1], device=device)
+    loss = metricops.batch_hard_triplet_loss(x, labels, margin=5.0, reduction="none")
+    (g,) = torch.autograd.grad(loss[0], x)
+    assert (g[1].abs().sum() > 0) != (g[2].abs().sum() > 0)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_semihard_selection_rule(device):
+    for x, labels, case in sample_inputs(device, sizes=(5, 13)):
+        _, neg, _ = torch.ops.metricops.semihard_triplet(x, labels, 0.2, "euclidean")
+        assert torch.equal(neg.cpu(), reference.semihard_negatives(x.cpu(), labels.cpu()))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_streaming_matches_matrix(device):
+    x = torch.randn(300, 16, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.randint(0, 30, (300,), device=device)
+    for metric in METRICS:
+        a = metricops.batch_hard_triplet_loss(x, labels, metric=metric, memory="matrix", reduction="none")
+        b = metricops.batch_hard_triplet_loss(x, labels, metric=metric, memory="streaming", reduction="none")
+        assert_close(a, b)
+        assert_close(torch.autograd.grad(a.sum(), x)[0], torch.autograd.grad(b.sum(), x)[0])
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_statistics_and_miner_match_reference(device, dtype):
+    for x, labels, case in sample_inputs(device, dtype):
+        for metric in METRICS:
+            stats = metricops.triplet_statistics(x, labels, margin=0.3, metric=metric)
+            expected = reference.triplet_statistics(x, labels, margin=0.3, metric=metric)
+            for key in ("total", "easy", "semihard", "hard"):
+                assert stats[key].dtype == torch.int64
+                if dtype == torch.float64:
+                    assert int(stats[key]) == int(expected[key]), (case, metric, key)
+            assert int(stats["total"]) == int(stats["easy"] + stats["semihard"] + stats["hard"])
+            if dtype != torch.float64:
+                continue
+            for strategy in ("all", "violating", "semihard", "hard", "easy", "batch_hard"):
+                got = metricops.mine_triplets(x, labels, strategy=strategy, margin=0.3, metric=metric)
+                want = reference.mine_triplets(x, labels, strategy=strategy, margin=0.3, metric=metric)
+                for g, w in zip(got, want):
+                    assert g.dtype == torch.int64
+                    assert torch.equal(g.cpu(), w.cpu()), (case, metric, strategy)
+
+
+def test_statistics_exact_counts_small_example():
+    # 1-D points: anchors/positives/negatives laid out by hand.
+    x = torch.tensor([[0.0], [1.0], [0.5], [3.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    s = metricops.triplet_statistics(x, labels, margin=1.0)
+    # valid triplets: (0,1,{2,3}), (1,0,{2,3}), (2,3,{0,1}), (3,2,{0,1}) = 8
+    assert int(s["total"]) == 8
+    assert int(s["easy"] + s["semihard"] + s["hard"]) == 8
+    assert {k: int(v) for k, v in s.items()} == {k: int(v) for k, v in reference.triplet_statistics(x, labels, margin=1.0).items()}
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_opcheck(device):
+    ops = torch.ops.metricops
+    for x, labels, case in sample_inputs(device, requires_grad=True, sizes=(0, 5, 13)):
+        if "one_class" in case or "distinct" in case:
+            continue
+        for metric in ("euclidean", "cosine"):
+            torch.library.opcheck(ops.batch_hard_triplet.default, (x, labels, 0.3, metric, False, 0))
+            torch.library.opcheck(ops.semihard_triplet.default, (x, labels, 0.3, metric))
+            torch.library.opcheck(ops.batch_all_triplet.default, (x, labels, 0.3, metric))
+            torch.library.opcheck(ops.triplet_statistics.default, (x.detach(), labels, 0.3, metric))
+        xd = x.detach()
+        losses, pos, neg, dap, dan = ops.batch_hard_triplet(xd, labels, 0.3, "euclidean", False, 0)
+        g = torch.randn_like(losses)
+        torch.library.opcheck(
+            ops.batch_hard_triplet_backward.default,
+            (g, torch.zeros_like(g), torch.zeros_like(g), xd, pos, neg, dap, dan, 0.3, "euclidean", False),
+        )
+
+
+def test_opcheck_miner():
+    # Data-dependent output size: checked without the AOT-dispatch test.
+    x = torch.randn(12, 4)
+    labels = torch.randint(0, 3, (12,))
+    for strategy in ("all", "semihard", "batch_hard"):
+        torch.library.opcheck(
+            torch.ops.metricops.mine_triplets.default,
+            (x, labels, strategy, 0.2, "euclidean"),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def fn(x, labels):
+        return (
+            metricops.batch_hard_triplet_loss(x, labels)
+            + metricops.semihard_triplet_loss(x, labels, metric="cosine")
+            + metricops.batch_all_triplet_loss(x, labels, normalize=True)
+        )
+
+    compiled = torch.compile(fn, fullgraph=True)
+    x = torch.randn(24, 8, device=device, requires_grad=True)
+    labels = torch.randint(0, 4, (24,), device=device)
+    out_c = compiled(x, labels)
+    (g_c,) = torch.autograd.grad(out_c, x)
+    out_e = fn(x, labels)
+    (g_e,) = torch.autograd.grad(out_e, x)
+    assert_close(out_c, out_e)
+    assert_close(g_c, g_e)
+
+
+def test_modules():
+    x = torch.randn(12, 4, dtype=torch.float64)
+    labels = torch.randint(0, 3, (12,))
+    pairs = [
+        (metricops.nn.BatchHardTripletLoss(margin=0.3, metric="cosine"), reference.batch_hard_triplet_loss, dict(margin=0.3, metric="cosine")),
+        (metricops.nn.SemiHardTripletLoss(margin=0.1), reference.semihard_triplet_loss, dict(margin=0.1)),
+        (metricops.nn.BatchAllTripletLoss(reduction="mean"), reference.batch_all_triplet_loss, dict(reduction="mean")),
+    ]
+    for module, ref, kw in pairs:
+        assert_close(module(x, labels), ref(x, labels, **kw))
+        assert "margin" in repr(module)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(5, dtype=torch.int64)), ValueError, "labels must be a 1-D tensor of length B=4"),
+        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4)), TypeError, "labels must be int32 or int64"),
+        (lambda: metricops.semihard_triplet_loss(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.int64)), ValueError, "labels must be a 1-D tensor"),
+        (lambda: metricops.batch_all_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), margin=-1.0), ValueError, "margin must be >= 0"),
+        (lambda: metricops.batch_all_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), reduction="none"), ValueError, "reduction must be one of"),
+        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), reduction="avg"), ValueError, "reduction must be one of"),
+        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), memory="disk"), ValueError, "memory must be one of"),
+        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), metric="l1"), ValueError, "metric must be one of"),
+        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4), torch.zeros(4, dtype=torch.int64)), ValueError, "embeddings must be a 2-D tensor"),
+        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64, device="meta")), ValueError, "labels must be on the embeddings' device"),
+        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), margin=float("nan")), ValueError, "margin must not be NaN"),
+        (lambda: metricops.mine_triplets(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), strategy="hardest"), ValueError, "strategy must be one of"),
+        (lambda: metricops.triplet_statistics(torch.randn(4, 3), torch.zeros(3, dtype=torch.int64)), ValueError, "labels must be a 1-D tensor of length B=4"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.randn(4, 3), torch.zeros(5, dtype=torch.int64), 0.2, "euclidean"), "labels must be a 1-D tensor of length B=4"),
+        ((torch.randn(4, 3), torch.zeros(4), 0.2, "euclidean"), "labels must be int32 or int64"),
+        ((torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), 0.2, "chebyshev"), "metric must be one of"),
+        ((torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), float("inf"), "euclidean"), "margin must be a finite number"),
+    ],
+)
+def test_bad_input_reaches_native_checks(args, match):
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+        torch.ops.metricops.semihard_triplet(*args)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+        torch.ops.metricops.batch_hard_triplet(*args, False, 0)

@@ -11,6 +11,7 @@
 #include "common/dispatch.h"
 #include "common/pairwise_distance_impl.h"
 #include "cuda/cuda_helpers.h"
+#include "cuda/distance.h"
 
 namespace metricops {
 namespace cuda {
@@ -170,6 +171,24 @@ struct PairwiseKernels {
     return c;
   }
 };
+
+}  // namespace
+
+at::Tensor self_distance_acc_cuda(const at::Tensor& x, Metric metric) {
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dist = gram_acc(x, x);
+  if (dist.numel() == 0) return dist;
+  const at::Tensor aux = PairwiseKernels::row_aux(x, metric);
+  PairwiseKernels::distance_epilogue(dist, aux, aux, metric, /*self=*/true, dist);
+  return dist;
+}
+
+at::Tensor row_aux_acc_cuda(const at::Tensor& x, Metric metric) {
+  c10::cuda::CUDAGuard guard(x.device());
+  return PairwiseKernels::row_aux(x, metric);
+}
+
+namespace {
 
 at::Tensor pairwise_distance_cuda(const at::Tensor& x, const std::optional<at::Tensor>& y, c10::string_view metric) {
   c10::cuda::CUDAGuard guard(x.device());

@@ -1,0 +1,420 @@
+// CUDA kernels for triplet mining and losses on a labelled batch.
+//
+// The distance matrix comes from cuBLAS + the shared epilogue in the
+// accumulation dtype; per-anchor selections use the same common/triplet.h
+// functions as the CPU. Each anchor's negatives (and, for batch-all, its
+// shifted positives) are sorted once with two stable segmented sorts, and
+// every (anchor, positive) pair binary-searches them: O(B² log B) work.
+// Reductions go through ATen sums (deterministic, no atomics); the only
+// atomics are index_add_'s in the batch-hard backward (deterministic under
+// torch.use_deterministic_algorithms). The loss forwards never sync the host.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/nonzero.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/triplet.h"
+#include "common/triplet_impl.h"
+#include "cuda/cuda_helpers.h"
+#include "cuda/distance.h"
+
+namespace metricops {
+namespace cuda {
+namespace {
+
+at::Tensor labels_int64(const at::Tensor& labels) { return labels.to(at::kLong).contiguous(); }
+
+// Sorts each row's entries where `member` is true first (by value, NaN last,
+// ties to the lower index), the rest after. Returns (values, indices, count).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_members_first(const at::Tensor& values, const at::Tensor& member) {
+  auto [by_value, order] = at::sort(values, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  const at::Tensor outsider = member.logical_not().gather(1, order).to(at::kByte);
+  auto [unused, regroup] = at::sort(outsider, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  return {by_value.gather(1, regroup).contiguous(), order.gather(1, regroup).contiguous(), member.sum(1).contiguous()};
+}
+
+// --------------------------------------------------------------- batch-hard
+
+// The better of two (distance, index) candidates for a farthest (max) or
+// nearest (min) search: NaN wins, ties go to the lower index, -1 is "none".
+template <typename T, bool kMax>
+__device__ inline void combine(T& d, int64_t& i, T d2, int64_t i2) {
+  if (i2 < 0) return;
+  if (i < 0) {
+    d = d2, i = i2;
+    return;
+  }
+  const bool better = kMax ? farther(d2, d) : nearer(d2, d);
+  const bool worse = kMax ? farther(d, d2) : nearer(d, d2);
+  if (better || (!worse && i2 < i)) d = d2, i = i2;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void batch_hard_kernel(const acc_t* __restrict__ dist, const int64_t* __restrict__ labels, int64_t B,
+                                  acc_t margin, bool soft, scalar_t* __restrict__ losses, int64_t* __restrict__ positive,
+                                  int64_t* __restrict__ negative, scalar_t* __restrict__ dist_ap,
+                                  scalar_t* __restrict__ dist_an) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = blockDim.x / 32;
+  for (int64_t a = blockIdx.x * warps + threadIdx.x / 32; a < B; a += static_cast<int64_t>(gridDim.x) * warps) {
+    const acc_t* row = dist + a * B;
+    const int64_t la = labels[a];
+    acc_t dp = 0, dn = 0;
+    int64_t ip = -1, in = -1;
+    for (int64_t j = lane; j < B; j += 32) {
+      if (labels[j] == la) {
+        if (j != a) combine<acc_t, true>(dp, ip, row[j], j);
+      } else {
+        combine<acc_t, false>(dn, in, row[j], j);
+      }
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const acc_t dp2 = __shfl_down_sync(0xffffffff, dp, offset);
+      const int64_t ip2 = __shfl_down_sync(0xffffffff, ip, offset);
+      const acc_t dn2 = __shfl_down_sync(0xffffffff, dn, offset);
+      const int64_t in2 = __shfl_down_sync(0xffffffff, in, offset);
+      combine<acc_t, true>(dp, ip, dp2, ip2);
+      combine<acc_t, false>(dn, in, dn2, in2);
+    }
+    if (lane == 0) {
+      const bool valid = ip >= 0 && in >= 0;
+      positive[a] = valid ? ip : -1;
+      negative[a] = valid ? in : -1;
+      dist_ap[a] = static_cast<scalar_t>(valid ? dp : acc_t(0));
+      dist_an[a] = static_cast<scalar_t>(valid ? dn : acc_t(0));
+      losses[a] = static_cast<scalar_t>(valid ? triplet_term<acc_t>(dp, dn, margin, soft) : acc_t(0));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_cuda(
+    const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name, bool soft,
+    int64_t block_rows) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = embeddings.size(0);
+  at::Tensor losses = at::zeros({B}, embeddings.options());
+  at::Tensor positive = at::full({B}, -1, labels.options());
+  at::Tensor negative = at::full({B}, -1, labels.options());
+  at::Tensor dist_ap = at::zeros({B}, embeddings.options());
+  at::Tensor dist_an = at::zeros({B}, embeddings.options());
+  if (B == 0) return {losses, positive, negative, dist_ap, dist_an};
+  // The CUDA kernel holds the whole matrix; block_rows (streaming) is a CPU
+  // option for now.
+  const at::Tensor dist = self_distance_acc_cuda(embeddings.contiguous(), metric);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "metricops_batch_hard_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    batch_hard_kernel<scalar_t, acc_t><<<grid_for(B, kThreads / 32), kThreads, 0, current_stream()>>>(
+        dist.const_data_ptr<acc_t>(), labels.const_data_ptr<int64_t>(), B, static_cast<acc_t>(margin), soft,
+        losses.mutable_data_ptr<scalar_t>(), positive.mutable_data_ptr<int64_t>(), negative.mutable_data_ptr<int64_t>(),
+        dist_ap.mutable_data_ptr<scalar_t>(), dist_an.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {losses, positive, negative, dist_ap, dist_an};
+}
+
+template <typename T>
+__global__ void batch_hard_coefficients_kernel(Metric metric, int64_t B, const T* g, const T* g_ap, const T* g_an,
+                                               const int64_t* pos, const int64_t* neg, const T* dap, const T* dan,
+                                               const T* aux, T margin, bool soft, T* anchor_self, T* w_p, T* w_n,
+                                               T* p_self, T* n_self) {
+  METRICOPS_CUDA_KERNEL_LOOP(a, B) {
+    batch_hard_anchor_coefficients<T>(metric, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a], dan[a], aux, margin,
+                                      soft, anchor_self[a], w_p[a], w_n[a], p_self[a], n_self[a]);
+  }
+}
+
+struct CudaPairKernels {
+  static at::Tensor row_aux(const at::Tensor& x, Metric metric) { return row_aux_acc_cuda(x, metric); }
+
+  static void batch_hard_coefficients(const BatchHardGradInputs& in, BatchHardGradCoefficients& out) {
+    const int64_t B = in.positive.size(0);
+    AT_DISPATCH_FLOATING_TYPES(in.dist_ap.scalar_type(), "metricops_batch_hard_backward_cuda", [&] {
+      batch_hard_coefficients_kernel<scalar_t><<<grid_for(B), kThreads, 0, current_stream()>>>(
+          in.metric, B, in.grad_losses.const_data_ptr<scalar_t>(), in.grad_dist_ap.const_data_ptr<scalar_t>(),
+          in.grad_dist_an.const_data_ptr<scalar_t>(), in.positive.const_data_ptr<int64_t>(),
+          in.negative.const_data_ptr<int64_t>(), in.dist_ap.const_data_ptr<scalar_t>(),
+          in.dist_an.const_data_ptr<scalar_t>(), in.aux.const_data_ptr<scalar_t>(), static_cast<scalar_t>(in.margin),
+          in.soft, out.anchor_self.mutable_data_ptr<scalar_t>(), out.cross_positive.mutable_data_ptr<scalar_t>(),
+          out.cross_negative.mutable_data_ptr<scalar_t>(), out.positive_self.mutable_data_ptr<scalar_t>(),
+          out.negative_self.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
+
+at::Tensor batch_hard_triplet_backward_cuda(const at::Tensor& grad_losses, const at::Tensor& grad_dist_ap,
+                                            const at::Tensor& grad_dist_an, const at::Tensor& embeddings,
+                                            const at::Tensor& positive, const at::Tensor& negative,
+                                            const at::Tensor& dist_ap, const at::Tensor& dist_an, double margin,
+                                            c10::string_view metric, bool soft) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  return batch_hard_triplet_backward_impl<CudaPairKernels>(grad_losses, grad_dist_ap, grad_dist_an, embeddings,
+                                                           positive, negative, dist_ap, dist_an, margin, metric, soft);
+}
+
+// ---------------------------------------------------------------- sorted rows
+
+struct LabelledDistances {
+  at::Tensor dist;      // (B, B) acc dtype
+  at::Tensor positive;  // (B, B) bool: a != p, same label
+  at::Tensor negative;  // (B, B) bool: different label
+  at::Tensor neg_sorted, neg_index, neg_count;
+};
+
+LabelledDistances labelled_distances(const at::Tensor& embeddings, const at::Tensor& labels, Metric metric) {
+  LabelledDistances r;
+  r.dist = self_distance_acc_cuda(embeddings.contiguous(), metric);
+  const at::Tensor same = labels.unsqueeze(1).eq(labels.unsqueeze(0));
+  r.negative = same.logical_not();
+  r.positive = same.fill_diagonal_(false);
+  std::tie(r.neg_sorted, r.neg_index, r.neg_count) = sort_members_first(r.dist, r.negative);
+  return r;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void semihard_kernel(const acc_t* __restrict__ dist, const bool* __restrict__ positive,
+                                const acc_t* __restrict__ neg_sorted, const int64_t* __restrict__ neg_index,
+                                const int64_t* __restrict__ neg_count, int64_t B, acc_t margin,
+                                scalar_t* __restrict__ losses, int64_t* __restrict__ negative) {
+  METRICOPS_CUDA_KERNEL_LOOP(idx, B * B) {
+    const int64_t a = idx / B;
+    const int64_t n = neg_count[a];
+    if (!positive[idx] || n == 0) continue;
+    const acc_t* sorted = neg_sorted + a * B;
+    const int64_t k = semihard_position(sorted, n, dist[idx]);
+    const acc_t poison = sorted[n - 1] != sorted[n - 1] ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+    negative[idx] = neg_index[a * B + k];
+    losses[idx] = static_cast<scalar_t>(triplet_term<acc_t>(dist[idx], sorted[k], margin, false) + poison);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cuda(const at::Tensor& embeddings,
+                                                                     const at::Tensor& labels_in, double margin,
+                                                                     c10::string_view metric_name) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = embeddings.size(0);
+  at::Tensor losses = at::zeros({B, B}, embeddings.options());
+  at::Tensor negative = at::full({B, B}, -1, labels.options());
+  if (B == 0) return {losses, negative, at::empty({0, 0}, embeddings.options())};
+  const LabelledDistances ld = labelled_distances(embeddings, labels, metric);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "metricops_semihard_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    semihard_kernel<scalar_t, acc_t><<<grid_for(B * B), kThreads, 0, current_stream()>>>(
+        ld.dist.const_data_ptr<acc_t>(), ld.positive.const_data_ptr<bool>(), ld.neg_sorted.const_data_ptr<acc_t>(),
+        ld.neg_index.const_data_ptr<int64_t>(), ld.neg_count.const_data_ptr<int64_t>(), B, static_cast<acc_t>(margin),
+        losses.mutable_data_ptr<scalar_t>(), negative.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {losses, negative, ld.dist.to(embeddings.scalar_type())};
+}
+
+// ---------------------------------------------------------------- batch-all
+
+template <typename acc_t>
+__global__ void batch_all_kernel(const acc_t* __restrict__ dist, const bool* __restrict__ positive,
+                                 const bool* __restrict__ negative, const acc_t* __restrict__ neg_sorted,
+                                 const double* __restrict__ neg_prefix, const int64_t* __restrict__ neg_count,
+                                 const acc_t* __restrict__ shifted_sorted, const int64_t* __restrict__ pos_count,
+                                 int64_t B, acc_t margin, acc_t* __restrict__ multiplicity, double* __restrict__ term_sum,
+                                 int64_t* __restrict__ active) {
+  METRICOPS_CUDA_KERNEL_LOOP(idx, B * B) {
+    const int64_t a = idx / B;
+    const int64_t n = neg_count[a], P = pos_count[a];
+    term_sum[idx] = 0;
+    active[idx] = 0;
+    multiplicity[idx] = 0;
+    if (n == 0 || P == 0) continue;
+    const acc_t d = dist[idx];
+    const acc_t* negs = neg_sorted + a * B;
+    if (positive[idx]) {
+      const int64_t cnt = count_active_negatives(negs, n, d, margin);
+      const bool nan_row = d != d || negs[n - 1] != negs[n - 1];
+      multiplicity[idx] = static_cast<acc_t>(cnt);
+      active[idx] = cnt;
+      term_sum[idx] = nan_row ? std::numeric_limits<double>::quiet_NaN()
+                              : static_cast<double>(cnt) * static_cast<double>(margin + d) - neg_prefix[a * (B + 1) + cnt];
+    } else if (negative[idx]) {
+      const acc_t* shifted = shifted_sorted + a * B;
+      const int64_t first = partition_point(shifted, P, [d](acc_t s) { return s - d > acc_t(0) || s != s; });
+      const int64_t first_nan = partition_point(shifted, P, [](acc_t s) { return s != s; });
+      multiplicity[idx] = -static_cast<acc_t>(first_nan - (first < first_nan ? first : first_nan));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_cuda(
+    const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = embeddings.size(0);
+  if (B == 0) {
+    at::Tensor zero_count = at::zeros({}, labels.options());
+    return {at::zeros({}, embeddings.options()), zero_count, zero_count.clone(), at::empty({0, 0}, embeddings.options()),
+            at::empty({0, 0}, embeddings.options())};
+  }
+  const LabelledDistances ld = labelled_distances(embeddings, labels, metric);
+  const at::Tensor shifted_values = ld.dist.add(margin);
+  auto [shifted_sorted, unused_index, pos_count] = sort_members_first(shifted_values, ld.positive);
+  // Prefix sums in float64: prefix[a, k] = sum of the k nearest negatives.
+  at::Tensor neg_prefix = at::zeros({B, B + 1}, ld.dist.options().dtype(at::kDouble));
+  neg_prefix.narrow(1, 1, B).copy_(at::cumsum(ld.neg_sorted.to(at::kDouble), 1));
+  at::Tensor multiplicity = at::empty({B, B}, ld.dist.options());
+  at::Tensor term_sum = at::empty({B, B}, ld.dist.options().dtype(at::kDouble));
+  at::Tensor active = at::empty({B, B}, labels.options());
+  AT_DISPATCH_FLOATING_TYPES(ld.dist.scalar_type(), "metricops_batch_all_cuda", [&] {
+    batch_all_kernel<scalar_t><<<grid_for(B * B), kThreads, 0, current_stream()>>>(
+        ld.dist.const_data_ptr<scalar_t>(), ld.positive.const_data_ptr<bool>(), ld.negative.const_data_ptr<bool>(),
+        ld.neg_sorted.const_data_ptr<scalar_t>(), neg_prefix.const_data_ptr<double>(),
+        ld.neg_count.const_data_ptr<int64_t>(), shifted_sorted.const_data_ptr<scalar_t>(),
+        pos_count.const_data_ptr<int64_t>(), B, static_cast<scalar_t>(margin), multiplicity.mutable_data_ptr<scalar_t>(),
+        term_sum.mutable_data_ptr<double>(), active.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const auto dtype = embeddings.scalar_type();
+  return {term_sum.sum().to(dtype), pos_count.mul(ld.neg_count).sum(), active.sum(), ld.dist.to(dtype),
+          multiplicity.to(dtype)};
+}
+
+// ---------------------------------------------------------------- statistics
+
+template <typename acc_t>
+__global__ void statistics_kernel(const acc_t* __restrict__ dist, const bool* __restrict__ positive,
+                                  const acc_t* __restrict__ neg_sorted, const int64_t* __restrict__ neg_count, int64_t B,
+                                  acc_t margin, int64_t* __restrict__ counts /* (B*B, 4) */) {
+  METRICOPS_CUDA_KERNEL_LOOP(idx, B * B) {
+    const int64_t a = idx / B, n = neg_count[a];
+    int64_t easy = 0, semihard = 0, hard = 0, total = 0;
+    if (positive[idx] && n > 0) {
+      classify_negatives(neg_sorted + a * B, n, dist[idx], margin, easy, semihard, hard);
+      total = n;
+    }
+    counts[4 * idx] = total, counts[4 * idx + 1] = easy, counts[4 * idx + 2] = semihard, counts[4 * idx + 3] = hard;
+  }
+}
+
+at::Tensor triplet_statistics_cuda(const at::Tensor& embeddings, const at::Tensor& labels_in, double margin,
+                                   c10::string_view metric_name) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = embeddings.size(0);
+  if (B == 0) return at::zeros({4}, labels.options());
+  const LabelledDistances ld = labelled_distances(embeddings, labels, metric);
+  at::Tensor counts = at::empty({B * B, 4}, labels.options());
+  AT_DISPATCH_FLOATING_TYPES(ld.dist.scalar_type(), "metricops_triplet_statistics_cuda", [&] {
+    statistics_kernel<scalar_t><<<grid_for(B * B), kThreads, 0, current_stream()>>>(
+        ld.dist.const_data_ptr<scalar_t>(), ld.positive.const_data_ptr<bool>(), ld.neg_sorted.const_data_ptr<scalar_t>(),
+        ld.neg_count.const_data_ptr<int64_t>(), B, static_cast<scalar_t>(margin), counts.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return counts.sum(0);
+}
+
+// ---------------------------------------------------------------- miner
+
+// One thread per (anchor, positive) pair: count (offsets == nullptr) or
+// write its selected negatives in index order.
+template <typename acc_t>
+__global__ void mine_kernel(const acc_t* __restrict__ dist, const bool* __restrict__ positive,
+                            const bool* __restrict__ negative, int64_t B, MiningStrategy strategy, acc_t margin,
+                            int64_t* __restrict__ counts, const int64_t* __restrict__ offsets, int64_t* __restrict__ out_a,
+                            int64_t* __restrict__ out_p, int64_t* __restrict__ out_n) {
+  METRICOPS_CUDA_KERNEL_LOOP(idx, B * B) {
+    const int64_t a = idx / B, p = idx - a * B;
+    int64_t k = offsets == nullptr ? 0 : offsets[idx];
+    if (positive[idx]) {
+      const acc_t d_ap = dist[idx];
+      for (int64_t n = 0; n < B; ++n) {
+        if (!negative[a * B + n] || !strategy_selects<acc_t>(strategy, dist[a * B + n] - d_ap, margin)) continue;
+        if (offsets != nullptr) out_a[k] = a, out_p[k] = p, out_n[k] = n;
+        ++k;
+      }
+    }
+    if (offsets == nullptr) counts[idx] = k;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_cuda(const at::Tensor& embeddings,
+                                                                  const at::Tensor& labels_in,
+                                                                  c10::string_view strategy_name, double margin,
+                                                                  c10::string_view metric_name) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const Metric metric = parse_metric(metric_name);
+  const MiningStrategy strategy = parse_strategy(strategy_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = embeddings.size(0);
+  if (strategy == MiningStrategy::BatchHard) {
+    auto [losses, positive, negative, d_ap, d_an] =
+        batch_hard_triplet_cuda(embeddings, labels_in, margin, metric_name, false, 0);
+    const at::Tensor anchors = at::nonzero(positive.ge(0)).flatten();  // the miner may sync: its size is data-dependent
+    return {anchors, positive.index_select(0, anchors), negative.index_select(0, anchors)};
+  }
+  if (B == 0) {
+    at::Tensor e = at::empty({0}, labels.options());
+    return {e, e.clone(), e.clone()};
+  }
+  const at::Tensor dist = self_distance_acc_cuda(embeddings.contiguous(), metric);
+  const at::Tensor same = labels.unsqueeze(1).eq(labels.unsqueeze(0));
+  const at::Tensor negative = same.logical_not().contiguous();
+  const at::Tensor positive = same.fill_diagonal_(false).contiguous();
+  at::Tensor counts = at::empty({B * B}, labels.options());
+  at::Tensor a_out, p_out, n_out;
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "metricops_mine_triplets_cuda", [&] {
+    const auto m = static_cast<scalar_t>(margin);
+    mine_kernel<scalar_t><<<grid_for(B * B), kThreads, 0, current_stream()>>>(
+        dist.const_data_ptr<scalar_t>(), positive.const_data_ptr<bool>(), negative.const_data_ptr<bool>(), B, strategy,
+        m, counts.mutable_data_ptr<int64_t>(), nullptr, nullptr, nullptr, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor ends = at::cumsum(counts, 0);
+    const int64_t total = ends[-1].item<int64_t>();
+    const at::Tensor offsets = ends.sub(counts);
+    a_out = at::empty({total}, labels.options());
+    p_out = at::empty({total}, labels.options());
+    n_out = at::empty({total}, labels.options());
+    if (total > 0) {
+      mine_kernel<scalar_t><<<grid_for(B * B), kThreads, 0, current_stream()>>>(
+          dist.const_data_ptr<scalar_t>(), positive.const_data_ptr<bool>(), negative.const_data_ptr<bool>(), B,
+          strategy, m, nullptr, offsets.const_data_ptr<int64_t>(), a_out.mutable_data_ptr<int64_t>(),
+          p_out.mutable_data_ptr<int64_t>(), n_out.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {a_out, p_out, n_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metricops, CUDA, m) {
+  m.impl("batch_hard_triplet", &batch_hard_triplet_cuda);
+  m.impl("batch_hard_triplet_backward", &batch_hard_triplet_backward_cuda);
+  m.impl("semihard_triplet", &semihard_triplet_cuda);
+  m.impl("batch_all_triplet", &batch_all_triplet_cuda);
+  m.impl("triplet_statistics", &triplet_statistics_cuda);
+  m.impl("mine_triplets", &mine_triplets_cuda);
+}
+
+}  // namespace cuda
+}  // namespace metricops

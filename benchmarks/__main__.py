@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/<device>-latest.json)")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = parser.parse_args(argv)
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -35,7 +36,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     for op in ops:
         for case in SUITES[op](args.device, args.quick):
-            time_case(case, args.device, budget_s=budget, min_rounds=3 if args.quick else 5)
+            time_case(
+                case, args.device, budget_s=budget, min_rounds=3 if args.quick else 5, measure_memory=not args.no_memory
+            )
             cases.append(case)
             print(f"  {case.op} {case.mode} {case.params} done", file=sys.stderr)
     print(format_table(cases))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -29,12 +30,66 @@ class Case:
     peak_bytes: Dict[str, Optional[int]] = field(default_factory=dict)
 
 
+class PeakMemory:
+    """Peak extra memory of one call: CUDA allocator stats, or sampled RSS on CPU.
+
+    On CPU a thread samples the process RSS every ~0.2 ms while the call runs,
+    so the value is a lower bound on the true peak (short spikes can be missed).
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def measure(self, fn: Callable[[], object]) -> int:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        import threading
+
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def rss() -> int:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * page
+
+        base = rss()
+        peak = [base]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss())
+                time.sleep(0.0002)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            fn()
+        finally:
+            done.set()
+            thread.join()
+        return max(peak[0], rss()) - base
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def time_case(case: Case, device: str, *, min_rounds: int = 5, max_rounds: int = 50, budget_s: float = 3.0) -> Case:
+def time_case(
+    case: Case,
+    device: str,
+    *,
+    min_rounds: int = 5,
+    max_rounds: int = 50,
+    budget_s: float = 3.0,
+    measure_memory: bool = False,
+) -> Case:
     alive = dict(case.contenders)
     # Warm-up (and weed out contenders that fail, e.g. out of memory).
     for name, fn in list(alive.items()):
@@ -61,6 +116,10 @@ def time_case(case: Case, device: str, *, min_rounds: int = 5, max_rounds: int =
         rounds += 1
     for name, s in samples.items():
         case.results[name] = statistics.median(s)
+    if measure_memory:
+        meter = PeakMemory(device)
+        for name, fn in alive.items():
+            case.peak_bytes[name] = meter.measure(fn)
     return case
 
 
@@ -95,9 +154,19 @@ def _fmt_time(t: Optional[float]) -> str:
     return f"{t * 1e6:.0f} us"
 
 
+def _fmt_bytes(b: Optional[int]) -> str:
+    if b is None:
+        return ""
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GiB"
+    return f"{b / 2**20:.0f} MiB"
+
+
 def format_table(cases: List[Case]) -> str:
     lines = []
-    header = f"{'op':<28} {'mode':<17} {'sizes':<30} {'contender':<24} {'time':>10} {'x metricops':>12}"
+    header = (
+        f"{'op':<28} {'mode':<17} {'sizes':<30} {'contender':<24} {'time':>10} {'x metricops':>12} {'peak mem':>10}"
+    )
     lines.append(header)
     lines.append("-" * len(header))
     for case in cases:
@@ -110,8 +179,10 @@ def format_table(cases: List[Case]) -> str:
             first = i == 0
             lines.append(
                 f"{case.op if first else '':<28} {case.mode if first else '':<17} {sizes if first else '':<30} "
-                f"{name:<24} {_fmt_time(t):>10} {ratio:>12}"
+                f"{name:<24} {_fmt_time(t):>10} {ratio:>12} {_fmt_bytes(case.peak_bytes.get(name)):>10}"
             )
+            if name in case.errors:
+                lines.append(f"{'':<77} ({case.errors[name]})")
     return "\n".join(lines)
 
 

@@ -61,6 +61,8 @@ C10_HOST_DEVICE inline void distance_grad_weights(
       cross = g * x_aux * y_aux;
       norm_term = g * (acc_t(1) - d);
       break;
+    default:
+      cross = norm_term = acc_t(0);
   }
 }
 

@@ -75,7 +75,7 @@ C10_HOST_DEVICE inline void batch_hard_anchor_coefficients(Metric metric, int64_
   const T t = triplet_term_grad(d_ap, d_an, margin, soft);
   const T c_p = g * t + g_ap;
   const T c_n = -g * t + g_an;
-  T q_p, q_n;
+  T q_p = T(0), q_n = T(0);
   distance_grad_weights<T>(metric, c_p, d_ap, aux[a], aux[p], cross_positive, q_p);
   distance_grad_weights<T>(metric, c_n, d_an, aux[a], aux[n], cross_negative, q_n);
   anchor_self = norm_term_scale<T>(metric, aux[a]) * (q_p + q_n);

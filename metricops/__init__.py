@@ -9,8 +9,17 @@ from . import _registrations  # noqa: F401
 from . import reference  # noqa: F401
 from ._ops import build_info
 from .distance import pairwise_distance
+from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["pairwise_distance", "build_info", "reference", "__version__"]
+__all__ = [
+    "pairwise_distance",
+    "contrastive_loss",
+    "pair_contrastive_loss",
+    "triplet_margin_loss",
+    "build_info",
+    "reference",
+    "__version__",
+]

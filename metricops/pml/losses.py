@@ -74,30 +74,21 @@ class ContrastiveLoss(torch.nn.Module):
         return pos_loss + neg_loss
 
     def _all_pairs_native(self, embeddings, labels):
-        # The fused op gives every ordered pair's term; PML's margins on a
-        # similarity s = 1 − d become distance margins 1 − margin.
+        # PML averages the positive and the negative terms separately over
+        # their nonzero entries. An infinite margin switches one group off
+        # (its hinge is 0 with slope 0), so each group is one fused native
+        # call with reduction="mean_nonzero", which is 0 when no term is > 0,
+        # as AvgNonZeroReducer. Margins on a similarity s = 1 − d become
+        # distance margins 1 − margin.
         dist = self.distance
         pm, nm = float(self.pos_margin), float(self.neg_margin)
         if dist.is_inverted:
             pm, nm = 1.0 - pm, 1.0 - nm
-        terms = contrastive_loss(
-            embeddings, labels, pos_margin=pm, neg_margin=nm, metric=dist.metric,
-            normalize=dist.normalize_embeddings, reduction="none",
-        )
-        b = embeddings.shape[0]
-        same = labels[:, None] == labels[None, :]
-        off = ~torch.eye(b, dtype=torch.bool, device=embeddings.device)
-        pos_mask, neg_mask = same & off, ~same
-        zero = torch.sum(embeddings * 0)
-        return _masked_avg_nonzero(terms, pos_mask, zero) + _masked_avg_nonzero(terms, neg_mask, zero)
-
-
-def _masked_avg_nonzero(terms, mask, zero):
-    """AvgNonZero over the entries of `terms` selected by `mask` (0, attached, when none is > 0)."""
-    nonzero = mask & (terms > 0)
-    count = nonzero.sum()
-    mean = torch.where(nonzero, terms, torch.zeros_like(terms)).sum() / count.clamp_min(1).to(terms.dtype)
-    return torch.where(count > 0, mean, zero)
+        inf = float("inf")
+        kw = dict(metric=dist.metric, normalize=dist.normalize_embeddings, reduction="mean_nonzero")
+        pos = contrastive_loss(embeddings, labels, pos_margin=pm, neg_margin=-inf, **kw)
+        neg = contrastive_loss(embeddings, labels, pos_margin=inf, neg_margin=nm, **kw)
+        return pos + neg
 
 
 class TripletMarginLoss(torch.nn.Module):

@@ -73,6 +73,32 @@ TORCH_LIBRARY(metricops, m) {
   m.def(
       "mine_triplets(Tensor embeddings, Tensor labels, str strategy, float margin, str metric) "
       "-> (Tensor anchor, Tensor positive, Tensor negative)");
+  // Contrastive loss on a labelled batch (ordered pairs i != j). For the scalar
+  // reductions `mat` is the unit-upstream GEMM weight W of the backward and
+  // row_coef its row coefficients; for "none" `mat` is the distance matrix and
+  // row_coef is empty. denom: what the summed terms were divided by (0: none).
+  m.def(
+      "contrastive_loss(Tensor embeddings, Tensor labels, float pos_margin, float neg_margin, str metric, "
+      "bool squared, str reduction) -> (Tensor loss, Tensor mat, Tensor row_coef, Tensor denom)");
+  m.def(
+      "contrastive_loss_backward(Tensor grad, Tensor embeddings, Tensor labels, Tensor mat, Tensor row_coef, "
+      "Tensor denom, float pos_margin, float neg_margin, str metric, bool squared, str reduction) -> Tensor");
+  // Explicit pairs; y is bool (N,). Per-pair losses; the reduction is the caller's.
+  m.def(
+      "pair_contrastive_loss(Tensor x0, Tensor x1, Tensor y, float margin, str metric, bool squared) "
+      "-> (Tensor loss, Tensor dist)");
+  m.def(
+      "pair_contrastive_loss_backward(Tensor grad, Tensor x0, Tensor x1, Tensor y, Tensor dist, float margin, "
+      "str metric, bool squared) -> (Tensor grad_x0, Tensor grad_x1)");
+  // Explicit triplets, torch.nn.functional.triplet_margin_loss semantics.
+  // Per-row losses and dists (N, 3): d(a,p), d(a,n), d(p,n) (0 without swap).
+  m.def(
+      "triplet_margin_loss(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, float eps, "
+      "bool swap, bool squared) -> (Tensor loss, Tensor dists)");
+  m.def(
+      "triplet_margin_loss_backward(Tensor grad, Tensor anchor, Tensor positive, Tensor negative, Tensor dists, "
+      "float margin, float p, float eps, bool swap, bool squared) -> (Tensor grad_anchor, Tensor grad_positive, "
+      "Tensor grad_negative)");
 }
 
 }  // namespace metricops

@@ -16,6 +16,7 @@ from .triplet import (
     semihard_triplet_loss,
     triplet_statistics,
 )
+from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
@@ -27,6 +28,9 @@ __all__ = [
     "batch_all_triplet_loss",
     "triplet_statistics",
     "mine_triplets",
+    "contrastive_loss",
+    "pair_contrastive_loss",
+    "triplet_margin_loss",
     "build_info",
     "reference",
     "__version__",

@@ -87,3 +87,44 @@ def check_number(value, name: str, *, min_value=None, allow_equal=True) -> float
         op = ">=" if allow_equal else ">"
         raise ValueError(f"{name} must be {op} {min_value}, got {value}")
     return value
+
+
+MEMORY_MODES = ("auto", "matrix", "streaming")
+
+
+def check_memory(memory) -> str:
+    if not isinstance(memory, str) or memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of 'auto', 'matrix', 'streaming', got {memory!r}")
+    return memory
+
+
+def check_same_shape(a, a_name: str, b, b_name: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{b_name} must have the same shape as {a_name} {tuple(a.shape)}, got {tuple(b.shape)}")
+
+
+def check_pair_labels(y, x0, name: str = "y"):
+    """(N,) pair labels, 1 = similar, 0 = dissimilar (bool, integer or float); returns them as bool."""
+    check_tensor(y, name)
+    n = x0.shape[0]
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must be a 1-D tensor of length N={n} (one label per pair), got shape {tuple(y.shape)}")
+    if y.device != x0.device:
+        raise ValueError(f"{name} must be on x0's device ({x0.device}), got {y.device}")
+    if y.dtype == torch.bool:
+        return y
+    if y.is_complex() or not (y.is_floating_point() or y.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{name} must be a bool, integer or floating tensor, got {y.dtype}")
+    # A value check needs a host sync: done in eager mode only (under
+    # torch.compile the values are taken as given, nonzero meaning similar).
+    if not torch.compiler.is_compiling() and y.device.type != "meta" and y.numel() > 0:
+        if not bool(((y == 0) | (y == 1)).all()):
+            raise ValueError(f"{name} must hold only 0 (dissimilar) and 1 (similar)")
+    return y != 0
+
+
+def check_positive_finite(value, name: str) -> float:
+    value = check_number(value, name)
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value

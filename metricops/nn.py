@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import triplet as _triplet
+from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from .distance import pairwise_distance
 
 
@@ -64,3 +65,67 @@ class BatchAllTripletLoss(_LabelledBatchLoss):
 
     def __init__(self, margin=0.2, metric="euclidean", normalize=False, reduction="mean_nonzero"):
         super().__init__(margin=margin, metric=metric, normalize=normalize, reduction=reduction)
+
+
+class TripletMarginLoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.TripletMarginLoss`, on :func:`metricops.triplet_margin_loss`."""
+
+    def __init__(self, margin: float = 1.0, p: float = 2.0, eps: float = 1e-6, swap: bool = False,
+                 reduction: str = "mean"):
+        super().__init__()
+        self.margin = margin
+        self.p = p
+        self.eps = eps
+        self.swap = swap
+        self.reduction = reduction
+
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        return triplet_margin_loss(anchor, positive, negative, margin=self.margin, p=self.p, eps=self.eps,
+                                   swap=self.swap, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, p={self.p}, eps={self.eps}, swap={self.swap}, reduction={self.reduction!r}"
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """Module form of :func:`metricops.contrastive_loss`; ``forward(embeddings, labels)``."""
+
+    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, metric: str = "euclidean",
+                 squared: bool = False, normalize: bool = False, reduction: str = "mean", memory: str = "auto"):
+        super().__init__()
+        self.pos_margin = pos_margin
+        self.neg_margin = neg_margin
+        self.metric = metric
+        self.squared = squared
+        self.normalize = normalize
+        self.reduction = reduction
+        self.memory = memory
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return contrastive_loss(embeddings, labels, pos_margin=self.pos_margin, neg_margin=self.neg_margin,
+                                metric=self.metric, squared=self.squared, normalize=self.normalize,
+                                reduction=self.reduction, memory=self.memory)
+
+    def extra_repr(self) -> str:
+        return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, metric={self.metric!r}, "
+                f"squared={self.squared}, normalize={self.normalize}, reduction={self.reduction!r}, "
+                f"memory={self.memory!r}")
+
+
+class PairContrastiveLoss(torch.nn.Module):
+    """Module form of :func:`metricops.pair_contrastive_loss`; ``forward(x0, x1, y)``."""
+
+    def __init__(self, margin: float = 1.0, metric: str = "euclidean", squared: bool = False,
+                 reduction: str = "mean"):
+        super().__init__()
+        self.margin = margin
+        self.metric = metric
+        self.squared = squared
+        self.reduction = reduction
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return pair_contrastive_loss(x0, x1, y, margin=self.margin, metric=self.metric, squared=self.squared,
+                                     reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, metric={self.metric!r}, squared={self.squared}, reduction={self.reduction!r}"

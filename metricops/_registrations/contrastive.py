@@ -1,0 +1,153 @@
+"""Fake kernels and autograd formulas for the contrastive and triplet-margin ops."""
+
+from __future__ import annotations
+
+import torch
+
+from .._ops import ops
+from .distance import _LIB, _no_double_backward
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _acc_dtype(x):
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def _no_setup(ctx, inputs, output):
+    return None
+
+
+# --------------------------------------------------------------------------
+# contrastive_loss
+# --------------------------------------------------------------------------
+
+
+@torch.library.register_fake(_LIB + "contrastive_loss")
+def _contrastive_loss_fake(x, labels, pos_margin, neg_margin, metric, squared, reduction):
+    torch._check(x.dim() == 2, lambda: f"embeddings must be a 2-D tensor of shape (B, D), got {x.dim()}-D")
+    torch._check(
+        labels.dim() == 1 and labels.shape[0] == x.shape[0],
+        lambda: f"labels must be a 1-D tensor of length B={x.shape[0]} (one label per embedding)",
+    )
+    B = x.shape[0]
+    none = reduction == "none"
+    loss = x.new_empty((B, B)) if none else x.new_empty(())
+    mat = x.new_empty((B, B))
+    row_coef = x.new_empty((0,) if none else (B,), dtype=_acc_dtype(x))
+    denom = x.new_empty((), dtype=_acc_dtype(x))
+    return loss, mat, row_coef, denom
+
+
+@torch.library.register_fake(_LIB + "contrastive_loss_backward")
+def _contrastive_loss_backward_fake(grad, x, labels, mat, row_coef, denom, pos_margin, neg_margin, metric, squared,
+                                    reduction):
+    return torch.empty_like(x)
+
+
+def _contrastive_loss_setup_context(ctx, inputs, output):
+    x, labels, pos_margin, neg_margin, metric, squared, reduction = inputs
+    _, mat, row_coef, denom = output
+    ctx.args = (pos_margin, neg_margin, metric, squared, reduction)
+    ctx.mark_non_differentiable(mat, row_coef, denom)
+    ctx.save_for_backward(x, labels, mat, row_coef, denom)
+
+
+def _contrastive_loss_backward(ctx, grad, *_unused):
+    x, labels, mat, row_coef, denom = ctx.saved_tensors
+    grad_x = None
+    if grad is not None and ctx.needs_input_grad[0]:
+        grad_x = ops.contrastive_loss_backward(grad, x, labels, mat, row_coef, denom, *ctx.args)
+    return grad_x, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    _LIB + "contrastive_loss", _contrastive_loss_backward, setup_context=_contrastive_loss_setup_context
+)
+torch.library.register_autograd(
+    _LIB + "contrastive_loss_backward", _no_double_backward("contrastive_loss"), setup_context=_no_setup
+)
+
+
+# --------------------------------------------------------------------------
+# pair_contrastive_loss
+# --------------------------------------------------------------------------
+
+
+@torch.library.register_fake(_LIB + "pair_contrastive_loss")
+def _pair_contrastive_loss_fake(x0, x1, y, margin, metric, squared):
+    torch._check(x0.dim() == 2, lambda: f"x0 must be a 2-D tensor of shape (N, D), got {x0.dim()}-D")
+    torch._check(x1.shape == x0.shape, lambda: f"x1 must have the same shape as x0 {tuple(x0.shape)}")
+    torch._check(y.dim() == 1 and y.shape[0] == x0.shape[0], lambda: "y must be a 1-D tensor of length N")
+    n = x0.shape[0]
+    return x0.new_empty((n,)), x0.new_empty((n,), dtype=_acc_dtype(x0))
+
+
+@torch.library.register_fake(_LIB + "pair_contrastive_loss_backward")
+def _pair_contrastive_loss_backward_fake(grad, x0, x1, y, dist, margin, metric, squared):
+    return torch.empty_like(x0, memory_format=torch.contiguous_format), torch.empty_like(
+        x1, memory_format=torch.contiguous_format
+    )
+
+
+def _pair_setup_context(ctx, inputs, output):
+    x0, x1, y, margin, metric, squared = inputs
+    _, dist = output
+    ctx.args = (margin, metric, squared)
+    ctx.mark_non_differentiable(dist)
+    ctx.save_for_backward(x0, x1, y, dist)
+
+
+def _pair_backward(ctx, grad, *_unused):
+    x0, x1, y, dist = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None, None
+    g0, g1 = ops.pair_contrastive_loss_backward(grad, x0, x1, y, dist, *ctx.args)
+    return g0, g1, None, None, None, None
+
+
+torch.library.register_autograd(_LIB + "pair_contrastive_loss", _pair_backward, setup_context=_pair_setup_context)
+torch.library.register_autograd(
+    _LIB + "pair_contrastive_loss_backward", _no_double_backward("pair_contrastive_loss"), setup_context=_no_setup
+)
+
+
+# --------------------------------------------------------------------------
+# triplet_margin_loss
+# --------------------------------------------------------------------------
+
+
+@torch.library.register_fake(_LIB + "triplet_margin_loss")
+def _triplet_margin_loss_fake(a, p, n, margin, norm_p, eps, swap, squared):
+    torch._check(a.dim() == 2, lambda: f"anchor must be a 2-D tensor of shape (N, D), got {a.dim()}-D")
+    torch._check(p.shape == a.shape, lambda: f"positive must have the same shape as anchor {tuple(a.shape)}")
+    torch._check(n.shape == a.shape, lambda: f"negative must have the same shape as anchor {tuple(a.shape)}")
+    rows = a.shape[0]
+    return a.new_empty((rows,)), a.new_empty((rows, 3), dtype=_acc_dtype(a))
+
+
+@torch.library.register_fake(_LIB + "triplet_margin_loss_backward")
+def _triplet_margin_loss_backward_fake(grad, a, p, n, dists, margin, norm_p, eps, swap, squared):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (a, p, n))
+
+
+def _triplet_setup_context(ctx, inputs, output):
+    a, p, n, margin, norm_p, eps, swap, squared = inputs
+    _, dists = output
+    ctx.args = (margin, norm_p, eps, swap, squared)
+    ctx.mark_non_differentiable(dists)
+    ctx.save_for_backward(a, p, n, dists)
+
+
+def _triplet_backward(ctx, grad, *_unused):
+    a, p, n, dists = ctx.saved_tensors
+    if grad is None:
+        return (None,) * 8
+    ga, gp, gn = ops.triplet_margin_loss_backward(grad, a, p, n, dists, *ctx.args)
+    return ga, gp, gn, None, None, None, None, None
+
+
+torch.library.register_autograd(_LIB + "triplet_margin_loss", _triplet_backward, setup_context=_triplet_setup_context)
+torch.library.register_autograd(
+    _LIB + "triplet_margin_loss_backward", _no_double_backward("triplet_margin_loss"), setup_context=_no_setup
+)

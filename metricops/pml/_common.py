@@ -1,0 +1,72 @@
+"""Helpers shared by metricops.pml: argument refusal and PML's index conventions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def refuse_unsupported(cls_name: str, kwargs: dict) -> None:
+    """pytorch-metric-learning accepts many more arguments; we refuse them by name rather than ignore them."""
+    if kwargs:
+        names = ", ".join(sorted(kwargs))
+        raise NotImplementedError(
+            f"metricops.pml: {cls_name} does not support the argument(s) {names} "
+            "(only the subset listed in metricops.pml's docstring is implemented)"
+        )
+
+
+def set_ref(embeddings, labels, ref_emb, ref_labels):
+    """PML's set_ref_emb: without ref_emb the batch is its own reference (same labels object)."""
+    if embeddings.dim() != 2 or (ref_emb is not None and ref_emb.dim() != 2):
+        raise ValueError("embeddings must be a 2D tensor of shape (batch_size, embedding_size)")
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]):
+        raise ValueError(
+            f"labels must be a 1-D tensor of length {embeddings.shape[0]} (one per embedding), "
+            f"got shape {tuple(labels.shape)}"
+        )
+    if ref_emb is None:
+        return embeddings, labels
+    if ref_labels is not None and (ref_labels.dim() != 1 or ref_labels.shape[0] != ref_emb.shape[0]):
+        raise ValueError(
+            f"ref_labels must be a 1-D tensor of length {ref_emb.shape[0]} (one per ref_emb row), "
+            f"got shape {tuple(ref_labels.shape)}"
+        )
+    return ref_emb, ref_labels
+
+
+def matches_and_diffs(labels, ref_labels):
+    """Same-label and different-label masks; self pairs are excluded when the reference is the batch itself."""
+    self_ref = ref_labels is None or ref_labels is labels
+    ref = labels if ref_labels is None else ref_labels
+    matches = labels[:, None] == ref[None, :]
+    diffs = ~matches
+    if self_ref:
+        matches.fill_diagonal_(False)
+    return matches, diffs
+
+
+def all_pairs(labels, ref_labels):
+    matches, diffs = matches_and_diffs(labels, ref_labels)
+    a1, p = torch.where(matches)
+    a2, n = torch.where(diffs)
+    return a1, p, a2, n
+
+
+def all_triplets(labels, ref_labels):
+    """Every (a, p, n), lexicographically sorted, as PML's get_all_triplets_indices (plain torch, O(B³) memory).
+
+    TODO(issue 3): use metricops.mine_triplets(strategy="all") for the
+    reference case too once it accepts a reference set.
+    """
+    matches, diffs = matches_and_diffs(labels, ref_labels)
+    return torch.where(matches[:, :, None] & diffs[:, None, :])
+
+
+def avg_nonzero(losses: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """PML's AvgNonZeroReducer: mean over the losses > 0, else sum(embeddings * 0) (zero, attached)."""
+    if losses.numel() == 0:
+        return torch.sum(embeddings * 0)
+    positive = losses > 0
+    count = positive.sum()
+    mean = torch.where(positive, losses, torch.zeros_like(losses)).sum() / count.clamp_min(1).to(losses.dtype)
+    return torch.where(count > 0, mean, torch.sum(embeddings * 0))

@@ -147,8 +147,9 @@ def test_distances_match():
         (lambda: distances.LpDistance(p=1), "p=2"),
         (lambda: distances.LpDistance(power=3), "power"),
         (lambda: distances.CosineSimilarity(normalize_embeddings=False), "normalize_embeddings"),
-        (lambda: miners.BatchHardMiner(), "mine_triplets"),
-        (lambda: miners.TripletMarginMiner(margin=0.1), "mine_triplets"),
+        (lambda: miners.BatchHardMiner(collect_stats=True), "collect_stats"),
+        (lambda: miners.TripletMarginMiner(type_of_triplets="hardest"), "type_of_triplets"),
+        (lambda: miners.TripletMarginMiner(distance=pml_distances.LpDistance()), "distance"),
     ],
 )
 def test_unsupported_arguments(make, match):

@@ -6,7 +6,7 @@ import from ``pytorch_metric_learning`` for:
 * ``distances.LpDistance(normalize_embeddings=True, p=2, power=1|2)``, ``distances.CosineSimilarity()``
 * ``losses.ContrastiveLoss(pos_margin=0, neg_margin=1, distance=None)``
 * ``losses.TripletMarginLoss(margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", distance=None)``
-* ``miners``: not wired yet (needs ``metricops.mine_triplets``).
+* ``miners``: ``BatchHardMiner``, ``TripletMarginMiner`` (on ``metricops.mine_triplets``).
 
 Values and gradients equal pytorch-metric-learning's to float32 rounding. Any
 other argument raises ``NotImplementedError`` naming it. pytorch-metric-learning

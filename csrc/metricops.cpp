@@ -44,6 +44,14 @@ TORCH_LIBRARY(metricops, m) {
   m.def(
       "pairwise_distance_backward(Tensor grad, Tensor x, Tensor? y, Tensor dist, str metric) "
       "-> (Tensor grad_x, Tensor grad_y)");
+
+  // Retrieval. database=None searches the queries against themselves, each
+  // query leaving itself out. Sorted by (distance, index), NaN last; not
+  // differentiable. chunk_size > 0 overrides the block sizes (tests use it to
+  // cross chunk boundaries); 0 picks them per device.
+  m.def(
+      "knn(Tensor queries, Tensor? database, int k, str metric, int chunk_size=0) "
+      "-> (Tensor distances, Tensor indices)");
 }
 
 }  // namespace metricops

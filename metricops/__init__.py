@@ -9,8 +9,10 @@ from . import _registrations  # noqa: F401
 from . import reference  # noqa: F401
 from ._ops import build_info
 from .distance import pairwise_distance
+from .retrieval import knn, retrieval_metrics
+from . import retrieval  # noqa: F401
 from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["pairwise_distance", "build_info", "reference", "__version__"]
+__all__ = ["pairwise_distance", "knn", "retrieval_metrics", "retrieval", "build_info", "reference", "__version__"]

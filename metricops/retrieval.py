@@ -152,8 +152,8 @@ def _prepare(relevance, num_relevant, k, name_k="k"):
     v.check_tensor(relevance, "relevance")
     if relevance.dim() != 2:
         raise ValueError(f"relevance must be a 2-D (Q, K) tensor in rank order, got shape {tuple(relevance.shape)}")
-    if not (relevance.dtype == torch.bool or relevance.is_floating_point() or not relevance.is_complex()):
-        raise TypeError(f"relevance must be a bool or real tensor, got {relevance.dtype}")
+    if relevance.is_complex():
+        raise TypeError(f"relevance must be a bool, integer or floating tensor, got {relevance.dtype}")
     rel = relevance.to(torch.float64)
     if num_relevant is None:
         num_relevant = rel.sum(dim=1)

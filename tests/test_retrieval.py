@@ -217,6 +217,22 @@ def test_knn_low_precision_cuda(dtype):
     assert_close(d.float(), d_ref, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.needs_cuda
+def test_knn_memory_bounded_cuda():
+    # The full 20k x 300k float32 distance matrix would take 24 GB.
+    q = torch.randn(20000, 16, device="cuda")
+    db = torch.randn(300000, 16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    d, i = metricops.knn(q, db, k=5)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 2**30
+    sample = torch.arange(0, 20000, 997, device="cuda")
+    d_ref, i_ref = torch.topk(metricops.pairwise_distance(q[sample], db), 5, dim=1, largest=False)
+    assert (i[sample] == i_ref).float().mean() > 0.95
+
+
 # --------------------------------------------------------------------------- metrics
 
 

@@ -420,3 +420,22 @@ def test_bad_input(call, exc, match):
 def test_bad_input_reaches_native_checks(args, match):
     with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
         torch.ops.metricops.knn(*args)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_knn_thread_counts(threads):
+    # The CPU kernel splits queries or database per thread (then merges the
+    # per-thread top-k); the result must not depend on the thread count.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q = torch.randint(-2, 3, (20, 3)).double()
+        db = torch.randint(-2, 3, (90, 3)).double()
+        db[5] = float("nan")
+        for chunk, k in ((0, 7), (8, 7), (8, 90), (30, 40)):
+            d, i = metricops.knn(q, db, k=k, _chunk_size=chunk)
+            d_ref, i_ref = reference.knn(q, db, k=k)
+            assert torch.equal(i, i_ref)
+            assert_close(d, d_ref)
+    finally:
+        torch.set_num_threads(old)

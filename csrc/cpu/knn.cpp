@@ -29,9 +29,13 @@ namespace cpu {
 namespace {
 
 // Defaults: a 256 x 2048 float32 GEMM block (2 MiB) stays in a core's L2
-// between the GEMM writing it and the epilogue reading it back.
+// between the GEMM writing it and the epilogue reading it back. Few queries
+// get wider chunks (same block size): tiny GEMMs are dominated by per-call
+// overhead. Large k gets chunks of >= 4k columns so that the O(k) merges stay
+// a small share of each chunk's work.
 constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kDatabaseChunk = 2048;
+constexpr int64_t kBlockElems = kQueryBlock * kDatabaseChunk;
 // Rejection granularity: one vectorised "any below the k-th?" test per span.
 constexpr int64_t kScanSpan = 64;
 
@@ -110,12 +114,35 @@ void merge_candidates(Candidate<scalar_t>* cand, int64_t c, scalar_t* td, int64_
     for (int64_t j = 0; j < c; ++j) knn_insert<scalar_t>(td, ti, k, cand[j].d, cand[j].i);
     return;
   }
+  // Only the best min(c, k) candidates can enter: select them in O(c), sort those.
   const int64_t m = std::min(c, k);
-  std::partial_sort(cand, cand + m, cand + c, candidate_less<scalar_t>);
+  if (c > m) std::nth_element(cand, cand + m, cand + c, candidate_less<scalar_t>);
+  std::sort(cand, cand + m, candidate_less<scalar_t>);
   int64_t a = 0, b = 0;
   for (int64_t t = 0; t < k; ++t) {
     if (b < m && (a >= k || knn_less<scalar_t>(cand[b].d, cand[b].i, td[a], ti[a]))) {
       tmp[t] = cand[b++];
+    } else {
+      tmp[t] = {td[a], ti[a]};
+      ++a;
+    }
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    td[t] = tmp[t].d;
+    ti[t] = tmp[t].i;
+  }
+}
+
+// Merges another sorted top-k row (sd, si) into (td, ti), keeping the best k.
+template <typename scalar_t>
+void merge_sorted(scalar_t* td, int64_t* ti, const scalar_t* sd, const int64_t* si, int64_t k,
+                  Candidate<scalar_t>* tmp) {
+  int64_t a = 0, b = 0;
+  for (int64_t t = 0; t < k; ++t) {
+    // a + b == t < k, so both reads are in bounds.
+    if (knn_less<scalar_t>(sd[b], si[b], td[a], ti[a])) {
+      tmp[t] = {sd[b], si[b]};
+      ++b;
     } else {
       tmp[t] = {td[a], ti[a]};
       ++a;
@@ -165,8 +192,12 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std:
   at::Tensor out_d = at::full({Q, k}, std::numeric_limits<double>::quiet_NaN(), q.options());
   at::Tensor out_i = at::full({Q, k}, kKnnEmptyIndex, q.options().dtype(at::kLong));
   if (Q == 0) return {out_d, out_i};
-  const int64_t qb_size = chunk_size > 0 ? chunk_size : kQueryBlock;
-  const int64_t nb_size = std::min(N, chunk_size > 0 ? chunk_size : kDatabaseChunk);
+  int64_t qb_size = chunk_size > 0 ? chunk_size : std::min(Q, kQueryBlock);
+  int64_t nb_size = chunk_size > 0 ? chunk_size : std::max({kDatabaseChunk, kBlockElems / qb_size, 4 * k});
+  nb_size = std::min(N, nb_size);
+  if (chunk_size == 0 && qb_size * nb_size > 4 * kBlockElems) {
+    qb_size = std::max<int64_t>(1, 4 * kBlockElems / nb_size);  // very large k: keep the block bounded
+  }
   const int64_t num_qb = (Q + qb_size - 1) / qb_size;
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "metricops_knn_cpu", [&] {
@@ -202,19 +233,47 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std:
           }
         });
       } else {
-        // Few queries: a multithreaded GEMM per block, then the epilogue in
-        // parallel over its rows.
-        at::Tensor buf = at::empty({qb_size * nb_size}, q.options());
-        for (int64_t q0 = 0; q0 < Q; q0 += qb_size) {
-          const int64_t qb = std::min(qb_size, Q - q0);
-          for (int64_t n0 = 0; n0 < N; n0 += nb_size) {
-            const int64_t nb = std::min(nb_size, N - n0);
-            scalar_t* dot = gemm(buf, q0, qb, n0, nb);
-            at::parallel_for(0, qb, std::max<int64_t>(1, 16384 / nb), [&](int64_t r0, int64_t r1) {
-              Workspace<scalar_t> ws(nb, k);
-              process_rows<scalar_t, kMetric>(dot, nb, r0, r1, q0, n0, q_aux, db_aux, self, k, od, oi, ws);
-            });
+        // Few query blocks: split the database instead. Thread slot t owns a
+        // contiguous range of chunks and its own top-k (slot 0 writes the
+        // output), then the slots are merged. One parallel region, no
+        // barrier per chunk: per-chunk barriers collapse when the cores are
+        // shared with another process.
+        const int64_t num_nb = (N + nb_size - 1) / nb_size;
+        const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_nb));
+        at::Tensor extra_d, extra_i;
+        if (slots > 1) {
+          extra_d = at::full({slots - 1, Q, k}, std::numeric_limits<double>::quiet_NaN(), q.options());
+          extra_i = at::full({slots - 1, Q, k}, kKnnEmptyIndex, q.options().dtype(at::kLong));
+        }
+        at::parallel_for(0, slots, 1, [&](int64_t t0, int64_t t1) {
+          at::Tensor buf = at::empty({qb_size * nb_size}, q.options());
+          Workspace<scalar_t> ws(nb_size, k);
+          for (int64_t t = t0; t < t1; ++t) {
+            scalar_t* sd = t == 0 ? od : extra_d.mutable_data_ptr<scalar_t>() + (t - 1) * Q * k;
+            int64_t* si = t == 0 ? oi : extra_i.mutable_data_ptr<int64_t>() + (t - 1) * Q * k;
+            const int64_t c0 = t * num_nb / slots, c1 = (t + 1) * num_nb / slots;
+            for (int64_t q0 = 0; q0 < Q; q0 += qb_size) {
+              const int64_t qb = std::min(qb_size, Q - q0);
+              for (int64_t c = c0; c < c1; ++c) {
+                const int64_t n0 = c * nb_size, nb = std::min(nb_size, N - n0);
+                scalar_t* dot = gemm(buf, q0, qb, n0, nb);
+                process_rows<scalar_t, kMetric>(dot, nb, 0, qb, q0, n0, q_aux, db_aux, self, k, sd, si, ws);
+              }
+            }
           }
+        });
+        if (slots > 1) {
+          const scalar_t* ed = extra_d.const_data_ptr<scalar_t>();
+          const int64_t* ei = extra_i.const_data_ptr<int64_t>();
+          at::parallel_for(0, Q, std::max<int64_t>(1, 4096 / k), [&](int64_t r0, int64_t r1) {
+            std::unique_ptr<Candidate<scalar_t>[]> tmp(new Candidate<scalar_t>[k]);
+            for (int64_t r = r0; r < r1; ++r) {
+              for (int64_t t = 1; t < slots; ++t) {
+                merge_sorted<scalar_t>(od + r * k, oi + r * k, ed + ((t - 1) * Q + r) * k, ei + ((t - 1) * Q + r) * k, k,
+                                       tmp.get());
+              }
+            }
+          });
         }
       }
     });

@@ -58,6 +58,11 @@ def knn(
     """
     self_search = database is None
     d = pairwise_distance(queries, database, metric=metric)
+    # A NaN coordinate makes every distance of its row NaN (pairwise_distance's
+    # reference maps a NaN squared distance to 0 under its safe sqrt).
+    db = queries if self_search else database
+    nan_pair = torch.isnan(queries).any(dim=1)[:, None] | torch.isnan(db).any(dim=1)[None, :]
+    d = torch.where(nan_pair, torch.full_like(d, float("nan")), d)
     q, n = d.shape
     idx = torch.arange(n, device=d.device).expand(q, n)
     if self_search:  # drop each query's own column

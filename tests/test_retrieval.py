@@ -153,6 +153,9 @@ def test_knn_nan_sorted_last_valid_indices(device, metric):
         assert torch.isnan(d[ok, -3:]).all() and not torch.isnan(d[ok, :-3]).any()
         assert i[ok, -3:].tolist() == [[3, 7, 20]] * len(ok)  # NaNs by index
         assert i[2].tolist() == list(range(30))
+        d_ref, i_ref = reference.knn(q, db, k=30, metric=metric)
+        assert torch.equal(i, i_ref)
+        assert_close(d, d_ref)
         d5, i5 = metricops.knn(q, db, k=5, metric=metric, _chunk_size=chunk)
         assert not {3, 7, 20} & set(i5[ok].flatten().tolist())
     # self-search with a NaN row still excludes self and stays in range

@@ -442,3 +442,33 @@ def test_knn_thread_counts(threads):
             assert_close(d, d_ref)
     finally:
         torch.set_num_threads(old)
+
+
+def test_knn_property_exact_ties():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+    @hypothesis.given(
+        q_rows=st.integers(1, 12),
+        n_rows=st.integers(1, 30),
+        dim=st.integers(0, 4),
+        chunk=st.integers(0, 9),
+        self_search=st.booleans(),
+        metric=st.sampled_from(["euclidean", "sqeuclidean"]),
+        seed=st.integers(0, 2**16),
+        data=st.data(),
+    )
+    def check(q_rows, n_rows, dim, chunk, self_search, metric, seed, data):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randint(-1, 2, (q_rows, dim), generator=g).double()  # few distinct points: many exact ties
+        db = None if self_search else torch.randint(-1, 2, (n_rows, dim), generator=g).double()
+        available = q_rows - 1 if self_search else n_rows
+        hypothesis.assume(available >= 1)
+        k = data.draw(st.integers(1, available))
+        d, i = metricops.knn(q, db, k=k, metric=metric, _chunk_size=chunk)
+        d_ref, i_ref = reference.knn(q, db, k=k, metric=metric)
+        assert torch.equal(i, i_ref)
+        assert_close(d, d_ref)
+
+    check()

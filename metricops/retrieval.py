@@ -84,7 +84,9 @@ def knn(
     own computation at the returned indices if you need one).
 
     Memory is O(Q·k + chunk): the Q × N distance matrix is computed block by
-    block (one GEMM per block) and never materialized.
+    block (one GEMM per block) and never materialized. (On CPU, a search with
+    few queries splits the database over threads, each with its own Q × k
+    top-k, merged at the end.)
     """
     v.check_embeddings(queries, "queries")
     if database is not None:

@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std:
   at::Tensor out_d = at::full({Q, k}, std::numeric_limits<double>::quiet_NaN(), q.options());
   at::Tensor out_i = at::full({Q, k}, kKnnEmptyIndex, q.options().dtype(at::kLong));
   if (Q == 0) return {out_d, out_i};
-  int64_t qb_size = chunk_size > 0 ? chunk_size : std::min(Q, kQueryBlock);
+  int64_t qb_size = std::min(Q, chunk_size > 0 ? chunk_size : kQueryBlock);
   int64_t nb_size = chunk_size > 0 ? chunk_size : std::max({kDatabaseChunk, kBlockElems / qb_size, 4 * k});
   nb_size = std::min(N, nb_size);
   if (chunk_size == 0 && qb_size * nb_size > 4 * kBlockElems) {

@@ -176,6 +176,15 @@ def test_knn_progress_matches(device, monkeypatch):
         assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
 
 
+def test_retrieval_metrics_progress_matches(monkeypatch, capsys):
+    monkeypatch.setattr(retrieval, "_PROGRESS_QUERY_CHUNK", 8)
+    x = torch.randn(30, 4, dtype=torch.float64)
+    labels = torch.randint(0, 3, (30,))
+    expected = metricops.retrieval_metrics(x, labels, ks=(1, 5))
+    assert metricops.retrieval_metrics(x, labels, ks=(1, 5), progress=True) == expected
+    assert "knn" in capsys.readouterr().err  # the bar was shown
+
+
 def test_knn_no_gradient():
     x = torch.randn(10, 3, requires_grad=True)
     d, i = metricops.knn(x, k=3)

@@ -99,6 +99,13 @@ TORCH_LIBRARY(metricops, m) {
       "triplet_margin_loss_backward(Tensor grad, Tensor anchor, Tensor positive, Tensor negative, Tensor dists, "
       "float margin, float p, float eps, bool swap, bool squared) -> (Tensor grad_anchor, Tensor grad_positive, "
       "Tensor grad_negative)");
+  // Retrieval. database=None searches the queries against themselves, each
+  // query leaving itself out. Sorted by (distance, index), NaN last; not
+  // differentiable. chunk_size > 0 overrides the block sizes (tests use it to
+  // cross chunk boundaries); 0 picks them per device.
+  m.def(
+      "knn(Tensor queries, Tensor? database, int k, str metric, int chunk_size=0) "
+      "-> (Tensor distances, Tensor indices)");
 }
 
 }  // namespace metricops

@@ -17,6 +17,8 @@ from .triplet import (
     triplet_statistics,
 )
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
+from .retrieval import knn, retrieval_metrics
+from . import retrieval  # noqa: F401
 from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
@@ -31,6 +33,9 @@ __all__ = [
     "contrastive_loss",
     "pair_contrastive_loss",
     "triplet_margin_loss",
+    "knn",
+    "retrieval_metrics",
+    "retrieval",
     "build_info",
     "reference",
     "__version__",

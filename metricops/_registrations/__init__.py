@@ -3,3 +3,4 @@
 from . import distance  # noqa: F401
 from . import triplet  # noqa: F401
 from . import contrastive  # noqa: F401
+from . import retrieval  # noqa: F401

@@ -1,0 +1,146 @@
+// CUDA kernel for knn: per (query block, database chunk) a cuBLAS GEMM
+// (float32 accumulation for float16/bfloat16), then one warp per query row
+// turns its Gram row into distances (common/distance.h) and merges them into
+// the row's running top-k (common/knn.h order). Deliberately simple: the
+// top-k is updated by lane 0, one surviving candidate at a time, so it is fast
+// for small k and correct (but slow) for large k.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "common/dispatch.h"
+#include "common/knn.h"
+#include "common/pairwise_distance_impl.h"
+#include "cuda/cuda_helpers.h"
+
+namespace metricops {
+namespace cuda {
+namespace {
+
+// A 2048 x 8192 float32 Gram block: 64 MiB, large enough to keep cuBLAS busy.
+constexpr int64_t kQueryBlock = 2048;
+constexpr int64_t kDatabaseChunk = 8192;
+
+// One warp per row: squared norm accumulated in opmath, then row_aux.
+template <typename scalar_t, typename acc_t>
+__global__ void knn_row_aux_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t dim, Metric metric,
+                                   acc_t* __restrict__ aux) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps_per_block = blockDim.x / 32;
+  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / 32; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    const scalar_t* xr = x + row * dim;
+    acc_t s = 0;
+    for (int64_t j = lane; j < dim; j += 32) {
+      const acc_t v = static_cast<acc_t>(xr[j]);
+      s += v * v;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffff, s, offset);
+    if (lane == 0) aux[row] = metricops::row_aux<acc_t>(metric, s);
+  }
+}
+
+// dot: (rows, cols) contiguous Gram block of queries q0.. against database
+// rows n0..; top_d/top_i: (Q, k) running top-k, sorted by knn_less.
+// Every warp-level branch below depends only on the row or on a ballot, so
+// the whole warp takes it together and the *_sync masks are full.
+template <typename acc_t, Metric kMetric>
+__global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, int64_t cols,
+                                 const acc_t* __restrict__ q_aux, const acc_t* __restrict__ db_aux, int64_t q0,
+                                 int64_t n0, bool self, int64_t k, acc_t* top_d, int64_t* top_i) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps_per_block = blockDim.x / 32;
+  for (int64_t r = blockIdx.x * warps_per_block + threadIdx.x / 32; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    const int64_t qi = q0 + r;
+    acc_t* td = top_d + qi * k;
+    int64_t* ti = top_i + qi * k;
+    const acc_t xa = q_aux[qi];
+    const acc_t* dot_row = dot + r * cols;
+    acc_t kth_d = td[k - 1];
+    int64_t kth_i = ti[k - 1];
+    for (int64_t j0 = 0; j0 < cols; j0 += 32) {
+      const int64_t j = j0 + lane;
+      const int64_t col = n0 + j;
+      acc_t d = acc_t(0);
+      bool pass = false;
+      if (j < cols) {
+        d = distance_from_dot<acc_t>(kMetric, xa, db_aux[col], dot_row[j]);
+        pass = !(self && col == qi) && knn_less<acc_t>(d, col, kth_d, kth_i);
+      }
+      unsigned int mask = __ballot_sync(0xffffffffu, pass);
+      while (mask != 0u) {  // survivors in increasing column order
+        const int src = __ffs(mask) - 1;
+        mask &= mask - 1u;
+        const acc_t cd = __shfl_sync(0xffffffffu, d, src);
+        if (lane == 0) knn_insert<acc_t>(td, ti, k, cd, n0 + j0 + src);  // re-checks against the new k-th
+        __syncwarp();  // lane 0's writes are visible to the warp
+        kth_d = td[k - 1];
+        kth_i = ti[k - 1];
+        __syncwarp();  // every lane has read before lane 0 writes again
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std::optional<at::Tensor>& database,
+                                            int64_t k, c10::string_view metric_name, int64_t chunk_size) {
+  c10::cuda::CUDAGuard guard(queries.device());
+  const Metric metric = parse_metric(metric_name);
+  check_knn_inputs(queries, database, k, chunk_size);
+  const bool self = !database.has_value();
+  const at::Tensor q = queries.contiguous();
+  const at::Tensor db = self ? q : database->contiguous();
+  const int64_t Q = q.size(0), N = db.size(0), D = q.size(1);
+  const auto acc = acc_dtype(q);
+  // Empty slots: (NaN, kKnnEmptyIndex) sorts after any candidate.
+  at::Tensor top_d = at::full({Q, k}, std::numeric_limits<double>::quiet_NaN(), q.options().dtype(acc));
+  at::Tensor top_i = at::full({Q, k}, kKnnEmptyIndex, q.options().dtype(at::kLong));
+  if (Q == 0) return {top_d.to(q.scalar_type()), top_i};
+  const int64_t qb_size = chunk_size > 0 ? chunk_size : kQueryBlock;
+  const int64_t nb_size = chunk_size > 0 ? chunk_size : kDatabaseChunk;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "metricops_knn_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int warps_per_block = kThreads / 32;
+    auto aux_of = [&](const at::Tensor& x) {
+      at::Tensor aux = at::empty({x.size(0)}, x.options().dtype(acc));
+      knn_row_aux_kernel<scalar_t, acc_t><<<grid_for(x.size(0), warps_per_block), kThreads, 0, current_stream()>>>(
+          x.const_data_ptr<scalar_t>(), x.size(0), D, metric, aux.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return aux;
+    };
+    const at::Tensor q_aux = aux_of(q);
+    const at::Tensor db_aux = self ? q_aux : aux_of(db);
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      for (int64_t q0 = 0; q0 < Q; q0 += qb_size) {
+        const int64_t qb = std::min(qb_size, Q - q0);
+        for (int64_t n0 = 0; n0 < N; n0 += nb_size) {
+          const int64_t nb = std::min(nb_size, N - n0);
+          // (qb, nb) contiguous, in acc_t; freed back to the caching allocator each chunk.
+          const at::Tensor dot = gram_acc(q.narrow(0, q0, qb), db.narrow(0, n0, nb)).contiguous();
+          knn_chunk_kernel<acc_t, kMetric><<<grid_for(qb, warps_per_block), kThreads, 0, current_stream()>>>(
+              dot.const_data_ptr<acc_t>(), qb, nb, q_aux.const_data_ptr<acc_t>(), db_aux.const_data_ptr<acc_t>(), q0,
+              n0, self, k, top_d.mutable_data_ptr<acc_t>(), top_i.mutable_data_ptr<int64_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+    });
+  });
+  return {top_d.to(q.scalar_type()), top_i};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metricops, CUDA, m) { m.impl("knn", &knn_cuda); }
+
+}  // namespace cuda
+}  // namespace metricops

@@ -19,9 +19,12 @@ from ._ops import ops
 STRATEGIES = ("all", "violating", "semihard", "hard", "easy", "batch_hard")
 MEMORY_MODES = ("auto", "matrix", "streaming")
 
-# Rows of the distance matrix held at once by streaming kernels, and the batch
-# size above which "auto" streams (a B×B float32 matrix of 4096² is 64 MiB).
-_STREAM_BLOCK_ROWS = 256
+# Streaming kernels hold this many rows of the B×B distance matrix at once:
+# on CPU a cache-sized block; on CUDA enough rows for cuBLAS to fill the GPU
+# while the block stays under 256 MiB of float32. "auto" streams from B=4096
+# (a 4096² float32 matrix is 64 MiB).
+_CPU_STREAM_BLOCK_ROWS = 256
+_CUDA_STREAM_BLOCK_BYTES = 256 * 2**20
 _AUTO_STREAM_MIN_B = 4096
 
 
@@ -36,12 +39,16 @@ def _prepare(embeddings, labels, margin, metric, normalize, *, loss: bool):
     return embeddings, margin
 
 
-def _block_rows(memory: str, batch: int) -> int:
+def _block_rows(memory: str, embeddings: torch.Tensor) -> int:
+    """Rows of the distance matrix a streaming kernel holds at once (0: the whole matrix)."""
     if not isinstance(memory, str) or memory not in MEMORY_MODES:
         raise ValueError(f"memory must be one of 'auto', 'matrix', 'streaming', got {memory!r}")
-    if memory == "streaming" or (memory == "auto" and batch >= _AUTO_STREAM_MIN_B):
-        return _STREAM_BLOCK_ROWS
-    return 0
+    batch = embeddings.shape[0]
+    if memory == "matrix" or (memory == "auto" and batch < _AUTO_STREAM_MIN_B):
+        return 0
+    if embeddings.device.type == "cuda":
+        return max(256, _CUDA_STREAM_BLOCK_BYTES // (4 * max(batch, 1)))
+    return _CPU_STREAM_BLOCK_ROWS
 
 
 def _reduce(terms: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -83,8 +90,9 @@ def batch_hard_triplet_loss(
             ``"mean_nonzero"``, or ``"none"`` for ``(B,)`` with 0 for anchors
             without a triplet.
         memory: ``"matrix"`` holds the B×B distance matrix; ``"streaming"``
-            computes it in row blocks (O(block·B) extra memory); ``"auto"``
-            streams from B >= 4096.
+            computes it in row blocks (O(block·B + B·D) extra memory: 256
+            rows on CPU, at most 256 MiB on CUDA); ``"auto"`` streams from
+            B >= 4096. Results are the same up to GEMM rounding.
 
     The forward mines and scores in one pass over the distances and saves the
     chosen indices; the backward is an O(B·D) gather/scatter. Ties pick one
@@ -93,7 +101,7 @@ def batch_hard_triplet_loss(
     embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
     v.check_flag(soft, "soft")
     v.check_reduction(reduction)
-    block_rows = _block_rows(memory, embeddings.shape[0])
+    block_rows = _block_rows(memory, embeddings)
     losses, positive, _, _, _ = ops.batch_hard_triplet(embeddings, labels, margin, metric, soft, block_rows)
     return _reduce(losses, positive >= 0, reduction)
 

@@ -13,6 +13,12 @@ namespace cuda {
 // for the euclidean metrics.
 at::Tensor self_distance_acc_cuda(const at::Tensor& x, Metric metric);
 
+// Rows [row_begin, row_begin + out.size(0)) of that matrix, written into
+// `out` (rows, B) of the accumulation dtype; `aux` is row_aux_acc_cuda(x).
+// Lets kernels stream the matrix through a bounded buffer.
+void self_distance_rows_acc_cuda(const at::Tensor& x, const at::Tensor& aux, int64_t row_begin, Metric metric,
+                                 at::Tensor& out);
+
 // (B,) row_aux of x in the accumulation dtype.
 at::Tensor row_aux_acc_cuda(const at::Tensor& x, Metric metric);
 

@@ -36,14 +36,16 @@ __global__ void row_aux_kernel(const scalar_t* __restrict__ x, int64_t rows, int
   }
 }
 
+// Row i of the block is row i + diag_offset of the full matrix; with `self`,
+// its entry at column i + diag_offset is a point's distance to itself.
 template <typename scalar_t, typename acc_t, Metric kMetric>
 __global__ void distance_epilogue_kernel(const acc_t* dot, const acc_t* __restrict__ x_aux,
                                          const acc_t* __restrict__ y_aux, int64_t M, int64_t N, bool self,
-                                         scalar_t* out) {  // out may alias dot
+                                         int64_t diag_offset, scalar_t* out) {  // out may alias dot
   METRICOPS_CUDA_KERNEL_LOOP(idx, M * N) {
     const int64_t i = idx / N, j = idx - i * N;
     acc_t d = distance_from_dot<acc_t>(kMetric, x_aux[i], y_aux[j], dot[idx]);
-    if (self && i == j && kMetric != Metric::Cosine) d = acc_t(0);
+    if (self && j == i + diag_offset && kMetric != Metric::Cosine) d = acc_t(0);
     out[idx] = static_cast<scalar_t>(d);
   }
 }
@@ -114,7 +116,7 @@ struct PairwiseKernels {
   }
 
   static void distance_epilogue(const at::Tensor& dot, const at::Tensor& x_aux, const at::Tensor& y_aux,
-                                Metric metric, bool self, at::Tensor& out) {
+                                Metric metric, bool self, at::Tensor& out, int64_t diag_offset = 0) {
     const int64_t M = out.size(0), N = out.size(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "metricops_distance_epilogue_cuda",
                                     [&] {
@@ -122,7 +124,7 @@ struct PairwiseKernels {
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
         distance_epilogue_kernel<scalar_t, acc_t, kMetric><<<grid_for(M * N), kThreads, 0, current_stream()>>>(
             dot.const_data_ptr<acc_t>(), x_aux.const_data_ptr<acc_t>(), y_aux.const_data_ptr<acc_t>(), M, N, self,
-            out.mutable_data_ptr<scalar_t>());
+            diag_offset, out.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -181,6 +183,20 @@ at::Tensor self_distance_acc_cuda(const at::Tensor& x, Metric metric) {
   const at::Tensor aux = PairwiseKernels::row_aux(x, metric);
   PairwiseKernels::distance_epilogue(dist, aux, aux, metric, /*self=*/true, dist);
   return dist;
+}
+
+void self_distance_rows_acc_cuda(const at::Tensor& x, const at::Tensor& aux, int64_t row_begin, Metric metric,
+                                 at::Tensor& out) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = out.size(0);
+  if (rows == 0 || x.size(0) == 0) return;
+  const at::Tensor block = x.narrow(0, row_begin, rows);
+  if (is_low_precision(x)) {
+    at::mm_out(out, block, x.t(), at::kFloat);
+  } else {
+    at::mm_out(out, block, x.t());
+  }
+  PairwiseKernels::distance_epilogue(out, aux.narrow(0, row_begin, rows), aux, metric, /*self=*/true, out, row_begin);
 }
 
 at::Tensor row_aux_acc_cuda(const at::Tensor& x, Metric metric) {

@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
 
@@ -62,15 +63,18 @@ __device__ inline void combine(T& d, int64_t& i, T d2, int64_t i2) {
   if (better || (!worse && i2 < i)) d = d2, i = i2;
 }
 
+// Anchors [row_begin, row_begin + rows): `dist` holds their distance rows.
 template <typename scalar_t, typename acc_t>
-__global__ void batch_hard_kernel(const acc_t* __restrict__ dist, const int64_t* __restrict__ labels, int64_t B,
-                                  acc_t margin, bool soft, scalar_t* __restrict__ losses, int64_t* __restrict__ positive,
+__global__ void batch_hard_kernel(const acc_t* __restrict__ dist, int64_t row_begin, int64_t rows,
+                                  const int64_t* __restrict__ labels, int64_t B, acc_t margin, bool soft,
+                                  scalar_t* __restrict__ losses, int64_t* __restrict__ positive,
                                   int64_t* __restrict__ negative, scalar_t* __restrict__ dist_ap,
                                   scalar_t* __restrict__ dist_an) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = blockDim.x / 32;
-  for (int64_t a = blockIdx.x * warps + threadIdx.x / 32; a < B; a += static_cast<int64_t>(gridDim.x) * warps) {
-    const acc_t* row = dist + a * B;
+  for (int64_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += static_cast<int64_t>(gridDim.x) * warps) {
+    const int64_t a = row_begin + r;
+    const acc_t* row = dist + r * B;
     const int64_t la = labels[a];
     acc_t dp = 0, dn = 0;
     int64_t ip = -1, in = -1;
@@ -114,17 +118,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
   at::Tensor dist_ap = at::zeros({B}, embeddings.options());
   at::Tensor dist_an = at::zeros({B}, embeddings.options());
   if (B == 0) return {losses, positive, negative, dist_ap, dist_an};
-  // The CUDA kernel holds the whole matrix; block_rows (streaming) is a CPU
-  // option for now.
-  const at::Tensor dist = self_distance_acc_cuda(embeddings.contiguous(), metric);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "metricops_batch_hard_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    batch_hard_kernel<scalar_t, acc_t><<<grid_for(B, kThreads / 32), kThreads, 0, current_stream()>>>(
-        dist.const_data_ptr<acc_t>(), labels.const_data_ptr<int64_t>(), B, static_cast<acc_t>(margin), soft,
-        losses.mutable_data_ptr<scalar_t>(), positive.mutable_data_ptr<int64_t>(), negative.mutable_data_ptr<int64_t>(),
-        dist_ap.mutable_data_ptr<scalar_t>(), dist_an.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  // Stream the distance matrix through a (block_rows, B) buffer: cuBLAS for
+  // each row block, then one warp per anchor. block_rows <= 0: all rows at once.
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor aux = row_aux_acc_cuda(x, metric);
+  const int64_t rows_per_block = block_rows > 0 && block_rows < B ? block_rows : B;
+  at::Tensor buffer = at::empty({rows_per_block, B}, aux.options());
+  for (int64_t r0 = 0; r0 < B; r0 += rows_per_block) {
+    const int64_t rows = std::min(rows_per_block, B - r0);
+    at::Tensor block = buffer.narrow(0, 0, rows);
+    self_distance_rows_acc_cuda(x, aux, r0, metric, block);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metricops_batch_hard_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      batch_hard_kernel<scalar_t, acc_t><<<grid_for(rows, kThreads / 32), kThreads, 0, current_stream()>>>(
+          block.const_data_ptr<acc_t>(), r0, rows, labels.const_data_ptr<int64_t>(), B, static_cast<acc_t>(margin),
+          soft, losses.mutable_data_ptr<scalar_t>(), positive.mutable_data_ptr<int64_t>(),
+          negative.mutable_data_ptr<int64_t>(), dist_ap.mutable_data_ptr<scalar_t>(),
+          dist_an.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
   return {losses, positive, negative, dist_ap, dist_an};
 }
 

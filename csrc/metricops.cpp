@@ -83,6 +83,16 @@ TORCH_LIBRARY(metricops, m) {
   m.def(
       "contrastive_loss_backward(Tensor grad, Tensor embeddings, Tensor labels, Tensor mat, Tensor row_coef, "
       "Tensor denom, float pos_margin, float neg_margin, str metric, bool squared, str reduction) -> Tensor");
+  // Streaming contrastive loss (reductions mean/sum/mean_nonzero): never holds
+  // the B×B matrix; the backward recomputes distances block by block.
+  // block_rows <= 0 picks the block per device. denom: what the summed terms
+  // were divided by (0: no term, loss 0).
+  m.def(
+      "contrastive_loss_streaming(Tensor embeddings, Tensor labels, float pos_margin, float neg_margin, str metric, "
+      "bool squared, str reduction, int block_rows) -> (Tensor loss, Tensor denom)");
+  m.def(
+      "contrastive_loss_streaming_backward(Tensor grad, Tensor embeddings, Tensor labels, Tensor denom, "
+      "float pos_margin, float neg_margin, str metric, bool squared, int block_rows) -> Tensor");
   // Explicit pairs; y is bool (N,). Per-pair losses; the reduction is the caller's.
   m.def(
       "pair_contrastive_loss(Tensor x0, Tensor x1, Tensor y, float margin, str metric, bool squared) "

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as v
+from . import triplet as _triplet
 from ._ops import ops
 
 _TRIPLET_REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
@@ -45,10 +46,12 @@ def contrastive_loss(
     ``"mean_nonzero"`` (over the terms > 0; 0 when none) or ``"none"`` ((B, B),
     zero diagonal). With no valid term the loss is 0 with a zero gradient.
 
-    ``memory``: ``"auto"`` and ``"matrix"`` hold the B×B matrix (one Gram GEMM,
-    a fused epilogue computing distance, hinge and gradient weight, and one GEMM
-    in the backward). ``"streaming"`` is not implemented yet and raises
-    ``NotImplementedError``.
+    ``memory``: ``"matrix"`` holds the B×B matrix (one Gram GEMM, a fused
+    epilogue computing distance, hinge and gradient weight, and one GEMM in the
+    backward). ``"streaming"`` never holds it: the forward sums the terms row
+    block by row block and the backward recomputes each block (O(block·B + B·D)
+    extra memory); it needs a scalar reduction. ``"auto"`` streams from
+    B = 4096 for the scalar reductions.
     """
     v.check_embeddings(embeddings, "embeddings")
     v.check_labels(labels, embeddings)
@@ -59,11 +62,13 @@ def contrastive_loss(
     v.check_flag(normalize, "normalize")
     v.check_reduction(reduction)
     v.check_memory(memory)
-    if memory == "streaming":
-        raise NotImplementedError(
-            "contrastive_loss: memory='streaming' is not implemented yet; use memory='matrix' or 'auto' "
-            "(both hold the B×B matrix)"
-        )
+    block_rows = _triplet._block_rows(memory, embeddings)
+    if memory == "streaming" and reduction == "none":
+        raise ValueError("reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming', got 'none'")
+    if block_rows > 0 and reduction != "none":
+        x = F.normalize(embeddings, p=2, dim=1) if normalize else embeddings
+        loss, _ = ops.contrastive_loss_streaming(x, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows)
+        return loss
     x = F.normalize(embeddings, p=2, dim=1) if normalize else embeddings
     loss, _, _, _ = ops.contrastive_loss(x, labels, pos_margin, neg_margin, metric, squared, reduction)
     return loss

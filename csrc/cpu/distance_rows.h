@@ -48,14 +48,15 @@ inline at::Tensor row_aux_cpu(const at::Tensor& x_in, Metric metric) {
   return aux;
 }
 
-// Calls row_fn(i, row) for every row i of the self-distance matrix of x,
-// in parallel, where row points at B distances (row[i] is exactly 0 for the
-// euclidean metrics). Rows are produced `block_rows` at a time (<= 0: all at
-// once): into `dist` when given (which then holds the whole matrix), else
-// into a reused (block_rows, B) buffer, so memory stays O(block_rows * B).
-template <typename scalar_t, Metric kMetric, typename RowFn>
-void for_each_distance_row(const at::Tensor& x, const at::Tensor& aux, int64_t block_rows, at::Tensor* dist,
-                           const RowFn& row_fn) {
+// Calls block_fn(row_begin, block) for consecutive row blocks of the
+// self-distance matrix of x, where block is a (rows, B) tensor of distances
+// (entry (r, row_begin + r) exactly 0 for the euclidean metrics) that
+// block_fn may overwrite. Blocks hold `block_rows` rows (<= 0: all at once)
+// and are computed into `dist` when given (which then holds the whole
+// matrix), else into one reused buffer, so memory stays O(block_rows * B).
+template <typename scalar_t, Metric kMetric, typename BlockFn>
+void for_each_distance_block(const at::Tensor& x, const at::Tensor& aux, int64_t block_rows, at::Tensor* dist,
+                             const BlockFn& block_fn) {
   const int64_t B = x.size(0);
   if (B == 0) return;
   if (block_rows <= 0 || block_rows > B || dist != nullptr) block_rows = B;
@@ -64,19 +65,32 @@ void for_each_distance_row(const at::Tensor& x, const at::Tensor& aux, int64_t b
   const scalar_t* ap = aux.const_data_ptr<scalar_t>();
   for (int64_t r0 = 0; r0 < B; r0 += block_rows) {
     const int64_t rows = std::min(block_rows, B - r0);
-    at::Tensor out = dist != nullptr ? buffer.narrow(0, r0, rows) : buffer.narrow(0, 0, rows);
-    at::mm_out(out, x.narrow(0, r0, rows), xt);
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::Tensor block = dist != nullptr ? buffer.narrow(0, r0, rows) : buffer.narrow(0, 0, rows);
+    at::mm_out(block, x.narrow(0, r0, rows), xt);
+    scalar_t* bp = block.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, rows_grain(B), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t i = r0 + r;
-        scalar_t* row = op + r * B;
-        distance_row<scalar_t, kMetric>(row, ap, ap[i], B, row);
-        if (kMetric != Metric::Cosine) row[i] = scalar_t(0);
-        row_fn(i, static_cast<const scalar_t*>(row));
+        scalar_t* row = bp + r * B;
+        distance_row<scalar_t, kMetric>(row, ap, ap[r0 + r], B, row);
+        if (kMetric != Metric::Cosine) row[r0 + r] = scalar_t(0);
       }
     });
+    block_fn(r0, block);
   }
+}
+
+// Calls row_fn(i, row) for every row i of the self-distance matrix of x, in
+// parallel, where row points at its B distances; see for_each_distance_block.
+template <typename scalar_t, Metric kMetric, typename RowFn>
+void for_each_distance_row(const at::Tensor& x, const at::Tensor& aux, int64_t block_rows, at::Tensor* dist,
+                           const RowFn& row_fn) {
+  const int64_t B = x.size(0);
+  for_each_distance_block<scalar_t, kMetric>(x, aux, block_rows, dist, [&](int64_t r0, const at::Tensor& block) {
+    const scalar_t* bp = block.const_data_ptr<scalar_t>();
+    at::parallel_for(0, block.size(0), rows_grain(B), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row_fn(r0 + r, bp + r * B);
+    });
+  });
 }
 
 }  // namespace cpu

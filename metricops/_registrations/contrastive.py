@@ -151,3 +151,52 @@ torch.library.register_autograd(_LIB + "triplet_margin_loss", _triplet_backward,
 torch.library.register_autograd(
     _LIB + "triplet_margin_loss_backward", _no_double_backward("triplet_margin_loss"), setup_context=_no_setup
 )
+
+
+# ------------------------------------------------------------------ streaming contrastive
+
+
+@torch.library.register_fake("metricops::contrastive_loss_streaming")
+def _contrastive_streaming_fake(embeddings, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows):
+    torch._check(embeddings.dim() == 2, lambda: f"embeddings must be a 2-D tensor of shape (B, D), got {embeddings.dim()}-D")
+    torch._check(
+        labels.dim() == 1 and labels.shape[0] == embeddings.shape[0],
+        lambda: f"labels must be a 1-D tensor of length B={embeddings.shape[0]} (one label per embedding), "
+        f"got shape {tuple(labels.shape)}",
+    )
+    return embeddings.new_empty(()), embeddings.new_empty((), dtype=torch.float64)
+
+
+@torch.library.register_fake("metricops::contrastive_loss_streaming_backward")
+def _contrastive_streaming_backward_fake(grad, embeddings, labels, denom, pos_margin, neg_margin, metric, squared, block_rows):
+    return torch.empty_like(embeddings)
+
+
+def _contrastive_streaming_setup_context(ctx, inputs, output):
+    embeddings, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows = inputs
+    _, denom = output
+    ctx.mark_non_differentiable(denom)
+    ctx.args = (pos_margin, neg_margin, metric, squared, block_rows)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(embeddings, labels, denom)
+
+
+def _contrastive_streaming_backward(ctx, grad_loss, grad_denom):
+    if not ctx.needs_input_grad[0] or grad_loss is None:
+        return (None,) * 8
+    embeddings, labels, denom = ctx.saved_tensors
+    pos_margin, neg_margin, metric, squared, block_rows = ctx.args
+    grad = torch.ops.metricops.contrastive_loss_streaming_backward(
+        grad_loss, embeddings, labels, denom, pos_margin, neg_margin, metric, squared, block_rows
+    )
+    return (grad,) + (None,) * 7
+
+
+torch.library.register_autograd(
+    "metricops::contrastive_loss_streaming", _contrastive_streaming_backward, setup_context=_contrastive_streaming_setup_context
+)
+torch.library.register_autograd(
+    "metricops::contrastive_loss_streaming_backward",
+    _no_double_backward("contrastive_loss (streaming)"),
+    setup_context=lambda ctx, inputs, output: None,
+)

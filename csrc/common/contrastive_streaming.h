@@ -1,0 +1,44 @@
+// Shared pieces of the streaming contrastive loss (CPU and CUDA).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
+
+#include "common/checks.h"
+
+namespace metricops {
+
+enum class StreamingReduction { Mean, Sum, MeanNonzero };
+
+inline StreamingReduction check_contrastive_streaming_inputs(const at::Tensor& embeddings, const at::Tensor& labels,
+                                                             c10::string_view reduction) {
+  check_embeddings(embeddings, "embeddings");
+  check_labels(labels, embeddings);
+  if (reduction == "mean") return StreamingReduction::Mean;
+  if (reduction == "sum") return StreamingReduction::Sum;
+  if (reduction == "mean_nonzero") return StreamingReduction::MeanNonzero;
+  TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming' ",
+                    "('none' returns the B×B matrix), got '", std::string(reduction), "'");
+}
+
+// What the summed terms are divided by: B(B-1) ordered pairs, 1, or the
+// number of terms > 0 (0 when none: the loss is then 0).
+inline double streaming_denominator(StreamingReduction red, int64_t B, int64_t nonzero) {
+  switch (red) {
+    case StreamingReduction::Mean:
+      return static_cast<double>(B) * static_cast<double>(B - 1);
+    case StreamingReduction::Sum:
+      return 1.0;
+    default:
+      return static_cast<double>(nonzero);
+  }
+}
+
+// grad / denom on the device (no host sync), 0 where denom is 0.
+inline at::Tensor streaming_grad_scale(const at::Tensor& grad, const at::Tensor& denom) {
+  return at::where(denom.gt(0), grad.div(denom), at::zeros_like(grad));
+}
+
+}  // namespace metricops

@@ -30,6 +30,23 @@ class Case:
     peak_bytes: Dict[str, Optional[int]] = field(default_factory=dict)
 
 
+def _release_freed_cpu_memory() -> None:
+    """Make RSS track live memory: glibc otherwise keeps freed blocks mapped.
+
+    A fixed mmap threshold sends every allocation above 128 KiB to its own
+    mapping, returned to the OS when freed (glibc's default threshold grows
+    after frees, and freed heap memory then hides later peaks from RSS).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS is then a rougher bound
+        pass
+
+
 class PeakMemory:
     """Peak extra memory of one call: CUDA allocator stats, or sampled RSS on CPU.
 
@@ -51,6 +68,7 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated() - base
         import threading
 
+        _release_freed_cpu_memory()
         page = os.sysconf("SC_PAGE_SIZE")
 
         def rss() -> int:

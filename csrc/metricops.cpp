@@ -61,6 +61,11 @@ TORCH_LIBRARY(metricops, m) {
   m.def(
       "semihard_triplet(Tensor embeddings, Tensor labels, float margin, str metric) "
       "-> (Tensor losses, Tensor negative, Tensor dist)");
+  // d(loss)/d(embeddings) of semihard_triplet: +g at (a, p), -g at
+  // (a, n*) for every active term, then pairwise_distance_backward.
+  m.def(
+      "semihard_triplet_backward(Tensor grad_losses, Tensor? grad_dist, Tensor embeddings, Tensor losses, "
+      "Tensor negative, Tensor dist, str metric) -> Tensor");
   // batch-all: sum of terms, numbers of valid and of active (> 0) triplets,
   // the distance matrix, and each pair's signed multiplicity in active
   // triplets (the loss sum's gradient w.r.t. the distances).

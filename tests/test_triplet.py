@@ -228,6 +228,11 @@ def test_opcheck(device):
             torch.library.opcheck(ops.batch_all_triplet.default, (x, labels, 0.3, metric))
             torch.library.opcheck(ops.triplet_statistics.default, (x.detach(), labels, 0.3, metric))
         xd = x.detach()
+        sh_losses, sh_neg, sh_dist = ops.semihard_triplet(xd, labels, 0.3, "euclidean")
+        torch.library.opcheck(
+            ops.semihard_triplet_backward.default,
+            (torch.randn_like(sh_losses), None, xd, sh_losses, sh_neg, sh_dist, "euclidean"),
+        )
         losses, pos, neg, dap, dan = ops.batch_hard_triplet(xd, labels, 0.3, "euclidean", False, 0)
         g = torch.randn_like(losses)
         torch.library.opcheck(

@@ -76,9 +76,8 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             c["reference"] = _fwd_bwd(lambda e, l: reference.batch_hard_triplet_loss(e, l, normalize=True), x, labels)
         if pml is not None:
             distances, losses, miners = pml
-            miner = miners.BatchHardMiner()
-            loss = losses.TripletMarginLoss(margin=0.2)
-            c["pml BatchHardMiner+TML"] = _fwd_bwd(lambda e, l: loss(e, l, miner(e, l)), x, labels)
+            bh_miner, bh_loss = miners.BatchHardMiner(), losses.TripletMarginLoss(margin=0.2)
+            c["pml BatchHardMiner+TML"] = _fwd_bwd(lambda e, l, f=bh_loss, m=bh_miner: f(e, l, m(e, l)), x, labels)
         cases.append(Case("batch_hard_triplet_loss", "forward+backward", dict(params), c))
 
         # Semi-hard.
@@ -87,9 +86,9 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             c["reference"] = _fwd_bwd(lambda e, l: reference.semihard_triplet_loss(e, l, normalize=True), x, labels)
         if pml is not None and pml_ok:
             distances, losses, miners = pml
-            miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
-            loss = losses.TripletMarginLoss(margin=0.2)
-            c["pml TMMiner(semihard)+TML"] = _fwd_bwd(lambda e, l: loss(e, l, miner(e, l)), x, labels)
+            sh_miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+            sh_loss = losses.TripletMarginLoss(margin=0.2)
+            c["pml TMMiner(semihard)+TML"] = _fwd_bwd(lambda e, l, f=sh_loss, m=sh_miner: f(e, l, m(e, l)), x, labels)
         cases.append(Case("semihard_triplet_loss", "forward+backward", dict(params), c))
 
         # Batch-all.
@@ -98,7 +97,7 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             c["reference"] = _fwd_bwd(lambda e, l: reference.batch_all_triplet_loss(e, l, normalize=True), x, labels)
         if pml is not None and pml_ok:
             distances, losses, miners = pml
-            loss = losses.TripletMarginLoss(margin=0.2)
-            c["pml TripletMarginLoss"] = _fwd_bwd(lambda e, l: loss(e, l), x, labels)
+            all_loss = losses.TripletMarginLoss(margin=0.2)
+            c["pml TripletMarginLoss"] = _fwd_bwd(lambda e, l, f=all_loss: f(e, l), x, labels)
         cases.append(Case("batch_all_triplet_loss", "forward+backward", dict(params), c))
     return cases

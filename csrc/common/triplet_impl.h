@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/where.h>
@@ -140,6 +141,48 @@ at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const
   grad.index_add_(0, pos, x_pos.mul(c.positive_self.unsqueeze(1)).sub_(x.mul(w_p)));
   grad.index_add_(0, neg, x_neg.mul(c.negative_self.unsqueeze(1)).sub_(x.mul(w_n)));
   return grad.to(embeddings.scalar_type());
+}
+
+// Semi-hard's gradient w.r.t. the distance matrix, row a only (rows are
+// independent: both (a, p) and (a, n*) lie in row a, so no atomics).
+template <typename T>
+C10_HOST_DEVICE inline void semihard_coefficients_row(int64_t a, int64_t B, const T* grad_losses, const T* losses,
+                                                      const int64_t* negative, T* coef) {
+  for (int64_t p = 0; p < B; ++p) {
+    const int64_t idx = a * B + p;
+    const int64_t n = negative[idx];
+    // relu' is 0 at 0, as autograd takes it; NaN terms pass their gradient on.
+    if (n < 0 || !(losses[idx] > T(0) || losses[idx] != losses[idx])) continue;
+    coef[idx] += grad_losses[idx];
+    coef[a * B + n] -= grad_losses[idx];
+  }
+}
+
+inline void check_semihard_backward_inputs(const at::Tensor& grad_losses, const at::Tensor& embeddings,
+                                           const at::Tensor& losses, const at::Tensor& negative,
+                                           const at::Tensor& dist) {
+  check_embeddings(embeddings, "embeddings");
+  const int64_t B = embeddings.size(0);
+  for (const at::Tensor* t : {&grad_losses, &losses, &negative, &dist}) {
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == B && t->size(1) == B,
+                      "semihard_triplet_backward: every matrix input must have shape (", B, ", ", B, "), got ",
+                      t->sizes());
+    TORCH_CHECK_VALUE(t->device() == embeddings.device(), "semihard_triplet_backward: inputs must be on ",
+                      embeddings.device(), ", got ", t->device());
+  }
+  TORCH_CHECK_TYPE(negative.scalar_type() == at::kLong, "semihard_triplet_backward: negative must be int64");
+}
+
+// pairwise_distance_backward through the dispatcher (its kernels live in
+// another translation unit); returns the gradient of x when y is None.
+inline at::Tensor self_distance_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dist,
+                                         c10::string_view metric) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("metricops::pairwise_distance_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const std::optional<at::Tensor>&, const at::Tensor&,
+                                                                 c10::string_view)>();
+  return std::get<0>(op.call(grad, x, std::nullopt, dist, metric));
 }
 
 }  // namespace metricops

@@ -190,6 +190,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cpu(const at::Te
   return {losses, negative, dist};
 }
 
+at::Tensor semihard_triplet_backward_cpu(const at::Tensor& grad_losses, const std::optional<at::Tensor>& grad_dist,
+                                         const at::Tensor& embeddings, const at::Tensor& losses_in,
+                                         const at::Tensor& negative_in, const at::Tensor& dist,
+                                         c10::string_view metric) {
+  check_semihard_backward_inputs(grad_losses, embeddings, losses_in, negative_in, dist);
+  const int64_t B = embeddings.size(0);
+  at::Tensor coef = grad_dist.has_value() ? grad_dist->to(embeddings.scalar_type()).contiguous().clone()
+                                          : at::zeros({B, B}, embeddings.options());
+  const at::Tensor g = grad_losses.to(embeddings.scalar_type()).contiguous();
+  const at::Tensor losses = losses_in.contiguous();
+  const at::Tensor negative = negative_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(embeddings.scalar_type(), "metricops_semihard_backward_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* lp = losses.const_data_ptr<scalar_t>();
+    const int64_t* np = negative.const_data_ptr<int64_t>();
+    scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, rows_grain(B), [&](int64_t begin, int64_t end) {
+      for (int64_t a = begin; a < end; ++a) semihard_coefficients_row<scalar_t>(a, B, gp, lp, np, cp);
+    });
+  });
+  return self_distance_backward(coef, embeddings, dist, metric);
+}
+
 // ---------------------------------------------------------------- batch-all
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_cpu(
@@ -385,6 +408,7 @@ TORCH_LIBRARY_IMPL(metricops, CPU, m) {
   m.impl("batch_hard_triplet", &batch_hard_triplet_cpu);
   m.impl("batch_hard_triplet_backward", &batch_hard_triplet_backward_cpu);
   m.impl("semihard_triplet", &semihard_triplet_cpu);
+  m.impl("semihard_triplet_backward", &semihard_triplet_backward_cpu);
   m.impl("batch_all_triplet", &batch_all_triplet_cpu);
   m.impl("triplet_statistics", &triplet_statistics_cpu);
   m.impl("mine_triplets", &mine_triplets_cpu);

@@ -240,6 +240,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cuda(const at::T
   return {losses, negative, ld.dist.to(embeddings.scalar_type())};
 }
 
+template <typename T>
+__global__ void semihard_coefficients_kernel(int64_t B, const T* grad_losses, const T* losses,
+                                             const int64_t* negative, T* coef) {
+  METRICOPS_CUDA_KERNEL_LOOP(a, B) { semihard_coefficients_row<T>(a, B, grad_losses, losses, negative, coef); }
+}
+
+at::Tensor semihard_triplet_backward_cuda(const at::Tensor& grad_losses, const std::optional<at::Tensor>& grad_dist,
+                                          const at::Tensor& embeddings, const at::Tensor& losses_in,
+                                          const at::Tensor& negative_in, const at::Tensor& dist,
+                                          c10::string_view metric) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  check_semihard_backward_inputs(grad_losses, embeddings, losses_in, negative_in, dist);
+  const int64_t B = embeddings.size(0);
+  at::Tensor coef = grad_dist.has_value() ? grad_dist->to(embeddings.scalar_type()).contiguous().clone()
+                                          : at::zeros({B, B}, embeddings.options());
+  if (B > 0) {
+    const at::Tensor g = grad_losses.to(embeddings.scalar_type()).contiguous();
+    const at::Tensor losses = losses_in.contiguous();
+    const at::Tensor negative = negative_in.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
+                                    "metricops_semihard_backward_cuda", [&] {
+      semihard_coefficients_kernel<scalar_t><<<grid_for(B), kThreads, 0, current_stream()>>>(
+          B, g.const_data_ptr<scalar_t>(), losses.const_data_ptr<scalar_t>(), negative.const_data_ptr<int64_t>(),
+          coef.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return self_distance_backward(coef, embeddings, dist, metric);
+}
+
 // ---------------------------------------------------------------- batch-all
 
 template <typename acc_t>
@@ -424,6 +454,7 @@ TORCH_LIBRARY_IMPL(metricops, CUDA, m) {
   m.impl("batch_hard_triplet", &batch_hard_triplet_cuda);
   m.impl("batch_hard_triplet_backward", &batch_hard_triplet_backward_cuda);
   m.impl("semihard_triplet", &semihard_triplet_cuda);
+  m.impl("semihard_triplet_backward", &semihard_triplet_backward_cuda);
   m.impl("batch_all_triplet", &batch_all_triplet_cuda);
   m.impl("triplet_statistics", &triplet_statistics_cuda);
   m.impl("mine_triplets", &mine_triplets_cuda);

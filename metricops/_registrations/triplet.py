@@ -88,14 +88,22 @@ def _semihard_backward(ctx, grad_losses, grad_negative, grad_dist):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
     embeddings, losses, negative, dist = ctx.saved_tensors
-    # d(loss)/d(dist): +g on (a, p), -g on (a, n*) for active terms (relu' = 0 at 0).
-    coef = torch.zeros_like(dist) if grad_dist is None else grad_dist.clone()
-    if grad_losses is not None:
-        active = torch.where(losses > 0, grad_losses, torch.zeros_like(grad_losses))
-        coef = coef + active
-        coef = coef.scatter_add(1, negative.clamp_min(0), -active)
-    grad, _ = ops.pairwise_distance_backward(coef, embeddings, None, dist, ctx.metric)
+    if grad_losses is None:
+        grad_losses = torch.zeros_like(losses)
+    grad = ops.semihard_triplet_backward(grad_losses, grad_dist, embeddings, losses, negative, dist, ctx.metric)
     return grad, None, None, None
+
+
+@torch.library.register_fake(_LIB + "semihard_triplet_backward")
+def _semihard_backward_fake(grad_losses, grad_dist, embeddings, losses, negative, dist, metric):
+    return torch.empty_like(embeddings)
+
+
+torch.library.register_autograd(
+    _LIB + "semihard_triplet_backward",
+    _no_double_backward("semihard_triplet"),
+    setup_context=lambda ctx, inputs, output: None,
+)
 
 
 torch.library.register_autograd(_LIB + "semihard_triplet", _semihard_backward, setup_context=_semihard_setup_context)

@@ -94,7 +94,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not (dist.is_available() and dist.is_gloo_available()):
         raise SystemExit("demo_ddp needs torch.distributed with the gloo backend")
-    mp.spawn(_worker, args=(args, _free_port()), nprocs=args.world_size, join=True)
+    import sklearn.datasets  # noqa: F401  (imported once here: forked workers inherit it)
+
+    # fork where available: workers inherit the imported torch/metricops/sklearn
+    # instead of re-importing them (seconds each). The parent has run no torch
+    # op that starts thread pools, so forking is safe.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker, args=(args, _free_port()), nprocs=args.world_size, join=True, start_method=method)
 
 
 if __name__ == "__main__":

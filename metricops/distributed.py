@@ -182,8 +182,8 @@ class DistributedLoss(torch.nn.Module):
     ``DistributedDataParallel`` *averages* gradients over ranks, which gives
     ``grad(L) / world_size``. ``scale_by_world_size=True`` multiplies each
     rank's loss by ``world_size`` so that DDP's averaged gradient equals the
-    single-process gradient exactly (then ``sum_r loss_r == world_size · L``,
-    and each rank's loss is an unbiased-looking estimate of ``L`` for logging).
+    single-process gradient exactly (then ``sum_r loss_r == world_size · L``;
+    to log ``L``, all-reduce ``loss / world_size``).
 
     **Per module.** ``BatchHardTripletLoss`` (``(B,)`` anchor terms),
     ``SemiHardTripletLoss`` and ``ContrastiveLoss`` (``(B, B)`` terms, row =

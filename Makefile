@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-stamp
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test bench bench-quick info sanitize clean
+.PHONY: all venv build test bench bench-quick info sanitize clean demo-ddp
 
 all: test
 
@@ -32,6 +32,10 @@ bench: build
 
 bench-quick: build
 	$(PY) -m benchmarks --quick
+
+# 2 CPU processes (gloo) of DDP training with DistributedLoss; needs scikit-learn.
+demo-ddp: build
+	$(PY) -m metricops.demo_ddp
 
 clean:
 	rm -rf build metricops/*.so

@@ -20,6 +20,7 @@ from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin
 from .retrieval import knn, retrieval_metrics
 from . import retrieval  # noqa: F401
 from . import nn  # noqa: F401
+from . import distributed  # noqa: F401  (torch.distributed is already imported by torch)
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "knn",
     "retrieval_metrics",
     "retrieval",
+    "distributed",
     "build_info",
     "reference",
     "__version__",

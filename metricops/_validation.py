@@ -20,13 +20,23 @@ def check_tensor(t, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def _autocast_upcasts(t) -> bool:
+    """Whether autocast is on for t's device: the ops then receive t cast to float32
+    (metricops/_registrations/autocast.py), so half-precision inputs are fine."""
+    return (
+        t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and torch.amp.is_autocast_available(t.device.type)
+        and torch.is_autocast_enabled(t.device.type)
+    )
+
+
 def check_embeddings(t, name: str = "embeddings") -> None:
-    """A (B, D) floating matrix of a dtype the kernels support on its device."""
+    """A (B, D) floating matrix of a dtype the kernels support on its device (or that autocast upcasts)."""
     check_tensor(t, name)
     if t.dim() != 2:
         raise ValueError(f"{name} must be a 2-D tensor of shape (B, D), got {t.dim()}-D tensor of shape {tuple(t.shape)}")
     allowed = _CUDA_FLOATS if t.device.type == "cuda" else _CPU_FLOATS
-    if t.dtype not in allowed:
+    if t.dtype not in allowed and not _autocast_upcasts(t):
         raise TypeError(
             f"{name} must be float32 or float64 (float16/bfloat16 on CUDA), got {t.dtype} on {t.device}"
         )
@@ -35,7 +45,7 @@ def check_embeddings(t, name: str = "embeddings") -> None:
 def check_same_device_dtype(a, a_name: str, b, b_name: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{b_name} must be on the same device as {a_name} ({a.device}), got {b.device}")
-    if a.dtype != b.dtype:
+    if a.dtype != b.dtype and not (_autocast_upcasts(a) and _autocast_upcasts(b)):
         raise TypeError(f"{b_name} must have the same dtype as {a_name} ({a.dtype}), got {b.dtype}")
 
 

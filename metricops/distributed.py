@@ -1,0 +1,259 @@
+"""Metric-learning losses over a batch split across ``torch.distributed`` ranks.
+
+In data-parallel training each process holds a shard ``(B_r, D)`` of the
+global batch. Metric-learning losses compare every embedding with every other,
+so a rank that only sees its shard misses most pairs. :func:`all_gather_embeddings`
+builds the global batch on every rank (gradient flowing back to the local
+shard), and :class:`DistributedLoss` scores the local anchors against it, as
+pytorch-metric-learning's ``DistributedLossWrapper`` does, but exactly: the
+per-rank losses add up to the single-process loss on the concatenated batch.
+
+Works with any backend that implements ``all_gather`` and ``all_reduce``
+(gloo on CPU, NCCL on GPU). Without an initialized process group, or with a
+world size of 1, everything reduces to the single-process computation.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import _validation as v
+from .contrastive import contrastive_loss
+from .nn import BatchHardTripletLoss, ContrastiveLoss, SemiHardTripletLoss
+from .triplet import batch_hard_triplet_loss, semihard_triplet_loss
+
+__all__ = ["all_gather_embeddings", "DistributedLoss"]
+
+
+def _active_world(group) -> Tuple[int, int]:
+    """(rank, world_size) in ``group``, or (0, 1) when torch.distributed is not in use."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_gather_padded(x: torch.Tensor, sizes: List[int], group) -> torch.Tensor:
+    """Concatenation over ranks of ``x`` (rank r holds ``sizes[r]`` rows).
+
+    all_gather needs equal shapes, so every shard is padded to the largest
+    and the padding is trimmed after.
+    """
+    max_b = max(sizes)
+    if max_b == 0:  # nothing to send; some backends dislike empty collectives
+        return x.new_empty((0,) + tuple(x.shape[1:]))
+    x = x.contiguous()
+    if x.shape[0] < max_b:
+        pad = x.new_zeros((max_b - x.shape[0],) + tuple(x.shape[1:]))
+        x = torch.cat([x, pad])
+    chunks = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(chunks, x, group=group)
+    return torch.cat([c[:n] for c, n in zip(chunks, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward all-reduces (sums) the gathered gradient.
+
+    Every rank's loss may depend on every shard, so the gradient of the sum of
+    all ranks' losses w.r.t. rank r's shard is the sum over ranks of their
+    gradient w.r.t. the gathered tensor, restricted to rank r's rows.
+    all_reduce (rather than reduce_scatter) because gloo lacks reduce_scatter
+    and shards may have different sizes; it moves ``B_total·D`` values.
+    """
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return _all_gather_padded(x, sizes, group)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        # clone: all_reduce works in place and `grad` may be shared with other nodes.
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        if grad.numel() > 0:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None, None, None
+
+
+def _gather(embeddings, labels, group) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(all_embeddings, all_labels, offset of the local shard, world_size)."""
+    v.check_tensor(embeddings, "embeddings")
+    v.check_tensor(labels, "labels")
+    if embeddings.dim() != 2:
+        raise ValueError(
+            f"embeddings must be a 2-D tensor of shape (B, D), got {embeddings.dim()}-D tensor "
+            f"of shape {tuple(embeddings.shape)}"
+        )
+    if not embeddings.is_floating_point():
+        raise TypeError(f"embeddings must be a floating tensor, got {embeddings.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels must be a 1-D tensor of length B={embeddings.shape[0]} (one label per embedding), "
+            f"got shape {tuple(labels.shape)}"
+        )
+    if labels.device != embeddings.device:
+        raise ValueError(f"labels must be on the embeddings' device ({embeddings.device}), got {labels.device}")
+    rank, world = _active_world(group)
+    if world == 1:
+        return embeddings, labels, 0, 1
+    # Shapes first: shards may differ in B; D must agree. Every rank sees the
+    # same table, so every rank raises together (no rank left hanging).
+    shape = torch.tensor([embeddings.shape[0], embeddings.shape[1]], dtype=torch.int64, device=embeddings.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=group)
+    shapes = [tuple(int(s) for s in t.tolist()) for t in shapes]
+    dims = {d for _, d in shapes}
+    if len(dims) != 1:
+        raise ValueError(
+            f"embeddings must have the same size D on every rank, got (B, D) per rank = {shapes}"
+        )
+    sizes = [b for b, _ in shapes]
+    all_labels = _all_gather_padded(labels, sizes, group)
+    all_embeddings = _GatherWithGrad.apply(embeddings, sizes, rank, group)
+    return all_embeddings, all_labels, sum(sizes[:rank]), world
+
+
+def all_gather_embeddings(
+    embeddings: torch.Tensor, labels: torch.Tensor, *, group: Optional[object] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate every rank's ``(embeddings, labels)``, in rank order.
+
+    Args:
+        embeddings: ``(B_r, D)`` floating tensor, this rank's shard. ``B_r`` may
+            differ across ranks (shards are padded for the collective and
+            trimmed after); ``D`` must not (``ValueError`` on every rank).
+        labels: ``(B_r,)`` tensor on the embeddings' device.
+        group: process group (default: the world).
+
+    Returns:
+        ``(all_embeddings (B, D), all_labels (B,))`` with ``B = sum_r B_r``;
+        rank r's shard occupies rows ``sum_{s<r} B_s`` to ``sum_{s<=r} B_s``.
+        Without an initialized process group, or with world size 1, the inputs
+        are returned unchanged.
+
+    Gradient: the backward all-reduces (sums over ranks) the gradient of the
+    gathered tensor and returns this rank's rows, i.e. the local shard receives
+    ``d(sum over ranks of each rank's loss) / d(local shard)``. Labels carry no
+    gradient. The backward is a collective: every rank must backpropagate
+    through its gathered tensor, the same number of times, in the same order.
+    Not twice differentiable. Tensors must be on a device the backend supports
+    (CPU for gloo, CUDA for NCCL).
+    """
+    all_embeddings, all_labels, _, _ = _gather(embeddings, labels, group)
+    return all_embeddings, all_labels
+
+
+def _anchor_has_positive_and_negative(labels: torch.Tensor):
+    """Per anchor: (has a positive, has a negative) in ``labels``."""
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    count = counts[inverse]
+    return count >= 2, count < labels.shape[0]
+
+
+def _denominator(reduction: str, terms: torch.Tensor, count_for_mean) -> torch.Tensor:
+    """What the single-process loss divides its summed terms by (1 for "sum")."""
+    if reduction == "sum":
+        return terms.new_ones(())
+    if reduction == "mean":
+        return torch.as_tensor(count_for_mean, device=terms.device).clamp_min(1).to(terms.dtype)
+    return (terms > 0).sum().clamp_min(1).to(terms.dtype)  # mean_nonzero
+
+
+class DistributedLoss(torch.nn.Module):
+    """Scores this rank's anchors against the global batch gathered from all ranks.
+
+    ``forward(embeddings (B_r, D), labels (B_r,)) -> scalar``. The batch is
+    gathered with :func:`all_gather_embeddings` (shards may differ in size).
+
+    **Normalization.** Let ``L`` be ``loss_module(E, Y)`` computed by one process
+    on the concatenated batch ``(E, Y)``, with the module's own reduction. Rank
+    r returns ``loss_r`` such that ``sum_r loss_r == L`` exactly: its share is
+    the sum of the terms whose anchor is one of its rows, divided by the
+    global denominator of ``L`` (valid anchors or pairs for ``"mean"``, global
+    count of non-zero terms for ``"mean_nonzero"``, 1 for ``"sum"``). Because
+    the gather's backward sums gradients over ranks, the gradients summed over
+    ranks (of the embeddings, hence of replicated parameters) equal those of
+    the single process on the concatenated batch.
+
+    ``DistributedDataParallel`` *averages* gradients over ranks, which gives
+    ``grad(L) / world_size``. ``scale_by_world_size=True`` multiplies each
+    rank's loss by ``world_size`` so that DDP's averaged gradient equals the
+    single-process gradient exactly (then ``sum_r loss_r == world_size · L``;
+    to log ``L``, all-reduce ``loss / world_size``).
+
+    **Per module.** ``BatchHardTripletLoss`` (``(B,)`` anchor terms),
+    ``SemiHardTripletLoss`` and ``ContrastiveLoss`` (``(B, B)`` terms, row =
+    anchor) are evaluated with ``reduction="none"`` on the global batch and
+    the local anchors' rows are kept. With ``reduction="none"`` the local rows
+    are returned (``(B_r,)`` or ``(B_r, B)``) without any scaling.
+    ``BatchAllTripletLoss`` has no per-term form (O(B³) terms), so each rank
+    computes ``L`` on the global batch and returns ``L / world_size``: the
+    same sum, but every rank spends the full compute. Any other module taking
+    ``(embeddings, labels)`` and returning a scalar is handled the same way.
+
+    Every rank computes the distances of the whole ``B × B`` global batch (the
+    kernels work on one batch), so the compute per rank is that of the
+    single-process loss; the gain is in the model's forward and backward.
+    """
+
+    def __init__(self, loss_module: torch.nn.Module, *, scale_by_world_size: bool = False, group=None):
+        super().__init__()
+        if not isinstance(loss_module, torch.nn.Module):
+            raise TypeError(f"loss_module must be a torch.nn.Module, got {type(loss_module).__name__}")
+        v.check_flag(scale_by_world_size, "scale_by_world_size")
+        self.loss_module = loss_module
+        self.scale_by_world_size = scale_by_world_size
+        self.group = group
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        all_emb, all_labels, start, world = _gather(embeddings, labels, self.group)
+        local = slice(start, start + embeddings.shape[0])
+        module = self.loss_module
+        if isinstance(module, BatchHardTripletLoss):
+            kw = dict(module.kwargs)
+            reduction = kw.pop("reduction")
+            terms = batch_hard_triplet_loss(all_emb, all_labels, reduction="none", **kw)
+            if reduction == "none":
+                return terms[local]
+            has_pos, has_neg = _anchor_has_positive_and_negative(all_labels)
+            share = terms[local].sum() / _denominator(reduction, terms, (has_pos & has_neg).sum())
+        elif isinstance(module, SemiHardTripletLoss):
+            kw = dict(module.kwargs)
+            reduction = kw.pop("reduction")
+            terms = semihard_triplet_loss(all_emb, all_labels, reduction="none", **kw)
+            if reduction == "none":
+                return terms[local]
+            # valid (a, p): a != p, same label, and the anchor has a negative
+            _, inverse, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
+            per_anchor = counts[inverse] - 1
+            num_pairs = torch.where(counts[inverse] < all_labels.shape[0], per_anchor, 0).sum()
+            share = terms[local].sum() / _denominator(reduction, terms, num_pairs)
+        elif isinstance(module, ContrastiveLoss):
+            reduction = module.reduction
+            terms = contrastive_loss(
+                all_emb, all_labels, pos_margin=module.pos_margin, neg_margin=module.neg_margin,
+                metric=module.metric, squared=module.squared, normalize=module.normalize,
+                reduction="none", memory=module.memory,
+            )
+            if reduction == "none":
+                return terms[local]
+            b = all_labels.shape[0]
+            share = terms[local].sum() / _denominator(reduction, terms, b * (b - 1))  # ordered pairs i != j
+        else:
+            # BatchAllTripletLoss and any other scalar loss: the whole loss, split evenly.
+            loss = module(all_emb, all_labels)
+            if loss.dim() != 0:
+                raise ValueError(
+                    f"loss_module must return a scalar for DistributedLoss (got shape {tuple(loss.shape)}); "
+                    "only BatchHard/SemiHard/Contrastive losses support reduction='none' here"
+                )
+            share = loss / world
+        return share * world if self.scale_by_world_size else share
+
+    def extra_repr(self) -> str:
+        return f"scale_by_world_size={self.scale_by_world_size}"
+

@@ -41,6 +41,7 @@ AUTOCAST_OPS = (
     "triplet_statistics",
     "mine_triplets",
     "contrastive_loss",
+    "contrastive_loss_streaming",
     "pair_contrastive_loss",
     "triplet_margin_loss",
     "knn",

@@ -57,6 +57,42 @@ struct SortedNegatives {
 
 at::Tensor labels_int64(const at::Tensor& labels) { return labels.to(at::kLong).contiguous(); }
 
+// Per anchor: scanning its n negatives once per positive (P·n, vectorisable)
+// beats sorting them (~n log n, branchy) when it has few positives.
+bool few_positives(int64_t P, int64_t n) {
+  int64_t log2n = 1;
+  while ((int64_t(1) << log2n) < n) ++log2n;
+  return P <= 2 * log2n;
+}
+
+// Batch-all terms of one anchor by direct scan: for each negative, the
+// positives it is active with. Writes multiplicities; returns (sum, active).
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES void batch_all_scan_row(const scalar_t* row, const int64_t* lab, int64_t B, int64_t i,
+                                              const scalar_t* shifted, const int64_t* pos_index, int64_t P,
+                                              scalar_t* mult_row, double& sum, int64_t& active) {
+  double s = 0;
+  int64_t act = 0;
+  const int64_t li = lab[i];
+  for (int64_t j = 0; j < B; ++j) {
+    if (lab[j] == li) continue;
+    const scalar_t d_an = row[j];
+    int64_t cnt = 0;
+    for (int64_t q = 0; q < P; ++q) {
+      const scalar_t t = shifted[q] - d_an;
+      if (t > scalar_t(0)) {
+        s += static_cast<double>(t);
+        ++cnt;
+        mult_row[pos_index[q]] += scalar_t(1);
+      }
+    }
+    mult_row[j] = -static_cast<scalar_t>(cnt);
+    act += cnt;
+  }
+  sum = s;
+  active = act;
+}
+
 // ---------------------------------------------------------------- batch-hard
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_cpu(
@@ -173,13 +209,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cpu(const at::Te
       // One sort buffer per thread, reused across its rows.
       std::vector<SortedNegatives<scalar_t>> buffers(at::get_num_threads());
       for_each_distance_row<scalar_t, kMetric>(x, aux, 0, &dist, [&](int64_t i, const scalar_t* row) {
+        const int64_t li = lab[i];
+        int64_t P = 0, n = 0;
+        bool any_nan = false;
+        for (int64_t j = 0; j < B; ++j) {
+          if (lab[j] == li) {
+            P += j != i;
+          } else {
+            ++n;
+            any_nan |= row[j] != row[j];
+          }
+        }
+        if (n == 0 || P == 0) return;
+        const scalar_t poison = any_nan ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
+        if (few_positives(P, n)) {
+          auto is_negative = [&](int64_t j) { return lab[j] != li; };
+          for (int64_t p = 0; p < B; ++p) {
+            if (p == i || lab[p] != li) continue;
+            const int64_t k = semihard_scan(row, B, row[p], is_negative);
+            np[i * B + p] = k;
+            lp[i * B + p] = triplet_term<scalar_t>(row[p], row[k], m, false) + poison;
+          }
+          return;
+        }
         SortedNegatives<scalar_t>& negs = buffers[at::get_thread_num()];
         negs.build(row, lab, B, i);
-        const int64_t n = negs.size();
-        if (n == 0) return;
-        const scalar_t poison = negs.has_nan() ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
         for (int64_t p = 0; p < B; ++p) {
-          if (p == i || lab[p] != lab[i]) continue;
+          if (p == i || lab[p] != li) continue;
           const int64_t k = semihard_position(negs.dist.data(), n, row[p]);
           np[i * B + p] = negs.index[k];
           lp[i * B + p] = triplet_term<scalar_t>(row[p], negs.dist[k], m, false) + poison;
@@ -238,25 +294,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all
     struct Workspace {
       SortedNegatives<scalar_t> negs;
       std::vector<double> prefix;     // prefix sums of the sorted negative distances
-      std::vector<scalar_t> shifted;  // margin + d_ap over the positives, ascending
+      std::vector<scalar_t> shifted;  // margin + d_ap over the positives (ascending on the sort path)
+      std::vector<int64_t> pos_index;
     };
     METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
       std::vector<Workspace> buffers(at::get_num_threads());
       for_each_distance_row<scalar_t, kMetric>(x, aux, 0, &dist, [&](int64_t i, const scalar_t* row) {
         Workspace& ws = buffers[at::get_thread_num()];
-        ws.negs.build(row, lab, B, i);
-        const int64_t n = ws.negs.size();
         ws.shifted.clear();
+        ws.pos_index.clear();
+        int64_t n = 0;
+        bool any_nan = false;
         for (int64_t p = 0; p < B; ++p) {
-          if (p != i && lab[p] == lab[i]) ws.shifted.push_back(m + row[p]);
+          if (lab[p] != lab[i]) {
+            ++n;
+            any_nan |= row[p] != row[p];
+          } else if (p != i) {
+            ws.shifted.push_back(m + row[p]);
+            ws.pos_index.push_back(p);
+            any_nan |= row[p] != row[p];
+          }
         }
         const int64_t P = static_cast<int64_t>(ws.shifted.size());
         if (n == 0 || P == 0) return;
+        if (few_positives(P, n)) {
+          double sum = 0;
+          int64_t active = 0;
+          batch_all_scan_row<scalar_t>(row, lab, B, i, ws.shifted.data(), ws.pos_index.data(), P, mp + i * B, sum,
+                                       active);
+          row_sum[i] = any_nan ? std::numeric_limits<double>::quiet_NaN() : sum;
+          row_valid[i] = P * n;
+          row_active[i] = active;
+          return;
+        }
+        ws.negs.build(row, lab, B, i);
         ws.prefix.assign(n + 1, 0.0);
         for (int64_t k = 0; k < n; ++k) ws.prefix[k + 1] = ws.prefix[k] + static_cast<double>(ws.negs.dist[k]);
         double sum = 0;
         int64_t active = 0;
-        bool any_nan = ws.negs.has_nan();
         // Positives: each is active with the negatives nearer than margin + d_ap.
         for (int64_t p = 0; p < B; ++p) {
           if (p == i || lab[p] != lab[i]) continue;

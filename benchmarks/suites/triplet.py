@@ -34,7 +34,9 @@ def _fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x, l
 
 
 def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
-    if quick:
+    if quick == "tiny":
+        sizes = [(64, 32)]
+    elif quick:
         sizes = [(256, 128)]
     else:
         sizes = [(256, 128), (1024, 128), (1024, 512), (4096, 128), (4096, 512)]

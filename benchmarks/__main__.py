@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     if args.tiny:
         args.quick = True
     size = "tiny" if args.tiny else ("quick" if args.quick else "full")
-    budget = args.budget if args.budget is not None else {"tiny": 0.0, "quick": 0.3, "full": 3.0}[size]
+    budget = args.budget if args.budget is not None else {"tiny": 0.0, "quick": 0.5, "full": 3.0}[size]
     min_rounds = {"tiny": 1, "quick": 3, "full": 5}[size]
     # Quick runs go to a git-ignored file so they never overwrite the committed full-size results.
     stem = f"{'cuda' if args.device.startswith('cuda') else 'cpu'}-{'quick.tmp' if args.quick else 'latest'}"

@@ -53,28 +53,39 @@ def write_png(report: dict, path: str) -> str:
     # Figure with its own Agg canvas: no pyplot, no GUI backend, no global state touched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     panels = _series(report.get("results", []))
     n = max(1, len(panels))
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(5.2 * cols, 4.0 * rows + 0.6))
+    fig = Figure(figsize=(5.4 * cols, 5.2 * rows + 0.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     sizes_of = {(r["op"], r["mode"]): size_key(r["params"]) for r in report.get("results", [])}
     for ax, ((op, mode), lines) in zip(axes, sorted(panels.items())):
+        ys = [1.0]
         for label, pts in sorted(lines.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            for x, y in pts:  # the number itself, so the chart reads without squinting at a log axis
+                ax.annotate(f"{y:.2g}x", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                            color=line.get_color())
+            ys += [p[1] for p in pts]
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_ylim(min(ys) / 1.6, max(ys) * 1.6)  # room for the labels, and 1x always in view
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        xs = sorted({p[0] for pts in lines.values() for p in pts})
+        ax.set_xlim(xs[0] / 1.5, xs[-1] * 1.5)
         ax.set_title(f"{op} ({mode})", fontsize=10)
         ax.set_xlabel(sizes_of.get((op, mode), "size"))
         ax.set_ylabel("speed-up of metricops (x)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.16), frameon=False)
     env = report.get("environment", {})
     fig.suptitle(
         "metricops speed-up vs each contender (>1: metricops faster); "

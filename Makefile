@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-stamp
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test bench bench-quick info sanitize clean demo-ddp
+.PHONY: all venv build test bench bench-quick demo demo-ddp info sanitize clean
 
 all: test
 
@@ -32,6 +32,10 @@ bench: build
 
 bench-quick: build
 	$(PY) -m benchmarks --quick
+
+# End-to-end run: train on sklearn digits 0-4, zero-shot retrieval on 5-9, PNG in demo_out/.
+demo: build
+	$(PY) -m metricops.demo
 
 # 2 CPU processes (gloo) of DDP training with DistributedLoss; needs scikit-learn.
 demo-ddp: build

@@ -1,24 +1,37 @@
-"""`python -m benchmarks [--quick] [--ops a,b] [--device cpu|cuda] [--json PATH]`."""
+"""`python -m benchmarks [--quick] [--ops a,b] [--device cpu|cuda] [--json PATH] [--png PATH]`.
+
+Times metricops against torch, the plain-torch references and other libraries,
+side by side; prints a table, writes the results as JSON (environment: device,
+torch version, threads; per case: sizes, median seconds, ratios) and a PNG chart
+of metricops' speed-up against each contender per op and batch size.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
 import torch
 
-from .harness import format_table, time_case, write_json
+from .chart import write_png
+from .harness import format_table, time_case, to_json
 from .suites import SUITES
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a small subset (about a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, short timing (about a minute on a 2-core CPU); "
+                        "default JSON benchmarks/results/<device>-quick.tmp.json (git-ignored)")
+    # Hidden: the smallest sizes and a single timed round, for the CLI's own test.
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated subset of {', '.join(SUITES)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/<device>-latest.json)")
+    parser.add_argument("--png", default=None, help="where to draw the speed-up chart (default: the JSON path with .png)")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = parser.parse_args(argv)
@@ -27,24 +40,33 @@ def main(argv=None) -> int:
     unknown = [o for o in ops if o not in SUITES]
     if unknown:
         parser.error(f"unknown op(s) {unknown}; choose from {list(SUITES)}")
-    budget = args.budget if args.budget is not None else (0.5 if args.quick else 3.0)
-    json_path = args.json or os.path.join(
-        os.path.dirname(__file__), "results", f"{'cuda' if args.device.startswith('cuda') else 'cpu'}-latest.json"
-    )
+    if args.tiny:
+        args.quick = True
+    size = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    budget = args.budget if args.budget is not None else {"tiny": 0.0, "quick": 0.5, "full": 3.0}[size]
+    min_rounds = {"tiny": 1, "quick": 3, "full": 5}[size]
+    # Quick runs go to a git-ignored file so they never overwrite the committed full-size results.
+    stem = f"{'cuda' if args.device.startswith('cuda') else 'cpu'}-{'quick.tmp' if args.quick else 'latest'}"
+    json_path = args.json or os.path.join(os.path.dirname(__file__), "results", f"{stem}.json")
+    png_path = args.png or os.path.splitext(json_path)[0] + ".png"
 
     cases = []
     t0 = time.time()
     for op in ops:
-        for case in SUITES[op](args.device, args.quick):
-            time_case(
-                case, args.device, budget_s=budget, min_rounds=3 if args.quick else 5, measure_memory=not args.no_memory
-            )
+        for case in SUITES[op](args.device, size if args.quick else False):
+            time_case(case, args.device, budget_s=budget, min_rounds=min_rounds, measure_memory=not args.no_memory)
             cases.append(case)
             print(f"  {case.op} {case.mode} {case.params} done", file=sys.stderr)
     print(format_table(cases))
-    write_json(cases, args.device, json_path)
+    report = to_json(cases, args.device)
+    report["run"] = {"size": size, "ops": ops, "budget_s": budget, "min_rounds": min_rounds,
+                     "memory": not args.no_memory, "seconds": round(time.time() - t0, 1)}
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    write_png(report, png_path)
     print(f"\n{len(cases)} cases in {time.time() - t0:.0f} s; torch {torch.__version__}, device {args.device}, "
-          f"{torch.get_num_threads()} threads. JSON: {json_path}")
+          f"{torch.get_num_threads()} threads.\nJSON: {json_path}\nPNG:  {png_path}")
     return 0
 
 

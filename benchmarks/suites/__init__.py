@@ -1,4 +1,8 @@
-"""Benchmark suites: name -> builder(device, quick) -> list of harness.Case."""
+"""Benchmark suites: name -> builder(device, quick) -> list of harness.Case.
+
+`quick` is False (full sizes), True or "quick" (small sizes, `--quick`), or
+"tiny" (the smallest sizes, for the CLI's own test; any truthy value is quick).
+"""
 
 from .contrastive import contrastive_loss_cases, triplet_margin_loss_cases
 from .distance import pairwise_distance_cases

@@ -23,7 +23,7 @@ def _fwd_bwd(fn: Callable[..., torch.Tensor], *leaves: torch.Tensor) -> Callable
 
 
 def triplet_margin_loss_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
-    sizes = [(8192, 128)] if quick else [(65536, 128)]
+    sizes = [(1024, 32)] if quick == "tiny" else [(8192, 128)] if quick else [(65536, 128)]
     cases = []
     for N, D in sizes:
         leaves = [torch.randn(N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
@@ -38,7 +38,7 @@ def triplet_margin_loss_cases(device: str, quick: bool, dtype=torch.float32) -> 
 
 
 def contrastive_loss_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
-    sizes = [(256, 128)] if quick else [(256, 128), (1024, 128)]
+    sizes = [(64, 32)] if quick == "tiny" else [(256, 128)] if quick else [(256, 128), (1024, 128)]
     cases = []
     try:
         from pytorch_metric_learning import losses as pml_losses

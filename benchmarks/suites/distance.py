@@ -33,7 +33,10 @@ def _no_grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Cal
 
 
 def pairwise_distance_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
-    sizes = [(256, 128), (1024, 512)] if quick else [(256, 128), (1024, 128), (1024, 512), (4096, 128)]
+    if quick == "tiny":
+        sizes = [(64, 32)]
+    else:
+        sizes = [(256, 128), (1024, 512)] if quick else [(256, 128), (1024, 128), (1024, 512), (4096, 128)]
     if device.startswith("cuda") and not quick:
         sizes += [(8192, 512), (16384, 256)]
     cases = []

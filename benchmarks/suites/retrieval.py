@@ -23,7 +23,10 @@ def _chunked_cdist_topk(q: torch.Tensor, db: torch.Tensor, k: int, chunk: int = 
 def knn_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
     # (Q, N, D, k). The full-size case's plain q @ db.T is a 4 GB matrix: it is
     # the floor (the GEMM alone) that a fused knn should come close to.
-    sizes = [(1000, 10000, 128, 10)] if quick else [(1000, 10000, 128, 10), (10000, 100000, 128, 10)]
+    if quick == "tiny":
+        sizes = [(100, 1000, 32, 5)]
+    else:
+        sizes = [(1000, 10000, 128, 10)] if quick else [(1000, 10000, 128, 10), (10000, 100000, 128, 10)]
     cases = []
     for Q, N, D, k in sizes:
         g = torch.Generator(device="cpu").manual_seed(0)

@@ -48,7 +48,9 @@ def plain_torch_batch_hard(embeddings, labels, margin=0.2):
 
 
 def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
-    if quick:
+    if quick == "tiny":
+        sizes = [(64, 32)]
+    elif quick:
         sizes = [(256, 128)]
     else:
         sizes = [(256, 128), (1024, 128), (1024, 512), (4096, 128), (4096, 512)]

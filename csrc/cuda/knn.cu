@@ -20,6 +20,7 @@
 #include "common/knn.h"
 #include "common/pairwise_distance_impl.h"
 #include "cuda/cuda_helpers.h"
+#include "cuda/distance.h"
 
 namespace metricops {
 namespace cuda {
@@ -28,25 +29,6 @@ namespace {
 // A 2048 x 8192 float32 Gram block: 64 MiB, large enough to keep cuBLAS busy.
 constexpr int64_t kQueryBlock = 2048;
 constexpr int64_t kDatabaseChunk = 8192;
-
-// One warp per row: squared norm accumulated in opmath, then row_aux.
-template <typename scalar_t, typename acc_t>
-__global__ void knn_row_aux_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t dim, Metric metric,
-                                   acc_t* __restrict__ aux) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warps_per_block = blockDim.x / 32;
-  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / 32; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
-    const scalar_t* xr = x + row * dim;
-    acc_t s = 0;
-    for (int64_t j = lane; j < dim; j += 32) {
-      const acc_t v = static_cast<acc_t>(xr[j]);
-      s += v * v;
-    }
-    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffff, s, offset);
-    if (lane == 0) aux[row] = metricops::row_aux<acc_t>(metric, s);
-  }
-}
 
 // dot: (rows, cols) contiguous Gram block of queries q0.. against database
 // rows n0..; top_d/top_i: (Q, k) running top-k, sorted by knn_less.
@@ -99,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std
   const bool self = !database.has_value();
   const at::Tensor q = queries.contiguous();
   const at::Tensor db = self ? q : database->contiguous();
-  const int64_t Q = q.size(0), N = db.size(0), D = q.size(1);
+  const int64_t Q = q.size(0), N = db.size(0);
   const auto acc = acc_dtype(q);
   // Empty slots: (NaN, kKnnEmptyIndex) sorts after any candidate.
   at::Tensor top_d = at::full({Q, k}, std::numeric_limits<double>::quiet_NaN(), q.options().dtype(acc));
@@ -111,15 +93,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "metricops_knn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int warps_per_block = kThreads / 32;
-    auto aux_of = [&](const at::Tensor& x) {
-      at::Tensor aux = at::empty({x.size(0)}, x.options().dtype(acc));
-      knn_row_aux_kernel<scalar_t, acc_t><<<grid_for(x.size(0), warps_per_block), kThreads, 0, current_stream()>>>(
-          x.const_data_ptr<scalar_t>(), x.size(0), D, metric, aux.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return aux;
-    };
-    const at::Tensor q_aux = aux_of(q);
-    const at::Tensor db_aux = self ? q_aux : aux_of(db);
+    const at::Tensor q_aux = row_aux_acc_cuda(q, metric);
+    const at::Tensor db_aux = self ? q_aux : row_aux_acc_cuda(db, metric);
     METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
       for (int64_t q0 = 0; q0 < Q; q0 += qb_size) {
         const int64_t qb = std::min(qb_size, Q - q0);

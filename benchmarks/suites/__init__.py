@@ -7,6 +7,7 @@
 from .contrastive import contrastive_loss_cases, triplet_margin_loss_cases
 from .distance import pairwise_distance_cases
 from .retrieval import knn_cases
+from .scale import scale_cases
 from .triplet import triplet_cases
 
 SUITES = {
@@ -15,4 +16,5 @@ SUITES = {
     "triplet_margin_loss": triplet_margin_loss_cases,
     "contrastive_loss": contrastive_loss_cases,
     "knn": knn_cases,
+    "scale": scale_cases,
 }

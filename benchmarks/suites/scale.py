@@ -1,0 +1,78 @@
+"""Scale: batch-hard and contrastive as B grows, matrix vs streaming vs PML, with peak memory.
+
+Each contender that fails (out of memory, or skipped as certain to) is
+recorded, so the table shows where each one stops.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+import metricops
+
+from ..harness import Case
+from .triplet import _fwd_bwd, _pml, plain_torch_batch_hard
+
+# Above this many bytes for one B×B float32 matrix, contenders that hold
+# several of them are recorded as skipped instead of being run into the OOM
+# killer (this machine has 24 GiB; PML holds ~5 B×B matrices plus autograd's).
+_MATRIX_BYTES_LIMIT = 2 * 2**30
+
+
+def _skip(reason: str):
+    def run():
+        raise MemoryError(reason)
+
+    return run
+
+
+def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
+    if quick == "tiny":
+        sizes = [(64, 16)]
+    elif quick:
+        sizes = [(1024, 128)]
+    elif device.startswith("cuda"):
+        sizes = [(1024, 256), (8192, 256), (32768, 256), (65536, 256)]
+    else:
+        sizes = [(1024, 128), (4096, 128), (16384, 128), (32768, 128)]
+    pml = _pml()
+    cases = []
+    for B, D in sizes:
+        gen = torch.Generator().manual_seed(B)
+        x = torch.randn(B, D, generator=gen, dtype=dtype).to(device).requires_grad_()
+        labels = torch.randint(0, max(1, B // 8), (B,), generator=gen).to(device)
+        matrix_bytes = B * B * 4
+        too_big = matrix_bytes > _MATRIX_BYTES_LIMIT
+        params = {"B": B, "D": D, "classes": B // 8, "dtype": str(dtype).replace("torch.", "")}
+        c = {
+            "metricops streaming": _fwd_bwd(
+                lambda e, l: metricops.batch_hard_triplet_loss(e, l, normalize=True, memory="streaming"), x, labels
+            ),
+            "metricops matrix": _fwd_bwd(
+                lambda e, l: metricops.batch_hard_triplet_loss(e, l, normalize=True, memory="matrix"), x, labels
+            ),
+        }
+        c["plain torch (cdist)"] = (
+            _skip(f"skipped: several {matrix_bytes / 2**30:.0f} GiB matrices") if too_big else _fwd_bwd(plain_torch_batch_hard, x, labels)
+        )
+        if pml is not None:
+            _, losses, miners = pml
+            if too_big:
+                c["pml BatchHardMiner+TML"] = _skip(f"skipped: several {matrix_bytes / 2**30:.0f} GiB matrices")
+            else:
+                miner, loss = miners.BatchHardMiner(), losses.TripletMarginLoss(margin=0.2)
+                c["pml BatchHardMiner+TML"] = _fwd_bwd(lambda e, l, f=loss, m=miner: f(e, l, m(e, l)), x, labels)
+        cases.append(Case("batch_hard_triplet_loss (scale)", "forward+backward", dict(params), c))
+
+        c = {
+            "metricops streaming": _fwd_bwd(
+                lambda e, l: metricops.contrastive_loss(e, l, normalize=True, memory="streaming"), x, labels
+            ),
+            "metricops matrix": _fwd_bwd(
+                lambda e, l: metricops.contrastive_loss(e, l, normalize=True, memory="matrix"), x, labels
+            ),
+        }
+        cases.append(Case("contrastive_loss (scale)", "forward+backward", dict(params), c))
+    return cases

@@ -98,6 +98,29 @@ struct BatchHardGradCoefficients {
 // Kernels must provide:
 //   Tensor row_aux(const Tensor& x, Metric)  -> (B,) acc dtype
 //   void batch_hard_coefficients(const BatchHardGradInputs&, BatchHardGradCoefficients&)
+//   Tensor batch_hard_assemble(const Tensor& x, const Tensor& positive, const Tensor& negative,
+//                              const BatchHardGradCoefficients&)  -> (B, D) acc dtype
+//     grad[a] += anchor_self x[a] - cross_positive x[p] - cross_negative x[n]
+//     grad[p] += positive_self x[p] - cross_positive x[a]   (likewise n)
+
+// The gather/scatter through ATen (index_add_: atomics on CUDA, with a
+// deterministic path under torch.use_deterministic_algorithms).
+inline at::Tensor batch_hard_assemble_aten(const at::Tensor& x, const at::Tensor& positive, const at::Tensor& negative,
+                                           const BatchHardGradCoefficients& c) {
+  // Anchors without a triplet point at themselves with zero coefficients, so
+  // no index is ever out of range.
+  const int64_t B = x.size(0);
+  const at::Tensor self_index = at::arange(B, positive.options());
+  const at::Tensor pos = at::where(positive.ge(0), positive, self_index);
+  const at::Tensor neg = at::where(negative.ge(0), negative, self_index);
+  const at::Tensor x_pos = x.index_select(0, pos);
+  const at::Tensor x_neg = x.index_select(0, neg);
+  const at::Tensor w_p = c.cross_positive.unsqueeze(1), w_n = c.cross_negative.unsqueeze(1);
+  at::Tensor grad = x.mul(c.anchor_self.unsqueeze(1)).sub_(x_pos.mul(w_p)).sub_(x_neg.mul(w_n));
+  grad.index_add_(0, pos, x_pos.mul(c.positive_self.unsqueeze(1)).sub_(x.mul(w_p)));
+  grad.index_add_(0, neg, x_neg.mul(c.negative_self.unsqueeze(1)).sub_(x.mul(w_n)));
+  return grad;
+}
 template <class Kernels>
 at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const at::Tensor& grad_dist_ap,
                                             const at::Tensor& grad_dist_an, const at::Tensor& embeddings,
@@ -129,17 +152,7 @@ at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const
     *t = at::empty({B}, x.options());
   }
   Kernels::batch_hard_coefficients(in, c);
-  // Anchors without a triplet point at themselves with zero coefficients, so
-  // no index is ever out of range.
-  const at::Tensor self_index = at::arange(B, positive.options());
-  const at::Tensor pos = at::where(positive.ge(0), positive, self_index);
-  const at::Tensor neg = at::where(negative.ge(0), negative, self_index);
-  const at::Tensor x_pos = x.index_select(0, pos);
-  const at::Tensor x_neg = x.index_select(0, neg);
-  const at::Tensor w_p = c.cross_positive.unsqueeze(1), w_n = c.cross_negative.unsqueeze(1);
-  at::Tensor grad = x.mul(c.anchor_self.unsqueeze(1)).sub_(x_pos.mul(w_p)).sub_(x_neg.mul(w_n));
-  grad.index_add_(0, pos, x_pos.mul(c.positive_self.unsqueeze(1)).sub_(x.mul(w_p)));
-  grad.index_add_(0, neg, x_neg.mul(c.negative_self.unsqueeze(1)).sub_(x.mul(w_n)));
+  at::Tensor grad = Kernels::batch_hard_assemble(x, in.positive, in.negative, c);
   return grad.to(embeddings.scalar_type());
 }
 

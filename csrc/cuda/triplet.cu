@@ -155,6 +155,11 @@ __global__ void batch_hard_coefficients_kernel(Metric metric, int64_t B, const T
 struct CudaPairKernels {
   static at::Tensor row_aux(const at::Tensor& x, Metric metric) { return row_aux_acc_cuda(x, metric); }
 
+  static at::Tensor batch_hard_assemble(const at::Tensor& x, const at::Tensor& positive, const at::Tensor& negative,
+                                        const BatchHardGradCoefficients& c) {
+    return batch_hard_assemble_aten(x, positive, negative, c);
+  }
+
   static void batch_hard_coefficients(const BatchHardGradInputs& in, BatchHardGradCoefficients& out) {
     const int64_t B = in.positive.size(0);
     AT_DISPATCH_FLOATING_TYPES(in.dist_ap.scalar_type(), "metricops_batch_hard_backward_cuda", [&] {

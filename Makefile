@@ -33,5 +33,32 @@ bench: build
 bench-quick: build
 	$(PY) -m benchmarks --quick
 
+# ASan + UBSan build of the C++ (CPU) kernels, and the CPU test suite under it.
+# It never touches the normal in-place build: the sanitized extension is built
+# out of place (objects in build/sanitize/temp, the .so in build/sanitize/pkg)
+# next to a copy of the Python package, and pytest imports metricops from
+# there (-o pythonpath puts build/sanitize/pkg first). `make build` afterwards
+# is unaffected. The gcc ASan runtime must be LD_PRELOADed because python
+# itself is not instrumented; leak detection is off (CPython leaks by design).
+# torch.compile/inductor tests are deselected (inductor compiles and loads
+# its own C++ under the preloaded runtime, which is slow and not what we audit).
+# Override PY to use an existing interpreter: make sanitize PY=/path/to/python
+SAN_DIR := build/sanitize
+ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
+SANITIZE_PYTEST_ARGS ?= -m "not slow and not needs_cuda" -k "not compile" -p no:cacheprovider
+
+sanitize: $(if $(filter $(VENV)/bin/python,$(PY)),venv)
+	rm -rf $(SAN_DIR)/pkg
+	METRICOPS_SANITIZE=1 METRICOPS_CUDA=0 $(PY) setup.py -q build_ext \
+		--build-temp $(SAN_DIR)/temp --build-lib $(SAN_DIR)/pkg
+	$(PY) -c "import shutil; shutil.copytree('metricops', '$(SAN_DIR)/pkg/metricops', dirs_exist_ok=True, ignore=shutil.ignore_patterns('*.so', '__pycache__'))"
+	LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0 \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		$(PY) -m pytest tests -o pythonpath=$(SAN_DIR)/pkg $(SANITIZE_PYTEST_ARGS) \
+		-W "ignore::pytest.PytestUnraisableExceptionWarning"
+	LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0 $(PY) -c "import sys; sys.path.insert(0, '$(SAN_DIR)/pkg'); \
+		import metricops; assert metricops.build_info()['sanitizers'], 'the sanitized build was not the one tested'; \
+		print('sanitize: tests ran on', metricops.__file__)"
+
 clean:
 	rm -rf build metricops/*.so

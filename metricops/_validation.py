@@ -33,6 +33,7 @@ def check_embeddings(t, name: str = "embeddings") -> None:
 
 
 def check_same_device_dtype(a, a_name: str, b, b_name: str) -> None:
+    # torch.device equality includes the index: cuda:0 and cuda:1 are refused.
     if a.device != b.device:
         raise ValueError(f"{b_name} must be on the same device as {a_name} ({a.device}), got {b.device}")
     if a.dtype != b.dtype:
@@ -77,12 +78,15 @@ def check_flag(value, name: str) -> bool:
     return value
 
 
-def check_number(value, name: str, *, min_value=None, allow_equal=True) -> float:
+def check_number(value, name: str, *, min_value=None, allow_equal=True, finite=False) -> float:
+    """A real Python number (bool refused); NaN is always refused, +-inf too when ``finite``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if value != value:
         raise ValueError(f"{name} must not be NaN")
+    if finite and value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if min_value is not None and (value < min_value or (not allow_equal and value == min_value)):
         op = ">=" if allow_equal else ">"
         raise ValueError(f"{name} must be {op} {min_value}, got {value}")

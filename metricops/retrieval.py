@@ -137,10 +137,11 @@ def check_k(k, n: int, *, self_excluded: bool = False, name: str = "k") -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     if k < 1 or k > n:
-        what = " (self excluded)" if self_excluded else ""
+        # Same wording as the C++ check and the fake kernel.
+        what = ", self excluded" if self_excluded else ""
         raise ValueError(
-            f"{name} must be between 1 and the number of database rows a query can return{what}, "
-            f"which is {n}; got {name}={k}"
+            f"{name} must be between 1 and the number of database rows a query can return ({n}{what}), "
+            f"got {name}={k}"
         )
     return k
 

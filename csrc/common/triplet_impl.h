@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/where.h>
@@ -115,6 +116,13 @@ at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const
   TORCH_CHECK_TYPE(positive.scalar_type() == at::kLong && negative.scalar_type() == at::kLong,
                    "batch_hard_triplet_backward: positive and negative must be int64");
   if (B == 0) return at::zeros_like(embeddings);
+  // The coefficient kernels read aux[p] and aux[n] unchecked: a direct
+  // torch.ops call with a foreign index must be refused, not read out of
+  // bounds. (CPU: a synchronous check; CUDA: a device-side assert, no sync.)
+  for (const at::Tensor* t : {&positive, &negative}) {
+    at::_assert_async(t->ge(-1).logical_and_(t->lt(B)).all(),
+                      "batch_hard_triplet_backward: positive and negative must hold indices in [-1, B)");
+  }
   const at::ScalarType acc = (embeddings.scalar_type() == at::kHalf || embeddings.scalar_type() == at::kBFloat16)
                                  ? at::kFloat
                                  : embeddings.scalar_type();

@@ -14,3 +14,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Hypothesis profiles for the property tests: "dev" (default, quick) and "ci"
+# (selected when the CI environment variable is set). Tests that pass their
+# own @settings(max_examples=...) keep it.
+try:
+    import os
+
+    from hypothesis import settings
+
+    settings.register_profile("dev", max_examples=15, deadline=None, derandomize=True)
+    settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)
+    settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass

@@ -11,6 +11,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_sessionstart(session):
+    # `make sanitize` sets this: fail loudly if the tests would not run on the
+    # ASan/UBSan build (e.g. the in-place extension shadowed it on sys.path).
+    import os
+
+    if os.environ.get("METRICOPS_EXPECT_SANITIZED"):
+        import metricops
+
+        assert metricops.build_info()["sanitizers"], f"not the sanitized build: {metricops.__file__}"
+        print(f"\nmetricops under test: {metricops.__file__} (ASan+UBSan)")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

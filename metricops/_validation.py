@@ -59,7 +59,7 @@ def check_reduction(reduction, allowed=REDUCTIONS) -> str:
     return reduction
 
 
-def check_labels(labels, embeddings, name: str = "labels") -> None:
+def check_labels(labels, embeddings, name: str = "labels", embeddings_name: str = "embeddings") -> None:
     check_tensor(labels, name)
     b = embeddings.shape[0]
     if labels.dim() != 1 or labels.shape[0] != b:
@@ -69,7 +69,11 @@ def check_labels(labels, embeddings, name: str = "labels") -> None:
     if labels.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {labels.dtype}")
     if labels.device != embeddings.device:
-        raise ValueError(f"{name} must be on the embeddings' device ({embeddings.device}), got {labels.device}")
+        if embeddings_name == "embeddings":  # the C++ check's wording
+            raise ValueError(f"{name} must be on the embeddings' device ({embeddings.device}), got {labels.device}")
+        raise ValueError(
+            f"{name} must be on the same device as {embeddings_name} ({embeddings.device}), got {labels.device}"
+        )
 
 
 def check_flag(value, name: str) -> bool:

@@ -106,7 +106,7 @@ BAD = [
     ("rm_ks_bool", lambda: metricops.retrieval_metrics(X, L, ks=(True,)), ValueError, "ks must hold ints >= 1, got True"),
     ("rm_ks_str", lambda: metricops.retrieval_metrics(X, L, ks="5"), ValueError, "ks must hold ints >= 1, got '5'"),
     ("rm_progress", lambda: metricops.retrieval_metrics(X, L, progress="yes"), TypeError, "progress must be a bool, got str"),
-    ("rm_labels_meta", lambda: metricops.retrieval_metrics(X, L.to("meta")), ValueError, "query_labels must be on the embeddings' device (cpu), got meta"),
+    ("rm_labels_meta", lambda: metricops.retrieval_metrics(X, L.to("meta")), ValueError, "query_labels must be on the same device as queries (cpu), got meta"),
     ("rm_db_labels_dtype", lambda: metricops.retrieval_metrics(X, L, X, L.float()), TypeError, "database_labels must be int32 or int64, got torch.float32"),
     # ---- nn modules: refused at construction, with the functionals' wording
     ("nn_pd_metric", lambda: mnn.PairwiseDistance(metric="l1"), ValueError, "metric must be one of"),

@@ -41,5 +41,33 @@ demo: build
 demo-ddp: build
 	$(PY) -m metricops.demo_ddp
 
+# ASan + UBSan build of the C++ (CPU) kernels, and the CPU test suite under it.
+# It never touches the normal in-place build: the sanitized extension is built
+# out of place (objects in build/sanitize/temp, the .so in build/sanitize/pkg)
+# next to a copy of the Python package, and pytest imports metricops from
+# there (-o pythonpath puts build/sanitize/pkg first). `make build` afterwards
+# is unaffected. The gcc ASan runtime must be LD_PRELOADed because python
+# itself is not instrumented; leak detection is off (CPython leaks by design).
+# libstdc++ is preloaded right after the ASan runtime: python does not link it,
+# so without it ASan's __cxa_throw interceptor finds no real __cxa_throw and
+# the first C++ exception (any TORCH_CHECK) aborts the process with
+# "CHECK failed: asan_interceptors.cpp ... real___cxa_throw != 0".
+# torch.compile tests are deselected (inductor compiles and loads its own C++
+# under the preloaded runtime: slow, and not our code). Override
+# SANITIZE_PYTEST_ARGS to choose other tests.
+# Override PY to use an existing interpreter: make sanitize PY=/path/to/python
+SAN_DIR := build/sanitize
+ASAN_LIB = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
+SANITIZE_PYTEST_ARGS ?= -m "not slow and not needs_cuda" -k "not compile" -p no:cacheprovider
+
+sanitize: $(if $(filter $(VENV)/bin/python,$(PY)),venv)
+	rm -rf $(SAN_DIR)/pkg
+	METRICOPS_SANITIZE=1 METRICOPS_CUDA=0 $(PY) setup.py -q build_ext \
+		--build-temp $(SAN_DIR)/temp --build-lib $(SAN_DIR)/pkg
+	$(PY) -c "import shutil; shutil.copytree('metricops', '$(SAN_DIR)/pkg/metricops', dirs_exist_ok=True, ignore=shutil.ignore_patterns('*.so', '__pycache__'))"
+	LD_PRELOAD="$(ASAN_LIB)" ASAN_OPTIONS=detect_leaks=0 \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 METRICOPS_EXPECT_SANITIZED=1 \
+		$(PY) -m pytest tests -o pythonpath=$(SAN_DIR)/pkg $(SANITIZE_PYTEST_ARGS)
+
 clean:
 	rm -rf build metricops/*.so

@@ -135,8 +135,19 @@ def time_case(
     for name, s in samples.items():
         case.results[name] = statistics.median(s)
     if measure_memory:
-        meter = PeakMemory(device)
-        for name, fn in alive.items():
+        measure_case_memory(case, device)
+    return case
+
+
+def measure_case_memory(case: Case, device: str) -> Case:
+    """Peak extra memory of one call of each contender that ran.
+
+    On CPU this changes glibc's allocation policy for the rest of the process
+    (see _release_freed_cpu_memory), so run it after all timing is done.
+    """
+    meter = PeakMemory(device)
+    for name, fn in case.contenders.items():
+        if case.results.get(name) is not None:
             case.peak_bytes[name] = meter.measure(fn)
     return case
 

@@ -43,6 +43,7 @@ def check_embeddings(t, name: str = "embeddings") -> None:
 
 
 def check_same_device_dtype(a, a_name: str, b, b_name: str) -> None:
+    # torch.device equality includes the index: cuda:0 and cuda:1 are refused.
     if a.device != b.device:
         raise ValueError(f"{b_name} must be on the same device as {a_name} ({a.device}), got {b.device}")
     if a.dtype != b.dtype and not (_autocast_upcasts(a) and _autocast_upcasts(b)):
@@ -68,7 +69,7 @@ def check_reduction(reduction, allowed=REDUCTIONS) -> str:
     return reduction
 
 
-def check_labels(labels, embeddings, name: str = "labels") -> None:
+def check_labels(labels, embeddings, name: str = "labels", embeddings_name: str = "embeddings") -> None:
     check_tensor(labels, name)
     b = embeddings.shape[0]
     if labels.dim() != 1 or labels.shape[0] != b:
@@ -78,7 +79,11 @@ def check_labels(labels, embeddings, name: str = "labels") -> None:
     if labels.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {labels.dtype}")
     if labels.device != embeddings.device:
-        raise ValueError(f"{name} must be on the embeddings' device ({embeddings.device}), got {labels.device}")
+        if embeddings_name == "embeddings":  # the C++ check's wording
+            raise ValueError(f"{name} must be on the embeddings' device ({embeddings.device}), got {labels.device}")
+        raise ValueError(
+            f"{name} must be on the same device as {embeddings_name} ({embeddings.device}), got {labels.device}"
+        )
 
 
 def check_flag(value, name: str) -> bool:
@@ -87,12 +92,15 @@ def check_flag(value, name: str) -> bool:
     return value
 
 
-def check_number(value, name: str, *, min_value=None, allow_equal=True) -> float:
+def check_number(value, name: str, *, min_value=None, allow_equal=True, finite=False) -> float:
+    """A real Python number (bool refused); NaN is always refused, +-inf too when ``finite``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if value != value:
         raise ValueError(f"{name} must not be NaN")
+    if finite and value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if min_value is not None and (value < min_value or (not allow_equal and value == min_value)):
         op = ">=" if allow_equal else ">"
         raise ValueError(f"{name} must be {op} {min_value}, got {value}")

@@ -55,6 +55,8 @@ def contrastive_loss(
     """
     v.check_embeddings(embeddings, "embeddings")
     v.check_labels(labels, embeddings)
+    # An infinite margin is allowed: it switches one group of pairs off
+    # (metricops.pml.losses.ContrastiveLoss relies on it). NaN is refused.
     pos_margin = v.check_number(pos_margin, "pos_margin")
     neg_margin = v.check_number(neg_margin, "neg_margin")
     v.check_metric(metric)
@@ -97,7 +99,7 @@ def pair_contrastive_loss(
     v.check_same_device_dtype(x0, "x0", x1, "x1")
     v.check_same_shape(x0, "x0", x1, "x1")
     y = v.check_pair_labels(y, x0)
-    margin = v.check_number(margin, "margin")
+    margin = v.check_number(margin, "margin", finite=True)
     v.check_metric(metric)
     v.check_flag(squared, "squared")
     v.check_reduction(reduction)
@@ -139,9 +141,9 @@ def triplet_margin_loss(
     v.check_same_device_dtype(anchor, "anchor", negative, "negative")
     v.check_same_shape(anchor, "anchor", positive, "positive")
     v.check_same_shape(anchor, "anchor", negative, "negative")
-    margin = v.check_number(margin, "margin")
+    margin = v.check_number(margin, "margin", finite=True)
     p = v.check_positive_finite(p, "p")
-    eps = v.check_number(eps, "eps")
+    eps = v.check_number(eps, "eps", finite=True)
     v.check_flag(swap, "swap")
     v.check_flag(squared, "squared")
     v.check_reduction(reduction, _TRIPLET_REDUCTIONS)

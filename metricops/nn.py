@@ -4,9 +4,34 @@ from __future__ import annotations
 
 import torch
 
+from . import _validation as v
 from . import triplet as _triplet
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from .distance import pairwise_distance
+
+
+def _check_module_args(kwargs: dict, reductions=v.REDUCTIONS, loss_margin: bool = True) -> None:
+    """Refuse bad constructor arguments at construction, with the functionals' wording.
+
+    (forward validates again, as the attributes can be reassigned.)
+    """
+    for name, value in kwargs.items():
+        if name == "metric":
+            v.check_metric(value)
+        elif name == "reduction":
+            v.check_reduction(value, reductions)
+        elif name == "memory":
+            v.check_memory(value)
+        elif name in ("soft", "normalize", "squared", "swap"):
+            v.check_flag(value, name)
+        elif name == "margin":
+            v.check_number(value, name, min_value=0.0 if loss_margin else None, finite=True)
+        elif name in ("pos_margin", "neg_margin"):
+            v.check_number(value, name)
+        elif name == "eps":
+            v.check_number(value, name, finite=True)
+        elif name == "p":
+            v.check_positive_finite(value, name)
 
 
 class PairwiseDistance(torch.nn.Module):
@@ -14,6 +39,7 @@ class PairwiseDistance(torch.nn.Module):
 
     def __init__(self, metric: str = "euclidean", normalize: bool = False):
         super().__init__()
+        _check_module_args(dict(metric=metric, normalize=normalize))
         self.metric = metric
         self.normalize = normalize
 
@@ -29,8 +55,11 @@ class _LabelledBatchLoss(torch.nn.Module):
 
     _fn = None
 
+    _reductions = v.REDUCTIONS
+
     def __init__(self, **kwargs):
         super().__init__()
+        _check_module_args(kwargs, type(self)._reductions)
         self.kwargs = kwargs
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,6 +91,7 @@ class BatchAllTripletLoss(_LabelledBatchLoss):
     """Module form of :func:`metricops.batch_all_triplet_loss`. ``forward(embeddings, labels)``."""
 
     _fn = staticmethod(_triplet.batch_all_triplet_loss)
+    _reductions = ("mean", "sum", "mean_nonzero")
 
     def __init__(self, margin=0.2, metric="euclidean", normalize=False, reduction="mean_nonzero"):
         super().__init__(margin=margin, metric=metric, normalize=normalize, reduction=reduction)
@@ -73,6 +103,7 @@ class TripletMarginLoss(torch.nn.Module):
     def __init__(self, margin: float = 1.0, p: float = 2.0, eps: float = 1e-6, swap: bool = False,
                  reduction: str = "mean"):
         super().__init__()
+        _check_module_args(dict(margin=margin, p=p, eps=eps, swap=swap, reduction=reduction), loss_margin=False)
         self.margin = margin
         self.p = p
         self.eps = eps
@@ -93,6 +124,8 @@ class ContrastiveLoss(torch.nn.Module):
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, metric: str = "euclidean",
                  squared: bool = False, normalize: bool = False, reduction: str = "mean", memory: str = "auto"):
         super().__init__()
+        _check_module_args(dict(pos_margin=pos_margin, neg_margin=neg_margin, metric=metric, squared=squared,
+                                normalize=normalize, reduction=reduction, memory=memory))
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
         self.metric = metric
@@ -118,6 +151,8 @@ class PairContrastiveLoss(torch.nn.Module):
     def __init__(self, margin: float = 1.0, metric: str = "euclidean", squared: bool = False,
                  reduction: str = "mean"):
         super().__init__()
+        _check_module_args(dict(margin=margin, metric=metric, squared=squared, reduction=reduction),
+                           loss_margin=False)
         self.margin = margin
         self.metric = metric
         self.squared = squared

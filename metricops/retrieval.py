@@ -137,10 +137,11 @@ def check_k(k, n: int, *, self_excluded: bool = False, name: str = "k") -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     if k < 1 or k > n:
-        what = " (self excluded)" if self_excluded else ""
+        # Same wording as the C++ check and the fake kernel.
+        what = ", self excluded" if self_excluded else ""
         raise ValueError(
-            f"{name} must be between 1 and the number of database rows a query can return{what}, "
-            f"which is {n}; got {name}={k}"
+            f"{name} must be between 1 and the number of database rows a query can return ({n}{what}), "
+            f"got {name}={k}"
         )
     return k
 
@@ -318,7 +319,7 @@ def retrieval_metrics(
     so memory is O(Q · that k) for the ranking plus the search's chunk.
     """
     v.check_embeddings(queries, "queries")
-    v.check_labels(query_labels, queries, "query_labels")
+    v.check_labels(query_labels, queries, "query_labels", "queries")
     if (database is None) != (database_labels is None):
         missing = "database_labels" if database_labels is None else "database"
         raise ValueError(f"database and database_labels must be given together; {missing} is None")
@@ -326,7 +327,7 @@ def retrieval_metrics(
         v.check_embeddings(database, "database")
         v.check_same_device_dtype(queries, "queries", database, "database")
         v.check_same_dim(queries, "queries", database, "database")
-        v.check_labels(database_labels, database, "database_labels")
+        v.check_labels(database_labels, database, "database_labels", "database")
     v.check_metric(metric)
     ks = _check_ks(ks)
     if not isinstance(ap_divisor, str) or ap_divisor not in AP_DIVISORS:

@@ -33,7 +33,7 @@ def _prepare(embeddings, labels, margin, metric, normalize, *, loss: bool):
     v.check_labels(labels, embeddings)
     v.check_metric(metric)
     v.check_flag(normalize, "normalize")
-    margin = v.check_number(margin, "margin", min_value=0.0 if loss else None)
+    margin = v.check_number(margin, "margin", min_value=0.0 if loss else None, finite=True)
     if normalize:
         embeddings = F.normalize(embeddings, p=2, dim=1)
     return embeddings, margin
@@ -41,8 +41,7 @@ def _prepare(embeddings, labels, margin, metric, normalize, *, loss: bool):
 
 def _block_rows(memory: str, embeddings: torch.Tensor) -> int:
     """Rows of the distance matrix a streaming kernel holds at once (0: the whole matrix)."""
-    if not isinstance(memory, str) or memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of 'auto', 'matrix', 'streaming', got {memory!r}")
+    v.check_memory(memory)
     batch = embeddings.shape[0]
     if memory == "matrix" or (memory == "auto" and batch < _AUTO_STREAM_MIN_B):
         return 0

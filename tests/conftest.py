@@ -11,6 +11,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_sessionstart(session):
+    # `make sanitize` sets this: fail loudly if the tests would not run on the
+    # ASan/UBSan build (e.g. the in-place extension shadowed it on sys.path).
+    import os
+
+    if os.environ.get("METRICOPS_EXPECT_SANITIZED"):
+        import metricops
+
+        assert metricops.build_info()["sanitizers"], f"not the sanitized build: {metricops.__file__}"
+        print(f"\nmetricops under test: {metricops.__file__} (ASan+UBSan)")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Hypothesis profiles for the property tests: "dev" (default, quick) and "ci"
+# (selected when the CI environment variable is set). Tests that pass their
+# own @settings(max_examples=...) keep it.
+try:
+    import os
+
+    from hypothesis import settings
+
+    settings.register_profile("dev", max_examples=15, deadline=None, derandomize=True)
+    settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)
+    settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass

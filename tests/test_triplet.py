@@ -328,3 +328,14 @@ def test_bad_input_reaches_native_checks(args, match):
         torch.ops.metricops.semihard_triplet(*args)
     with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
         torch.ops.metricops.batch_hard_triplet(*args, False, 0)
+
+
+def test_semihard_backward_refuses_foreign_indices():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    losses, negative, dist = torch.ops.metricops.semihard_triplet(x, labels, 0.2, "euclidean")
+    for bad in (6, 100, -2):
+        neg = negative.clone()
+        neg[0, 1] = bad
+        with pytest.raises(RuntimeError, match="negative must hold indices in"):
+            torch.ops.metricops.semihard_triplet_backward(torch.ones_like(losses), None, x, losses + 1, neg, dist, "euclidean")

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/where.h>
@@ -139,6 +140,13 @@ at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const
   TORCH_CHECK_TYPE(positive.scalar_type() == at::kLong && negative.scalar_type() == at::kLong,
                    "batch_hard_triplet_backward: positive and negative must be int64");
   if (B == 0) return at::zeros_like(embeddings);
+  // The coefficient kernels read aux[p] and aux[n] unchecked: a direct
+  // torch.ops call with a foreign index must be refused, not read out of
+  // bounds. (CPU: a synchronous check; CUDA: a device-side assert, no sync.)
+  for (const at::Tensor* t : {&positive, &negative}) {
+    at::_assert_async(t->ge(-1).logical_and_(t->lt(B)).all(),
+                      "batch_hard_triplet_backward: positive and negative must hold indices in [-1, B)");
+  }
   const at::ScalarType acc = (embeddings.scalar_type() == at::kHalf || embeddings.scalar_type() == at::kBFloat16)
                                  ? at::kFloat
                                  : embeddings.scalar_type();
@@ -184,6 +192,10 @@ inline void check_semihard_backward_inputs(const at::Tensor& grad_losses, const 
                       embeddings.device(), ", got ", t->device());
   }
   TORCH_CHECK_TYPE(negative.scalar_type() == at::kLong, "semihard_triplet_backward: negative must be int64");
+  // The coefficients are written at (a, negative[a, p]): a foreign index from
+  // a direct torch.ops call must be refused, not written out of bounds.
+  at::_assert_async(negative.ge(-1).logical_and_(negative.lt(B)).all(),
+                    "semihard_triplet_backward: negative must hold indices in [-1, B)");
 }
 
 // pairwise_distance_backward through the dispatcher (its kernels live in

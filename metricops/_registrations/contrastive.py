@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._ops import ops
-from .distance import _LIB, _no_double_backward
+from .distance import _LIB, _check_embeddings, _check_labels, _check_same_device_dtype, _no_double_backward
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -25,11 +25,8 @@ def _no_setup(ctx, inputs, output):
 
 @torch.library.register_fake(_LIB + "contrastive_loss")
 def _contrastive_loss_fake(x, labels, pos_margin, neg_margin, metric, squared, reduction):
-    torch._check(x.dim() == 2, lambda: f"embeddings must be a 2-D tensor of shape (B, D), got {x.dim()}-D")
-    torch._check(
-        labels.dim() == 1 and labels.shape[0] == x.shape[0],
-        lambda: f"labels must be a 1-D tensor of length B={x.shape[0]} (one label per embedding)",
-    )
+    _check_embeddings(x, "embeddings")
+    _check_labels(labels, x)
     B = x.shape[0]
     none = reduction == "none"
     loss = x.new_empty((B, B)) if none else x.new_empty(())
@@ -76,9 +73,16 @@ torch.library.register_autograd(
 
 @torch.library.register_fake(_LIB + "pair_contrastive_loss")
 def _pair_contrastive_loss_fake(x0, x1, y, margin, metric, squared):
-    torch._check(x0.dim() == 2, lambda: f"x0 must be a 2-D tensor of shape (N, D), got {x0.dim()}-D")
-    torch._check(x1.shape == x0.shape, lambda: f"x1 must have the same shape as x0 {tuple(x0.shape)}")
-    torch._check(y.dim() == 1 and y.shape[0] == x0.shape[0], lambda: "y must be a 1-D tensor of length N")
+    _check_embeddings(x0, "x0")
+    _check_embeddings(x1, "x1")
+    _check_same_device_dtype(x0, "x0", x1, "x1")
+    torch._check(
+        x1.shape == x0.shape, lambda: f"x1 must have the same shape as x0 {tuple(x0.shape)}, got {tuple(x1.shape)}"
+    )
+    torch._check(
+        y.dim() == 1 and y.shape[0] == x0.shape[0],
+        lambda: f"y must be a 1-D tensor of length N={x0.shape[0]} (one label per pair), got shape {tuple(y.shape)}",
+    )
     n = x0.shape[0]
     return x0.new_empty((n,)), x0.new_empty((n,), dtype=_acc_dtype(x0))
 
@@ -119,9 +123,16 @@ torch.library.register_autograd(
 
 @torch.library.register_fake(_LIB + "triplet_margin_loss")
 def _triplet_margin_loss_fake(a, p, n, margin, norm_p, eps, swap, squared):
-    torch._check(a.dim() == 2, lambda: f"anchor must be a 2-D tensor of shape (N, D), got {a.dim()}-D")
-    torch._check(p.shape == a.shape, lambda: f"positive must have the same shape as anchor {tuple(a.shape)}")
-    torch._check(n.shape == a.shape, lambda: f"negative must have the same shape as anchor {tuple(a.shape)}")
+    for t, name in ((a, "anchor"), (p, "positive"), (n, "negative")):
+        _check_embeddings(t, name)
+    _check_same_device_dtype(a, "anchor", p, "positive")
+    _check_same_device_dtype(a, "anchor", n, "negative")
+    torch._check(
+        p.shape == a.shape, lambda: f"positive must have the same shape as anchor {tuple(a.shape)}, got {tuple(p.shape)}"
+    )
+    torch._check(
+        n.shape == a.shape, lambda: f"negative must have the same shape as anchor {tuple(a.shape)}, got {tuple(n.shape)}"
+    )
     rows = a.shape[0]
     return a.new_empty((rows,)), a.new_empty((rows, 3), dtype=_acc_dtype(a))
 

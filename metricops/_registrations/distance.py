@@ -13,6 +13,43 @@ from .._ops import ops
 _LIB = "metricops::"
 
 
+def _check_embeddings(t, name):
+    """The fake-kernel twin of _validation.check_embeddings / C++ check_embeddings: same wording."""
+    torch._check(
+        t.dim() == 2,
+        lambda: f"{name} must be a 2-D tensor of shape (B, D), got {t.dim()}-D tensor of shape {tuple(t.shape)}",
+    )
+    allowed = (torch.float32, torch.float64)
+    if t.device.type == "cuda":
+        allowed = allowed + (torch.float16, torch.bfloat16)
+    torch._check(
+        t.dtype in allowed,
+        lambda: f"{name} must be float32 or float64 (float16/bfloat16 on CUDA), got {t.dtype} on {t.device}",
+    )
+
+
+def _check_same_device_dtype(a, a_name, b, b_name):
+    torch._check(
+        a.device == b.device, lambda: f"{b_name} must be on the same device as {a_name} ({a.device}), got {b.device}"
+    )
+    torch._check(
+        a.dtype == b.dtype, lambda: f"{b_name} must have the same dtype as {a_name} ({a.dtype}), got {b.dtype}"
+    )
+
+
+def _check_labels(labels, embeddings, name="labels"):
+    b = embeddings.shape[0]
+    torch._check(
+        labels.dim() == 1 and labels.shape[0] == b,
+        lambda: f"{name} must be a 1-D tensor of length B={b} (one label per embedding), got shape {tuple(labels.shape)}",
+    )
+    torch._check(labels.dtype in (torch.int32, torch.int64), lambda: f"{name} must be int32 or int64, got {labels.dtype}")
+    torch._check(
+        labels.device == embeddings.device,
+        lambda: f"{name} must be on the embeddings' device ({embeddings.device}), got {labels.device}",
+    )
+
+
 def _no_double_backward(name):
     def backward(ctx, *grads):
         raise RuntimeError(f"metricops: double backward of {name} is not supported")
@@ -28,8 +65,10 @@ def _no_double_backward(name):
 @torch.library.register_fake(_LIB + "pairwise_distance")
 def _pairwise_distance_fake(x, y, metric):
     other = x if y is None else y
-    torch._check(x.dim() == 2, lambda: f"x must be a 2-D tensor of shape (B, D), got {x.dim()}-D")
-    torch._check(other.dim() == 2, lambda: f"y must be a 2-D tensor of shape (B, D), got {other.dim()}-D")
+    _check_embeddings(x, "x")
+    _check_embeddings(other, "y")
+    if y is not None:
+        _check_same_device_dtype(x, "x", y, "y")
     torch._check(
         x.shape[1] == other.shape[1],
         lambda: f"y must have the same embedding size D as x ({x.shape[1]}), got shape {tuple(other.shape)}",

@@ -5,18 +5,14 @@ from __future__ import annotations
 import torch
 
 from .._ops import ops
-from .distance import _no_double_backward
+from .distance import _check_embeddings, _check_labels, _no_double_backward
 
 _LIB = "metricops::"
 
 
 def _check_batch(embeddings, labels):
-    torch._check(embeddings.dim() == 2, lambda: f"embeddings must be a 2-D tensor of shape (B, D), got {embeddings.dim()}-D")
-    torch._check(
-        labels.dim() == 1 and labels.shape[0] == embeddings.shape[0],
-        lambda: f"labels must be a 1-D tensor of length B={embeddings.shape[0]} (one label per embedding), "
-        f"got shape {tuple(labels.shape)}",
-    )
+    _check_embeddings(embeddings, "embeddings")
+    _check_labels(labels, embeddings)
 
 
 # ------------------------------------------------------------------ batch-hard

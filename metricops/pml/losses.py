@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _validation as v
 from ..contrastive import contrastive_loss
 from ._common import all_pairs, all_triplets, avg_nonzero, refuse_unsupported, set_ref
 from .distances import resolve
@@ -40,6 +41,8 @@ class ContrastiveLoss(torch.nn.Module):
     def __init__(self, pos_margin: float = 0, neg_margin: float = 1, distance=None, **kwargs):
         super().__init__()
         refuse_unsupported("losses.ContrastiveLoss", kwargs)
+        v.check_number(pos_margin, "pos_margin")
+        v.check_number(neg_margin, "neg_margin")
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
         self.distance = resolve(distance, "losses.ContrastiveLoss")
@@ -108,6 +111,9 @@ class TripletMarginLoss(torch.nn.Module):
                 f"metricops.pml: losses.TripletMarginLoss supports triplets_per_anchor='all' only, "
                 f"got {triplets_per_anchor!r}"
             )
+        v.check_number(margin, "margin", finite=True)
+        v.check_flag(swap, "swap")
+        v.check_flag(smooth_loss, "smooth_loss")
         self.margin = margin
         self.swap = swap
         self.smooth_loss = smooth_loss

@@ -12,6 +12,7 @@ import torch
 
 from ..triplet import mine_triplets
 from ._common import refuse_unsupported
+from .. import _validation as v
 from .distances import resolve
 
 _TYPES = {"all": "violating", "hard": "hard", "semihard": "semihard", "easy": "easy"}
@@ -72,7 +73,7 @@ class TripletMarginMiner(_TripletMiner):
                 f"metricops.pml: miners.TripletMarginMiner type_of_triplets must be one of "
                 f"{', '.join(repr(t) for t in _TYPES)}, got {type_of_triplets!r}"
             )
-        self.margin = margin
+        self.margin = v.check_number(margin, "margin", finite=True)
         self.type_of_triplets = type_of_triplets
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):

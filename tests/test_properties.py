@@ -1,0 +1,219 @@
+"""Issue 8, part 3: property-based comparison of every loss op and pairwise_distance
+with metricops.reference (float64), values and gradients.
+
+Shapes, label patterns, metrics, reductions, margins and dtypes are drawn by
+hypothesis; the data is random normal (from a drawn seed), which keeps it away
+from ties. Gradients are compared only when no hinge argument or selection
+comparison of the reference lies within a small distance of its kink
+(``_away_from_kinks``); values are always compared. Profiles: see conftest.py
+("dev" by default, "ci" when CI is set).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import assume, given, strategies as st  # noqa: E402
+
+import metricops  # noqa: E402
+from metricops import reference  # noqa: E402
+
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+TOL = {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(atol=2e-4, rtol=2e-4)}
+KINK = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+@st.composite
+def batches(draw, min_b=0, max_b=12):
+    b = draw(st.integers(min_b, max_b))
+    d = draw(st.integers(1, 8))
+    pattern = draw(st.sampled_from(["random", "one_class", "distinct", "pairs", "negative_huge"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    if pattern == "random":
+        labels = torch.randint(0, max(1, b // 2), (b,), generator=g)
+    elif pattern == "one_class":
+        labels = torch.zeros(b, dtype=torch.int64)
+    elif pattern == "distinct":
+        labels = torch.randperm(b, generator=g)
+    elif pattern == "pairs":
+        labels = torch.arange(b) // 2
+    else:
+        labels = (torch.randint(0, 3, (b,), generator=g) - 1) * (2**40) - 7
+    if draw(st.booleans()):
+        labels = labels.to(torch.int32) if pattern != "negative_huge" else labels
+    return x.to(dtype), labels
+
+
+def _away_from_kinks(d, labels, quantities, thresh):
+    """No hinge argument near 0, and no tie between two distances of a row (selection kinks)."""
+    if d.numel() == 0:
+        return True
+    for q in quantities:
+        if q.numel() and q.abs().min() < thresh:
+            return False
+    b = d.shape[0]
+    off = ~torch.eye(b, dtype=torch.bool)
+    for a in range(b):
+        row = d[a][off[a]].sort().values
+        if row.numel() > 1 and (row[1:] - row[:-1]).min() < thresh:
+            return False
+    if off.any() and d[off].min() < thresh:  # euclidean/cosine kink at d = 0
+        return False
+    return True
+
+
+def _triplet_quantities(d, labels, margin):
+    pos = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool)
+    neg = labels[:, None] != labels[None, :]
+    valid = pos[:, :, None] & neg[:, None, :]
+    m = d[:, None, :] - d[:, :, None]  # d[a,n] - d[a,p]
+    return [(margin - m)[valid], m[valid]]
+
+
+def _compare(fn, ref, x, **kw):
+    """Values always; gradients (float64 reference) when returned grad check is wanted."""
+    xa = x.clone().requires_grad_()
+    xr = x.double().clone().requires_grad_()
+    out = fn(xa, **kw)
+    exp = ref(xr, **kw)
+    torch.testing.assert_close(out.double(), exp, **TOL[x.dtype], equal_nan=True)
+    return xa, xr, out, exp
+
+
+def _grads_match(xa, xr, out, exp, dtype):
+    if not out.requires_grad:
+        return
+    w = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape)
+    (ga,) = torch.autograd.grad((out.double() * w).sum(), xa)
+    (gr,) = torch.autograd.grad((exp * w).sum(), xr)
+    torch.testing.assert_close(ga.double(), gr, **TOL[dtype])
+
+
+@given(batch=batches(), metric=st.sampled_from(METRICS), normalize=st.booleans(), with_y=st.booleans())
+def test_pairwise_distance_matches_reference(batch, metric, normalize, with_y):
+    x, _ = batch
+    y = x.flip(0)[: max(0, x.shape[0] - 1)] + 0.5 if with_y else None
+    xa = x.clone().requires_grad_()
+    xr = x.double().clone().requires_grad_()
+    out = metricops.pairwise_distance(xa, None if y is None else y, metric=metric, normalize=normalize)
+    exp = reference.pairwise_distance(xr, None if y is None else y.double(), metric=metric, normalize=normalize)
+    torch.testing.assert_close(out.double(), exp, **TOL[x.dtype])
+    if exp.numel() and (exp.detach() > KINK[x.dtype]).logical_or(torch.eye(*exp.shape, dtype=torch.bool)).all():
+        _grads_match(xa, xr, out, exp, x.dtype)
+
+
+LOSS_SPECS = {
+    "batch_hard": (metricops.batch_hard_triplet_loss, reference.batch_hard_triplet_loss, ("mean", "sum", "mean_nonzero", "none")),
+    "semihard": (metricops.semihard_triplet_loss, reference.semihard_triplet_loss, ("mean", "sum", "mean_nonzero", "none")),
+    "batch_all": (metricops.batch_all_triplet_loss, reference.batch_all_triplet_loss, ("mean", "sum", "mean_nonzero")),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSS_SPECS))
+@given(batch=batches(), metric=st.sampled_from(METRICS), normalize=st.booleans(), data=st.data())
+def test_triplet_losses_match_reference(name, batch, metric, normalize, data):
+    x, labels = batch
+    fn, ref, reductions = LOSS_SPECS[name]
+    reduction = data.draw(st.sampled_from(reductions))
+    margin = data.draw(st.sampled_from([0.0, 0.2, 1.0]))
+    kw = dict(labels=labels, margin=margin, metric=metric, normalize=normalize, reduction=reduction)
+    if name == "batch_hard" and data.draw(st.booleans()):
+        kw["soft"] = True
+    wrap = lambda f: (lambda e, labels, **k: f(e, labels, **k))  # noqa: E731
+    xa, xr, out, exp = _compare(wrap(fn), wrap(ref), x, **kw)
+    d = reference.pairwise_distance(x.double(), metric=metric, normalize=normalize)
+    if _away_from_kinks(d, labels, _triplet_quantities(d, labels, margin), KINK[x.dtype]):
+        _grads_match(xa, xr, out, exp, x.dtype)
+
+
+@given(batch=batches(), metric=st.sampled_from(METRICS), normalize=st.booleans(), squared=st.booleans(),
+       reduction=st.sampled_from(["mean", "sum", "mean_nonzero", "none"]),
+       margins=st.sampled_from([(0.0, 1.0), (0.1, 0.8), (0.5, 2.0)]))
+def test_contrastive_loss_matches_reference(batch, metric, normalize, squared, reduction, margins):
+    x, labels = batch
+    pm, nm = margins
+    kw = dict(labels=labels, pos_margin=pm, neg_margin=nm, metric=metric, squared=squared, normalize=normalize,
+              reduction=reduction)
+    f = lambda e, labels, **k: metricops.contrastive_loss(e, labels, **k)  # noqa: E731
+    r = lambda e, labels, **k: reference.contrastive_loss(e, labels, **k)  # noqa: E731
+    xa, xr, out, exp = _compare(f, r, x, **kw)
+    d = reference.pairwise_distance(x.double(), metric=metric, normalize=normalize)
+    off = ~torch.eye(d.shape[0], dtype=torch.bool)
+    qs = [(d - pm)[off], (nm - d)[off]]
+    if all(q.numel() == 0 or q.abs().min() > KINK[x.dtype] for q in qs) and (d.numel() == 0 or d[off].numel() == 0 or d[off].min() > KINK[x.dtype]):
+        _grads_match(xa, xr, out, exp, x.dtype)
+
+
+@given(batch=batches(min_b=0, max_b=10), metric=st.sampled_from(METRICS), squared=st.booleans(),
+       reduction=st.sampled_from(["mean", "sum", "mean_nonzero", "none"]), margin=st.sampled_from([0.5, 1.0, 2.0]),
+       y_kind=st.sampled_from(["bool", "int", "float"]))
+def test_pair_contrastive_matches_reference(batch, metric, squared, reduction, margin, y_kind):
+    x, _ = batch
+    x1 = x.roll(1, 0) * 0.7 + 0.1
+    y = (torch.arange(x.shape[0]) % 3 == 0)
+    y = {"bool": y, "int": y.long(), "float": y.double()}[y_kind]
+    x0a, x1a = x.clone().requires_grad_(), x1.clone().requires_grad_()
+    x0r, x1r = x.double().clone().requires_grad_(), x1.double().clone().requires_grad_()
+    kw = dict(margin=margin, metric=metric, squared=squared, reduction=reduction)
+    out = metricops.pair_contrastive_loss(x0a, x1a, y, **kw)
+    exp = reference.pair_contrastive_loss(x0r, x1r, y, **kw)
+    torch.testing.assert_close(out.double(), exp, **TOL[x.dtype])
+    d = reference._row_distance(x.double(), x1.double(), metric)
+    if d.numel() == 0 or ((d - margin).abs().min() > KINK[x.dtype] and d.min() > KINK[x.dtype]):
+        w = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape)
+        ga = torch.autograd.grad((out.double() * w).sum(), (x0a, x1a))
+        gr = torch.autograd.grad((exp * w).sum(), (x0r, x1r))
+        for a, b in zip(ga, gr):
+            torch.testing.assert_close(a.double(), b, **TOL[x.dtype])
+
+
+@given(batch=batches(min_b=0, max_b=10), p=st.sampled_from([1.0, 2.0, 3.0]), swap=st.booleans(),
+       squared=st.booleans(), reduction=st.sampled_from(["mean", "sum", "none"]), margin=st.sampled_from([0.5, 1.0]))
+def test_triplet_margin_loss_matches_torch(batch, p, swap, squared, reduction, margin):
+    x, _ = batch
+    if squared:
+        p = 2.0
+    a, pos, neg = x, x.roll(1, 0) * 0.9, x.roll(2, 0) * 1.1 + 0.2
+    ins = [t.clone().requires_grad_() for t in (a, pos, neg)]
+    ref_ins = [t.double().clone().requires_grad_() for t in (a, pos, neg)]
+    out = metricops.triplet_margin_loss(*ins, margin=margin, p=p, swap=swap, reduction=reduction, squared=squared)
+    if squared:
+        exp = reference.triplet_margin_loss(*ref_ins, margin=margin, p=p, swap=swap, reduction=reduction, squared=True)
+    else:
+        exp = F.triplet_margin_loss(*ref_ins, margin=margin, p=p, swap=swap, reduction=reduction)
+        if x.shape[0] == 0 and reduction == "mean":
+            exp = exp.nan_to_num(0.0)  # documented deviation: 0, not NaN, for an empty mean
+    torch.testing.assert_close(out.double(), exp, **TOL[x.dtype])
+    with torch.no_grad():
+        hinge = reference.triplet_margin_loss(*[t.double() for t in (a, pos, neg)], margin=margin, p=p, swap=swap,
+                                              reduction="none", squared=squared)
+        # the pre-relu value is hinge where > 0; near-0 hinges are kinks
+        raw_ok = hinge.numel() == 0 or ((hinge == 0) | (hinge > KINK[x.dtype])).all()
+    assume(True)
+    if raw_ok and out.requires_grad:
+        w = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape)
+        ga = torch.autograd.grad((out.double() * w).sum(), ins)
+        gr = torch.autograd.grad((exp * w).sum(), ref_ins)
+        for g1, g2 in zip(ga, gr):
+            torch.testing.assert_close(g1.double(), g2, **TOL[x.dtype])
+
+
+@given(batch=batches(max_b=10), metric=st.sampled_from(METRICS),
+       strategy=st.sampled_from(["all", "violating", "semihard", "hard", "easy", "batch_hard"]),
+       margin=st.sampled_from([-0.2, 0.0, 0.3]))
+def test_mining_and_statistics_match_reference(batch, metric, strategy, margin):
+    x, labels = batch
+    x = x.double()
+    d = reference.pairwise_distance(x, metric=metric)
+    assume(_away_from_kinks(d, labels, _triplet_quantities(d, labels, margin), 1e-6))
+    got = metricops.mine_triplets(x, labels, strategy=strategy, margin=margin, metric=metric)
+    exp = reference.mine_triplets(x, labels, strategy=strategy, margin=margin, metric=metric)
+    for a, b in zip(got, exp):
+        assert torch.equal(a, b)
+    stats = metricops.triplet_statistics(x, labels, margin=margin, metric=metric)
+    ref_stats = reference.triplet_statistics(x, labels, margin=margin, metric=metric)
+    assert {k: int(v) for k, v in stats.items()} == {k: int(v) for k, v in ref_stats.items()}

@@ -1,0 +1,255 @@
+"""Issue 8, part 1: every public entry point refuses bad input with a message that
+names the argument and the expected value (Python layer first, the C++ checks
+and the fake kernels with the same wording).
+
+The per-module test files already cover the basic cases of each function; this
+file is the audit across all of them (the table below is the issue's closing
+note), plus the eager-vs-torch.compile wording and the direct-op last line.
+"""
+
+import pytest
+import torch
+
+import metricops
+from metricops import nn as mnn
+from metricops.pml import distances, losses, miners
+
+X = torch.randn(4, 3)
+L = torch.tensor([0, 0, 1, 1])
+Y = torch.tensor([1, 0, 1, 0])
+NAN, INF = float("nan"), float("inf")
+bh = metricops.batch_hard_triplet_loss
+sh = metricops.semihard_triplet_loss
+ba = metricops.batch_all_triplet_loss
+ts = metricops.triplet_statistics
+mt = metricops.mine_triplets
+cl = metricops.contrastive_loss
+pcl = metricops.pair_contrastive_loss
+tml = metricops.triplet_margin_loss
+pd = metricops.pairwise_distance
+
+# (id, call, exception, text the message must contain)
+BAD = [
+    # ---- pairwise_distance
+    ("pd_bf16_cpu", lambda: pd(X.bfloat16()), TypeError, "x must be float32 or float64 (float16/bfloat16 on CUDA), got torch.bfloat16 on cpu"),
+    ("pd_y_1d", lambda: pd(X, torch.randn(3)), ValueError, "y must be a 2-D tensor of shape (B, D), got 1-D"),
+    ("pd_y_not_tensor", lambda: pd(X, [[1.0, 2.0, 3.0]]), TypeError, "y must be a torch.Tensor, got list"),
+    ("pd_y_half_cpu", lambda: pd(X, X.half()), TypeError, "y must be float32 or float64"),
+    ("pd_metric_case", lambda: pd(X, metric="Euclidean"), ValueError, "metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got 'Euclidean'"),
+    ("pd_normalize_int", lambda: pd(X, normalize=1), TypeError, "normalize must be a bool, got int"),
+    # ---- batch_hard_triplet_loss
+    ("bh_emb_fp16_cpu", lambda: bh(X.half(), L), TypeError, "embeddings must be float32 or float64 (float16/bfloat16 on CUDA), got torch.float16 on cpu"),
+    ("bh_emb_3d", lambda: bh(X[None], L), ValueError, "embeddings must be a 2-D tensor of shape (B, D), got 3-D"),
+    ("bh_emb_meta", lambda: bh(X.to("meta"), L), ValueError, "labels must be on the embeddings' device (meta), got cpu"),
+    ("bh_labels_bool", lambda: bh(X, L.bool()), TypeError, "labels must be int32 or int64, got torch.bool"),
+    ("bh_labels_int16", lambda: bh(X, L.short()), TypeError, "labels must be int32 or int64, got torch.int16"),
+    ("bh_labels_list", lambda: bh(X, [0, 0, 1, 1]), TypeError, "labels must be a torch.Tensor, got list"),
+    ("bh_margin_inf", lambda: bh(X, L, margin=INF), ValueError, "margin must be a finite number, got inf"),
+    ("bh_margin_neg", lambda: bh(X, L, margin=-0.1), ValueError, "margin must be >= 0.0, got -0.1"),
+    ("bh_margin_str", lambda: bh(X, L, margin="0.2"), TypeError, "margin must be a number, got str"),
+    ("bh_margin_bool", lambda: bh(X, L, margin=True), TypeError, "margin must be a number, got bool"),
+    ("bh_margin_tensor", lambda: bh(X, L, margin=torch.tensor(0.2)), TypeError, "margin must be a number, got Tensor"),
+    ("bh_soft_str", lambda: bh(X, L, soft="no"), TypeError, "soft must be a bool, got str"),
+    ("bh_normalize_none", lambda: bh(X, L, normalize=None), TypeError, "normalize must be a bool, got NoneType"),
+    ("bh_memory_none", lambda: bh(X, L, memory=None), ValueError, "memory must be one of 'auto', 'matrix', 'streaming', got None"),
+    # ---- semihard / batch-all
+    ("sh_margin_ninf", lambda: sh(X, L, margin=-INF), ValueError, "margin must be a finite number, got -inf"),
+    ("sh_reduction_none_obj", lambda: sh(X, L, reduction=None), ValueError, "reduction must be one of 'mean', 'sum', 'mean_nonzero', 'none', got None"),
+    ("sh_labels_float", lambda: sh(X, L.double()), TypeError, "labels must be int32 or int64, got torch.float64"),
+    ("ba_reduction_none", lambda: ba(X, L, reduction="none"), ValueError, "reduction must be one of 'mean', 'sum', 'mean_nonzero', got 'none'"),
+    ("ba_margin_nan", lambda: ba(X, L, margin=NAN), ValueError, "margin must not be NaN"),
+    ("ba_metric_int", lambda: ba(X, L, metric=2), ValueError, "metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got 2"),
+    # ---- triplet_statistics / mine_triplets
+    ("ts_margin_inf", lambda: ts(X, L, margin=INF), ValueError, "margin must be a finite number, got inf"),
+    ("ts_labels_meta", lambda: ts(X, L.to("meta")), ValueError, "labels must be on the embeddings' device (cpu), got meta"),
+    ("mt_strategy_none", lambda: mt(X, L, strategy=None), ValueError, "strategy must be one of 'all', 'violating', 'semihard', 'hard', 'easy', 'batch_hard', got None"),
+    ("mt_strategy_missing", lambda: mt(X, L), TypeError, "strategy"),
+    ("mt_margin_nan", lambda: mt(X, L, strategy="all", margin=NAN), ValueError, "margin must not be NaN"),
+    ("mt_emb_int", lambda: mt(X.long(), L, strategy="all"), TypeError, "embeddings must be float32 or float64"),
+    # ---- contrastive_loss
+    ("cl_pos_margin_nan", lambda: cl(X, L, pos_margin=NAN), ValueError, "pos_margin must not be NaN"),
+    ("cl_reduction", lambda: cl(X, L, reduction="avg"), ValueError, "reduction must be one of 'mean', 'sum', 'mean_nonzero', 'none', got 'avg'"),
+    ("cl_memory", lambda: cl(X, L, memory="disk"), ValueError, "memory must be one of 'auto', 'matrix', 'streaming', got 'disk'"),
+    ("cl_normalize", lambda: cl(X, L, normalize="yes"), TypeError, "normalize must be a bool, got str"),
+    ("cl_labels_len", lambda: cl(X, L[:3]), ValueError, "labels must be a 1-D tensor of length B=4 (one label per embedding), got shape (3,)"),
+    ("cl_bf16_cpu", lambda: cl(X.bfloat16(), L), TypeError, "embeddings must be float32 or float64"),
+    # ---- pair_contrastive_loss
+    ("pcl_margin_inf", lambda: pcl(X, X, Y, margin=INF), ValueError, "margin must be a finite number, got inf"),
+    ("pcl_y_2d", lambda: pcl(X, X, Y[:, None]), ValueError, "y must be a 1-D tensor of length N=4 (one label per pair), got shape (4, 1)"),
+    ("pcl_y_complex", lambda: pcl(X, X, Y.to(torch.complex64)), TypeError, "y must be a bool, integer or floating tensor, got torch.complex64"),
+    ("pcl_y_nan", lambda: pcl(X, X, torch.tensor([1.0, NAN, 0.0, 1.0])), ValueError, "y must hold only 0 (dissimilar) and 1 (similar)"),
+    ("pcl_metric", lambda: pcl(X, X, Y, metric="l2"), ValueError, "metric must be one of"),
+    ("pcl_squared_none", lambda: pcl(X, X, Y, squared=None), TypeError, "squared must be a bool, got NoneType"),
+    ("pcl_x0_1d", lambda: pcl(X[0], X[0], Y[:1]), ValueError, "x0 must be a 2-D tensor of shape (B, D), got 1-D"),
+    # ---- triplet_margin_loss
+    ("tml_margin_inf", lambda: tml(X, X, X, margin=INF), ValueError, "margin must be a finite number, got inf"),
+    ("tml_eps_nan", lambda: tml(X, X, X, eps=NAN), ValueError, "eps must not be NaN"),
+    ("tml_eps_inf", lambda: tml(X, X, X, eps=INF), ValueError, "eps must be a finite number, got inf"),
+    ("tml_p_inf", lambda: tml(X, X, X, p=INF), ValueError, "p must be a finite number > 0, got inf"),
+    ("tml_p_neg", lambda: tml(X, X, X, p=-1.0), ValueError, "p must be a finite number > 0, got -1.0"),
+    ("tml_swap_int", lambda: tml(X, X, X, swap=1), TypeError, "swap must be a bool, got int"),
+    ("tml_mixed_rank", lambda: tml(X[0], X, X), ValueError, "anchor must be a 2-D tensor of shape (B, D), got 1-D"),
+    ("tml_3d", lambda: tml(X[None], X[None], X[None]), ValueError, "anchor must be a 2-D tensor"),
+    ("tml_half_cpu", lambda: tml(X.half(), X.half(), X.half()), TypeError, "anchor must be float32 or float64"),
+    ("tml_dtype_mix", lambda: tml(X, X, X.double()), TypeError, "negative must have the same dtype as anchor (torch.float32), got torch.float64"),
+    # ---- knn / retrieval_metrics
+    ("knn_k_bool", lambda: metricops.knn(X, k=True), TypeError, "k must be an int, got bool"),
+    ("knn_k_float", lambda: metricops.knn(X, k=2.0), TypeError, "k must be an int, got float"),
+    ("knn_k_none", lambda: metricops.knn(X, k=None), TypeError, "k must be an int, got NoneType"),
+    ("knn_k_self", lambda: metricops.knn(X, k=4), ValueError, "k must be between 1 and the number of database rows a query can return (3, self excluded), got k=4"),
+    ("knn_k_db", lambda: metricops.knn(X, X[:2], k=3), ValueError, "k must be between 1 and the number of database rows a query can return (2), got k=3"),
+    ("knn_db_meta", lambda: metricops.knn(X, X.to("meta"), k=1), ValueError, "database must be on the same device as queries (cpu), got meta"),
+    ("knn_db_dtype", lambda: metricops.knn(X, X.double(), k=1), TypeError, "database must have the same dtype as queries (torch.float32), got torch.float64"),
+    ("knn_progress", lambda: metricops.knn(X, k=1, progress=1), TypeError, "progress must be a bool, got int"),
+    ("knn_metric", lambda: metricops.knn(X, k=1, metric="dot"), ValueError, "metric must be one of"),
+    ("rm_ks_int", lambda: metricops.retrieval_metrics(X, L, ks=5), TypeError, "ks must be an iterable of ints, got int"),
+    ("rm_ks_bool", lambda: metricops.retrieval_metrics(X, L, ks=(True,)), ValueError, "ks must hold ints >= 1, got True"),
+    ("rm_ks_str", lambda: metricops.retrieval_metrics(X, L, ks="5"), ValueError, "ks must hold ints >= 1, got '5'"),
+    ("rm_progress", lambda: metricops.retrieval_metrics(X, L, progress="yes"), TypeError, "progress must be a bool, got str"),
+    ("rm_labels_meta", lambda: metricops.retrieval_metrics(X, L.to("meta")), ValueError, "query_labels must be on the same device as queries (cpu), got meta"),
+    ("rm_db_labels_dtype", lambda: metricops.retrieval_metrics(X, L, X, L.float()), TypeError, "database_labels must be int32 or int64, got torch.float32"),
+    # ---- nn modules: refused at construction, with the functionals' wording
+    ("nn_pd_metric", lambda: mnn.PairwiseDistance(metric="l1"), ValueError, "metric must be one of"),
+    ("nn_bh_margin", lambda: mnn.BatchHardTripletLoss(margin=-1.0), ValueError, "margin must be >= 0.0, got -1.0"),
+    ("nn_bh_soft", lambda: mnn.BatchHardTripletLoss(soft="yes"), TypeError, "soft must be a bool, got str"),
+    ("nn_sh_reduction", lambda: mnn.SemiHardTripletLoss(reduction="avg"), ValueError, "reduction must be one of"),
+    ("nn_ba_reduction", lambda: mnn.BatchAllTripletLoss(reduction="none"), ValueError, "reduction must be one of 'mean', 'sum', 'mean_nonzero', got 'none'"),
+    ("nn_tml_p", lambda: mnn.TripletMarginLoss(p=0), ValueError, "p must be a finite number > 0, got 0.0"),
+    ("nn_tml_margin", lambda: mnn.TripletMarginLoss(margin=NAN), ValueError, "margin must not be NaN"),
+    ("nn_cl_memory", lambda: mnn.ContrastiveLoss(memory="disk"), ValueError, "memory must be one of"),
+    ("nn_pcl_squared", lambda: mnn.PairContrastiveLoss(squared=2), TypeError, "squared must be a bool, got int"),
+    ("nn_bh_forward_labels", lambda: mnn.BatchHardTripletLoss()(X, L[:2]), ValueError, "labels must be a 1-D tensor of length B=4"),
+    # ---- metricops.pml
+    ("pml_tml_margin", lambda: losses.TripletMarginLoss(margin=NAN), ValueError, "margin must not be NaN"),
+    ("pml_tml_swap", lambda: losses.TripletMarginLoss(swap="no"), TypeError, "swap must be a bool, got str"),
+    ("pml_cl_margin", lambda: losses.ContrastiveLoss(neg_margin=NAN), ValueError, "neg_margin must not be NaN"),
+    ("pml_miner_margin", lambda: miners.TripletMarginMiner(margin=INF), ValueError, "margin must be a finite number, got inf"),
+    ("pml_miner_fp16", lambda: miners.BatchHardMiner()(X.half(), L), TypeError, "embeddings must be float32 or float64"),
+    ("pml_lp_p", lambda: distances.LpDistance(p=1), NotImplementedError, "supports p=2 only, got p=1"),
+    ("pml_loss_labels_len", lambda: losses.TripletMarginLoss()(X, L[:3]), ValueError, "labels must be a 1-D tensor of length 4"),
+]
+
+
+@pytest.mark.parametrize("call, exc, text", [pytest.param(c, e, t, id=i) for i, c, e, t in BAD])
+def test_bad_input_names_argument_and_expectation(call, exc, text):
+    with pytest.raises(exc) as info:
+        call()
+    assert text in str(info.value), str(info.value)
+
+
+def test_negative_margin_allowed_where_meaningful():
+    # Mining / statistics thresholds and the explicit losses accept a negative
+    # margin (torch.nn.functional.triplet_margin_loss does too); only the
+    # labelled-batch losses, where it would make the hinge meaningless, refuse it.
+    assert int(ts(X, L, margin=-0.5)["total"]) == 8
+    mt(X, L, strategy="violating", margin=-0.5)
+    tml(X, X.flip(0), X, margin=-0.5)
+    pcl(X, X, Y, margin=-0.5)
+    # An infinite contrastive margin switches a group of pairs off (pml relies on it).
+    assert torch.isfinite(cl(X, L, pos_margin=INF))
+
+
+# --------------------------------------------------------------------------- direct torch.ops calls: the C++ last line
+
+E = torch.randn(4, 3)
+IDX = torch.tensor([1, 0, 3, 2])
+
+
+@pytest.mark.parametrize(
+    "call, text",
+    [
+        pytest.param(lambda: torch.ops.metricops.pairwise_distance(X.bfloat16(), None, "euclidean"), "x must be float32 or float64 (float16/bfloat16 on CUDA)", id="pd_bf16"),
+        pytest.param(lambda: torch.ops.metricops.pairwise_distance(X, X.double(), "euclidean"), "y must have the same dtype as x", id="pd_dtype"),
+        pytest.param(lambda: torch.ops.metricops.batch_hard_triplet(X, L.short(), 0.2, "euclidean", False, 0), "labels must be int32 or int64", id="bh_labels_int16"),
+        pytest.param(lambda: torch.ops.metricops.mine_triplets(X, L, "hardest", 0.2, "euclidean"), "strategy must be one of", id="mt_strategy"),
+        pytest.param(lambda: torch.ops.metricops.triplet_statistics(X, L, NAN, "euclidean"), "margin must be a finite number", id="ts_margin_nan"),
+        pytest.param(lambda: torch.ops.metricops.batch_all_triplet(X, L, INF, "euclidean"), "margin must be a finite number", id="ba_margin_inf"),
+        pytest.param(lambda: torch.ops.metricops.contrastive_loss(X, L, NAN, 1.0, "euclidean", False, "mean"), "pos_margin must not be NaN", id="cl_nan"),
+        pytest.param(lambda: torch.ops.metricops.triplet_margin_loss(X, X, X, 1.0, INF, 1e-6, False, False), "p must be a finite number > 0", id="tml_p_inf"),
+        pytest.param(lambda: torch.ops.metricops.knn(X, X.double(), 1, "euclidean", 0), "database must have the same dtype as queries", id="knn_dtype"),
+        # Foreign indices into the batch-hard backward used to be read unchecked (aux[p]).
+        pytest.param(lambda: torch.ops.metricops.batch_hard_triplet_backward(
+            torch.ones(4), torch.zeros(4), torch.zeros(4), E, torch.tensor([1, 0, 3, 40]), IDX, torch.ones(4), torch.ones(4),
+            0.2, "euclidean", False), "positive and negative must hold indices in [-1, B)", id="bh_backward_index_high"),
+        pytest.param(lambda: torch.ops.metricops.batch_hard_triplet_backward(
+            torch.ones(4), torch.zeros(4), torch.zeros(4), E, IDX, torch.tensor([1, 0, 3, 4]), torch.ones(4), torch.ones(4),
+            0.2, "cosine", False), "positive and negative must hold indices in [-1, B)", id="bh_backward_index_B_cosine"),
+        pytest.param(lambda: torch.ops.metricops.batch_hard_triplet_backward(
+            torch.ones(4), torch.zeros(4), torch.zeros(4), E, IDX, torch.tensor([1, -7, 3, 2]), torch.ones(4), torch.ones(4),
+            0.2, "euclidean", False), "positive and negative must hold indices in [-1, B)", id="bh_backward_index_low"),
+    ],
+)
+def test_direct_op_refuses(call, text):
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+        call()
+    assert text in str(info.value), str(info.value)
+
+
+def test_batch_hard_backward_accepts_minus_one():
+    # -1 (anchor without a triplet) stays valid and gives zero gradient for that anchor.
+    g = torch.ops.metricops.batch_hard_triplet_backward(
+        torch.ones(4), torch.zeros(4), torch.zeros(4), E, torch.tensor([-1, 0, 3, 2]), torch.tensor([-1, 2, 0, 1]),
+        torch.ones(4), torch.ones(4), 0.2, "euclidean", False,
+    )
+    assert torch.isfinite(g).all()
+
+
+# --------------------------------------------------------------------------- eager and torch.compile say the same thing
+
+
+def _message(fn, *args):
+    with pytest.raises(Exception) as info:
+        fn(*args)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "fn, args, text",
+    [
+        pytest.param(lambda x: metricops.pairwise_distance(x), (torch.randn(2, 3, 4),),
+                     "x must be a 2-D tensor of shape (B, D), got 3-D tensor of shape (2, 3, 4)", id="pd_public"),
+        pytest.param(lambda x, y: torch.ops.metricops.pairwise_distance(x, y, "euclidean"), (torch.randn(3, 4), torch.randn(3, 5)),
+                     "y must have the same embedding size D as x (4), got shape", id="pd_op_dim"),
+        pytest.param(lambda x: torch.ops.metricops.pairwise_distance(x, None, "euclidean"), (torch.randn(2, 3, 4),),
+                     "x must be a 2-D tensor of shape (B, D), got 3-D tensor of shape", id="pd_op_rank"),
+        pytest.param(lambda x, lab: metricops.batch_hard_triplet_loss(x, lab), (torch.randn(4, 3), torch.zeros(5, dtype=torch.int64)),
+                     "labels must be a 1-D tensor of length B=4 (one label per embedding), got shape (5,)", id="bh_public"),
+        pytest.param(lambda x, lab: torch.ops.metricops.batch_hard_triplet(x, lab, 0.2, "euclidean", False, 0),
+                     (torch.randn(4, 3), torch.zeros(5, dtype=torch.int64)),
+                     "labels must be a 1-D tensor of length B=4 (one label per embedding), got shape", id="bh_op_labels"),
+        pytest.param(lambda x, lab: torch.ops.metricops.batch_hard_triplet(x, lab, 0.2, "euclidean", False, 0),
+                     (torch.randn(4, 3, 1), torch.zeros(4, dtype=torch.int64)),
+                     "embeddings must be a 2-D tensor of shape (B, D), got 3-D tensor of shape", id="bh_op_rank"),
+        pytest.param(lambda x, lab: torch.ops.metricops.contrastive_loss(x, lab, 0.0, 1.0, "euclidean", False, "mean"),
+                     (torch.randn(4, 3), torch.zeros(4)), "labels must be int32 or int64, got", id="cl_op_dtype"),
+        pytest.param(lambda q: torch.ops.metricops.knn(q, None, 4, "euclidean", 0), (torch.randn(4, 3),),
+                     "k must be between 1 and the number of database rows a query can return (3, self excluded), got k=4", id="knn_op_k"),
+    ],
+)
+def test_compile_error_matches_eager(fn, args, text):
+    torch._dynamo.reset()
+    eager = _message(fn, *args)
+    assert text in eager, eager
+    compiled = _message(torch.compile(fn, fullgraph=True, dynamic=False), *args)
+    assert text in compiled, compiled
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fake_kernel_refuses_low_precision_on_cpu(dtype):
+    # The fake kernel (used for meta tensors and under torch.compile) repeats the dtype rule.
+    x = torch.randn(3, 4, dtype=dtype, device="meta")
+    with pytest.raises(RuntimeError, match=r"x must be float32 or float64 \(float16/bfloat16 on CUDA\)"):
+        torch.ops.metricops.pairwise_distance(x, None, "euclidean")
+
+
+@pytest.mark.needs_cuda
+def test_tensors_on_different_gpus_refused():  # pragma: no cover - needs 2 GPUs
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    a, b = torch.randn(3, 4, device="cuda:0"), torch.randn(3, 4, device="cuda:1")
+    with pytest.raises(ValueError, match=r"y must be on the same device as x \(cuda:0\), got cuda:1"):
+        metricops.pairwise_distance(a, b)
+    with pytest.raises((RuntimeError, ValueError), match="y must be on the same device as x"):
+        torch.ops.metricops.pairwise_distance(a, b, "euclidean")
+    with pytest.raises(ValueError, match="labels must be on the embeddings' device"):
+        metricops.batch_hard_triplet_loss(a, torch.zeros(3, dtype=torch.int64, device="cuda:1"))

@@ -43,6 +43,7 @@ def _contrastive_loss_backward_fake(grad, x, labels, mat, row_coef, denom, pos_m
 
 
 def _contrastive_loss_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no B×B zero tensors
     x, labels, pos_margin, neg_margin, metric, squared, reduction = inputs
     _, mat, row_coef, denom = output
     ctx.args = (pos_margin, neg_margin, metric, squared, reduction)
@@ -95,6 +96,7 @@ def _pair_contrastive_loss_backward_fake(grad, x0, x1, y, dist, margin, metric, 
 
 
 def _pair_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no B×B zero tensors
     x0, x1, y, margin, metric, squared = inputs
     _, dist = output
     ctx.args = (margin, metric, squared)
@@ -143,6 +145,7 @@ def _triplet_margin_loss_backward_fake(grad, a, p, n, dists, margin, norm_p, eps
 
 
 def _triplet_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no B×B zero tensors
     a, p, n, margin, norm_p, eps, swap, squared = inputs
     _, dists = output
     ctx.args = (margin, norm_p, eps, swap, squared)
@@ -184,6 +187,7 @@ def _contrastive_streaming_backward_fake(grad, embeddings, labels, denom, pos_ma
 
 
 def _contrastive_streaming_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no B×B zero tensors
     embeddings, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows = inputs
     _, denom = output
     ctx.mark_non_differentiable(denom)

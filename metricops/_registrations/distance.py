@@ -83,6 +83,7 @@ def _pairwise_distance_backward_fake(grad, x, y, dist, metric):
 
 
 def _pairwise_distance_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no B×B zero tensors
     x, y, metric = inputs
     ctx.metric = metric
     ctx.y_is_none = y is None
@@ -90,6 +91,8 @@ def _pairwise_distance_setup_context(ctx, inputs, output):
 
 
 def _pairwise_distance_backward(ctx, grad):
+    if grad is None:
+        return None, None, None
     x, y, dist = ctx.saved_tensors
     grad_x, grad_y = ops.pairwise_distance_backward(grad, x, None if ctx.y_is_none else y, dist, ctx.metric)
     return grad_x, (None if ctx.y_is_none else grad_y), None

@@ -32,6 +32,7 @@ def _batch_hard_backward_fake(grad_losses, grad_dist_ap, grad_dist_an, embedding
 
 
 def _batch_hard_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no B×B zero tensors
     embeddings, labels, margin, metric, soft, block_rows = inputs
     _, positive, negative, dist_ap, dist_an = output
     ctx.margin, ctx.metric, ctx.soft = margin, metric, soft
@@ -72,6 +73,7 @@ def _semihard_fake(embeddings, labels, margin, metric):
 
 
 def _semihard_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no B×B zero tensors
     embeddings, labels, margin, metric = inputs
     losses, negative, dist = output
     ctx.metric = metric
@@ -116,6 +118,7 @@ def _batch_all_fake(embeddings, labels, margin, metric):
 
 
 def _batch_all_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no B×B zero tensors
     embeddings, labels, margin, metric = inputs
     _, num_valid, num_active, dist, multiplicity = output
     ctx.metric = metric

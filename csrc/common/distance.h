@@ -37,6 +37,20 @@ C10_HOST_DEVICE inline acc_t distance_from_dot(Metric metric, acc_t x_aux, acc_t
   return metric == Metric::Euclidean ? std::sqrt(sq) : sq;
 }
 
+// A key with the same order as distance_from_dot (the squared distance for
+// "euclidean": sqrt is monotone), so selections can skip the sqrt and take
+// it for the winners only: key_to_distance(distance_key(...)) equals
+// distance_from_dot(...) exactly.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t distance_key(Metric metric, acc_t x_aux, acc_t y_aux, acc_t dot) {
+  return distance_from_dot<acc_t>(metric == Metric::Euclidean ? Metric::SqEuclidean : metric, x_aux, y_aux, dot);
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t key_to_distance(Metric metric, acc_t key) {
+  return metric == Metric::Euclidean ? std::sqrt(key) : key;
+}
+
 // Backward of distance_from_dot for one pair, given the upstream gradient `g`
 // of d_ij and the forward value `d`:
 //   grad_x_i += row_coef_i * x_i - w_ij * y_j

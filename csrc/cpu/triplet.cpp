@@ -119,25 +119,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
     scalar_t* dan = dist_an.mutable_data_ptr<scalar_t>();
     const scalar_t m = static_cast<scalar_t>(margin);
     METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
-      for_each_distance_row<scalar_t, kMetric>(x, aux, block_rows, nullptr, [&](int64_t i, const scalar_t* row) {
-        int64_t best_p = -1, best_n = -1;
-        scalar_t d_p = 0, d_n = 0;
-        const int64_t li = lab[i];
-        for (int64_t j = 0; j < B; ++j) {
-          const scalar_t d = row[j];
-          if (lab[j] == li) {
-            if (j != i && (best_p < 0 || farther(d, d_p))) best_p = j, d_p = d;
-          } else if (best_n < 0 || nearer(d, d_n)) {
-            best_n = j, d_n = d;
+      // Fused epilogue: scan each Gram row by distance key (no sqrt, no
+      // write-back of the B×B distances); sqrt only for the two winners.
+      const scalar_t* ap = aux.const_data_ptr<scalar_t>();
+      for_each_gram_block<scalar_t>(x, block_rows, [&](int64_t r0, const at::Tensor& block) {
+        const scalar_t* bp = block.const_data_ptr<scalar_t>();
+        at::parallel_for(0, block.size(0), rows_grain(B), [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t i = r0 + r;
+            const scalar_t* dot = bp + r * B;
+            const scalar_t ai = ap[i];
+            const int64_t li = lab[i];
+            int64_t best_p = -1, best_n = -1;
+            scalar_t k_p = 0, k_n = 0;
+            for (int64_t j = 0; j < B; ++j) {
+              const scalar_t k = distance_key<scalar_t>(kMetric, ai, ap[j], dot[j]);
+              if (lab[j] == li) {
+                if (j != i && (best_p < 0 || farther(k, k_p))) best_p = j, k_p = k;
+              } else if (best_n < 0 || nearer(k, k_n)) {
+                best_n = j, k_n = k;
+              }
+            }
+            if (best_p >= 0 && best_n >= 0) {
+              const scalar_t d_p = key_to_distance<scalar_t>(kMetric, k_p);
+              const scalar_t d_n = key_to_distance<scalar_t>(kMetric, k_n);
+              pp[i] = best_p;
+              np[i] = best_n;
+              dap[i] = d_p;
+              dan[i] = d_n;
+              lp[i] = triplet_term<scalar_t>(d_p, d_n, m, soft);
+            }
           }
-        }
-        if (best_p >= 0 && best_n >= 0) {
-          pp[i] = best_p;
-          np[i] = best_n;
-          dap[i] = d_p;
-          dan[i] = d_n;
-          lp[i] = triplet_term<scalar_t>(d_p, d_n, m, soft);
-        }
+        });
       });
     });
   });
@@ -176,16 +189,20 @@ struct CpuPairKernels {
           for (int64_t k = 0; k < D; ++k) g[k] = self_a[a] * xa[k] - w_p[a] * xpos[k] - w_n[a] * xneg[k];
         }
       });
-      for (int64_t a = 0; a < B; ++a) {
-        if (pos[a] < 0) continue;
-        const scalar_t* xa = xp + a * D;
-        const scalar_t* xpos = xp + pos[a] * D;
-        const scalar_t* xneg = xp + neg[a] * D;
-        scalar_t* gpos = gp + pos[a] * D;
-        scalar_t* gneg = gp + neg[a] * D;
-        for (int64_t k = 0; k < D; ++k) gpos[k] += self_p[a] * xpos[k] - w_p[a] * xa[k];
-        for (int64_t k = 0; k < D; ++k) gneg[k] += self_n[a] * xneg[k] - w_n[a] * xa[k];
-      }
+      // Each task owns a range of feature columns and adds in anchor order:
+      // parallel, yet every element sums in the same order (deterministic).
+      at::parallel_for(0, D, 16, [&](int64_t k0, int64_t k1) {
+        for (int64_t a = 0; a < B; ++a) {
+          if (pos[a] < 0) continue;
+          const scalar_t* xa = xp + a * D;
+          const scalar_t* xpos = xp + pos[a] * D;
+          const scalar_t* xneg = xp + neg[a] * D;
+          scalar_t* gpos = gp + pos[a] * D;
+          scalar_t* gneg = gp + neg[a] * D;
+          for (int64_t k = k0; k < k1; ++k) gpos[k] += self_p[a] * xpos[k] - w_p[a] * xa[k];
+          for (int64_t k = k0; k < k1; ++k) gneg[k] += self_n[a] * xneg[k] - w_n[a] * xa[k];
+        }
+      });
     });
     return grad;
   }

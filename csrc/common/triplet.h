@@ -14,7 +14,9 @@ C10_HOST_DEVICE inline T hinge(T x) {
   return x < T(0) ? T(0) : x;
 }
 
-// relu's derivative as autograd takes it: 0 at the kink.
+// relu's derivative as autograd takes it: 0 at the kink. (hinge.h's
+// triplet_hinge differs on purpose: torch's triplet_margin_loss uses
+// clamp_min, whose gradient passes at 0.)
 template <typename T>
 C10_HOST_DEVICE inline T hinge_grad(T x) {
   return x > T(0) ? T(1) : T(0);

@@ -72,6 +72,23 @@ TORCH_LIBRARY(metricops, m) {
   m.def(
       "batch_all_triplet(Tensor embeddings, Tensor labels, float margin, str metric) "
       "-> (Tensor loss_sum, Tensor num_valid, Tensor num_active, Tensor dist, Tensor multiplicity)");
+  // Streaming semi-hard and batch-all (scalar reductions): the B×B matrix is
+  // never held. Semi-hard gives per-anchor term sums, numbers of valid
+  // (anchor, positive) pairs and of terms > 0; batch-all the same totals as
+  // batch_all_triplet. Backwards recompute and re-mine the distances in row
+  // blocks; block_rows <= 0 means one block.
+  m.def(
+      "semihard_triplet_streaming(Tensor embeddings, Tensor labels, float margin, str metric, int block_rows) "
+      "-> (Tensor row_sum, Tensor row_valid, Tensor row_active)");
+  m.def(
+      "semihard_triplet_streaming_backward(Tensor grad_row_sum, Tensor embeddings, Tensor labels, float margin, "
+      "str metric, int block_rows) -> Tensor");
+  m.def(
+      "batch_all_triplet_streaming(Tensor embeddings, Tensor labels, float margin, str metric, int block_rows) "
+      "-> (Tensor loss_sum, Tensor num_valid, Tensor num_active)");
+  m.def(
+      "batch_all_triplet_streaming_backward(Tensor grad_sum, Tensor embeddings, Tensor labels, float margin, "
+      "str metric, int block_rows) -> Tensor");
   // int64 (4,): total, easy, semihard, hard valid triplets.
   m.def("triplet_statistics(Tensor embeddings, Tensor labels, float margin, str metric) -> Tensor");
   // (anchor, positive, negative) int64, sorted lexicographically.

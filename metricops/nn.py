@@ -83,8 +83,8 @@ class SemiHardTripletLoss(_LabelledBatchLoss):
 
     _fn = staticmethod(_triplet.semihard_triplet_loss)
 
-    def __init__(self, margin=0.2, metric="euclidean", normalize=False, reduction="mean"):
-        super().__init__(margin=margin, metric=metric, normalize=normalize, reduction=reduction)
+    def __init__(self, margin=0.2, metric="euclidean", normalize=False, reduction="mean", memory="auto"):
+        super().__init__(margin=margin, metric=metric, normalize=normalize, reduction=reduction, memory=memory)
 
 
 class BatchAllTripletLoss(_LabelledBatchLoss):
@@ -93,8 +93,8 @@ class BatchAllTripletLoss(_LabelledBatchLoss):
     _fn = staticmethod(_triplet.batch_all_triplet_loss)
     _reductions = ("mean", "sum", "mean_nonzero")
 
-    def __init__(self, margin=0.2, metric="euclidean", normalize=False, reduction="mean_nonzero"):
-        super().__init__(margin=margin, metric=metric, normalize=normalize, reduction=reduction)
+    def __init__(self, margin=0.2, metric="euclidean", normalize=False, reduction="mean_nonzero", memory="auto"):
+        super().__init__(margin=margin, metric=metric, normalize=normalize, reduction=reduction, memory=memory)
 
 
 class TripletMarginLoss(torch.nn.Module):

@@ -39,15 +39,32 @@ def _prepare(embeddings, labels, margin, metric, normalize, *, loss: bool):
     return embeddings, margin
 
 
-def _block_rows(memory: str, embeddings: torch.Tensor) -> int:
-    """Rows of the distance matrix a streaming kernel holds at once (0: the whole matrix)."""
+def _block_rows(memory: str, embeddings: torch.Tensor, bytes_per_entry: int = 4) -> int:
+    """Rows of the distance matrix a streaming kernel holds at once (0: the whole matrix).
+
+    ``bytes_per_entry``: the CUDA kernel's scratch per entry of a row block
+    (the sorting kernels keep sort keys, indices and masks besides distances).
+    """
     v.check_memory(memory)
     batch = embeddings.shape[0]
     if memory == "matrix" or (memory == "auto" and batch < _AUTO_STREAM_MIN_B):
         return 0
     if embeddings.device.type == "cuda":
-        return max(256, _CUDA_STREAM_BLOCK_BYTES // (4 * max(batch, 1)))
+        return max(64, _CUDA_STREAM_BLOCK_BYTES // (bytes_per_entry * max(batch, 1)))
     return _CPU_STREAM_BLOCK_ROWS
+
+
+# Scratch bytes per distance-block entry of the CUDA sorting kernels: float32
+# distances, two stable sorts (keys, int64 indices), masks, gathered copies.
+_SORTING_BYTES_PER_ENTRY = 64
+
+
+def _check_streaming_reduction(memory: str, reduction: str) -> None:
+    if memory == "streaming" and reduction == "none":
+        raise ValueError(
+            "reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming' "
+            "('none' returns a B×B tensor), got 'none'"
+        )
 
 
 def _reduce(terms: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -113,6 +130,7 @@ def semihard_triplet_loss(
     metric: str = "euclidean",
     normalize: bool = False,
     reduction: str = "mean",
+    memory: str = "auto",
 ) -> torch.Tensor:
     """FaceNet semi-hard triplet loss, with the TensorFlow-Addons selection rule.
 
@@ -126,9 +144,25 @@ def semihard_triplet_loss(
 
     Per anchor, the negative distances are sorted once and each positive's
     distance is binary-searched: O(B² log B) work, O(B²) memory.
+
+    memory: ``"matrix"`` holds the B×B distances (and, for the backward, the
+        chosen negatives); ``"streaming"`` mines row blocks as they are
+        computed and keeps per-anchor sums, and its backward recomputes and
+        re-mines each block (O(block·B + B·D) extra memory; scalar reductions
+        only); ``"auto"`` streams from B=4096 unless ``reduction="none"``.
     """
     embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
     v.check_reduction(reduction)
+    v.check_memory(memory)
+    _check_streaming_reduction(memory, reduction)
+    block_rows = 0 if reduction == "none" else _block_rows(memory, embeddings, _SORTING_BYTES_PER_ENTRY)
+    if block_rows > 0:
+        row_sum, row_valid, row_active = ops.semihard_triplet_streaming(embeddings, labels, margin, metric, block_rows)
+        total = row_sum.sum()
+        if reduction == "sum":
+            return total
+        count = row_valid if reduction == "mean" else row_active
+        return total / count.sum().clamp_min(1).to(total.dtype)
     losses, negative, _ = ops.semihard_triplet(embeddings, labels, margin, metric)
     return _reduce(losses, negative >= 0, reduction)
 
@@ -141,6 +175,7 @@ def batch_all_triplet_loss(
     metric: str = "euclidean",
     normalize: bool = False,
     reduction: str = "mean_nonzero",
+    memory: str = "auto",
 ) -> torch.Tensor:
     """Batch-all triplet loss: ``relu(margin + d[a, p] - d[a, n])`` over every valid triplet.
 
@@ -149,10 +184,19 @@ def batch_all_triplet_loss(
     terms). Never materialises the triplets: per anchor, sorted negative
     distances and prefix sums give every positive's active count and term sum
     by binary search, so work is O(B² log B) and memory O(B²).
+
+    memory: ``"matrix"`` keeps the B×B distances and each pair's multiplicity
+        for the backward; ``"streaming"`` keeps neither (O(block·B + B·D)
+        extra memory): its backward recomputes them block by block;
+        ``"auto"`` streams from B=4096.
     """
     embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
     v.check_reduction(reduction, ("mean", "sum", "mean_nonzero"))
-    loss_sum, num_valid, num_active, _, _ = ops.batch_all_triplet(embeddings, labels, margin, metric)
+    block_rows = _block_rows(memory, embeddings, _SORTING_BYTES_PER_ENTRY)
+    if block_rows > 0:
+        loss_sum, num_valid, num_active = ops.batch_all_triplet_streaming(embeddings, labels, margin, metric, block_rows)
+    else:
+        loss_sum, num_valid, num_active, _, _ = ops.batch_all_triplet(embeddings, labels, margin, metric)
     if reduction == "sum":
         return loss_sum
     count = num_valid if reduction == "mean" else num_active

@@ -80,3 +80,115 @@ def test_auto_streams_large_batches(monkeypatch):
     )
     assert_close(metricops.contrastive_loss(x, labels), expected)
     assert calls == [1]
+
+
+# --------------------------------------------------------------------------- semi-hard and batch-all
+
+SORTING_LOSSES = ("semihard_triplet_loss", "batch_all_triplet_loss")
+
+
+def _sorting_batches(device, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(99)
+    for B, classes in ((0, 1), (1, 1), (2, 2), (9, 1), (23, 4), (40, 40), (64, 8), (71, 3)):
+        x = torch.randn(B, 6, generator=gen, dtype=dtype).to(device)
+        yield x, torch.randint(0, classes, (B,), generator=gen).to(device)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("name", SORTING_LOSSES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_sorting_losses_streaming_match_matrix_and_reference(device, name, metric, small_blocks):
+    fn, ref = getattr(metricops, name), getattr(metricops.reference, name)
+    for x, labels in _sorting_batches(device):
+        x.requires_grad_()
+        for reduction in ("mean", "sum", "mean_nonzero"):
+            kw = dict(metric=metric, reduction=reduction, margin=0.3)
+            a = fn(x, labels, memory="matrix", **kw)
+            b = fn(x, labels, memory="streaming", **kw)
+            assert_close(b, a)
+            assert_close(b, ref(x, labels, **kw))
+            if x.shape[0] > 0:
+                assert_close(torch.autograd.grad(b, x)[0], torch.autograd.grad(a, x)[0])
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_sorting_losses_streaming_gradcheck_and_opcheck(device, small_blocks):
+    ops = torch.ops.metricops
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 3, 3, 0], device=device)
+    for name in SORTING_LOSSES:
+        for metric in METRICS:
+            fn = lambda t: getattr(metricops, name)(t, labels, metric=metric, memory="streaming", margin=0.5)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5)
+    for block_rows in (5, 0):
+        args = (x, labels, 0.5, "euclidean", block_rows)
+        torch.library.opcheck(ops.semihard_triplet_streaming.default, args)
+        torch.library.opcheck(ops.batch_all_triplet_streaming.default, args)
+        xd = x.detach()
+        torch.library.opcheck(ops.semihard_triplet_streaming_backward.default,
+                              (torch.randn(12, dtype=torch.float64, device=device), xd, *args[1:]))
+        torch.library.opcheck(ops.batch_all_triplet_streaming_backward.default,
+                              (torch.tensor(0.7, dtype=torch.float64, device=device), xd, *args[1:]))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_sorting_losses_streaming_nan_and_empty(device, small_blocks):
+    x = torch.randn(20, 4, device=device)
+    x[3, 1] = float("nan")
+    labels = torch.randint(0, 3, (20,), device=device)
+    for name in SORTING_LOSSES:
+        assert torch.isnan(getattr(metricops, name)(x, labels, memory="streaming"))
+        for no_triplet in (torch.zeros(5, dtype=torch.int64), torch.arange(5)):
+            z = torch.randn(5, 3, device=device, requires_grad=True)
+            loss = getattr(metricops, name)(z, no_triplet.to(device), memory="streaming")
+            assert loss.item() == 0.0 and loss.requires_grad
+            assert torch.all(torch.autograd.grad(loss, z)[0] == 0)
+
+
+def test_sorting_losses_streaming_refuse_none_and_bad_grad():
+    x, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="with memory='streaming'"):
+        metricops.semihard_triplet_loss(x, labels, memory="streaming", reduction="none")
+    with pytest.raises(ValueError, match="memory must be one of"):
+        metricops.batch_all_triplet_loss(x, labels, memory="blocks")
+    with pytest.raises(ValueError, match="grad must have shape"):
+        torch.ops.metricops.semihard_triplet_streaming_backward(torch.ones(3), x, labels, 0.2, "euclidean", 2)
+    with pytest.raises(ValueError, match="grad must have shape"):
+        torch.ops.metricops.batch_all_triplet_streaming_backward(torch.ones(4), x, labels, 0.2, "euclidean", 2)
+
+
+def test_sorting_losses_auto_stream_large_batches(monkeypatch):
+    monkeypatch.setattr(triplet_module, "_AUTO_STREAM_MIN_B", 16)
+    x, labels = torch.randn(20, 3), torch.randint(0, 3, (20,))
+    calls = []
+    real = torch.ops.metricops
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    expected = [metricops.semihard_triplet_loss(x, labels, memory="matrix"),
+                metricops.batch_all_triplet_loss(x, labels, memory="matrix")]
+    monkeypatch.setattr(triplet_module, "ops", Spy())
+    assert_close(metricops.semihard_triplet_loss(x, labels), expected[0])
+    assert_close(metricops.batch_all_triplet_loss(x, labels), expected[1])
+    metricops.semihard_triplet_loss(x, labels, reduction="none")  # "auto" keeps the matrix for "none"
+    assert calls == ["semihard_triplet_streaming", "batch_all_triplet_streaming", "semihard_triplet"]
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_sorting_losses_streaming_compile_fullgraph(device, small_blocks):
+    torch._dynamo.reset()
+
+    def fn(x, labels):
+        return (metricops.semihard_triplet_loss(x, labels, memory="streaming", metric="cosine")
+                + metricops.batch_all_triplet_loss(x, labels, memory="streaming"))
+
+    x = torch.randn(24, 8, device=device, requires_grad=True)
+    labels = torch.randint(0, 4, (24,), device=device)
+    out_c = torch.compile(fn, fullgraph=True)(x, labels)
+    out_e = fn(x, labels)
+    assert_close(out_c, out_e)
+    assert_close(torch.autograd.grad(out_c, x)[0], torch.autograd.grad(out_e, x)[0])

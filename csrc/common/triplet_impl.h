@@ -210,4 +210,32 @@ inline at::Tensor self_distance_backward(const at::Tensor& grad, const at::Tenso
   return std::get<0>(op.call(grad, x, std::nullopt, dist, metric));
 }
 
+// Adds to `grad` (B, D) the gradient of sum(coef * dist_rows), where
+// dist_rows (rows, B) are rows [row_begin, row_begin + rows) of the
+// self-distance matrix of x: pairwise_distance_backward of those rows against
+// all of x gives both the rows' side and the columns' side. Streaming
+// backwards call it block by block, so the B×B matrix is never held.
+inline void accumulate_distance_rows_backward(const at::Tensor& coef, const at::Tensor& x, const at::Tensor& dist_rows,
+                                              int64_t row_begin, c10::string_view metric, at::Tensor& grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("metricops::pairwise_distance_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const std::optional<at::Tensor>&, const at::Tensor&,
+                                                                 c10::string_view)>();
+  const int64_t rows = coef.size(0);
+  auto [grad_rows, grad_cols] = op.call(coef, x.narrow(0, row_begin, rows), x, dist_rows, metric);
+  grad.narrow(0, row_begin, rows).add_(grad_rows);
+  grad.add_(grad_cols);
+}
+
+// Checks of a streaming triplet backward: `grad` must have `shape` (the
+// forward output's) on the embeddings' device.
+inline void check_streaming_backward_inputs(const char* op, const at::Tensor& grad, at::IntArrayRef shape,
+                                            const at::Tensor& embeddings, const at::Tensor& labels, double margin) {
+  check_triplet_inputs(embeddings, labels, margin);
+  TORCH_CHECK_VALUE(grad.sizes() == shape, op, ": grad must have shape ", shape, ", got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == embeddings.device(), op, ": grad must be on ", embeddings.device(), ", got ",
+                    grad.device());
+}
+
 }  // namespace metricops

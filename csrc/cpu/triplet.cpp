@@ -65,6 +65,42 @@ bool few_positives(int64_t P, int64_t n) {
   return P <= 2 * log2n;
 }
 
+// Semi-hard selection for anchor i (TensorFlow-Addons rule): calls
+// emit(p, n_star, term) for each of its positives when it has a negative.
+// The term is NaN when any of the anchor's negative distances is NaN.
+template <typename scalar_t, typename Emit>
+void semihard_row(const scalar_t* row, const int64_t* lab, int64_t B, int64_t i, scalar_t m,
+                  SortedNegatives<scalar_t>& negs, const Emit& emit) {
+  const int64_t li = lab[i];
+  int64_t P = 0, n = 0;
+  bool any_nan = false;
+  for (int64_t j = 0; j < B; ++j) {
+    if (lab[j] == li) {
+      P += j != i;
+    } else {
+      ++n;
+      any_nan |= row[j] != row[j];
+    }
+  }
+  if (n == 0 || P == 0) return;
+  const scalar_t poison = any_nan ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
+  if (few_positives(P, n)) {
+    auto is_negative = [&](int64_t j) { return lab[j] != li; };
+    for (int64_t p = 0; p < B; ++p) {
+      if (p == i || lab[p] != li) continue;
+      const int64_t k = semihard_scan(row, B, row[p], is_negative);
+      emit(p, k, triplet_term<scalar_t>(row[p], row[k], m, false) + poison);
+    }
+    return;
+  }
+  negs.build(row, lab, B, i);
+  for (int64_t p = 0; p < B; ++p) {
+    if (p == i || lab[p] != li) continue;
+    const int64_t k = semihard_position(negs.dist.data(), n, row[p]);
+    emit(p, negs.index[k], triplet_term<scalar_t>(row[p], negs.dist[k], m, false) + poison);
+  }
+}
+
 // Batch-all terms of one anchor by direct scan: for each negative, the
 // positives it is active with. Writes multiplicities; returns (sum, active).
 template <typename scalar_t>
@@ -91,6 +127,73 @@ METRICOPS_SIMD_CLONES void batch_all_scan_row(const scalar_t* row, const int64_t
   }
   sum = s;
   active = act;
+}
+
+template <typename scalar_t>
+struct BatchAllWorkspace {
+  SortedNegatives<scalar_t> negs;
+  std::vector<double> prefix;     // prefix sums of the sorted negative distances
+  std::vector<scalar_t> shifted;  // margin + d_ap over the positives (ascending on the sort path)
+  std::vector<int64_t> pos_index;
+  std::vector<scalar_t> scratch;  // a multiplicity row nobody keeps
+};
+
+// Batch-all terms of anchor i. Writes each pair's signed multiplicity in
+// active triplets (d(sum)/d(d[i, j])) into mult_row, which must hold zeros,
+// and sets the term sum (NaN when a distance is NaN), the number of valid
+// triplets and the number of active (> 0) ones.
+template <typename scalar_t>
+void batch_all_row(const scalar_t* row, const int64_t* lab, int64_t B, int64_t i, scalar_t m,
+                   BatchAllWorkspace<scalar_t>& ws, scalar_t* mult_row, double& sum_out, int64_t& valid_out,
+                   int64_t& active_out) {
+  ws.shifted.clear();
+  ws.pos_index.clear();
+  int64_t n = 0;
+  bool any_nan = false;
+  for (int64_t p = 0; p < B; ++p) {
+    if (lab[p] != lab[i]) {
+      ++n;
+      any_nan |= row[p] != row[p];
+    } else if (p != i) {
+      ws.shifted.push_back(m + row[p]);
+      ws.pos_index.push_back(p);
+      any_nan |= row[p] != row[p];
+    }
+  }
+  const int64_t P = static_cast<int64_t>(ws.shifted.size());
+  sum_out = 0;
+  valid_out = 0;
+  active_out = 0;
+  if (n == 0 || P == 0) return;
+  double sum = 0;
+  int64_t active = 0;
+  if (few_positives(P, n)) {
+    batch_all_scan_row<scalar_t>(row, lab, B, i, ws.shifted.data(), ws.pos_index.data(), P, mult_row, sum, active);
+  } else {
+    ws.negs.build(row, lab, B, i);
+    ws.prefix.assign(n + 1, 0.0);
+    for (int64_t k = 0; k < n; ++k) ws.prefix[k + 1] = ws.prefix[k] + static_cast<double>(ws.negs.dist[k]);
+    // Positives: each is active with the negatives nearer than margin + d_ap.
+    for (int64_t q = 0; q < P; ++q) {
+      const scalar_t d_ap = row[ws.pos_index[q]];
+      const int64_t cnt = count_active_negatives(ws.negs.dist.data(), n, d_ap, m);
+      sum += static_cast<double>(cnt) * static_cast<double>(m + d_ap) - ws.prefix[cnt];
+      active += cnt;
+      mult_row[ws.pos_index[q]] = static_cast<scalar_t>(cnt);
+    }
+    // Negatives: each is active with the positives whose margin + d_ap exceeds it.
+    std::sort(ws.shifted.begin(), ws.shifted.end(), [](scalar_t a, scalar_t b) { return dist_index_less(a, 0, b, 0); });
+    const int64_t nan_shifted = P - partition_point(ws.shifted.data(), P, [](scalar_t s) { return s != s; });
+    for (int64_t k = 0; k < n; ++k) {
+      const scalar_t d_an = ws.negs.dist[k];
+      const int64_t first =
+          partition_point(ws.shifted.data(), P, [d_an](scalar_t s) { return s - d_an > scalar_t(0) || s != s; });
+      mult_row[ws.negs.index[k]] = -static_cast<scalar_t>(P - first - nan_shifted);
+    }
+  }
+  sum_out = any_nan ? std::numeric_limits<double>::quiet_NaN() : sum;
+  valid_out = P * n;
+  active_out = active;
 }
 
 // ---------------------------------------------------------------- batch-hard
@@ -269,37 +372,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cpu(const at::Te
       // One sort buffer per thread, reused across its rows.
       std::vector<SortedNegatives<scalar_t>> buffers(at::get_num_threads());
       for_each_distance_row<scalar_t, kMetric>(x, aux, 0, &dist, [&](int64_t i, const scalar_t* row) {
-        const int64_t li = lab[i];
-        int64_t P = 0, n = 0;
-        bool any_nan = false;
-        for (int64_t j = 0; j < B; ++j) {
-          if (lab[j] == li) {
-            P += j != i;
-          } else {
-            ++n;
-            any_nan |= row[j] != row[j];
-          }
-        }
-        if (n == 0 || P == 0) return;
-        const scalar_t poison = any_nan ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
-        if (few_positives(P, n)) {
-          auto is_negative = [&](int64_t j) { return lab[j] != li; };
-          for (int64_t p = 0; p < B; ++p) {
-            if (p == i || lab[p] != li) continue;
-            const int64_t k = semihard_scan(row, B, row[p], is_negative);
-            np[i * B + p] = k;
-            lp[i * B + p] = triplet_term<scalar_t>(row[p], row[k], m, false) + poison;
-          }
-          return;
-        }
-        SortedNegatives<scalar_t>& negs = buffers[at::get_thread_num()];
-        negs.build(row, lab, B, i);
-        for (int64_t p = 0; p < B; ++p) {
-          if (p == i || lab[p] != li) continue;
-          const int64_t k = semihard_position(negs.dist.data(), n, row[p]);
-          np[i * B + p] = negs.index[k];
-          lp[i * B + p] = triplet_term<scalar_t>(row[p], negs.dist[k], m, false) + poison;
-        }
+        semihard_row<scalar_t>(row, lab, B, i, m, buffers[at::get_thread_num()], [&](int64_t p, int64_t n, scalar_t term) {
+          np[i * B + p] = n;
+          lp[i * B + p] = term;
+        });
       });
     });
   });
@@ -351,68 +427,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     scalar_t* mp = multiplicity.mutable_data_ptr<scalar_t>();
     const scalar_t m = static_cast<scalar_t>(margin);
-    struct Workspace {
-      SortedNegatives<scalar_t> negs;
-      std::vector<double> prefix;     // prefix sums of the sorted negative distances
-      std::vector<scalar_t> shifted;  // margin + d_ap over the positives (ascending on the sort path)
-      std::vector<int64_t> pos_index;
-    };
     METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
-      std::vector<Workspace> buffers(at::get_num_threads());
+      std::vector<BatchAllWorkspace<scalar_t>> buffers(at::get_num_threads());
       for_each_distance_row<scalar_t, kMetric>(x, aux, 0, &dist, [&](int64_t i, const scalar_t* row) {
-        Workspace& ws = buffers[at::get_thread_num()];
-        ws.shifted.clear();
-        ws.pos_index.clear();
-        int64_t n = 0;
-        bool any_nan = false;
-        for (int64_t p = 0; p < B; ++p) {
-          if (lab[p] != lab[i]) {
-            ++n;
-            any_nan |= row[p] != row[p];
-          } else if (p != i) {
-            ws.shifted.push_back(m + row[p]);
-            ws.pos_index.push_back(p);
-            any_nan |= row[p] != row[p];
-          }
-        }
-        const int64_t P = static_cast<int64_t>(ws.shifted.size());
-        if (n == 0 || P == 0) return;
-        if (few_positives(P, n)) {
-          double sum = 0;
-          int64_t active = 0;
-          batch_all_scan_row<scalar_t>(row, lab, B, i, ws.shifted.data(), ws.pos_index.data(), P, mp + i * B, sum,
-                                       active);
-          row_sum[i] = any_nan ? std::numeric_limits<double>::quiet_NaN() : sum;
-          row_valid[i] = P * n;
-          row_active[i] = active;
-          return;
-        }
-        ws.negs.build(row, lab, B, i);
-        ws.prefix.assign(n + 1, 0.0);
-        for (int64_t k = 0; k < n; ++k) ws.prefix[k + 1] = ws.prefix[k] + static_cast<double>(ws.negs.dist[k]);
-        double sum = 0;
-        int64_t active = 0;
-        // Positives: each is active with the negatives nearer than margin + d_ap.
-        for (int64_t p = 0; p < B; ++p) {
-          if (p == i || lab[p] != lab[i]) continue;
-          const scalar_t d_ap = row[p];
-          any_nan |= d_ap != d_ap;
-          const int64_t cnt = count_active_negatives(ws.negs.dist.data(), n, d_ap, m);
-          sum += static_cast<double>(cnt) * static_cast<double>(m + d_ap) - ws.prefix[cnt];
-          active += cnt;
-          mp[i * B + p] = static_cast<scalar_t>(cnt);
-        }
-        // Negatives: each is active with the positives whose margin + d_ap exceeds it.
-        std::sort(ws.shifted.begin(), ws.shifted.end(), [](scalar_t a, scalar_t b) { return dist_index_less(a, 0, b, 0); });
-        for (int64_t k = 0; k < n; ++k) {
-          const scalar_t d_an = ws.negs.dist[k];
-          const int64_t first = partition_point(ws.shifted.data(), P, [d_an](scalar_t s) { return s - d_an > scalar_t(0) || s != s; });
-          const int64_t nan_shifted = P - partition_point(ws.shifted.data(), P, [](scalar_t s) { return s != s; });
-          mp[i * B + ws.negs.index[k]] = -static_cast<scalar_t>(P - first - nan_shifted);
-        }
-        row_sum[i] = any_nan ? std::numeric_limits<double>::quiet_NaN() : sum;
-        row_valid[i] = P * n;
-        row_active[i] = active;
+        batch_all_row<scalar_t>(row, lab, B, i, m, buffers[at::get_thread_num()], mp + i * B, row_sum[i],
+                                row_valid[i], row_active[i]);
       });
     });
     double total = 0;
@@ -423,6 +442,173 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all
     num_active.fill_(active);
   });
   return {loss_sum, num_valid, num_active, dist, multiplicity};
+}
+
+// ---------------------------------------------------------------- streaming
+//
+// Semi-hard and batch-all without the B×B matrix: the forward mines each
+// row block of distances as it is computed and keeps per-anchor sums; the
+// backward recomputes each block, mines it again (same GEMM shapes, same
+// selections) and applies its coefficients with pairwise_distance_backward
+// of the block's rows. Extra memory O(block_rows * B + B * D).
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_streaming_cpu(const at::Tensor& embeddings,
+                                                                              const at::Tensor& labels_in,
+                                                                              double margin,
+                                                                              c10::string_view metric_name,
+                                                                              int64_t block_rows) {
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = x.size(0);
+  at::Tensor row_sum = at::zeros({B}, x.options());
+  at::Tensor row_valid = at::zeros({B}, labels.options());
+  at::Tensor row_active = at::zeros({B}, labels.options());
+  if (B == 0) return {row_sum, row_valid, row_active};
+  const at::Tensor aux = row_aux_cpu(x, metric);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_semihard_streaming_cpu", [&] {
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    scalar_t* sp = row_sum.mutable_data_ptr<scalar_t>();
+    int64_t* vp = row_valid.mutable_data_ptr<int64_t>();
+    int64_t* ap = row_active.mutable_data_ptr<int64_t>();
+    const scalar_t m = static_cast<scalar_t>(margin);
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      std::vector<SortedNegatives<scalar_t>> buffers(at::get_num_threads());
+      for_each_distance_row<scalar_t, kMetric>(x, aux, block_rows, nullptr, [&](int64_t i, const scalar_t* row) {
+        double sum = 0;  // in p order, as the matrix path's sum visits row i
+        int64_t valid = 0, active = 0;
+        semihard_row<scalar_t>(row, lab, B, i, m, buffers[at::get_thread_num()], [&](int64_t, int64_t, scalar_t term) {
+          sum += static_cast<double>(term);
+          ++valid;
+          active += term > scalar_t(0);
+        });
+        sp[i] = static_cast<scalar_t>(sum);
+        vp[i] = valid;
+        ap[i] = active;
+      });
+    });
+  });
+  return {row_sum, row_valid, row_active};
+}
+
+at::Tensor semihard_triplet_streaming_backward_cpu(const at::Tensor& grad_row_sum, const at::Tensor& embeddings,
+                                                   const at::Tensor& labels_in, double margin,
+                                                   c10::string_view metric_name, int64_t block_rows) {
+  const Metric metric = parse_metric(metric_name);
+  const int64_t B = embeddings.size(0);
+  check_streaming_backward_inputs("semihard_triplet_streaming_backward", grad_row_sum, {B}, embeddings, labels_in,
+                                  margin);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_int64(labels_in);
+  at::Tensor grad = at::zeros_like(x);
+  if (B == 0) return grad;
+  const at::Tensor g = grad_row_sum.to(x.scalar_type()).contiguous();
+  const at::Tensor aux = row_aux_cpu(x, metric);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_semihard_streaming_backward_cpu", [&] {
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t m = static_cast<scalar_t>(margin);
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      std::vector<SortedNegatives<scalar_t>> buffers(at::get_num_threads());
+      for_each_distance_block<scalar_t, kMetric>(x, aux, block_rows, nullptr, [&](int64_t r0, at::Tensor& block) {
+        const int64_t rows = block.size(0);
+        at::Tensor coef = at::zeros({rows, B}, x.options());
+        const scalar_t* bp = block.const_data_ptr<scalar_t>();
+        scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, rows, rows_grain(B), [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t i = r0 + r;
+            scalar_t* c = cp + r * B;
+            semihard_row<scalar_t>(bp + r * B, lab, B, i, m, buffers[at::get_thread_num()],
+                                   [&](int64_t p, int64_t n, scalar_t term) {
+                                     // relu' is 0 at 0; NaN terms pass their gradient on.
+                                     if (!(term > scalar_t(0) || term != term)) return;
+                                     c[p] += gp[i];
+                                     c[n] -= gp[i];
+                                   });
+          }
+        });
+        accumulate_distance_rows_backward(coef, x, block, r0, metric_name, grad);
+      });
+    });
+  });
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_streaming_cpu(const at::Tensor& embeddings,
+                                                                               const at::Tensor& labels_in,
+                                                                               double margin,
+                                                                               c10::string_view metric_name,
+                                                                               int64_t block_rows) {
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = x.size(0);
+  at::Tensor loss_sum = at::zeros({}, x.options());
+  at::Tensor num_valid = at::zeros({}, labels.options());
+  at::Tensor num_active = at::zeros({}, labels.options());
+  if (B == 0) return {loss_sum, num_valid, num_active};
+  const at::Tensor aux = row_aux_cpu(x, metric);
+  std::vector<double> row_sum(B, 0.0);
+  std::vector<int64_t> row_valid(B, 0), row_active(B, 0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_batch_all_streaming_cpu", [&] {
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    const scalar_t m = static_cast<scalar_t>(margin);
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      std::vector<BatchAllWorkspace<scalar_t>> buffers(at::get_num_threads());
+      for_each_distance_row<scalar_t, kMetric>(x, aux, block_rows, nullptr, [&](int64_t i, const scalar_t* row) {
+        BatchAllWorkspace<scalar_t>& ws = buffers[at::get_thread_num()];
+        ws.scratch.assign(B, scalar_t(0));
+        batch_all_row<scalar_t>(row, lab, B, i, m, ws, ws.scratch.data(), row_sum[i], row_valid[i], row_active[i]);
+      });
+    });
+  });
+  double total = 0;
+  int64_t valid = 0, active = 0;
+  for (int64_t i = 0; i < B; ++i) total += row_sum[i], valid += row_valid[i], active += row_active[i];
+  loss_sum.fill_(total);
+  num_valid.fill_(valid);
+  num_active.fill_(active);
+  return {loss_sum, num_valid, num_active};
+}
+
+at::Tensor batch_all_triplet_streaming_backward_cpu(const at::Tensor& grad_sum, const at::Tensor& embeddings,
+                                                    const at::Tensor& labels_in, double margin,
+                                                    c10::string_view metric_name, int64_t block_rows) {
+  const Metric metric = parse_metric(metric_name);
+  check_streaming_backward_inputs("batch_all_triplet_streaming_backward", grad_sum, {}, embeddings, labels_in, margin);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = x.size(0);
+  at::Tensor grad = at::zeros_like(x);
+  if (B == 0) return grad;
+  const at::Tensor aux = row_aux_cpu(x, metric);
+  const at::Tensor g = grad_sum.to(x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_batch_all_streaming_backward_cpu", [&] {
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    const scalar_t m = static_cast<scalar_t>(margin);
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      std::vector<BatchAllWorkspace<scalar_t>> buffers(at::get_num_threads());
+      for_each_distance_block<scalar_t, kMetric>(x, aux, block_rows, nullptr, [&](int64_t r0, at::Tensor& block) {
+        const int64_t rows = block.size(0);
+        at::Tensor coef = at::zeros({rows, B}, x.options());
+        const scalar_t* bp = block.const_data_ptr<scalar_t>();
+        scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, rows, rows_grain(B), [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            double sum;
+            int64_t valid, active;
+            batch_all_row<scalar_t>(bp + r * B, lab, B, r0 + r, m, buffers[at::get_thread_num()], cp + r * B, sum,
+                                    valid, active);
+          }
+        });
+        accumulate_distance_rows_backward(coef.mul_(g), x, block, r0, metric_name, grad);
+      });
+    });
+  });
+  return grad;
 }
 
 // ---------------------------------------------------------------- statistics
@@ -545,6 +731,10 @@ TORCH_LIBRARY_IMPL(metricops, CPU, m) {
   m.impl("semihard_triplet", &semihard_triplet_cpu);
   m.impl("semihard_triplet_backward", &semihard_triplet_backward_cpu);
   m.impl("batch_all_triplet", &batch_all_triplet_cpu);
+  m.impl("semihard_triplet_streaming", &semihard_triplet_streaming_cpu);
+  m.impl("semihard_triplet_streaming_backward", &semihard_triplet_streaming_backward_cpu);
+  m.impl("batch_all_triplet_streaming", &batch_all_triplet_streaming_cpu);
+  m.impl("batch_all_triplet_streaming_backward", &batch_all_triplet_streaming_backward_cpu);
   m.impl("triplet_statistics", &triplet_statistics_cpu);
   m.impl("mine_triplets", &mine_triplets_cpu);
 }

@@ -187,39 +187,76 @@ at::Tensor batch_hard_triplet_backward_cuda(const at::Tensor& grad_losses, const
 }
 
 // ---------------------------------------------------------------- sorted rows
+//
+// Every sorting op works on a block of anchor rows [row_begin, row_begin +
+// rows): the matrix ops take all B rows at once, the streaming ops bounded
+// blocks (then nothing of size B×B is ever allocated).
 
-struct LabelledDistances {
-  at::Tensor dist;      // (B, B) acc dtype
-  at::Tensor positive;  // (B, B) bool: a != p, same label
-  at::Tensor negative;  // (B, B) bool: different label
+struct LabelledRows {
+  at::Tensor dist;      // (rows, B) acc dtype
+  at::Tensor positive;  // (rows, B) bool: a != p, same label
+  at::Tensor negative;  // (rows, B) bool: different label
   at::Tensor neg_sorted, neg_index, neg_count;
 };
 
-LabelledDistances labelled_distances(const at::Tensor& embeddings, const at::Tensor& labels, Metric metric) {
-  LabelledDistances r;
-  r.dist = self_distance_acc_cuda(embeddings.contiguous(), metric);
-  const at::Tensor same = labels.unsqueeze(1).eq(labels.unsqueeze(0));
+LabelledRows labelled_rows(const at::Tensor& x, const at::Tensor& aux, const at::Tensor& labels, int64_t row_begin,
+                           int64_t rows, Metric metric) {
+  const int64_t B = x.size(0);
+  LabelledRows r;
+  r.dist = at::empty({rows, B}, aux.options());
+  self_distance_rows_acc_cuda(x, aux, row_begin, metric, r.dist);
+  at::Tensor same = labels.narrow(0, row_begin, rows).unsqueeze(1).eq(labels.unsqueeze(0));
   r.negative = same.logical_not();
-  r.positive = same.fill_diagonal_(false);
+  same.diagonal(row_begin).fill_(false);  // entries (r, row_begin + r): the anchors themselves
+  r.positive = same;
   std::tie(r.neg_sorted, r.neg_index, r.neg_count) = sort_members_first(r.dist, r.negative);
   return r;
 }
 
-template <typename scalar_t, typename acc_t>
+// Calls fn(row_begin, rows) over blocks of block_rows rows (<= 0: one block).
+template <typename Fn>
+void for_each_row_block(int64_t B, int64_t block_rows, const Fn& fn) {
+  const int64_t step = block_rows > 0 && block_rows < B ? block_rows : B;
+  for (int64_t r0 = 0; r0 < B; r0 += step) fn(r0, std::min(step, B - r0));
+}
+
+template <typename acc_t>
 __global__ void semihard_kernel(const acc_t* __restrict__ dist, const bool* __restrict__ positive,
                                 const acc_t* __restrict__ neg_sorted, const int64_t* __restrict__ neg_index,
-                                const int64_t* __restrict__ neg_count, int64_t B, acc_t margin,
-                                scalar_t* __restrict__ losses, int64_t* __restrict__ negative) {
-  METRICOPS_CUDA_KERNEL_LOOP(idx, B * B) {
-    const int64_t a = idx / B;
+                                const int64_t* __restrict__ neg_count, int64_t rows, int64_t B, acc_t margin,
+                                acc_t* __restrict__ losses, int64_t* __restrict__ negative) {
+  METRICOPS_CUDA_KERNEL_LOOP(idx, rows * B) {
+    const int64_t a = idx / B;  // row within the block
     const int64_t n = neg_count[a];
     if (!positive[idx] || n == 0) continue;
     const acc_t* sorted = neg_sorted + a * B;
     const int64_t k = semihard_position(sorted, n, dist[idx]);
     const acc_t poison = sorted[n - 1] != sorted[n - 1] ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
     negative[idx] = neg_index[a * B + k];
-    losses[idx] = static_cast<scalar_t>(triplet_term<acc_t>(dist[idx], sorted[k], margin, false) + poison);
+    losses[idx] = triplet_term<acc_t>(dist[idx], sorted[k], margin, false) + poison;
   }
+}
+
+struct SemihardRows {
+  at::Tensor losses;    // (rows, B) acc dtype, 0 off valid pairs
+  at::Tensor negative;  // (rows, B) int64, -1 off valid pairs
+  at::Tensor dist;      // (rows, B) acc dtype
+};
+
+SemihardRows semihard_rows(const at::Tensor& x, const at::Tensor& aux, const at::Tensor& labels, int64_t row_begin,
+                           int64_t rows, Metric metric, double margin) {
+  const int64_t B = x.size(0);
+  const LabelledRows ld = labelled_rows(x, aux, labels, row_begin, rows, metric);
+  SemihardRows r{at::zeros({rows, B}, ld.dist.options()), at::full({rows, B}, -1, labels.options()), ld.dist};
+  AT_DISPATCH_FLOATING_TYPES(ld.dist.scalar_type(), "metricops_semihard_cuda", [&] {
+    semihard_kernel<scalar_t><<<grid_for(rows * B), kThreads, 0, current_stream()>>>(
+        ld.dist.const_data_ptr<scalar_t>(), ld.positive.const_data_ptr<bool>(),
+        ld.neg_sorted.const_data_ptr<scalar_t>(), ld.neg_index.const_data_ptr<int64_t>(),
+        ld.neg_count.const_data_ptr<int64_t>(), rows, B, static_cast<scalar_t>(margin),
+        r.losses.mutable_data_ptr<scalar_t>(), r.negative.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return r;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cuda(const at::Tensor& embeddings,
@@ -230,25 +267,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cuda(const at::T
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
   const int64_t B = embeddings.size(0);
-  at::Tensor losses = at::zeros({B, B}, embeddings.options());
-  at::Tensor negative = at::full({B, B}, -1, labels.options());
-  if (B == 0) return {losses, negative, at::empty({0, 0}, embeddings.options())};
-  const LabelledDistances ld = labelled_distances(embeddings, labels, metric);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "metricops_semihard_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    semihard_kernel<scalar_t, acc_t><<<grid_for(B * B), kThreads, 0, current_stream()>>>(
-        ld.dist.const_data_ptr<acc_t>(), ld.positive.const_data_ptr<bool>(), ld.neg_sorted.const_data_ptr<acc_t>(),
-        ld.neg_index.const_data_ptr<int64_t>(), ld.neg_count.const_data_ptr<int64_t>(), B, static_cast<acc_t>(margin),
-        losses.mutable_data_ptr<scalar_t>(), negative.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {losses, negative, ld.dist.to(embeddings.scalar_type())};
+  if (B == 0) {
+    return {at::zeros({0, 0}, embeddings.options()), at::full({0, 0}, -1, labels.options()),
+            at::empty({0, 0}, embeddings.options())};
+  }
+  const at::Tensor x = embeddings.contiguous();
+  const SemihardRows r = semihard_rows(x, row_aux_acc_cuda(x, metric), labels, 0, B, metric, margin);
+  const auto dtype = embeddings.scalar_type();
+  return {r.losses.to(dtype), r.negative, r.dist.to(dtype)};
+}
+
+// Rows [0, rows) of the blocks' coefficient matrix; grad_losses, losses,
+// negative and coef are (rows, B) and negative indexes columns.
+template <typename T>
+__global__ void semihard_coefficients_kernel(int64_t rows, int64_t B, const T* grad_losses, const T* losses,
+                                             const int64_t* negative, T* coef) {
+  METRICOPS_CUDA_KERNEL_LOOP(a, rows) { semihard_coefficients_row<T>(a, B, grad_losses, losses, negative, coef); }
 }
 
 template <typename T>
-__global__ void semihard_coefficients_kernel(int64_t B, const T* grad_losses, const T* losses,
-                                             const int64_t* negative, T* coef) {
-  METRICOPS_CUDA_KERNEL_LOOP(a, B) { semihard_coefficients_row<T>(a, B, grad_losses, losses, negative, coef); }
+void semihard_coefficients_cuda(const at::Tensor& grad_losses, const at::Tensor& losses, const at::Tensor& negative,
+                                at::Tensor& coef) {
+  const int64_t rows = coef.size(0), B = coef.size(1);
+  semihard_coefficients_kernel<T><<<grid_for(rows), kThreads, 0, current_stream()>>>(
+      rows, B, grad_losses.const_data_ptr<T>(), losses.const_data_ptr<T>(), negative.const_data_ptr<int64_t>(),
+      coef.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor semihard_triplet_backward_cuda(const at::Tensor& grad_losses, const std::optional<at::Tensor>& grad_dist,
@@ -262,17 +306,64 @@ at::Tensor semihard_triplet_backward_cuda(const at::Tensor& grad_losses, const s
                                           : at::zeros({B, B}, embeddings.options());
   if (B > 0) {
     const at::Tensor g = grad_losses.to(embeddings.scalar_type()).contiguous();
-    const at::Tensor losses = losses_in.contiguous();
-    const at::Tensor negative = negative_in.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
                                     "metricops_semihard_backward_cuda", [&] {
-      semihard_coefficients_kernel<scalar_t><<<grid_for(B), kThreads, 0, current_stream()>>>(
-          B, g.const_data_ptr<scalar_t>(), losses.const_data_ptr<scalar_t>(), negative.const_data_ptr<int64_t>(),
-          coef.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      semihard_coefficients_cuda<scalar_t>(g, losses_in.contiguous(), negative_in.contiguous(), coef);
     });
   }
   return self_distance_backward(coef, embeddings, dist, metric);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_streaming_cuda(const at::Tensor& embeddings,
+                                                                               const at::Tensor& labels_in,
+                                                                               double margin,
+                                                                               c10::string_view metric_name,
+                                                                               int64_t block_rows) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = embeddings.size(0);
+  at::Tensor row_sum = at::zeros({B}, embeddings.options());
+  at::Tensor row_valid = at::zeros({B}, labels.options());
+  at::Tensor row_active = at::zeros({B}, labels.options());
+  if (B == 0) return {row_sum, row_valid, row_active};
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor aux = row_aux_acc_cuda(x, metric);
+  for_each_row_block(B, block_rows, [&](int64_t r0, int64_t rows) {
+    const SemihardRows r = semihard_rows(x, aux, labels, r0, rows, metric, margin);
+    row_sum.narrow(0, r0, rows).copy_(r.losses.sum(1));
+    row_valid.narrow(0, r0, rows).copy_(r.negative.ge(0).sum(1));
+    row_active.narrow(0, r0, rows).copy_(r.losses.gt(0).sum(1));
+  });
+  return {row_sum, row_valid, row_active};
+}
+
+at::Tensor semihard_triplet_streaming_backward_cuda(const at::Tensor& grad_row_sum, const at::Tensor& embeddings,
+                                                    const at::Tensor& labels_in, double margin,
+                                                    c10::string_view metric_name, int64_t block_rows) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const Metric metric = parse_metric(metric_name);
+  const int64_t B = embeddings.size(0);
+  check_streaming_backward_inputs("semihard_triplet_streaming_backward", grad_row_sum, {B}, embeddings, labels_in,
+                                  margin);
+  const at::Tensor labels = labels_int64(labels_in);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor aux = row_aux_acc_cuda(x, metric);
+  at::Tensor grad = at::zeros(x.sizes(), aux.options());  // accumulated in float32 for float16/bfloat16
+  if (B == 0) return grad.to(x.scalar_type());
+  const at::Tensor g = grad_row_sum.to(aux.scalar_type());
+  const auto dtype = x.scalar_type();
+  for_each_row_block(B, block_rows, [&](int64_t r0, int64_t rows) {
+    const SemihardRows r = semihard_rows(x, aux, labels, r0, rows, metric, margin);
+    at::Tensor coef = at::zeros({rows, B}, aux.options());
+    const at::Tensor g_rows = g.narrow(0, r0, rows).unsqueeze(1).expand({rows, B}).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(aux.scalar_type(), "metricops_semihard_streaming_backward_cuda", [&] {
+      semihard_coefficients_cuda<scalar_t>(g_rows, r.losses, r.negative, coef);
+    });
+    accumulate_distance_rows_backward(coef.to(dtype), x, r.dist.to(dtype), r0, metric_name, grad);
+  });
+  return grad.to(dtype);
 }
 
 // ---------------------------------------------------------------- batch-all
@@ -282,10 +373,10 @@ __global__ void batch_all_kernel(const acc_t* __restrict__ dist, const bool* __r
                                  const bool* __restrict__ negative, const acc_t* __restrict__ neg_sorted,
                                  const double* __restrict__ neg_prefix, const int64_t* __restrict__ neg_count,
                                  const acc_t* __restrict__ shifted_sorted, const int64_t* __restrict__ pos_count,
-                                 int64_t B, acc_t margin, acc_t* __restrict__ multiplicity, double* __restrict__ term_sum,
-                                 int64_t* __restrict__ active) {
-  METRICOPS_CUDA_KERNEL_LOOP(idx, B * B) {
-    const int64_t a = idx / B;
+                                 int64_t rows, int64_t B, acc_t margin, acc_t* __restrict__ multiplicity,
+                                 double* __restrict__ term_sum, int64_t* __restrict__ active) {
+  METRICOPS_CUDA_KERNEL_LOOP(idx, rows * B) {
+    const int64_t a = idx / B;  // row within the block
     const int64_t n = neg_count[a], P = pos_count[a];
     term_sum[idx] = 0;
     active[idx] = 0;
@@ -309,6 +400,39 @@ __global__ void batch_all_kernel(const acc_t* __restrict__ dist, const bool* __r
   }
 }
 
+struct BatchAllRows {
+  at::Tensor term_sum;      // () float64: the rows' summed terms
+  at::Tensor num_valid;     // () int64
+  at::Tensor num_active;    // () int64
+  at::Tensor multiplicity;  // (rows, B) acc dtype: d(term sum)/d(dist)
+  at::Tensor dist;          // (rows, B) acc dtype
+};
+
+BatchAllRows batch_all_rows(const at::Tensor& x, const at::Tensor& aux, const at::Tensor& labels, int64_t row_begin,
+                            int64_t rows, Metric metric, double margin) {
+  const int64_t B = x.size(0);
+  const LabelledRows ld = labelled_rows(x, aux, labels, row_begin, rows, metric);
+  const at::Tensor shifted_values = ld.dist.add(margin);
+  auto [shifted_sorted, unused_index, pos_count] = sort_members_first(shifted_values, ld.positive);
+  // Prefix sums in float64: prefix[a, k] = sum of the k nearest negatives.
+  at::Tensor neg_prefix = at::zeros({rows, B + 1}, ld.dist.options().dtype(at::kDouble));
+  neg_prefix.narrow(1, 1, B).copy_(at::cumsum(ld.neg_sorted.to(at::kDouble), 1));
+  at::Tensor multiplicity = at::empty({rows, B}, ld.dist.options());
+  at::Tensor term_sum = at::empty({rows, B}, ld.dist.options().dtype(at::kDouble));
+  at::Tensor active = at::empty({rows, B}, labels.options());
+  AT_DISPATCH_FLOATING_TYPES(ld.dist.scalar_type(), "metricops_batch_all_cuda", [&] {
+    batch_all_kernel<scalar_t><<<grid_for(rows * B), kThreads, 0, current_stream()>>>(
+        ld.dist.const_data_ptr<scalar_t>(), ld.positive.const_data_ptr<bool>(), ld.negative.const_data_ptr<bool>(),
+        ld.neg_sorted.const_data_ptr<scalar_t>(), neg_prefix.const_data_ptr<double>(),
+        ld.neg_count.const_data_ptr<int64_t>(), shifted_sorted.const_data_ptr<scalar_t>(),
+        pos_count.const_data_ptr<int64_t>(), rows, B, static_cast<scalar_t>(margin),
+        multiplicity.mutable_data_ptr<scalar_t>(), term_sum.mutable_data_ptr<double>(),
+        active.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {term_sum.sum(), pos_count.mul(ld.neg_count).sum(), active.sum(), multiplicity, ld.dist};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name) {
   c10::cuda::CUDAGuard guard(embeddings.device());
@@ -321,27 +445,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all
     return {at::zeros({}, embeddings.options()), zero_count, zero_count.clone(), at::empty({0, 0}, embeddings.options()),
             at::empty({0, 0}, embeddings.options())};
   }
-  const LabelledDistances ld = labelled_distances(embeddings, labels, metric);
-  const at::Tensor shifted_values = ld.dist.add(margin);
-  auto [shifted_sorted, unused_index, pos_count] = sort_members_first(shifted_values, ld.positive);
-  // Prefix sums in float64: prefix[a, k] = sum of the k nearest negatives.
-  at::Tensor neg_prefix = at::zeros({B, B + 1}, ld.dist.options().dtype(at::kDouble));
-  neg_prefix.narrow(1, 1, B).copy_(at::cumsum(ld.neg_sorted.to(at::kDouble), 1));
-  at::Tensor multiplicity = at::empty({B, B}, ld.dist.options());
-  at::Tensor term_sum = at::empty({B, B}, ld.dist.options().dtype(at::kDouble));
-  at::Tensor active = at::empty({B, B}, labels.options());
-  AT_DISPATCH_FLOATING_TYPES(ld.dist.scalar_type(), "metricops_batch_all_cuda", [&] {
-    batch_all_kernel<scalar_t><<<grid_for(B * B), kThreads, 0, current_stream()>>>(
-        ld.dist.const_data_ptr<scalar_t>(), ld.positive.const_data_ptr<bool>(), ld.negative.const_data_ptr<bool>(),
-        ld.neg_sorted.const_data_ptr<scalar_t>(), neg_prefix.const_data_ptr<double>(),
-        ld.neg_count.const_data_ptr<int64_t>(), shifted_sorted.const_data_ptr<scalar_t>(),
-        pos_count.const_data_ptr<int64_t>(), B, static_cast<scalar_t>(margin), multiplicity.mutable_data_ptr<scalar_t>(),
-        term_sum.mutable_data_ptr<double>(), active.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  const at::Tensor x = embeddings.contiguous();
+  const BatchAllRows r = batch_all_rows(x, row_aux_acc_cuda(x, metric), labels, 0, B, metric, margin);
   const auto dtype = embeddings.scalar_type();
-  return {term_sum.sum().to(dtype), pos_count.mul(ld.neg_count).sum(), active.sum(), ld.dist.to(dtype),
-          multiplicity.to(dtype)};
+  return {r.term_sum.to(dtype), r.num_valid, r.num_active, r.dist.to(dtype), r.multiplicity.to(dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_streaming_cuda(const at::Tensor& embeddings,
+                                                                                const at::Tensor& labels_in,
+                                                                                double margin,
+                                                                                c10::string_view metric_name,
+                                                                                int64_t block_rows) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const Metric metric = parse_metric(metric_name);
+  check_triplet_inputs(embeddings, labels_in, margin);
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t B = embeddings.size(0);
+  at::Tensor total = at::zeros({}, embeddings.options().dtype(at::kDouble));
+  at::Tensor num_valid = at::zeros({}, labels.options());
+  at::Tensor num_active = at::zeros({}, labels.options());
+  if (B > 0) {
+    const at::Tensor x = embeddings.contiguous();
+    const at::Tensor aux = row_aux_acc_cuda(x, metric);
+    for_each_row_block(B, block_rows, [&](int64_t r0, int64_t rows) {
+      const BatchAllRows r = batch_all_rows(x, aux, labels, r0, rows, metric, margin);
+      total.add_(r.term_sum);
+      num_valid.add_(r.num_valid);
+      num_active.add_(r.num_active);
+    });
+  }
+  return {total.to(embeddings.scalar_type()), num_valid, num_active};
+}
+
+at::Tensor batch_all_triplet_streaming_backward_cuda(const at::Tensor& grad_sum, const at::Tensor& embeddings,
+                                                     const at::Tensor& labels_in, double margin,
+                                                     c10::string_view metric_name, int64_t block_rows) {
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const Metric metric = parse_metric(metric_name);
+  check_streaming_backward_inputs("batch_all_triplet_streaming_backward", grad_sum, {}, embeddings, labels_in, margin);
+  const at::Tensor labels = labels_int64(labels_in);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor aux = row_aux_acc_cuda(x, metric);
+  at::Tensor grad = at::zeros(x.sizes(), aux.options());  // accumulated in float32 for float16/bfloat16
+  const at::Tensor g = grad_sum.to(aux.scalar_type());
+  const auto dtype = x.scalar_type();
+  for_each_row_block(x.size(0), block_rows, [&](int64_t r0, int64_t rows) {
+    const BatchAllRows r = batch_all_rows(x, aux, labels, r0, rows, metric, margin);
+    accumulate_distance_rows_backward(r.multiplicity.mul(g).to(dtype), x, r.dist.to(dtype), r0, metric_name, grad);
+  });
+  return grad.to(dtype);
 }
 
 // ---------------------------------------------------------------- statistics
@@ -369,7 +521,8 @@ at::Tensor triplet_statistics_cuda(const at::Tensor& embeddings, const at::Tenso
   const at::Tensor labels = labels_int64(labels_in);
   const int64_t B = embeddings.size(0);
   if (B == 0) return at::zeros({4}, labels.options());
-  const LabelledDistances ld = labelled_distances(embeddings, labels, metric);
+  const at::Tensor x = embeddings.contiguous();
+  const LabelledRows ld = labelled_rows(x, row_aux_acc_cuda(x, metric), labels, 0, B, metric);
   at::Tensor counts = at::empty({B * B, 4}, labels.options());
   AT_DISPATCH_FLOATING_TYPES(ld.dist.scalar_type(), "metricops_triplet_statistics_cuda", [&] {
     statistics_kernel<scalar_t><<<grid_for(B * B), kThreads, 0, current_stream()>>>(
@@ -461,6 +614,10 @@ TORCH_LIBRARY_IMPL(metricops, CUDA, m) {
   m.impl("semihard_triplet", &semihard_triplet_cuda);
   m.impl("semihard_triplet_backward", &semihard_triplet_backward_cuda);
   m.impl("batch_all_triplet", &batch_all_triplet_cuda);
+  m.impl("semihard_triplet_streaming", &semihard_triplet_streaming_cuda);
+  m.impl("semihard_triplet_streaming_backward", &semihard_triplet_streaming_backward_cuda);
+  m.impl("batch_all_triplet_streaming", &batch_all_triplet_streaming_cuda);
+  m.impl("batch_all_triplet_streaming_backward", &batch_all_triplet_streaming_backward_cuda);
   m.impl("triplet_statistics", &triplet_statistics_cuda);
   m.impl("mine_triplets", &mine_triplets_cuda);
 }

@@ -140,6 +140,67 @@ def _batch_all_backward(ctx, grad_sum, grad_valid, grad_active, grad_dist, grad_
 
 torch.library.register_autograd(_LIB + "batch_all_triplet", _batch_all_backward, setup_context=_batch_all_setup_context)
 
+# ------------------------------------------------------------------ streaming semi-hard and batch-all
+# The backwards recompute (and re-mine) the distances block by block, so
+# only the embeddings and labels are saved.
+
+
+@torch.library.register_fake(_LIB + "semihard_triplet_streaming")
+def _semihard_streaming_fake(embeddings, labels, margin, metric, block_rows):
+    _check_batch(embeddings, labels)
+    B = embeddings.shape[0]
+    count = embeddings.new_empty((B,), dtype=torch.int64)
+    return embeddings.new_empty((B,)), count, torch.empty_like(count)
+
+
+@torch.library.register_fake(_LIB + "batch_all_triplet_streaming")
+def _batch_all_streaming_fake(embeddings, labels, margin, metric, block_rows):
+    _check_batch(embeddings, labels)
+    count = embeddings.new_empty((), dtype=torch.int64)
+    return embeddings.new_empty(()), count, torch.empty_like(count)
+
+
+@torch.library.register_fake(_LIB + "semihard_triplet_streaming_backward")
+@torch.library.register_fake(_LIB + "batch_all_triplet_streaming_backward")
+def _streaming_backward_fake(grad, embeddings, labels, margin, metric, block_rows):
+    return torch.empty_like(embeddings)
+
+
+def _streaming_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    embeddings, labels, margin, metric, block_rows = inputs
+    ctx.margin, ctx.metric, ctx.block_rows = margin, metric, block_rows
+    ctx.mark_non_differentiable(output[1], output[2])
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(embeddings, labels)
+
+
+def _streaming_backward(backward_op):
+    def backward(ctx, grad_sum, grad_valid, grad_active):
+        if grad_sum is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        embeddings, labels = ctx.saved_tensors
+        grad = backward_op(grad_sum, embeddings, labels, ctx.margin, ctx.metric, ctx.block_rows)
+        return grad, None, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    _LIB + "semihard_triplet_streaming",
+    _streaming_backward(ops.semihard_triplet_streaming_backward),
+    setup_context=_streaming_setup_context,
+)
+torch.library.register_autograd(
+    _LIB + "batch_all_triplet_streaming",
+    _streaming_backward(ops.batch_all_triplet_streaming_backward),
+    setup_context=_streaming_setup_context,
+)
+for _name in ("semihard_triplet_streaming_backward", "batch_all_triplet_streaming_backward"):
+    torch.library.register_autograd(
+        _LIB + _name, _no_double_backward(_name.removesuffix("_backward")), setup_context=lambda ctx, inputs, output: None
+    )
+
 # ------------------------------------------------------------------ statistics and miner
 
 

@@ -45,6 +45,12 @@ TORCH_LIBRARY(metricops, m) {
       "pairwise_distance_backward(Tensor grad, Tensor x, Tensor? y, Tensor dist, str metric) "
       "-> (Tensor grad_x, Tensor grad_y)");
 
+  // Row-wise L2 normalisation, F.normalize(x, p=2, dim=1, eps) semantics:
+  // y = x / max(||x||, eps). norm (B,) is what the backward needs (in the
+  // accumulation dtype: float32 for float16/bfloat16).
+  m.def("l2_normalize(Tensor x, float eps) -> (Tensor y, Tensor norm)");
+  m.def("l2_normalize_backward(Tensor grad, Tensor x, Tensor norm, float eps) -> Tensor");
+
   // Triplet mining and losses on a labelled batch (see metricops/triplet.py).
   // batch-hard: per anchor its loss, farthest positive, nearest negative
   // (-1 when the anchor has no triplet) and their distances. block_rows <= 0

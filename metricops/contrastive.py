@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import _validation as v
 from . import triplet as _triplet
 from ._ops import ops
+from .distance import _l2_normalize
 
 _TRIPLET_REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
 
@@ -68,10 +68,10 @@ def contrastive_loss(
     if memory == "streaming" and reduction == "none":
         raise ValueError("reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming', got 'none'")
     if block_rows > 0 and reduction != "none":
-        x = F.normalize(embeddings, p=2, dim=1) if normalize else embeddings
+        x = _l2_normalize(embeddings) if normalize else embeddings
         loss, _ = ops.contrastive_loss_streaming(x, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows)
         return loss
-    x = F.normalize(embeddings, p=2, dim=1) if normalize else embeddings
+    x = _l2_normalize(embeddings) if normalize else embeddings
     loss, _, _, _ = ops.contrastive_loss(x, labels, pos_margin, neg_margin, metric, squared, reduction)
     return loss
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _validation as v
 from ._ops import ops
+
+
+def _l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, p=2, dim=1, eps=eps)`` as one native op per direction.
+
+    ``(B, D) -> (B, D)``: ``x / max(||x||, eps)``, with F.normalize's gradient.
+    """
+    return ops.l2_normalize(x, eps)[0]
 
 
 def pairwise_distance(
@@ -45,6 +52,6 @@ def pairwise_distance(
     v.check_metric(metric)
     v.check_flag(normalize, "normalize")
     if normalize:
-        x = F.normalize(x, p=2, dim=1)
-        y = None if y is None else F.normalize(y, p=2, dim=1)
+        x = _l2_normalize(x)
+        y = None if y is None else _l2_normalize(y)
     return ops.pairwise_distance(x, y, metric)

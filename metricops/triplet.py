@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Dict, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import _validation as v
 from ._ops import ops
+from .distance import _l2_normalize
 
 STRATEGIES = ("all", "violating", "semihard", "hard", "easy", "batch_hard")
 MEMORY_MODES = ("auto", "matrix", "streaming")
@@ -35,7 +35,7 @@ def _prepare(embeddings, labels, margin, metric, normalize, *, loss: bool):
     v.check_flag(normalize, "normalize")
     margin = v.check_number(margin, "margin", min_value=0.0 if loss else None, finite=True)
     if normalize:
-        embeddings = F.normalize(embeddings, p=2, dim=1)
+        embeddings = _l2_normalize(embeddings)
     return embeddings, margin
 
 

@@ -21,13 +21,6 @@ namespace {
 
 int64_t rows_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
-template <typename scalar_t>
-METRICOPS_SIMD_CLONES scalar_t squared_norm(const scalar_t* x, int64_t n) {
-  scalar_t s = 0;
-  for (int64_t k = 0; k < n; ++k) s += x[k] * x[k];
-  return s;
-}
-
 // ------------------------------------------------------------------ contrastive_loss
 
 // Columns [j0, j1) of row i for the scalar reductions: W_ij for a unit upstream

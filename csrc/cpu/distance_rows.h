@@ -20,13 +20,6 @@ namespace cpu {
 // Rows per parallel task: enough work to amortise scheduling.
 inline int64_t rows_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
-template <typename scalar_t>
-METRICOPS_SIMD_CLONES scalar_t squared_norm(const scalar_t* x, int64_t n) {
-  scalar_t s = 0;
-  for (int64_t k = 0; k < n; ++k) s += x[k] * x[k];
-  return s;
-}
-
 template <typename scalar_t, Metric kMetric>
 METRICOPS_SIMD_CLONES void distance_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n,
                                         scalar_t* out) {
@@ -46,24 +39,6 @@ inline at::Tensor row_aux_cpu(const at::Tensor& x_in, Metric metric) {
     });
   });
   return aux;
-}
-
-// Calls block_fn(row_begin, block) for consecutive row blocks of the Gram
-// matrix x x^T (raw dot products, `block_rows` rows at a time, <= 0: all),
-// for kernels that fuse their own epilogue.
-template <typename scalar_t, typename BlockFn>
-void for_each_gram_block(const at::Tensor& x, int64_t block_rows, const BlockFn& block_fn) {
-  const int64_t B = x.size(0);
-  if (B == 0) return;
-  if (block_rows <= 0 || block_rows > B) block_rows = B;
-  at::Tensor buffer = at::empty({block_rows, B}, x.options());
-  const at::Tensor xt = x.t();
-  for (int64_t r0 = 0; r0 < B; r0 += block_rows) {
-    const int64_t rows = std::min(block_rows, B - r0);
-    at::Tensor block = buffer.narrow(0, 0, rows);
-    at::mm_out(block, x.narrow(0, r0, rows), xt);
-    block_fn(r0, static_cast<const at::Tensor&>(block));
-  }
 }
 
 // Calls block_fn(row_begin, block) for consecutive row blocks of the

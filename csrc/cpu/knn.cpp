@@ -51,20 +51,13 @@ inline bool candidate_less(const Candidate<scalar_t>& a, const Candidate<scalar_
 }
 
 template <typename scalar_t>
-METRICOPS_SIMD_CLONES scalar_t knn_squared_norm(const scalar_t* x, int64_t n) {
-  scalar_t s = 0;
-  for (int64_t j = 0; j < n; ++j) s += x[j] * x[j];
-  return s;
-}
-
-template <typename scalar_t>
 at::Tensor knn_row_aux(const at::Tensor& x, Metric metric) {  // x contiguous
   const int64_t rows = x.size(0), dim = x.size(1);
   at::Tensor aux = at::empty({rows}, x.options());
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* ap = aux.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) ap[i] = row_aux<scalar_t>(metric, knn_squared_norm(xp + i * dim, dim));
+    for (int64_t i = b; i < e; ++i) ap[i] = row_aux<scalar_t>(metric, squared_norm(xp + i * dim, dim));
   });
   return aux;
 }

@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -198,6 +199,132 @@ void batch_all_row(const scalar_t* row, const int64_t* lab, int64_t B, int64_t i
 
 // ---------------------------------------------------------------- batch-hard
 
+// Dense int32 class ids with the labels' equality (int32 lanes vectorise
+// with float32 keys; labels may be any int64).
+std::vector<int32_t> class_ids(const at::Tensor& labels) {
+  const int64_t B = labels.size(0);
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  std::vector<int64_t> order(B);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [lab](int64_t a, int64_t b) { return lab[a] < lab[b]; });
+  std::vector<int32_t> ids(B);
+  int32_t next = -1;
+  for (int64_t k = 0; k < B; ++k) {
+    if (k == 0 || lab[order[k]] != lab[order[k - 1]]) ++next;
+    ids[order[k]] = next;
+  }
+  return ids;
+}
+
+// Running batch-hard selections of every anchor, by distance key: farthest
+// positive and nearest negative so far (index -1: none yet).
+template <typename scalar_t>
+struct BatchHardSelections {
+  std::vector<scalar_t> key_p, key_n;
+  std::vector<int32_t> index_p, index_n;
+  explicit BatchHardSelections(int64_t B) : key_p(B, 0), key_n(B, 0), index_p(B, -1), index_n(B, -1) {}
+};
+
+// The selections below are farther / nearer of common/triplet.h (NaN wins,
+// strict comparisons keep the earliest index) written with int32 lane masks
+// and no short-circuits, so that GCC vectorises them.
+template <typename scalar_t>
+inline int32_t lane_mask(bool b) {
+  return -static_cast<int32_t>(b);
+}
+
+// Lanes of one anchor's row scan: lane l keeps the best of columns
+// j ≡ l (mod kLanes) seen so far.
+constexpr int64_t kLanes = 16;
+
+template <typename scalar_t, Metric kMetric>
+METRICOPS_SIMD_CLONES void batch_hard_row_lanes(const scalar_t* __restrict__ dot, const scalar_t* __restrict__ ap,
+                                                const int32_t* __restrict__ cls, scalar_t ai, int32_t ci, int32_t i,
+                                                int64_t j0, int64_t j1, scalar_t* __restrict__ key_p,
+                                                int32_t* __restrict__ index_p, scalar_t* __restrict__ key_n,
+                                                int32_t* __restrict__ index_n) {
+  for (int64_t base = j0; base < j1; base += kLanes) {
+    const int64_t count = std::min<int64_t>(kLanes, j1 - base);
+    for (int64_t l = 0; l < count; ++l) {
+      const int64_t j = base + l;
+      const int32_t j32 = static_cast<int32_t>(j);
+      const scalar_t k = distance_key<scalar_t>(kMetric, ai, ap[j], dot[j]);
+      const scalar_t kp = key_p[l], kn = key_n[l];
+      const int32_t ip = index_p[l], in = index_n[l];
+      const int32_t same = lane_mask<scalar_t>(cls[j] == ci);
+      const int32_t k_nan = lane_mask<scalar_t>(k != k);
+      const int32_t take_p = same & lane_mask<scalar_t>(j32 != i) &
+                             ((ip >> 31) | lane_mask<scalar_t>(k > kp) | (k_nan & lane_mask<scalar_t>(kp == kp)));
+      const int32_t take_n =
+          ~same & ((in >> 31) | lane_mask<scalar_t>(k < kn) | (k_nan & lane_mask<scalar_t>(kn == kn)));
+      key_p[l] = take_p ? k : kp;
+      index_p[l] = take_p ? j32 : ip;
+      key_n[l] = take_n ? k : kn;
+      index_n[l] = take_n ? j32 : in;
+    }
+  }
+}
+
+// Merges candidate (k, j) into (best_k, best_j) for a farthest (kMax) or
+// nearest search where the candidates may come in any index order: NaN wins,
+// equal keys go to the lower index, -1 is "none".
+template <typename scalar_t, bool kMax>
+inline void merge_candidate(scalar_t k, int32_t j, scalar_t& best_k, int32_t& best_j) {
+  if (j < 0) return;
+  if (best_j < 0) {
+    best_k = k, best_j = j;
+    return;
+  }
+  const bool better = kMax ? farther(k, best_k) : nearer(k, best_k);
+  const bool worse = kMax ? farther(best_k, k) : nearer(best_k, k);
+  if (better || (!worse && j < best_j)) best_k = k, best_j = j;
+}
+
+// Row side: anchor i scans its Gram row over columns [j0, j1) (dot[j]) and
+// merges the result into its running selection, which holds columns < j0.
+template <typename scalar_t, Metric kMetric>
+inline void batch_hard_row_scan(const scalar_t* dot, const scalar_t* ap, const int32_t* cls, int64_t i, int64_t j0,
+                                int64_t j1, BatchHardSelections<scalar_t>& sel) {
+  alignas(64) scalar_t key_p[kLanes], key_n[kLanes];
+  alignas(64) int32_t index_p[kLanes], index_n[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) key_p[l] = key_n[l] = scalar_t(0), index_p[l] = index_n[l] = -1;
+  batch_hard_row_lanes<scalar_t, kMetric>(dot, ap, cls, ap[i], cls[i], static_cast<int32_t>(i), j0, j1, key_p,
+                                          index_p, key_n, index_n);
+  for (int64_t l = 0; l < kLanes; ++l) {
+    merge_candidate<scalar_t, true>(key_p[l], index_p[l], sel.key_p[i], sel.index_p[i]);
+    merge_candidate<scalar_t, false>(key_n[l], index_n[l], sel.key_n[i], sel.index_n[i]);
+  }
+}
+
+// Column side: the Gram row of sample i, columns [j0, j1), offered to the
+// anchors j of those columns (all j > i, so ascending order per anchor).
+template <typename scalar_t, Metric kMetric>
+METRICOPS_SIMD_CLONES void batch_hard_column_update(const scalar_t* __restrict__ dot, const scalar_t* __restrict__ ap,
+                                                    const int32_t* __restrict__ cls, int64_t i, int64_t j0, int64_t j1,
+                                                    scalar_t* __restrict__ key_p, int32_t* __restrict__ index_p,
+                                                    scalar_t* __restrict__ key_n, int32_t* __restrict__ index_n) {
+  const scalar_t ai = ap[i];
+  const int32_t ci = cls[i];
+  const int32_t i32 = static_cast<int32_t>(i);
+  for (int64_t j = j0; j < j1; ++j) {
+    const scalar_t k = distance_key<scalar_t>(kMetric, ai, ap[j], dot[j]);
+    const scalar_t kp = key_p[j], kn = key_n[j];
+    const int32_t ip = index_p[j], in = index_n[j];
+    const int32_t same = lane_mask<scalar_t>(cls[j] == ci);
+    const int32_t k_nan = lane_mask<scalar_t>(k != k);
+    const int32_t take_p = same & ((ip >> 31) | lane_mask<scalar_t>(k > kp) | (k_nan & lane_mask<scalar_t>(kp == kp)));
+    const int32_t take_n = ~same & ((in >> 31) | lane_mask<scalar_t>(k < kn) | (k_nan & lane_mask<scalar_t>(kn == kn)));
+    key_p[j] = take_p ? k : kp;
+    index_p[j] = take_p ? i32 : ip;
+    key_n[j] = take_n ? k : kn;
+    index_n[j] = take_n ? i32 : in;
+  }
+}
+
+// Rows per block of the triangular Gram sweep: small enough that the upper
+// triangle skips most of the lower one's GEMM work, large enough for BLAS.
+constexpr int64_t kBatchHardBlockRows = 128;
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_cpu(
     const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name, bool soft,
     int64_t block_rows) {
@@ -206,6 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor labels = labels_int64(labels_in);
   const int64_t B = x.size(0);
+  TORCH_CHECK_VALUE(B < std::numeric_limits<int32_t>::max(), "embeddings: at most 2^31 - 1 rows, got ", B);
   at::Tensor losses = at::zeros({B}, x.options());
   at::Tensor positive = at::full({B}, -1, labels.options());
   at::Tensor negative = at::full({B}, -1, labels.options());
@@ -213,49 +341,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
   at::Tensor dist_an = at::zeros({B}, x.options());
   if (B == 0) return {losses, positive, negative, dist_ap, dist_an};
   const at::Tensor aux = row_aux_cpu(x, metric);
+  const std::vector<int32_t> cls = class_ids(labels);
+  // The Gram matrix is symmetric: sweep its upper triangle in row blocks
+  // (one GEMM of rows [r0, r1) against columns [r0, B) each), mining every
+  // entry twice: for its row's anchor (row side) and, right of the diagonal
+  // block, for its column's anchor (column side). Each anchor sees its
+  // columns in ascending order, so ties resolve exactly as one full scan.
+  // ~(B/2 + block/2)·B·D GEMM work instead of B²·D; O(block·B) memory.
+  const int64_t block = std::min(B, block_rows > 0 ? std::min(block_rows, kBatchHardBlockRows) : kBatchHardBlockRows);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_batch_hard_cpu", [&] {
-    const int64_t* lab = labels.const_data_ptr<int64_t>();
-    scalar_t* lp = losses.mutable_data_ptr<scalar_t>();
+    BatchHardSelections<scalar_t> sel(B);
+    at::Tensor buffer = at::empty({block * B}, x.options());
+    const scalar_t* ap = aux.const_data_ptr<scalar_t>();
+    const int32_t* cp = cls.data();
+    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
+      for (int64_t r0 = 0; r0 < B; r0 += block) {
+        const int64_t rows = std::min(block, B - r0), cols = B - r0, r1 = r0 + rows;
+        at::Tensor gram = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+        at::mm_out(gram, x.narrow(0, r0, rows), x.narrow(0, r0, cols).t());
+        const scalar_t* gp = gram.const_data_ptr<scalar_t>();
+        at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            batch_hard_row_scan<scalar_t, kMetric>(gp + r * cols - r0, ap, cp, r0 + r, r0, B, sel);
+          }
+        });
+        if (r1 == B) break;
+        // Column side: each task owns a range of anchors (columns >= r1).
+        at::parallel_for(r1, B, 256, [&](int64_t j0, int64_t j1) {
+          for (int64_t r = 0; r < rows; ++r) {
+            batch_hard_column_update<scalar_t, kMetric>(gp + r * cols - r0, ap, cp, r0 + r, j0, j1, sel.key_p.data(),
+                                                        sel.index_p.data(), sel.key_n.data(), sel.index_n.data());
+          }
+        });
+      }
+    });
     int64_t* pp = positive.mutable_data_ptr<int64_t>();
     int64_t* np = negative.mutable_data_ptr<int64_t>();
+    scalar_t* lp = losses.mutable_data_ptr<scalar_t>();
     scalar_t* dap = dist_ap.mutable_data_ptr<scalar_t>();
     scalar_t* dan = dist_an.mutable_data_ptr<scalar_t>();
     const scalar_t m = static_cast<scalar_t>(margin);
-    METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
-      // Fused epilogue: scan each Gram row by distance key (no sqrt, no
-      // write-back of the B×B distances); sqrt only for the two winners.
-      const scalar_t* ap = aux.const_data_ptr<scalar_t>();
-      for_each_gram_block<scalar_t>(x, block_rows, [&](int64_t r0, const at::Tensor& block) {
-        const scalar_t* bp = block.const_data_ptr<scalar_t>();
-        at::parallel_for(0, block.size(0), rows_grain(B), [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            const int64_t i = r0 + r;
-            const scalar_t* dot = bp + r * B;
-            const scalar_t ai = ap[i];
-            const int64_t li = lab[i];
-            int64_t best_p = -1, best_n = -1;
-            scalar_t k_p = 0, k_n = 0;
-            for (int64_t j = 0; j < B; ++j) {
-              const scalar_t k = distance_key<scalar_t>(kMetric, ai, ap[j], dot[j]);
-              if (lab[j] == li) {
-                if (j != i && (best_p < 0 || farther(k, k_p))) best_p = j, k_p = k;
-              } else if (best_n < 0 || nearer(k, k_n)) {
-                best_n = j, k_n = k;
-              }
-            }
-            if (best_p >= 0 && best_n >= 0) {
-              const scalar_t d_p = key_to_distance<scalar_t>(kMetric, k_p);
-              const scalar_t d_n = key_to_distance<scalar_t>(kMetric, k_n);
-              pp[i] = best_p;
-              np[i] = best_n;
-              dap[i] = d_p;
-              dan[i] = d_n;
-              lp[i] = triplet_term<scalar_t>(d_p, d_n, m, soft);
-            }
-          }
-        });
-      });
-    });
+    for (int64_t a = 0; a < B; ++a) {
+      if (sel.index_p[a] < 0 || sel.index_n[a] < 0) continue;
+      const scalar_t d_p = key_to_distance<scalar_t>(metric, sel.key_p[a]);
+      const scalar_t d_n = key_to_distance<scalar_t>(metric, sel.key_n[a]);
+      pp[a] = sel.index_p[a];
+      np[a] = sel.index_n[a];
+      dap[a] = d_p;
+      dan[a] = d_n;
+      lp[a] = triplet_term<scalar_t>(d_p, d_n, m, soft);
+    }
   });
   return {losses, positive, negative, dist_ap, dist_an};
 }

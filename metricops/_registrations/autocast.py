@@ -35,6 +35,7 @@ from .._ops import ops  # noqa: F401  (the native library must be loaded first)
 # Every op of csrc/metricops.cpp with floating embedding inputs (not the *_backward ops).
 AUTOCAST_OPS = (
     "pairwise_distance",
+    "l2_normalize",
     "batch_hard_triplet",
     "semihard_triplet",
     "semihard_triplet_streaming",

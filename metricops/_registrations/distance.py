@@ -106,3 +106,51 @@ torch.library.register_autograd(
     _no_double_backward("pairwise_distance"),
     setup_context=lambda ctx, inputs, output: None,
 )
+
+
+# --------------------------------------------------------------------------
+# l2_normalize
+# --------------------------------------------------------------------------
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.register_fake(_LIB + "l2_normalize")
+def _l2_normalize_fake(x, eps):
+    _check_embeddings(x, "embeddings")
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+        (x.shape[0],), dtype=_accumulation_dtype(x.dtype)
+    )
+
+
+@torch.library.register_fake(_LIB + "l2_normalize_backward")
+def _l2_normalize_backward_fake(grad, x, norm, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _l2_normalize_setup_context(ctx, inputs, output):
+    x, eps = inputs
+    _, norm = output
+    ctx.eps = eps
+    ctx.mark_non_differentiable(norm)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(x, norm)
+
+
+def _l2_normalize_backward(ctx, grad_y, grad_norm):
+    if grad_y is None or not ctx.needs_input_grad[0]:
+        return None, None
+    x, norm = ctx.saved_tensors
+    return ops.l2_normalize_backward(grad_y, x, norm, ctx.eps), None
+
+
+torch.library.register_autograd(
+    _LIB + "l2_normalize", _l2_normalize_backward, setup_context=_l2_normalize_setup_context
+)
+torch.library.register_autograd(
+    _LIB + "l2_normalize_backward",
+    _no_double_backward("l2_normalize"),
+    setup_context=lambda ctx, inputs, output: None,
+)

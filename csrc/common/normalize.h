@@ -1,0 +1,52 @@
+// L2 normalisation with torch.nn.functional.normalize(x, p=2, dim=1, eps)
+// semantics, shared by the CPU and CUDA kernels:
+//   y = x / max(||x||, eps)
+//   dy -> dx = (g - y <g, y>) / ||x||   when ||x|| >= eps
+//              g / eps                   otherwise (the clamp is active)
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+#include "common/checks.h"
+
+namespace metricops {
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t normalize_denominator(acc_t norm, acc_t eps) {
+  return norm >= eps || norm != norm ? norm : eps;
+}
+
+// dx_k = a * g_k - b * x_k, with per-row a and b from the row's norm and
+// <g, x>: a = 1/n and b = <g, x>/n³ when n >= eps, else a = 1/eps, b = 0.
+template <typename acc_t>
+C10_HOST_DEVICE inline void normalize_grad_coefficients(acc_t norm, acc_t g_dot_x, acc_t eps, acc_t& a, acc_t& b) {
+  if (norm >= eps || norm != norm) {
+    a = acc_t(1) / norm;
+    b = g_dot_x * a * a * a;
+  } else {
+    a = acc_t(1) / eps;
+    b = acc_t(0);
+  }
+}
+
+inline void check_normalize_inputs(const at::Tensor& x, double eps) {
+  check_embeddings(x, "embeddings");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "eps must be a positive finite number, got ", eps);
+}
+
+inline void check_normalize_backward_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& norm,
+                                            double eps) {
+  check_normalize_inputs(x, eps);
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "l2_normalize_backward: grad must have shape ", x.sizes(), ", got ",
+                    grad.sizes());
+  TORCH_CHECK_VALUE(norm.dim() == 1 && norm.size(0) == x.size(0), "l2_normalize_backward: norm must have shape (",
+                    x.size(0), "), got ", norm.sizes());
+  TORCH_CHECK_VALUE(grad.device() == x.device() && norm.device() == x.device(),
+                    "l2_normalize_backward: grad and norm must be on ", x.device());
+}
+
+}  // namespace metricops

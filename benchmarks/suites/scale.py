@@ -1,4 +1,4 @@
-"""Scale: batch-hard and contrastive as B grows, matrix vs streaming vs PML, with peak memory.
+"""Scale: batch-hard, semi-hard, batch-all and contrastive as B grows, matrix vs streaming vs PML, with peak memory.
 
 Each contender that fails (out of memory, or skipped as certain to) is
 recorded, so the table shows where each one stops.
@@ -19,6 +19,11 @@ from .triplet import _fwd_bwd, _pml, plain_torch_batch_hard
 # several of them are recorded as skipped instead of being run into the OOM
 # killer (this machine has 24 GiB; PML holds ~5 B×B matrices plus autograd's).
 _MATRIX_BYTES_LIMIT = 2 * 2**30
+
+
+# Semi-hard and batch-all sort (or scan) every anchor's row: on 2 CPU cores
+# B=32768 takes minutes per call, so the CPU rows stop at 16384.
+_SORTING_MAX_B = {"cpu": 16384}
 
 
 def _skip(reason: str):
@@ -75,4 +80,26 @@ def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             ),
         }
         cases.append(Case("contrastive_loss (scale)", "forward+backward", dict(params), c))
+
+        # Semi-hard and batch-all: O(B² log B) work, so the largest CPU size is left out.
+        if B > _SORTING_MAX_B.get(device.split(":")[0], B):
+            continue
+        for name in ("semihard_triplet_loss", "batch_all_triplet_loss"):
+            fn = getattr(metricops, name)
+            c = {
+                "metricops streaming": _fwd_bwd(lambda e, l, f=fn: f(e, l, normalize=True, memory="streaming"), x, labels),
+                "metricops matrix": _fwd_bwd(lambda e, l, f=fn: f(e, l, normalize=True, memory="matrix"), x, labels),
+            }
+            if pml is not None:
+                distances, losses, miners = pml
+                if B > 1024:
+                    c["pml"] = _skip("skipped: PML materialises every triplet (O(B³); ~1.2 GiB at B=1024)")
+                elif name == "semihard_triplet_loss":
+                    miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+                    loss = losses.TripletMarginLoss(margin=0.2)
+                    c["pml"] = _fwd_bwd(lambda e, l, f=loss, m=miner: f(e, l, m(e, l)), x, labels)
+                else:
+                    loss = losses.TripletMarginLoss(margin=0.2)
+                    c["pml"] = _fwd_bwd(lambda e, l, f=loss: f(e, l), x, labels)
+            cases.append(Case(f"{name} (scale)", "forward+backward", dict(params), c))
     return cases

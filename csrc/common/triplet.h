@@ -94,27 +94,6 @@ C10_HOST_DEVICE inline int64_t semihard_position(const T* sorted_neg, int64_t n,
   return partition_point(sorted_neg, n, [farthest](T v) { return v >= farthest; });
 }
 
-// The same selection by a direct scan of the anchor's row (for anchors with
-// few positives, where sorting the negatives costs more than P scans).
-// `is_negative(j)` tells the negatives; returns -1 when there is none.
-template <typename T, typename IsNegative>
-C10_HOST_DEVICE inline int64_t semihard_scan(const T* row, int64_t B, T d_ap, const IsNegative& is_negative) {
-  int64_t nearest = -1, nan_first = -1, farthest = -1;
-  T d_nearest = 0, d_farthest = 0;
-  for (int64_t j = 0; j < B; ++j) {
-    if (!is_negative(j)) continue;
-    const T d = row[j];
-    if (d != d) {
-      if (nan_first < 0) nan_first = j;
-      continue;
-    }
-    if (d > d_ap && (nearest < 0 || d < d_nearest)) nearest = j, d_nearest = d;
-    if (farthest < 0 || d > d_farthest) farthest = j, d_farthest = d;
-  }
-  if (nearest >= 0) return nearest;
-  return nan_first >= 0 ? nan_first : farthest;
-}
-
 // Number of negatives (sorted ascending, NaN last) whose hinge
 // relu(margin + d_ap - d_an) is > 0. fl(fl(margin + d_ap) - d_an) > 0 is
 // monotone in d_an, so this counts exactly the terms the reference counts.

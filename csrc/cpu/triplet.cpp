@@ -66,6 +66,67 @@ bool few_positives(int64_t P, int64_t n) {
   return P <= 2 * log2n;
 }
 
+template <typename scalar_t>
+inline int32_t lane_mask(bool b) {
+  return -static_cast<int32_t>(b);
+}
+
+// Lanes of the vectorised scans: lane l keeps the best of the elements
+// k ≡ l (mod kLanes) seen so far; the lanes are merged at the end.
+constexpr int64_t kLanes = 16;
+
+// One element of the semi-hard lane scan (see semihard_scan_lanes).
+template <typename scalar_t>
+inline void semihard_lane_step(scalar_t d, int32_t k, scalar_t d_ap, scalar_t& near_d, int32_t& near_k,
+                               scalar_t& far_d, int32_t& far_k, int32_t& nan_k) {
+  const int32_t is_nan = lane_mask<scalar_t>(d != d);
+  const int32_t take_near =
+      ~is_nan & lane_mask<scalar_t>(d > d_ap) & ((near_k >> 31) | lane_mask<scalar_t>(d < near_d));
+  const int32_t take_far = ~is_nan & ((far_k >> 31) | lane_mask<scalar_t>(d > far_d));
+  const int32_t take_nan = is_nan & (nan_k >> 31);
+  near_d = take_near ? d : near_d;
+  near_k = take_near ? k : near_k;
+  far_d = take_far ? d : far_d;
+  far_k = take_far ? k : far_k;
+  nan_k = take_nan ? k : nan_k;
+}
+
+// Semi-hard selection (TensorFlow-Addons rule) among an anchor's n > 0
+// negative distances in index order: the position of the nearest negative
+// farther than d_ap, else of the first NaN, else of the farthest negative
+// (earliest position on ties), as common/triplet.h's semihard_position
+// picks on the sorted distances. Vectorised: no sort, O(n) per positive.
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES int64_t semihard_scan_lanes(const scalar_t* __restrict__ dist, int64_t n, scalar_t d_ap) {
+  alignas(64) scalar_t near_d[kLanes], far_d[kLanes];
+  alignas(64) int32_t near_k[kLanes], far_k[kLanes], nan_k[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) near_d[l] = far_d[l] = scalar_t(0), near_k[l] = far_k[l] = nan_k[l] = -1;
+  int64_t base = 0;
+  for (; base + kLanes <= n; base += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      semihard_lane_step(dist[base + l], static_cast<int32_t>(base + l), d_ap, near_d[l], near_k[l], far_d[l],
+                         far_k[l], nan_k[l]);
+    }
+  }
+  for (int64_t l = 0; base + l < n; ++l) {
+    semihard_lane_step(dist[base + l], static_cast<int32_t>(base + l), d_ap, near_d[l], near_k[l], far_d[l], far_k[l],
+                       nan_k[l]);
+  }
+  int32_t nearest = -1, farthest = -1, first_nan = -1;
+  scalar_t d_nearest = 0, d_farthest = 0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    if (near_k[l] >= 0 && (nearest < 0 || near_d[l] < d_nearest || (near_d[l] == d_nearest && near_k[l] < nearest))) {
+      nearest = near_k[l], d_nearest = near_d[l];
+    }
+    if (far_k[l] >= 0 && (farthest < 0 || far_d[l] > d_farthest || (far_d[l] == d_farthest && far_k[l] < farthest))) {
+      farthest = far_k[l], d_farthest = far_d[l];
+    }
+    if (nan_k[l] >= 0 && (first_nan < 0 || nan_k[l] < first_nan)) first_nan = nan_k[l];
+  }
+  if (nearest >= 0) return nearest;
+  return first_nan >= 0 ? first_nan : farthest;
+}
+
 // Semi-hard selection for anchor i (TensorFlow-Addons rule): calls
 // emit(p, n_star, term) for each of its positives when it has a negative.
 // The term is NaN when any of the anchor's negative distances is NaN.
@@ -86,11 +147,15 @@ void semihard_row(const scalar_t* row, const int64_t* lab, int64_t B, int64_t i,
   if (n == 0 || P == 0) return;
   const scalar_t poison = any_nan ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
   if (few_positives(P, n)) {
-    auto is_negative = [&](int64_t j) { return lab[j] != li; };
+    negs.dist.clear();
+    negs.index.clear();
+    for (int64_t j = 0; j < B; ++j) {
+      if (lab[j] != li) negs.dist.push_back(row[j]), negs.index.push_back(j);
+    }
     for (int64_t p = 0; p < B; ++p) {
       if (p == i || lab[p] != li) continue;
-      const int64_t k = semihard_scan(row, B, row[p], is_negative);
-      emit(p, k, triplet_term<scalar_t>(row[p], row[k], m, false) + poison);
+      const int64_t k = semihard_scan_lanes(negs.dist.data(), n, row[p]);
+      emit(p, negs.index[k], triplet_term<scalar_t>(row[p], negs.dist[k], m, false) + poison);
     }
     return;
   }
@@ -228,15 +293,6 @@ struct BatchHardSelections {
 // The selections below are farther / nearer of common/triplet.h (NaN wins,
 // strict comparisons keep the earliest index) written with int32 lane masks
 // and no short-circuits, so that GCC vectorises them.
-template <typename scalar_t>
-inline int32_t lane_mask(bool b) {
-  return -static_cast<int32_t>(b);
-}
-
-// Lanes of one anchor's row scan: lane l keeps the best of columns
-// j ≡ l (mod kLanes) seen so far.
-constexpr int64_t kLanes = 16;
-
 template <typename scalar_t, Metric kMetric>
 METRICOPS_SIMD_CLONES void batch_hard_row_lanes(const scalar_t* __restrict__ dot, const scalar_t* __restrict__ ap,
                                                 const int32_t* __restrict__ cls, scalar_t ai, int32_t ci, int32_t i,

@@ -32,6 +32,8 @@ CASES = {
     "batch_hard_streaming": lambda x: metricops.batch_hard_triplet_loss(x, LABELS, memory="streaming", soft=True),
     "semihard": lambda x: metricops.semihard_triplet_loss(x, LABELS, metric="cosine"),
     "batch_all": lambda x: metricops.batch_all_triplet_loss(x, LABELS, metric="sqeuclidean"),
+    "semihard_streaming": lambda x: metricops.semihard_triplet_loss(x, LABELS, memory="streaming", normalize=True),
+    "batch_all_streaming": lambda x: metricops.batch_all_triplet_loss(x, LABELS, memory="streaming"),
     "contrastive": lambda x: metricops.contrastive_loss(x, LABELS, squared=True),
     "contrastive_none": lambda x: metricops.contrastive_loss(x, LABELS, reduction="none"),
     "pair_contrastive": lambda x: metricops.pair_contrastive_loss(x, x.flip(0), LABELS % 2),

@@ -293,31 +293,43 @@ struct BatchHardSelections {
 // The selections below are farther / nearer of common/triplet.h (NaN wins,
 // strict comparisons keep the earliest index) written with int32 lane masks
 // and no short-circuits, so that GCC vectorises them.
+// One column j of anchor i's row scan, into lane state (see batch_hard_row_lanes).
+template <typename scalar_t, Metric kMetric>
+inline void batch_hard_lane_step(scalar_t dot, scalar_t aj, int32_t cj, int32_t j, scalar_t ai, int32_t ci, int32_t i,
+                                 scalar_t& key_p, int32_t& index_p, scalar_t& key_n, int32_t& index_n) {
+  const scalar_t k = distance_key<scalar_t>(kMetric, ai, aj, dot);
+  const int32_t same = lane_mask<scalar_t>(cj == ci);
+  const int32_t k_nan = lane_mask<scalar_t>(k != k);
+  const int32_t take_p = same & lane_mask<scalar_t>(j != i) &
+                         ((index_p >> 31) | lane_mask<scalar_t>(k > key_p) | (k_nan & lane_mask<scalar_t>(key_p == key_p)));
+  const int32_t take_n =
+      ~same & ((index_n >> 31) | lane_mask<scalar_t>(k < key_n) | (k_nan & lane_mask<scalar_t>(key_n == key_n)));
+  key_p = take_p ? k : key_p;
+  index_p = take_p ? j : index_p;
+  key_n = take_n ? k : key_n;
+  index_n = take_n ? j : index_n;
+}
+
+// Anchor i's row scan over columns [j0, j1) in kLanes lanes: lane l keeps
+// the best of the columns j0 + l + kLanes·t (earliest on ties).
 template <typename scalar_t, Metric kMetric>
 METRICOPS_SIMD_CLONES void batch_hard_row_lanes(const scalar_t* __restrict__ dot, const scalar_t* __restrict__ ap,
                                                 const int32_t* __restrict__ cls, scalar_t ai, int32_t ci, int32_t i,
                                                 int64_t j0, int64_t j1, scalar_t* __restrict__ key_p,
                                                 int32_t* __restrict__ index_p, scalar_t* __restrict__ key_n,
                                                 int32_t* __restrict__ index_n) {
-  for (int64_t base = j0; base < j1; base += kLanes) {
-    const int64_t count = std::min<int64_t>(kLanes, j1 - base);
-    for (int64_t l = 0; l < count; ++l) {
+  int64_t base = j0;
+  for (; base + kLanes <= j1; base += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
       const int64_t j = base + l;
-      const int32_t j32 = static_cast<int32_t>(j);
-      const scalar_t k = distance_key<scalar_t>(kMetric, ai, ap[j], dot[j]);
-      const scalar_t kp = key_p[l], kn = key_n[l];
-      const int32_t ip = index_p[l], in = index_n[l];
-      const int32_t same = lane_mask<scalar_t>(cls[j] == ci);
-      const int32_t k_nan = lane_mask<scalar_t>(k != k);
-      const int32_t take_p = same & lane_mask<scalar_t>(j32 != i) &
-                             ((ip >> 31) | lane_mask<scalar_t>(k > kp) | (k_nan & lane_mask<scalar_t>(kp == kp)));
-      const int32_t take_n =
-          ~same & ((in >> 31) | lane_mask<scalar_t>(k < kn) | (k_nan & lane_mask<scalar_t>(kn == kn)));
-      key_p[l] = take_p ? k : kp;
-      index_p[l] = take_p ? j32 : ip;
-      key_n[l] = take_n ? k : kn;
-      index_n[l] = take_n ? j32 : in;
+      batch_hard_lane_step<scalar_t, kMetric>(dot[j], ap[j], cls[j], static_cast<int32_t>(j), ai, ci, i, key_p[l],
+                                              index_p[l], key_n[l], index_n[l]);
     }
+  }
+  for (int64_t l = 0; base + l < j1; ++l) {
+    const int64_t j = base + l;
+    batch_hard_lane_step<scalar_t, kMetric>(dot[j], ap[j], cls[j], static_cast<int32_t>(j), ai, ci, i, key_p[l],
+                                            index_p[l], key_n[l], index_n[l]);
   }
 }
 

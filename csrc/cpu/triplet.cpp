@@ -655,6 +655,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all
 // selections) and applies its coefficients with pairwise_distance_backward
 // of the block's rows. Extra memory O(block_rows * B + B * D).
 
+// The streaming backwards' common loop: for each row block of distances,
+// fill_row(i, row, coef_row) writes d(loss)/d(d[i, :]) for anchor i into a
+// zeroed row, and the block goes through pairwise_distance_backward.
+template <typename scalar_t, Metric kMetric, typename FillRow>
+at::Tensor streaming_distance_backward(const at::Tensor& x, const at::Tensor& aux, int64_t block_rows,
+                                       c10::string_view metric, const FillRow& fill_row) {
+  const int64_t B = x.size(0);
+  at::Tensor grad = at::zeros_like(x);
+  for_each_distance_block<scalar_t, kMetric>(x, aux, block_rows, nullptr, [&](int64_t r0, at::Tensor& block) {
+    const int64_t rows = block.size(0);
+    at::Tensor coef = at::zeros({rows, B}, x.options());
+    const scalar_t* bp = block.const_data_ptr<scalar_t>();
+    scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, rows_grain(B), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) fill_row(r0 + r, bp + r * B, cp + r * B);
+    });
+    accumulate_distance_rows_backward(coef, x, block, r0, metric, grad);
+  });
+  return grad;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_streaming_cpu(const at::Tensor& embeddings,
                                                                               const at::Tensor& labels_in,
                                                                               double margin,
@@ -714,26 +735,16 @@ at::Tensor semihard_triplet_streaming_backward_cpu(const at::Tensor& grad_row_su
     const scalar_t m = static_cast<scalar_t>(margin);
     METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
       std::vector<SortedNegatives<scalar_t>> buffers(at::get_num_threads());
-      for_each_distance_block<scalar_t, kMetric>(x, aux, block_rows, nullptr, [&](int64_t r0, at::Tensor& block) {
-        const int64_t rows = block.size(0);
-        at::Tensor coef = at::zeros({rows, B}, x.options());
-        const scalar_t* bp = block.const_data_ptr<scalar_t>();
-        scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, rows, rows_grain(B), [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            const int64_t i = r0 + r;
-            scalar_t* c = cp + r * B;
-            semihard_row<scalar_t>(bp + r * B, lab, B, i, m, buffers[at::get_thread_num()],
+      grad = streaming_distance_backward<scalar_t, kMetric>(
+          x, aux, block_rows, metric_name, [&](int64_t i, const scalar_t* row, scalar_t* coef) {
+            semihard_row<scalar_t>(row, lab, B, i, m, buffers[at::get_thread_num()],
                                    [&](int64_t p, int64_t n, scalar_t term) {
                                      // relu' is 0 at 0; NaN terms pass their gradient on.
                                      if (!(term > scalar_t(0) || term != term)) return;
-                                     c[p] += gp[i];
-                                     c[n] -= gp[i];
+                                     coef[p] += gp[i];
+                                     coef[n] -= gp[i];
                                    });
-          }
-        });
-        accumulate_distance_rows_backward(coef, x, block, r0, metric_name, grad);
-      });
+          });
     });
   });
   return grad;
@@ -788,30 +799,22 @@ at::Tensor batch_all_triplet_streaming_backward_cpu(const at::Tensor& grad_sum, 
   at::Tensor grad = at::zeros_like(x);
   if (B == 0) return grad;
   const at::Tensor aux = row_aux_cpu(x, metric);
-  const at::Tensor g = grad_sum.to(x.scalar_type());
+  // The multiplicities are built for a unit upstream gradient; scaling the
+  // result by grad_sum (0-dim, on the device) keeps the host out of it.
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_batch_all_streaming_backward_cpu", [&] {
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     const scalar_t m = static_cast<scalar_t>(margin);
     METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
       std::vector<BatchAllWorkspace<scalar_t>> buffers(at::get_num_threads());
-      for_each_distance_block<scalar_t, kMetric>(x, aux, block_rows, nullptr, [&](int64_t r0, at::Tensor& block) {
-        const int64_t rows = block.size(0);
-        at::Tensor coef = at::zeros({rows, B}, x.options());
-        const scalar_t* bp = block.const_data_ptr<scalar_t>();
-        scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, rows, rows_grain(B), [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
+      grad = streaming_distance_backward<scalar_t, kMetric>(
+          x, aux, block_rows, metric_name, [&](int64_t i, const scalar_t* row, scalar_t* coef) {
             double sum;
             int64_t valid, active;
-            batch_all_row<scalar_t>(bp + r * B, lab, B, r0 + r, m, buffers[at::get_thread_num()], cp + r * B, sum,
-                                    valid, active);
-          }
-        });
-        accumulate_distance_rows_backward(coef.mul_(g), x, block, r0, metric_name, grad);
-      });
+            batch_all_row<scalar_t>(row, lab, B, i, m, buffers[at::get_thread_num()], coef, sum, valid, active);
+          });
     });
   });
-  return grad;
+  return grad.mul_(grad_sum.to(x.scalar_type()));
 }
 
 // ---------------------------------------------------------------- statistics

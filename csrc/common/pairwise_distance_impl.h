@@ -28,8 +28,9 @@ namespace metricops {
 // Backward of pairwise_distance in coefficient form:
 //   grad_x = row_coef[:, None] * x - cross @ y
 //   grad_y = col_coef[:, None] * y - cross.T @ x
-// When y is None, cross is symmetrised (w_ij + w_ji) and row_coef holds both
-// roles of x, so one GEMM gives the whole gradient; col_coef is undefined.
+// When y is None a device may either symmetrise cross (w_ij + w_ji) with
+// row_coef holding both roles of x and col_coef undefined (one GEMM), or
+// return the plain coefficients (then both roles are added: two GEMMs).
 struct GradCoefficients {
   at::Tensor cross;     // (M, N), input dtype (a GEMM operand)
   at::Tensor row_coef;  // (M,), accumulation dtype
@@ -117,6 +118,11 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_impl(
   const at::Tensor& cross = c.cross;
   const at::Tensor& row_coef = c.row_coef;
   const at::Tensor& col_coef = c.col_coef;
+  if (self && col_coef.defined()) {
+    at::Tensor scaled = x.to(acc).mul(row_coef.add(col_coef).unsqueeze(1));
+    at::Tensor grad_x = scaled_minus_matmul(scaled_minus_matmul(scaled, cross, x), cross.t(), x);
+    return {grad_x.to(x.scalar_type()), grad_y_empty};
+  }
   at::Tensor grad_x = scaled_minus_matmul(x.to(acc).mul(row_coef.unsqueeze(1)), cross, y);
   if (self) return {grad_x.to(x.scalar_type()), grad_y_empty};
   at::Tensor grad_y = scaled_minus_matmul(y.to(acc).mul(col_coef.unsqueeze(1)), cross.t(), x);

@@ -20,37 +20,19 @@ namespace metricops {
 namespace cpu {
 namespace {
 
-// One row of the backward weights; returns the row's sum of norm terms.
+// One row of the backward weights: writes w_ij, adds p_ij to the column
+// sums col_sum[j] and returns the row's sum of p_ij.
 template <typename scalar_t, Metric kMetric>
-METRICOPS_SIMD_CLONES scalar_t grad_weights_row(const scalar_t* g, const scalar_t* d, scalar_t x_aux,
-                                                const scalar_t* y_aux, int64_t n, scalar_t* cross,
-                                                scalar_t* norm_term) {
-  scalar_t row_sum = 0;
-  for (int64_t j = 0; j < n; ++j) {
+METRICOPS_SIMD_CLONES scalar_t grad_weights_row_colsum(const scalar_t* g, const scalar_t* d, scalar_t x_aux,
+                                                       const scalar_t* y_aux, int64_t n, scalar_t* cross,
+                                                       scalar_t* col_sum) {
+  return lane_sum<scalar_t>(n, [&](int64_t j) {
     scalar_t w, p;
     distance_grad_weights<scalar_t>(kMetric, g[j], d[j], x_aux, y_aux[j], w, p);
     cross[j] = w;
-    norm_term[j] = p;
-    row_sum += p;
-  }
-  return row_sum;
-}
-
-// One row of a tile of the symmetric (y is x) backward: g_t/d_t hold the
-// mirrored entries (j, i). Returns the row's sum of p_ij + p_ji.
-template <typename scalar_t, Metric kMetric>
-METRICOPS_SIMD_CLONES scalar_t grad_weights_self_row(const scalar_t* g, const scalar_t* d, const scalar_t* g_t,
-                                                     const scalar_t* d_t, scalar_t aux_i, const scalar_t* aux_j,
-                                                     int64_t n, scalar_t* cross) {
-  scalar_t row_sum = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    scalar_t w_ij, p_ij, w_ji, p_ji;
-    distance_grad_weights<scalar_t>(kMetric, g[j], d[j], aux_i, aux_j[j], w_ij, p_ij);
-    distance_grad_weights<scalar_t>(kMetric, g_t[j], d_t[j], aux_j[j], aux_i, w_ji, p_ji);
-    cross[j] = w_ij + w_ji;
-    row_sum += p_ij + p_ji;
-  }
-  return row_sum;
+    col_sum[j] += p;
+    return p;
+  });
 }
 
 struct PairwiseKernels {
@@ -94,48 +76,36 @@ struct PairwiseKernels {
       scalar_t* cp = c.cross.mutable_data_ptr<scalar_t>();
       scalar_t* rp = c.row_coef.mutable_data_ptr<scalar_t>();
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
-        if (!self) {
-          // Column sums need every row: keep the norm terms and reduce them once.
-          at::Tensor norm_term = at::empty({M, N}, grad.options());
-          scalar_t* np = norm_term.mutable_data_ptr<scalar_t>();
-          at::parallel_for(0, M, rows_grain(N), [&](int64_t begin, int64_t end) {
-            for (int64_t i = begin; i < end; ++i) {
-              const scalar_t s = grad_weights_row<scalar_t, kMetric>(gp + i * N, dp + i * N, xa[i], ya, N, cp + i * N,
-                                                                     np + i * N);
-              rp[i] = s * norm_term_scale<scalar_t>(kMetric, xa[i]);
+        // One pass over the rows writes w and the row sums of p; the column
+        // sums of p go through fixed 64-row chunks reduced in order, so they
+        // are deterministic for any thread count and no (M, N) matrix of p
+        // is allocated.
+        constexpr int64_t kChunk = 64;
+        const int64_t chunks = (M + kChunk - 1) / kChunk;
+        at::Tensor col_partial = at::zeros({chunks, N}, grad.options());
+        scalar_t* pp = col_partial.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+          for (int64_t ch = cb; ch < ce; ++ch) {
+            for (int64_t i = ch * kChunk; i < std::min(M, (ch + 1) * kChunk); ++i) {
+              rp[i] = grad_weights_row_colsum<scalar_t, kMetric>(gp + i * N, dp + i * N, xa[i], ya, N, cp + i * N,
+                                                                 pp + ch * N);
             }
-          });
-          c.col_coef = norm_term.sum(0);
-          if (kMetric == Metric::Cosine) c.col_coef.mul_(y_aux.square());
-          return;
-        }
-        // y is x: cross_ij = w_ij + w_ji, so one GEMM serves both roles of x.
-        // Each task owns whole rows (deterministic sums); the mirrored
-        // entries of a tile are first copied transposed, so the rows vectorise.
-        constexpr int64_t kTile = 64;
-        at::parallel_for(0, (M + kTile - 1) / kTile, 1, [&](int64_t tb, int64_t te) {
-          std::vector<scalar_t> g_t(kTile * kTile), d_t(kTile * kTile);
-          for (int64_t ti = tb; ti < te; ++ti) {
-            const int64_t i0 = ti * kTile, i1 = std::min(M, i0 + kTile);
-            for (int64_t i = i0; i < i1; ++i) rp[i] = 0;
-            for (int64_t j0 = 0; j0 < N; j0 += kTile) {
-              const int64_t j1 = std::min(N, j0 + kTile), nj = j1 - j0;
-              for (int64_t j = j0; j < j1; ++j) {
-                for (int64_t i = i0; i < i1; ++i) {
-                  g_t[(i - i0) * kTile + (j - j0)] = gp[j * N + i];
-                  d_t[(i - i0) * kTile + (j - j0)] = dp[j * N + i];
-                }
-              }
-              for (int64_t i = i0; i < i1; ++i) {
-                rp[i] += grad_weights_self_row<scalar_t, kMetric>(gp + i * N + j0, dp + i * N + j0,
-                                                                  g_t.data() + (i - i0) * kTile,
-                                                                  d_t.data() + (i - i0) * kTile, xa[i], xa + j0, nj,
-                                                                  cp + i * N + j0);
-              }
-            }
-            for (int64_t i = i0; i < i1; ++i) rp[i] *= norm_term_scale<scalar_t>(kMetric, xa[i]);
           }
         });
+        auto column_sum = [&](int64_t j) {
+          scalar_t col = 0;
+          for (int64_t ch = 0; ch < chunks; ++ch) col += pp[ch * N + j];
+          return col;
+        };
+        // Also when y is x: cross stays unsymmetrised and the backward runs
+        // two GEMMs (cross @ x and cross^T @ x). Symmetrising it in place
+        // costs more than the second GEMM here (a strided, memory-bound pass).
+        c.col_coef = at::empty({N}, grad.options());
+        scalar_t* qp = c.col_coef.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) qp[j] = column_sum(j) * norm_term_scale<scalar_t>(kMetric, ya[j]);
+        });
+        for (int64_t i = 0; i < M; ++i) rp[i] *= norm_term_scale<scalar_t>(kMetric, xa[i]);
       });
     });
     return c;

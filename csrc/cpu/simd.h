@@ -19,17 +19,25 @@ namespace cpu {
 // vectorise, and costs ~4 cycles per element; lanes make it SIMD.
 constexpr int64_t kSimdLanes = 16;
 
-template <typename scalar_t>
-METRICOPS_SIMD_CLONES scalar_t dot_product(const scalar_t* a, const scalar_t* b, int64_t n) {
-  scalar_t lanes[kSimdLanes] = {};
-  int64_t k = 0;
-  for (; k + kSimdLanes <= n; k += kSimdLanes) {
-    for (int64_t l = 0; l < kSimdLanes; ++l) lanes[l] += a[k + l] * b[k + l];
+// Sum of f(j) over j in [0, n) in kSimdLanes partial sums (fixed order, so
+// deterministic). Meant for the body of a METRICOPS_SIMD_CLONES function,
+// where the inlined f vectorises with it; f may also write per-j outputs.
+template <typename acc_t, typename F>
+inline acc_t lane_sum(int64_t n, const F& f) {
+  acc_t lanes[kSimdLanes] = {};
+  int64_t j = 0;
+  for (; j + kSimdLanes <= n; j += kSimdLanes) {
+    for (int64_t l = 0; l < kSimdLanes; ++l) lanes[l] += f(j + l);
   }
-  for (int64_t l = 0; k < n; ++k, ++l) lanes[l] += a[k] * b[k];
-  scalar_t s = 0;
+  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] += f(j);
+  acc_t s = 0;
   for (int64_t l = 0; l < kSimdLanes; ++l) s += lanes[l];
   return s;
+}
+
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES scalar_t dot_product(const scalar_t* a, const scalar_t* b, int64_t n) {
+  return lane_sum<scalar_t>(n, [&](int64_t k) { return a[k] * b[k]; });
 }
 
 template <typename scalar_t>

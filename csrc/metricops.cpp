@@ -82,7 +82,9 @@ TORCH_LIBRARY(metricops, m) {
   // never held. Semi-hard gives per-anchor term sums, numbers of valid
   // (anchor, positive) pairs and of terms > 0; batch-all the same totals as
   // batch_all_triplet. Backwards recompute and re-mine the distances in row
-  // blocks; block_rows <= 0 means one block.
+  // blocks; block_rows <= 0 means one block. The sums (loss_sum, row_sum,
+  // and batch_all_triplet's loss_sum) are float32 for float16/bfloat16
+  // embeddings: a batch's terms add up past float16's range.
   m.def(
       "semihard_triplet_streaming(Tensor embeddings, Tensor labels, float margin, str metric, int block_rows) "
       "-> (Tensor row_sum, Tensor row_valid, Tensor row_active)");

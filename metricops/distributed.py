@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from . import _validation as v
 from .contrastive import contrastive_loss
+from ._reduction import mean_of_sum, sum_dtype
 from .nn import BatchHardTripletLoss, ContrastiveLoss, SemiHardTripletLoss
 from .triplet import batch_hard_triplet_loss, semihard_triplet_loss
 
@@ -154,13 +155,18 @@ def _anchor_has_positive_and_negative(labels: torch.Tensor):
     return count >= 2, count < labels.shape[0]
 
 
-def _denominator(reduction: str, terms: torch.Tensor, count_for_mean) -> torch.Tensor:
-    """What the single-process loss divides its summed terms by (1 for "sum")."""
+def _share(local_terms: torch.Tensor, reduction: str, terms: torch.Tensor, count_for_mean) -> torch.Tensor:
+    """This rank's terms summed and divided by what the single-process loss
+    divides by (1 for "sum"); in float32 for float16/bfloat16 terms, whose
+    range the sums and counts of a global batch exceed."""
+    total = local_terms.sum(dtype=sum_dtype(terms.dtype))
     if reduction == "sum":
-        return terms.new_ones(())
+        return total.to(terms.dtype)
     if reduction == "mean":
-        return torch.as_tensor(count_for_mean, device=terms.device).clamp_min(1).to(terms.dtype)
-    return (terms > 0).sum().clamp_min(1).to(terms.dtype)  # mean_nonzero
+        count = torch.as_tensor(count_for_mean, device=terms.device)
+    else:  # mean_nonzero
+        count = (terms > 0).sum()
+    return mean_of_sum(total, count, terms.dtype)
 
 
 class DistributedLoss(torch.nn.Module):
@@ -220,7 +226,7 @@ class DistributedLoss(torch.nn.Module):
             if reduction == "none":
                 return terms[local]
             has_pos, has_neg = _anchor_has_positive_and_negative(all_labels)
-            share = terms[local].sum() / _denominator(reduction, terms, (has_pos & has_neg).sum())
+            share = _share(terms[local], reduction, terms, (has_pos & has_neg).sum())
         elif isinstance(module, SemiHardTripletLoss):
             kw = dict(module.kwargs)
             reduction = kw.pop("reduction")
@@ -231,7 +237,7 @@ class DistributedLoss(torch.nn.Module):
             _, inverse, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
             per_anchor = counts[inverse] - 1
             num_pairs = torch.where(counts[inverse] < all_labels.shape[0], per_anchor, 0).sum()
-            share = terms[local].sum() / _denominator(reduction, terms, num_pairs)
+            share = _share(terms[local], reduction, terms, num_pairs)
         elif isinstance(module, ContrastiveLoss):
             reduction = module.reduction
             terms = contrastive_loss(
@@ -242,7 +248,7 @@ class DistributedLoss(torch.nn.Module):
             if reduction == "none":
                 return terms[local]
             b = all_labels.shape[0]
-            share = terms[local].sum() / _denominator(reduction, terms, b * (b - 1))  # ordered pairs i != j
+            share = _share(terms[local], reduction, terms, b * (b - 1))  # ordered pairs i != j
         else:
             # BatchAllTripletLoss and any other scalar loss: the whole loss, split evenly.
             loss = module(all_emb, all_labels)

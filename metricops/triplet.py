@@ -14,6 +14,7 @@ import torch
 
 from . import _validation as v
 from ._ops import ops
+from ._reduction import loss_dtype, mean_of_sum, sum_dtype
 from .distance import _l2_normalize
 
 STRATEGIES = ("all", "violating", "semihard", "hard", "easy", "batch_hard")
@@ -75,12 +76,12 @@ def _reduce(terms: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.T
     """
     if reduction == "none":
         return terms
-    total = terms.sum()
+    total = terms.sum(dtype=sum_dtype(terms.dtype))
     if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / valid.sum().clamp_min(1).to(terms.dtype)
-    return total / (terms > 0).sum().clamp_min(1).to(terms.dtype)  # mean_nonzero
+        return total.to(terms.dtype)
+    count = valid.sum() if reduction == "mean" else (terms > 0).sum()  # else: mean_nonzero
+    return mean_of_sum(total, count, terms.dtype)
+
 
 
 def batch_hard_triplet_loss(
@@ -158,11 +159,11 @@ def semihard_triplet_loss(
     block_rows = 0 if reduction == "none" else _block_rows(memory, embeddings, _SORTING_BYTES_PER_ENTRY)
     if block_rows > 0:
         row_sum, row_valid, row_active = ops.semihard_triplet_streaming(embeddings, labels, margin, metric, block_rows)
-        total = row_sum.sum()
+        total = row_sum.sum()  # float32 for float16/bfloat16 embeddings
         if reduction == "sum":
-            return total
+            return total.to(loss_dtype(embeddings))
         count = row_valid if reduction == "mean" else row_active
-        return total / count.sum().clamp_min(1).to(total.dtype)
+        return mean_of_sum(total, count.sum(), loss_dtype(embeddings))
     losses, negative, _ = ops.semihard_triplet(embeddings, labels, margin, metric)
     return _reduce(losses, negative >= 0, reduction)
 
@@ -197,10 +198,11 @@ def batch_all_triplet_loss(
         loss_sum, num_valid, num_active = ops.batch_all_triplet_streaming(embeddings, labels, margin, metric, block_rows)
     else:
         loss_sum, num_valid, num_active, _, _ = ops.batch_all_triplet(embeddings, labels, margin, metric)
+    # loss_sum is float32 for float16/bfloat16 embeddings: B³ terms overflow float16.
     if reduction == "sum":
-        return loss_sum
+        return loss_sum.to(loss_dtype(embeddings))
     count = num_valid if reduction == "mean" else num_active
-    return loss_sum / count.clamp_min(1).to(loss_sum.dtype)
+    return mean_of_sum(loss_sum, count, loss_dtype(embeddings))
 
 
 def triplet_statistics(

@@ -339,3 +339,64 @@ def test_semihard_backward_refuses_foreign_indices():
         neg[0, 1] = bad
         with pytest.raises(RuntimeError, match="negative must hold indices in"):
             torch.ops.metricops.semihard_triplet_backward(torch.ones_like(losses), None, x, losses + 1, neg, dist, "euclidean")
+
+
+def test_semihard_backward_refuses_grad_dist_of_another_shape():
+    # grad_dist seeds the B×B coefficient matrix that the kernel indexes: a
+    # smaller one from a direct call must be refused, not written past.
+    x = torch.randn(6, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    losses, negative, dist = torch.ops.metricops.semihard_triplet(x, labels, 0.2, "euclidean")
+    for bad in (torch.zeros(2, 2, dtype=torch.float64), torch.zeros(36, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"every matrix input must have shape \(6, 6\)"):
+            torch.ops.metricops.semihard_triplet_backward(
+                torch.ones_like(losses), bad, x, losses + 1, negative, dist, "euclidean"
+            )
+    good = torch.ops.metricops.semihard_triplet_backward(
+        torch.ones_like(losses), torch.zeros_like(dist), x, losses + 1, negative, dist, "euclidean"
+    )
+    assert good.shape == x.shape
+
+
+def test_float16_reductions_keep_sums_and_counts_in_float32():
+    # 70000 terms: their count (and here their sum) is past float16's 65504,
+    # which would turn a float16 mean into sum/inf = 0.
+    from metricops import contrastive, triplet
+
+    terms = torch.ones(70000, dtype=torch.float16)
+    valid = torch.ones(70000, dtype=torch.bool)
+    for reduction in ("mean", "mean_nonzero"):
+        out = triplet._reduce(terms, valid, reduction)
+        assert out.dtype == torch.float16 and out.item() == 1.0, reduction
+    assert contrastive._reduce(terms, "mean_nonzero").item() == 1.0
+    # A sum is returned in the terms' dtype, as torch's own: 70000 is past float16's range.
+    assert triplet._reduce(terms, valid, "sum").item() == float("inf")
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("memory", ["matrix", "streaming"])
+def test_low_precision_losses_with_more_terms_than_float16_counts(dtype, memory):
+    # B=512, 16 classes: about 8k semi-hard pairs and 7.8M batch-all triplets,
+    # whose count overflows float16; the means must still match float64.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(512, 32, generator=gen, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 16, (512,), generator=gen)
+    for name in LOSSES:
+        exact = getattr(metricops, name)(x, labels, margin=0.5, memory="matrix")
+        got = getattr(metricops, name)(x.to(dtype).cuda(), labels.cuda(), margin=0.5, memory=memory)
+        assert got.dtype == dtype and torch.isfinite(got), (name, got)
+        tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+        assert abs(got.double().item() - exact.item()) <= tol * max(1.0, abs(exact.item())), (name, got, exact)
+
+
+@pytest.mark.needs_cuda
+def test_statistics_in_row_blocks_match_cpu():
+    # B=2000 takes two row blocks on CUDA (about 256 MiB of scratch each).
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2000, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 40, (2000,), generator=gen)
+    cpu = metricops.triplet_statistics(x, labels, margin=0.3)
+    gpu = metricops.triplet_statistics(x.cuda(), labels.cuda(), margin=0.3)
+    for key in ("total", "easy", "semihard", "hard"):
+        assert int(cpu[key]) == int(gpu[key]), key

@@ -14,6 +14,8 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/distance.h"
@@ -164,27 +166,39 @@ at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const
   return grad.to(embeddings.scalar_type());
 }
 
+// Whether the semi-hard term of a pair with chosen negative n and loss l
+// passes a gradient: a valid pair (n >= 0) whose hinge is active. relu' is 0
+// at 0, as autograd takes it; NaN terms pass their gradient on.
+template <typename T>
+C10_HOST_DEVICE inline bool semihard_term_has_gradient(int64_t n, T l) {
+  return n >= 0 && (l > T(0) || l != l);
+}
+
 // Semi-hard's gradient w.r.t. the distance matrix, row a only (rows are
 // independent: both (a, p) and (a, n*) lie in row a, so no atomics).
-template <typename T>
+// coef may be wider than T (float32 for float16/bfloat16 on CUDA).
+template <typename T, typename acc_t = T>
 C10_HOST_DEVICE inline void semihard_coefficients_row(int64_t a, int64_t B, const T* grad_losses, const T* losses,
-                                                      const int64_t* negative, T* coef) {
+                                                      const int64_t* negative, acc_t* coef) {
   for (int64_t p = 0; p < B; ++p) {
     const int64_t idx = a * B + p;
     const int64_t n = negative[idx];
-    // relu' is 0 at 0, as autograd takes it; NaN terms pass their gradient on.
-    if (n < 0 || !(losses[idx] > T(0) || losses[idx] != losses[idx])) continue;
-    coef[idx] += grad_losses[idx];
-    coef[a * B + n] -= grad_losses[idx];
+    if (!semihard_term_has_gradient(n, static_cast<acc_t>(losses[idx]))) continue;
+    const acc_t g = static_cast<acc_t>(grad_losses[idx]);
+    coef[idx] += g;
+    coef[a * B + n] -= g;
   }
 }
 
-inline void check_semihard_backward_inputs(const at::Tensor& grad_losses, const at::Tensor& embeddings,
-                                           const at::Tensor& losses, const at::Tensor& negative,
-                                           const at::Tensor& dist) {
+inline void check_semihard_backward_inputs(const at::Tensor& grad_losses, const std::optional<at::Tensor>& grad_dist,
+                                           const at::Tensor& embeddings, const at::Tensor& losses,
+                                           const at::Tensor& negative, const at::Tensor& dist) {
   check_embeddings(embeddings, "embeddings");
   const int64_t B = embeddings.size(0);
-  for (const at::Tensor* t : {&grad_losses, &losses, &negative, &dist}) {
+  std::vector<const at::Tensor*> matrices = {&grad_losses, &losses, &negative, &dist};
+  // grad_dist seeds the coefficient matrix, which is indexed as B×B.
+  if (grad_dist.has_value()) matrices.push_back(&*grad_dist);
+  for (const at::Tensor* t : matrices) {
     TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == B && t->size(1) == B,
                       "semihard_triplet_backward: every matrix input must have shape (", B, ", ", B, "), got ",
                       t->sizes());

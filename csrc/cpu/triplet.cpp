@@ -589,7 +589,7 @@ at::Tensor semihard_triplet_backward_cpu(const at::Tensor& grad_losses, const st
                                          const at::Tensor& embeddings, const at::Tensor& losses_in,
                                          const at::Tensor& negative_in, const at::Tensor& dist,
                                          c10::string_view metric) {
-  check_semihard_backward_inputs(grad_losses, embeddings, losses_in, negative_in, dist);
+  check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist);
   const int64_t B = embeddings.size(0);
   at::Tensor coef = grad_dist.has_value() ? grad_dist->to(embeddings.scalar_type()).contiguous().clone()
                                           : at::zeros({B, B}, embeddings.options());

@@ -277,22 +277,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cuda(const at::T
   return {r.losses.to(dtype), r.negative, r.dist.to(dtype)};
 }
 
-// Rows [0, rows) of the blocks' coefficient matrix; grad_losses, losses,
-// negative and coef are (rows, B) and negative indexes columns.
-template <typename T>
+// Rows [0, rows) of the coefficient matrix; grad_losses, losses, negative
+// and coef are (rows, B) and negative indexes columns. grad_losses and
+// losses are in the input dtype, coef in the accumulation dtype (a negative
+// collects the gradient of many positives). One thread per row keeps the
+// scatter to each row's negatives ordered (deterministic); the matrix path
+// has B rows, so this is B-way parallel.
+template <typename T, typename acc_t>
 __global__ void semihard_coefficients_kernel(int64_t rows, int64_t B, const T* grad_losses, const T* losses,
-                                             const int64_t* negative, T* coef) {
-  METRICOPS_CUDA_KERNEL_LOOP(a, rows) { semihard_coefficients_row<T>(a, B, grad_losses, losses, negative, coef); }
+                                             const int64_t* negative, acc_t* coef) {
+  METRICOPS_CUDA_KERNEL_LOOP(a, rows) { semihard_coefficients_row<T, acc_t>(a, B, grad_losses, losses, negative, coef); }
 }
 
-template <typename T>
-void semihard_coefficients_cuda(const at::Tensor& grad_losses, const at::Tensor& losses, const at::Tensor& negative,
-                                at::Tensor& coef) {
-  const int64_t rows = coef.size(0), B = coef.size(1);
-  semihard_coefficients_kernel<T><<<grid_for(rows), kThreads, 0, current_stream()>>>(
-      rows, B, grad_losses.const_data_ptr<T>(), losses.const_data_ptr<T>(), negative.const_data_ptr<int64_t>(),
-      coef.mutable_data_ptr<T>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// The streaming backward's blocks have few rows but one gradient per row
+// (that of the row's sum), so the coefficients are integer counts times it:
+// one thread per (row, positive), integer atomics (order-independent, so
+// deterministic) for the negatives that several positives share.
+template <typename acc_t>
+__global__ void semihard_term_counts_kernel(int64_t rows, int64_t B, const acc_t* __restrict__ losses,
+                                            const int64_t* __restrict__ negative, int32_t* __restrict__ count) {
+  METRICOPS_CUDA_KERNEL_LOOP(idx, rows * B) {
+    const int64_t n = negative[idx];
+    if (!semihard_term_has_gradient(n, losses[idx])) continue;
+    const int64_t a = idx / B;
+    count[idx] += 1;  // (a, p) is a positive pair: no other thread writes it
+    atomicAdd(count + a * B + n, -1);
+  }
 }
 
 at::Tensor semihard_triplet_backward_cuda(const at::Tensor& grad_losses, const std::optional<at::Tensor>& grad_dist,
@@ -300,18 +310,24 @@ at::Tensor semihard_triplet_backward_cuda(const at::Tensor& grad_losses, const s
                                           const at::Tensor& negative_in, const at::Tensor& dist,
                                           c10::string_view metric) {
   c10::cuda::CUDAGuard guard(embeddings.device());
-  check_semihard_backward_inputs(grad_losses, embeddings, losses_in, negative_in, dist);
+  check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist);
   const int64_t B = embeddings.size(0);
-  at::Tensor coef = grad_dist.has_value() ? grad_dist->to(embeddings.scalar_type()).contiguous().clone()
-                                          : at::zeros({B, B}, embeddings.options());
+  const auto dtype = embeddings.scalar_type();
+  const auto acc_options = embeddings.options().dtype(at::toOpMathType(dtype));
+  at::Tensor coef = grad_dist.has_value() ? grad_dist->to(acc_options).contiguous().clone()
+                                          : at::zeros({B, B}, acc_options);
   if (B > 0) {
-    const at::Tensor g = grad_losses.to(embeddings.scalar_type()).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
-                                    "metricops_semihard_backward_cuda", [&] {
-      semihard_coefficients_cuda<scalar_t>(g, losses_in.contiguous(), negative_in.contiguous(), coef);
+    const at::Tensor g = grad_losses.to(dtype).contiguous();
+    const at::Tensor losses = losses_in.contiguous(), negative = negative_in.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "metricops_semihard_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      semihard_coefficients_kernel<scalar_t, acc_t><<<grid_for(B), kThreads, 0, current_stream()>>>(
+          B, B, g.const_data_ptr<scalar_t>(), losses.const_data_ptr<scalar_t>(),
+          negative.const_data_ptr<int64_t>(), coef.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return self_distance_backward(coef, embeddings, dist, metric);
+  return self_distance_backward(coef.to(dtype), embeddings, dist, metric);  // rounded once
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_streaming_cuda(const at::Tensor& embeddings,
@@ -324,7 +340,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_streaming_cuda(c
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
   const int64_t B = embeddings.size(0);
-  at::Tensor row_sum = at::zeros({B}, embeddings.options());
+  // float32 for float16/bfloat16: a row's sum may exceed their range.
+  at::Tensor row_sum = at::zeros({B}, embeddings.options().dtype(at::toOpMathType(embeddings.scalar_type())));
   at::Tensor row_valid = at::zeros({B}, labels.options());
   at::Tensor row_active = at::zeros({B}, labels.options());
   if (B == 0) return {row_sum, row_valid, row_active};
@@ -350,20 +367,25 @@ at::Tensor semihard_triplet_streaming_backward_cuda(const at::Tensor& grad_row_s
   const at::Tensor labels = labels_int64(labels_in);
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor aux = row_aux_acc_cuda(x, metric);
-  at::Tensor grad = at::zeros(x.sizes(), aux.options());  // accumulated in float32 for float16/bfloat16
+  // Every block's gradient is computed and accumulated in float32 for
+  // float16/bfloat16 (x_acc), and rounded to the input dtype once.
+  at::Tensor grad = at::zeros(x.sizes(), aux.options());
   if (B == 0) return grad.to(x.scalar_type());
+  const at::Tensor x_acc = x.to(aux.scalar_type());
   const at::Tensor g = grad_row_sum.to(aux.scalar_type());
-  const auto dtype = x.scalar_type();
   for_each_row_block(B, block_rows, [&](int64_t r0, int64_t rows) {
     const SemihardRows r = semihard_rows(x, aux, labels, r0, rows, metric, margin);
-    at::Tensor coef = at::zeros({rows, B}, aux.options());
-    const at::Tensor g_rows = g.narrow(0, r0, rows).unsqueeze(1).expand({rows, B}).contiguous();
+    at::Tensor count = at::zeros({rows, B}, labels.options().dtype(at::kInt));
     AT_DISPATCH_FLOATING_TYPES(aux.scalar_type(), "metricops_semihard_streaming_backward_cuda", [&] {
-      semihard_coefficients_cuda<scalar_t>(g_rows, r.losses, r.negative, coef);
+      semihard_term_counts_kernel<scalar_t><<<grid_for(rows * B), kThreads, 0, current_stream()>>>(
+          rows, B, r.losses.const_data_ptr<scalar_t>(), r.negative.const_data_ptr<int64_t>(),
+          count.mutable_data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    accumulate_distance_rows_backward(coef.to(dtype), x, r.dist.to(dtype), r0, metric_name, grad);
+    const at::Tensor coef = count.to(aux.scalar_type()).mul_(g.narrow(0, r0, rows).unsqueeze(1));
+    accumulate_distance_rows_backward(coef, x_acc, r.dist, r0, metric_name, grad);
   });
-  return grad.to(dtype);
+  return grad.to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------- batch-all
@@ -442,13 +464,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all
   const int64_t B = embeddings.size(0);
   if (B == 0) {
     at::Tensor zero_count = at::zeros({}, labels.options());
-    return {at::zeros({}, embeddings.options()), zero_count, zero_count.clone(), at::empty({0, 0}, embeddings.options()),
+    return {at::zeros({}, embeddings.options().dtype(at::toOpMathType(embeddings.scalar_type()))), zero_count, zero_count.clone(), at::empty({0, 0}, embeddings.options()),
             at::empty({0, 0}, embeddings.options())};
   }
   const at::Tensor x = embeddings.contiguous();
-  const BatchAllRows r = batch_all_rows(x, row_aux_acc_cuda(x, metric), labels, 0, B, metric, margin);
+  const at::Tensor aux = row_aux_acc_cuda(x, metric);
+  const BatchAllRows r = batch_all_rows(x, aux, labels, 0, B, metric, margin);
   const auto dtype = embeddings.scalar_type();
-  return {r.term_sum.to(dtype), r.num_valid, r.num_active, r.dist.to(dtype), r.multiplicity.to(dtype)};
+  // The sum stays in the accumulation dtype: B³ terms overflow float16.
+  return {r.term_sum.to(aux.scalar_type()), r.num_valid, r.num_active, r.dist.to(dtype), r.multiplicity.to(dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_streaming_cuda(const at::Tensor& embeddings,
@@ -474,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_streaming_cuda(
       num_active.add_(r.num_active);
     });
   }
-  return {total.to(embeddings.scalar_type()), num_valid, num_active};
+  return {total.to(at::toOpMathType(embeddings.scalar_type())), num_valid, num_active};
 }
 
 at::Tensor batch_all_triplet_streaming_backward_cuda(const at::Tensor& grad_sum, const at::Tensor& embeddings,
@@ -488,21 +512,22 @@ at::Tensor batch_all_triplet_streaming_backward_cuda(const at::Tensor& grad_sum,
   const at::Tensor aux = row_aux_acc_cuda(x, metric);
   at::Tensor grad = at::zeros(x.sizes(), aux.options());  // accumulated in float32 for float16/bfloat16
   const at::Tensor g = grad_sum.to(aux.scalar_type());
-  const auto dtype = x.scalar_type();
+  const at::Tensor x_acc = x.to(aux.scalar_type());  // blocks' gradients in float32 for float16/bfloat16
   for_each_row_block(x.size(0), block_rows, [&](int64_t r0, int64_t rows) {
     const BatchAllRows r = batch_all_rows(x, aux, labels, r0, rows, metric, margin);
-    accumulate_distance_rows_backward(r.multiplicity.mul(g).to(dtype), x, r.dist.to(dtype), r0, metric_name, grad);
+    accumulate_distance_rows_backward(r.multiplicity.mul(g), x_acc, r.dist, r0, metric_name, grad);
   });
-  return grad.to(dtype);
+  return grad.to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------- statistics
 
+// Rows [0, rows) of a row block: one thread per (anchor, positive) entry.
 template <typename acc_t>
 __global__ void statistics_kernel(const acc_t* __restrict__ dist, const bool* __restrict__ positive,
-                                  const acc_t* __restrict__ neg_sorted, const int64_t* __restrict__ neg_count, int64_t B,
-                                  acc_t margin, int64_t* __restrict__ counts /* (B*B, 4) */) {
-  METRICOPS_CUDA_KERNEL_LOOP(idx, B * B) {
+                                  const acc_t* __restrict__ neg_sorted, const int64_t* __restrict__ neg_count,
+                                  int64_t rows, int64_t B, acc_t margin, int64_t* __restrict__ counts /* (rows*B, 4) */) {
+  METRICOPS_CUDA_KERNEL_LOOP(idx, rows * B) {
     const int64_t a = idx / B, n = neg_count[a];
     int64_t easy = 0, semihard = 0, hard = 0, total = 0;
     if (positive[idx] && n > 0) {
@@ -520,17 +545,26 @@ at::Tensor triplet_statistics_cuda(const at::Tensor& embeddings, const at::Tenso
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
   const int64_t B = embeddings.size(0);
-  if (B == 0) return at::zeros({4}, labels.options());
+  at::Tensor total = at::zeros({4}, labels.options());
+  if (B == 0) return total;
   const at::Tensor x = embeddings.contiguous();
-  const LabelledRows ld = labelled_rows(x, row_aux_acc_cuda(x, metric), labels, 0, B, metric);
-  at::Tensor counts = at::empty({B * B, 4}, labels.options());
-  AT_DISPATCH_FLOATING_TYPES(ld.dist.scalar_type(), "metricops_triplet_statistics_cuda", [&] {
-    statistics_kernel<scalar_t><<<grid_for(B * B), kThreads, 0, current_stream()>>>(
-        ld.dist.const_data_ptr<scalar_t>(), ld.positive.const_data_ptr<bool>(), ld.neg_sorted.const_data_ptr<scalar_t>(),
-        ld.neg_count.const_data_ptr<int64_t>(), B, static_cast<scalar_t>(margin), counts.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor aux = row_aux_acc_cuda(x, metric);
+  // Row blocks keep the scratch (sort keys and indices, per-entry counts:
+  // about 80 bytes an entry) near 256 MiB, so large batches fit.
+  const int64_t block_rows = std::max<int64_t>(1, (int64_t{256} << 20) / (80 * B));
+  for_each_row_block(B, block_rows, [&](int64_t r0, int64_t rows) {
+    const LabelledRows ld = labelled_rows(x, aux, labels, r0, rows, metric);
+    at::Tensor counts = at::empty({rows * B, 4}, labels.options());
+    AT_DISPATCH_FLOATING_TYPES(ld.dist.scalar_type(), "metricops_triplet_statistics_cuda", [&] {
+      statistics_kernel<scalar_t><<<grid_for(rows * B), kThreads, 0, current_stream()>>>(
+          ld.dist.const_data_ptr<scalar_t>(), ld.positive.const_data_ptr<bool>(),
+          ld.neg_sorted.const_data_ptr<scalar_t>(), ld.neg_count.const_data_ptr<int64_t>(), rows, B,
+          static_cast<scalar_t>(margin), counts.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    total.add_(counts.sum(0));
   });
-  return counts.sum(0);
+  return total;
 }
 
 // ---------------------------------------------------------------- miner

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._ops import ops
+from .._reduction import sum_dtype  # the summed outputs' dtype (float32 for float16/bfloat16)
 from .distance import _check_embeddings, _check_labels, _no_double_backward
 
 _LIB = "metricops::"
@@ -114,7 +115,8 @@ def _batch_all_fake(embeddings, labels, margin, metric):
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
     count = embeddings.new_empty((), dtype=torch.int64)
-    return (embeddings.new_empty(()), count, torch.empty_like(count), embeddings.new_empty((B, B)), embeddings.new_empty((B, B)))
+    return (embeddings.new_empty((), dtype=sum_dtype(embeddings.dtype)), count, torch.empty_like(count),
+            embeddings.new_empty((B, B)), embeddings.new_empty((B, B)))
 
 
 def _batch_all_setup_context(ctx, inputs, output):
@@ -150,14 +152,14 @@ def _semihard_streaming_fake(embeddings, labels, margin, metric, block_rows):
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
     count = embeddings.new_empty((B,), dtype=torch.int64)
-    return embeddings.new_empty((B,)), count, torch.empty_like(count)
+    return embeddings.new_empty((B,), dtype=sum_dtype(embeddings.dtype)), count, torch.empty_like(count)
 
 
 @torch.library.register_fake(_LIB + "batch_all_triplet_streaming")
 def _batch_all_streaming_fake(embeddings, labels, margin, metric, block_rows):
     _check_batch(embeddings, labels)
     count = embeddings.new_empty((), dtype=torch.int64)
-    return embeddings.new_empty(()), count, torch.empty_like(count)
+    return embeddings.new_empty((), dtype=sum_dtype(embeddings.dtype)), count, torch.empty_like(count)
 
 
 @torch.library.register_fake(_LIB + "semihard_triplet_streaming_backward")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._reduction import mean_of_sum, sum_dtype
+
 
 def refuse_unsupported(cls_name: str, kwargs: dict) -> None:
     """pytorch-metric-learning accepts many more arguments; we refuse them by name rather than ignore them."""
@@ -55,8 +57,9 @@ def all_pairs(labels, ref_labels):
 def all_triplets(labels, ref_labels):
     """Every (a, p, n), lexicographically sorted, as PML's get_all_triplets_indices (plain torch, O(B³) memory).
 
-    TODO(issue 3): use metricops.mine_triplets(strategy="all") for the
-    reference case too once it accepts a reference set.
+    Only for the ``ref_emb`` case of the wrapped losses (PML's own indices,
+    which a user's loss then indexes): ``metricops.mine_triplets`` mines
+    within one batch and takes no reference set.
     """
     matches, diffs = matches_and_diffs(labels, ref_labels)
     return torch.where(matches[:, :, None] & diffs[:, None, :])
@@ -68,5 +71,6 @@ def avg_nonzero(losses: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         return torch.sum(embeddings * 0)
     positive = losses > 0
     count = positive.sum()
-    mean = torch.where(positive, losses, torch.zeros_like(losses)).sum() / count.clamp_min(1).to(losses.dtype)
+    total = torch.where(positive, losses, torch.zeros_like(losses)).sum(dtype=sum_dtype(losses.dtype))
+    mean = mean_of_sum(total, count, losses.dtype)  # in float32 for float16/bfloat16
     return torch.where(count > 0, mean, torch.sum(embeddings * 0))

@@ -55,13 +55,16 @@ TORCH_LIBRARY(metricops, m) {
   // batch-hard: per anchor its loss, farthest positive, nearest negative
   // (-1 when the anchor has no triplet) and their distances. block_rows <= 0
   // computes the distance matrix at once; > 0 streams it in row blocks.
+  // normalize: the distances are those of F.normalize(embeddings) (eps
+  // 1e-12), fused (no normalised copy, no separate backward pass), and the
+  // backward returns the gradient w.r.t. the raw embeddings.
   m.def(
-      "batch_hard_triplet(Tensor embeddings, Tensor labels, float margin, str metric, bool soft, int block_rows) "
-      "-> (Tensor losses, Tensor positive, Tensor negative, Tensor dist_ap, Tensor dist_an)");
+      "batch_hard_triplet(Tensor embeddings, Tensor labels, float margin, str metric, bool soft, int block_rows, "
+      "bool normalize=False) -> (Tensor losses, Tensor positive, Tensor negative, Tensor dist_ap, Tensor dist_an)");
   m.def(
       "batch_hard_triplet_backward(Tensor grad_losses, Tensor grad_dist_ap, Tensor grad_dist_an, Tensor embeddings, "
-      "Tensor positive, Tensor negative, Tensor dist_ap, Tensor dist_an, float margin, str metric, bool soft) "
-      "-> Tensor");
+      "Tensor positive, Tensor negative, Tensor dist_ap, Tensor dist_an, float margin, str metric, bool soft, "
+      "bool normalize=False) -> Tensor");
   // semi-hard: (B, B) terms and chosen negatives (-1 off valid pairs), and the
   // distance matrix; the backward is pairwise_distance_backward.
   m.def(

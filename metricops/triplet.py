@@ -115,11 +115,13 @@ def batch_hard_triplet_loss(
     chosen indices; the backward is an O(B·D) gather/scatter. Ties pick one
     maximiser, which alone gets the gradient; NaN embeddings give NaN.
     """
-    embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
+    # normalize is fused into the op (no normalised copy; one backward pass).
+    embeddings, margin = _prepare(embeddings, labels, margin, metric, False, loss=True)
+    v.check_flag(normalize, "normalize")
     v.check_flag(soft, "soft")
     v.check_reduction(reduction)
     block_rows = _block_rows(memory, embeddings)
-    losses, positive, _, _, _ = ops.batch_hard_triplet(embeddings, labels, margin, metric, soft, block_rows)
+    losses, positive, _, _, _ = ops.batch_hard_triplet(embeddings, labels, margin, metric, soft, block_rows, normalize)
     return _reduce(losses, positive >= 0, reduction)
 
 

@@ -59,9 +59,9 @@ def test_losses_match_reference(device, dtype, name):
 def test_loss_gradients_match_reference(device, name):
     # Random float64 data: no ties among distances, no hinge exactly at 0.
     for x, labels, case in sample_inputs(device, requires_grad=True):
-        for metric in METRICS:
+        for metric, normalize in [(m, n) for m in METRICS for n in (False, True)]:
             reduction = "sum" if name != "batch_hard_triplet_loss" else "mean"
-            kw = dict(metric=metric, reduction=reduction, margin=0.3)
+            kw = dict(metric=metric, reduction=reduction, margin=0.3, normalize=normalize)
             (g,) = torch.autograd.grad(_loss(name, metricops, x, labels, **kw), x, allow_unused=True)
             (g_ref,) = torch.autograd.grad(_loss(name, reference, x, labels, **kw), x, allow_unused=True)
             g = torch.zeros_like(x) if g is None else g
@@ -90,6 +90,9 @@ def test_gradcheck(device, name):
         x = torch.randn(8, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
         kw = dict(metric=metric, margin=0.5)
         assert torch.autograd.gradcheck(lambda t: _loss(name, metricops, t, labels, **kw), (x,), eps=1e-6, atol=1e-5)
+        # normalize=True (fused into the batch-hard op): gradient through F.normalize.
+        kw_norm = dict(kw, normalize=True, margin=0.2)
+        assert torch.autograd.gradcheck(lambda t: _loss(name, metricops, t, labels, **kw_norm), (x,), eps=1e-6, atol=1e-5)
         if name != "batch_all_triplet_loss":
             kw["reduction"] = "none"
             assert torch.autograd.gradcheck(lambda t: _loss(name, metricops, t, labels, **kw), (x,), eps=1e-6, atol=1e-5)
@@ -224,6 +227,7 @@ def test_opcheck(device):
             continue
         for metric in ("euclidean", "cosine"):
             torch.library.opcheck(ops.batch_hard_triplet.default, (x, labels, 0.3, metric, False, 0))
+            torch.library.opcheck(ops.batch_hard_triplet.default, (x, labels, 0.3, metric, False, 0, True))
             torch.library.opcheck(ops.semihard_triplet.default, (x, labels, 0.3, metric))
             torch.library.opcheck(ops.batch_all_triplet.default, (x, labels, 0.3, metric))
             torch.library.opcheck(ops.triplet_statistics.default, (x.detach(), labels, 0.3, metric))
@@ -238,6 +242,11 @@ def test_opcheck(device):
         torch.library.opcheck(
             ops.batch_hard_triplet_backward.default,
             (g, torch.zeros_like(g), torch.zeros_like(g), xd, pos, neg, dap, dan, 0.3, "euclidean", False),
+        )
+        losses, pos, neg, dap, dan = ops.batch_hard_triplet(xd, labels, 0.3, "euclidean", False, 0, True)
+        torch.library.opcheck(
+            ops.batch_hard_triplet_backward.default,
+            (g, torch.randn_like(g), torch.zeros_like(g), xd, pos, neg, dap, dan, 0.3, "euclidean", False, True),
         )
 
 
@@ -400,3 +409,59 @@ def test_statistics_in_row_blocks_match_cpu():
     gpu = metricops.triplet_statistics(x.cuda(), labels.cuda(), margin=0.3)
     for key in ("total", "easy", "semihard", "hard"):
         assert int(cpu[key]) == int(gpu[key]), key
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_fused_normalize_matches_normalizing_first(device):
+    # The op's normalize=True (CPU: scaled Gram rows, one backward pass) must
+    # agree with F.normalize followed by the op, values and gradients, across
+    # streaming blocks; and give F.normalize's values for a zero row (whose
+    # distances to all others tie at 1, so only values are compared there).
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(300, 9, generator=gen, dtype=torch.float64) * 4).to(device)
+    labels = torch.randint(0, 20, (300,), generator=gen).to(device)
+    for metric in METRICS:
+        for block_rows in (0, 64):
+            a = x.clone().requires_grad_()
+            b = x.clone().requires_grad_()
+            fused = torch.ops.metricops.batch_hard_triplet(a, labels, 0.2, metric, False, block_rows, True)
+            y = torch.nn.functional.normalize(b, dim=1)
+            plain = torch.ops.metricops.batch_hard_triplet(y, labels, 0.2, metric, False, block_rows)
+            for k in (1, 2):
+                assert torch.equal(fused[k], plain[k]), (metric, block_rows)
+            for k in (0, 3, 4):
+                assert_close(fused[k], plain[k])
+            w = torch.rand(300, dtype=torch.float64, device=device)
+            (ga,) = torch.autograd.grad((fused[0] * w).sum() + fused[3].sum(), a)
+            (gb,) = torch.autograd.grad((plain[0] * w).sum() + plain[3].sum(), b)
+            assert_close(ga, gb)
+        x0 = x.clone()
+        x0[7] = 0.0
+        fused = torch.ops.metricops.batch_hard_triplet(x0, labels, 0.2, metric, False, 0, True)
+        plain = torch.ops.metricops.batch_hard_triplet(torch.nn.functional.normalize(x0, dim=1), labels, 0.2, metric, False, 0)
+        for k in (0, 3, 4):
+            assert_close(fused[k], plain[k])
+
+
+def test_batch_hard_backward_skips_half_set_triplets():
+    # A direct call may set one index and leave the other at -1: that anchor
+    # contributes nothing (its rows are never dereferenced at -1). Margin 5:
+    # every hinge is active, so anchor 0 does contribute when complete.
+    x = torch.randn(6, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    losses, pos, neg, dap, dan = torch.ops.metricops.batch_hard_triplet(x, labels, 5.0, "euclidean", False, 0)
+    g = torch.ones_like(losses)
+    full = torch.ops.metricops.batch_hard_triplet_backward(g, g * 0, g * 0, x, pos, neg, dap, dan, 5.0, "euclidean", False)
+    neg_half = neg.clone()
+    neg_half[0] = -1
+    g0 = g.clone()
+    g0[0] = 0  # the same as anchor 0 contributing nothing
+    expected = torch.ops.metricops.batch_hard_triplet_backward(g0, g * 0, g * 0, x, pos, neg, dap, dan, 5.0, "euclidean", False)
+    for normalize in (False, True):
+        half = torch.ops.metricops.batch_hard_triplet_backward(
+            g, g * 0, g * 0, x, pos, neg_half, dap, dan, 5.0, "euclidean", False, normalize
+        )
+        assert torch.isfinite(half).all()
+    half = torch.ops.metricops.batch_hard_triplet_backward(g, g * 0, g * 0, x, pos, neg_half, dap, dan, 5.0, "euclidean", False)
+    assert_close(half, expected)
+    assert not torch.allclose(half, full)

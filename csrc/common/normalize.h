@@ -15,6 +15,9 @@
 
 namespace metricops {
 
+// The eps of the losses' normalize=True (F.normalize's default).
+constexpr double kNormalizeEps = 1e-12;
+
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t normalize_denominator(acc_t norm, acc_t eps) {
   return norm >= eps || norm != norm ? norm : eps;

@@ -15,10 +15,12 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/distance.h"
+#include "common/normalize.h"
 #include "common/triplet.h"
 
 namespace metricops {
@@ -99,12 +101,14 @@ struct BatchHardGradCoefficients {
 };
 
 // Kernels must provide:
-//   Tensor row_aux(const Tensor& x, Metric)  -> (B,) acc dtype
+//   Tensor row_aux(const Tensor& x, Metric, bool normalize)  -> (B,) acc dtype
+//     (normalize: the row aux of y = F.normalize(x))
 //   void batch_hard_coefficients(const BatchHardGradInputs&, BatchHardGradCoefficients&)
 //   Tensor batch_hard_assemble(const Tensor& x, const Tensor& positive, const Tensor& negative,
-//                              const BatchHardGradCoefficients&)  -> (B, D) acc dtype
+//                              const BatchHardGradCoefficients&, bool normalize)  -> (B, D) acc dtype
 //     grad[a] += anchor_self x[a] - cross_positive x[p] - cross_negative x[n]
 //     grad[p] += positive_self x[p] - cross_positive x[a]   (likewise n)
+//     (normalize: the same in y = F.normalize(x), then through F.normalize's backward)
 
 // The gather/scatter through ATen (index_add_: atomics on CUDA, with a
 // deterministic path under torch.use_deterministic_algorithms).
@@ -129,7 +133,7 @@ at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const
                                             const at::Tensor& grad_dist_an, const at::Tensor& embeddings,
                                             const at::Tensor& positive, const at::Tensor& negative,
                                             const at::Tensor& dist_ap, const at::Tensor& dist_an, double margin,
-                                            c10::string_view metric_name, bool soft) {
+                                            c10::string_view metric_name, bool soft, bool normalize) {
   const Metric metric = parse_metric(metric_name);
   check_embeddings(embeddings, "embeddings");
   const int64_t B = embeddings.size(0);
@@ -156,13 +160,13 @@ at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const
   BatchHardGradInputs in{grad_losses.to(acc).contiguous(), grad_dist_ap.to(acc).contiguous(),
                          grad_dist_an.to(acc).contiguous(), positive.contiguous(), negative.contiguous(),
                          dist_ap.to(acc).contiguous(), dist_an.to(acc).contiguous(),
-                         Kernels::row_aux(embeddings, metric).to(acc), margin, metric, soft};
+                         Kernels::row_aux(x, metric, normalize).to(acc), margin, metric, soft};
   BatchHardGradCoefficients c;
   for (at::Tensor* t : {&c.anchor_self, &c.cross_positive, &c.cross_negative, &c.positive_self, &c.negative_self}) {
     *t = at::empty({B}, x.options());
   }
   Kernels::batch_hard_coefficients(in, c);
-  at::Tensor grad = Kernels::batch_hard_assemble(x, in.positive, in.negative, c);
+  at::Tensor grad = Kernels::batch_hard_assemble(x, in.positive, in.negative, c, normalize);
   return grad.to(embeddings.scalar_type());
 }
 
@@ -210,6 +214,22 @@ inline void check_semihard_backward_inputs(const at::Tensor& grad_losses, const 
   // a direct torch.ops call must be refused, not written out of bounds.
   at::_assert_async(negative.ge(-1).logical_and_(negative.lt(B)).all(),
                     "semihard_triplet_backward: negative must hold indices in [-1, B)");
+}
+
+// l2_normalize and its backward through the dispatcher (their kernels live
+// in another translation unit), with the losses' eps.
+inline std::tuple<at::Tensor, at::Tensor> l2_normalize_op(const at::Tensor& x) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("metricops::l2_normalize", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double)>();
+  return op.call(x, kNormalizeEps);
+}
+
+inline at::Tensor l2_normalize_backward_op(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& norm) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("metricops::l2_normalize_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(grad, x, norm, kNormalizeEps);
 }
 
 // pairwise_distance_backward through the dispatcher (its kernels live in

@@ -45,5 +45,26 @@ inline scalar_t squared_norm(const scalar_t* x, int64_t n) {
   return dot_product(x, x, n);
 }
 
+// out = s * x
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES void scale_row(const scalar_t* __restrict__ x, scalar_t s, int64_t n,
+                                     scalar_t* __restrict__ out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = s * x[k];
+}
+
+// g = a * g - b * x
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES void axpby_row_inplace(scalar_t a, scalar_t b, const scalar_t* __restrict__ x, int64_t n,
+                                             scalar_t* __restrict__ g) {
+  for (int64_t k = 0; k < n; ++k) g[k] = a * g[k] - b * x[k];
+}
+
+// out -= s * x
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES void subtract_scaled_row(const scalar_t* __restrict__ x, scalar_t s, int64_t n,
+                                               scalar_t* __restrict__ out) {
+  for (int64_t k = 0; k < n; ++k) out[k] -= s * x[k];
+}
+
 }  // namespace cpu
 }  // namespace metricops

@@ -393,9 +393,44 @@ METRICOPS_SIMD_CLONES void batch_hard_column_update(const scalar_t* __restrict__
 // triangle skips most of the lower one's GEMM work, large enough for BLAS.
 constexpr int64_t kBatchHardBlockRows = 128;
 
+// F.normalize's rows as scales of the raw ones, y_i = scale_i x_i with
+// scale_i = 1 / max(||x_i||, eps), so no normalised copy is made; norm_i =
+// ||x_i|| (for the backward) and aux_i the metric's row aux of y_i.
+struct NormalizedRows {
+  at::Tensor norm, scale, aux;  // (B,)
+};
+
+NormalizedRows normalized_rows_cpu(const at::Tensor& x, Metric metric) {
+  const int64_t B = x.size(0), D = x.size(1);
+  NormalizedRows nr{at::empty({B}, x.options()), at::empty({B}, x.options()), at::empty({B}, x.options())};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_normalized_rows_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* np = nr.norm.mutable_data_ptr<scalar_t>();
+    scalar_t* sp = nr.scale.mutable_data_ptr<scalar_t>();
+    scalar_t* ap = nr.aux.mutable_data_ptr<scalar_t>();
+    const scalar_t eps = static_cast<scalar_t>(kNormalizeEps);
+    at::parallel_for(0, B, rows_grain(D), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        np[i] = std::sqrt(squared_norm(xp + i * D, D));
+        sp[i] = scalar_t(1) / normalize_denominator(np[i], eps);
+        const scalar_t y_norm = np[i] * sp[i];
+        ap[i] = metricops::row_aux<scalar_t>(metric, y_norm * y_norm);
+      }
+    });
+  });
+  return nr;
+}
+
+// row[c] *= row_scale * col_scale[c]: a Gram row of raw x made y's.
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES void scale_gram_row(scalar_t* __restrict__ row, scalar_t row_scale,
+                                          const scalar_t* __restrict__ col_scale, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) row[c] = row[c] * row_scale * col_scale[c];
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_cpu(
     const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name, bool soft,
-    int64_t block_rows) {
+    int64_t block_rows, bool normalize) {
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor x = embeddings.contiguous();
@@ -408,7 +443,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
   at::Tensor dist_ap = at::zeros({B}, x.options());
   at::Tensor dist_an = at::zeros({B}, x.options());
   if (B == 0) return {losses, positive, negative, dist_ap, dist_an};
-  const at::Tensor aux = row_aux_cpu(x, metric);
+  // normalize: the GEMM runs on raw x and each Gram row is scaled to y's.
+  const NormalizedRows nr = normalize ? normalized_rows_cpu(x, metric) : NormalizedRows{};
+  const at::Tensor aux = normalize ? nr.aux : row_aux_cpu(x, metric);
   const std::vector<int32_t> cls = class_ids(labels);
   // The Gram matrix is symmetric: sweep its upper triangle in row blocks
   // (one GEMM of rows [r0, r1) against columns [r0, B) each), mining every
@@ -421,15 +458,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
     BatchHardSelections<scalar_t> sel(B);
     at::Tensor buffer = at::empty({block * B}, x.options());
     const scalar_t* ap = aux.const_data_ptr<scalar_t>();
+    const scalar_t* sp = normalize ? nr.scale.const_data_ptr<scalar_t>() : nullptr;
     const int32_t* cp = cls.data();
     METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
       for (int64_t r0 = 0; r0 < B; r0 += block) {
         const int64_t rows = std::min(block, B - r0), cols = B - r0, r1 = r0 + rows;
         at::Tensor gram = buffer.narrow(0, 0, rows * cols).view({rows, cols});
         at::mm_out(gram, x.narrow(0, r0, rows), x.narrow(0, r0, cols).t());
-        const scalar_t* gp = gram.const_data_ptr<scalar_t>();
+        scalar_t* gp = gram.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
+            if (sp != nullptr) scale_gram_row(gp + r * cols, sp[r0 + r], sp + r0, cols);
             batch_hard_row_scan<scalar_t, kMetric>(gp + r * cols - r0, ap, cp, r0 + r, r0, B, sel);
           }
         });
@@ -464,49 +503,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
 }
 
 struct CpuPairKernels {
-  static at::Tensor row_aux(const at::Tensor& x, Metric metric) { return row_aux_cpu(x, metric); }
+  static at::Tensor row_aux(const at::Tensor& x, Metric metric, bool normalize) {
+    return normalize ? normalized_rows_cpu(x, metric).aux : row_aux_cpu(x, metric);
+  }
 
-  // Anchor rows in parallel, then the positive/negative scatter serially in
-  // anchor order: deterministic, O(B·D), and far cheaper than index_add_ here.
+  // Each output row is written once, by one task: grad[r] gathers its own
+  // anchor terms and the terms of the anchors that chose r as their positive
+  // or negative, listed per row in anchor order (a counting sort). Parallel
+  // over rows, deterministic, and about half the memory traffic of an anchor
+  // pass followed by a scatter pass.
+  // normalize: the coefficients are y's (y_k = scale_k x_k); each row's
+  // gradient in y is then taken through F.normalize's backward in place.
   static at::Tensor batch_hard_assemble(const at::Tensor& x, const at::Tensor& positive, const at::Tensor& negative,
-                                        const BatchHardGradCoefficients& c) {
+                                        const BatchHardGradCoefficients& c, bool normalize) {
     const int64_t B = x.size(0), D = x.size(1);
+    const NormalizedRows nr = normalize ? normalized_rows_cpu(x, Metric::Euclidean) : NormalizedRows{};
     at::Tensor grad = at::empty({B, D}, x.options());
+    const int64_t* pos = positive.const_data_ptr<int64_t>();
+    const int64_t* neg = negative.const_data_ptr<int64_t>();
+    // An anchor has a triplet when both indices are set (a direct call may
+    // pass one of them as -1: it is then skipped, never dereferenced).
+    auto has_triplet = [&](int64_t a) { return pos[a] >= 0 && neg[a] >= 0; };
+    // Incoming terms of row r: entries [offset[r], offset[r + 1]) of `source`,
+    // each an anchor index, 2a for "a chose r as positive", 2a + 1 as negative.
+    std::vector<int64_t> offset(B + 1, 0), source;
+    for (int64_t a = 0; a < B; ++a) {
+      if (!has_triplet(a)) continue;
+      ++offset[pos[a] + 1];
+      ++offset[neg[a] + 1];
+    }
+    for (int64_t r = 0; r < B; ++r) offset[r + 1] += offset[r];
+    source.resize(offset[B]);
+    {
+      std::vector<int64_t> fill(offset.begin(), offset.end() - 1);
+      for (int64_t a = 0; a < B; ++a) {
+        if (!has_triplet(a)) continue;
+        source[fill[pos[a]]++] = 2 * a;
+        source[fill[neg[a]]++] = 2 * a + 1;
+      }
+    }
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_batch_hard_assemble_cpu", [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const int64_t* pos = positive.const_data_ptr<int64_t>();
-      const int64_t* neg = negative.const_data_ptr<int64_t>();
       const scalar_t* self_a = c.anchor_self.const_data_ptr<scalar_t>();
       const scalar_t* w_p = c.cross_positive.const_data_ptr<scalar_t>();
       const scalar_t* w_n = c.cross_negative.const_data_ptr<scalar_t>();
       const scalar_t* self_p = c.positive_self.const_data_ptr<scalar_t>();
       const scalar_t* self_n = c.negative_self.const_data_ptr<scalar_t>();
       scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
+      const scalar_t* sp = normalize ? nr.scale.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* np = normalize ? nr.norm.const_data_ptr<scalar_t>() : nullptr;
+      auto row_scale = [&](int64_t k) { return sp != nullptr ? sp[k] : scalar_t(1); };
+      const scalar_t eps = static_cast<scalar_t>(kNormalizeEps);
       at::parallel_for(0, B, rows_grain(D), [&](int64_t begin, int64_t end) {
-        for (int64_t a = begin; a < end; ++a) {
-          scalar_t* g = gp + a * D;
-          const scalar_t* xa = xp + a * D;
-          if (pos[a] < 0) {
-            for (int64_t k = 0; k < D; ++k) g[k] = 0;
-            continue;
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t* g = gp + r * D;
+          scalar_t scale = has_triplet(r) ? self_a[r] : scalar_t(0);
+          for (int64_t e = offset[r]; e < offset[r + 1]; ++e) {
+            const int64_t a = source[e] >> 1;
+            scale += (source[e] & 1) ? self_n[a] : self_p[a];
           }
-          const scalar_t* xpos = xp + pos[a] * D;
-          const scalar_t* xneg = xp + neg[a] * D;
-          for (int64_t k = 0; k < D; ++k) g[k] = self_a[a] * xa[k] - w_p[a] * xpos[k] - w_n[a] * xneg[k];
-        }
-      });
-      // Each task owns a range of feature columns and adds in anchor order:
-      // parallel, yet every element sums in the same order (deterministic).
-      at::parallel_for(0, D, 16, [&](int64_t k0, int64_t k1) {
-        for (int64_t a = 0; a < B; ++a) {
-          if (pos[a] < 0) continue;
-          const scalar_t* xa = xp + a * D;
-          const scalar_t* xpos = xp + pos[a] * D;
-          const scalar_t* xneg = xp + neg[a] * D;
-          scalar_t* gpos = gp + pos[a] * D;
-          scalar_t* gneg = gp + neg[a] * D;
-          for (int64_t k = k0; k < k1; ++k) gpos[k] += self_p[a] * xpos[k] - w_p[a] * xa[k];
-          for (int64_t k = k0; k < k1; ++k) gneg[k] += self_n[a] * xneg[k] - w_n[a] * xa[k];
+          scale_row(xp + r * D, scale * row_scale(r), D, g);
+          if (has_triplet(r)) {
+            subtract_scaled_row(xp + pos[r] * D, w_p[r] * row_scale(pos[r]), D, g);
+            subtract_scaled_row(xp + neg[r] * D, w_n[r] * row_scale(neg[r]), D, g);
+          }
+          for (int64_t e = offset[r]; e < offset[r + 1]; ++e) {
+            const int64_t a = source[e] >> 1;
+            subtract_scaled_row(xp + a * D, ((source[e] & 1) ? w_n[a] : w_p[a]) * row_scale(a), D, g);
+          }
+          if (np != nullptr) {  // g is d/dy_r: F.normalize's backward, g <- a g - b x_r
+            scalar_t coef_g, coef_x;
+            normalize_grad_coefficients(np[r], dot_product(g, xp + r * D, D), eps, coef_g, coef_x);
+            axpby_row_inplace(coef_g, coef_x, xp + r * D, D, g);
+          }
         }
       });
     });
@@ -546,9 +615,10 @@ at::Tensor batch_hard_triplet_backward_cpu(const at::Tensor& grad_losses, const 
                                            const at::Tensor& grad_dist_an, const at::Tensor& embeddings,
                                            const at::Tensor& positive, const at::Tensor& negative,
                                            const at::Tensor& dist_ap, const at::Tensor& dist_an, double margin,
-                                           c10::string_view metric, bool soft) {
+                                           c10::string_view metric, bool soft, bool normalize) {
   return batch_hard_triplet_backward_impl<CpuPairKernels>(grad_losses, grad_dist_ap, grad_dist_an, embeddings,
-                                                          positive, negative, dist_ap, dist_an, margin, metric, soft);
+                                                          positive, negative, dist_ap, dist_an, margin, metric, soft,
+                                                          normalize);
 }
 
 // ---------------------------------------------------------------- semi-hard
@@ -872,7 +942,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_cpu(const at::Tenso
   auto empty_index = [&](int64_t n) { return at::empty({n}, labels.options()); };
   if (strategy == MiningStrategy::BatchHard) {
     auto [losses, positive, negative, d_ap, d_an] = batch_hard_triplet_cpu(embeddings, labels_in, margin, metric_name,
-                                                                           false, 0);
+                                                                           false, 0, false);
     const int64_t* pp = positive.const_data_ptr<int64_t>();
     std::vector<int64_t> anchors;
     for (int64_t a = 0; a < B; ++a) {

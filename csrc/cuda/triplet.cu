@@ -106,8 +106,13 @@ __global__ void batch_hard_kernel(const acc_t* __restrict__ dist, int64_t row_be
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name, bool soft,
-    int64_t block_rows) {
+    int64_t block_rows, bool normalize) {
   c10::cuda::CUDAGuard guard(embeddings.device());
+  // Composed on CUDA (the CPU kernel fuses it): mine on F.normalize(x).
+  if (normalize) {
+    return batch_hard_triplet_cuda(std::get<0>(l2_normalize_op(embeddings)), labels_in, margin, metric_name, soft,
+                                   block_rows, false);
+  }
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -153,10 +158,16 @@ __global__ void batch_hard_coefficients_kernel(Metric metric, int64_t B, const T
 }
 
 struct CudaPairKernels {
-  static at::Tensor row_aux(const at::Tensor& x, Metric metric) { return row_aux_acc_cuda(x, metric); }
+  // normalize=True is composed around the kernels (l2_normalize and its
+  // backward) by batch_hard_triplet_backward_cuda, so they never see it.
+  static at::Tensor row_aux(const at::Tensor& x, Metric metric, bool normalize) {
+    TORCH_INTERNAL_ASSERT(!normalize);
+    return row_aux_acc_cuda(x, metric);
+  }
 
   static at::Tensor batch_hard_assemble(const at::Tensor& x, const at::Tensor& positive, const at::Tensor& negative,
-                                        const BatchHardGradCoefficients& c) {
+                                        const BatchHardGradCoefficients& c, bool normalize) {
+    TORCH_INTERNAL_ASSERT(!normalize);
     return batch_hard_assemble_aten(x, positive, negative, c);
   }
 
@@ -180,10 +191,19 @@ at::Tensor batch_hard_triplet_backward_cuda(const at::Tensor& grad_losses, const
                                             const at::Tensor& grad_dist_an, const at::Tensor& embeddings,
                                             const at::Tensor& positive, const at::Tensor& negative,
                                             const at::Tensor& dist_ap, const at::Tensor& dist_an, double margin,
-                                            c10::string_view metric, bool soft) {
+                                            c10::string_view metric, bool soft, bool normalize) {
   c10::cuda::CUDAGuard guard(embeddings.device());
+  if (normalize) {
+    // Composed on CUDA: the backward in y = F.normalize(x) (recomputed: one
+    // pass over x), then F.normalize's backward.
+    auto [y, norm] = l2_normalize_op(embeddings);
+    const at::Tensor grad_y = batch_hard_triplet_backward_impl<CudaPairKernels>(
+        grad_losses, grad_dist_ap, grad_dist_an, y, positive, negative, dist_ap, dist_an, margin, metric, soft, false);
+    return l2_normalize_backward_op(grad_y, embeddings, norm);
+  }
   return batch_hard_triplet_backward_impl<CudaPairKernels>(grad_losses, grad_dist_ap, grad_dist_an, embeddings,
-                                                           positive, negative, dist_ap, dist_an, margin, metric, soft);
+                                                           positive, negative, dist_ap, dist_an, margin, metric, soft,
+                                                           false);
 }
 
 // ---------------------------------------------------------------- sorted rows
@@ -603,7 +623,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_cuda(const at::Tens
   const int64_t B = embeddings.size(0);
   if (strategy == MiningStrategy::BatchHard) {
     auto [losses, positive, negative, d_ap, d_an] =
-        batch_hard_triplet_cuda(embeddings, labels_in, margin, metric_name, false, 0);
+        batch_hard_triplet_cuda(embeddings, labels_in, margin, metric_name, false, 0, false);
     const at::Tensor anchors = at::nonzero(positive.ge(0)).flatten();  // the miner may sync: its size is data-dependent
     return {anchors, positive.index_select(0, anchors), negative.index_select(0, anchors)};
   }

@@ -20,7 +20,7 @@ def _check_batch(embeddings, labels):
 
 
 @torch.library.register_fake(_LIB + "batch_hard_triplet")
-def _batch_hard_fake(embeddings, labels, margin, metric, soft, block_rows):
+def _batch_hard_fake(embeddings, labels, margin, metric, soft, block_rows, normalize=False):
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
     index = embeddings.new_empty((B,), dtype=torch.int64)
@@ -28,15 +28,19 @@ def _batch_hard_fake(embeddings, labels, margin, metric, soft, block_rows):
 
 
 @torch.library.register_fake(_LIB + "batch_hard_triplet_backward")
-def _batch_hard_backward_fake(grad_losses, grad_dist_ap, grad_dist_an, embeddings, positive, negative, dist_ap, dist_an, margin, metric, soft):
+def _batch_hard_backward_fake(
+    grad_losses, grad_dist_ap, grad_dist_an, embeddings, positive, negative, dist_ap, dist_an, margin, metric, soft, normalize=False
+):
     return torch.empty_like(embeddings)
 
 
 def _batch_hard_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no B×B zero tensors
-    embeddings, labels, margin, metric, soft, block_rows = inputs
+    embeddings, labels, margin, metric, soft, block_rows, *rest = inputs
     _, positive, negative, dist_ap, dist_an = output
     ctx.margin, ctx.metric, ctx.soft = margin, metric, soft
+    ctx.normalize = rest[0] if rest else False
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(positive, negative)
     if ctx.needs_input_grad[0]:
         ctx.save_for_backward(embeddings, positive, negative, dist_ap, dist_an)
@@ -44,16 +48,16 @@ def _batch_hard_setup_context(ctx, inputs, output):
 
 def _batch_hard_backward(ctx, grad_losses, grad_positive, grad_negative, grad_dist_ap, grad_dist_an):
     if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None
+        return (None,) * ctx.num_inputs
     embeddings, positive, negative, dist_ap, dist_an = ctx.saved_tensors
     zeros = torch.zeros_like(dist_ap)
     grad = ops.batch_hard_triplet_backward(
         zeros if grad_losses is None else grad_losses,
         zeros if grad_dist_ap is None else grad_dist_ap,
         zeros if grad_dist_an is None else grad_dist_an,
-        embeddings, positive, negative, dist_ap, dist_an, ctx.margin, ctx.metric, ctx.soft,
+        embeddings, positive, negative, dist_ap, dist_an, ctx.margin, ctx.metric, ctx.soft, ctx.normalize,
     )
-    return grad, None, None, None, None, None
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 torch.library.register_autograd(_LIB + "batch_hard_triplet", _batch_hard_backward, setup_context=_batch_hard_setup_context)

@@ -103,19 +103,22 @@ def batch_hard_triplet_loss(
 
     Args:
         embeddings: ``(B, D)`` float tensor. labels: ``(B,)`` int32/int64.
+        normalize: distances of ``F.normalize(embeddings, dim=1)``, fused into
+            the op (no normalised copy; its gradient is applied in the
+            backward's single pass over the rows).
         reduction: ``"mean"`` over anchors with a triplet, ``"sum"``,
             ``"mean_nonzero"``, or ``"none"`` for ``(B,)`` with 0 for anchors
             without a triplet.
         memory: ``"matrix"`` holds the B×B distance matrix; ``"streaming"``
             computes it in row blocks (O(block·B + B·D) extra memory: 256
             rows on CPU, at most 256 MiB on CUDA); ``"auto"`` streams from
-            B >= 4096. Results are the same up to GEMM rounding.
+            B >= 4096. Results are the same up to GEMM rounding. (The CPU
+            kernel streams 128-row Gram blocks in both modes.)
 
     The forward mines and scores in one pass over the distances and saves the
     chosen indices; the backward is an O(B·D) gather/scatter. Ties pick one
     maximiser, which alone gets the gradient; NaN embeddings give NaN.
     """
-    # normalize is fused into the op (no normalised copy; one backward pass).
     embeddings, margin = _prepare(embeddings, labels, margin, metric, False, loss=True)
     v.check_flag(normalize, "normalize")
     v.check_flag(soft, "soft")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def sum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype sums of ``dtype`` terms are kept in: float32 for float16/bfloat16."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of ``dtype`` values are kept in, as the kernels
+    accumulate: float32 for float16/bfloat16, ``dtype`` otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 

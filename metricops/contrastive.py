@@ -7,7 +7,7 @@ import torch
 from . import _validation as v
 from . import triplet as _triplet
 from ._ops import ops
-from ._reduction import mean_of_sum, sum_dtype
+from ._reduction import mean_of_sum, accumulation_dtype
 from .distance import _l2_normalize
 
 _TRIPLET_REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
@@ -23,7 +23,7 @@ def _reduce(terms: torch.Tensor, reduction: str) -> torch.Tensor:
         return terms.mean() if terms.numel() > 0 else terms.sum()
     # mean_nonzero: the count is piecewise constant, so it carries no gradient;
     # sum and count in float32 for float16/bfloat16 (past 65504 terms).
-    total = terms.sum(dtype=sum_dtype(terms.dtype))
+    total = terms.sum(dtype=accumulation_dtype(terms.dtype))
     return mean_of_sum(total, (terms > 0).sum(), terms.dtype)
 
 

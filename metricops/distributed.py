@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from . import _validation as v
 from .contrastive import contrastive_loss
-from ._reduction import mean_of_sum, sum_dtype
+from ._reduction import mean_of_sum, accumulation_dtype
 from .nn import BatchHardTripletLoss, ContrastiveLoss, SemiHardTripletLoss
 from .triplet import batch_hard_triplet_loss, semihard_triplet_loss
 
@@ -159,7 +159,7 @@ def _share(local_terms: torch.Tensor, reduction: str, terms: torch.Tensor, count
     """This rank's terms summed and divided by what the single-process loss
     divides by (1 for "sum"); in float32 for float16/bfloat16 terms, whose
     range the sums and counts of a global batch exceed."""
-    total = local_terms.sum(dtype=sum_dtype(terms.dtype))
+    total = local_terms.sum(dtype=accumulation_dtype(terms.dtype))
     if reduction == "sum":
         return total.to(terms.dtype)
     if reduction == "mean":

@@ -14,7 +14,7 @@ import torch
 
 from . import _validation as v
 from ._ops import ops
-from ._reduction import loss_dtype, mean_of_sum, sum_dtype
+from ._reduction import loss_dtype, mean_of_sum, accumulation_dtype
 from .distance import _l2_normalize
 
 STRATEGIES = ("all", "violating", "semihard", "hard", "easy", "batch_hard")
@@ -76,7 +76,7 @@ def _reduce(terms: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.T
     """
     if reduction == "none":
         return terms
-    total = terms.sum(dtype=sum_dtype(terms.dtype))
+    total = terms.sum(dtype=accumulation_dtype(terms.dtype))
     if reduction == "sum":
         return total.to(terms.dtype)
     count = valid.sum() if reduction == "mean" else (terms > 0).sum()  # else: mean_nonzero

@@ -101,14 +101,15 @@ struct BatchHardGradCoefficients {
 };
 
 // Kernels must provide:
-//   Tensor row_aux(const Tensor& x, Metric, bool normalize)  -> (B,) acc dtype
-//     (normalize: the row aux of y = F.normalize(x))
+//   Tensor row_norms(const Tensor& x)  -> (B,) ||x_i||, for normalize=True
+//   Tensor row_aux(const Tensor& x, Metric, const Tensor& norm)  -> (B,) acc dtype
+//     (norm defined: the row aux of y = F.normalize(x), from the norms)
 //   void batch_hard_coefficients(const BatchHardGradInputs&, BatchHardGradCoefficients&)
 //   Tensor batch_hard_assemble(const Tensor& x, const Tensor& positive, const Tensor& negative,
-//                              const BatchHardGradCoefficients&, bool normalize)  -> (B, D) acc dtype
+//                              const BatchHardGradCoefficients&, const Tensor& norm)  -> (B, D) acc dtype
 //     grad[a] += anchor_self x[a] - cross_positive x[p] - cross_negative x[n]
 //     grad[p] += positive_self x[p] - cross_positive x[a]   (likewise n)
-//     (normalize: the same in y = F.normalize(x), then through F.normalize's backward)
+//     (norm defined: the same in y = F.normalize(x), then through F.normalize's backward)
 
 // The gather/scatter through ATen (index_add_: atomics on CUDA, with a
 // deterministic path under torch.use_deterministic_algorithms).
@@ -157,16 +158,17 @@ at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const
                                  ? at::kFloat
                                  : embeddings.scalar_type();
   const at::Tensor x = embeddings.to(acc).contiguous();
+  const at::Tensor norm = normalize ? Kernels::row_norms(x) : at::Tensor();  // computed once, used twice
   BatchHardGradInputs in{grad_losses.to(acc).contiguous(), grad_dist_ap.to(acc).contiguous(),
                          grad_dist_an.to(acc).contiguous(), positive.contiguous(), negative.contiguous(),
                          dist_ap.to(acc).contiguous(), dist_an.to(acc).contiguous(),
-                         Kernels::row_aux(x, metric, normalize).to(acc), margin, metric, soft};
+                         Kernels::row_aux(x, metric, norm).to(acc), margin, metric, soft};
   BatchHardGradCoefficients c;
   for (at::Tensor* t : {&c.anchor_self, &c.cross_positive, &c.cross_negative, &c.positive_self, &c.negative_self}) {
     *t = at::empty({B}, x.options());
   }
   Kernels::batch_hard_coefficients(in, c);
-  at::Tensor grad = Kernels::batch_hard_assemble(x, in.positive, in.negative, c, normalize);
+  at::Tensor grad = Kernels::batch_hard_assemble(x, in.positive, in.negative, c, norm);
   return grad.to(embeddings.scalar_type());
 }
 

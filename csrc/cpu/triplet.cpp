@@ -393,30 +393,40 @@ METRICOPS_SIMD_CLONES void batch_hard_column_update(const scalar_t* __restrict__
 // triangle skips most of the lower one's GEMM work, large enough for BLAS.
 constexpr int64_t kBatchHardBlockRows = 128;
 
+// ||x_i|| of every row: the one pass over x that normalize=True needs.
+at::Tensor row_norms_cpu(const at::Tensor& x) {
+  const int64_t B = x.size(0), D = x.size(1);
+  at::Tensor norm = at::empty({B}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_row_norms_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* np = norm.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, rows_grain(D), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) np[i] = std::sqrt(squared_norm(xp + i * D, D));
+    });
+  });
+  return norm;
+}
+
 // F.normalize's rows as scales of the raw ones, y_i = scale_i x_i with
-// scale_i = 1 / max(||x_i||, eps), so no normalised copy is made; norm_i =
-// ||x_i|| (for the backward) and aux_i the metric's row aux of y_i.
+// scale_i = 1 / max(||x_i||, eps), so no normalised copy is made; aux_i is
+// the metric's row aux of y_i. From the row norms: O(B), no pass over x.
 struct NormalizedRows {
-  at::Tensor norm, scale, aux;  // (B,)
+  at::Tensor scale, aux;  // (B,)
 };
 
-NormalizedRows normalized_rows_cpu(const at::Tensor& x, Metric metric) {
-  const int64_t B = x.size(0), D = x.size(1);
-  NormalizedRows nr{at::empty({B}, x.options()), at::empty({B}, x.options()), at::empty({B}, x.options())};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_normalized_rows_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* np = nr.norm.mutable_data_ptr<scalar_t>();
+NormalizedRows normalized_rows_cpu(const at::Tensor& norm, Metric metric) {
+  const int64_t B = norm.size(0);
+  NormalizedRows nr{at::empty({B}, norm.options()), at::empty({B}, norm.options())};
+  AT_DISPATCH_FLOATING_TYPES(norm.scalar_type(), "metricops_normalized_rows_cpu", [&] {
+    const scalar_t* np = norm.const_data_ptr<scalar_t>();
     scalar_t* sp = nr.scale.mutable_data_ptr<scalar_t>();
     scalar_t* ap = nr.aux.mutable_data_ptr<scalar_t>();
     const scalar_t eps = static_cast<scalar_t>(kNormalizeEps);
-    at::parallel_for(0, B, rows_grain(D), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        np[i] = std::sqrt(squared_norm(xp + i * D, D));
-        sp[i] = scalar_t(1) / normalize_denominator(np[i], eps);
-        const scalar_t y_norm = np[i] * sp[i];
-        ap[i] = metricops::row_aux<scalar_t>(metric, y_norm * y_norm);
-      }
-    });
+    for (int64_t i = 0; i < B; ++i) {
+      sp[i] = scalar_t(1) / normalize_denominator(np[i], eps);
+      const scalar_t y_norm = np[i] * sp[i];
+      ap[i] = metricops::row_aux<scalar_t>(metric, y_norm * y_norm);
+    }
   });
   return nr;
 }
@@ -444,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
   at::Tensor dist_an = at::zeros({B}, x.options());
   if (B == 0) return {losses, positive, negative, dist_ap, dist_an};
   // normalize: the GEMM runs on raw x and each Gram row is scaled to y's.
-  const NormalizedRows nr = normalize ? normalized_rows_cpu(x, metric) : NormalizedRows{};
+  const NormalizedRows nr = normalize ? normalized_rows_cpu(row_norms_cpu(x), metric) : NormalizedRows{};
   const at::Tensor aux = normalize ? nr.aux : row_aux_cpu(x, metric);
   const std::vector<int32_t> cls = class_ids(labels);
   // The Gram matrix is symmetric: sweep its upper triangle in row blocks
@@ -503,8 +513,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
 }
 
 struct CpuPairKernels {
-  static at::Tensor row_aux(const at::Tensor& x, Metric metric, bool normalize) {
-    return normalize ? normalized_rows_cpu(x, metric).aux : row_aux_cpu(x, metric);
+  static at::Tensor row_norms(const at::Tensor& x) { return row_norms_cpu(x); }
+
+  static at::Tensor row_aux(const at::Tensor& x, Metric metric, const at::Tensor& norm) {
+    return norm.defined() ? normalized_rows_cpu(norm, metric).aux : row_aux_cpu(x, metric);
   }
 
   // Each output row is written once, by one task: grad[r] gathers its own
@@ -512,12 +524,14 @@ struct CpuPairKernels {
   // or negative, listed per row in anchor order (a counting sort). Parallel
   // over rows, deterministic, and about half the memory traffic of an anchor
   // pass followed by a scatter pass.
-  // normalize: the coefficients are y's (y_k = scale_k x_k); each row's
-  // gradient in y is then taken through F.normalize's backward in place.
+  // norm defined (normalize=True): the coefficients are y's (y_k =
+  // scale_k x_k); each row's gradient in y is then taken through
+  // F.normalize's backward in place.
   static at::Tensor batch_hard_assemble(const at::Tensor& x, const at::Tensor& positive, const at::Tensor& negative,
-                                        const BatchHardGradCoefficients& c, bool normalize) {
+                                        const BatchHardGradCoefficients& c, const at::Tensor& norm) {
     const int64_t B = x.size(0), D = x.size(1);
-    const NormalizedRows nr = normalize ? normalized_rows_cpu(x, Metric::Euclidean) : NormalizedRows{};
+    const bool normalize = norm.defined();
+    const NormalizedRows nr = normalize ? normalized_rows_cpu(norm, Metric::Euclidean) : NormalizedRows{};
     at::Tensor grad = at::empty({B, D}, x.options());
     const int64_t* pos = positive.const_data_ptr<int64_t>();
     const int64_t* neg = negative.const_data_ptr<int64_t>();
@@ -551,7 +565,7 @@ struct CpuPairKernels {
       const scalar_t* self_n = c.negative_self.const_data_ptr<scalar_t>();
       scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
       const scalar_t* sp = normalize ? nr.scale.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* np = normalize ? nr.norm.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* np = normalize ? norm.const_data_ptr<scalar_t>() : nullptr;
       auto row_scale = [&](int64_t k) { return sp != nullptr ? sp[k] : scalar_t(1); };
       const scalar_t eps = static_cast<scalar_t>(kNormalizeEps);
       at::parallel_for(0, B, rows_grain(D), [&](int64_t begin, int64_t end) {
@@ -809,8 +823,7 @@ at::Tensor semihard_triplet_streaming_backward_cpu(const at::Tensor& grad_row_su
           x, aux, block_rows, metric_name, [&](int64_t i, const scalar_t* row, scalar_t* coef) {
             semihard_row<scalar_t>(row, lab, B, i, m, buffers[at::get_thread_num()],
                                    [&](int64_t p, int64_t n, scalar_t term) {
-                                     // relu' is 0 at 0; NaN terms pass their gradient on.
-                                     if (!(term > scalar_t(0) || term != term)) return;
+                                     if (!semihard_term_has_gradient(n, term)) return;
                                      coef[p] += gp[i];
                                      coef[n] -= gp[i];
                                    });

@@ -160,14 +160,18 @@ __global__ void batch_hard_coefficients_kernel(Metric metric, int64_t B, const T
 struct CudaPairKernels {
   // normalize=True is composed around the kernels (l2_normalize and its
   // backward) by batch_hard_triplet_backward_cuda, so they never see it.
-  static at::Tensor row_aux(const at::Tensor& x, Metric metric, bool normalize) {
-    TORCH_INTERNAL_ASSERT(!normalize);
+  static at::Tensor row_norms(const at::Tensor&) {
+    TORCH_INTERNAL_ASSERT(false, "batch_hard_triplet_backward_cuda composes normalize itself");
+  }
+
+  static at::Tensor row_aux(const at::Tensor& x, Metric metric, const at::Tensor& norm) {
+    TORCH_INTERNAL_ASSERT(!norm.defined());
     return row_aux_acc_cuda(x, metric);
   }
 
   static at::Tensor batch_hard_assemble(const at::Tensor& x, const at::Tensor& positive, const at::Tensor& negative,
-                                        const BatchHardGradCoefficients& c, bool normalize) {
-    TORCH_INTERNAL_ASSERT(!normalize);
+                                        const BatchHardGradCoefficients& c, const at::Tensor& norm) {
+    TORCH_INTERNAL_ASSERT(!norm.defined());
     return batch_hard_assemble_aten(x, positive, negative, c);
   }
 

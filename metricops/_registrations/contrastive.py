@@ -5,14 +5,8 @@ from __future__ import annotations
 import torch
 
 from .._ops import ops
+from .._reduction import accumulation_dtype
 from .distance import _LIB, _check_embeddings, _check_labels, _check_same_device_dtype, _no_double_backward
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _acc_dtype(x):
-    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-
 
 def _no_setup(ctx, inputs, output):
     return None
@@ -31,8 +25,8 @@ def _contrastive_loss_fake(x, labels, pos_margin, neg_margin, metric, squared, r
     none = reduction == "none"
     loss = x.new_empty((B, B)) if none else x.new_empty(())
     mat = x.new_empty((B, B))
-    row_coef = x.new_empty((0,) if none else (B,), dtype=_acc_dtype(x))
-    denom = x.new_empty((), dtype=_acc_dtype(x))
+    row_coef = x.new_empty((0,) if none else (B,), dtype=accumulation_dtype(x.dtype))
+    denom = x.new_empty((), dtype=accumulation_dtype(x.dtype))
     return loss, mat, row_coef, denom
 
 
@@ -85,7 +79,7 @@ def _pair_contrastive_loss_fake(x0, x1, y, margin, metric, squared):
         lambda: f"y must be a 1-D tensor of length N={x0.shape[0]} (one label per pair), got shape {tuple(y.shape)}",
     )
     n = x0.shape[0]
-    return x0.new_empty((n,)), x0.new_empty((n,), dtype=_acc_dtype(x0))
+    return x0.new_empty((n,)), x0.new_empty((n,), dtype=accumulation_dtype(x0.dtype))
 
 
 @torch.library.register_fake(_LIB + "pair_contrastive_loss_backward")
@@ -136,7 +130,7 @@ def _triplet_margin_loss_fake(a, p, n, margin, norm_p, eps, swap, squared):
         n.shape == a.shape, lambda: f"negative must have the same shape as anchor {tuple(a.shape)}, got {tuple(n.shape)}"
     )
     rows = a.shape[0]
-    return a.new_empty((rows,)), a.new_empty((rows, 3), dtype=_acc_dtype(a))
+    return a.new_empty((rows,)), a.new_empty((rows, 3), dtype=accumulation_dtype(a.dtype))
 
 
 @torch.library.register_fake(_LIB + "triplet_margin_loss_backward")

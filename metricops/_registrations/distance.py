@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._ops import ops
+from .._reduction import accumulation_dtype
 
 _LIB = "metricops::"
 
@@ -113,15 +114,11 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 @torch.library.register_fake(_LIB + "l2_normalize")
 def _l2_normalize_fake(x, eps):
     _check_embeddings(x, "embeddings")
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-        (x.shape[0],), dtype=_accumulation_dtype(x.dtype)
+        (x.shape[0],), dtype=accumulation_dtype(x.dtype)
     )
 
 

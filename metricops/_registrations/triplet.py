@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._ops import ops
-from .._reduction import sum_dtype  # the summed outputs' dtype (float32 for float16/bfloat16)
+from .._reduction import accumulation_dtype  # the summed outputs' dtype
 from .distance import _check_embeddings, _check_labels, _no_double_backward
 
 _LIB = "metricops::"
@@ -36,11 +36,9 @@ def _batch_hard_backward_fake(
 
 def _batch_hard_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no B×B zero tensors
-    embeddings, labels, margin, metric, soft, block_rows, *rest = inputs
+    embeddings, labels, margin, metric, soft, block_rows, normalize = inputs  # defaults filled in
     _, positive, negative, dist_ap, dist_an = output
-    ctx.margin, ctx.metric, ctx.soft = margin, metric, soft
-    ctx.normalize = rest[0] if rest else False
-    ctx.num_inputs = len(inputs)
+    ctx.margin, ctx.metric, ctx.soft, ctx.normalize = margin, metric, soft, normalize
     ctx.mark_non_differentiable(positive, negative)
     if ctx.needs_input_grad[0]:
         ctx.save_for_backward(embeddings, positive, negative, dist_ap, dist_an)
@@ -48,7 +46,7 @@ def _batch_hard_setup_context(ctx, inputs, output):
 
 def _batch_hard_backward(ctx, grad_losses, grad_positive, grad_negative, grad_dist_ap, grad_dist_an):
     if not ctx.needs_input_grad[0]:
-        return (None,) * ctx.num_inputs
+        return (None,) * 7
     embeddings, positive, negative, dist_ap, dist_an = ctx.saved_tensors
     zeros = torch.zeros_like(dist_ap)
     grad = ops.batch_hard_triplet_backward(
@@ -57,7 +55,7 @@ def _batch_hard_backward(ctx, grad_losses, grad_positive, grad_negative, grad_di
         zeros if grad_dist_an is None else grad_dist_an,
         embeddings, positive, negative, dist_ap, dist_an, ctx.margin, ctx.metric, ctx.soft, ctx.normalize,
     )
-    return (grad,) + (None,) * (ctx.num_inputs - 1)
+    return grad, None, None, None, None, None, None
 
 
 torch.library.register_autograd(_LIB + "batch_hard_triplet", _batch_hard_backward, setup_context=_batch_hard_setup_context)
@@ -119,7 +117,7 @@ def _batch_all_fake(embeddings, labels, margin, metric):
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
     count = embeddings.new_empty((), dtype=torch.int64)
-    return (embeddings.new_empty((), dtype=sum_dtype(embeddings.dtype)), count, torch.empty_like(count),
+    return (embeddings.new_empty((), dtype=accumulation_dtype(embeddings.dtype)), count, torch.empty_like(count),
             embeddings.new_empty((B, B)), embeddings.new_empty((B, B)))
 
 
@@ -156,14 +154,14 @@ def _semihard_streaming_fake(embeddings, labels, margin, metric, block_rows):
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
     count = embeddings.new_empty((B,), dtype=torch.int64)
-    return embeddings.new_empty((B,), dtype=sum_dtype(embeddings.dtype)), count, torch.empty_like(count)
+    return embeddings.new_empty((B,), dtype=accumulation_dtype(embeddings.dtype)), count, torch.empty_like(count)
 
 
 @torch.library.register_fake(_LIB + "batch_all_triplet_streaming")
 def _batch_all_streaming_fake(embeddings, labels, margin, metric, block_rows):
     _check_batch(embeddings, labels)
     count = embeddings.new_empty((), dtype=torch.int64)
-    return embeddings.new_empty((), dtype=sum_dtype(embeddings.dtype)), count, torch.empty_like(count)
+    return embeddings.new_empty((), dtype=accumulation_dtype(embeddings.dtype)), count, torch.empty_like(count)
 
 
 @torch.library.register_fake(_LIB + "semihard_triplet_streaming_backward")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._reduction import mean_of_sum, sum_dtype
+from .._reduction import mean_of_sum, accumulation_dtype
 
 
 def refuse_unsupported(cls_name: str, kwargs: dict) -> None:
@@ -71,6 +71,6 @@ def avg_nonzero(losses: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         return torch.sum(embeddings * 0)
     positive = losses > 0
     count = positive.sum()
-    total = torch.where(positive, losses, torch.zeros_like(losses)).sum(dtype=sum_dtype(losses.dtype))
+    total = torch.where(positive, losses, torch.zeros_like(losses)).sum(dtype=accumulation_dtype(losses.dtype))
     mean = mean_of_sum(total, count, losses.dtype)  # in float32 for float16/bfloat16
     return torch.where(count > 0, mean, torch.sum(embeddings * 0))

@@ -45,7 +45,16 @@ def pairwise_distance(
             d = d * (1 - torch.eye(x.shape[0], dtype=d.dtype, device=d.device))
         return d
     if metric == "cosine":
-        return 1 - _unit_rows(x) @ _unit_rows(y).T
+        # 1 − cos = ‖x̂ − ŷ‖²/2 from explicit differences (exactly 0 for parallel
+        # rows, never negative); below the resolution of the normalised rows,
+        # tol², it is 0; cos with a zero row is 0 (distance 1).
+        ux, uy = _unit_rows(x), _unit_rows(y)
+        diff = ux[:, None, :] - uy[None, :, :]
+        half_sq = 0.5 * (diff * diff).sum(-1)
+        tol = (2 * x.shape[1] + 8) * torch.finfo(x.dtype).eps
+        half_sq = torch.where(half_sq <= tol * tol, torch.zeros_like(half_sq), half_sq)
+        zero_row = (torch.linalg.vector_norm(x, dim=1) == 0)[:, None] | (torch.linalg.vector_norm(y, dim=1) == 0)[None, :]
+        return torch.where(zero_row, torch.ones_like(half_sq), half_sq)
     raise ValueError(f"metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got {metric!r}")
 
 

@@ -16,8 +16,9 @@
 // `Kernels` (cpu/ or cuda/) provides, with the math of common/hinge.h and
 // common/distance.h:
 //   Tensor row_aux(x, Metric)
-//   void contrastive_reduce_forward(dot, aux, labels, ContrastiveArgs, W, row_loss, row_nnz, row_coef)
-//   void contrastive_none_forward(dot, aux, labels, ContrastiveArgs, loss, dist)
+//   void contrastive_reduce_forward(dot, x, aux, labels, ContrastiveArgs, W, row_loss, row_nnz, row_coef)
+//   void contrastive_none_forward(dot, x, aux, labels, ContrastiveArgs, loss, dist)
+// (x: the embeddings, for the exactness guard of common/distance.h)
 //   void contrastive_none_backward(grad, dist, aux, labels, ContrastiveArgs, W, row_coef)
 //   void pair_forward(x0, x1, y, PairArgs, loss, dist)
 //   void pair_backward(grad, x0, x1, y, dist, PairArgs, grad_x0, grad_x1)
@@ -126,13 +127,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_impl
   at::Tensor mat = is_low_precision(x) ? at::empty({B, B}, x.options()) : dot;
   if (none) {
     at::Tensor loss = at::empty({B, B}, x.options());
-    Kernels::contrastive_none_forward(dot, aux, lab, args, loss, mat);
+    Kernels::contrastive_none_forward(dot, x, aux, lab, args, loss, mat);
     return {loss, mat, at::empty({0}, acc_opts), denom};
   }
   at::Tensor row_loss = at::empty({B}, acc_opts);
   at::Tensor row_nnz = at::empty({B}, acc_opts);
   at::Tensor row_coef = at::empty({B}, acc_opts);
-  Kernels::contrastive_reduce_forward(dot, aux, lab, args, mat, row_loss, row_nnz, row_coef);
+  Kernels::contrastive_reduce_forward(dot, x, aux, lab, args, mat, row_loss, row_nnz, row_coef);
   at::Tensor total = row_loss.sum();
   if (reduction == Reduction::Sum) {
     denom.fill_(1);

@@ -4,8 +4,8 @@
 // Conventions (chosen to match torch's autograd at the kinks):
 //  * relu-style hinges (contrastive losses) have slope 0 at 0, like
 //    torch.relu's backward;
-//  * the triplet hinge is torch.clamp_min(x, 0), whose backward passes the
-//    gradient at exactly 0 (torch uses `x >= 0` there).
+//  * the triplet hinge is torch.clamp_min(x, 0), whose backward is 0 at
+//    exactly 0 (torch's clamp_min derivative masks with `x > 0`).
 // NaN in gives NaN out for values and slopes of the relu hinge.
 #pragma once
 
@@ -53,11 +53,12 @@ C10_HOST_DEVICE inline void pair_contrastive_term(acc_t d, bool similar, acc_t m
   slope = -s;
 }
 
-// torch.clamp_min(x, 0) and its backward mask (x >= 0; NaN gives 0 like torch).
+// torch.clamp_min(x, 0) and its backward mask (x > 0: slope 0 at the kink and
+// for NaN, as torch gives).
 template <typename acc_t>
 C10_HOST_DEVICE inline void triplet_hinge(acc_t x, acc_t& value, acc_t& slope) {
   value = x < acc_t(0) ? acc_t(0) : x;
-  slope = x >= acc_t(0) ? acc_t(1) : acc_t(0);
+  slope = x > acc_t(0) ? acc_t(1) : acc_t(0);
 }
 
 // Backward of torch.minimum(a, b) (the swap rule): ties split the gradient,

@@ -4,8 +4,9 @@
 // an elementwise epilogue supplied by `Kernels` (cpu/ or cuda/), which must
 // provide:
 //   Tensor row_aux(const Tensor& x, Metric)                  -> (rows,) acc dtype
-//   void distance_epilogue(const Tensor& dot, const Tensor& x_aux,
-//                          const Tensor& y_aux, Metric, bool self, Tensor& out)
+//   void distance_epilogue(const Tensor& dot, const Tensor& x, const Tensor& y,
+//                          const Tensor& x_aux, const Tensor& y_aux, Metric, bool self,
+//                          Tensor& out)    (x, y contiguous: the exactness guard reads them)
 //   GradCoefficients grad_coefficients(const Tensor& grad, const Tensor& dist,
 //                     const Tensor& x_aux, const Tensor& y_aux, Metric, bool self)
 // with the math of common/distance.h.
@@ -73,19 +74,20 @@ inline void check_pairwise_inputs(const at::Tensor& x, const std::optional<at::T
 }
 
 template <class Kernels>
-at::Tensor pairwise_distance_impl(const at::Tensor& x, const std::optional<at::Tensor>& y_opt,
+at::Tensor pairwise_distance_impl(const at::Tensor& x_in, const std::optional<at::Tensor>& y_opt,
                                   c10::string_view metric_name) {
   const Metric metric = parse_metric(metric_name);
-  check_pairwise_inputs(x, y_opt);
+  check_pairwise_inputs(x_in, y_opt);
   const bool self = !y_opt.has_value();
-  const at::Tensor& y = self ? x : *y_opt;
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = self ? x : y_opt->contiguous();
   if (x.size(0) == 0 || y.size(0) == 0) return at::empty({x.size(0), y.size(0)}, x.options());
   at::Tensor dot = gram_acc(x, y);
   // Write the distances over the Gram matrix unless the dtypes differ.
   at::Tensor out = is_low_precision(x) ? at::empty(dot.sizes(), x.options()) : dot;
   at::Tensor x_aux = Kernels::row_aux(x, metric);
   at::Tensor y_aux = self ? x_aux : Kernels::row_aux(y, metric);
-  Kernels::distance_epilogue(dot, x_aux, y_aux, metric, self, out);
+  Kernels::distance_epilogue(dot, x, y, x_aux, y_aux, metric, self, out);
   return out;
 }
 

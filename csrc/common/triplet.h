@@ -14,9 +14,8 @@ C10_HOST_DEVICE inline T hinge(T x) {
   return x < T(0) ? T(0) : x;
 }
 
-// relu's derivative as autograd takes it: 0 at the kink. (hinge.h's
-// triplet_hinge differs on purpose: torch's triplet_margin_loss uses
-// clamp_min, whose gradient passes at 0.)
+// relu's derivative as autograd takes it: 0 at the kink (hinge.h's
+// triplet_hinge has the same slope, as torch's clamp_min backward does).
 template <typename T>
 C10_HOST_DEVICE inline T hinge_grad(T x) {
   return x > T(0) ? T(1) : T(0);
@@ -106,6 +105,9 @@ C10_HOST_DEVICE inline int64_t count_active_negatives(const T* sorted_neg, int64
 // Counts for triplet_statistics over one (anchor, positive): with
 // m = d_an - d_ap, easy: m > margin, hard: m <= 0, semihard: 0 < m <= margin.
 // Exact float comparisons, each monotone in d_an; a NaN m is in no class.
+// Each class is counted from its own definition: with margin < 0 the classes
+// overlap (easy and hard share margin < m <= 0) and semihard is empty, so no
+// count is derived from the others.
 template <typename T>
 C10_HOST_DEVICE inline void classify_negatives(const T* sorted_neg, int64_t n, T d_ap, T margin, int64_t& easy,
                                                int64_t& semihard, int64_t& hard) {
@@ -114,7 +116,7 @@ C10_HOST_DEVICE inline void classify_negatives(const T* sorted_neg, int64_t n, T
   hard = partition_point(sorted_neg, numeric, [d_ap](T v) { return !(v - d_ap <= T(0)); });
   const int64_t first_easy = partition_point(sorted_neg, numeric, [d_ap, margin](T v) { return v - d_ap > margin; });
   easy = numeric - first_easy;
-  semihard = numeric - hard - easy;
+  semihard = first_easy > hard ? first_easy - hard : 0;  // the negatives with 0 < m <= margin
 }
 
 }  // namespace metricops

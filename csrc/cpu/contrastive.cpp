@@ -13,28 +13,27 @@
 
 #include "common/contrastive_impl.h"
 #include "common/dispatch.h"
+#include "cpu/distance_rows.h"
 #include "cpu/simd.h"
 
 namespace metricops {
 namespace cpu {
 namespace {
 
-int64_t rows_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
-
 // ------------------------------------------------------------------ contrastive_loss
 
 // Columns [j0, j1) of row i for the scalar reductions: W_ij for a unit upstream
 // gradient (w_ij + w_ji = 2 w_ij: distance and label relation are symmetric),
-// and the row's sums of terms, of nonzero terms and of norm terms.
-// `dot` and `w` may alias (in-place over the Gram matrix).
+// and the row's sums of terms, of nonzero terms and of norm terms, from the
+// row's distances `dist`. `dist` and `w` may alias (in place).
 template <typename scalar_t, Metric kMetric, bool kSquared>
-METRICOPS_SIMD_CLONES void contrastive_reduce_row(const scalar_t* dot, const scalar_t* aux, const int64_t* labels,
+METRICOPS_SIMD_CLONES void contrastive_reduce_row(const scalar_t* dist, const scalar_t* aux, const int64_t* labels,
                                                   int64_t j0, int64_t j1, scalar_t aux_i, int64_t label_i,
                                                   scalar_t pos_margin, scalar_t neg_margin, scalar_t* w,
                                                   scalar_t& loss_sum, scalar_t& nnz, scalar_t& norm_sum) {
   scalar_t ls = 0, nz = 0, ps = 0;
   for (int64_t j = j0; j < j1; ++j) {
-    const scalar_t d = distance_from_dot<scalar_t>(kMetric, aux_i, aux[j], dot[j]);
+    const scalar_t d = dist[j];
     scalar_t t, s, cw, p;
     contrastive_term<scalar_t>(d, labels[j] == label_i, pos_margin, neg_margin, kSquared, t, s);
     distance_grad_weights<scalar_t>(kMetric, s, d, aux_i, aux[j], cw, p);
@@ -48,16 +47,15 @@ METRICOPS_SIMD_CLONES void contrastive_reduce_row(const scalar_t* dot, const sca
   norm_sum += ps;
 }
 
-template <typename scalar_t, Metric kMetric, bool kSquared>
-METRICOPS_SIMD_CLONES void contrastive_none_row(const scalar_t* dot, const scalar_t* aux, const int64_t* labels,
-                                                int64_t n, scalar_t aux_i, int64_t label_i, scalar_t pos_margin,
-                                                scalar_t neg_margin, scalar_t* loss, scalar_t* dist) {
+// Terms of a row from its distances.
+template <typename scalar_t, bool kSquared>
+METRICOPS_SIMD_CLONES void contrastive_none_row(const scalar_t* dist, const int64_t* labels, int64_t n,
+                                                int64_t label_i, scalar_t pos_margin, scalar_t neg_margin,
+                                                scalar_t* loss) {
   for (int64_t j = 0; j < n; ++j) {
-    const scalar_t d = distance_from_dot<scalar_t>(kMetric, aux_i, aux[j], dot[j]);
     scalar_t t, s;
-    contrastive_term<scalar_t>(d, labels[j] == label_i, pos_margin, neg_margin, kSquared, t, s);
+    contrastive_term<scalar_t>(dist[j], labels[j] == label_i, pos_margin, neg_margin, kSquared, t, s);
     loss[j] = t;
-    dist[j] = d;
   }
 }
 
@@ -114,9 +112,10 @@ scalar_t pair_distance(const scalar_t* x0, const scalar_t* x1, int64_t dim, scal
   scalar_t s_diff, s_dot, s_n0, s_n1;
   pair_row_sums<scalar_t, kMetric>(x0, x1, dim, s_diff, s_dot, s_n0, s_n1);
   if (kMetric == Metric::Cosine) {
-    aux0 = row_aux<scalar_t>(kMetric, s_n0);
-    aux1 = row_aux<scalar_t>(kMetric, s_n1);
-    return distance_from_dot<scalar_t>(kMetric, aux0, aux1, s_dot);
+    aux0 = checked_row_aux<scalar_t>(kMetric, s_n0, x0, dim);
+    aux1 = checked_row_aux<scalar_t>(kMetric, s_n1, x1, dim);
+    return guarded_distance_key<scalar_t, scalar_t>(kMetric, aux0, aux1, s_dot, x0, scalar_t(1), x1, scalar_t(1), dim,
+                                                    gram_tolerance<scalar_t>(dim));
   }
   aux0 = aux1 = scalar_t(0);
   return kMetric == Metric::Euclidean ? std::sqrt(s_diff) : s_diff;
@@ -176,18 +175,20 @@ struct Kernels {
       scalar_t* ap = aux.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, rows, rows_grain(dim), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
-          ap[i] = metricops::row_aux<scalar_t>(metric, squared_norm(xp + i * dim, dim));
+          ap[i] = checked_row_aux<scalar_t>(metric, squared_norm(xp + i * dim, dim), xp + i * dim, dim);
       });
     });
     return aux;
   }
 
-  static void contrastive_reduce_forward(const at::Tensor& dot, const at::Tensor& aux, const at::Tensor& labels,
-                                         const ContrastiveArgs& args, at::Tensor& W, at::Tensor& row_loss,
-                                         at::Tensor& row_nnz, at::Tensor& row_coef) {
-    const int64_t B = dot.size(0);
+  static void contrastive_reduce_forward(const at::Tensor& dot, const at::Tensor& x, const at::Tensor& aux,
+                                         const at::Tensor& labels, const ContrastiveArgs& args, at::Tensor& W,
+                                         at::Tensor& row_loss, at::Tensor& row_nnz, at::Tensor& row_coef) {
+    const int64_t B = dot.size(0), dim = x.size(1);
     AT_DISPATCH_FLOATING_TYPES(dot.scalar_type(), "metricops_contrastive_forward_cpu", [&] {
       const scalar_t* dp = dot.const_data_ptr<scalar_t>();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t tol = gram_tolerance<scalar_t>(dim);
       const scalar_t* ap = aux.const_data_ptr<scalar_t>();
       const int64_t* lp = labels.const_data_ptr<int64_t>();
       scalar_t* wp = W.mutable_data_ptr<scalar_t>();
@@ -199,13 +200,16 @@ struct Kernels {
         METRICOPS_DISPATCH_BOOL(args.squared, kSquared, [&] {
           at::parallel_for(0, B, rows_grain(B), [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
-              const scalar_t* drow = dp + i * B;
               scalar_t* wrow = wp + i * B;
+              // The row's distances go into W's row (in place over the Gram
+              // matrix when they alias), then its weights over them.
+              const ExactRows<scalar_t> rows{xp + i * dim, scalar_t(1), xp, nullptr, dim, tol};
+              distance_row<scalar_t, kMetric>(dp + i * B, ap, ap[i], B, wrow, rows);
               scalar_t ls = 0, nz = 0, ps = 0;
               // Ordered pairs i != j only: the diagonal is skipped, its weight is 0.
-              contrastive_reduce_row<scalar_t, kMetric, kSquared>(drow, ap, lp, 0, i, ap[i], lp[i], pm, nm, wrow, ls,
+              contrastive_reduce_row<scalar_t, kMetric, kSquared>(wrow, ap, lp, 0, i, ap[i], lp[i], pm, nm, wrow, ls,
                                                                   nz, ps);
-              contrastive_reduce_row<scalar_t, kMetric, kSquared>(drow, ap, lp, i + 1, B, ap[i], lp[i], pm, nm, wrow,
+              contrastive_reduce_row<scalar_t, kMetric, kSquared>(wrow, ap, lp, i + 1, B, ap[i], lp[i], pm, nm, wrow,
                                                                   ls, nz, ps);
               wrow[i] = 0;
               lsp[i] = ls;
@@ -219,11 +223,14 @@ struct Kernels {
     });
   }
 
-  static void contrastive_none_forward(const at::Tensor& dot, const at::Tensor& aux, const at::Tensor& labels,
-                                       const ContrastiveArgs& args, at::Tensor& loss, at::Tensor& dist) {
-    const int64_t B = dot.size(0);
+  static void contrastive_none_forward(const at::Tensor& dot, const at::Tensor& x, const at::Tensor& aux,
+                                       const at::Tensor& labels, const ContrastiveArgs& args, at::Tensor& loss,
+                                       at::Tensor& dist) {
+    const int64_t B = dot.size(0), dim = x.size(1);
     AT_DISPATCH_FLOATING_TYPES(dot.scalar_type(), "metricops_contrastive_none_forward_cpu", [&] {
       const scalar_t* dp = dot.const_data_ptr<scalar_t>();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t tol = gram_tolerance<scalar_t>(dim);
       const scalar_t* ap = aux.const_data_ptr<scalar_t>();
       const int64_t* lp = labels.const_data_ptr<int64_t>();
       scalar_t* op = loss.mutable_data_ptr<scalar_t>();
@@ -233,8 +240,9 @@ struct Kernels {
         METRICOPS_DISPATCH_BOOL(args.squared, kSquared, [&] {
           at::parallel_for(0, B, rows_grain(B), [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
-              contrastive_none_row<scalar_t, kMetric, kSquared>(dp + i * B, ap, lp, B, ap[i], lp[i], pm, nm,
-                                                                op + i * B, distp + i * B);
+              const ExactRows<scalar_t> rows{xp + i * dim, scalar_t(1), xp, nullptr, dim, tol};
+              distance_row<scalar_t, kMetric>(dp + i * B, ap, ap[i], B, distp + i * B, rows);
+              contrastive_none_row<scalar_t, kSquared>(distp + i * B, lp, B, lp[i], pm, nm, op + i * B);
               op[i * B + i] = 0;  // i == j is not a pair
               distp[i * B + i] = 0;
             }
@@ -338,8 +346,8 @@ struct Kernels {
           for (int64_t i = begin; i < end; ++i) {
             scalar_t aux0 = 0, aux1 = 0;
             if (kMetric == Metric::Cosine) {
-              aux0 = metricops::row_aux<scalar_t>(kMetric, squared_norm(p0 + i * D, D));
-              aux1 = metricops::row_aux<scalar_t>(kMetric, squared_norm(p1 + i * D, D));
+              aux0 = checked_row_aux<scalar_t>(kMetric, squared_norm(p0 + i * D, D), p0 + i * D, D);
+              aux1 = checked_row_aux<scalar_t>(kMetric, squared_norm(p1 + i * D, D), p1 + i * D, D);
             }
             scalar_t t, s, w, pn;
             pair_contrastive_term<scalar_t>(dp[i], yp[i], margin, args.squared, t, s);

@@ -20,10 +20,63 @@ namespace cpu {
 // Rows per parallel task: enough work to amortise scheduling.
 inline int64_t rows_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
+// The rows whose distances a Gram row holds, for the exactness guard of
+// common/distance.h: row x against rows y[j * dim ...], with row scales
+// (1 unless normalize=True is fused; then the Gram entries are already
+// scaled) and the guard's tolerance.
+template <typename scalar_t>
+struct ExactRows {
+  const scalar_t* x;
+  scalar_t x_scale;
+  const scalar_t* y;         // row j at y + j * dim
+  const scalar_t* y_scales;  // nullptr: all 1
+  int64_t dim;
+  scalar_t tol;
+};
+
+// Gram row -> distance keys (distance_key) over columns [0, n), in place
+// allowed (out may be dot), with the exactness guard: returns whether any
+// entry needs the explicit form; the caller then runs exact_keys_fixup.
 template <typename scalar_t, Metric kMetric>
-METRICOPS_SIMD_CLONES void distance_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n,
-                                        scalar_t* out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = distance_from_dot<scalar_t>(kMetric, x_aux, y_aux[j], dot[j]);
+METRICOPS_SIMD_CLONES bool distance_keys_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n,
+                                             scalar_t tol, scalar_t* out) {
+  int32_t any = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t k = distance_key<scalar_t>(kMetric, x_aux, y_aux[j], dot[j]);
+    any |= static_cast<int32_t>(gram_key_needs_exact<scalar_t>(kMetric, k, x_aux, y_aux[j], tol));
+    out[j] = k;
+  }
+  return any != 0;
+}
+
+// Replaces the keys that need it by their explicit value (rare: near-duplicate
+// rows, NaN, over/underflow).
+template <typename scalar_t, Metric kMetric>
+void exact_keys_fixup(const ExactRows<scalar_t>& rows, const scalar_t* y_aux, scalar_t x_aux, int64_t j0, int64_t n,
+                      scalar_t* keys) {
+  const scalar_t fx = exact_row_factor<scalar_t>(kMetric, rows.x_scale, x_aux);
+  for (int64_t j = 0; j < n; ++j) {
+    if (!gram_key_needs_exact<scalar_t>(kMetric, keys[j], x_aux, y_aux[j], rows.tol)) continue;
+    const int64_t col = j0 + j;
+    const scalar_t fy = exact_row_factor<scalar_t>(kMetric, rows.y_scales ? rows.y_scales[col] : scalar_t(1), y_aux[j]);
+    keys[j] = exact_distance_key<scalar_t>(kMetric, rows.x, fx, rows.y + col * rows.dim, fy, rows.dim, rows.tol);
+  }
+}
+
+template <typename scalar_t, Metric kMetric>
+METRICOPS_SIMD_CLONES void keys_to_distances(scalar_t* row, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) row[j] = key_to_distance<scalar_t>(kMetric, row[j]);
+}
+
+// Gram row (columns [j0, j0 + n) of row x) -> guarded distances, in place
+// allowed. `y_aux` points at column j0's aux.
+template <typename scalar_t, Metric kMetric>
+void distance_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n, scalar_t* out,
+                  const ExactRows<scalar_t>& rows, int64_t j0 = 0) {
+  if (distance_keys_row<scalar_t, kMetric>(dot, y_aux, x_aux, n, rows.tol, out)) {
+    exact_keys_fixup<scalar_t, kMetric>(rows, y_aux, x_aux, j0, n, out);
+  }
+  if (kMetric == Metric::Euclidean) keys_to_distances<scalar_t, kMetric>(out, n);
 }
 
 // (rows,) row_aux of a (rows, dim) matrix, in its dtype.
@@ -35,7 +88,9 @@ inline at::Tensor row_aux_cpu(const at::Tensor& x_in, Metric metric) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* ap = aux.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, rows_grain(dim), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) ap[i] = metricops::row_aux<scalar_t>(metric, squared_norm(xp + i * dim, dim));
+      for (int64_t i = begin; i < end; ++i) {
+        ap[i] = checked_row_aux<scalar_t>(metric, squared_norm(xp + i * dim, dim), xp + i * dim, dim);
+      }
     });
   });
   return aux;
@@ -54,8 +109,12 @@ void for_each_distance_block(const at::Tensor& x, const at::Tensor& aux, int64_t
   if (B == 0) return;
   if (block_rows <= 0 || block_rows > B || dist != nullptr) block_rows = B;
   at::Tensor buffer = dist != nullptr ? *dist : at::empty({block_rows, B}, x.options());
+  TORCH_INTERNAL_ASSERT(x.is_contiguous());
   const at::Tensor xt = x.t();
   const scalar_t* ap = aux.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t dim = x.size(1);
+  const scalar_t tol = gram_tolerance<scalar_t>(dim);
   for (int64_t r0 = 0; r0 < B; r0 += block_rows) {
     const int64_t rows = std::min(block_rows, B - r0);
     at::Tensor block = dist != nullptr ? buffer.narrow(0, r0, rows) : buffer.narrow(0, 0, rows);
@@ -64,7 +123,8 @@ void for_each_distance_block(const at::Tensor& x, const at::Tensor& aux, int64_t
     at::parallel_for(0, rows, rows_grain(B), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* row = bp + r * B;
-        distance_row<scalar_t, kMetric>(row, ap, ap[r0 + r], B, row);
+        const ExactRows<scalar_t> rows_of{xp + (r0 + r) * dim, scalar_t(1), xp, nullptr, dim, tol};
+        distance_row<scalar_t, kMetric>(row, ap, ap[r0 + r], B, row, rows_of);
         if (kMetric != Metric::Cosine) row[r0 + r] = scalar_t(0);
       }
     });

@@ -22,6 +22,7 @@
 
 #include "common/dispatch.h"
 #include "common/knn.h"
+#include "cpu/distance_rows.h"
 #include "cpu/simd.h"
 
 namespace metricops {
@@ -48,24 +49,6 @@ struct Candidate {
 template <typename scalar_t>
 inline bool candidate_less(const Candidate<scalar_t>& a, const Candidate<scalar_t>& b) {
   return knn_less<scalar_t>(a.d, a.i, b.d, b.i);
-}
-
-template <typename scalar_t>
-at::Tensor knn_row_aux(const at::Tensor& x, Metric metric) {  // x contiguous
-  const int64_t rows = x.size(0), dim = x.size(1);
-  at::Tensor aux = at::empty({rows}, x.options());
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  scalar_t* ap = aux.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) ap[i] = row_aux<scalar_t>(metric, squared_norm(xp + i * dim, dim));
-  });
-  return aux;
-}
-
-// Gram entries -> distances, in place.
-template <typename scalar_t, Metric kMetric>
-METRICOPS_SIMD_CLONES void distances_inplace(scalar_t* buf, const scalar_t* y_aux, scalar_t x_aux, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) buf[j] = distance_from_dot<scalar_t>(kMetric, x_aux, y_aux[j], buf[j]);
 }
 
 // Candidates with d < thr (thr = the row's k-th distance, a number). Every
@@ -157,12 +140,14 @@ struct Workspace {
 // q0 and first database column n0.
 template <typename scalar_t, Metric kMetric>
 void process_rows(scalar_t* buf, int64_t nb, int64_t r0, int64_t r1, int64_t q0, int64_t n0, const scalar_t* q_aux,
-                  const scalar_t* db_aux, bool self, int64_t k, scalar_t* out_d, int64_t* out_i,
-                  Workspace<scalar_t>& ws) {
+                  const scalar_t* db_aux, const scalar_t* qp, const scalar_t* dbp, int64_t dim, bool self, int64_t k,
+                  scalar_t* out_d, int64_t* out_i, Workspace<scalar_t>& ws) {
+  const scalar_t tol = gram_tolerance<scalar_t>(dim);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t qi = q0 + r;
     scalar_t* row = buf + r * nb;
-    distances_inplace<scalar_t, kMetric>(row, db_aux + n0, q_aux[qi], nb);
+    const ExactRows<scalar_t> rows{qp + qi * dim, scalar_t(1), dbp, nullptr, dim, tol};
+    distance_row<scalar_t, kMetric>(row, db_aux + n0, q_aux[qi], nb, row, rows, n0);
     scalar_t* td = out_d + qi * k;
     int64_t* ti = out_i + qi * k;
     const int64_t skip = self ? qi : -1;
@@ -194,10 +179,13 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std:
   const int64_t num_qb = (Q + qb_size - 1) / qb_size;
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "metricops_knn_cpu", [&] {
-    const at::Tensor q_aux_t = knn_row_aux<scalar_t>(q, metric);
-    const at::Tensor db_aux_t = self ? q_aux_t : knn_row_aux<scalar_t>(db, metric);
+    const at::Tensor q_aux_t = row_aux_cpu(q, metric);
+    const at::Tensor db_aux_t = self ? q_aux_t : row_aux_cpu(db, metric);
     const scalar_t* q_aux = q_aux_t.const_data_ptr<scalar_t>();
     const scalar_t* db_aux = db_aux_t.const_data_ptr<scalar_t>();
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* dbp = db.const_data_ptr<scalar_t>();
+    const int64_t dim = q.size(1);
     scalar_t* od = out_d.mutable_data_ptr<scalar_t>();
     int64_t* oi = out_i.mutable_data_ptr<int64_t>();
 
@@ -221,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std:
             for (int64_t n0 = 0; n0 < N; n0 += nb_size) {
               const int64_t nb = std::min(nb_size, N - n0);
               scalar_t* dot = gemm(buf, q0, qb, n0, nb);
-              process_rows<scalar_t, kMetric>(dot, nb, 0, qb, q0, n0, q_aux, db_aux, self, k, od, oi, ws);
+              process_rows<scalar_t, kMetric>(dot, nb, 0, qb, q0, n0, q_aux, db_aux, qp, dbp, dim, self, k, od, oi, ws);
             }
           }
         });
@@ -250,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std:
               for (int64_t c = c0; c < c1; ++c) {
                 const int64_t n0 = c * nb_size, nb = std::min(nb_size, N - n0);
                 scalar_t* dot = gemm(buf, q0, qb, n0, nb);
-                process_rows<scalar_t, kMetric>(dot, nb, 0, qb, q0, n0, q_aux, db_aux, self, k, sd, si, ws);
+                process_rows<scalar_t, kMetric>(dot, nb, 0, qb, q0, n0, q_aux, db_aux, qp, dbp, dim, self, k, sd, si, ws);
               }
             }
           }

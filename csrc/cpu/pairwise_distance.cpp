@@ -35,26 +35,55 @@ METRICOPS_SIMD_CLONES scalar_t grad_weights_row_colsum(const scalar_t* g, const 
   });
 }
 
+// out[i][j] = out[j][i] for i > j, in 64×64 tiles (cache-friendly transpose).
+template <typename scalar_t>
+void mirror_upper_triangle(scalar_t* out, int64_t N) {
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const int64_t i0 = ti * kTile, i1 = std::min(N, i0 + kTile);
+      for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+        const int64_t j1 = std::min(N, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = j0; j < std::min(j1, i); ++j) out[i * N + j] = out[j * N + i];
+        }
+      }
+    }
+  });
+}
+
 struct PairwiseKernels {
   static at::Tensor row_aux(const at::Tensor& x, Metric metric) { return row_aux_cpu(x, metric); }
 
-  static void distance_epilogue(const at::Tensor& dot, const at::Tensor& x_aux, const at::Tensor& y_aux,
-                                Metric metric, bool self, at::Tensor& out) {
+  // x, y: the contiguous inputs (for the exactness guard of common/distance.h).
+  // With `self` only the upper triangle is computed, then mirrored, so the
+  // matrix is exactly symmetric.
+  static void distance_epilogue(const at::Tensor& dot, const at::Tensor& x, const at::Tensor& y,
+                                const at::Tensor& x_aux, const at::Tensor& y_aux, Metric metric, bool self,
+                                at::Tensor& out) {
     const int64_t M = out.size(0), N = out.size(1);
-    TORCH_INTERNAL_ASSERT(dot.is_contiguous() && out.is_contiguous());
+    TORCH_INTERNAL_ASSERT(dot.is_contiguous() && out.is_contiguous() && x.is_contiguous() && y.is_contiguous());
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "metricops_distance_epilogue_cpu", [&] {
       const scalar_t* dp = dot.const_data_ptr<scalar_t>();
       const scalar_t* xa = x_aux.const_data_ptr<scalar_t>();
       const scalar_t* ya = y_aux.const_data_ptr<scalar_t>();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const int64_t dim = x.size(1);
+      const scalar_t tol = gram_tolerance<scalar_t>(dim);
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
-        at::parallel_for(0, M, rows_grain(N), [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, M, rows_grain(self ? N / 2 + 1 : N), [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
-            distance_row<scalar_t, kMetric>(dp + i * N, ya, xa[i], N, op + i * N);
-            // A point's distance to itself is exactly 0 (not Gram rounding).
-            if (self && kMetric != Metric::Cosine) op[i * N + i] = scalar_t(0);
+            const int64_t j0 = self ? i : 0;
+            const ExactRows<scalar_t> rows{xp + i * dim, scalar_t(1), yp, nullptr, dim, tol};
+            distance_row<scalar_t, kMetric>(dp + i * N + j0, ya + j0, xa[i], N - j0, op + i * N + j0, rows, j0);
+            // A point's distance to itself is exactly 0 (the explicit form
+            // gives that for finite rows; NaN for a row holding NaN or inf).
           }
         });
+        if (self) mirror_upper_triangle(op, N);
       });
     });
   }

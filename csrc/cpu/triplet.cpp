@@ -297,7 +297,7 @@ struct BatchHardSelections {
 template <typename scalar_t, Metric kMetric>
 inline void batch_hard_lane_step(scalar_t dot, scalar_t aj, int32_t cj, int32_t j, scalar_t ai, int32_t ci, int32_t i,
                                  scalar_t& key_p, int32_t& index_p, scalar_t& key_n, int32_t& index_n) {
-  const scalar_t k = distance_key<scalar_t>(kMetric, ai, aj, dot);
+  const scalar_t k = dot;  // the sweep turned the Gram entries into guarded keys (gram_row_to_keys)
   const int32_t same = lane_mask<scalar_t>(cj == ci);
   const int32_t k_nan = lane_mask<scalar_t>(k != k);
   const int32_t take_p = same & lane_mask<scalar_t>(j != i) &
@@ -364,18 +364,17 @@ inline void batch_hard_row_scan(const scalar_t* dot, const scalar_t* ap, const i
   }
 }
 
-// Column side: the Gram row of sample i, columns [j0, j1), offered to the
+// Column side: the key row of sample i, columns [j0, j1), offered to the
 // anchors j of those columns (all j > i, so ascending order per anchor).
 template <typename scalar_t, Metric kMetric>
-METRICOPS_SIMD_CLONES void batch_hard_column_update(const scalar_t* __restrict__ dot, const scalar_t* __restrict__ ap,
-                                                    const int32_t* __restrict__ cls, int64_t i, int64_t j0, int64_t j1,
-                                                    scalar_t* __restrict__ key_p, int32_t* __restrict__ index_p,
-                                                    scalar_t* __restrict__ key_n, int32_t* __restrict__ index_n) {
-  const scalar_t ai = ap[i];
+METRICOPS_SIMD_CLONES void batch_hard_column_update(const scalar_t* __restrict__ dot, const int32_t* __restrict__ cls,
+                                                    int64_t i, int64_t j0, int64_t j1, scalar_t* __restrict__ key_p,
+                                                    int32_t* __restrict__ index_p, scalar_t* __restrict__ key_n,
+                                                    int32_t* __restrict__ index_n) {
   const int32_t ci = cls[i];
   const int32_t i32 = static_cast<int32_t>(i);
   for (int64_t j = j0; j < j1; ++j) {
-    const scalar_t k = distance_key<scalar_t>(kMetric, ai, ap[j], dot[j]);
+    const scalar_t k = dot[j];  // a guarded key (gram_row_to_keys)
     const scalar_t kp = key_p[j], kn = key_n[j];
     const int32_t ip = index_p[j], in = index_n[j];
     const int32_t same = lane_mask<scalar_t>(cls[j] == ci);
@@ -386,6 +385,18 @@ METRICOPS_SIMD_CLONES void batch_hard_column_update(const scalar_t* __restrict__
     index_p[j] = take_p ? i32 : ip;
     key_n[j] = take_n ? k : kn;
     index_n[j] = take_n ? i32 : in;
+  }
+}
+
+// Gram row of sample i over columns [j0, j0 + n) -> guarded distance keys, in
+// place (common/distance.h: near-duplicates, NaN and over/underflow from the
+// explicit differences of the (scaled) rows).
+template <typename scalar_t, Metric kMetric>
+void gram_row_to_keys(scalar_t* row, const scalar_t* ap, const scalar_t* xp, const scalar_t* sp, int64_t i, int64_t j0,
+                      int64_t n, int64_t dim, scalar_t tol) {
+  if (distance_keys_row<scalar_t, kMetric>(row, ap + j0, ap[i], n, tol, row)) {
+    const ExactRows<scalar_t> rows{xp + i * dim, sp ? sp[i] : scalar_t(1), xp, sp, dim, tol};
+    exact_keys_fixup<scalar_t, kMetric>(rows, ap + j0, ap[i], j0, n, row);
   }
 }
 
@@ -469,6 +480,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
     at::Tensor buffer = at::empty({block * B}, x.options());
     const scalar_t* ap = aux.const_data_ptr<scalar_t>();
     const scalar_t* sp = normalize ? nr.scale.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t dim = x.size(1);
+    const scalar_t tol = gram_tolerance<scalar_t>(dim);
     const int32_t* cp = cls.data();
     METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
       for (int64_t r0 = 0; r0 < B; r0 += block) {
@@ -479,6 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
         at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
             if (sp != nullptr) scale_gram_row(gp + r * cols, sp[r0 + r], sp + r0, cols);
+            gram_row_to_keys<scalar_t, kMetric>(gp + r * cols, ap, xp, sp, r0 + r, r0, cols, dim, tol);
             batch_hard_row_scan<scalar_t, kMetric>(gp + r * cols - r0, ap, cp, r0 + r, r0, B, sel);
           }
         });
@@ -486,7 +501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
         // Column side: each task owns a range of anchors (columns >= r1).
         at::parallel_for(r1, B, 256, [&](int64_t j0, int64_t j1) {
           for (int64_t r = 0; r < rows; ++r) {
-            batch_hard_column_update<scalar_t, kMetric>(gp + r * cols - r0, ap, cp, r0 + r, j0, j1, sel.key_p.data(),
+            batch_hard_column_update<scalar_t, kMetric>(gp + r * cols - r0, cp, r0 + r, j0, j1, sel.key_p.data(),
                                                         sel.index_p.data(), sel.key_n.data(), sel.index_n.data());
           }
         });

@@ -67,7 +67,7 @@ __global__ void row_aux_kernel(const scalar_t* __restrict__ x, int64_t rows, int
       s += v * v;
     }
     s = warp_sum(s);
-    if (lane == 0) aux[row] = metricops::row_aux<acc_t>(metric, s);
+    if (lane == 0) aux[row] = checked_row_aux<acc_t>(metric, s, xr, dim);
   }
 }
 
@@ -78,6 +78,7 @@ __global__ void row_aux_kernel(const scalar_t* __restrict__ x, int64_t rows, int
 // terms. `dot` may alias `W` (each entry is read, then written, by one thread).
 template <typename scalar_t, typename acc_t, Metric kMetric, bool kSquared>
 __global__ void contrastive_reduce_forward_kernel(const acc_t* dot, const acc_t* __restrict__ aux,
+                                                  const scalar_t* __restrict__ x, int64_t dim, acc_t tol,
                                                   const int64_t* __restrict__ labels, int64_t B, acc_t pos_margin,
                                                   acc_t neg_margin, scalar_t* W, acc_t* __restrict__ row_loss,
                                                   acc_t* __restrict__ row_nnz, acc_t* __restrict__ row_coef) {
@@ -92,7 +93,9 @@ __global__ void contrastive_reduce_forward_kernel(const acc_t* dot, const acc_t*
         W[idx] = scalar_t(0);
         continue;
       }
-      const acc_t d = distance_from_dot<acc_t>(kMetric, aux_i, aux[j], dot[idx]);
+      const acc_t d = key_to_distance<acc_t>(
+          kMetric, guarded_distance_key<acc_t, scalar_t>(kMetric, aux_i, aux[j], dot[idx], x + i * dim, acc_t(1),
+                                                         x + j * dim, acc_t(1), dim, tol));
       acc_t t, s, cw, p;
       contrastive_term<acc_t>(d, labels[j] == label_i, pos_margin, neg_margin, kSquared, t, s);
       distance_grad_weights<acc_t>(kMetric, s, d, aux_i, aux[j], cw, p);
@@ -114,12 +117,15 @@ __global__ void contrastive_reduce_forward_kernel(const acc_t* dot, const acc_t*
 
 template <typename scalar_t, typename acc_t, Metric kMetric, bool kSquared>
 __global__ void contrastive_none_forward_kernel(const acc_t* dot, const acc_t* __restrict__ aux,
+                                                const scalar_t* __restrict__ x, int64_t dim, acc_t tol,
                                                 const int64_t* __restrict__ labels, int64_t B, acc_t pos_margin,
                                                 acc_t neg_margin, scalar_t* __restrict__ loss,
                                                 scalar_t* dist) {  // dist may alias dot
   METRICOPS_CUDA_KERNEL_LOOP(idx, B * B) {
     const int64_t i = idx / B, j = idx - i * B;
-    acc_t d = distance_from_dot<acc_t>(kMetric, aux[i], aux[j], dot[idx]);
+    acc_t d = key_to_distance<acc_t>(
+        kMetric, guarded_distance_key<acc_t, scalar_t>(kMetric, aux[i], aux[j], dot[idx], x + i * dim, acc_t(1),
+                                                       x + j * dim, acc_t(1), dim, tol));
     acc_t t, s;
     contrastive_term<acc_t>(d, labels[j] == labels[i], pos_margin, neg_margin, kSquared, t, s);
     if (i == j) t = d = acc_t(0);
@@ -240,9 +246,10 @@ __device__ __forceinline__ acc_t warp_pair_distance(const scalar_t* x0, const sc
   if (kMetric == Metric::Cosine) {
     b = warp_sum(b);
     c = warp_sum(c);
-    aux0 = row_aux<acc_t>(kMetric, b);
-    aux1 = row_aux<acc_t>(kMetric, c);
-    return distance_from_dot<acc_t>(kMetric, aux0, aux1, a);
+    aux0 = checked_row_aux<acc_t>(kMetric, b, x0, dim);
+    aux1 = checked_row_aux<acc_t>(kMetric, c, x1, dim);
+    return guarded_distance_key<acc_t, scalar_t>(kMetric, aux0, aux1, a, x0, acc_t(1), x1, acc_t(1), dim,
+                                                 gram_tolerance<acc_t>(dim));
   }
   aux0 = aux1 = acc_t(0);
   return kMetric == Metric::Euclidean ? ::sqrt(a) : a;
@@ -281,8 +288,8 @@ __global__ void pair_backward_kernel(const scalar_t* __restrict__ grad, const sc
         b += u * u;
         c += v * v;
       }
-      aux0 = row_aux<acc_t>(kMetric, warp_sum(b));
-      aux1 = row_aux<acc_t>(kMetric, warp_sum(c));
+      aux0 = checked_row_aux<acc_t>(kMetric, warp_sum(b), r0, D);
+      aux1 = checked_row_aux<acc_t>(kMetric, warp_sum(c), r1, D);
     }
     acc_t t, s, w, pn;
     pair_contrastive_term<acc_t>(dist[i], y[i], margin, squared, t, s);
@@ -380,17 +387,18 @@ struct Kernels {
     return aux;
   }
 
-  static void contrastive_reduce_forward(const at::Tensor& dot, const at::Tensor& aux, const at::Tensor& labels,
-                                         const ContrastiveArgs& args, at::Tensor& W, at::Tensor& row_loss,
-                                         at::Tensor& row_nnz, at::Tensor& row_coef) {
-    const int64_t B = dot.size(0);
+  static void contrastive_reduce_forward(const at::Tensor& dot, const at::Tensor& x, const at::Tensor& aux,
+                                         const at::Tensor& labels, const ContrastiveArgs& args, at::Tensor& W,
+                                         at::Tensor& row_loss, at::Tensor& row_nnz, at::Tensor& row_coef) {
+    const int64_t B = dot.size(0), dim = x.size(1);
     METRICOPS_DISPATCH_CUDA_FLOATS(W.scalar_type(), "metricops_contrastive_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       METRICOPS_DISPATCH_METRIC(args.metric, kMetric, [&] {
         METRICOPS_DISPATCH_BOOL(args.squared, kSquared, [&] {
           contrastive_reduce_forward_kernel<scalar_t, acc_t, kMetric, kSquared>
               <<<block_rows_grid(B), kThreads, 0, current_stream()>>>(
-                  dot.const_data_ptr<acc_t>(), aux.const_data_ptr<acc_t>(), labels.const_data_ptr<int64_t>(), B,
+                  dot.const_data_ptr<acc_t>(), aux.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), dim,
+                  gram_tolerance<acc_t>(dim), labels.const_data_ptr<int64_t>(), B,
                   static_cast<acc_t>(args.pos_margin), static_cast<acc_t>(args.neg_margin),
                   W.mutable_data_ptr<scalar_t>(), row_loss.mutable_data_ptr<acc_t>(),
                   row_nnz.mutable_data_ptr<acc_t>(), row_coef.mutable_data_ptr<acc_t>());
@@ -400,16 +408,18 @@ struct Kernels {
     });
   }
 
-  static void contrastive_none_forward(const at::Tensor& dot, const at::Tensor& aux, const at::Tensor& labels,
-                                       const ContrastiveArgs& args, at::Tensor& loss, at::Tensor& dist) {
-    const int64_t B = dot.size(0);
+  static void contrastive_none_forward(const at::Tensor& dot, const at::Tensor& x, const at::Tensor& aux,
+                                       const at::Tensor& labels, const ContrastiveArgs& args, at::Tensor& loss,
+                                       at::Tensor& dist) {
+    const int64_t B = dot.size(0), dim = x.size(1);
     METRICOPS_DISPATCH_CUDA_FLOATS(loss.scalar_type(), "metricops_contrastive_none_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       METRICOPS_DISPATCH_METRIC(args.metric, kMetric, [&] {
         METRICOPS_DISPATCH_BOOL(args.squared, kSquared, [&] {
           contrastive_none_forward_kernel<scalar_t, acc_t, kMetric, kSquared>
               <<<grid_for(B * B), kThreads, 0, current_stream()>>>(
-                  dot.const_data_ptr<acc_t>(), aux.const_data_ptr<acc_t>(), labels.const_data_ptr<int64_t>(), B,
+                  dot.const_data_ptr<acc_t>(), aux.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), dim,
+                  gram_tolerance<acc_t>(dim), labels.const_data_ptr<int64_t>(), B,
                   static_cast<acc_t>(args.pos_margin), static_cast<acc_t>(args.neg_margin),
                   loss.mutable_data_ptr<scalar_t>(), dist.mutable_data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -34,10 +34,14 @@ constexpr int64_t kDatabaseChunk = 8192;
 // rows n0..; top_d/top_i: (Q, k) running top-k, sorted by knn_less.
 // Every warp-level branch below depends only on the row or on a ballot, so
 // the whole warp takes it together and the *_sync masks are full.
-template <typename acc_t, Metric kMetric>
+// q, db: the contiguous inputs (dim columns), for the exactness guard of
+// common/distance.h.
+template <typename scalar_t, typename acc_t, Metric kMetric>
 __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, int64_t cols,
-                                 const acc_t* __restrict__ q_aux, const acc_t* __restrict__ db_aux, int64_t q0,
-                                 int64_t n0, bool self, int64_t k, acc_t* top_d, int64_t* top_i) {
+                                 const acc_t* __restrict__ q_aux, const acc_t* __restrict__ db_aux,
+                                 const scalar_t* __restrict__ q, const scalar_t* __restrict__ db, int64_t dim,
+                                 acc_t tol, int64_t q0, int64_t n0, bool self, int64_t k, acc_t* top_d,
+                                 int64_t* top_i) {
   const int lane = threadIdx.x % 32;
   const int64_t warps_per_block = blockDim.x / 32;
   for (int64_t r = blockIdx.x * warps_per_block + threadIdx.x / 32; r < rows;
@@ -55,7 +59,9 @@ __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, in
       acc_t d = acc_t(0);
       bool pass = false;
       if (j < cols) {
-        d = distance_from_dot<acc_t>(kMetric, xa, db_aux[col], dot_row[j]);
+        d = key_to_distance<acc_t>(kMetric, guarded_distance_key<acc_t, scalar_t>(
+                                                kMetric, xa, db_aux[col], dot_row[j], q + qi * dim, acc_t(1),
+                                                db + col * dim, acc_t(1), dim, tol));
         pass = !(self && col == qi) && knn_less<acc_t>(d, col, kth_d, kth_i);
       }
       unsigned int mask = __ballot_sync(0xffffffffu, pass);
@@ -102,9 +108,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std
           const int64_t nb = std::min(nb_size, N - n0);
           // (qb, nb) contiguous, in acc_t; freed back to the caching allocator each chunk.
           const at::Tensor dot = gram_acc(q.narrow(0, q0, qb), db.narrow(0, n0, nb)).contiguous();
-          knn_chunk_kernel<acc_t, kMetric><<<grid_for(qb, warps_per_block), kThreads, 0, current_stream()>>>(
-              dot.const_data_ptr<acc_t>(), qb, nb, q_aux.const_data_ptr<acc_t>(), db_aux.const_data_ptr<acc_t>(), q0,
-              n0, self, k, top_d.mutable_data_ptr<acc_t>(), top_i.mutable_data_ptr<int64_t>());
+          knn_chunk_kernel<scalar_t, acc_t, kMetric><<<grid_for(qb, warps_per_block), kThreads, 0, current_stream()>>>(
+              dot.const_data_ptr<acc_t>(), qb, nb, q_aux.const_data_ptr<acc_t>(), db_aux.const_data_ptr<acc_t>(),
+              q.const_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), q.size(1),
+              gram_tolerance<acc_t>(q.size(1)), q0, n0, self, k, top_d.mutable_data_ptr<acc_t>(),
+              top_i.mutable_data_ptr<int64_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }

@@ -32,21 +32,37 @@ __global__ void row_aux_kernel(const scalar_t* __restrict__ x, int64_t rows, int
       s += v * v;
     }
     for (int offset = 16; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffff, s, offset);
-    if (lane == 0) aux[row] = metricops::row_aux<acc_t>(metric, s);
+    if (lane == 0) aux[row] = checked_row_aux<acc_t>(metric, s, xr, dim);
   }
 }
 
 // Row i of the block is row i + diag_offset of the full matrix; with `self`,
-// its entry at column i + diag_offset is a point's distance to itself.
+// its entry at column i + diag_offset is a point's distance to itself. x, y:
+// the contiguous inputs, for the exactness guard (common/distance.h). With
+// `upper_only`, entries below the diagonal are skipped (mirrored after).
 template <typename scalar_t, typename acc_t, Metric kMetric>
 __global__ void distance_epilogue_kernel(const acc_t* dot, const acc_t* __restrict__ x_aux,
-                                         const acc_t* __restrict__ y_aux, int64_t M, int64_t N, bool self,
-                                         int64_t diag_offset, scalar_t* out) {  // out may alias dot
+                                         const acc_t* __restrict__ y_aux, const scalar_t* __restrict__ x,
+                                         const scalar_t* __restrict__ y, int64_t dim, acc_t tol, int64_t M, int64_t N,
+                                         bool self, bool upper_only, int64_t diag_offset,
+                                         scalar_t* out) {  // out may alias dot
   METRICOPS_CUDA_KERNEL_LOOP(idx, M * N) {
     const int64_t i = idx / N, j = idx - i * N;
-    acc_t d = distance_from_dot<acc_t>(kMetric, x_aux[i], y_aux[j], dot[idx]);
-    if (self && j == i + diag_offset && kMetric != Metric::Cosine) d = acc_t(0);
+    if (upper_only && j < i) continue;
+    const acc_t key = guarded_distance_key<acc_t, scalar_t>(kMetric, x_aux[i], y_aux[j], dot[idx], x + i * dim,
+                                                            acc_t(1), y + j * dim, acc_t(1), dim, tol);
+    acc_t d = key_to_distance<acc_t>(kMetric, key);
+    if (self && j == i + diag_offset && kMetric != Metric::Cosine && d == d) d = acc_t(0);
     out[idx] = static_cast<scalar_t>(d);
+  }
+}
+
+// out[i][j] = out[j][i] below the diagonal: pairwise_distance(x) is exactly symmetric.
+template <typename scalar_t>
+__global__ void mirror_upper_kernel(int64_t N, scalar_t* out) {
+  METRICOPS_CUDA_KERNEL_LOOP(idx, N * N) {
+    const int64_t i = idx / N, j = idx - i * N;
+    if (j < i) out[idx] = out[j * N + i];
   }
 }
 
@@ -115,17 +131,30 @@ struct PairwiseKernels {
     return aux;
   }
 
-  static void distance_epilogue(const at::Tensor& dot, const at::Tensor& x_aux, const at::Tensor& y_aux,
-                                Metric metric, bool self, at::Tensor& out, int64_t diag_offset = 0) {
+  // x, y: the contiguous inputs (x_rows: the rows of x this block holds).
+  // A full self matrix (self, no diag_offset, square) is computed on its
+  // upper triangle and mirrored, so it is exactly symmetric.
+  static void distance_epilogue(const at::Tensor& dot, const at::Tensor& x_rows, const at::Tensor& y,
+                                const at::Tensor& x_aux, const at::Tensor& y_aux, Metric metric, bool self,
+                                at::Tensor& out, int64_t diag_offset = 0) {
     const int64_t M = out.size(0), N = out.size(1);
+    const bool symmetric = self && diag_offset == 0 && M == N;
+    TORCH_INTERNAL_ASSERT(x_rows.is_contiguous() && y.is_contiguous());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "metricops_distance_epilogue_cuda",
                                     [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      const int64_t dim = y.size(1);
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
         distance_epilogue_kernel<scalar_t, acc_t, kMetric><<<grid_for(M * N), kThreads, 0, current_stream()>>>(
-            dot.const_data_ptr<acc_t>(), x_aux.const_data_ptr<acc_t>(), y_aux.const_data_ptr<acc_t>(), M, N, self,
-            diag_offset, out.mutable_data_ptr<scalar_t>());
+            dot.const_data_ptr<acc_t>(), x_aux.const_data_ptr<acc_t>(), y_aux.const_data_ptr<acc_t>(),
+            x_rows.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), dim, gram_tolerance<acc_t>(dim), M, N,
+            self, symmetric, diag_offset, out.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (symmetric) {
+          mirror_upper_kernel<scalar_t><<<grid_for(M * N), kThreads, 0, current_stream()>>>(
+              N, out.mutable_data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
       });
     });
   }
@@ -178,10 +207,11 @@ struct PairwiseKernels {
 
 at::Tensor self_distance_acc_cuda(const at::Tensor& x, Metric metric) {
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor dist = gram_acc(x, x);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor dist = gram_acc(xc, xc);
   if (dist.numel() == 0) return dist;
-  const at::Tensor aux = PairwiseKernels::row_aux(x, metric);
-  PairwiseKernels::distance_epilogue(dist, aux, aux, metric, /*self=*/true, dist);
+  const at::Tensor aux = PairwiseKernels::row_aux(xc, metric);
+  PairwiseKernels::distance_epilogue(dist, xc, xc, aux, aux, metric, /*self=*/true, dist);
   return dist;
 }
 
@@ -196,7 +226,9 @@ void self_distance_rows_acc_cuda(const at::Tensor& x, const at::Tensor& aux, int
   } else {
     at::mm_out(out, block, x.t());
   }
-  PairwiseKernels::distance_epilogue(out, aux.narrow(0, row_begin, rows), aux, metric, /*self=*/true, out, row_begin);
+  const at::Tensor xc = x.contiguous();
+  PairwiseKernels::distance_epilogue(out, xc.narrow(0, row_begin, rows), xc, aux.narrow(0, row_begin, rows), aux,
+                                     metric, /*self=*/true, out, row_begin);
 }
 
 at::Tensor row_aux_acc_cuda(const at::Tensor& x, Metric metric) {

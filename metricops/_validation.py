@@ -7,6 +7,8 @@ defence for direct ``torch.ops.metricops`` calls.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
@@ -92,11 +94,36 @@ def check_flag(value, name: str) -> bool:
     return value
 
 
+def _scalar_value(value, name: str, *, integral: bool):
+    """``value`` as a Python int/float, or raise naming ``name``.
+
+    Accepted, as torch's own int/float arguments accept them: ``numbers.Integral``
+    (``integral``) or ``numbers.Real`` values (numpy scalars included) and 0-dim
+    tensors that do not require grad (taken by value: the ops get a float, so a
+    tensor's gradient would be lost silently). bool, np.bool_ and bool tensors are refused.
+    """
+    kind = "an int" if integral else "a number"
+    if isinstance(value, torch.Tensor):
+        ok_dtype = not value.is_complex() and value.dtype != torch.bool
+        ok_dtype = ok_dtype and (not integral or not value.is_floating_point())
+        if value.dim() != 0 or not ok_dtype:
+            raise TypeError(
+                f"{name} must be {kind}, got a Tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        if value.requires_grad:
+            raise TypeError(
+                f"{name} must be {kind}, got a Tensor that requires grad "
+                f"({name} is taken by value and gets no gradient)"
+            )
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral if integral else numbers.Real):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    return int(value) if integral else float(value)
+
+
 def check_number(value, name: str, *, min_value=None, allow_equal=True, finite=False) -> float:
-    """A real Python number (bool refused); NaN is always refused, +-inf too when ``finite``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    """A real number (see ``_scalar_value``) as a float; NaN is always refused, +-inf too when ``finite``."""
+    value = _scalar_value(value, name, integral=False)
     if value != value:
         raise ValueError(f"{name} must not be NaN")
     if finite and value in (float("inf"), float("-inf")):
@@ -104,6 +131,14 @@ def check_number(value, name: str, *, min_value=None, allow_equal=True, finite=F
     if min_value is not None and (value < min_value or (not allow_equal and value == min_value)):
         op = ">=" if allow_equal else ">"
         raise ValueError(f"{name} must be {op} {min_value}, got {value}")
+    return value
+
+
+def check_int(value, name: str, *, min_value=None) -> int:
+    """An integer (``numbers.Integral``, numpy integers, 0-dim integer tensors; bool refused) as an int."""
+    value = _scalar_value(value, name, integral=True)
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {name}={value}")
     return value
 
 

@@ -10,14 +10,15 @@ relevance matrix and also work with a search of your own (e.g. faiss):
     num_relevant = ...                                          # (Q,) relevant items per query
     metricops.retrieval.average_precision_at_k(relevance, num_relevant, 10)
 
-Conventions of the single-metric functions: ``relevance`` is a bool or float
-``(Q, K)`` tensor whose column ``i`` is the item ranked ``i + 1``; ranks beyond
-``K`` count as not relevant. ``num_relevant`` is the ``(Q,)`` number of relevant
-items in the whole database (``None``: the row sums of ``relevance``, i.e. the
-ranking covers the whole database). A query with ``num_relevant == 0`` has no
-defined score: with ``reduction="none"`` it scores 0, and ``reduction="mean"``
-leaves it out of the mean (0.0 when no query has a relevant item); nothing is
-ever divided by zero.
+Conventions of the single-metric functions: ``relevance`` is a bool, integer or
+float ``(Q, K)`` tensor of 0s and 1s whose column ``i`` is the item ranked ``i + 1``;
+ranks beyond ``K`` count as not relevant (a k or R past ``K`` costs no memory).
+``num_relevant`` is the ``(Q,)`` number of relevant items in the whole database,
+whole numbers at least each row's sum (``None``: the row sums of ``relevance``,
+i.e. the ranking covers the whole database); other values raise ``ValueError``.
+A query with ``num_relevant == 0`` has no defined score: with ``reduction="none"``
+it scores 0, and ``reduction="mean"`` leaves it out of the mean (0.0 when no
+query has a relevant item); nothing is ever divided by zero.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def knn(
     v.check_metric(metric)
     v.check_flag(progress, "progress")
     n = queries.shape[0] - 1 if database is None else database.shape[0]
-    check_k(k, n, self_excluded=database is None)
+    k = check_k(k, n, self_excluded=database is None)
     queries = queries.detach()
     database = None if database is None else database.detach()
     if not progress or queries.shape[0] <= _PROGRESS_QUERY_CHUNK:
@@ -134,8 +135,7 @@ def _knn_with_progress(queries, database, k, metric, chunk_size):
 
 
 def check_k(k, n: int, *, self_excluded: bool = False, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    k = v.check_int(k, name)
     if k < 1 or k > n:
         # Same wording as the C++ check and the fake kernel.
         what = ", self excluded" if self_excluded else ""
@@ -152,29 +152,46 @@ def check_k(k, n: int, *, self_excluded: bool = False, name: str = "k") -> int:
 
 
 def _prepare(relevance, num_relevant, k, name_k="k"):
+    """(relevance as float64 truncated to its first k columns (all when k is None), num_relevant as float64).
+
+    Validated as retrieval_metrics' own inputs are: relevance holds only 0 and 1,
+    num_relevant whole numbers >= 0 and at least the relevant items the ranking
+    holds. Ranks past the ranking's end are not relevant, so a k beyond it needs no
+    padding: every metric below sums over the ranks it has (memory O(Q·K) for any k).
+    """
     v.check_tensor(relevance, "relevance")
     if relevance.dim() != 2:
         raise ValueError(f"relevance must be a 2-D (Q, K) tensor in rank order, got shape {tuple(relevance.shape)}")
     if relevance.is_complex():
         raise TypeError(f"relevance must be a bool, integer or floating tensor, got {relevance.dtype}")
     rel = relevance.to(torch.float64)
+    checking = not torch.compiler.is_compiling() and rel.device.type != "meta"
+    if checking and rel.numel() > 0 and not bool(((rel == 0) | (rel == 1)).all()):
+        raise ValueError("relevance must hold only 0 (not relevant) and 1 (relevant)")
+    hits = rel.sum(dim=1)
     if num_relevant is None:
-        num_relevant = rel.sum(dim=1)
+        num_relevant = hits
     else:
         v.check_tensor(num_relevant, "num_relevant")
         if num_relevant.shape != (rel.shape[0],):
             raise ValueError(
                 f"num_relevant must have shape (Q,) = ({rel.shape[0]},) matching relevance, got {tuple(num_relevant.shape)}"
             )
+        if num_relevant.is_complex() or num_relevant.dtype == torch.bool:
+            raise TypeError(f"num_relevant must be an integer or floating tensor, got {num_relevant.dtype}")
         num_relevant = num_relevant.to(device=rel.device, dtype=torch.float64)
+        if checking and num_relevant.numel() > 0:
+            if not bool(((num_relevant >= 0) & (num_relevant == num_relevant.floor())).all()):
+                raise ValueError("num_relevant must hold whole numbers >= 0 (relevant items per query)")
+            if not bool((hits <= num_relevant).all()):
+                raise ValueError(
+                    "num_relevant must be at least the number of relevant items in each row of relevance "
+                    "(it counts every relevant item in the database)"
+                )
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"{name_k} must be an int, got {type(k).__name__}")
-        if k < 1:
-            raise ValueError(f"{name_k} must be >= 1, got {name_k}={k}")
-        # Ranks beyond the ranking's end hold nothing relevant.
-        rel = rel[:, :k] if rel.shape[1] >= k else torch.nn.functional.pad(rel, (0, k - rel.shape[1]))
-    return rel, num_relevant
+        k = v.check_int(k, name_k, min_value=1)
+        rel = rel[:, :k]
+    return rel, num_relevant, k
 
 
 def _safe_div(num, den):
@@ -193,19 +210,19 @@ def _reduce(scores, num_relevant, reduction):
 
 def precision_at_k(relevance, num_relevant=None, k: int = 1, *, reduction: str = "mean") -> torch.Tensor:
     """Precision@k: relevant items among the first k, divided by k."""
-    rel, nr = _prepare(relevance, num_relevant, k)
+    rel, nr, k = _prepare(relevance, num_relevant, k)
     return _reduce(rel.sum(dim=1) / k, nr, reduction)
 
 
 def recall_at_k(relevance, num_relevant=None, k: int = 1, *, reduction: str = "mean") -> torch.Tensor:
     """Recall@k: relevant items among the first k, divided by all relevant items."""
-    rel, nr = _prepare(relevance, num_relevant, k)
+    rel, nr, _ = _prepare(relevance, num_relevant, k)
     return _reduce(_safe_div(rel.sum(dim=1), nr), nr, reduction)
 
 
 def hit_at_k(relevance, num_relevant=None, k: int = 1, *, reduction: str = "mean") -> torch.Tensor:
     """Hit@k: 1 if any of the first k is relevant (what metric-learning papers call Recall@K)."""
-    rel, nr = _prepare(relevance, num_relevant, k)
+    rel, nr, _ = _prepare(relevance, num_relevant, k)
     return _reduce((rel.sum(dim=1) > 0).to(rel.dtype), nr, reduction)
 
 
@@ -221,12 +238,12 @@ def average_precision_at_k(
     """
     if not isinstance(ap_divisor, str) or ap_divisor not in AP_DIVISORS:
         raise ValueError(f"ap_divisor must be one of {', '.join(map(repr, AP_DIVISORS))}, got {ap_divisor!r}")
-    rel, nr = _prepare(relevance, num_relevant, k)
+    rel, nr, k = _prepare(relevance, num_relevant, k)
     ranks = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=rel.dtype)
     hits = rel.cumsum(dim=1)
     summed = (rel * hits / ranks).sum(dim=1)
     if ap_divisor == "retrieved":
-        den = hits[:, -1]
+        den = rel.sum(dim=1)
     elif ap_divisor == "relevant":
         den = nr
     else:
@@ -235,11 +252,11 @@ def average_precision_at_k(
 
 
 def _top_r(rel, nr):
-    """Relevance masked to each query's first R ranks (R = num_relevant)."""
-    r_max = int(nr.max().item()) if nr.numel() else 0
-    if rel.shape[1] < r_max:
-        rel = torch.nn.functional.pad(rel, (0, r_max - rel.shape[1]))
-    rel = rel[:, : max(r_max, 1)]
+    """Relevance masked to each query's first R ranks (R = num_relevant), and the ranks 1..K.
+
+    Ranks past the ranking's end are not relevant, so nothing is padded to R:
+    memory stays O(Q·K) however large R is.
+    """
     ranks = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=rel.dtype)
     return rel * (ranks <= nr[:, None]), ranks
 
@@ -247,17 +264,21 @@ def _top_r(rel, nr):
 def map_at_r(relevance, num_relevant=None, *, reduction: str = "mean") -> torch.Tensor:
     """MAP@R ("A Metric Learning Reality Check"): Σ_{i≤R} rel_i · P@i / R, R = num_relevant.
 
-    ``relevance`` must cover each query's first R ranks (more columns are ignored).
+    Ranks past ``relevance``'s last column count as not relevant, so the score is
+    exact when ``relevance`` covers each query's first R ranks (more columns are ignored).
     """
-    rel, nr = _prepare(relevance, num_relevant, None)
+    rel, nr, _ = _prepare(relevance, num_relevant, None)
     rel, ranks = _top_r(rel, nr)
     summed = (rel * rel.cumsum(dim=1) / ranks).sum(dim=1)
     return _reduce(_safe_div(summed, nr), nr, reduction)
 
 
 def r_precision(relevance, num_relevant=None, *, reduction: str = "mean") -> torch.Tensor:
-    """R-precision: relevant items among the first R, divided by R (R = num_relevant)."""
-    rel, nr = _prepare(relevance, num_relevant, None)
+    """R-precision: relevant items among the first R, divided by R (R = num_relevant).
+
+    Ranks past ``relevance``'s last column count as not relevant, as for :func:`map_at_r`.
+    """
+    rel, nr, _ = _prepare(relevance, num_relevant, None)
     rel, _ = _top_r(rel, nr)
     return _reduce(_safe_div(rel.sum(dim=1), nr), nr, reduction)
 
@@ -284,10 +305,13 @@ def _check_ks(ks) -> Tuple[int, ...]:
         ks = tuple(ks)
     except TypeError:
         raise TypeError(f"ks must be an iterable of ints, got {type(ks).__name__}") from None
+    checked = []
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"ks must hold ints >= 1, got {k!r} in ks={ks}")
-    return ks
+        try:
+            checked.append(v.check_int(k, "ks", min_value=1))
+        except (TypeError, ValueError):
+            raise ValueError(f"ks must hold ints >= 1, got {k!r} in ks={ks}") from None
+    return tuple(checked)
 
 
 def retrieval_metrics(

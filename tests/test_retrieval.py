@@ -281,8 +281,63 @@ def test_metrics_without_relevant_and_all_relevant():
     assert per_query.tolist() == pytest.approx([0.0, 2 / 3, 1.0])
     for div in retrieval.AP_DIVISORS:
         assert retrieval.average_precision_at_k(rel, nr, 3, ap_divisor=div).item() == pytest.approx(1.0)
-    none = torch.tensor([0, 0, 0])
-    assert retrieval.map_at_r(rel, none).item() == 0.0 and retrieval.recall_at_k(rel, none, 1).item() == 0.0
+    none, nothing = torch.tensor([0, 0, 0]), torch.zeros_like(rel)  # (hits beyond num_relevant are refused)
+    assert retrieval.map_at_r(nothing, none).item() == 0.0 and retrieval.recall_at_k(nothing, none, 1).item() == 0.0
+
+
+def test_large_num_relevant_and_k_allocate_nothing_extra():
+    # Ranks past the ranking's end are not relevant: R or k far beyond it must not
+    # pad the (Q, K) ranking to R or k columns (10**12 float64 columns are 8 TB).
+    rel = torch.tensor([[0, 1, 1, 0, 1]], dtype=torch.bool)
+    huge = 10**12
+    nr = torch.tensor([huge])
+    assert retrieval.r_precision(rel, nr).item() == pytest.approx(3 / huge)
+    assert retrieval.map_at_r(rel, nr).item() == pytest.approx((1 / 2 + 2 / 3 + 3 / 5) / huge)
+    assert retrieval.precision_at_k(rel, None, huge).item() == pytest.approx(3 / huge)
+    assert retrieval.recall_at_k(rel, None, huge).item() == 1.0
+    assert retrieval.hit_at_k(rel, None, huge).item() == 1.0
+    for div, den in (("retrieved", 3), ("relevant", huge), ("min_k_relevant", huge)):
+        ap = retrieval.average_precision_at_k(rel, nr, huge, ap_divisor=div).item()
+        assert ap == pytest.approx((1 / 2 + 2 / 3 + 3 / 5) / den)
+    # An empty ranking (K = 0) scores 0 for every metric.
+    empty = torch.zeros(2, 0, dtype=torch.bool)
+    assert retrieval.average_precision_at_k(empty, torch.tensor([1, 2]), 3).item() == 0.0
+    assert retrieval.map_at_r(empty, torch.tensor([1, 2])).item() == 0.0
+
+
+SINGLE_METRICS = [
+    lambda rel, nr: retrieval.precision_at_k(rel, nr, 2),
+    lambda rel, nr: retrieval.recall_at_k(rel, nr, 5),
+    lambda rel, nr: retrieval.hit_at_k(rel, nr, 1),
+    lambda rel, nr: retrieval.average_precision_at_k(rel, nr, 3),
+    lambda rel, nr: retrieval.map_at_r(rel, nr),
+    lambda rel, nr: retrieval.r_precision(rel, nr),
+]
+
+
+@pytest.mark.parametrize("metric", SINGLE_METRICS)
+def test_single_metrics_validate_relevance_and_num_relevant(metric):
+    rel = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    # More relevant items in the ranking than num_relevant says exist (recall 3.0 before).
+    with pytest.raises(ValueError, match="num_relevant must be at least the number of relevant items"):
+        metric(rel, torch.tensor([1, 1]))
+    # Graded or non-binary relevance (AP > 1 before), NaN included.
+    for bad in (2.0, 0.5, -1.0, float("nan")):
+        graded = rel.double()
+        graded[0, 0] = bad
+        with pytest.raises(ValueError, match=r"relevance must hold only 0 \(not relevant\) and 1 \(relevant\)"):
+            metric(graded, torch.tensor([3, 1]))
+    for bad_nr in (torch.tensor([3.5, 1.0]), torch.tensor([-1, 1]), torch.tensor([float("nan"), 1.0])):
+        with pytest.raises(ValueError, match=r"num_relevant must hold whole numbers >= 0"):
+            metric(torch.zeros(2, 5), bad_nr)
+    with pytest.raises(TypeError, match="num_relevant must be an integer or floating tensor, got torch.bool"):
+        metric(rel, torch.tensor([True, True]))
+    # Consistent inputs in every accepted dtype give the same score, all in [0, 1].
+    nr = torch.tensor([4, 1])
+    expected = metric(rel, nr)
+    assert 0.0 <= expected.item() <= 1.0
+    for same_rel, same_nr in ((rel.int(), nr), (rel.float(), nr.double()), (rel.double(), nr.int())):
+        assert metric(same_rel, same_nr).item() == pytest.approx(expected.item())
 
 
 def test_retrieval_metrics_hand_built():

@@ -7,6 +7,7 @@ file is the audit across all of them (the table below is the issue's closing
 note), plus the eager-vs-torch.compile wording and the direct-op last line.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,7 +49,11 @@ BAD = [
     ("bh_margin_neg", lambda: bh(X, L, margin=-0.1), ValueError, "margin must be >= 0.0, got -0.1"),
     ("bh_margin_str", lambda: bh(X, L, margin="0.2"), TypeError, "margin must be a number, got str"),
     ("bh_margin_bool", lambda: bh(X, L, margin=True), TypeError, "margin must be a number, got bool"),
-    ("bh_margin_tensor", lambda: bh(X, L, margin=torch.tensor(0.2)), TypeError, "margin must be a number, got Tensor"),
+    ("bh_margin_tensor_1d", lambda: bh(X, L, margin=torch.tensor([0.2])), TypeError, "margin must be a number, got a Tensor of shape (1,)"),
+    ("bh_margin_tensor_grad", lambda: bh(X, L, margin=torch.tensor(0.2, requires_grad=True)), TypeError, "margin must be a number, got a Tensor that requires grad"),
+    ("bh_margin_tensor_bool", lambda: bh(X, L, margin=torch.tensor(True)), TypeError, "margin must be a number, got a Tensor of shape () and dtype torch.bool"),
+    ("bh_margin_np_bool", lambda: bh(X, L, margin=np.bool_(True)), TypeError, "margin must be a number, got bool"),
+    ("bh_margin_complex", lambda: bh(X, L, margin=0.2 + 0j), TypeError, "margin must be a number, got complex"),
     ("bh_soft_str", lambda: bh(X, L, soft="no"), TypeError, "soft must be a bool, got str"),
     ("bh_normalize_none", lambda: bh(X, L, normalize=None), TypeError, "normalize must be a bool, got NoneType"),
     ("bh_memory_none", lambda: bh(X, L, memory=None), ValueError, "memory must be one of 'auto', 'matrix', 'streaming', got None"),
@@ -96,6 +101,8 @@ BAD = [
     ("knn_k_bool", lambda: metricops.knn(X, k=True), TypeError, "k must be an int, got bool"),
     ("knn_k_float", lambda: metricops.knn(X, k=2.0), TypeError, "k must be an int, got float"),
     ("knn_k_none", lambda: metricops.knn(X, k=None), TypeError, "k must be an int, got NoneType"),
+    ("knn_k_float_tensor", lambda: metricops.knn(X, k=torch.tensor(2.0)), TypeError, "k must be an int, got a Tensor of shape () and dtype torch.float32"),
+    ("knn_k_np_float", lambda: metricops.knn(X, k=np.float64(2.0)), TypeError, "k must be an int, got float64"),
     ("knn_k_self", lambda: metricops.knn(X, k=4), ValueError, "k must be between 1 and the number of database rows a query can return (3, self excluded), got k=4"),
     ("knn_k_db", lambda: metricops.knn(X, X[:2], k=3), ValueError, "k must be between 1 and the number of database rows a query can return (2), got k=3"),
     ("knn_db_meta", lambda: metricops.knn(X, X.to("meta"), k=1), ValueError, "database must be on the same device as queries (cpu), got meta"),
@@ -105,6 +112,7 @@ BAD = [
     ("rm_ks_int", lambda: metricops.retrieval_metrics(X, L, ks=5), TypeError, "ks must be an iterable of ints, got int"),
     ("rm_ks_bool", lambda: metricops.retrieval_metrics(X, L, ks=(True,)), ValueError, "ks must hold ints >= 1, got True"),
     ("rm_ks_str", lambda: metricops.retrieval_metrics(X, L, ks="5"), ValueError, "ks must hold ints >= 1, got '5'"),
+    ("rm_ks_np_zero", lambda: metricops.retrieval_metrics(X, L, ks=(np.int64(0),)), ValueError, "ks must hold ints >= 1, got np.int64(0)"),
     ("rm_progress", lambda: metricops.retrieval_metrics(X, L, progress="yes"), TypeError, "progress must be a bool, got str"),
     ("rm_labels_meta", lambda: metricops.retrieval_metrics(X, L.to("meta")), ValueError, "query_labels must be on the same device as queries (cpu), got meta"),
     ("rm_db_labels_dtype", lambda: metricops.retrieval_metrics(X, L, X, L.float()), TypeError, "database_labels must be int32 or int64, got torch.float32"),
@@ -147,6 +155,56 @@ def test_negative_margin_allowed_where_meaningful():
     pcl(X, X, Y, margin=-0.5)
     # An infinite contrastive margin switches a group of pairs off (pml relies on it).
     assert torch.isfinite(cl(X, L, pos_margin=INF))
+
+
+# --------------------------------------------------------------------------- numbers: numpy scalars and 0-dim tensors
+
+# (id, call taking the number under test, a Python value of it): every numeric argument
+# of the public API. Each must accept numbers.Real / numbers.Integral (numpy scalars
+# included) and 0-dim tensors without grad, as torch's own float/int arguments do.
+REALS = [
+    ("bh_margin", lambda m: bh(X, L, margin=m), 0.25),
+    ("sh_margin", lambda m: sh(X, L, margin=m), 0.25),
+    ("ba_margin", lambda m: ba(X, L, margin=m), 0.25),
+    ("ts_margin", lambda m: ts(X, L, margin=m)["easy"], 0.25),
+    ("mt_margin", lambda m: mt(X, L, strategy="violating", margin=m)[0], 0.25),
+    ("cl_pos_margin", lambda m: cl(X, L, pos_margin=m), 0.25),
+    ("cl_neg_margin", lambda m: cl(X, L, neg_margin=m), 0.25),
+    ("pcl_margin", lambda m: pcl(X, X.flip(0), Y, margin=m), 0.25),
+    ("tml_margin", lambda m: tml(X, X.flip(0), X, margin=m), 0.25),
+    ("tml_p", lambda m: tml(X, X.flip(0), X, p=m), 3.0),
+    ("tml_eps", lambda m: tml(X, X.flip(0), X, eps=m), 0.25),
+    ("nn_bh_margin", lambda m: mnn.BatchHardTripletLoss(margin=m)(X, L), 0.25),
+    ("nn_tml_p", lambda m: mnn.TripletMarginLoss(p=m)(X, X.flip(0), X), 3.0),
+    ("pml_tml_margin", lambda m: losses.TripletMarginLoss(margin=m)(X, L), 0.25),
+    ("pml_cl_margin", lambda m: losses.ContrastiveLoss(neg_margin=m)(X, L), 0.25),
+    ("pml_miner_margin", lambda m: miners.TripletMarginMiner(margin=m)(X, L)[0], 0.25),
+]
+INTEGERS = [
+    ("knn_k", lambda k: metricops.knn(X, k=k)[1], 2),
+    ("rm_ks", lambda k: metricops.retrieval_metrics(X, L, ks=(k,)), 2),
+    ("precision_at_k", lambda k: metricops.retrieval.precision_at_k(L[None] > 0, None, k), 2),
+]
+
+
+@pytest.mark.parametrize("call, value", [pytest.param(c, v, id=i) for i, c, v in REALS])
+def test_real_arguments_accept_numpy_scalars_and_0dim_tensors(call, value):
+    expected = call(value)
+    for same in (np.float32(value), np.float64(value), torch.tensor(value), torch.tensor(value, dtype=torch.float64)):
+        got = call(same)
+        assert got == expected if isinstance(got, dict) else torch.equal(got, expected), type(same)
+    if value == int(value):  # an integer is a real number too
+        assert torch.equal(call(np.int64(value)), expected) and torch.equal(call(torch.tensor(int(value))), expected)
+
+
+@pytest.mark.parametrize("call, value", [pytest.param(c, v, id=i) for i, c, v in INTEGERS])
+def test_integer_arguments_accept_numpy_integers_and_0dim_tensors(call, value):
+    expected = call(value)
+    for same in (np.int64(value), np.int32(value), np.uint8(value), torch.tensor(value),
+                 torch.tensor(value, dtype=torch.int32)):
+        got = call(same)
+        assert got == expected if isinstance(got, dict) else torch.equal(got, expected), type(same)
+    assert list(metricops.retrieval_metrics(X, L, ks=(np.int64(value),)))[0] == f"recall@{value}"  # keys use the int
 
 
 # --------------------------------------------------------------------------- direct torch.ops calls: the C++ last line

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from . import _validation as v
 from . import triplet as _triplet
@@ -56,6 +59,24 @@ def contrastive_loss(
     extra memory); it needs a scalar reduction. ``"auto"`` streams from
     B = 4096 for the scalar reductions.
     """
+    pos_margin, neg_margin = _check_contrastive_args(embeddings, labels, pos_margin, neg_margin, metric, squared,
+                                                     normalize)
+    v.check_reduction(reduction)
+    v.check_memory(memory)
+    block_rows = _triplet._block_rows(memory, embeddings)
+    if memory == "streaming" and reduction == "none":
+        raise ValueError("reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming', got 'none'")
+    x = _l2_normalize(embeddings) if normalize else embeddings
+    if block_rows > 0 and reduction != "none":
+        loss, _ = ops.contrastive_loss_streaming(x, labels, pos_margin, neg_margin, metric, squared, reduction,
+                                                 block_rows)
+        return loss
+    loss, _, _, _ = ops.contrastive_loss(x, labels, pos_margin, neg_margin, metric, squared, reduction)
+    return loss
+
+
+def _check_contrastive_args(embeddings, labels, pos_margin, neg_margin, metric, squared, normalize):
+    """Validates contrastive_loss's arguments; returns the margins as floats."""
     v.check_embeddings(embeddings, "embeddings")
     v.check_labels(labels, embeddings)
     # An infinite margin is allowed: it switches one group of pairs off
@@ -65,18 +86,56 @@ def contrastive_loss(
     v.check_metric(metric)
     v.check_flag(squared, "squared")
     v.check_flag(normalize, "normalize")
-    v.check_reduction(reduction)
+    return pos_margin, neg_margin
+
+
+def _contrastive_rows_sum(embeddings, labels, rows: slice, *, pos_margin, neg_margin, metric, squared, normalize, memory):
+    """The terms of :func:`contrastive_loss` whose anchor (row) is in ``rows``, summed.
+
+    Returns ``(total, num_nonzero)``: the 0-dim sum of the terms ``(i, j)``,
+    ``i`` in ``rows``, ``j != i`` (differentiable; float32 for float16/bfloat16),
+    and how many of them are > 0. ``metricops.distributed`` scores a rank's
+    anchors with it: the work is ``len(rows) × B`` distances, not ``B × B``.
+
+    When ``memory`` streams at this B, the rows go in blocks of the streaming
+    op's size, each under activation checkpointing (its distances are
+    recomputed in the backward), so at most ``block × B`` distances are held;
+    otherwise one block holds them all, as the matrix op does.
+    """
+    pos_margin, neg_margin = _check_contrastive_args(embeddings, labels, pos_margin, neg_margin, metric, squared,
+                                                     normalize)
     v.check_memory(memory)
-    block_rows = _triplet._block_rows(memory, embeddings)
-    if memory == "streaming" and reduction == "none":
-        raise ValueError("reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming', got 'none'")
-    if block_rows > 0 and reduction != "none":
-        x = _l2_normalize(embeddings) if normalize else embeddings
-        loss, _ = ops.contrastive_loss_streaming(x, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows)
-        return loss
     x = _l2_normalize(embeddings) if normalize else embeddings
-    loss, _, _, _ = ops.contrastive_loss(x, labels, pos_margin, neg_margin, metric, squared, reduction)
-    return loss
+    x = x.to(accumulation_dtype(x.dtype))  # distances and sums in float32 for float16/bfloat16, as the op's
+    # A block holds about 8 (rows, B) temporaries of x's dtype (distances, hinge, masks, autograd's saved ones).
+    block_rows = _triplet._block_rows(memory, embeddings, bytes_per_entry=8 * x.element_size())
+    start, stop = rows.indices(x.shape[0])[:2]
+    total = x[:0].sum()  # 0, attached to the graph even with no row (an empty shard still backpropagates)
+    num_nonzero = torch.zeros((), dtype=torch.int64, device=x.device)
+    step = block_rows if block_rows > 0 else max(stop - start, 1)
+    args = (pos_margin, neg_margin, metric, squared)
+    for r0 in range(start, stop, step):
+        r1 = min(r0 + step, stop)
+        if block_rows > 0:
+            block_sum, block_nonzero = checkpoint(_contrastive_block, x, labels, r0, r1, *args, use_reentrant=False,
+                                                  preserve_rng_state=False)
+        else:
+            block_sum, block_nonzero = _contrastive_block(x, labels, r0, r1, *args)
+        total = total + block_sum
+        num_nonzero = num_nonzero + block_nonzero
+    return total, num_nonzero
+
+
+def _contrastive_block(x, labels, r0, r1, pos_margin, neg_margin, metric, squared):
+    """(sum of the contrastive terms of anchors r0..r1-1, number of them > 0)."""
+    d = ops.pairwise_distance(x[r0:r1], x, metric)
+    same = labels[r0:r1, None] == labels[None, :]
+    hinge = torch.where(same, d - pos_margin, neg_margin - d).clamp_min(0)
+    terms = hinge * hinge if squared else hinge
+    rows = torch.arange(r0, r1, device=x.device)
+    # where, not a product: the self pair's term and gradient are 0 even when its hinge is inf.
+    terms = torch.where(rows[:, None] != torch.arange(x.shape[0], device=x.device), terms, 0.0)
+    return terms.sum(), (terms > 0).sum()
 
 
 def pair_contrastive_loss(

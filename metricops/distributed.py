@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as v
-from .contrastive import contrastive_loss
-from ._reduction import mean_of_sum, accumulation_dtype
+from .contrastive import _contrastive_rows_sum
+from ._reduction import accumulation_dtype, loss_dtype, mean_of_sum
 from .nn import BatchHardTripletLoss, ContrastiveLoss, SemiHardTripletLoss
-from .triplet import batch_hard_triplet_loss, semihard_triplet_loss
+from .triplet import _semihard_anchor_sums, batch_hard_triplet_loss
 
 __all__ = ["all_gather_embeddings", "DistributedLoss"]
 
@@ -155,18 +155,39 @@ def _anchor_has_positive_and_negative(labels: torch.Tensor):
     return count >= 2, count < labels.shape[0]
 
 
-def _share(local_terms: torch.Tensor, reduction: str, terms: torch.Tensor, count_for_mean) -> torch.Tensor:
-    """This rank's terms summed and divided by what the single-process loss
-    divides by (1 for "sum"); in float32 for float16/bfloat16 terms, whose
-    range the sums and counts of a global batch exceed."""
-    total = local_terms.sum(dtype=accumulation_dtype(terms.dtype))
+def _share(local_sum: torch.Tensor, reduction: str, count, dtype: torch.dtype) -> torch.Tensor:
+    """This rank's summed terms divided by what the single-process loss divides
+    by (``count``; nothing for "sum"), returned in ``dtype``. ``local_sum`` is
+    kept in float32 for float16/bfloat16 terms, whose range the sums and counts
+    of a global batch exceed."""
     if reduction == "sum":
-        return total.to(terms.dtype)
+        return local_sum.to(dtype)
+    return mean_of_sum(local_sum, torch.as_tensor(count, device=local_sum.device), dtype)
+
+
+def _local_anchors_sum(module, kw, reduction, all_emb, all_labels, local, world, group):
+    """(sum of the terms whose anchor is in ``local``, the single-process loss's
+    denominator for ``reduction``) for a batch-hard, semi-hard or contrastive module."""
+    if isinstance(module, BatchHardTripletLoss):
+        terms = batch_hard_triplet_loss(all_emb, all_labels, reduction="none", **kw)  # (B,), any memory mode
+        if reduction == "mean":
+            has_pos, has_neg = _anchor_has_positive_and_negative(all_labels)
+            count = (has_pos & has_neg).sum()
+        else:
+            count = (terms > 0).sum()
+        return terms[local].sum(dtype=accumulation_dtype(terms.dtype)), count
+    if isinstance(module, SemiHardTripletLoss):
+        # Per-anchor sums over the whole batch (streamed when `memory` streams) give the global counts too.
+        row_sum, row_valid, row_active = _semihard_anchor_sums(all_emb, all_labels, **kw)
+        return row_sum[local].sum(), (row_valid if reduction == "mean" else row_active).sum()
+    # Contrastive: only the local anchors' rows (B_r × B distances; in row blocks when `memory` streams).
+    local_sum, num_nonzero = _contrastive_rows_sum(all_emb, all_labels, local, **kw)
     if reduction == "mean":
-        count = torch.as_tensor(count_for_mean, device=terms.device)
-    else:  # mean_nonzero
-        count = (terms > 0).sum()
-    return mean_of_sum(total, count, terms.dtype)
+        b = all_labels.shape[0]
+        return local_sum, b * (b - 1)  # ordered pairs i != j
+    if world > 1:  # mean_nonzero: the ranks' rows partition the pairs, so their counts add up
+        dist.all_reduce(num_nonzero, op=dist.ReduceOp.SUM, group=group)
+    return local_sum, num_nonzero
 
 
 class DistributedLoss(torch.nn.Module):
@@ -191,19 +212,26 @@ class DistributedLoss(torch.nn.Module):
     single-process gradient exactly (then ``sum_r loss_r == world_size · L``;
     to log ``L``, all-reduce ``loss / world_size``).
 
-    **Per module.** ``BatchHardTripletLoss`` (``(B,)`` anchor terms),
-    ``SemiHardTripletLoss`` and ``ContrastiveLoss`` (``(B, B)`` terms, row =
-    anchor) are evaluated with ``reduction="none"`` on the global batch and
-    the local anchors' rows are kept. With ``reduction="none"`` the local rows
-    are returned (``(B_r,)`` or ``(B_r, B)``) without any scaling.
-    ``BatchAllTripletLoss`` has no per-term form (O(B³) terms), so each rank
+    **Per module.** The module's attributes are read at every forward.
+    ``BatchHardTripletLoss``: its ``(B,)`` per-anchor terms on the global batch
+    (any ``memory``), the local anchors' kept. ``SemiHardTripletLoss``: the
+    per-anchor sums of its terms on the global batch, from the streaming op
+    when the module's ``memory`` streams (no ``B × B`` matrix). ``ContrastiveLoss``:
+    only the local anchors' rows are computed (``B_r × B`` distances; in row
+    blocks, recomputed in the backward, when ``memory`` streams); for
+    ``"mean_nonzero"`` the ranks' counts of non-zero terms are all-reduced.
+    With ``reduction="none"`` the local rows are returned (``(B_r,)`` or
+    ``(B_r, B)``) without any scaling; as in the module itself, semi-hard and
+    contrastive refuse it with ``memory="streaming"``.
+    ``BatchAllTripletLoss`` has no per-anchor form here, so each rank
     computes ``L`` on the global batch and returns ``L / world_size``: the
     same sum, but every rank spends the full compute. Any other module taking
     ``(embeddings, labels)`` and returning a scalar is handled the same way.
 
-    Every rank computes the distances of the whole ``B × B`` global batch (the
-    kernels work on one batch), so the compute per rank is that of the
-    single-process loss; the gain is in the model's forward and backward.
+    Except for contrastive, every rank computes the distances of the whole
+    ``B × B`` global batch (the kernels work on one batch), so the compute per
+    rank is that of the single-process loss; the gain is in the model's
+    forward and backward.
     """
 
     def __init__(self, loss_module: torch.nn.Module, *, scale_by_world_size: bool = False, group=None):
@@ -219,36 +247,15 @@ class DistributedLoss(torch.nn.Module):
         all_emb, all_labels, start, world = _gather(embeddings, labels, self.group)
         local = slice(start, start + embeddings.shape[0])
         module = self.loss_module
-        if isinstance(module, BatchHardTripletLoss):
-            kw = dict(module.kwargs)
+        if isinstance(module, (BatchHardTripletLoss, SemiHardTripletLoss, ContrastiveLoss)):
+            kw = module._loss_kwargs()
             reduction = kw.pop("reduction")
-            terms = batch_hard_triplet_loss(all_emb, all_labels, reduction="none", **kw)
             if reduction == "none":
-                return terms[local]
-            has_pos, has_neg = _anchor_has_positive_and_negative(all_labels)
-            share = _share(terms[local], reduction, terms, (has_pos & has_neg).sum())
-        elif isinstance(module, SemiHardTripletLoss):
-            kw = dict(module.kwargs)
-            reduction = kw.pop("reduction")
-            terms = semihard_triplet_loss(all_emb, all_labels, reduction="none", **kw)
-            if reduction == "none":
-                return terms[local]
-            # valid (a, p): a != p, same label, and the anchor has a negative
-            _, inverse, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
-            per_anchor = counts[inverse] - 1
-            num_pairs = torch.where(counts[inverse] < all_labels.shape[0], per_anchor, 0).sum()
-            share = _share(terms[local], reduction, terms, num_pairs)
-        elif isinstance(module, ContrastiveLoss):
-            reduction = module.reduction
-            terms = contrastive_loss(
-                all_emb, all_labels, pos_margin=module.pos_margin, neg_margin=module.neg_margin,
-                metric=module.metric, squared=module.squared, normalize=module.normalize,
-                reduction="none", memory=module.memory,
-            )
-            if reduction == "none":
-                return terms[local]
-            b = all_labels.shape[0]
-            share = _share(terms[local], reduction, terms, b * (b - 1))  # ordered pairs i != j
+                # The local anchors' rows of the module's own output ((B,) or (B, B)); with
+                # memory="streaming" semi-hard and contrastive refuse it, as the module does.
+                return type(module)._fn(all_emb, all_labels, reduction="none", **kw)[local]
+            local_sum, count = _local_anchors_sum(module, kw, reduction, all_emb, all_labels, local, world, self.group)
+            share = _share(local_sum, reduction, count, loss_dtype(all_emb))
         else:
             # BatchAllTripletLoss and any other scalar loss: the whole loss, split evenly.
             loss = module(all_emb, all_labels)

@@ -34,6 +34,12 @@ def _check_module_args(kwargs: dict, reductions=v.REDUCTIONS, loss_margin: bool 
             v.check_positive_finite(value, name)
 
 
+def _format_args(module: torch.nn.Module, names) -> str:
+    """``name=value, ...`` of the module's current attributes (strings quoted), for extra_repr."""
+    values = ((name, getattr(module, name)) for name in names)
+    return ", ".join(f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}" for name, value in values)
+
+
 class PairwiseDistance(torch.nn.Module):
     """Module form of :func:`metricops.pairwise_distance`."""
 
@@ -47,32 +53,48 @@ class PairwiseDistance(torch.nn.Module):
         return pairwise_distance(x, y, metric=self.metric, normalize=self.normalize)
 
     def extra_repr(self) -> str:
-        return f"metric={self.metric!r}, normalize={self.normalize}"
+        return _format_args(self, ("metric", "normalize"))
 
 
 class _LabelledBatchLoss(torch.nn.Module):
-    """Shared plumbing: constructor arguments are the functional's keywords."""
+    """Shared plumbing of the ``forward(embeddings, labels)`` losses.
+
+    Each constructor argument is an attribute of the same name (as in torch.nn),
+    read at every forward, so reassigning one (a margin schedule) takes effect;
+    the functional validates the current values on each call. They are plain
+    attributes, not buffers: ``state_dict()`` is empty, as torch.nn's losses'.
+    """
 
     _fn = None
-
     _reductions = v.REDUCTIONS
+    _arg_names: tuple = ()  # the functional's keywords, in constructor order
+    _streams_reduction_none = False  # whether memory="streaming" allows reduction="none"
 
     def __init__(self, **kwargs):
         super().__init__()
         _check_module_args(kwargs, type(self)._reductions)
-        self.kwargs = kwargs
+        if not self._streams_reduction_none:
+            _triplet._check_streaming_reduction(kwargs["memory"], kwargs["reduction"])
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+
+    def _loss_kwargs(self) -> dict:
+        """The functional's keyword arguments: the attributes' current values."""
+        return {name: getattr(self, name) for name in self._arg_names}
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return type(self)._fn(embeddings, labels, **self.kwargs)
+        return type(self)._fn(embeddings, labels, **self._loss_kwargs())
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return _format_args(self, self._arg_names)
 
 
 class BatchHardTripletLoss(_LabelledBatchLoss):
     """Module form of :func:`metricops.batch_hard_triplet_loss`. ``forward(embeddings, labels)``."""
 
     _fn = staticmethod(_triplet.batch_hard_triplet_loss)
+    _arg_names = ("margin", "metric", "soft", "normalize", "reduction", "memory")
+    _streams_reduction_none = True  # (B,) terms
 
     def __init__(self, margin=0.2, metric="euclidean", soft=False, normalize=False, reduction="mean", memory="auto"):
         super().__init__(margin=margin, metric=metric, soft=soft, normalize=normalize, reduction=reduction, memory=memory)
@@ -82,6 +104,7 @@ class SemiHardTripletLoss(_LabelledBatchLoss):
     """Module form of :func:`metricops.semihard_triplet_loss`. ``forward(embeddings, labels)``."""
 
     _fn = staticmethod(_triplet.semihard_triplet_loss)
+    _arg_names = ("margin", "metric", "normalize", "reduction", "memory")
 
     def __init__(self, margin=0.2, metric="euclidean", normalize=False, reduction="mean", memory="auto"):
         super().__init__(margin=margin, metric=metric, normalize=normalize, reduction=reduction, memory=memory)
@@ -91,10 +114,23 @@ class BatchAllTripletLoss(_LabelledBatchLoss):
     """Module form of :func:`metricops.batch_all_triplet_loss`. ``forward(embeddings, labels)``."""
 
     _fn = staticmethod(_triplet.batch_all_triplet_loss)
+    _arg_names = ("margin", "metric", "normalize", "reduction", "memory")
     _reductions = ("mean", "sum", "mean_nonzero")
 
     def __init__(self, margin=0.2, metric="euclidean", normalize=False, reduction="mean_nonzero", memory="auto"):
         super().__init__(margin=margin, metric=metric, normalize=normalize, reduction=reduction, memory=memory)
+
+
+class ContrastiveLoss(_LabelledBatchLoss):
+    """Module form of :func:`metricops.contrastive_loss`; ``forward(embeddings, labels)``."""
+
+    _fn = staticmethod(contrastive_loss)
+    _arg_names = ("pos_margin", "neg_margin", "metric", "squared", "normalize", "reduction", "memory")
+
+    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, metric: str = "euclidean",
+                 squared: bool = False, normalize: bool = False, reduction: str = "mean", memory: str = "auto"):
+        super().__init__(pos_margin=pos_margin, neg_margin=neg_margin, metric=metric, squared=squared,
+                         normalize=normalize, reduction=reduction, memory=memory)
 
 
 class TripletMarginLoss(torch.nn.Module):
@@ -115,34 +151,7 @@ class TripletMarginLoss(torch.nn.Module):
                                    swap=self.swap, reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, p={self.p}, eps={self.eps}, swap={self.swap}, reduction={self.reduction!r}"
-
-
-class ContrastiveLoss(torch.nn.Module):
-    """Module form of :func:`metricops.contrastive_loss`; ``forward(embeddings, labels)``."""
-
-    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, metric: str = "euclidean",
-                 squared: bool = False, normalize: bool = False, reduction: str = "mean", memory: str = "auto"):
-        super().__init__()
-        _check_module_args(dict(pos_margin=pos_margin, neg_margin=neg_margin, metric=metric, squared=squared,
-                                normalize=normalize, reduction=reduction, memory=memory))
-        self.pos_margin = pos_margin
-        self.neg_margin = neg_margin
-        self.metric = metric
-        self.squared = squared
-        self.normalize = normalize
-        self.reduction = reduction
-        self.memory = memory
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return contrastive_loss(embeddings, labels, pos_margin=self.pos_margin, neg_margin=self.neg_margin,
-                                metric=self.metric, squared=self.squared, normalize=self.normalize,
-                                reduction=self.reduction, memory=self.memory)
-
-    def extra_repr(self) -> str:
-        return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, metric={self.metric!r}, "
-                f"squared={self.squared}, normalize={self.normalize}, reduction={self.reduction!r}, "
-                f"memory={self.memory!r}")
+        return _format_args(self, ("margin", "p", "eps", "swap", "reduction"))
 
 
 class PairContrastiveLoss(torch.nn.Module):
@@ -163,4 +172,4 @@ class PairContrastiveLoss(torch.nn.Module):
                                      reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, metric={self.metric!r}, squared={self.squared}, reduction={self.reduction!r}"
+        return _format_args(self, ("margin", "metric", "squared", "reduction"))

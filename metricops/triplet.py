@@ -157,20 +157,39 @@ def semihard_triplet_loss(
         re-mines each block (O(block·B + B·D) extra memory; scalar reductions
         only); ``"auto"`` streams from B=4096 unless ``reduction="none"``.
     """
-    embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
     v.check_reduction(reduction)
     v.check_memory(memory)
     _check_streaming_reduction(memory, reduction)
-    block_rows = 0 if reduction == "none" else _block_rows(memory, embeddings, _SORTING_BYTES_PER_ENTRY)
-    if block_rows > 0:
-        row_sum, row_valid, row_active = ops.semihard_triplet_streaming(embeddings, labels, margin, metric, block_rows)
+    if reduction != "none":
+        row_sum, row_valid, row_active = _semihard_anchor_sums(
+            embeddings, labels, margin=margin, metric=metric, normalize=normalize, memory=memory
+        )
         total = row_sum.sum()  # float32 for float16/bfloat16 embeddings
         if reduction == "sum":
             return total.to(loss_dtype(embeddings))
         count = row_valid if reduction == "mean" else row_active
         return mean_of_sum(total, count.sum(), loss_dtype(embeddings))
+    embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
+    losses, _, _ = ops.semihard_triplet(embeddings, labels, margin, metric)
+    return losses
+
+
+def _semihard_anchor_sums(embeddings, labels, *, margin, metric, normalize, memory):
+    """Per anchor a, each ``(B,)``: the sum of a's semi-hard terms (differentiable; float32
+    for float16/bfloat16), their number, and the number of them > 0.
+
+    From the streaming op when ``memory`` streams at this B (no B×B matrix),
+    else from the matrix op's terms. The scalar reductions of
+    :func:`semihard_triplet_loss` reduce these; ``metricops.distributed`` keeps
+    its local anchors' sums.
+    """
+    embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
+    block_rows = _block_rows(memory, embeddings, _SORTING_BYTES_PER_ENTRY)
+    if block_rows > 0:
+        return ops.semihard_triplet_streaming(embeddings, labels, margin, metric, block_rows)
     losses, negative, _ = ops.semihard_triplet(embeddings, labels, margin, metric)
-    return _reduce(losses, negative >= 0, reduction)
+    row_sum = losses.sum(dim=1, dtype=accumulation_dtype(losses.dtype))
+    return row_sum, (negative >= 0).sum(dim=1), (losses > 0).sum(dim=1)
 
 
 def batch_all_triplet_loss(

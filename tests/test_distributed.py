@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 import metricops
 from metricops import distributed as mdist
 from metricops import nn as mnn
+from metricops import triplet as triplet_module
 from common import assert_close
 
 WORLD = 2
@@ -52,7 +53,23 @@ def loss_cases():
         "batch_all_mean_nonzero": (lambda: mnn.BatchAllTripletLoss(margin=0.5), {}),
         "batch_all_mean": (lambda: mnn.BatchAllTripletLoss(margin=0.5, reduction="mean"), {}),
         "batch_all_scaled": (lambda: mnn.BatchAllTripletLoss(margin=0.5), {"scale_by_world_size": True}),
+        # memory="streaming" (the workers stream in blocks of 2 rows: every shard spans several blocks)
+        "batch_hard_streaming": (lambda: mnn.BatchHardTripletLoss(margin=0.3, memory="streaming"), {}),
+        "semihard_streaming_mean": (lambda: mnn.SemiHardTripletLoss(margin=0.5, memory="streaming"), {}),
+        "semihard_streaming_mean_nonzero": (
+            lambda: mnn.SemiHardTripletLoss(margin=0.5, reduction="mean_nonzero", memory="streaming"), {}),
+        "contrastive_streaming_mean": (lambda: mnn.ContrastiveLoss(neg_margin=2.0, memory="streaming"), {}),
+        "contrastive_streaming_mean_nonzero_sq": (
+            lambda: mnn.ContrastiveLoss(pos_margin=0.5, neg_margin=2.0, squared=True, reduction="mean_nonzero",
+                                        memory="streaming"), {}),
+        "contrastive_streaming_sum_cosine_norm": (
+            lambda: mnn.ContrastiveLoss(neg_margin=0.5, metric="cosine", normalize=True, reduction="sum",
+                                        memory="streaming"), {"scale_by_world_size": True}),
     }
+
+
+def empty_shard_streaming_loss():
+    return mnn.ContrastiveLoss(neg_margin=2.0, reduction="mean_nonzero", memory="streaming")
 
 
 def global_data():
@@ -80,6 +97,7 @@ def _grads(loss, emb, model):
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
+    triplet_module._CPU_STREAM_BLOCK_ROWS = 2  # streaming modules cross block boundaries within a shard
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
@@ -110,6 +128,9 @@ def _worker(rank, port, out_dir):
         emb = model(_shard(z, sizes0, rank))
         loss = mdist.DistributedLoss(mnn.BatchHardTripletLoss(margin=0.3))(emb, _shard(labels, sizes0, rank))
         results["empty_shard"] = (loss.detach(), _grads(loss, emb, model))
+        emb = model(_shard(z, sizes0, rank))
+        loss = mdist.DistributedLoss(empty_shard_streaming_loss())(emb, _shard(labels, sizes0, rank))
+        results["empty_shard_streaming"] = (loss.detach(), _grads(loss, emb, model))
 
         # Mismatched D is refused on every rank alike (no rank left waiting).
         try:
@@ -187,15 +208,17 @@ def test_reduction_none_returns_local_rows(ranks):
     assert_close(torch.cat([rk["contrastive_none"] for rk in ranks]).detach(), ct.detach())
 
 
-def test_empty_shard(ranks):
+@pytest.mark.parametrize("name, factory", [("empty_shard", lambda: mnn.BatchHardTripletLoss(margin=0.3)),
+                                           ("empty_shard_streaming", empty_shard_streaming_loss)])
+def test_empty_shard(ranks, name, factory):
     # the worker shards the first 6 rows as (0, 6)
-    loss, (g_emb, *g_params) = _single_process(lambda: mnn.BatchHardTripletLoss(margin=0.3), rows=6)
-    assert ranks[0]["empty_shard"][0].item() == 0.0
-    assert ranks[0]["empty_shard"][1][0].shape == (0, D_OUT)
-    assert_close(ranks[0]["empty_shard"][0] + ranks[1]["empty_shard"][0], loss)
-    assert_close(ranks[1]["empty_shard"][1][0], g_emb)
+    loss, (g_emb, *g_params) = _single_process(factory, rows=6)
+    assert ranks[0][name][0].item() == 0.0 and loss.item() != 0.0
+    assert ranks[0][name][1][0].shape == (0, D_OUT)
+    assert_close(ranks[0][name][0] + ranks[1][name][0], loss)
+    assert_close(ranks[1][name][1][0], g_emb)
     for i, g in enumerate(g_params):
-        assert_close(ranks[0]["empty_shard"][1][1 + i] + ranks[1]["empty_shard"][1][1 + i], g)
+        assert_close(ranks[0][name][1][1 + i] + ranks[1][name][1][1 + i], g)
 
 
 def test_mismatched_dim_is_refused_on_every_rank(ranks):
@@ -212,12 +235,39 @@ def test_without_process_group_is_identity():
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     all_x, all_y = mdist.all_gather_embeddings(x, y)
     assert all_x is x and all_y is y
-    for module in (mnn.BatchHardTripletLoss(), mnn.SemiHardTripletLoss(), mnn.ContrastiveLoss(),
-                   mnn.BatchAllTripletLoss(), mnn.BatchHardTripletLoss(reduction="mean_nonzero")):
+    modules = [mnn.BatchHardTripletLoss(), mnn.SemiHardTripletLoss(), mnn.ContrastiveLoss(),
+               mnn.BatchAllTripletLoss(), mnn.BatchHardTripletLoss(reduction="mean_nonzero")]
+    # memory="streaming" modules work too (they used to raise about a reduction='none' never passed).
+    for reduction in ("mean", "sum", "mean_nonzero"):
+        modules += [mnn.SemiHardTripletLoss(margin=0.5, reduction=reduction, memory="streaming"),
+                    mnn.ContrastiveLoss(neg_margin=2.0, squared=True, reduction=reduction, memory="streaming"),
+                    mnn.BatchHardTripletLoss(reduction=reduction, memory="streaming")]
+    for module in modules:
         out = mdist.DistributedLoss(module)(x, y)
         expected = module(x, y)
+        assert expected.item() != 0.0
         assert_close(out, expected)
         assert_close(torch.autograd.grad(out, x)[0], torch.autograd.grad(expected, x)[0])
+
+
+def test_streaming_with_reduction_none_refused_by_its_own_name():
+    x, y = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    for module in (mnn.SemiHardTripletLoss(memory="streaming"), mnn.ContrastiveLoss(memory="streaming")):
+        module.reduction = "none"  # the user's own choice, refused with memory='streaming' as the module does
+        with pytest.raises(ValueError, match="must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming'"):
+            mdist.DistributedLoss(module)(x, y)
+    assert mdist.DistributedLoss(mnn.BatchHardTripletLoss(memory="streaming", reduction="none"))(x, y).shape == (6,)
+
+
+def test_reads_the_modules_current_attributes():
+    # A margin schedule on the wrapped module takes effect through DistributedLoss.
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for module, name, fn in ((mnn.BatchHardTripletLoss(), "margin", metricops.batch_hard_triplet_loss),
+                             (mnn.SemiHardTripletLoss(), "margin", metricops.semihard_triplet_loss),
+                             (mnn.ContrastiveLoss(), "neg_margin", metricops.contrastive_loss)):
+        wrapped = mdist.DistributedLoss(module)
+        setattr(module, name, 7.0)
+        assert_close(wrapped(x, y), fn(x, y, **{name: 7.0}))
 
 
 def test_argument_errors():

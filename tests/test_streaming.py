@@ -192,3 +192,38 @@ def test_sorting_losses_streaming_compile_fullgraph(device, small_blocks):
     out_e = fn(x, labels)
     assert_close(out_c, out_e)
     assert_close(torch.autograd.grad(out_c, x)[0], torch.autograd.grad(out_e, x)[0])
+
+
+def test_distributed_contrastive_streams_in_row_blocks(monkeypatch, small_blocks):
+    # DistributedLoss scores contrastive anchors row block by row block when memory="streaming":
+    # no call, forward or backward (recomputation), sees more than a block of rows.
+    from metricops import contrastive as contrastive_module
+    from metricops.distributed import DistributedLoss
+
+    shapes = []
+    real = torch.ops.metricops
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(real, name)
+            if name != "pairwise_distance":
+                return op
+
+            def record(x, y, metric):
+                shapes.append((tuple(x.shape), tuple(y.shape)))
+                return op(x, y, metric)
+
+            return record
+
+    monkeypatch.setattr(contrastive_module, "ops", Spy())
+    x = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (30,))
+    for reduction in ("mean", "sum", "mean_nonzero"):
+        shapes.clear()
+        module = metricops.nn.ContrastiveLoss(neg_margin=2.0, reduction=reduction, memory="streaming")
+        out = DistributedLoss(module)(x, labels)
+        (g,) = torch.autograd.grad(out, x)
+        expected = metricops.contrastive_loss(x, labels, neg_margin=2.0, reduction=reduction, memory="matrix")
+        assert_close(out, expected)
+        assert_close(g, torch.autograd.grad(expected, x)[0])
+        assert len(shapes) == 2 * 5 and all(q[0] <= 7 and db == (30, 5) for q, db in shapes), shapes  # 5 blocks, twice

@@ -1,3 +1,6 @@
+import copy
+import re
+
 import pytest
 import torch
 
@@ -295,6 +298,76 @@ def test_modules():
     for module, ref, kw in pairs:
         assert_close(module(x, labels), ref(x, labels, **kw))
         assert "margin" in repr(module)
+
+
+def _module_cases():
+    """(module class, its functional, inputs, {argument: a new value that changes the result})."""
+    x = torch.randn(10, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    a, p, n = (torch.randn(10, 4, dtype=torch.float64) for _ in range(3))
+    y = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0, 1, 0])
+    mnn = metricops.nn
+    labelled = dict(margin=5.0, metric="cosine", normalize=True, reduction="sum", memory="streaming")
+    return [
+        (mnn.BatchHardTripletLoss, metricops.batch_hard_triplet_loss, (x, labels), dict(labelled, soft=True)),
+        (mnn.SemiHardTripletLoss, metricops.semihard_triplet_loss, (x, labels), labelled),
+        (mnn.BatchAllTripletLoss, metricops.batch_all_triplet_loss, (x, labels), dict(labelled, reduction="mean")),
+        (mnn.ContrastiveLoss, metricops.contrastive_loss, (x, labels),
+         dict(pos_margin=0.5, neg_margin=5.0, metric="sqeuclidean", squared=True, normalize=True, reduction="sum",
+              memory="streaming")),
+        (mnn.TripletMarginLoss, metricops.triplet_margin_loss, (a, p, n),
+         dict(margin=5.0, p=1.0, eps=0.5, swap=True, reduction="sum")),
+        (mnn.PairContrastiveLoss, metricops.pair_contrastive_loss, (a, p, y),
+         dict(margin=5.0, metric="cosine", squared=True, reduction="sum")),
+        (mnn.PairwiseDistance, metricops.pairwise_distance, (x,), dict(metric="cosine", normalize=True)),
+    ]
+
+
+@pytest.mark.parametrize("cls, fn, inputs, changes", [pytest.param(*c, id=c[0].__name__) for c in _module_cases()])
+def test_module_arguments_are_live_attributes(cls, fn, inputs, changes):
+    # Every constructor argument is an attribute, read at each forward (margin schedules).
+    for name, value in changes.items():
+        module = cls()
+        before = module(*inputs)
+        assert hasattr(module, name), name
+        setattr(module, name, value)
+        out = module(*inputs)
+        assert_close(out, fn(*inputs, **{name: value}))
+        if name != "memory":  # the same result either way
+            assert not torch.equal(out, before), name
+        assert f"{name}={value!r}" in repr(module) if isinstance(value, str) else f"{name}={value}" in repr(module)
+    # Plain attributes, as torch.nn's losses: an empty state_dict; copies keep the current values.
+    module = cls(**changes)
+    assert module.state_dict() == {}
+    module.load_state_dict({})
+    clone = copy.deepcopy(module)
+    for name, value in changes.items():
+        assert getattr(clone, name) == value
+    assert_close(clone(*inputs), fn(*inputs, **changes))
+
+
+@pytest.mark.parametrize("cls", [metricops.nn.BatchHardTripletLoss, metricops.nn.SemiHardTripletLoss,
+                                 metricops.nn.BatchAllTripletLoss])
+def test_module_forward_validates_reassigned_attributes(cls):
+    x, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    for name, bad, exc, text in (("margin", -1.0, ValueError, "margin must be >= 0.0, got -1.0"),
+                                 ("margin", "0.3", TypeError, "margin must be a number, got str"),
+                                 ("metric", "l1", ValueError, "metric must be one of"),
+                                 ("normalize", 1, TypeError, "normalize must be a bool, got int"),
+                                 ("memory", "disk", ValueError, "memory must be one of"),
+                                 ("reduction", "avg", ValueError, "reduction must be one of")):
+        module = cls()
+        setattr(module, name, bad)
+        with pytest.raises(exc, match=re.escape(text)):
+            module(x, labels)
+    # A streaming module reassigned to reduction="none": refused by name (batch-hard streams (B,) terms).
+    module = cls(memory="streaming")
+    module.reduction = "none"
+    if cls is metricops.nn.BatchHardTripletLoss:
+        assert module(x, labels).shape == (6,)
+    else:
+        with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum', 'mean_nonzero'"):
+            module(x, labels)
 
 
 # --------------------------------------------------------------------------- bad input

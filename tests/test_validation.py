@@ -126,6 +126,9 @@ BAD = [
     ("nn_tml_margin", lambda: mnn.TripletMarginLoss(margin=NAN), ValueError, "margin must not be NaN"),
     ("nn_cl_memory", lambda: mnn.ContrastiveLoss(memory="disk"), ValueError, "memory must be one of"),
     ("nn_pcl_squared", lambda: mnn.PairContrastiveLoss(squared=2), TypeError, "squared must be a bool, got int"),
+    ("nn_sh_streaming_none", lambda: mnn.SemiHardTripletLoss(memory="streaming", reduction="none"), ValueError, "reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming'"),
+    ("nn_cl_streaming_none", lambda: mnn.ContrastiveLoss(memory="streaming", reduction="none"), ValueError, "reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming'"),
+    ("nn_bh_margin_np_nan", lambda: mnn.BatchHardTripletLoss(margin=np.float32("nan")), ValueError, "margin must not be NaN"),
     ("nn_bh_forward_labels", lambda: mnn.BatchHardTripletLoss()(X, L[:2]), ValueError, "labels must be a 1-D tensor of length B=4"),
     # ---- metricops.pml
     ("pml_tml_margin", lambda: losses.TripletMarginLoss(margin=NAN), ValueError, "margin must not be NaN"),

@@ -187,22 +187,40 @@ def triplet_margin_loss(
     ``‖x − y + eps‖_p``, the swap rule, ``clamp_min`` at 0), for any finite
     ``p > 0``. ``squared=True`` (requires ``p=2``) gives
     ``relu(‖a−p‖² − min(‖a−n‖², swap: ‖p−n‖²) + margin)`` without eps.
-    Inputs are ``(N, D)`` or ``(D,)``. ``reduction``: ``"mean"``, ``"sum"``,
-    ``"none"`` (torch's) or ``"mean_nonzero"``. One deviation from torch, by
-    the project's convention: with N = 0, ``"mean"`` gives 0 instead of NaN.
+
+    Shapes as torch's: the three inputs have the same number of dimensions
+    (``(N, D)``, unbatched ``(D,)``, or more leading dimensions) and broadcast
+    against each other, e.g. one ``(1, D)`` anchor against ``(N, D)``; the last
+    dimension is the embedding. ``reduction``: ``"mean"``, ``"sum"``, ``"none"``
+    (the broadcast shape without its last dimension, as torch's) or
+    ``"mean_nonzero"``. One deviation from torch, by the project's convention:
+    with no triplet, ``"mean"`` gives 0 instead of NaN.
     """
     names = ("anchor", "positive", "negative")
-    for t, name in zip((anchor, positive, negative), names):
+    inputs = (anchor, positive, negative)
+    for t, name in zip(inputs, names):
         v.check_tensor(t, name)
-    unbatched = anchor.dim() == 1
-    if unbatched and positive.dim() == 1 and negative.dim() == 1:
-        anchor, positive, negative = anchor.unsqueeze(0), positive.unsqueeze(0), negative.unsqueeze(0)
+    if not anchor.dim() == positive.dim() == negative.dim():
+        raise ValueError(
+            "anchor, positive and negative must have the same number of dimensions, got "
+            + ", ".join(f"{name} {t.dim()}-D {tuple(t.shape)}" for t, name in zip(inputs, names))
+        )
+    try:
+        shape = torch.broadcast_shapes(*(t.shape for t in inputs))
+    except RuntimeError:
+        raise ValueError(
+            "anchor, positive and negative must broadcast to one shape, got "
+            + ", ".join(f"{name} {tuple(t.shape)}" for t, name in zip(inputs, names))
+        ) from None
+    # The op takes (N, D) rows: broadcast by expand (stride-0 views, no copy here)
+    # and fold the leading dimensions into N; a 0-D input is one 1-element row.
+    out_shape = shape[:-1]
+    rows_shape = (math.prod(out_shape), shape[-1] if shape else 1)
+    anchor, positive, negative = (t.expand(shape).reshape(rows_shape) for t in inputs)
     for t, name in zip((anchor, positive, negative), names):
         v.check_embeddings(t, name)
     v.check_same_device_dtype(anchor, "anchor", positive, "positive")
     v.check_same_device_dtype(anchor, "anchor", negative, "negative")
-    v.check_same_shape(anchor, "anchor", positive, "positive")
-    v.check_same_shape(anchor, "anchor", negative, "negative")
     margin = v.check_number(margin, "margin", finite=True)
     p = v.check_positive_finite(p, "p")
     eps = v.check_number(eps, "eps", finite=True)
@@ -212,6 +230,6 @@ def triplet_margin_loss(
     if squared and p != 2.0:
         raise ValueError(f"squared=True requires p=2 (squared L2 distances), got p={p}")
     terms, _ = ops.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, squared)
-    if unbatched and reduction == "none":
-        terms = terms.squeeze(0)
+    if reduction == "none":
+        return terms.reshape(out_shape)
     return _reduce(terms, reduction)

@@ -230,6 +230,75 @@ def test_triplet_module_drop_in():
                      F.triplet_margin_loss(*v, reduction=reduction))
 
 
+# Shapes torch.nn.functional.triplet_margin_loss accepts: equal ranks, broadcasting.
+TRIPLET_SHAPES = [
+    ((6, 4), (1, 4), (6, 4)),  # one positive for every anchor
+    ((1, 4), (6, 4), (1, 4)),
+    ((6, 4), (6, 4), (1, 4)),
+    ((6, 4), (6, 1), (6, 4)),  # broadcast along D
+    ((1, 4), (1, 4), (1, 4)),
+    ((4,), (4,), (4,)),  # unbatched
+    ((4,), (1,), (4,)),
+    ((), (), ()),
+    ((2, 3, 4), (2, 3, 4), (1, 1, 4)),  # leading batch dimensions
+    ((2, 1, 4), (1, 3, 4), (2, 3, 4)),
+    ((0, 4), (1, 4), (0, 4)),
+    ((5, 0), (5, 0), (5, 0)),
+]
+
+
+@pytest.mark.parametrize("shapes", TRIPLET_SHAPES, ids=str)
+def test_triplet_broadcast_shapes_match_torch(shapes):
+    for swap in (False, True):
+        for reduction in ("none", "mean", "sum"):
+            a, pos, neg = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes)
+            kw = dict(margin=1.5, swap=swap, reduction=reduction)
+            expected = F.triplet_margin_loss(a, pos, neg, **kw)
+            w = torch.rand(expected.shape, dtype=torch.float64)
+            g_ref = torch.autograd.grad((expected * w).sum(), (a, pos, neg), allow_unused=True)
+            if reduction == "mean" and expected.isnan():  # no triplet: 0 by the project convention
+                expected, g_ref = torch.zeros_like(expected), (None,) * 3
+            module = metricops.nn.TripletMarginLoss(**kw)
+            for out in (metricops.triplet_margin_loss(a, pos, neg, **kw), module(a, pos, neg)):
+                assert out.shape == expected.shape and out.dtype == expected.dtype
+                assert_close(out, expected.detach())
+                g = torch.autograd.grad((out * w).sum(), (a, pos, neg), allow_unused=True)
+                for x, ref, t in zip(g, g_ref, (a, pos, neg)):
+                    x = torch.zeros_like(t) if x is None else x
+                    assert x.shape == t.shape
+                    assert_close(x, torch.zeros_like(t) if ref is None else ref)
+
+
+def test_triplet_broadcast_passes_stride0_views(monkeypatch):
+    # A broadcast input reaches the native op as an expanded view: the Python layer copies nothing.
+    from metricops import contrastive as contrastive_module
+
+    seen = []
+    real = contrastive_module.ops.triplet_margin_loss
+
+    class Spy:
+        def triplet_margin_loss(self, *args):
+            seen.append(args[:3])
+            return real(*args)
+
+    monkeypatch.setattr(contrastive_module, "ops", Spy())
+    a, pos = torch.randn(1000, 8), torch.randn(1, 8)
+    metricops.triplet_margin_loss(a, pos, a)
+    assert seen[0][1].shape == (1000, 8) and seen[0][1].stride() == (0, 1)
+    assert seen[0][1].data_ptr() == pos.data_ptr()
+
+
+def test_triplet_mismatched_shapes_refused_like_torch():
+    x = torch.randn(5, 4)
+    for args, text in (((x, x[0], x), "must have the same number of dimensions"),
+                       ((x, x[:3], x), "must broadcast to one shape"),
+                       ((x, x, torch.randn(5, 3)), "must broadcast to one shape")):
+        with pytest.raises(RuntimeError):
+            F.triplet_margin_loss(*args)
+        with pytest.raises(ValueError, match=text):
+            metricops.triplet_margin_loss(*args)
+
+
 def test_triplet_squared_and_edge_cases():
     a, pos, neg = _triplet_inputs(15, 4, torch.float64, "cpu")
     for swap in (False, True):
@@ -376,7 +445,7 @@ L = torch.tensor([0, 0, 1, 1])
         (lambda: metricops.pair_contrastive_loss(X, X.to("meta"), L), ValueError, "x1 must be on the same device"),
         (lambda: metricops.pair_contrastive_loss(X, X, L.to("meta")), ValueError, "y must be on x0's device"),
         (lambda: metricops.pair_contrastive_loss(X, X.double(), L), TypeError, "x1 must have the same dtype"),
-        (lambda: metricops.triplet_margin_loss(X, X, X[:2]), ValueError, "negative must have the same shape"),
+        (lambda: metricops.triplet_margin_loss(X, X, X[:2]), ValueError, "anchor, positive and negative must broadcast to one shape"),
         (lambda: metricops.triplet_margin_loss(X, X.to("meta"), X), ValueError, "positive must be on the same device"),
         (lambda: metricops.triplet_margin_loss(X, X, X, p=0), ValueError, "p must be a finite number > 0"),
         (lambda: metricops.triplet_margin_loss(X, X, X, squared=True, p=1.0), ValueError, "squared=True requires p=2"),

@@ -93,8 +93,9 @@ BAD = [
     ("tml_p_inf", lambda: tml(X, X, X, p=INF), ValueError, "p must be a finite number > 0, got inf"),
     ("tml_p_neg", lambda: tml(X, X, X, p=-1.0), ValueError, "p must be a finite number > 0, got -1.0"),
     ("tml_swap_int", lambda: tml(X, X, X, swap=1), TypeError, "swap must be a bool, got int"),
-    ("tml_mixed_rank", lambda: tml(X[0], X, X), ValueError, "anchor must be a 2-D tensor of shape (B, D), got 1-D"),
-    ("tml_3d", lambda: tml(X[None], X[None], X[None]), ValueError, "anchor must be a 2-D tensor"),
+    ("tml_mixed_rank", lambda: tml(X[0], X, X), ValueError, "anchor, positive and negative must have the same number of dimensions, got anchor 1-D (3,), positive 2-D (4, 3), negative 2-D (4, 3)"),
+    ("tml_not_broadcastable", lambda: tml(X, X[:3], X), ValueError, "anchor, positive and negative must broadcast to one shape, got anchor (4, 3), positive (3, 3), negative (4, 3)"),
+    ("tml_int", lambda: tml(X.long(), X.long(), X.long()), TypeError, "anchor must be float32 or float64"),
     ("tml_half_cpu", lambda: tml(X.half(), X.half(), X.half()), TypeError, "anchor must be float32 or float64"),
     ("tml_dtype_mix", lambda: tml(X, X, X.double()), TypeError, "negative must have the same dtype as anchor (torch.float32), got torch.float64"),
     # ---- knn / retrieval_metrics

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 
@@ -31,3 +32,13 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 #define METRICOPS_CUDA_KERNEL_LOOP(i, n)                                               \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+// Device guard of a CUDA entry point. A call that mixes a CPU and a CUDA tensor
+// dispatches here too: a plain CUDAGuard on the CPU tensor would throw
+// "CUDAGuardImpl initialized with non-CUDA DeviceType" before the input checks
+// could name the argument, so the guard only switches devices for a CUDA
+// tensor and leaves the mixed call to the checks.
+#define METRICOPS_CUDA_DEVICE_GUARD(tensor)         \
+  c10::cuda::OptionalCUDAGuard metricops_device_guard; \
+  if ((tensor).is_cuda()) metricops_device_guard.set_device((tensor).device())
+

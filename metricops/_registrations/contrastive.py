@@ -6,7 +6,14 @@ import torch
 
 from .._ops import ops
 from .._reduction import accumulation_dtype
-from .distance import _LIB, _check_embeddings, _check_labels, _check_same_device_dtype, _no_double_backward
+from .distance import (
+    _LIB,
+    _check_embeddings,
+    _check_labels,
+    _check_same_device_dtype,
+    _contiguous_like,
+    _no_double_backward,
+)
 
 def _no_setup(ctx, inputs, output):
     return None
@@ -33,7 +40,7 @@ def _contrastive_loss_fake(x, labels, pos_margin, neg_margin, metric, squared, r
 @torch.library.register_fake(_LIB + "contrastive_loss_backward")
 def _contrastive_loss_backward_fake(grad, x, labels, mat, row_coef, denom, pos_margin, neg_margin, metric, squared,
                                     reduction):
-    return torch.empty_like(x)
+    return _contiguous_like(x)
 
 
 def _contrastive_loss_setup_context(ctx, inputs, output):
@@ -84,9 +91,7 @@ def _pair_contrastive_loss_fake(x0, x1, y, margin, metric, squared):
 
 @torch.library.register_fake(_LIB + "pair_contrastive_loss_backward")
 def _pair_contrastive_loss_backward_fake(grad, x0, x1, y, dist, margin, metric, squared):
-    return torch.empty_like(x0, memory_format=torch.contiguous_format), torch.empty_like(
-        x1, memory_format=torch.contiguous_format
-    )
+    return _contiguous_like(x0), _contiguous_like(x1)
 
 
 def _pair_setup_context(ctx, inputs, output):
@@ -135,7 +140,7 @@ def _triplet_margin_loss_fake(a, p, n, margin, norm_p, eps, swap, squared):
 
 @torch.library.register_fake(_LIB + "triplet_margin_loss_backward")
 def _triplet_margin_loss_backward_fake(grad, a, p, n, dists, margin, norm_p, eps, swap, squared):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (a, p, n))
+    return _contiguous_like(a), _contiguous_like(p), _contiguous_like(n)
 
 
 def _triplet_setup_context(ctx, inputs, output):
@@ -177,7 +182,7 @@ def _contrastive_streaming_fake(embeddings, labels, pos_margin, neg_margin, metr
 
 @torch.library.register_fake("metricops::contrastive_loss_streaming_backward")
 def _contrastive_streaming_backward_fake(grad, embeddings, labels, denom, pos_margin, neg_margin, metric, squared, block_rows):
-    return torch.empty_like(embeddings)
+    return _contiguous_like(embeddings)
 
 
 def _contrastive_streaming_setup_context(ctx, inputs, output):

@@ -38,6 +38,11 @@ def _check_same_device_dtype(a, a_name, b, b_name):
     )
 
 
+def _contiguous_like(t):
+    """A fake output of t's shape, contiguous: the kernels return that whatever t's strides (transposed, sliced...)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _check_labels(labels, embeddings, name="labels"):
     b = embeddings.shape[0]
     torch._check(
@@ -79,8 +84,8 @@ def _pairwise_distance_fake(x, y, metric):
 
 @torch.library.register_fake(_LIB + "pairwise_distance_backward")
 def _pairwise_distance_backward_fake(grad, x, y, dist, metric):
-    grad_y = x.new_empty((0, x.shape[1])) if y is None else torch.empty_like(y)
-    return torch.empty_like(x), grad_y
+    grad_y = x.new_empty((0, x.shape[1])) if y is None else _contiguous_like(y)
+    return _contiguous_like(x), grad_y
 
 
 def _pairwise_distance_setup_context(ctx, inputs, output):
@@ -117,14 +122,12 @@ torch.library.register_autograd(
 @torch.library.register_fake(_LIB + "l2_normalize")
 def _l2_normalize_fake(x, eps):
     _check_embeddings(x, "embeddings")
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-        (x.shape[0],), dtype=accumulation_dtype(x.dtype)
-    )
+    return _contiguous_like(x), x.new_empty((x.shape[0],), dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.register_fake(_LIB + "l2_normalize_backward")
 def _l2_normalize_backward_fake(grad, x, norm, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _contiguous_like(x)
 
 
 def _l2_normalize_setup_context(ctx, inputs, output):

@@ -6,7 +6,7 @@ import torch
 
 from .._ops import ops
 from .._reduction import accumulation_dtype  # the summed outputs' dtype
-from .distance import _check_embeddings, _check_labels, _no_double_backward
+from .distance import _check_embeddings, _check_labels, _contiguous_like, _no_double_backward
 
 _LIB = "metricops::"
 
@@ -31,7 +31,7 @@ def _batch_hard_fake(embeddings, labels, margin, metric, soft, block_rows, norma
 def _batch_hard_backward_fake(
     grad_losses, grad_dist_ap, grad_dist_an, embeddings, positive, negative, dist_ap, dist_an, margin, metric, soft, normalize=False
 ):
-    return torch.empty_like(embeddings)
+    return _contiguous_like(embeddings)
 
 
 def _batch_hard_setup_context(ctx, inputs, output):
@@ -97,7 +97,7 @@ def _semihard_backward(ctx, grad_losses, grad_negative, grad_dist):
 
 @torch.library.register_fake(_LIB + "semihard_triplet_backward")
 def _semihard_backward_fake(grad_losses, grad_dist, embeddings, losses, negative, dist, metric):
-    return torch.empty_like(embeddings)
+    return _contiguous_like(embeddings)
 
 
 torch.library.register_autograd(
@@ -167,7 +167,7 @@ def _batch_all_streaming_fake(embeddings, labels, margin, metric, block_rows):
 @torch.library.register_fake(_LIB + "semihard_triplet_streaming_backward")
 @torch.library.register_fake(_LIB + "batch_all_triplet_streaming_backward")
 def _streaming_backward_fake(grad, embeddings, labels, margin, metric, block_rows):
-    return torch.empty_like(embeddings)
+    return _contiguous_like(embeddings)
 
 
 def _streaming_setup_context(ctx, inputs, output):

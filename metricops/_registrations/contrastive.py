@@ -6,17 +6,8 @@ import torch
 
 from .._ops import ops
 from .._reduction import accumulation_dtype
-from .distance import (
-    _LIB,
-    _check_embeddings,
-    _check_labels,
-    _check_same_device_dtype,
-    _contiguous_like,
-    _no_double_backward,
-)
-
-def _no_setup(ctx, inputs, output):
-    return None
+from ._autograd import register_autograd, register_backward_op
+from .distance import _LIB, _check_embeddings, _check_labels, _check_same_device_dtype, _contiguous_like
 
 
 # --------------------------------------------------------------------------
@@ -60,12 +51,8 @@ def _contrastive_loss_backward(ctx, grad, *_unused):
     return grad_x, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    _LIB + "contrastive_loss", _contrastive_loss_backward, setup_context=_contrastive_loss_setup_context
-)
-torch.library.register_autograd(
-    _LIB + "contrastive_loss_backward", _no_double_backward("contrastive_loss"), setup_context=_no_setup
-)
+register_autograd("contrastive_loss", _contrastive_loss_backward, _contrastive_loss_setup_context)
+register_backward_op("contrastive_loss_backward", "contrastive_loss")
 
 
 # --------------------------------------------------------------------------
@@ -111,10 +98,8 @@ def _pair_backward(ctx, grad, *_unused):
     return g0, g1, None, None, None, None
 
 
-torch.library.register_autograd(_LIB + "pair_contrastive_loss", _pair_backward, setup_context=_pair_setup_context)
-torch.library.register_autograd(
-    _LIB + "pair_contrastive_loss_backward", _no_double_backward("pair_contrastive_loss"), setup_context=_no_setup
-)
+register_autograd("pair_contrastive_loss", _pair_backward, _pair_setup_context)
+register_backward_op("pair_contrastive_loss_backward", "pair_contrastive_loss")
 
 
 # --------------------------------------------------------------------------
@@ -160,10 +145,8 @@ def _triplet_backward(ctx, grad, *_unused):
     return ga, gp, gn, None, None, None, None, None
 
 
-torch.library.register_autograd(_LIB + "triplet_margin_loss", _triplet_backward, setup_context=_triplet_setup_context)
-torch.library.register_autograd(
-    _LIB + "triplet_margin_loss_backward", _no_double_backward("triplet_margin_loss"), setup_context=_no_setup
-)
+register_autograd("triplet_margin_loss", _triplet_backward, _triplet_setup_context)
+register_backward_op("triplet_margin_loss_backward", "triplet_margin_loss")
 
 
 # ------------------------------------------------------------------ streaming contrastive
@@ -206,11 +189,5 @@ def _contrastive_streaming_backward(ctx, grad_loss, grad_denom):
     return (grad,) + (None,) * 7
 
 
-torch.library.register_autograd(
-    "metricops::contrastive_loss_streaming", _contrastive_streaming_backward, setup_context=_contrastive_streaming_setup_context
-)
-torch.library.register_autograd(
-    "metricops::contrastive_loss_streaming_backward",
-    _no_double_backward("contrastive_loss (streaming)"),
-    setup_context=lambda ctx, inputs, output: None,
-)
+register_autograd("contrastive_loss_streaming", _contrastive_streaming_backward, _contrastive_streaming_setup_context)
+register_backward_op("contrastive_loss_streaming_backward", "contrastive_loss (streaming)")

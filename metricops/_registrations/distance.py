@@ -10,6 +10,7 @@ import torch
 
 from .._ops import ops
 from .._reduction import accumulation_dtype
+from ._autograd import register_autograd, register_backward_op
 
 _LIB = "metricops::"
 
@@ -56,13 +57,6 @@ def _check_labels(labels, embeddings, name="labels"):
     )
 
 
-def _no_double_backward(name):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"metricops: double backward of {name} is not supported")
-
-    return backward
-
-
 # --------------------------------------------------------------------------
 # pairwise_distance
 # --------------------------------------------------------------------------
@@ -104,14 +98,8 @@ def _pairwise_distance_backward(ctx, grad):
     return grad_x, (None if ctx.y_is_none else grad_y), None
 
 
-torch.library.register_autograd(
-    _LIB + "pairwise_distance", _pairwise_distance_backward, setup_context=_pairwise_distance_setup_context
-)
-torch.library.register_autograd(
-    _LIB + "pairwise_distance_backward",
-    _no_double_backward("pairwise_distance"),
-    setup_context=lambda ctx, inputs, output: None,
-)
+register_autograd("pairwise_distance", _pairwise_distance_backward, _pairwise_distance_setup_context)
+register_backward_op("pairwise_distance_backward", "pairwise_distance")
 
 
 # --------------------------------------------------------------------------
@@ -146,11 +134,5 @@ def _l2_normalize_backward(ctx, grad_y, grad_norm):
     return ops.l2_normalize_backward(grad_y, x, norm, ctx.eps), None
 
 
-torch.library.register_autograd(
-    _LIB + "l2_normalize", _l2_normalize_backward, setup_context=_l2_normalize_setup_context
-)
-torch.library.register_autograd(
-    _LIB + "l2_normalize_backward",
-    _no_double_backward("l2_normalize"),
-    setup_context=lambda ctx, inputs, output: None,
-)
+register_autograd("l2_normalize", _l2_normalize_backward, _l2_normalize_setup_context)
+register_backward_op("l2_normalize_backward", "l2_normalize")

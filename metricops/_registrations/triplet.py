@@ -6,7 +6,8 @@ import torch
 
 from .._ops import ops
 from .._reduction import accumulation_dtype  # the summed outputs' dtype
-from .distance import _check_embeddings, _check_labels, _contiguous_like, _no_double_backward
+from ._autograd import register_autograd, register_backward_op
+from .distance import _check_embeddings, _check_labels, _contiguous_like
 
 _LIB = "metricops::"
 
@@ -58,12 +59,8 @@ def _batch_hard_backward(ctx, grad_losses, grad_positive, grad_negative, grad_di
     return grad, None, None, None, None, None, None
 
 
-torch.library.register_autograd(_LIB + "batch_hard_triplet", _batch_hard_backward, setup_context=_batch_hard_setup_context)
-torch.library.register_autograd(
-    _LIB + "batch_hard_triplet_backward",
-    _no_double_backward("batch_hard_triplet"),
-    setup_context=lambda ctx, inputs, output: None,
-)
+register_autograd("batch_hard_triplet", _batch_hard_backward, _batch_hard_setup_context)
+register_backward_op("batch_hard_triplet_backward", "batch_hard_triplet")
 
 # ------------------------------------------------------------------ semi-hard
 
@@ -100,14 +97,8 @@ def _semihard_backward_fake(grad_losses, grad_dist, embeddings, losses, negative
     return _contiguous_like(embeddings)
 
 
-torch.library.register_autograd(
-    _LIB + "semihard_triplet_backward",
-    _no_double_backward("semihard_triplet"),
-    setup_context=lambda ctx, inputs, output: None,
-)
-
-
-torch.library.register_autograd(_LIB + "semihard_triplet", _semihard_backward, setup_context=_semihard_setup_context)
+register_autograd("semihard_triplet", _semihard_backward, _semihard_setup_context)
+register_backward_op("semihard_triplet_backward", "semihard_triplet")
 
 # ------------------------------------------------------------------ batch-all
 
@@ -142,7 +133,7 @@ def _batch_all_backward(ctx, grad_sum, grad_valid, grad_active, grad_dist, grad_
     return grad, None, None, None
 
 
-torch.library.register_autograd(_LIB + "batch_all_triplet", _batch_all_backward, setup_context=_batch_all_setup_context)
+register_autograd("batch_all_triplet", _batch_all_backward, _batch_all_setup_context)
 
 # ------------------------------------------------------------------ streaming semi-hard and batch-all
 # The backwards recompute (and re-mine) the distances block by block, so
@@ -190,20 +181,9 @@ def _streaming_backward(backward_op):
     return backward
 
 
-torch.library.register_autograd(
-    _LIB + "semihard_triplet_streaming",
-    _streaming_backward(ops.semihard_triplet_streaming_backward),
-    setup_context=_streaming_setup_context,
-)
-torch.library.register_autograd(
-    _LIB + "batch_all_triplet_streaming",
-    _streaming_backward(ops.batch_all_triplet_streaming_backward),
-    setup_context=_streaming_setup_context,
-)
-for _name in ("semihard_triplet_streaming_backward", "batch_all_triplet_streaming_backward"):
-    torch.library.register_autograd(
-        _LIB + _name, _no_double_backward(_name.removesuffix("_backward")), setup_context=lambda ctx, inputs, output: None
-    )
+for _name in ("semihard_triplet_streaming", "batch_all_triplet_streaming"):
+    register_autograd(_name, _streaming_backward(getattr(ops, _name + "_backward")), _streaming_setup_context)
+    register_backward_op(_name + "_backward", _name)
 
 # ------------------------------------------------------------------ statistics and miner
 

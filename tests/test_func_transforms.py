@@ -1,0 +1,193 @@
+"""Every differentiable public function under torch.func and forward-mode AD.
+
+Reverse mode (torch.func.grad, vjp, jacrev, and vmap around or inside them)
+equals torch.autograd. Forward mode (torch.func.jvp, jacfwd,
+torch.autograd.forward_ad) is not implemented: it must raise an error naming
+the op, never return zero tangents (as it silently did). Differentiating
+twice raises, never returns zeros.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as forward_ad
+
+import metricops
+from common import assert_close
+
+LABELS = torch.tensor([0, 0, 1, 1, 2, 2])  # every anchor has a positive and negatives
+
+# name -> (scalar function of three (6, 4) tensors, the metricops op that meets the tangent first)
+CASES = {
+    "pairwise_distance": (lambda a, b, c: metricops.pairwise_distance(a).sum(), "pairwise_distance"),
+    "pairwise_distance_xy": (
+        lambda a, b, c: metricops.pairwise_distance(a, b, metric="cosine").pow(2).sum(),
+        "pairwise_distance",
+    ),
+    "pairwise_distance_normalize": (
+        lambda a, b, c: metricops.pairwise_distance(a, b, normalize=True).sum(),
+        "l2_normalize",
+    ),
+    "batch_hard": (lambda a, b, c: metricops.batch_hard_triplet_loss(a, LABELS, margin=1.0), "batch_hard_triplet"),
+    "batch_hard_normalize_soft_streaming": (
+        lambda a, b, c: metricops.batch_hard_triplet_loss(a, LABELS, normalize=True, soft=True, memory="streaming"),
+        "batch_hard_triplet",
+    ),
+    "semihard": (lambda a, b, c: metricops.semihard_triplet_loss(a, LABELS, margin=1.0), "semihard_triplet"),
+    "semihard_none": (
+        lambda a, b, c: metricops.semihard_triplet_loss(a, LABELS, margin=1.0, reduction="none").pow(2).sum(),
+        "semihard_triplet",
+    ),
+    "semihard_streaming": (
+        lambda a, b, c: metricops.semihard_triplet_loss(a, LABELS, margin=1.0, memory="streaming"),
+        "semihard_triplet_streaming",
+    ),
+    "batch_all": (lambda a, b, c: metricops.batch_all_triplet_loss(a, LABELS, margin=1.0), "batch_all_triplet"),
+    "batch_all_streaming": (
+        lambda a, b, c: metricops.batch_all_triplet_loss(a, LABELS, margin=1.0, memory="streaming"),
+        "batch_all_triplet_streaming",
+    ),
+    "contrastive": (lambda a, b, c: metricops.contrastive_loss(a, LABELS, neg_margin=3.0), "contrastive_loss"),
+    "contrastive_none": (
+        lambda a, b, c: metricops.contrastive_loss(a, LABELS, neg_margin=3.0, squared=True, reduction="none").sum(),
+        "contrastive_loss",
+    ),
+    "contrastive_streaming": (
+        lambda a, b, c: metricops.contrastive_loss(a, LABELS, neg_margin=3.0, memory="streaming"),
+        "contrastive_loss_streaming",
+    ),
+    "pair_contrastive": (
+        lambda a, b, c: metricops.pair_contrastive_loss(a, b, LABELS % 2, margin=3.0),
+        "pair_contrastive_loss",
+    ),
+    "triplet_margin": (
+        lambda a, b, c: metricops.triplet_margin_loss(a, b, c, margin=2.0, swap=True),
+        "triplet_margin_loss",
+    ),
+    "triplet_margin_squared": (
+        lambda a, b, c: metricops.triplet_margin_loss(a, b, c, margin=2.0, squared=True),
+        "triplet_margin_loss",
+    ),
+}
+ARGNUMS = (0, 1, 2)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_vmap_fallback():
+    # vmap runs the ops one sample at a time (no batching rule) and says so.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        yield
+
+
+def _inputs(batch=()):
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(*batch, 6, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+
+
+def _autograd_grads(fn, inputs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    grads = torch.autograd.grad(fn(*leaves), leaves, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads))
+
+
+def _assert_all_close(got, expected):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert_close(g, e, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reverse_mode_transforms_match_autograd(case):
+    fn, _ = CASES[case]
+    inputs = _inputs()
+    expected = _autograd_grads(fn, inputs)
+    assert any(e.abs().sum() > 0 for e in expected)  # a case with no gradient would prove nothing
+    _assert_all_close(torch.func.grad(fn, argnums=ARGNUMS)(*inputs), expected)
+    _assert_all_close(torch.func.jacrev(fn, argnums=ARGNUMS)(*inputs), expected)
+    value, vjp_fn = torch.func.vjp(fn, *inputs)
+    assert_close(value, fn(*inputs), atol=0, rtol=0)
+    _assert_all_close(vjp_fn(torch.tensor(3.0, dtype=torch.float64)), tuple(3 * e for e in expected))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_vmap_matches_a_loop(case):
+    """vmap over a batch of batches, outside and inside grad: the same numbers as one call per batch."""
+    fn, _ = CASES[case]
+    stacked = _inputs(batch=(3,))
+    per_batch = [tuple(t[i] for t in stacked) for i in range(3)]
+    assert_close(torch.vmap(fn)(*stacked), torch.stack([fn(*inputs) for inputs in per_batch]), atol=1e-12, rtol=1e-10)
+    expected = [torch.stack(g) for g in zip(*[_autograd_grads(fn, inputs) for inputs in per_batch])]
+    _assert_all_close(torch.vmap(torch.func.grad(fn, argnums=ARGNUMS))(*stacked), expected)
+    _assert_all_close(torch.func.grad(lambda *t: torch.vmap(fn)(*t).sum(), argnums=ARGNUMS)(*stacked), expected)
+
+
+def _jvp(fn, inputs, tangents):
+    return torch.func.jvp(fn, inputs, tangents)
+
+
+def _jacfwd(fn, inputs, tangents):
+    return torch.func.jacfwd(fn, argnums=ARGNUMS)(*inputs)
+
+
+def _forward_ad(fn, inputs, tangents):
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(t, dt) for t, dt in zip(inputs, tangents)]
+        return forward_ad.unpack_dual(fn(*duals)).tangent
+
+
+@pytest.mark.parametrize("mode", [_jvp, _jacfwd, _forward_ad], ids=["jvp", "jacfwd", "forward_ad"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_mode_raises_naming_the_op(case, mode):
+    fn, op = CASES[case]
+    inputs = _inputs()
+    message = rf"metricops::{op}: forward-mode AD .* is not supported; use reverse mode \(torch\.func\.jacrev"
+    with pytest.raises(NotImplementedError, match=message):
+        mode(fn, inputs, tuple(torch.ones_like(t) for t in inputs))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_second_derivatives_raise(case):
+    """Nested torch.func.grad refuses like autograd's double backward, never gives zeros; hessian is forward-mode."""
+    fn, _ = CASES[case]
+    inputs = _inputs()
+    with pytest.raises(RuntimeError, match="metricops: double backward of .* is not supported"):
+        torch.func.grad(lambda *t: torch.func.grad(fn)(*t).pow(2).sum())(*inputs)
+    with pytest.raises(NotImplementedError, match=r"metricops::\w+: forward-mode AD"):
+        torch.func.hessian(fn)(*inputs)
+
+
+def test_ops_without_tangents_inside_a_dual_level():
+    """Inside forward_ad.dual_level, inputs without a tangent still run forward and backward normally."""
+    fn, _ = CASES["contrastive"]
+    inputs = _inputs()
+    expected_value, expected_grads = fn(*inputs), _autograd_grads(fn, inputs)
+    with forward_ad.dual_level():
+        forward_ad.make_dual(torch.zeros(3), torch.ones(3))  # a dual tensor elsewhere
+        assert_close(fn(*inputs), expected_value, atol=0, rtol=0)
+        _assert_all_close(_autograd_grads(fn, inputs), expected_grads)
+
+
+def test_knn_and_counts_are_constants_under_transforms():
+    """knn detaches its inputs and the counts are integers: no tangent or gradient flows, and vmap equals a loop."""
+    (x,) = _inputs()[:1]
+    tangent = torch.func.jvp(lambda e: metricops.knn(e, k=2)[0], (x,), (torch.ones_like(x),))[1]
+    assert torch.equal(tangent, torch.zeros_like(tangent))
+    stacked = _inputs(batch=(3,))[0]
+    got = torch.vmap(lambda e: metricops.knn(e, k=2)[0])(stacked)
+    assert_close(got, torch.stack([metricops.knn(e, k=2)[0] for e in stacked]), atol=0, rtol=0)
+    counts = torch.vmap(lambda e: metricops.triplet_statistics(e, LABELS)["hard"])(stacked)
+    assert counts.tolist() == [metricops.triplet_statistics(e, LABELS)["hard"].item() for e in stacked]
+
+
+def test_cases_cover_every_differentiable_op():
+    """Each op with an autograd formula (its *_backward op aside) is the first op of some case."""
+    differentiable = {
+        name.split("::", 1)[1]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("metricops::")
+        and not name.endswith("_backward")
+        and torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd")
+    }
+    assert differentiable == {op for _, op in CASES.values()}

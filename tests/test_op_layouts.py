@@ -183,6 +183,16 @@ def test_fake_kernels_match_real_outputs(device):
     assert not failures, "\n".join(failures[:20]) + f"\n({len(failures)} mismatches)"
 
 
+@pytest.mark.parametrize("name", sorted(FORWARD_SAMPLES))
+def test_fake_kernels_refuse_integer_embeddings_like_the_kernels(name):
+    """Under torch.compile the fake kernel's check is the one that fires: same rule, same words."""
+    x = torch.randint(0, 5, (6, 4))
+    args = FORWARD_SAMPLES[name](x, x, x)[0]
+    for run in (lambda: getattr(ops, name)(*args), lambda: _fake_run(name, args)):
+        with pytest.raises((TypeError, RuntimeError), match=r"must be float32 or float64 \(float16/bfloat16 on CUDA\)"):
+            run()
+
+
 class _StrideCheckingInterpreter(torch.fx.Interpreter):
     """Runs an AOT graph eagerly, asserting each metricops op's outputs against the fake kernel's (node.meta["val"]).
 

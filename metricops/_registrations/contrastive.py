@@ -154,12 +154,8 @@ register_backward_op("triplet_margin_loss_backward", "triplet_margin_loss")
 
 @torch.library.register_fake("metricops::contrastive_loss_streaming")
 def _contrastive_streaming_fake(embeddings, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows):
-    torch._check(embeddings.dim() == 2, lambda: f"embeddings must be a 2-D tensor of shape (B, D), got {embeddings.dim()}-D")
-    torch._check(
-        labels.dim() == 1 and labels.shape[0] == embeddings.shape[0],
-        lambda: f"labels must be a 1-D tensor of length B={embeddings.shape[0]} (one label per embedding), "
-        f"got shape {tuple(labels.shape)}",
-    )
+    _check_embeddings(embeddings, "embeddings")  # dtypes too, as the kernel (and the matrix op's fake) does
+    _check_labels(labels, embeddings)
     return embeddings.new_empty(()), embeddings.new_empty((), dtype=torch.float64)
 
 

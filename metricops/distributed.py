@@ -65,9 +65,20 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, sizes, rank, group):
-        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+    def forward(x, sizes, rank, group):
         return _all_gather_padded(x, sizes, group)
+
+    # setup_context (not ctx in forward) so that torch.func transforms can run it.
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.sizes, ctx.rank, ctx.group = inputs
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "metricops.distributed: forward-mode AD (torch.func.jvp/jacfwd, torch.autograd.forward_ad) is not "
+            "supported through all_gather_embeddings; use reverse mode (torch.autograd.grad, torch.func.grad/jacrev)"
+        )
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -113,6 +113,15 @@ def _worker(rank, port, out_dir):
         (g,) = torch.autograd.grad((all_x * weights[rank]).sum(), x_r)
         results["gather"] = (all_x.detach(), all_y, g)
 
+        # torch.func.grad through the gather equals torch.autograd.grad; forward mode raises.
+        fn = lambda x: (mdist.all_gather_embeddings(x, y_r)[0] * weights[rank]).sum()  # noqa: E731
+        results["gather_func_grad"] = torch.func.grad(fn)(z_r[:, :D_OUT].clone())
+        try:
+            torch.func.jvp(fn, (z_r[:, :D_OUT].clone(),), (torch.ones(SIZES[rank], D_OUT, dtype=torch.float64),))
+            results["gather_jvp"] = None
+        except NotImplementedError as exc:
+            results["gather_jvp"] = str(exc)
+
         for name, (factory, kw) in loss_cases().items():
             emb = model(z_r)
             loss = mdist.DistributedLoss(factory(), **kw)(emb, y_r)
@@ -173,6 +182,12 @@ def test_all_gather_values_and_gradient(ranks):
         # rank r's rows of every rank's weight: the backward summed over ranks
         assert_close(g, _shard(weights.sum(0), SIZES, r))
         assert not torch.equal(g, _shard(weights[r], SIZES, r))
+
+
+def test_all_gather_under_torch_func(ranks):
+    for r in range(WORLD):
+        assert torch.equal(ranks[r]["gather_func_grad"], ranks[r]["gather"][2])
+        assert "forward-mode AD" in ranks[r]["gather_jvp"]
 
 
 @pytest.mark.parametrize("name", list(loss_cases()))

@@ -299,12 +299,13 @@ def _fmt_time(t: Optional[float]) -> str:
     return f"{t * 1e6:.0f} us"
 
 
-def _fmt_bytes(b: Optional[int]) -> str:
+def fmt_bytes(b: Optional[int]) -> str:
+    """"" for no measurement, else MiB, or GiB from 1 GiB (a sampled RSS delta can dip below 0: shown as 0)."""
     if b is None:
         return ""
     if b >= 2**30:
         return f"{b / 2**30:.2f} GiB"
-    return f"{b / 2**20:.0f} MiB"
+    return f"{max(b, 0) / 2**20:.0f} MiB"
 
 
 def _agreement_note(case: Case, name: str) -> str:
@@ -338,7 +339,7 @@ def format_table(cases: List[Case]) -> str:
             first = i == 0
             lines.append(
                 f"{case.op if first else '':<28} {case.mode if first else '':<17} {sizes if first else '':<30} "
-                f"{name:<30} {_fmt_time(t):>10} {ratio:>12} {_fmt_bytes(case.peak_bytes.get(name)):>10}"
+                f"{name:<30} {_fmt_time(t):>10} {ratio:>12} {fmt_bytes(case.peak_bytes.get(name)):>10}"
                 f"  {_agreement_note(case, name)}".rstrip()
             )
             if name in case.errors:

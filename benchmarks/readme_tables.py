@@ -21,7 +21,9 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
+
+from .harness import fmt_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JSON = os.path.join(ROOT, "benchmarks", "results", "cpu-latest.json")
@@ -157,14 +159,6 @@ def fmt_time(t: float) -> str:
     if t >= 0.9995e-3:
         return f"{_three_digits(t * 1e3)} ms"
     return f"{_three_digits(t * 1e6)} µs"
-
-
-def fmt_bytes(b: Optional[int]) -> str:
-    if b is None:
-        return ""
-    if b >= 2**30:
-        return f"{b / 2**30:.2f} GiB"
-    return f"{max(b, 0) / 2**20:.0f} MiB"
 
 
 def fmt_ratio(r: float) -> str:

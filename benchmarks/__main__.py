@@ -1,9 +1,13 @@
 """`python -m benchmarks [--quick] [--ops a,b] [--device cpu|cuda] [--json PATH] [--png PATH]`.
 
-Times metricops against torch, the plain-torch references and other libraries,
-side by side; prints a table, writes the results as JSON (environment: device,
-torch version, threads; per case: sizes, median seconds, ratios) and a PNG chart
+Times metricops against torch, plain torch, metricops.reference and other
+libraries, side by side; prints a table, writes the results as JSON
+(environment: device, torch version, threads; per case: sizes, median seconds,
+ratios, and whether each contender's output equals metricops') and a PNG chart
 of metricops' speed-up against each contender per op and batch size.
+Exits with status 1 if a contender computed something else than metricops
+(its ratio would not be a speed-up). `python -m benchmarks.readme_tables`
+turns the JSON into the README's tables.
 """
 
 from __future__ import annotations
@@ -72,6 +76,11 @@ def main(argv=None) -> int:
     write_png(report, png_path)
     print(f"\n{len(cases)} cases in {time.time() - t0:.0f} s; torch {torch.__version__}, device {args.device}, "
           f"{torch.get_num_threads()} threads.\nJSON: {json_path}\nPNG:  {png_path}")
+    differing = [f"{c.op} {c.params}: {n}" for c in cases for n in c.disagreeing()]
+    if differing:
+        print("\nThese contenders' outputs differ from metricops' (their ratios compare different work):\n  "
+              + "\n  ".join(differing), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,7 +28,11 @@ def size_key(params: Dict[str, object]) -> str:
 
 
 def _series(results: List[dict]) -> Dict[Tuple[str, str], Dict[str, List[Tuple[float, float]]]]:
-    """(op, mode) -> line label -> [(size, speed-up)], speed-up = contender time / metricops time."""
+    """(op, mode) -> line label -> [(size, speed-up)], speed-up = contender time / metricops time.
+
+    Only contenders that compute the same thing: yardsticks (e.g. one GEMM)
+    and contenders whose output differed from metricops' are left out.
+    """
     panels: Dict[Tuple[str, str], Dict[str, List[Tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for row in results:
         params = row["params"]
@@ -39,9 +43,11 @@ def _series(results: List[dict]) -> Dict[Tuple[str, str], Dict[str, List[Tuple[f
             continue
         # Other varying sizes (D, swap, N for knn) go into the line's label.
         extra = ", ".join(f"{k}={v}" for k, v in params.items() if k != key and k not in _QUIET)
+        other_work = set(row.get("yardsticks", ()))
+        other_work |= {n for n, a in row.get("agreement", {}).items() if not a["agrees"]}
         for name in names[1:]:
             t = row["seconds"].get(name)
-            if t is None:  # failed or skipped: no point rather than a made-up one
+            if t is None or name in other_work:  # failed, skipped or not the same work: no point
                 continue
             label = f"{name} ({extra})" if extra else name
             panels[(row["op"], row["mode"])][label].append((float(params[key]), t / base))

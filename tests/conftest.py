@@ -28,9 +28,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-# Hypothesis profiles for the property tests: "dev" (default, quick) and "ci"
-# (selected when the CI environment variable is set). Tests that pass their
-# own @settings(max_examples=...) keep it.
+# Hypothesis profiles for the property tests: "dev" (default, quick), "ci"
+# (selected when the CI environment variable is set) and "random" (selected by
+# HYPOTHESIS_PROFILE=random). Tests that pass their own @settings(max_examples=...) keep it.
 try:
     import os
 
@@ -38,6 +38,8 @@ try:
 
     settings.register_profile("dev", max_examples=15, deadline=None, derandomize=True)
     settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)
+    # Long runs (HYPOTHESIS_PROFILE=random): new examples each run, many more of them.
+    settings.register_profile("random", max_examples=400, deadline=None, derandomize=False, print_blob=True)
     settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
     pass

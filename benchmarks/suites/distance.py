@@ -16,18 +16,22 @@ def _randn(*shape, device, dtype, requires_grad=False):
     return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(requires_grad)
 
 
-def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], tuple]:
+    """Forward, then the backward of the sum; returns (distances, gradient) for the agreement check."""
+
     def run():
         x.grad = None
-        fn(x).sum().backward()
+        out = fn(x)
+        out.sum().backward()
+        return out.detach(), x.grad
 
     return run
 
 
-def _no_grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+def _no_grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], torch.Tensor]:
     def run():
         with torch.no_grad():
-            fn(x)
+            return fn(x)
 
     return run
 
@@ -49,8 +53,9 @@ def pairwise_distance_cases(device: str, quick: bool, dtype=torch.float32) -> Li
         if B * B * D <= 2**28:  # the explicit-difference reference is O(B²D) memory
             contenders["reference"] = lambda t: reference.pairwise_distance(t)
         params = {"B": B, "D": D, "dtype": str(dtype).replace("torch.", ""), "metric": "euclidean"}
-        cases.append(Case("pairwise_distance", "forward", params, {n: _no_grad(f, x) for n, f in contenders.items()}))
-        cases.append(
-            Case("pairwise_distance", "forward+backward", dict(params), {n: _fwd_bwd(f, x) for n, f in contenders.items()})
-        )
+        inputs = {"embeddings": x}
+        cases.append(Case("pairwise_distance", "forward", params, {n: _no_grad(f, x) for n, f in contenders.items()},
+                          inputs=inputs))
+        cases.append(Case("pairwise_distance", "forward+backward", dict(params),
+                          {n: _fwd_bwd(f, x) for n, f in contenders.items()}, inputs=inputs))
     return cases

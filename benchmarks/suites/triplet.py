@@ -1,4 +1,11 @@
-"""Triplet losses: metricops vs the plain-torch reference vs pytorch-metric-learning."""
+"""Triplet losses: metricops vs plain torch, metricops.reference and pytorch-metric-learning, on the same loss.
+
+Every contender of a row computes the same loss (values and gradients; the
+harness checks each run). pytorch-metric-learning has no FaceNet-rule
+semi-hard loss: its semi-hard pipeline (TripletMarginMiner("semihard") +
+TripletMarginLoss, every semi-hard triplet averaged) is a different loss, so
+it has its own row against metricops.pml's drop-in of the same pipeline.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import metricops
 from metricops import reference
 
 from ..harness import Case
+from .plain_torch import plain_torch_batch_hard, plain_torch_semihard
 
 # The references and PML's all-triplet paths hold B³ elements; past this many
 # they would need tens of GiB (recorded as skipped, not run).
@@ -25,26 +33,16 @@ def _pml():
         return None
 
 
-def _fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x, labels) -> Callable[[], None]:
+def _fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x, labels) -> Callable[[], tuple]:
+    """One forward+backward; returns (loss, gradient) for the harness's agreement check."""
+
     def run():
         x.grad = None
-        loss_fn(x, labels).backward()
+        loss = loss_fn(x, labels)
+        loss.backward()
+        return loss.detach(), x.grad
 
     return run
-
-
-def plain_torch_batch_hard(embeddings, labels, margin=0.2):
-    """Batch-hard as one would write it in plain torch: cdist + masked max/min."""
-    x = torch.nn.functional.normalize(embeddings, dim=1)
-    d = torch.cdist(x, x)
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    pos, neg = same & ~eye, ~same
-    hardest_pos = torch.where(pos, d, torch.zeros_like(d)).max(1).values
-    hardest_neg = torch.where(neg, d, torch.full_like(d, float("inf"))).min(1).values
-    valid = pos.any(1) & neg.any(1)
-    terms = torch.relu(margin + hardest_pos - hardest_neg)[valid]
-    return terms.sum() / (terms > 0).sum().clamp_min(1)
 
 
 def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
@@ -62,38 +60,56 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
         gen = torch.Generator().manual_seed(B + D)
         x = torch.randn(B, D, generator=gen, dtype=dtype).to(device).requires_grad_()
         labels = torch.randint(0, max(1, B // 8), (B,), generator=gen).to(device)
+        inputs = {"embeddings": x, "labels": labels}
         params = {"B": B, "D": D, "classes": B // 8, "dtype": str(dtype).replace("torch.", "")}
         small = B**3 <= _MAX_CUBE  # the O(B³) references
         pml_ok = B <= 1024  # PML's all-triplet paths take ~2 GiB at B=1024, and grow as B³
 
-        # Batch-hard (+ the GEMM floor that the target is stated against).
+        # Batch-hard, mean over the non-zero terms (PML's AvgNonZeroReducer), + one GEMM as a yardstick.
         c: Dict[str, Callable] = {
             "metricops": _fwd_bwd(
-                lambda e, l: metricops.batch_hard_triplet_loss(e, l, normalize=True, reduction="mean_nonzero"), x, labels
+                lambda e, l: metricops.batch_hard_triplet_loss(e, l, normalize=True, reduction="mean_nonzero"),
+                x, labels,
             ),
-            "x @ x.T (floor)": (lambda t=x.detach(): t @ t.T),
+            "x @ x.T (one GEMM, forward only)": (lambda t=x.detach(): t @ t.T),
+            "plain torch (cdist + masks)": _fwd_bwd(plain_torch_batch_hard, x, labels),
         }
-        c["plain torch (cdist)"] = _fwd_bwd(plain_torch_batch_hard, x, labels)
         if B * B * D <= _MAX_CUBE:  # metricops.reference builds (B, B, D) differences
-            c["reference"] = _fwd_bwd(lambda e, l: reference.batch_hard_triplet_loss(e, l, normalize=True), x, labels)
+            c["reference"] = _fwd_bwd(
+                lambda e, l: reference.batch_hard_triplet_loss(e, l, normalize=True, reduction="mean_nonzero"),
+                x, labels,
+            )
         if pml is not None:
             distances, losses, miners = pml
             bh_miner, bh_loss = miners.BatchHardMiner(), losses.TripletMarginLoss(margin=0.2)
             c["pml BatchHardMiner+TML"] = _fwd_bwd(lambda e, l, f=bh_loss, m=bh_miner: f(e, l, m(e, l)), x, labels)
-        cases.append(Case("batch_hard_triplet_loss", "forward+backward", dict(params), c))
+        cases.append(Case("batch_hard_triplet_loss", "forward+backward", dict(params), c,
+                          yardsticks=("x @ x.T (one GEMM, forward only)",), inputs=inputs))
 
-        # Semi-hard.
-        c = {"metricops": _fwd_bwd(lambda e, l: metricops.semihard_triplet_loss(e, l, normalize=True), x, labels)}
+        # Semi-hard, FaceNet / TensorFlow-Addons rule (one negative per positive pair), mean over the pairs.
+        c = {
+            "metricops": _fwd_bwd(lambda e, l: metricops.semihard_triplet_loss(e, l, normalize=True), x, labels),
+            "plain torch (sort + searchsorted)": _fwd_bwd(plain_torch_semihard, x, labels),
+        }
         if small:
             c["reference"] = _fwd_bwd(lambda e, l: reference.semihard_triplet_loss(e, l, normalize=True), x, labels)
+        cases.append(Case("semihard_triplet_loss", "forward+backward", dict(params), c, inputs=inputs))
+
+        # PML's semi-hard pipeline (every semi-hard triplet, mean over the non-zero terms): its drop-in against it.
         if pml is not None and pml_ok:
             distances, losses, miners = pml
-            sh_miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
-            sh_loss = losses.TripletMarginLoss(margin=0.2)
-            c["pml TMMiner(semihard)+TML"] = _fwd_bwd(lambda e, l, f=sh_loss, m=sh_miner: f(e, l, m(e, l)), x, labels)
-        cases.append(Case("semihard_triplet_loss", "forward+backward", dict(params), c))
+            from metricops.pml import losses as mo_losses, miners as mo_miners
 
-        # Batch-all.
+            c = {}
+            for name, lib_miners, lib_losses in (("metricops.pml", mo_miners, mo_losses),
+                                                 ("pytorch-metric-learning", miners, losses)):
+                sh_miner = lib_miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+                sh_loss = lib_losses.TripletMarginLoss(margin=0.2)
+                c[name] = _fwd_bwd(lambda e, l, f=sh_loss, m=sh_miner: f(e, l, m(e, l)), x, labels)
+            cases.append(Case("pml.TripletMarginMiner(semihard)+TripletMarginLoss", "forward+backward", dict(params), c,
+                              inputs=inputs))
+
+        # Batch-all, mean over the non-zero terms (PML's TripletMarginLoss without a miner).
         c = {"metricops": _fwd_bwd(lambda e, l: metricops.batch_all_triplet_loss(e, l, normalize=True), x, labels)}
         if small:
             c["reference"] = _fwd_bwd(lambda e, l: reference.batch_all_triplet_loss(e, l, normalize=True), x, labels)
@@ -101,5 +117,5 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             distances, losses, miners = pml
             all_loss = losses.TripletMarginLoss(margin=0.2)
             c["pml TripletMarginLoss"] = _fwd_bwd(lambda e, l, f=all_loss: f(e, l), x, labels)
-        cases.append(Case("batch_all_triplet_loss", "forward+backward", dict(params), c))
+        cases.append(Case("batch_all_triplet_loss", "forward+backward", dict(params), c, inputs=inputs))
     return cases

@@ -97,7 +97,7 @@ def knn(
     v.check_metric(metric)
     v.check_flag(progress, "progress")
     n = queries.shape[0] - 1 if database is None else database.shape[0]
-    k = check_k(k, n, self_excluded=database is None)
+    k = _check_k(k, n, self_excluded=database is None)
     queries = queries.detach()
     database = None if database is None else database.detach()
     if not progress or queries.shape[0] <= _PROGRESS_QUERY_CHUNK:
@@ -134,7 +134,7 @@ def _knn_with_progress(queries, database, k, metric, chunk_size):
     return torch.cat(dists), torch.cat(idxs)
 
 
-def check_k(k, n: int, *, self_excluded: bool = False, name: str = "k") -> int:
+def _check_k(k, n: int, *, self_excluded: bool = False, name: str = "k") -> int:
     k = v.check_int(k, name)
     if k < 1 or k > n:
         # Same wording as the C++ check and the fake kernel.
@@ -288,7 +288,7 @@ def r_precision(relevance, num_relevant=None, *, reduction: str = "mean") -> tor
 # --------------------------------------------------------------------------
 
 
-def count_relevant(query_labels: torch.Tensor, database_labels: torch.Tensor, self_excluded: bool) -> torch.Tensor:
+def _count_relevant(query_labels: torch.Tensor, database_labels: torch.Tensor, self_excluded: bool) -> torch.Tensor:
     """(Q,) int64: database items sharing each query's label (itself left out when self_excluded)."""
     uniq, counts = torch.unique(database_labels.to(torch.int64), return_counts=True)
     ql = query_labels.to(torch.int64)
@@ -361,7 +361,7 @@ def retrieval_metrics(
     self_search = database is None
     db_labels = query_labels if self_search else database_labels
     n_avail = queries.shape[0] - 1 if self_search else database.shape[0]
-    num_relevant = count_relevant(query_labels, db_labels, self_search)
+    num_relevant = _count_relevant(query_labels, db_labels, self_search)
     q = queries.shape[0]
     depth = 0
     if q > 0 and n_avail > 0:

@@ -49,23 +49,37 @@ METRICOPS_SIMD_CLONES bool distance_keys_row(const scalar_t* dot, const scalar_t
   return any != 0;
 }
 
-// Replaces the keys that need it by their explicit value (rare: near-duplicate
-// rows, NaN, over/underflow).
+// The same in one pass to distances (key_to_distance), for the callers that
+// want distances: returns whether any entry needs the explicit form.
 template <typename scalar_t, Metric kMetric>
-void exact_keys_fixup(const ExactRows<scalar_t>& rows, const scalar_t* y_aux, scalar_t x_aux, int64_t j0, int64_t n,
-                      scalar_t* keys) {
-  const scalar_t fx = exact_row_factor<scalar_t>(kMetric, rows.x_scale, x_aux);
+METRICOPS_SIMD_CLONES bool distances_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n,
+                                         scalar_t tol, scalar_t* out) {
+  int32_t any = 0;
   for (int64_t j = 0; j < n; ++j) {
-    if (!gram_key_needs_exact<scalar_t>(kMetric, keys[j], x_aux, y_aux[j], rows.tol)) continue;
-    const int64_t col = j0 + j;
-    const scalar_t fy = exact_row_factor<scalar_t>(kMetric, rows.y_scales ? rows.y_scales[col] : scalar_t(1), y_aux[j]);
-    keys[j] = exact_distance_key<scalar_t>(kMetric, rows.x, fx, rows.y + col * rows.dim, fy, rows.dim, rows.tol);
+    const scalar_t k = distance_key<scalar_t>(kMetric, x_aux, y_aux[j], dot[j]);
+    any |= static_cast<int32_t>(gram_key_needs_exact<scalar_t>(kMetric, k, x_aux, y_aux[j], tol));
+    out[j] = key_to_distance<scalar_t>(kMetric, k);
   }
+  return any != 0;
 }
 
-template <typename scalar_t, Metric kMetric>
-METRICOPS_SIMD_CLONES void keys_to_distances(scalar_t* row, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) row[j] = key_to_distance<scalar_t>(kMetric, row[j]);
+// Replaces the values that need it by their explicit value (rare: near-
+// duplicate rows, NaN, over/underflow). `values` hold keys, or distances when
+// kDistances (then the key is taken back as d² for euclidean: an entry at the
+// threshold may go either way, and both values are valid).
+template <typename scalar_t, Metric kMetric, bool kDistances = false>
+void exact_keys_fixup(const ExactRows<scalar_t>& rows, const scalar_t* y_aux, scalar_t x_aux, int64_t j0, int64_t n,
+                      scalar_t* values) {
+  const scalar_t fx = exact_row_factor<scalar_t>(kMetric, rows.x_scale, x_aux);
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t key = kDistances && kMetric == Metric::Euclidean ? values[j] * values[j] : values[j];
+    if (!gram_key_needs_exact<scalar_t>(kMetric, key, x_aux, y_aux[j], rows.tol)) continue;
+    const int64_t col = j0 + j;
+    const scalar_t fy = exact_row_factor<scalar_t>(kMetric, rows.y_scales ? rows.y_scales[col] : scalar_t(1), y_aux[j]);
+    const scalar_t exact =
+        exact_distance_key<scalar_t>(kMetric, rows.x, fx, rows.y + col * rows.dim, fy, rows.dim, rows.tol);
+    values[j] = kDistances ? key_to_distance<scalar_t>(kMetric, exact) : exact;
+  }
 }
 
 // Gram row (columns [j0, j0 + n) of row x) -> guarded distances, in place
@@ -73,10 +87,9 @@ METRICOPS_SIMD_CLONES void keys_to_distances(scalar_t* row, int64_t n) {
 template <typename scalar_t, Metric kMetric>
 void distance_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n, scalar_t* out,
                   const ExactRows<scalar_t>& rows, int64_t j0 = 0) {
-  if (distance_keys_row<scalar_t, kMetric>(dot, y_aux, x_aux, n, rows.tol, out)) {
-    exact_keys_fixup<scalar_t, kMetric>(rows, y_aux, x_aux, j0, n, out);
+  if (distances_row<scalar_t, kMetric>(dot, y_aux, x_aux, n, rows.tol, out)) {
+    exact_keys_fixup<scalar_t, kMetric, true>(rows, y_aux, x_aux, j0, n, out);
   }
-  if (kMetric == Metric::Euclidean) keys_to_distances<scalar_t, kMetric>(out, n);
 }
 
 // (rows,) row_aux of a (rows, dim) matrix, in its dtype.

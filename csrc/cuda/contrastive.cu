@@ -535,7 +535,7 @@ struct Kernels {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(
     const at::Tensor& x, const at::Tensor& labels, double pos_margin, double neg_margin, c10::string_view metric,
     bool squared, c10::string_view reduction) {
-  METRICOPS_CUDA_DEVICE_GUARD(x.device());
+  METRICOPS_CUDA_DEVICE_GUARD(x);
   return contrastive_loss_impl<Kernels>(x, labels, pos_margin, neg_margin, metric, squared, reduction);
 }
 
@@ -543,7 +543,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
                                           const at::Tensor& mat, const at::Tensor& row_coef, const at::Tensor& denom,
                                           double pos_margin, double neg_margin, c10::string_view metric, bool squared,
                                           c10::string_view reduction) {
-  METRICOPS_CUDA_DEVICE_GUARD(x.device());
+  METRICOPS_CUDA_DEVICE_GUARD(x);
   return contrastive_loss_backward_impl<Kernels>(grad, x, labels, mat, row_coef, denom, pos_margin, neg_margin,
                                                  metric, squared, reduction);
 }
@@ -551,7 +551,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
 std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_cuda(const at::Tensor& x0, const at::Tensor& x1,
                                                               const at::Tensor& y, double margin,
                                                               c10::string_view metric, bool squared) {
-  METRICOPS_CUDA_DEVICE_GUARD(x0.device());
+  METRICOPS_CUDA_DEVICE_GUARD(x0);
   return pair_contrastive_loss_impl<Kernels>(x0, x1, y, margin, metric, squared);
 }
 
@@ -559,21 +559,21 @@ std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_backward_cuda(const at:
                                                                        const at::Tensor& x1, const at::Tensor& y,
                                                                        const at::Tensor& dist, double margin,
                                                                        c10::string_view metric, bool squared) {
-  METRICOPS_CUDA_DEVICE_GUARD(x0.device());
+  METRICOPS_CUDA_DEVICE_GUARD(x0);
   return pair_contrastive_loss_backward_impl<Kernels>(grad, x0, x1, y, dist, margin, metric, squared);
 }
 
 std::tuple<at::Tensor, at::Tensor> triplet_margin_loss_cuda(const at::Tensor& a, const at::Tensor& p,
                                                             const at::Tensor& n, double margin, double norm_p,
                                                             double eps, bool swap, bool squared) {
-  METRICOPS_CUDA_DEVICE_GUARD(a.device());
+  METRICOPS_CUDA_DEVICE_GUARD(a);
   return triplet_margin_loss_impl<Kernels>(a, p, n, margin, norm_p, eps, swap, squared);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_backward_cuda(
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& p, const at::Tensor& n, const at::Tensor& dists,
     double margin, double norm_p, double eps, bool swap, bool squared) {
-  METRICOPS_CUDA_DEVICE_GUARD(a.device());
+  METRICOPS_CUDA_DEVICE_GUARD(a);
   return triplet_margin_loss_backward_impl<Kernels>(grad, a, p, n, dists, margin, norm_p, eps, swap, squared);
 }
 

@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_streaming_cuda(const at::Ten
                                                                    double neg_margin, c10::string_view metric_name,
                                                                    bool squared, c10::string_view reduction,
                                                                    int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   const Metric metric = parse_metric(metric_name);
   const StreamingReduction red = check_contrastive_streaming_inputs(embeddings, labels_in, reduction);
   const at::Tensor x = embeddings.contiguous();
@@ -126,7 +126,7 @@ at::Tensor contrastive_loss_streaming_backward_cuda(const at::Tensor& grad, cons
                                                     const at::Tensor& labels_in, const at::Tensor& denom,
                                                     double pos_margin, double neg_margin, c10::string_view metric_name,
                                                     bool squared, int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   const Metric metric = parse_metric(metric_name);
   check_embeddings(embeddings, "embeddings");
   check_labels(labels_in, embeddings);

@@ -107,7 +107,7 @@ __global__ void batch_hard_kernel(const acc_t* __restrict__ dist, int64_t row_be
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name, bool soft,
     int64_t block_rows, bool normalize) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   // Composed on CUDA (the CPU kernel fuses it): mine on F.normalize(x).
   if (normalize) {
     return batch_hard_triplet_cuda(std::get<0>(l2_normalize_op(embeddings)), labels_in, margin, metric_name, soft,
@@ -196,7 +196,7 @@ at::Tensor batch_hard_triplet_backward_cuda(const at::Tensor& grad_losses, const
                                             const at::Tensor& positive, const at::Tensor& negative,
                                             const at::Tensor& dist_ap, const at::Tensor& dist_an, double margin,
                                             c10::string_view metric, bool soft, bool normalize) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   if (normalize) {
     // Composed on CUDA: the backward in y = F.normalize(x) (recomputed: one
     // pass over x), then F.normalize's backward.
@@ -286,7 +286,7 @@ SemihardRows semihard_rows(const at::Tensor& x, const at::Tensor& aux, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cuda(const at::Tensor& embeddings,
                                                                      const at::Tensor& labels_in, double margin,
                                                                      c10::string_view metric_name) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -333,7 +333,7 @@ at::Tensor semihard_triplet_backward_cuda(const at::Tensor& grad_losses, const s
                                           const at::Tensor& embeddings, const at::Tensor& losses_in,
                                           const at::Tensor& negative_in, const at::Tensor& dist,
                                           c10::string_view metric) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist);
   const int64_t B = embeddings.size(0);
   const auto dtype = embeddings.scalar_type();
@@ -359,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_streaming_cuda(c
                                                                                double margin,
                                                                                c10::string_view metric_name,
                                                                                int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -383,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_streaming_cuda(c
 at::Tensor semihard_triplet_streaming_backward_cuda(const at::Tensor& grad_row_sum, const at::Tensor& embeddings,
                                                     const at::Tensor& labels_in, double margin,
                                                     c10::string_view metric_name, int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   const Metric metric = parse_metric(metric_name);
   const int64_t B = embeddings.size(0);
   check_streaming_backward_inputs("semihard_triplet_streaming_backward", grad_row_sum, {B}, embeddings, labels_in,
@@ -481,7 +481,7 @@ BatchAllRows batch_all_rows(const at::Tensor& x, const at::Tensor& aux, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -504,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_streaming_cuda(
                                                                                 double margin,
                                                                                 c10::string_view metric_name,
                                                                                 int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -528,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_streaming_cuda(
 at::Tensor batch_all_triplet_streaming_backward_cuda(const at::Tensor& grad_sum, const at::Tensor& embeddings,
                                                      const at::Tensor& labels_in, double margin,
                                                      c10::string_view metric_name, int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   const Metric metric = parse_metric(metric_name);
   check_streaming_backward_inputs("batch_all_triplet_streaming_backward", grad_sum, {}, embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -564,7 +564,7 @@ __global__ void statistics_kernel(const acc_t* __restrict__ dist, const bool* __
 
 at::Tensor triplet_statistics_cuda(const at::Tensor& embeddings, const at::Tensor& labels_in, double margin,
                                    c10::string_view metric_name) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -619,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_cuda(const at::Tens
                                                                   const at::Tensor& labels_in,
                                                                   c10::string_view strategy_name, double margin,
                                                                   c10::string_view metric_name) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
   const Metric metric = parse_metric(metric_name);
   const MiningStrategy strategy = parse_strategy(strategy_name);
   check_triplet_inputs(embeddings, labels_in, margin);

@@ -515,19 +515,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
     const scalar_t m = static_cast<scalar_t>(margin);
     for (int64_t a = 0; a < B; ++a) {
       if (sel.index_p[a] < 0 || sel.index_n[a] < 0) continue;
-      const scalar_t d_p = key_to_distance<scalar_t>(metric, sel.key_p[a]);
-      const scalar_t d_n = key_to_distance<scalar_t>(metric, sel.key_n[a]);
       pp[a] = sel.index_p[a];
       np[a] = sel.index_n[a];
-      dap[a] = d_p;
-      dan[a] = d_n;
-      lp[a] = triplet_term<scalar_t>(d_p, d_n, m, soft);
+      batch_hard_from_keys<scalar_t>(metric, sel.key_p[a], sel.key_n[a], m, soft, dap[a], dan[a], lp[a]);
     }
   });
   return {losses, positive, negative, dist_ap, dist_an};
 }
 
 struct CpuPairKernels {
+  static bool may_sync() { return true; }
+
   static at::Tensor row_norms(const at::Tensor& x) { return row_norms_cpu(x); }
 
   static at::Tensor row_aux(const at::Tensor& x, Metric metric, const at::Tensor& norm) {
@@ -552,7 +550,7 @@ struct CpuPairKernels {
     const int64_t* neg = negative.const_data_ptr<int64_t>();
     // An anchor has a triplet when both indices are set (a direct call may
     // pass one of them as -1: it is then skipped, never dereferenced).
-    auto has_triplet = [&](int64_t a) { return pos[a] >= 0 && neg[a] >= 0; };
+    auto has_triplet = [&](int64_t a) { return index_in_batch(pos[a], B) && index_in_batch(neg[a], B); };
     // Incoming terms of row r: entries [offset[r], offset[r + 1]) of `source`,
     // each an anchor index, 2a for "a chose r as positive", 2a + 1 as negative.
     std::vector<int64_t> offset(B + 1, 0), source;
@@ -631,7 +629,7 @@ struct CpuPairKernels {
       auto* n_self = out.negative_self.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B, 4096, [&](int64_t begin, int64_t end) {
         for (int64_t a = begin; a < end; ++a) {
-          batch_hard_anchor_coefficients<scalar_t>(in.metric, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a],
+          batch_hard_anchor_coefficients<scalar_t>(in.metric, B, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a],
                                                    dan[a], aux, m, in.soft, anchor_self[a], w_p[a], w_n[a], p_self[a],
                                                    n_self[a]);
         }
@@ -688,7 +686,7 @@ at::Tensor semihard_triplet_backward_cpu(const at::Tensor& grad_losses, const st
                                          const at::Tensor& embeddings, const at::Tensor& losses_in,
                                          const at::Tensor& negative_in, const at::Tensor& dist,
                                          c10::string_view metric) {
-  check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist);
+  check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist, /*may_sync=*/true);
   const int64_t B = embeddings.size(0);
   at::Tensor coef = grad_dist.has_value() ? grad_dist->to(embeddings.scalar_type()).contiguous().clone()
                                           : at::zeros({B, B}, embeddings.options());

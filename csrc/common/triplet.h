@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/distance.h"
+
 namespace metricops {
 
 // relu that keeps NaN (NaN < 0 is false), as torch.relu does.
@@ -43,6 +45,18 @@ C10_HOST_DEVICE inline T triplet_term(T d_ap, T d_an, T margin, bool soft) {
 template <typename T>
 C10_HOST_DEVICE inline T triplet_term_grad(T d_ap, T d_an, T margin, bool soft) {
   return soft ? softplus_grad(d_ap - d_an) : hinge_grad((margin + d_ap) - d_an);
+}
+
+// Batch-hard result of one anchor from its selected distance keys
+// (distance_key: the squared distance for "euclidean"). Both devices select
+// on keys and take the sqrt for the winners only, so two squared distances
+// that round to the same root still pick the same row on CPU and CUDA.
+template <typename T>
+C10_HOST_DEVICE inline void batch_hard_from_keys(Metric metric, T key_p, T key_n, T margin, bool soft, T& d_ap,
+                                                 T& d_an, T& loss) {
+  d_ap = key_to_distance<T>(metric, key_p);
+  d_an = key_to_distance<T>(metric, key_n);
+  loss = triplet_term<T>(d_ap, d_an, margin, soft);
 }
 
 // Running selections that let NaN win, so a NaN embedding gives a NaN loss

@@ -18,6 +18,7 @@
 #include <ATen/ops/sort.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -63,9 +64,11 @@ __device__ inline void combine(T& d, int64_t& i, T d2, int64_t i2) {
   if (better || (!worse && i2 < i)) d = d2, i = i2;
 }
 
-// Anchors [row_begin, row_begin + rows): `dist` holds their distance rows.
+// Anchors [row_begin, row_begin + rows): `keys` holds their distance-key rows
+// (distance_key: squared distances for "euclidean"), so the selection
+// compares keys as the CPU does and only the winners take the sqrt.
 template <typename scalar_t, typename acc_t>
-__global__ void batch_hard_kernel(const acc_t* __restrict__ dist, int64_t row_begin, int64_t rows,
+__global__ void batch_hard_kernel(const acc_t* __restrict__ keys, Metric metric, int64_t row_begin, int64_t rows,
                                   const int64_t* __restrict__ labels, int64_t B, acc_t margin, bool soft,
                                   scalar_t* __restrict__ losses, int64_t* __restrict__ positive,
                                   int64_t* __restrict__ negative, scalar_t* __restrict__ dist_ap,
@@ -74,7 +77,7 @@ __global__ void batch_hard_kernel(const acc_t* __restrict__ dist, int64_t row_be
   const int64_t warps = blockDim.x / 32;
   for (int64_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += static_cast<int64_t>(gridDim.x) * warps) {
     const int64_t a = row_begin + r;
-    const acc_t* row = dist + r * B;
+    const acc_t* row = keys + r * B;
     const int64_t la = labels[a];
     acc_t dp = 0, dn = 0;
     int64_t ip = -1, in = -1;
@@ -95,11 +98,13 @@ __global__ void batch_hard_kernel(const acc_t* __restrict__ dist, int64_t row_be
     }
     if (lane == 0) {
       const bool valid = ip >= 0 && in >= 0;
+      acc_t d_ap = 0, d_an = 0, loss = 0;
+      if (valid) batch_hard_from_keys<acc_t>(metric, dp, dn, margin, soft, d_ap, d_an, loss);
       positive[a] = valid ? ip : -1;
       negative[a] = valid ? in : -1;
-      dist_ap[a] = static_cast<scalar_t>(valid ? dp : acc_t(0));
-      dist_an[a] = static_cast<scalar_t>(valid ? dn : acc_t(0));
-      losses[a] = static_cast<scalar_t>(valid ? triplet_term<acc_t>(dp, dn, margin, soft) : acc_t(0));
+      dist_ap[a] = static_cast<scalar_t>(d_ap);
+      dist_an[a] = static_cast<scalar_t>(d_an);
+      losses[a] = static_cast<scalar_t>(loss);
     }
   }
 }
@@ -123,8 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
   at::Tensor dist_ap = at::zeros({B}, embeddings.options());
   at::Tensor dist_an = at::zeros({B}, embeddings.options());
   if (B == 0) return {losses, positive, negative, dist_ap, dist_an};
-  // Stream the distance matrix through a (block_rows, B) buffer: cuBLAS for
-  // each row block, then one warp per anchor. block_rows <= 0: all rows at once.
+  // Stream the distance-key matrix through a (block_rows, B) buffer: cuBLAS
+  // for each row block, then one warp per anchor. block_rows <= 0: all rows
+  // at once. The keys of "euclidean" are the "sqeuclidean" distances (same
+  // row aux, same exactness guard).
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor aux = row_aux_acc_cuda(x, metric);
   const int64_t rows_per_block = block_rows > 0 && block_rows < B ? block_rows : B;
@@ -132,11 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
   for (int64_t r0 = 0; r0 < B; r0 += rows_per_block) {
     const int64_t rows = std::min(rows_per_block, B - r0);
     at::Tensor block = buffer.narrow(0, 0, rows);
-    self_distance_rows_acc_cuda(x, aux, r0, metric, block);
+    self_distance_rows_acc_cuda(x, aux, r0, key_metric(metric), block);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metricops_batch_hard_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       batch_hard_kernel<scalar_t, acc_t><<<grid_for(rows, kThreads / 32), kThreads, 0, current_stream()>>>(
-          block.const_data_ptr<acc_t>(), r0, rows, labels.const_data_ptr<int64_t>(), B, static_cast<acc_t>(margin),
+          block.const_data_ptr<acc_t>(), metric, r0, rows, labels.const_data_ptr<int64_t>(), B, static_cast<acc_t>(margin),
           soft, losses.mutable_data_ptr<scalar_t>(), positive.mutable_data_ptr<int64_t>(),
           negative.mutable_data_ptr<int64_t>(), dist_ap.mutable_data_ptr<scalar_t>(),
           dist_an.mutable_data_ptr<scalar_t>());
@@ -152,12 +159,20 @@ __global__ void batch_hard_coefficients_kernel(Metric metric, int64_t B, const T
                                                const T* aux, T margin, bool soft, T* anchor_self, T* w_p, T* w_n,
                                                T* p_self, T* n_self) {
   METRICOPS_CUDA_KERNEL_LOOP(a, B) {
-    batch_hard_anchor_coefficients<T>(metric, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a], dan[a], aux, margin,
+    batch_hard_anchor_coefficients<T>(metric, B, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a], dan[a], aux, margin,
                                       soft, anchor_self[a], w_p[a], w_n[a], p_self[a], n_self[a]);
   }
 }
 
+// Whether a host check (one sync) may run: not while the current stream is
+// capturing a CUDA graph (a sync there fails the capture).
+bool may_sync_now() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
+
 struct CudaPairKernels {
+  static bool may_sync() { return may_sync_now(); }
+
   // normalize=True is composed around the kernels (l2_normalize and its
   // backward) by batch_hard_triplet_backward_cuda, so they never see it.
   static at::Tensor row_norms(const at::Tensor&) {
@@ -236,6 +251,13 @@ LabelledRows labelled_rows(const at::Tensor& x, const at::Tensor& aux, const at:
   std::tie(r.neg_sorted, r.neg_index, r.neg_count) = sort_members_first(r.dist, r.negative);
   return r;
 }
+
+// Live scratch bytes per entry of a sorting row block at its peak (batch-all:
+// distances, masks, two stable segmented sorts with their indices and
+// temporaries, float64 prefix and term sums, counts). metricops/triplet.py's
+// _SORTING_BYTES_PER_ENTRY is the same number; tests/test_cuda_review.py
+// measures it on a GPU.
+constexpr int64_t kSortingScratchBytesPerEntry = 112;
 
 // Calls fn(row_begin, rows) over blocks of block_rows rows (<= 0: one block).
 template <typename Fn>
@@ -334,7 +356,7 @@ at::Tensor semihard_triplet_backward_cuda(const at::Tensor& grad_losses, const s
                                           const at::Tensor& negative_in, const at::Tensor& dist,
                                           c10::string_view metric) {
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
-  check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist);
+  check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist, may_sync_now());
   const int64_t B = embeddings.size(0);
   const auto dtype = embeddings.scalar_type();
   const auto acc_options = embeddings.options().dtype(at::toOpMathType(dtype));
@@ -573,9 +595,9 @@ at::Tensor triplet_statistics_cuda(const at::Tensor& embeddings, const at::Tenso
   if (B == 0) return total;
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor aux = row_aux_acc_cuda(x, metric);
-  // Row blocks keep the scratch (sort keys and indices, per-entry counts:
-  // about 80 bytes an entry) near 256 MiB, so large batches fit.
-  const int64_t block_rows = std::max<int64_t>(1, (int64_t{256} << 20) / (80 * B));
+  // Row blocks keep the scratch (sort keys and indices, per-entry counts)
+  // under 256 MiB, so large batches fit.
+  const int64_t block_rows = std::max<int64_t>(1, (int64_t{256} << 20) / (kSortingScratchBytesPerEntry * B));
   for_each_row_block(B, block_rows, [&](int64_t r0, int64_t rows) {
     const LabelledRows ld = labelled_rows(x, aux, labels, r0, rows, metric);
     at::Tensor counts = at::empty({rows * B, 4}, labels.options());

@@ -107,8 +107,9 @@ TORCH_LIBRARY(metricops, m) {
       "mine_triplets(Tensor embeddings, Tensor labels, str strategy, float margin, str metric) "
       "-> (Tensor anchor, Tensor positive, Tensor negative)");
   // Contrastive loss on a labelled batch (ordered pairs i != j). For the scalar
-  // reductions `mat` is the unit-upstream GEMM weight W of the backward and
-  // row_coef its row coefficients; for "none" `mat` is the distance matrix and
+  // reductions `mat` is the unit-upstream GEMM weight W of the backward (in
+  // the accumulation dtype: float32 for float16/bfloat16) and row_coef its
+  // row coefficients; for "none" `mat` is the distance matrix and
   // row_coef is empty. denom: what the summed terms were divided by (0: none).
   m.def(
       "contrastive_loss(Tensor embeddings, Tensor labels, float pos_margin, float neg_margin, str metric, "

@@ -302,3 +302,75 @@ def test_sorting_scratch_measured_on_gpu():
         per_entry = (torch.cuda.max_memory_allocated() - base) / (rows * B)
         print(f"sorting scratch {name}: {per_entry:.1f} bytes per block entry")
         assert per_entry <= triplet_module._SORTING_BYTES_PER_ENTRY, (name, per_entry)
+
+
+# --------------------------------------------------------------------------- 8. sort-free scan path
+
+
+def _scan_batches(device):
+    """Few positives (the scan's case), many positives (several 32-positive passes), a NaN row, and anchors
+    without a positive or without a negative."""
+    gen = torch.Generator().manual_seed(8)
+    for B, classes in ((40, 10), (23, 4), (100, 2), (70, 1), (9, 9)):
+        x = torch.randn(B, 6, generator=gen, dtype=torch.float64)
+        yield x.to(device), torch.randint(0, classes, (B,), generator=gen).to(device)
+    x = torch.randn(30, 5, generator=gen, dtype=torch.float64)
+    x[4, 1] = float("nan")
+    yield x.to(device), torch.randint(0, 6, (30,), generator=gen).to(device)
+
+
+@pytest.mark.parametrize("margin", [0.3, 0.0, -0.2])
+def test_statistics_few_positives_path_matches_reference(margin):
+    """The CPU's sort-free statistics path (common/triplet.h's classify_negative, which the CUDA scan path
+    runs) counts what the sorted classify_negatives and the reference count."""
+    for x, labels in _scan_batches("cpu"):
+        if torch.isnan(x).any():
+            continue  # the reference's comparisons differ on NaN rows; the NaN row is compared across paths below
+        got = metricops.triplet_statistics(x, labels, margin=margin)
+        expected = metricops.reference.triplet_statistics(x, labels, margin=margin)
+        for key in ("total", "easy", "semihard", "hard"):
+            assert int(got[key]) == int(expected[key]), (key, x.shape, margin)
+
+
+SCANNED = {
+    "semihard": lambda x, labels, memory, metric: metricops.semihard_triplet_loss(
+        x, labels, memory=memory, metric=metric, margin=0.3, reduction="sum"),
+    "batch_all": lambda x, labels, memory, metric: metricops.batch_all_triplet_loss(
+        x, labels, memory=memory, metric=metric, margin=0.3, reduction="sum"),
+}
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_scan_path_matches_sort_path(monkeypatch, metric):
+    """METRICOPS_CUDA_TRIPLET_PATH=scan gives the sort path's losses, gradients, counts and statistics."""
+    monkeypatch.setattr(triplet_module, "_FORCED_STREAM_BLOCK_ROWS", 7)  # streaming crosses block boundaries
+    for x, labels in _scan_batches("cuda"):
+        for memory in ("matrix", "streaming"):
+            for name, fn in SCANNED.items():
+                results = {}
+                for path in ("sort", "scan"):
+                    monkeypatch.setenv("METRICOPS_CUDA_TRIPLET_PATH", path)
+                    xr = x.detach().requires_grad_()
+                    loss = fn(xr, labels, memory, metric)
+                    (grad,) = torch.autograd.grad(loss.sum(), xr)
+                    stats = torch.stack(list(metricops.triplet_statistics(x, labels, metric=metric, margin=0.3).values()))
+                    results[path] = (loss.detach(), grad, stats)
+                assert_close(results["scan"][0], results["sort"][0])
+                assert_close(results["scan"][1], results["sort"][1])
+                assert torch.equal(results["scan"][2], results["sort"][2]), (name, memory)
+            # reduction="none": the same chosen negatives, pair by pair
+            monkeypatch.setenv("METRICOPS_CUDA_TRIPLET_PATH", "sort")
+            sort_out = torch.ops.metricops.semihard_triplet(x, labels, 0.3, metric)
+            monkeypatch.setenv("METRICOPS_CUDA_TRIPLET_PATH", "scan")
+            scan_out = torch.ops.metricops.semihard_triplet(x, labels, 0.3, metric)
+            assert torch.equal(scan_out[1], sort_out[1])
+            assert_close(scan_out[0], sort_out[0])
+
+
+@pytest.mark.needs_cuda
+def test_triplet_path_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("METRICOPS_CUDA_TRIPLET_PATH", "fast")
+    x = torch.randn(8, 3, device="cuda")
+    with pytest.raises(ValueError, match="METRICOPS_CUDA_TRIPLET_PATH must be 'sort' or 'scan'"):
+        metricops.triplet_statistics(x, torch.zeros(8, dtype=torch.int64, device="cuda"))

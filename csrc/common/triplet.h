@@ -70,6 +70,74 @@ C10_HOST_DEVICE inline bool nearer(T d, T best) {
   return d < best || (d != d && best == best);
 }
 
+// ------------------------------------------------------------ sort-free scans
+// Per (anchor, positive) selections made by streaming the anchor's negatives
+// once in index order, with no sort: the CPU's path for anchors with few
+// positives (a vectorised lane per group of negatives) and the CUDA scan
+// path (a warp per anchor, one positive per lane). Each gives what the
+// sorted forms below give (semihard_position, count_active_negatives,
+// classify_negatives).
+
+// All ones for true, 0 for false, in the index type: branch-free selections
+// that compilers vectorise.
+template <typename I>
+C10_HOST_DEVICE inline I select_mask(bool b) {
+  return -static_cast<I>(b);
+}
+
+// All ones while index k is unset (< 0).
+template <typename I>
+C10_HOST_DEVICE inline I unset_mask(I k) {
+  return k >> (sizeof(I) * 8 - 1);
+}
+
+// One negative (distance d, position or index k, seen in increasing k) of a
+// semi-hard scan for positive distance d_ap. State: the nearest negative
+// farther than d_ap, the farthest negative and the first NaN (k = -1: none
+// yet); strict comparisons keep the earliest k on ties.
+template <typename T, typename I>
+C10_HOST_DEVICE inline void semihard_scan_step(T d, I k, T d_ap, T& near_d, I& near_k, T& far_d, I& far_k,
+                                               I& nan_k) {
+  const I is_nan = select_mask<I>(d != d);
+  const I take_near = ~is_nan & select_mask<I>(d > d_ap) & (unset_mask(near_k) | select_mask<I>(d < near_d));
+  const I take_far = ~is_nan & (unset_mask(far_k) | select_mask<I>(d > far_d));
+  const I take_nan = is_nan & unset_mask(nan_k);
+  near_d = take_near ? d : near_d;
+  near_k = take_near ? k : near_k;
+  far_d = take_far ? d : far_d;
+  far_k = take_far ? k : far_k;
+  nan_k = take_nan ? k : nan_k;
+}
+
+// The semi-hard choice of a finished scan (TensorFlow-Addons rule, as
+// semihard_position picks on sorted distances, NaN last): the nearest
+// negative farther than d_ap, else the first NaN, else the farthest.
+template <typename I>
+C10_HOST_DEVICE inline I semihard_scan_pick(I near_k, I nan_k, I far_k) {
+  return near_k >= 0 ? near_k : (nan_k >= 0 ? nan_k : far_k);
+}
+
+// Batch-all term of one (positive, negative) pair from shifted = margin +
+// d_ap: relu(shifted - d_an), active when > 0 (NaN is never active, as
+// count_active_negatives counts).
+template <typename T>
+C10_HOST_DEVICE inline bool batch_all_term(T shifted, T d_an, T& term) {
+  term = shifted - d_an;
+  return term > T(0);
+}
+
+// triplet_statistics' class of one negative for one (anchor, positive), as
+// classify_negatives counts on sorted distances: m = d_an - d_ap; easy:
+// m > margin, hard: m <= 0, semihard: 0 < m <= margin; NaN in no class.
+template <typename T>
+C10_HOST_DEVICE inline void classify_negative(T d_an, T d_ap, T margin, int64_t& easy, int64_t& semihard,
+                                              int64_t& hard) {
+  const T m = d_an - d_ap;
+  easy += m > margin;
+  hard += m <= T(0);
+  semihard += (m > T(0)) & (m <= margin);
+}
+
 // Total order on (distance, index): NaN after every number, ties to the
 // lower index. Used for every sort, so sorts are well-defined on NaN.
 template <typename T>

@@ -4,10 +4,11 @@
 #   1. environment (nvidia-smi, nvcc, torch)        -> gpu-check.log
 #   2. wheels from .whl/ if present (pytorch-metric-learning for the comparison tests)
 #   3. build the extension for sm_90 only, MAX_JOBS=16
-#   4. the CUDA test cases (pytest -m needs_cuda)  -> pytest-cuda.xml (junit), output in gpu-check.log
+#   4. the CUDA test cases (pytest -m needs_cuda)  -> pytest-cuda.xml (junit), output in gpu-check.log;
+#      the triplet ones again on the scan path (METRICOPS_CUDA_TRIPLET_PATH=scan)
 #   5. compute-sanitizer memcheck and racecheck on scripts/gpu_smoke.py (every op once, small sizes)
 #                                                   -> sanitizer-memcheck.log, sanitizer-racecheck.log
-#   6. the review benchmarks (scripts/gpu_review_bench.py) -> review-bench.json
+#   6. the review benchmarks (scripts/gpu_review_bench.py), sort and scan paths side by side -> review-bench.json
 #   7. the quick benchmark suite (python -m benchmarks --quick) -> bench-cuda.json, bench-cuda.png
 #   8. summary.json: each step's status, seconds and log tail
 # Results go to $GPU_CHECK_OUT, else $OUT (the device tool's folder that comes back), else build/gpu-check:
@@ -96,7 +97,10 @@ PYTEST=("$PYTHON" -m pytest tests -p no:cacheprovider -q -rs -m needs_cuda --dur
 if [ "$DRY_RUN" = 1 ]; then
   step cuda-tests-collect 120 "$PYTHON" -m pytest tests -p no:cacheprovider -q -m needs_cuda --collect-only
 else
-  step cuda-tests 150 "${PYTEST[@]}" -s
+  step cuda-tests 120 "${PYTEST[@]}" -s
+  # The triplet tests again on the sort-free scan path (METRICOPS_CUDA_TRIPLET_PATH=scan; output in the log).
+  step cuda-tests-scan 60 env METRICOPS_CUDA_TRIPLET_PATH=scan "$PYTHON" -m pytest tests/test_triplet.py \
+    tests/test_streaming.py tests/test_streaming_blocks.py tests/test_cuda_review.py -p no:cacheprovider -q -m needs_cuda
 fi
 
 # 5. compute-sanitizer on the reduced suite, on metricops' own kernels (kernel names holding "metricops";
@@ -108,9 +112,9 @@ if [ "$DRY_RUN" = 1 ]; then
   step smoke-cpu 180 "${SMOKE[@]}" --device cpu
   say "dry run: would run: ${SANITIZER:-compute-sanitizer} --tool memcheck|racecheck ${SAN_OPTS[*]} ${SMOKE[*]}"
 elif [ -n "$SANITIZER" ]; then
-  step memcheck 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck "${SAN_OPTS[@]}" \
+  step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck "${SAN_OPTS[@]}" \
     --log-file "$OUT_DIR/sanitizer-memcheck.log" "${SMOKE[@]}"
-  step racecheck 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool racecheck --racecheck-report hazard \
+  step racecheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool racecheck --racecheck-report hazard \
     "${SAN_OPTS[@]}" --log-file "$OUT_DIR/sanitizer-racecheck.log" "${SMOKE[@]}"
 else
   say "no compute-sanitizer found: sanitizer steps skipped"
@@ -121,14 +125,14 @@ fi
 if [ "$DRY_RUN" = 1 ]; then
   step review-bench-cpu 180 "$PYTHON" scripts/gpu_review_bench.py --device cpu --tiny --reps 1 --json "$OUT_DIR/review-bench.json"
 else
-  step review-bench 90 "$PYTHON" scripts/gpu_review_bench.py --json "$OUT_DIR/review-bench.json"
+  step review-bench 75 "$PYTHON" scripts/gpu_review_bench.py --json "$OUT_DIR/review-bench.json"
 fi
 
 # 7. the quick benchmark suite
 if [ "$DRY_RUN" = 1 ]; then
   step bench-cli 60 "$PYTHON" -m benchmarks --help
 else
-  step bench 150 "$PYTHON" -m benchmarks --quick --device cuda --json "$OUT_DIR/bench-cuda.json" --png "$OUT_DIR/bench-cuda.png"
+  step bench 90 "$PYTHON" -m benchmarks --quick --device cuda --json "$OUT_DIR/bench-cuda.json" --png "$OUT_DIR/bench-cuda.png"
 fi
 
 # 8. summary

@@ -58,6 +58,24 @@ def _fwd_bwd(loss_fn, x, labels):
         xr = x.detach().requires_grad_()
         loss = loss_fn(xr, labels)
         loss.float().backward()
+        return loss.detach()
+
+    return go
+
+
+def _with_path(path, fn):
+    """fn under METRICOPS_CUDA_TRIPLET_PATH=path (the CUDA kernels read it at each call)."""
+
+    def go():
+        old = os.environ.get("METRICOPS_CUDA_TRIPLET_PATH")
+        os.environ["METRICOPS_CUDA_TRIPLET_PATH"] = path
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("METRICOPS_CUDA_TRIPLET_PATH")
+            else:
+                os.environ["METRICOPS_CUDA_TRIPLET_PATH"] = old
 
     return go
 
@@ -78,12 +96,21 @@ def cases(device, tiny):
             for memory in ("matrix", "streaming"):
                 yield (f"batch_hard {memory}", dict(B=B, D=D, dtype=str(dtype)),
                        _fwd_bwd(lambda t, lab: metricops.batch_hard_triplet_loss(t, lab, memory=memory), x, labels))
+    # The sort path against the scan path (METRICOPS_CUDA_TRIPLET_PATH): few positives (B/8 classes) and
+    # many (4 classes: B/4 positives an anchor, the scan's worst case, at the smaller B). Equal "value"s
+    # across the two paths are the comparison of results.
+    for size, classes in ((big, big // 8), (mid, 4)):
+        x, _ = batch(size)
+        labels = torch.randint(0, classes, (size,), generator=gen).to(device)
+        for path in ("sort", "scan"):
+            params = dict(B=size, D=D, classes=classes, path=path)
+            for name in ("semihard_triplet_loss", "batch_all_triplet_loss"):
+                fn = getattr(metricops, name)
+                yield (f"{name} streaming", params,
+                       _with_path(path, _fwd_bwd(lambda t, lab: fn(t, lab, memory="streaming"), x, labels)))
+            yield ("triplet_statistics", params, _with_path(path, lambda: torch.stack(
+                list(metricops.triplet_statistics(x, labels).values())).float().sum()))
     x, labels = batch(big)
-    for name in ("semihard_triplet_loss", "batch_all_triplet_loss"):
-        fn = getattr(metricops, name)
-        yield (f"{name} streaming", dict(B=big, D=D),
-               _fwd_bwd(lambda t, lab: fn(t, lab, memory="streaming"), x, labels))
-    yield ("triplet_statistics", dict(B=big, D=D), lambda: metricops.triplet_statistics(x, labels))
     yield ("contrastive streaming (default block)", dict(B=big, D=D),
            _fwd_bwd(lambda t, lab: metricops.contrastive_loss(t, lab, memory="streaming"), x, labels))
     for dtype in ([torch.float16] if device == "cuda" else [torch.float32]):
@@ -96,13 +123,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     results = []
     for name, params, fn in cases(args.device, args.tiny):
         entry = dict(case=name, **params)
         try:
+            value = fn()
+            entry["value"] = float(value.float().sum()) if isinstance(value, torch.Tensor) else None
             entry["median_s"] = _timed(fn, args.device, args.reps)
             entry["peak_bytes"] = _peak_bytes(fn, args.device)
         except Exception as exc:  # noqa: BLE001 - one failing case must not hide the others' numbers

@@ -4,8 +4,9 @@ under compute-sanitizer (memcheck, racecheck), where the full test suite would t
     python scripts/gpu_smoke.py [--device cuda|cpu] [--quick]
 
 Covers each metric, float32 and (on CUDA) float16/bfloat16, the matrix and streaming paths with blocks that
-cross boundaries and end ragged, normalize=True, NaN rows, and the direct backward calls with a foreign index
-under a host-check-free path (-1 entries). Exits non-zero when an op raises or gives a non-finite result
+cross boundaries and end ragged, normalize=True, NaN rows, the sort-free scan path of semi-hard, batch-all and
+statistics (METRICOPS_CUDA_TRIPLET_PATH=scan, up to and past 32 positives an anchor), and direct backward
+calls with -1 (no triplet) entries. Exits non-zero when an op raises or gives a non-finite result
 where a finite one is expected. On CPU (the dry run of `make gpu-check`) it runs the same calls in float32.
 """
 
@@ -100,6 +101,32 @@ def run(device: str, quick: bool) -> list:
         step(f"batch_hard nan {dtype}", lambda: metricops.batch_hard_triplet_loss(xn, labels), finite=False)
         step(f"semihard nan {dtype}", lambda: metricops.semihard_triplet_loss(xn, labels, memory="streaming"),
              finite=False)
+    # The sort-free scan path (METRICOPS_CUDA_TRIPLET_PATH=scan), with few positives and with more than 32 an
+    # anchor (several passes), matrix and streaming.
+    os.environ["METRICOPS_CUDA_TRIPLET_PATH"] = "scan"
+    try:
+        for classes in (7, 2):
+            scan_labels = torch.randint(0, classes, (B,), generator=gen).to(device)
+            for dtype in dtypes[:2]:
+                x = torch.randn(B, D, generator=gen).to(device, dtype)
+                for memory, rows in (("matrix", None), ("streaming", 5)):
+                    metricops.triplet._FORCED_STREAM_BLOCK_ROWS = rows
+                    try:
+                        for name in ("semihard_triplet_loss", "batch_all_triplet_loss"):
+                            loss_fn = getattr(metricops, name)
+
+                            def go():
+                                xr = x.detach().requires_grad_()
+                                loss = loss_fn(xr, scan_labels, memory=memory)
+                                return loss.detach(), torch.autograd.grad(loss.float(), xr)[0]
+
+                            step(f"scan {name} {dtype} classes={classes} {memory}", go)
+                    finally:
+                        metricops.triplet._FORCED_STREAM_BLOCK_ROWS = None
+                step(f"scan triplet_statistics {dtype} classes={classes}", lambda: torch.stack(list(
+                    metricops.triplet_statistics(x, scan_labels).values())).float())
+    finally:
+        os.environ.pop("METRICOPS_CUDA_TRIPLET_PATH", None)
     # Direct backward calls: -1 (no triplet) entries are skipped without reading through them.
     x = torch.randn(B, D, generator=gen).to(device)
     _, pos, neg, d_ap, d_an = ops.batch_hard_triplet(x, labels, 0.2, "euclidean", False, 0)

@@ -361,6 +361,33 @@ __device__ void scan_negatives(const acc_t* row, const int64_t* labels, int64_t 
   }
 }
 
+// Row r of a scan kernel's block: its anchor, the anchor's label, its
+// distance row and the row's facts.
+template <typename acc_t>
+struct ScanRow {
+  int64_t a, label;
+  const acc_t* dist;
+  RowFacts facts;
+  C10_HOST_DEVICE bool has_triplets() const { return facts.negatives > 0 && facts.positives > 0; }
+};
+
+template <typename acc_t>
+__device__ ScanRow<acc_t> scan_row(const acc_t* dist, int64_t row_begin, int64_t r, const int64_t* labels, int64_t B,
+                                   int lane) {
+  const int64_t a = row_begin + r, label = labels[a];
+  const acc_t* row = dist + r * B;
+  return {a, label, row, row_facts(row, labels, a, label, B, lane)};
+}
+
+// Calls pass(p) once per group of (up to) 32 positives of the row's anchor,
+// p: this lane's positive (-1 when the group has fewer).
+template <typename acc_t, typename Pass>
+__device__ void for_each_positive_pass(const ScanRow<acc_t>& row, const int64_t* labels, int64_t B, int lane,
+                                       int64_t* slots, const Pass& pass) {
+  int64_t cursor = 0, p = -1;
+  while (next_positives(labels, row.a, row.label, B, lane, cursor, slots, p) > 0) pass(p);
+}
+
 #define METRICOPS_SCAN_ROW_LOOP(r, rows)                                                                    \
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kScanWarps + threadIdx.x / 32; r < (rows);            \
        r += static_cast<int64_t>(gridDim.x) * kScanWarps)
@@ -373,18 +400,16 @@ __global__ void semihard_scan_kernel(const acc_t* __restrict__ dist, int64_t row
   __shared__ int64_t slots[kScanWarps][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   METRICOPS_SCAN_ROW_LOOP(r, rows) {
-    const int64_t a = row_begin + r, la = labels[a];
-    const acc_t* row = dist + r * B;
-    const RowFacts f = row_facts(row, labels, a, la, B, lane);
-    if (f.negatives == 0 || f.positives == 0) continue;
-    const acc_t poison = f.nan_negative ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
-    int64_t cursor = 0, p = -1;
-    while (next_positives(labels, a, la, B, lane, cursor, slots[warp], p) > 0) {
+    const ScanRow<acc_t> sr = scan_row(dist, row_begin, r, labels, B, lane);
+    if (!sr.has_triplets()) continue;
+    const acc_t* row = sr.dist;
+    const acc_t poison = sr.facts.nan_negative ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+    for_each_positive_pass(sr, labels, B, lane, slots[warp], [&](int64_t p) {
       const acc_t d_ap = p >= 0 ? row[p] : acc_t(0);
       acc_t near_d = 0, far_d = 0;
       int64_t near_k = -1, far_k = -1, nan_k = -1;
       scan_negatives(
-          row, labels, la, B, lane,
+          row, labels, sr.label, B, lane,
           [&](acc_t d, int64_t j, int) {
             semihard_scan_step<acc_t, int64_t>(d, j, d_ap, near_d, near_k, far_d, far_k, nan_k);
           },
@@ -394,7 +419,7 @@ __global__ void semihard_scan_kernel(const acc_t* __restrict__ dist, int64_t row
         negative[r * B + p] = k;
         losses[r * B + p] = triplet_term<acc_t>(d_ap, row[k], margin, false) + poison;
       }
-    }
+    });
   }
 }
 
@@ -410,21 +435,19 @@ __global__ void batch_all_scan_kernel(const acc_t* __restrict__ dist, int64_t ro
   __shared__ int64_t slots[kScanWarps][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   METRICOPS_SCAN_ROW_LOOP(r, rows) {
-    const int64_t a = row_begin + r, la = labels[a];
-    const acc_t* row = dist + r * B;
+    const ScanRow<acc_t> sr = scan_row(dist, row_begin, r, labels, B, lane);
+    const acc_t* row = sr.dist;
     acc_t* mult = multiplicity + r * B;
-    const RowFacts f = row_facts(row, labels, a, la, B, lane);
     double sum = 0;
     int64_t active = 0;
-    if (f.negatives > 0 && f.positives > 0) {
-      int64_t cursor = 0, p = -1;
-      while (next_positives(labels, a, la, B, lane, cursor, slots[warp], p) > 0) {
+    if (sr.has_triplets()) {
+      for_each_positive_pass(sr, labels, B, lane, slots[warp], [&](int64_t p) {
         const bool valid = p >= 0;
         const acc_t shifted = valid ? margin + row[p] : acc_t(0);
         int64_t count = 0;
         int column_count = 0;  // for column j0 + lane of the current chunk
         scan_negatives(
-            row, labels, la, B, lane,
+            row, labels, sr.label, B, lane,
             [&](acc_t d, int64_t, int t) {
               acc_t term = 0;
               const bool on = valid && batch_all_term(shifted, d, term);
@@ -441,15 +464,16 @@ __global__ void batch_all_scan_kernel(const acc_t* __restrict__ dist, int64_t ro
             });
         if (valid) mult[p] = static_cast<acc_t>(count);
         active += count;
-      }
+      });
     }
     for (int offset = 16; offset > 0; offset /= 2) {
       sum += __shfl_xor_sync(kFullMask, sum, offset);
       active += __shfl_xor_sync(kFullMask, active, offset);
     }
     if (lane == 0) {
-      const bool any = f.negatives > 0 && f.positives > 0;
-      row_term[r] = any && (f.nan_negative || f.nan_positive) ? std::numeric_limits<double>::quiet_NaN() : sum;
+      const RowFacts& f = sr.facts;
+      const bool nan = sr.has_triplets() && (f.nan_negative || f.nan_positive);
+      row_term[r] = nan ? std::numeric_limits<double>::quiet_NaN() : sum;
       row_valid[r] = f.negatives * f.positives;
       row_active[r] = active;
     }
@@ -465,22 +489,20 @@ __global__ void statistics_scan_kernel(const acc_t* __restrict__ dist, int64_t r
   __shared__ int64_t slots[kScanWarps][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   METRICOPS_SCAN_ROW_LOOP(r, rows) {
-    const int64_t a = row_begin + r, la = labels[a];
-    const acc_t* row = dist + r * B;
-    const RowFacts f = row_facts(row, labels, a, la, B, lane);
+    const ScanRow<acc_t> sr = scan_row(dist, row_begin, r, labels, B, lane);
+    const acc_t* row = sr.dist;
     int64_t easy = 0, semihard = 0, hard = 0;
-    if (f.negatives > 0 && f.positives > 0) {
-      int64_t cursor = 0, p = -1;
-      while (next_positives(labels, a, la, B, lane, cursor, slots[warp], p) > 0) {
+    if (sr.has_triplets()) {
+      for_each_positive_pass(sr, labels, B, lane, slots[warp], [&](int64_t p) {
         const bool valid = p >= 0;
         const acc_t d_ap = valid ? row[p] : acc_t(0);
         scan_negatives(
-            row, labels, la, B, lane,
+            row, labels, sr.label, B, lane,
             [&](acc_t d, int64_t, int) {
               if (valid) classify_negative(d, d_ap, margin, easy, semihard, hard);
             },
             [](int64_t, unsigned) {});
-      }
+      });
     }
     for (int offset = 16; offset > 0; offset /= 2) {
       easy += __shfl_xor_sync(kFullMask, easy, offset);
@@ -488,7 +510,7 @@ __global__ void statistics_scan_kernel(const acc_t* __restrict__ dist, int64_t r
       hard += __shfl_xor_sync(kFullMask, hard, offset);
     }
     if (lane == 0) {
-      counts[4 * r] = f.negatives * f.positives;
+      counts[4 * r] = sr.facts.negatives * sr.facts.positives;
       counts[4 * r + 1] = easy, counts[4 * r + 2] = semihard, counts[4 * r + 3] = hard;
     }
   }

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-stamp
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test bench bench-quick demo demo-ddp info sanitize clean
+.PHONY: all venv build test bench bench-quick demo demo-ddp info sanitize gpu-check gpu-check-dry clean
 
 all: test
 
@@ -68,6 +68,17 @@ sanitize: $(if $(filter $(VENV)/bin/python,$(PY)),venv)
 	LD_PRELOAD="$(ASAN_LIB)" ASAN_OPTIONS=detect_leaks=0 \
 		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 METRICOPS_EXPECT_SANITIZED=1 \
 		$(PY) -m pytest tests -o pythonpath=$(SAN_DIR)/pkg $(SANITIZE_PYTEST_ARGS)
+
+# On a machine with one GPU (the H100/H200 this targets): build for sm_90 with 16 jobs, the CUDA tests,
+# compute-sanitizer (memcheck, racecheck) on scripts/gpu_smoke.py, the review and quick benchmarks, all
+# within 8 minutes; logs and JSON in $$GPU_CHECK_OUT, else $$OUT, else build/gpu-check (README, "Running on a
+# GPU"). It uses the machine's own python3 and torch, not the venv. gpu-check-dry: the same steps checked and,
+# where no GPU is needed, run here (CPU).
+gpu-check:
+	bash scripts/gpu_check.sh
+
+gpu-check-dry:
+	GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build metricops/*.so

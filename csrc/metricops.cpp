@@ -107,8 +107,9 @@ TORCH_LIBRARY(metricops, m) {
       "mine_triplets(Tensor embeddings, Tensor labels, str strategy, float margin, str metric) "
       "-> (Tensor anchor, Tensor positive, Tensor negative)");
   // Contrastive loss on a labelled batch (ordered pairs i != j). For the scalar
-  // reductions `mat` is the unit-upstream GEMM weight W of the backward and
-  // row_coef its row coefficients; for "none" `mat` is the distance matrix and
+  // reductions `mat` is the unit-upstream GEMM weight W of the backward (in
+  // the accumulation dtype: float32 for float16/bfloat16) and row_coef its
+  // row coefficients; for "none" `mat` is the distance matrix and
   // row_coef is empty. denom: what the summed terms were divided by (0: none).
   m.def(
       "contrastive_loss(Tensor embeddings, Tensor labels, float pos_margin, float neg_margin, str metric, "
@@ -116,10 +117,11 @@ TORCH_LIBRARY(metricops, m) {
   m.def(
       "contrastive_loss_backward(Tensor grad, Tensor embeddings, Tensor labels, Tensor mat, Tensor row_coef, "
       "Tensor denom, float pos_margin, float neg_margin, str metric, bool squared, str reduction) -> Tensor");
-  // Streaming contrastive loss (reductions mean/sum/mean_nonzero): never holds
-  // the B×B matrix; the backward recomputes distances block by block.
-  // block_rows <= 0 picks the block per device. denom: what the summed terms
-  // were divided by (0: no term, loss 0).
+  // Streaming contrastive loss (reductions mean/sum/mean_nonzero): holds one
+  // row block of the B×B matrix at a time; the backward recomputes distances
+  // block by block. block_rows <= 0 picks the block per device (CPU 256 rows,
+  // CUDA at most 256 MiB of distances). denom: what the summed terms were
+  // divided by (0: no term, loss 0).
   m.def(
       "contrastive_loss_streaming(Tensor embeddings, Tensor labels, float pos_margin, float neg_margin, str metric, "
       "bool squared, str reduction, int block_rows) -> (Tensor loss, Tensor denom)");

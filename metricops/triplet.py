@@ -21,12 +21,17 @@ STRATEGIES = ("all", "violating", "semihard", "hard", "easy", "batch_hard")
 MEMORY_MODES = ("auto", "matrix", "streaming")
 
 # Streaming kernels hold this many rows of the B×B distance matrix at once:
-# on CPU a cache-sized block; on CUDA enough rows for cuBLAS to fill the GPU
-# while the block stays under 256 MiB of float32. "auto" streams from B=4096
-# (a 4096² float32 matrix is 64 MiB).
+# on CPU a cache-sized block; on CUDA as many rows as keep the block's scratch
+# under 256 MiB (at least one row: at very large B the budget, not a minimum
+# row count, decides). "auto" streams from B=4096 (a 4096² float32 matrix is
+# 64 MiB).
 _CPU_STREAM_BLOCK_ROWS = 256
 _CUDA_STREAM_BLOCK_BYTES = 256 * 2**20
 _AUTO_STREAM_MIN_B = 4096
+# Tests set this (tests/test_streaming_blocks.py) to force every streaming
+# kernel, CPU and CUDA, to blocks of this many rows, so that block boundaries
+# fall where a test wants them; None in normal use.
+_FORCED_STREAM_BLOCK_ROWS = None
 
 
 def _prepare(embeddings, labels, margin, metric, normalize, *, loss: bool):
@@ -50,14 +55,19 @@ def _block_rows(memory: str, embeddings: torch.Tensor, bytes_per_entry: int = 4)
     batch = embeddings.shape[0]
     if memory == "matrix" or (memory == "auto" and batch < _AUTO_STREAM_MIN_B):
         return 0
+    if _FORCED_STREAM_BLOCK_ROWS is not None:
+        return _FORCED_STREAM_BLOCK_ROWS
     if embeddings.device.type == "cuda":
-        return max(64, _CUDA_STREAM_BLOCK_BYTES // (bytes_per_entry * max(batch, 1)))
+        return max(1, _CUDA_STREAM_BLOCK_BYTES // (bytes_per_entry * max(batch, 1)))
     return _CPU_STREAM_BLOCK_ROWS
 
 
-# Scratch bytes per distance-block entry of the CUDA sorting kernels: float32
-# distances, two stable sorts (keys, int64 indices), masks, gathered copies.
-_SORTING_BYTES_PER_ENTRY = 64
+# Live scratch bytes per distance-block entry of the CUDA sorting kernels at
+# their peak (batch-all's block: float32 distances, bool masks, two stable
+# segmented sorts with their int64 indices and temporaries, the gathered
+# sorted copies, float64 prefix sums and per-entry sums and counts: about
+# 80-100 bytes). tests/test_cuda_review.py measures it on a GPU.
+_SORTING_BYTES_PER_ENTRY = 112
 
 
 def _check_streaming_reduction(memory: str, reduction: str) -> None:

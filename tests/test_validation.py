@@ -232,13 +232,13 @@ IDX = torch.tensor([1, 0, 3, 2])
         # Foreign indices into the batch-hard backward used to be read unchecked (aux[p]).
         pytest.param(lambda: torch.ops.metricops.batch_hard_triplet_backward(
             torch.ones(4), torch.zeros(4), torch.zeros(4), E, torch.tensor([1, 0, 3, 40]), IDX, torch.ones(4), torch.ones(4),
-            0.2, "euclidean", False), "positive and negative must hold indices in [-1, B)", id="bh_backward_index_high"),
+            0.2, "euclidean", False), "positive must hold indices in [-1, 4)", id="bh_backward_index_high"),
         pytest.param(lambda: torch.ops.metricops.batch_hard_triplet_backward(
             torch.ones(4), torch.zeros(4), torch.zeros(4), E, IDX, torch.tensor([1, 0, 3, 4]), torch.ones(4), torch.ones(4),
-            0.2, "cosine", False), "positive and negative must hold indices in [-1, B)", id="bh_backward_index_B_cosine"),
+            0.2, "cosine", False), "negative must hold indices in [-1, 4)", id="bh_backward_index_B_cosine"),
         pytest.param(lambda: torch.ops.metricops.batch_hard_triplet_backward(
             torch.ones(4), torch.zeros(4), torch.zeros(4), E, IDX, torch.tensor([1, -7, 3, 2]), torch.ones(4), torch.ones(4),
-            0.2, "euclidean", False), "positive and negative must hold indices in [-1, B)", id="bh_backward_index_low"),
+            0.2, "euclidean", False), "negative must hold indices in [-1, 4)", id="bh_backward_index_low"),
     ],
 )
 def test_direct_op_refuses(call, text):

@@ -96,8 +96,9 @@ inline NormKind triplet_norm_kind(double p, bool squared) {
 // ------------------------------------------------------------------ contrastive_loss
 
 // Returns (loss, aux, row_coef, denom):
-//   scalar reductions: loss (), aux = W (B, B) for a unit upstream gradient,
-//                      row_coef (B,) acc dtype, denom () acc dtype (0: no term);
+//   scalar reductions: loss (), aux = W (B, B) acc dtype for a unit upstream
+//                      gradient, row_coef (B,) acc dtype, denom () acc dtype
+//                      (0: no term);
 //   "none":            loss (B, B), aux = distances (B, B), row_coef (0,), denom ().
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_impl(
@@ -123,17 +124,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_impl
   at::Tensor dot = gram_acc(x, x);
   at::Tensor aux = Kernels::row_aux(x, metric);
   at::Tensor lab = labels.to(at::kLong).contiguous();
-  // The epilogue overwrites the Gram matrix in place unless the dtypes differ.
-  at::Tensor mat = is_low_precision(x) ? at::empty({B, B}, x.options()) : dot;
   if (none) {
+    // The distances overwrite the Gram matrix in place unless the dtypes differ.
+    at::Tensor dist = is_low_precision(x) ? at::empty({B, B}, x.options()) : dot;
     at::Tensor loss = at::empty({B, B}, x.options());
-    Kernels::contrastive_none_forward(dot, x, aux, lab, args, loss, mat);
-    return {loss, mat, at::empty({0}, acc_opts), denom};
+    Kernels::contrastive_none_forward(dot, x, aux, lab, args, loss, dist);
+    return {loss, dist, at::empty({0}, acc_opts), denom};
   }
+  // W overwrites the Gram matrix in place, in the accumulation dtype: its
+  // entries (2·slope/d for euclidean, 2·slope/(‖x_i‖‖x_j‖) for cosine) pass
+  // float16's range for near pairs or small rows, where the loss and its
+  // gradient are finite.
+  at::Tensor W = dot;
   at::Tensor row_loss = at::empty({B}, acc_opts);
   at::Tensor row_nnz = at::empty({B}, acc_opts);
   at::Tensor row_coef = at::empty({B}, acc_opts);
-  Kernels::contrastive_reduce_forward(dot, x, aux, lab, args, mat, row_loss, row_nnz, row_coef);
+  Kernels::contrastive_reduce_forward(dot, x, aux, lab, args, W, row_loss, row_nnz, row_coef);
   at::Tensor total = row_loss.sum();
   if (reduction == Reduction::Sum) {
     denom.fill_(1);
@@ -144,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_impl
   }
   // No valid term: 0, and the backward scales the gradient by 0 as well.
   at::Tensor loss = at::where(denom.gt(0), total.div(denom.clamp_min(1)), at::zeros({}, acc_opts)).to(x.scalar_type());
-  return {loss, mat, row_coef, denom};
+  return {loss, W, row_coef, denom};
 }
 
 template <class Kernels>
@@ -162,11 +168,18 @@ at::Tensor contrastive_loss_backward_impl(const at::Tensor& grad, const at::Tens
   TORCH_CHECK_VALUE(aux_mat.dim() == 2 && aux_mat.size(0) == B && aux_mat.size(1) == B,
                     "contrastive_loss_backward: saved matrix must have shape (", B, ", ", B, "), got ",
                     aux_mat.sizes());
-  check_same_device_dtype(x_in, "embeddings", aux_mat, "saved matrix");
+  // The saved matrix: W in the accumulation dtype, or the distances ("none")
+  // in the embeddings' dtype.
+  const auto acc = acc_dtype(x_in);
+  const auto mat_dtype = reduction == Reduction::None ? x_in.scalar_type() : acc;
+  TORCH_CHECK_VALUE(aux_mat.device() == x_in.device(), "saved matrix must be on the same device as embeddings (",
+                    x_in.device(), "), got ", aux_mat.device());
+  TORCH_CHECK_TYPE(aux_mat.scalar_type() == mat_dtype, "saved matrix must have dtype ", mat_dtype,
+                   " for reduction '", std::string(reduction_name), "' and ", x_in.scalar_type(),
+                   " embeddings, got ", aux_mat.scalar_type());
   TORCH_CHECK_VALUE(grad.device() == x_in.device(), "grad must be on the embeddings' device");
   if (B == 0 || x_in.size(1) == 0) return at::zeros_like(x_in);
   const at::Tensor x = x_in.contiguous();
-  const auto acc = acc_dtype(x);
   if (reduction != Reduction::None) {
     TORCH_CHECK_VALUE(grad.dim() == 0, "grad must be a scalar for reduction '", std::string(reduction_name),
                       "', got shape ", grad.sizes());
@@ -176,7 +189,8 @@ at::Tensor contrastive_loss_backward_impl(const at::Tensor& grad, const at::Tens
     // Scale computed on device (no host sync); 0 when there was no term.
     at::Tensor d = denom.to(acc);
     at::Tensor scale = at::where(d.gt(0), grad.to(acc).div(d.clamp_min(1)), at::zeros({}, x.options().dtype(acc)));
-    at::Tensor gx = scaled_minus_matmul(x.to(acc).mul(row_coef_in.to(acc).unsqueeze(1)), W, x);
+    const at::Tensor x_acc = x.to(acc);  // W is in the accumulation dtype: so is the GEMM
+    at::Tensor gx = scaled_minus_matmul(x_acc.mul(row_coef_in.to(acc).unsqueeze(1)), W, x_acc);
     return gx.mul_(scale).to(x.scalar_type());
   }
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == B, "grad must have shape (", B, ", ",

@@ -6,6 +6,9 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include "common/checks.h"
 
 namespace metricops {
@@ -34,6 +37,26 @@ inline double streaming_denominator(StreamingReduction red, int64_t B, int64_t n
     default:
       return static_cast<double>(nonzero);
   }
+}
+
+// Rows per block of the streaming contrastive loss: block_rows when > 0,
+// else the device's default (`default_rows`), both at most B and at least 1.
+// block_rows <= 0 never means "all B rows": the op promises never to hold
+// the B×B matrix.
+inline int64_t contrastive_streaming_rows(int64_t block_rows, int64_t B, int64_t default_rows) {
+  const int64_t rows = block_rows > 0 ? block_rows : default_rows;
+  return std::max<int64_t>(1, std::min(rows, B));
+}
+
+// The CPU default: a cache-sized block (metricops/triplet.py's
+// _CPU_STREAM_BLOCK_ROWS).
+constexpr int64_t kCpuContrastiveStreamingRows = 256;
+
+// The CUDA default: rows of `element_size`-byte distances that fill
+// budget_bytes (256 MiB, metricops/triplet.py's _CUDA_STREAM_BLOCK_BYTES).
+inline int64_t cuda_contrastive_streaming_default_rows(int64_t B, int64_t element_size,
+                                                       int64_t budget_bytes = int64_t{256} << 20) {
+  return std::max<int64_t>(1, budget_bytes / (element_size * std::max<int64_t>(B, 1)));
 }
 
 // grad / denom on the device (no host sync), 0 where denom is 0.

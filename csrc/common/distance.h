@@ -42,9 +42,15 @@ C10_HOST_DEVICE inline acc_t distance_from_dot(Metric metric, acc_t x_aux, acc_t
 // "euclidean": sqrt is monotone), so selections can skip the sqrt and take
 // it for the winners only: key_to_distance(distance_key(...)) equals
 // distance_from_dot(...) exactly.
+// The metric whose distances are the keys of `metric`: a kernel that
+// computes distances with it computes distance_key (same row_aux).
+C10_HOST_DEVICE inline Metric key_metric(Metric metric) {
+  return metric == Metric::Euclidean ? Metric::SqEuclidean : metric;
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t distance_key(Metric metric, acc_t x_aux, acc_t y_aux, acc_t dot) {
-  return distance_from_dot<acc_t>(metric == Metric::Euclidean ? Metric::SqEuclidean : metric, x_aux, y_aux, dot);
+  return distance_from_dot<acc_t>(key_metric(metric), x_aux, y_aux, dot);
 }
 
 template <typename acc_t>

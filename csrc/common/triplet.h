@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/distance.h"
+
 namespace metricops {
 
 // relu that keeps NaN (NaN < 0 is false), as torch.relu does.
@@ -45,6 +47,18 @@ C10_HOST_DEVICE inline T triplet_term_grad(T d_ap, T d_an, T margin, bool soft) 
   return soft ? softplus_grad(d_ap - d_an) : hinge_grad((margin + d_ap) - d_an);
 }
 
+// Batch-hard result of one anchor from its selected distance keys
+// (distance_key: the squared distance for "euclidean"). Both devices select
+// on keys and take the sqrt for the winners only, so two squared distances
+// that round to the same root still pick the same row on CPU and CUDA.
+template <typename T>
+C10_HOST_DEVICE inline void batch_hard_from_keys(Metric metric, T key_p, T key_n, T margin, bool soft, T& d_ap,
+                                                 T& d_an, T& loss) {
+  d_ap = key_to_distance<T>(metric, key_p);
+  d_an = key_to_distance<T>(metric, key_n);
+  loss = triplet_term<T>(d_ap, d_an, margin, soft);
+}
+
 // Running selections that let NaN win, so a NaN embedding gives a NaN loss
 // through a valid index instead of being skipped by false comparisons.
 template <typename T>
@@ -54,6 +68,74 @@ C10_HOST_DEVICE inline bool farther(T d, T best) {
 template <typename T>
 C10_HOST_DEVICE inline bool nearer(T d, T best) {
   return d < best || (d != d && best == best);
+}
+
+// ------------------------------------------------------------ sort-free scans
+// Per (anchor, positive) selections made by streaming the anchor's negatives
+// once in index order, with no sort: the CPU's path for anchors with few
+// positives (a vectorised lane per group of negatives) and the CUDA scan
+// path (a warp per anchor, one positive per lane). Each gives what the
+// sorted forms below give (semihard_position, count_active_negatives,
+// classify_negatives).
+
+// All ones for true, 0 for false, in the index type: branch-free selections
+// that compilers vectorise.
+template <typename I>
+C10_HOST_DEVICE inline I select_mask(bool b) {
+  return -static_cast<I>(b);
+}
+
+// All ones while index k is unset (< 0).
+template <typename I>
+C10_HOST_DEVICE inline I unset_mask(I k) {
+  return k >> (sizeof(I) * 8 - 1);
+}
+
+// One negative (distance d, position or index k, seen in increasing k) of a
+// semi-hard scan for positive distance d_ap. State: the nearest negative
+// farther than d_ap, the farthest negative and the first NaN (k = -1: none
+// yet); strict comparisons keep the earliest k on ties.
+template <typename T, typename I>
+C10_HOST_DEVICE inline void semihard_scan_step(T d, I k, T d_ap, T& near_d, I& near_k, T& far_d, I& far_k,
+                                               I& nan_k) {
+  const I is_nan = select_mask<I>(d != d);
+  const I take_near = ~is_nan & select_mask<I>(d > d_ap) & (unset_mask(near_k) | select_mask<I>(d < near_d));
+  const I take_far = ~is_nan & (unset_mask(far_k) | select_mask<I>(d > far_d));
+  const I take_nan = is_nan & unset_mask(nan_k);
+  near_d = take_near ? d : near_d;
+  near_k = take_near ? k : near_k;
+  far_d = take_far ? d : far_d;
+  far_k = take_far ? k : far_k;
+  nan_k = take_nan ? k : nan_k;
+}
+
+// The semi-hard choice of a finished scan (TensorFlow-Addons rule, as
+// semihard_position picks on sorted distances, NaN last): the nearest
+// negative farther than d_ap, else the first NaN, else the farthest.
+template <typename I>
+C10_HOST_DEVICE inline I semihard_scan_pick(I near_k, I nan_k, I far_k) {
+  return near_k >= 0 ? near_k : (nan_k >= 0 ? nan_k : far_k);
+}
+
+// Batch-all term of one (positive, negative) pair from shifted = margin +
+// d_ap: relu(shifted - d_an), active when > 0 (NaN is never active, as
+// count_active_negatives counts).
+template <typename T>
+C10_HOST_DEVICE inline bool batch_all_term(T shifted, T d_an, T& term) {
+  term = shifted - d_an;
+  return term > T(0);
+}
+
+// triplet_statistics' class of one negative for one (anchor, positive), as
+// classify_negatives counts on sorted distances: m = d_an - d_ap; easy:
+// m > margin, hard: m <= 0, semihard: 0 < m <= margin; NaN in no class.
+template <typename T>
+C10_HOST_DEVICE inline void classify_negative(T d_an, T d_ap, T margin, int64_t& easy, int64_t& semihard,
+                                              int64_t& hard) {
+  const T m = d_an - d_ap;
+  easy += m > margin;
+  hard += m <= T(0);
+  semihard += (m > T(0)) & (m <= margin);
 }
 
 // Total order on (distance, index): NaN after every number, ties to the

@@ -6,7 +6,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/where.h>
@@ -64,17 +63,32 @@ C10_HOST_DEVICE inline bool strategy_selects(MiningStrategy strategy, T m, T mar
   }
 }
 
+// Whether a saved positive/negative index names a row of a batch of B: a
+// direct torch.ops call may pass any value, and a kernel that cannot refuse
+// it (a CUDA graph capture skips the host check) treats it as "no triplet".
+C10_HOST_DEVICE inline bool index_in_batch(int64_t index, int64_t B) { return index >= 0 && index < B; }
+
+// Refuses (ValueError) an index tensor with an entry outside [-1, B). One
+// host sync: run only where the caller may sync (not during a CUDA graph
+// capture; the kernels then skip out-of-range entries instead).
+inline void check_index_range(const at::Tensor& index, int64_t B, const char* op, const char* name) {
+  if (index.numel() == 0) return;
+  const bool in_range = index.ge(-1).logical_and_(index.lt(B)).all().item<bool>();
+  TORCH_CHECK_VALUE(in_range, op, ": ", name, " must hold indices in [-1, ", B,
+                    ") (-1: no triplet), got a value outside that range");
+}
+
 // Per-anchor backward coefficients of batch-hard. With c_p, c_n the
 // gradients reaching d_ap, d_an:
 //   grad[a] += anchor_self * x[a] - cross_positive * x[p] - cross_negative * x[n]
 //   grad[p] += positive_self * x[p] - cross_positive * x[a]
 //   grad[n] += negative_self * x[n] - cross_negative * x[a]
 template <typename T>
-C10_HOST_DEVICE inline void batch_hard_anchor_coefficients(Metric metric, int64_t a, int64_t p, int64_t n, T g,
+C10_HOST_DEVICE inline void batch_hard_anchor_coefficients(Metric metric, int64_t B, int64_t a, int64_t p, int64_t n, T g,
                                                            T g_ap, T g_an, T d_ap, T d_an, const T* aux, T margin,
                                                            bool soft, T& anchor_self, T& cross_positive,
                                                            T& cross_negative, T& positive_self, T& negative_self) {
-  if (p < 0 || n < 0) {
+  if (!index_in_batch(p, B) || !index_in_batch(n, B)) {  // no triplet (or a foreign index: no term)
     anchor_self = cross_positive = cross_negative = positive_self = negative_self = T(0);
     return;
   }
@@ -105,6 +119,7 @@ struct BatchHardGradCoefficients {
 //   Tensor row_aux(const Tensor& x, Metric, const Tensor& norm)  -> (B,) acc dtype
 //     (norm defined: the row aux of y = F.normalize(x), from the norms)
 //   void batch_hard_coefficients(const BatchHardGradInputs&, BatchHardGradCoefficients&)
+//   bool may_sync()  -> whether a host check (one sync) may run now
 //   Tensor batch_hard_assemble(const Tensor& x, const Tensor& positive, const Tensor& negative,
 //                              const BatchHardGradCoefficients&, const Tensor& norm)  -> (B, D) acc dtype
 //     grad[a] += anchor_self x[a] - cross_positive x[p] - cross_negative x[n]
@@ -116,11 +131,12 @@ struct BatchHardGradCoefficients {
 inline at::Tensor batch_hard_assemble_aten(const at::Tensor& x, const at::Tensor& positive, const at::Tensor& negative,
                                            const BatchHardGradCoefficients& c) {
   // Anchors without a triplet point at themselves with zero coefficients, so
-  // no index is ever out of range.
+  // no index is ever out of range (a foreign index that a capture let
+  // through counts as "no triplet", as in batch_hard_anchor_coefficients).
   const int64_t B = x.size(0);
   const at::Tensor self_index = at::arange(B, positive.options());
-  const at::Tensor pos = at::where(positive.ge(0), positive, self_index);
-  const at::Tensor neg = at::where(negative.ge(0), negative, self_index);
+  const at::Tensor pos = at::where(positive.ge(0).logical_and_(positive.lt(B)), positive, self_index);
+  const at::Tensor neg = at::where(negative.ge(0).logical_and_(negative.lt(B)), negative, self_index);
   const at::Tensor x_pos = x.index_select(0, pos);
   const at::Tensor x_neg = x.index_select(0, neg);
   const at::Tensor w_p = c.cross_positive.unsqueeze(1), w_n = c.cross_negative.unsqueeze(1);
@@ -147,12 +163,13 @@ at::Tensor batch_hard_triplet_backward_impl(const at::Tensor& grad_losses, const
   TORCH_CHECK_TYPE(positive.scalar_type() == at::kLong && negative.scalar_type() == at::kLong,
                    "batch_hard_triplet_backward: positive and negative must be int64");
   if (B == 0) return at::zeros_like(embeddings);
-  // The coefficient kernels read aux[p] and aux[n] unchecked: a direct
-  // torch.ops call with a foreign index must be refused, not read out of
-  // bounds. (CPU: a synchronous check; CUDA: a device-side assert, no sync.)
-  for (const at::Tensor* t : {&positive, &negative}) {
-    at::_assert_async(t->ge(-1).logical_and_(t->lt(B)).all(),
-                      "batch_hard_triplet_backward: positive and negative must hold indices in [-1, B)");
+  // A direct torch.ops call with a foreign index is refused with a
+  // ValueError (a device-side assert would poison the CUDA context for the
+  // rest of the process). Where no host sync may run (a CUDA graph capture),
+  // the kernels treat such an index as "no triplet" and never read through it.
+  if (Kernels::may_sync()) {
+    check_index_range(positive, B, "batch_hard_triplet_backward", "positive");
+    check_index_range(negative, B, "batch_hard_triplet_backward", "negative");
   }
   const at::ScalarType acc = (embeddings.scalar_type() == at::kHalf || embeddings.scalar_type() == at::kBFloat16)
                                  ? at::kFloat
@@ -189,16 +206,18 @@ C10_HOST_DEVICE inline void semihard_coefficients_row(int64_t a, int64_t B, cons
   for (int64_t p = 0; p < B; ++p) {
     const int64_t idx = a * B + p;
     const int64_t n = negative[idx];
-    if (!semihard_term_has_gradient(n, static_cast<acc_t>(losses[idx]))) continue;
+    if (n >= B || !semihard_term_has_gradient(n, static_cast<acc_t>(losses[idx]))) continue;  // n >= B: foreign
     const acc_t g = static_cast<acc_t>(grad_losses[idx]);
     coef[idx] += g;
     coef[a * B + n] -= g;
   }
 }
 
+// may_sync: whether the host check of `negative` may run (see
+// check_index_range); semihard_coefficients_row skips foreign indices.
 inline void check_semihard_backward_inputs(const at::Tensor& grad_losses, const std::optional<at::Tensor>& grad_dist,
                                            const at::Tensor& embeddings, const at::Tensor& losses,
-                                           const at::Tensor& negative, const at::Tensor& dist) {
+                                           const at::Tensor& negative, const at::Tensor& dist, bool may_sync) {
   check_embeddings(embeddings, "embeddings");
   const int64_t B = embeddings.size(0);
   std::vector<const at::Tensor*> matrices = {&grad_losses, &losses, &negative, &dist};
@@ -214,8 +233,7 @@ inline void check_semihard_backward_inputs(const at::Tensor& grad_losses, const 
   TORCH_CHECK_TYPE(negative.scalar_type() == at::kLong, "semihard_triplet_backward: negative must be int64");
   // The coefficients are written at (a, negative[a, p]): a foreign index from
   // a direct torch.ops call must be refused, not written out of bounds.
-  at::_assert_async(negative.ge(-1).logical_and_(negative.lt(B)).all(),
-                    "semihard_triplet_backward: negative must hold indices in [-1, B)");
+  if (may_sync) check_index_range(negative, B, "semihard_triplet_backward", "negative");
 }
 
 // l2_normalize and its backward through the dispatcher (their kernels live

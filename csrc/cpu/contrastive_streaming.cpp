@@ -39,6 +39,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_streaming_cpu(const at::Tens
   const int64_t B = x.size(0);
   std::vector<double> row_sum(B, 0.0);
   std::vector<int64_t> row_nonzero(B, 0);
+  block_rows = contrastive_streaming_rows(block_rows, B, kCpuContrastiveStreamingRows);
   if (B > 0) {
     const at::Tensor aux = row_aux_cpu(x, metric);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_contrastive_streaming_cpu", [&] {
@@ -84,6 +85,7 @@ at::Tensor contrastive_loss_streaming_backward_cpu(const at::Tensor& grad, const
   const int64_t B = x.size(0);
   at::Tensor out = at::zeros_like(x);
   if (B == 0) return out;
+  block_rows = contrastive_streaming_rows(block_rows, B, kCpuContrastiveStreamingRows);
   // Weights are built for a unit upstream gradient, doubled for the symmetric
   // column side, and scaled by grad / denom at the end (0 when denom is 0).
   const at::Tensor aux = row_aux_cpu(x, metric);

@@ -68,27 +68,19 @@ bool few_positives(int64_t P, int64_t n) {
 
 template <typename scalar_t>
 inline int32_t lane_mask(bool b) {
-  return -static_cast<int32_t>(b);
+  return select_mask<int32_t>(b);
 }
 
 // Lanes of the vectorised scans: lane l keeps the best of the elements
 // k ≡ l (mod kLanes) seen so far; the lanes are merged at the end.
 constexpr int64_t kLanes = 16;
 
-// One element of the semi-hard lane scan (see semihard_scan_lanes).
+// One element of the semi-hard lane scan (see semihard_scan_lanes): the
+// shared step of common/triplet.h, which the CUDA scan path runs too.
 template <typename scalar_t>
 inline void semihard_lane_step(scalar_t d, int32_t k, scalar_t d_ap, scalar_t& near_d, int32_t& near_k,
                                scalar_t& far_d, int32_t& far_k, int32_t& nan_k) {
-  const int32_t is_nan = lane_mask<scalar_t>(d != d);
-  const int32_t take_near =
-      ~is_nan & lane_mask<scalar_t>(d > d_ap) & ((near_k >> 31) | lane_mask<scalar_t>(d < near_d));
-  const int32_t take_far = ~is_nan & ((far_k >> 31) | lane_mask<scalar_t>(d > far_d));
-  const int32_t take_nan = is_nan & (nan_k >> 31);
-  near_d = take_near ? d : near_d;
-  near_k = take_near ? k : near_k;
-  far_d = take_far ? d : far_d;
-  far_k = take_far ? k : far_k;
-  nan_k = take_nan ? k : nan_k;
+  semihard_scan_step<scalar_t, int32_t>(d, k, d_ap, near_d, near_k, far_d, far_k, nan_k);
 }
 
 // Semi-hard selection (TensorFlow-Addons rule) among an anchor's n > 0
@@ -123,8 +115,7 @@ METRICOPS_SIMD_CLONES int64_t semihard_scan_lanes(const scalar_t* __restrict__ d
     }
     if (nan_k[l] >= 0 && (first_nan < 0 || nan_k[l] < first_nan)) first_nan = nan_k[l];
   }
-  if (nearest >= 0) return nearest;
-  return first_nan >= 0 ? first_nan : farthest;
+  return semihard_scan_pick<int32_t>(nearest, first_nan, farthest);
 }
 
 // Semi-hard selection for anchor i (TensorFlow-Addons rule): calls
@@ -181,8 +172,8 @@ METRICOPS_SIMD_CLONES void batch_all_scan_row(const scalar_t* row, const int64_t
     const scalar_t d_an = row[j];
     int64_t cnt = 0;
     for (int64_t q = 0; q < P; ++q) {
-      const scalar_t t = shifted[q] - d_an;
-      if (t > scalar_t(0)) {
+      scalar_t t;
+      if (batch_all_term(shifted[q], d_an, t)) {
         s += static_cast<double>(t);
         ++cnt;
         mult_row[pos_index[q]] += scalar_t(1);
@@ -515,19 +506,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
     const scalar_t m = static_cast<scalar_t>(margin);
     for (int64_t a = 0; a < B; ++a) {
       if (sel.index_p[a] < 0 || sel.index_n[a] < 0) continue;
-      const scalar_t d_p = key_to_distance<scalar_t>(metric, sel.key_p[a]);
-      const scalar_t d_n = key_to_distance<scalar_t>(metric, sel.key_n[a]);
       pp[a] = sel.index_p[a];
       np[a] = sel.index_n[a];
-      dap[a] = d_p;
-      dan[a] = d_n;
-      lp[a] = triplet_term<scalar_t>(d_p, d_n, m, soft);
+      batch_hard_from_keys<scalar_t>(metric, sel.key_p[a], sel.key_n[a], m, soft, dap[a], dan[a], lp[a]);
     }
   });
   return {losses, positive, negative, dist_ap, dist_an};
 }
 
 struct CpuPairKernels {
+  static bool may_sync() { return true; }
+
   static at::Tensor row_norms(const at::Tensor& x) { return row_norms_cpu(x); }
 
   static at::Tensor row_aux(const at::Tensor& x, Metric metric, const at::Tensor& norm) {
@@ -552,7 +541,7 @@ struct CpuPairKernels {
     const int64_t* neg = negative.const_data_ptr<int64_t>();
     // An anchor has a triplet when both indices are set (a direct call may
     // pass one of them as -1: it is then skipped, never dereferenced).
-    auto has_triplet = [&](int64_t a) { return pos[a] >= 0 && neg[a] >= 0; };
+    auto has_triplet = [&](int64_t a) { return index_in_batch(pos[a], B) && index_in_batch(neg[a], B); };
     // Incoming terms of row r: entries [offset[r], offset[r + 1]) of `source`,
     // each an anchor index, 2a for "a chose r as positive", 2a + 1 as negative.
     std::vector<int64_t> offset(B + 1, 0), source;
@@ -631,7 +620,7 @@ struct CpuPairKernels {
       auto* n_self = out.negative_self.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B, 4096, [&](int64_t begin, int64_t end) {
         for (int64_t a = begin; a < end; ++a) {
-          batch_hard_anchor_coefficients<scalar_t>(in.metric, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a],
+          batch_hard_anchor_coefficients<scalar_t>(in.metric, B, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a],
                                                    dan[a], aux, m, in.soft, anchor_self[a], w_p[a], w_n[a], p_self[a],
                                                    n_self[a]);
         }
@@ -688,7 +677,7 @@ at::Tensor semihard_triplet_backward_cpu(const at::Tensor& grad_losses, const st
                                          const at::Tensor& embeddings, const at::Tensor& losses_in,
                                          const at::Tensor& negative_in, const at::Tensor& dist,
                                          c10::string_view metric) {
-  check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist);
+  check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist, /*may_sync=*/true);
   const int64_t B = embeddings.size(0);
   at::Tensor coef = grad_dist.has_value() ? grad_dist->to(embeddings.scalar_type()).contiguous().clone()
                                           : at::zeros({B, B}, embeddings.options());
@@ -935,10 +924,30 @@ at::Tensor triplet_statistics_cpu(const at::Tensor& embeddings, const at::Tensor
       std::vector<SortedNegatives<scalar_t>> buffers(at::get_num_threads());
       for_each_distance_row<scalar_t, kMetric>(x, aux, 1024, nullptr, [&](int64_t i, const scalar_t* row) {
         SortedNegatives<scalar_t>& negs = buffers[at::get_thread_num()];
-        negs.build(row, lab, B, i);
-        const int64_t n = negs.size();
-        if (n == 0) return;
         int64_t* c = row_counts.data() + 4 * i;
+        int64_t P = 0, n = 0;
+        for (int64_t j = 0; j < B; ++j) {
+          if (lab[j] != lab[i]) {
+            ++n;
+          } else {
+            P += j != i;
+          }
+        }
+        if (n == 0 || P == 0) return;
+        if (few_positives(P, n)) {  // one pass over the negatives per positive, no sort
+          negs.dist.clear();
+          for (int64_t j = 0; j < B; ++j) {
+            if (lab[j] != lab[i]) negs.dist.push_back(row[j]);
+          }
+          for (int64_t p = 0; p < B; ++p) {
+            if (p == i || lab[p] != lab[i]) continue;
+            int64_t easy = 0, semihard = 0, hard = 0;
+            for (int64_t k = 0; k < n; ++k) classify_negative(negs.dist[k], row[p], m, easy, semihard, hard);
+            c[0] += n, c[1] += easy, c[2] += semihard, c[3] += hard;
+          }
+          return;
+        }
+        negs.build(row, lab, B, i);
         for (int64_t p = 0; p < B; ++p) {
           if (p == i || lab[p] != lab[i]) continue;
           int64_t easy, semihard, hard;

@@ -74,13 +74,14 @@ __global__ void row_aux_kernel(const scalar_t* __restrict__ x, int64_t rows, int
 // ------------------------------------------------------------------ contrastive_loss
 
 // One block per row: W_ij for a unit upstream gradient (2 w_ij: the pair
-// relation is symmetric), and the row's sums of terms, nonzero terms and norm
-// terms. `dot` may alias `W` (each entry is read, then written, by one thread).
+// relation is symmetric; in acc_t: it passes float16's range for near pairs
+// and small rows), and the row's sums of terms, nonzero terms and norm terms.
+// `dot` may alias `W` (each entry is read, then written, by one thread).
 template <typename scalar_t, typename acc_t, Metric kMetric, bool kSquared>
 __global__ void contrastive_reduce_forward_kernel(const acc_t* dot, const acc_t* __restrict__ aux,
                                                   const scalar_t* __restrict__ x, int64_t dim, acc_t tol,
                                                   const int64_t* __restrict__ labels, int64_t B, acc_t pos_margin,
-                                                  acc_t neg_margin, scalar_t* W, acc_t* __restrict__ row_loss,
+                                                  acc_t neg_margin, acc_t* W, acc_t* __restrict__ row_loss,
                                                   acc_t* __restrict__ row_nnz, acc_t* __restrict__ row_coef) {
   __shared__ acc_t shared[kWarp];
   for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
@@ -90,7 +91,7 @@ __global__ void contrastive_reduce_forward_kernel(const acc_t* dot, const acc_t*
     for (int64_t j = threadIdx.x; j < B; j += blockDim.x) {
       const int64_t idx = i * B + j;
       if (j == i) {  // not a pair
-        W[idx] = scalar_t(0);
+        W[idx] = acc_t(0);
         continue;
       }
       const acc_t d = key_to_distance<acc_t>(
@@ -99,7 +100,7 @@ __global__ void contrastive_reduce_forward_kernel(const acc_t* dot, const acc_t*
       acc_t t, s, cw, p;
       contrastive_term<acc_t>(d, labels[j] == label_i, pos_margin, neg_margin, kSquared, t, s);
       distance_grad_weights<acc_t>(kMetric, s, d, aux_i, aux[j], cw, p);
-      W[idx] = static_cast<scalar_t>(acc_t(2) * cw);
+      W[idx] = acc_t(2) * cw;
       ls += t;
       nz += t > acc_t(0) ? acc_t(1) : acc_t(0);
       ps += p;
@@ -391,7 +392,7 @@ struct Kernels {
                                          const at::Tensor& labels, const ContrastiveArgs& args, at::Tensor& W,
                                          at::Tensor& row_loss, at::Tensor& row_nnz, at::Tensor& row_coef) {
     const int64_t B = dot.size(0), dim = x.size(1);
-    METRICOPS_DISPATCH_CUDA_FLOATS(W.scalar_type(), "metricops_contrastive_forward_cuda", [&] {
+    METRICOPS_DISPATCH_CUDA_FLOATS(x.scalar_type(), "metricops_contrastive_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       METRICOPS_DISPATCH_METRIC(args.metric, kMetric, [&] {
         METRICOPS_DISPATCH_BOOL(args.squared, kSquared, [&] {
@@ -400,7 +401,7 @@ struct Kernels {
                   dot.const_data_ptr<acc_t>(), aux.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), dim,
                   gram_tolerance<acc_t>(dim), labels.const_data_ptr<int64_t>(), B,
                   static_cast<acc_t>(args.pos_margin), static_cast<acc_t>(args.neg_margin),
-                  W.mutable_data_ptr<scalar_t>(), row_loss.mutable_data_ptr<acc_t>(),
+                  W.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>(),
                   row_nnz.mutable_data_ptr<acc_t>(), row_coef.mutable_data_ptr<acc_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
@@ -535,7 +536,7 @@ struct Kernels {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(
     const at::Tensor& x, const at::Tensor& labels, double pos_margin, double neg_margin, c10::string_view metric,
     bool squared, c10::string_view reduction) {
-  METRICOPS_CUDA_DEVICE_GUARD(x);
+  METRICOPS_CUDA_DEVICE_GUARD(x.device());
   return contrastive_loss_impl<Kernels>(x, labels, pos_margin, neg_margin, metric, squared, reduction);
 }
 
@@ -543,7 +544,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
                                           const at::Tensor& mat, const at::Tensor& row_coef, const at::Tensor& denom,
                                           double pos_margin, double neg_margin, c10::string_view metric, bool squared,
                                           c10::string_view reduction) {
-  METRICOPS_CUDA_DEVICE_GUARD(x);
+  METRICOPS_CUDA_DEVICE_GUARD(x.device());
   return contrastive_loss_backward_impl<Kernels>(grad, x, labels, mat, row_coef, denom, pos_margin, neg_margin,
                                                  metric, squared, reduction);
 }
@@ -551,7 +552,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
 std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_cuda(const at::Tensor& x0, const at::Tensor& x1,
                                                               const at::Tensor& y, double margin,
                                                               c10::string_view metric, bool squared) {
-  METRICOPS_CUDA_DEVICE_GUARD(x0);
+  METRICOPS_CUDA_DEVICE_GUARD(x0.device());
   return pair_contrastive_loss_impl<Kernels>(x0, x1, y, margin, metric, squared);
 }
 
@@ -559,21 +560,21 @@ std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_backward_cuda(const at:
                                                                        const at::Tensor& x1, const at::Tensor& y,
                                                                        const at::Tensor& dist, double margin,
                                                                        c10::string_view metric, bool squared) {
-  METRICOPS_CUDA_DEVICE_GUARD(x0);
+  METRICOPS_CUDA_DEVICE_GUARD(x0.device());
   return pair_contrastive_loss_backward_impl<Kernels>(grad, x0, x1, y, dist, margin, metric, squared);
 }
 
 std::tuple<at::Tensor, at::Tensor> triplet_margin_loss_cuda(const at::Tensor& a, const at::Tensor& p,
                                                             const at::Tensor& n, double margin, double norm_p,
                                                             double eps, bool swap, bool squared) {
-  METRICOPS_CUDA_DEVICE_GUARD(a);
+  METRICOPS_CUDA_DEVICE_GUARD(a.device());
   return triplet_margin_loss_impl<Kernels>(a, p, n, margin, norm_p, eps, swap, squared);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_backward_cuda(
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& p, const at::Tensor& n, const at::Tensor& dists,
     double margin, double norm_p, double eps, bool swap, bool squared) {
-  METRICOPS_CUDA_DEVICE_GUARD(a);
+  METRICOPS_CUDA_DEVICE_GUARD(a.device());
   return triplet_margin_loss_backward_impl<Kernels>(grad, a, p, n, dists, margin, norm_p, eps, swap, squared);
 }
 

@@ -80,8 +80,10 @@ __global__ void contrastive_weights_kernel(acc_t* __restrict__ block, int64_t r0
   }
 }
 
-int64_t rows_per_block(int64_t block_rows, int64_t B) {
-  return block_rows > 0 && block_rows < B ? block_rows : std::max<int64_t>(B, 1);
+// block_rows <= 0: rows of the accumulation dtype that fill 256 MiB, never
+// the whole B×B matrix.
+int64_t rows_per_block(int64_t block_rows, int64_t B, const at::Tensor& aux) {
+  return contrastive_streaming_rows(block_rows, B, cuda_contrastive_streaming_default_rows(B, aux.element_size()));
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_loss_streaming_cuda(const at::Tensor& embeddings,
@@ -89,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_streaming_cuda(const at::Ten
                                                                    double neg_margin, c10::string_view metric_name,
                                                                    bool squared, c10::string_view reduction,
                                                                    int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
   const StreamingReduction red = check_contrastive_streaming_inputs(embeddings, labels_in, reduction);
   const at::Tensor x = embeddings.contiguous();
@@ -99,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_streaming_cuda(const at::Ten
   at::Tensor row_nonzero = at::zeros({B}, labels.options());
   if (B > 0) {
     const at::Tensor aux = row_aux_acc_cuda(x, metric);
-    const int64_t R = rows_per_block(block_rows, B);
+    const int64_t R = rows_per_block(block_rows, B, aux);
     at::Tensor buffer = at::empty({R, B}, aux.options());
     for (int64_t r0 = 0; r0 < B; r0 += R) {
       const int64_t rows = std::min(R, B - r0);
@@ -126,7 +128,7 @@ at::Tensor contrastive_loss_streaming_backward_cuda(const at::Tensor& grad, cons
                                                     const at::Tensor& labels_in, const at::Tensor& denom,
                                                     double pos_margin, double neg_margin, c10::string_view metric_name,
                                                     bool squared, int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
   check_embeddings(embeddings, "embeddings");
   check_labels(labels_in, embeddings);
@@ -137,7 +139,7 @@ at::Tensor contrastive_loss_streaming_backward_cuda(const at::Tensor& grad, cons
   const at::Tensor aux = row_aux_acc_cuda(x, metric);
   const at::Tensor x_acc = x.to(aux.scalar_type());
   at::Tensor out = at::empty(x.sizes(), aux.options());
-  const int64_t R = rows_per_block(block_rows, B);
+  const int64_t R = rows_per_block(block_rows, B, aux);
   at::Tensor buffer = at::empty({R, B}, aux.options());
   at::Tensor row_coef = at::empty({R}, aux.options());
   for (int64_t r0 = 0; r0 < B; r0 += R) {

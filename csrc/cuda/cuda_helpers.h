@@ -33,12 +33,13 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
-// Device guard of a CUDA entry point. A call that mixes a CPU and a CUDA tensor
-// dispatches here too: a plain CUDAGuard on the CPU tensor would throw
+// Device guard of a CUDA entry point, from the device of its first tensor
+// argument (`device`: a c10::Device). A call that mixes a CPU and a CUDA
+// tensor dispatches here too: a plain CUDAGuard on the CPU device would throw
 // "CUDAGuardImpl initialized with non-CUDA DeviceType" before the input checks
 // could name the argument, so the guard only switches devices for a CUDA
-// tensor and leaves the mixed call to the checks.
-#define METRICOPS_CUDA_DEVICE_GUARD(tensor)         \
-  c10::cuda::OptionalCUDAGuard metricops_device_guard; \
-  if ((tensor).is_cuda()) metricops_device_guard.set_device((tensor).device())
-
+// device and leaves the mixed call to the checks.
+#define METRICOPS_CUDA_DEVICE_GUARD(device)                                         \
+  c10::cuda::OptionalCUDAGuard metricops_device_guard;                              \
+  if (const c10::Device metricops_guard_device = (device); metricops_guard_device.is_cuda()) \
+  metricops_device_guard.set_device(metricops_guard_device)

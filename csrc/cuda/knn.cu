@@ -81,7 +81,7 @@ __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, in
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std::optional<at::Tensor>& database,
                                             int64_t k, c10::string_view metric_name, int64_t chunk_size) {
-  METRICOPS_CUDA_DEVICE_GUARD(queries);
+  METRICOPS_CUDA_DEVICE_GUARD(queries.device());
   const Metric metric = parse_metric(metric_name);
   check_knn_inputs(queries, database, k, chunk_size);
   const bool self = !database.has_value();

@@ -61,7 +61,7 @@ __global__ void l2_normalize_backward_kernel(const scalar_t* __restrict__ g, con
 
 // norm is returned in the accumulation dtype (float32 for float16/bfloat16).
 std::tuple<at::Tensor, at::Tensor> l2_normalize_cuda(const at::Tensor& x_in, double eps) {
-  METRICOPS_CUDA_DEVICE_GUARD(x_in);
+  METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
   check_normalize_inputs(x_in, eps);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), D = x.size(1);
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> l2_normalize_cuda(const at::Tensor& x_in, dou
 
 at::Tensor l2_normalize_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& norm_in,
                                       double eps) {
-  METRICOPS_CUDA_DEVICE_GUARD(x_in);
+  METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
   check_normalize_backward_inputs(grad_in, x_in, norm_in, eps);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor g = grad_in.to(x.scalar_type()).contiguous();

@@ -206,7 +206,7 @@ struct PairwiseKernels {
 }  // namespace
 
 at::Tensor self_distance_acc_cuda(const at::Tensor& x, Metric metric) {
-  METRICOPS_CUDA_DEVICE_GUARD(x);
+  METRICOPS_CUDA_DEVICE_GUARD(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor dist = gram_acc(xc, xc);
   if (dist.numel() == 0) return dist;
@@ -217,7 +217,7 @@ at::Tensor self_distance_acc_cuda(const at::Tensor& x, Metric metric) {
 
 void self_distance_rows_acc_cuda(const at::Tensor& x, const at::Tensor& aux, int64_t row_begin, Metric metric,
                                  at::Tensor& out) {
-  METRICOPS_CUDA_DEVICE_GUARD(x);
+  METRICOPS_CUDA_DEVICE_GUARD(x.device());
   const int64_t rows = out.size(0);
   if (rows == 0 || x.size(0) == 0) return;
   const at::Tensor block = x.narrow(0, row_begin, rows);
@@ -232,21 +232,21 @@ void self_distance_rows_acc_cuda(const at::Tensor& x, const at::Tensor& aux, int
 }
 
 at::Tensor row_aux_acc_cuda(const at::Tensor& x, Metric metric) {
-  METRICOPS_CUDA_DEVICE_GUARD(x);
+  METRICOPS_CUDA_DEVICE_GUARD(x.device());
   return PairwiseKernels::row_aux(x, metric);
 }
 
 namespace {
 
 at::Tensor pairwise_distance_cuda(const at::Tensor& x, const std::optional<at::Tensor>& y, c10::string_view metric) {
-  METRICOPS_CUDA_DEVICE_GUARD(x);
+  METRICOPS_CUDA_DEVICE_GUARD(x.device());
   return pairwise_distance_impl<PairwiseKernels>(x, y, metric);
 }
 
 std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                                    const std::optional<at::Tensor>& y,
                                                                    const at::Tensor& dist, c10::string_view metric) {
-  METRICOPS_CUDA_DEVICE_GUARD(x);
+  METRICOPS_CUDA_DEVICE_GUARD(x.device());
   return pairwise_distance_backward_impl<PairwiseKernels>(grad, x, y, dist, metric);
 }
 

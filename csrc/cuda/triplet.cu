@@ -18,10 +18,13 @@
 #include <ATen/ops/sort.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -63,9 +66,11 @@ __device__ inline void combine(T& d, int64_t& i, T d2, int64_t i2) {
   if (better || (!worse && i2 < i)) d = d2, i = i2;
 }
 
-// Anchors [row_begin, row_begin + rows): `dist` holds their distance rows.
+// Anchors [row_begin, row_begin + rows): `keys` holds their distance-key rows
+// (distance_key: squared distances for "euclidean"), so the selection
+// compares keys as the CPU does and only the winners take the sqrt.
 template <typename scalar_t, typename acc_t>
-__global__ void batch_hard_kernel(const acc_t* __restrict__ dist, int64_t row_begin, int64_t rows,
+__global__ void batch_hard_kernel(const acc_t* __restrict__ keys, Metric metric, int64_t row_begin, int64_t rows,
                                   const int64_t* __restrict__ labels, int64_t B, acc_t margin, bool soft,
                                   scalar_t* __restrict__ losses, int64_t* __restrict__ positive,
                                   int64_t* __restrict__ negative, scalar_t* __restrict__ dist_ap,
@@ -74,7 +79,7 @@ __global__ void batch_hard_kernel(const acc_t* __restrict__ dist, int64_t row_be
   const int64_t warps = blockDim.x / 32;
   for (int64_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += static_cast<int64_t>(gridDim.x) * warps) {
     const int64_t a = row_begin + r;
-    const acc_t* row = dist + r * B;
+    const acc_t* row = keys + r * B;
     const int64_t la = labels[a];
     acc_t dp = 0, dn = 0;
     int64_t ip = -1, in = -1;
@@ -95,11 +100,13 @@ __global__ void batch_hard_kernel(const acc_t* __restrict__ dist, int64_t row_be
     }
     if (lane == 0) {
       const bool valid = ip >= 0 && in >= 0;
+      acc_t d_ap = 0, d_an = 0, loss = 0;
+      if (valid) batch_hard_from_keys<acc_t>(metric, dp, dn, margin, soft, d_ap, d_an, loss);
       positive[a] = valid ? ip : -1;
       negative[a] = valid ? in : -1;
-      dist_ap[a] = static_cast<scalar_t>(valid ? dp : acc_t(0));
-      dist_an[a] = static_cast<scalar_t>(valid ? dn : acc_t(0));
-      losses[a] = static_cast<scalar_t>(valid ? triplet_term<acc_t>(dp, dn, margin, soft) : acc_t(0));
+      dist_ap[a] = static_cast<scalar_t>(d_ap);
+      dist_an[a] = static_cast<scalar_t>(d_an);
+      losses[a] = static_cast<scalar_t>(loss);
     }
   }
 }
@@ -107,7 +114,7 @@ __global__ void batch_hard_kernel(const acc_t* __restrict__ dist, int64_t row_be
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name, bool soft,
     int64_t block_rows, bool normalize) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   // Composed on CUDA (the CPU kernel fuses it): mine on F.normalize(x).
   if (normalize) {
     return batch_hard_triplet_cuda(std::get<0>(l2_normalize_op(embeddings)), labels_in, margin, metric_name, soft,
@@ -123,8 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
   at::Tensor dist_ap = at::zeros({B}, embeddings.options());
   at::Tensor dist_an = at::zeros({B}, embeddings.options());
   if (B == 0) return {losses, positive, negative, dist_ap, dist_an};
-  // Stream the distance matrix through a (block_rows, B) buffer: cuBLAS for
-  // each row block, then one warp per anchor. block_rows <= 0: all rows at once.
+  // Stream the distance-key matrix through a (block_rows, B) buffer: cuBLAS
+  // for each row block, then one warp per anchor. block_rows <= 0: all rows
+  // at once. The keys of "euclidean" are the "sqeuclidean" distances (same
+  // row aux, same exactness guard).
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor aux = row_aux_acc_cuda(x, metric);
   const int64_t rows_per_block = block_rows > 0 && block_rows < B ? block_rows : B;
@@ -132,11 +141,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
   for (int64_t r0 = 0; r0 < B; r0 += rows_per_block) {
     const int64_t rows = std::min(rows_per_block, B - r0);
     at::Tensor block = buffer.narrow(0, 0, rows);
-    self_distance_rows_acc_cuda(x, aux, r0, metric, block);
+    self_distance_rows_acc_cuda(x, aux, r0, key_metric(metric), block);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metricops_batch_hard_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       batch_hard_kernel<scalar_t, acc_t><<<grid_for(rows, kThreads / 32), kThreads, 0, current_stream()>>>(
-          block.const_data_ptr<acc_t>(), r0, rows, labels.const_data_ptr<int64_t>(), B, static_cast<acc_t>(margin),
+          block.const_data_ptr<acc_t>(), metric, r0, rows, labels.const_data_ptr<int64_t>(), B, static_cast<acc_t>(margin),
           soft, losses.mutable_data_ptr<scalar_t>(), positive.mutable_data_ptr<int64_t>(),
           negative.mutable_data_ptr<int64_t>(), dist_ap.mutable_data_ptr<scalar_t>(),
           dist_an.mutable_data_ptr<scalar_t>());
@@ -152,12 +161,20 @@ __global__ void batch_hard_coefficients_kernel(Metric metric, int64_t B, const T
                                                const T* aux, T margin, bool soft, T* anchor_self, T* w_p, T* w_n,
                                                T* p_self, T* n_self) {
   METRICOPS_CUDA_KERNEL_LOOP(a, B) {
-    batch_hard_anchor_coefficients<T>(metric, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a], dan[a], aux, margin,
+    batch_hard_anchor_coefficients<T>(metric, B, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a], dan[a], aux, margin,
                                       soft, anchor_self[a], w_p[a], w_n[a], p_self[a], n_self[a]);
   }
 }
 
+// Whether a host check (one sync) may run: not while the current stream is
+// capturing a CUDA graph (a sync there fails the capture).
+bool may_sync_now() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
+
 struct CudaPairKernels {
+  static bool may_sync() { return may_sync_now(); }
+
   // normalize=True is composed around the kernels (l2_normalize and its
   // backward) by batch_hard_triplet_backward_cuda, so they never see it.
   static at::Tensor row_norms(const at::Tensor&) {
@@ -196,7 +213,7 @@ at::Tensor batch_hard_triplet_backward_cuda(const at::Tensor& grad_losses, const
                                             const at::Tensor& positive, const at::Tensor& negative,
                                             const at::Tensor& dist_ap, const at::Tensor& dist_an, double margin,
                                             c10::string_view metric, bool soft, bool normalize) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   if (normalize) {
     // Composed on CUDA: the backward in y = F.normalize(x) (recomputed: one
     // pass over x), then F.normalize's backward.
@@ -237,6 +254,276 @@ LabelledRows labelled_rows(const at::Tensor& x, const at::Tensor& aux, const at:
   return r;
 }
 
+// Live scratch bytes per entry of a sorting row block at its peak (batch-all:
+// distances, masks, two stable segmented sorts with their indices and
+// temporaries, float64 prefix and term sums, counts). metricops/triplet.py's
+// _SORTING_BYTES_PER_ENTRY is the same number; tests/test_cuda_review.py
+// measures it on a GPU.
+constexpr int64_t kSortingScratchBytesPerEntry = 112;
+
+// ---------------------------------------------------------------- scan path
+//
+// The sort-free path for semi-hard, batch-all and statistics row blocks: one
+// warp per anchor, its positives in registers (32 a pass, one per lane, in
+// column order), streaming the anchor's distance row once per pass with the
+// shared per-element logic of common/triplet.h (the CPU's few-positives path
+// runs the same functions). O(P·B/32) work an anchor and no scratch beyond
+// the outputs, against the sort path's 2-4 segmented sorts a block; slower
+// than sorting only for anchors with many positives. METRICOPS_CUDA_TRIPLET_PATH
+// selects: "sort" (default until a GPU run has compared both: `make
+// gpu-check` does) or "scan".
+
+enum class TripletPath { Sort, Scan };
+
+TripletPath triplet_path() {
+  const char* env = std::getenv("METRICOPS_CUDA_TRIPLET_PATH");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "sort") == 0) return TripletPath::Sort;
+  if (std::strcmp(env, "scan") == 0) return TripletPath::Scan;
+  TORCH_CHECK_VALUE(false, "METRICOPS_CUDA_TRIPLET_PATH must be 'sort' or 'scan', got '", env, "'");
+}
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kScanWarps = kThreads / 32;
+
+// Anchor a's row: numbers of negatives and positives, and whether a
+// negative's or a positive's distance is NaN. Every lane gets the result.
+struct RowFacts {
+  int64_t negatives, positives;
+  bool nan_negative, nan_positive;
+};
+
+template <typename acc_t>
+__device__ RowFacts row_facts(const acc_t* row, const int64_t* labels, int64_t a, int64_t la, int64_t B, int lane) {
+  int64_t n = 0, P = 0;
+  bool nan_n = false, nan_p = false;
+  for (int64_t j = lane; j < B; j += 32) {
+    const acc_t d = row[j];
+    if (labels[j] != la) {
+      ++n;
+      nan_n |= d != d;
+    } else if (j != a) {
+      ++P;
+      nan_p |= d != d;
+    }
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    n += __shfl_xor_sync(kFullMask, n, offset);
+    P += __shfl_xor_sync(kFullMask, P, offset);
+  }
+  return {n, P, __any_sync(kFullMask, nan_n) != 0, __any_sync(kFullMask, nan_p) != 0};
+}
+
+// The next (up to) 32 positives of anchor a at columns >= cursor, in column
+// order: lane L gets the L-th in my_p (-1 past the last). Advances cursor
+// past them and returns how many (0: none left). `slots`: the warp's 32
+// shared entries.
+__device__ int next_positives(const int64_t* labels, int64_t a, int64_t la, int64_t B, int lane, int64_t& cursor,
+                              int64_t* slots, int64_t& my_p) {
+  int count = 0;
+  while (count < 32 && cursor < B) {
+    const int64_t j = cursor + lane;
+    const bool is_positive = j < B && j != a && labels[j] == la;
+    const unsigned found = __ballot_sync(kFullMask, is_positive);
+    const int rank = __popc(found & ((1u << lane) - 1u));
+    const int available = __popc(found), take = min(available, 32 - count);
+    if (is_positive && rank < take) slots[count + rank] = j;
+    if (take < available) {  // resume at the first positive not taken
+      cursor += __ffs(__ballot_sync(kFullMask, is_positive && rank == take)) - 1;
+    } else {
+      cursor += 32;
+    }
+    count += take;
+  }
+  __syncwarp();
+  my_p = lane < count ? slots[lane] : -1;
+  __syncwarp();  // the next call rewrites the slots
+  return count;
+}
+
+// Streams anchor a's row in chunks of 32 columns; for each negative column j,
+// in increasing order, every lane calls on_negative(d, j, t) with the
+// column's distance d (t = j's lane in the chunk; the branch is warp-uniform,
+// so on_negative may use warp collectives); after each chunk every lane
+// calls on_chunk(j0, negatives) with the chunk's negative mask.
+template <typename acc_t, typename OnNegative, typename OnChunk>
+__device__ void scan_negatives(const acc_t* row, const int64_t* labels, int64_t la, int64_t B, int lane,
+                               const OnNegative& on_negative, const OnChunk& on_chunk) {
+  for (int64_t j0 = 0; j0 < B; j0 += 32) {
+    const int64_t j = j0 + lane;
+    const bool inside = j < B;
+    const acc_t v = inside ? row[j] : acc_t(0);
+    const unsigned negatives = __ballot_sync(kFullMask, inside && labels[j] != la);
+    for (int t = 0; t < 32; ++t) {
+      const acc_t d = __shfl_sync(kFullMask, v, t);
+      if ((negatives >> t) & 1u) on_negative(d, j0 + t, t);
+    }
+    on_chunk(j0, negatives);
+  }
+}
+
+// Row r of a scan kernel's block: its anchor, the anchor's label, its
+// distance row and the row's facts.
+template <typename acc_t>
+struct ScanRow {
+  int64_t a, label;
+  const acc_t* dist;
+  RowFacts facts;
+  C10_HOST_DEVICE bool has_triplets() const { return facts.negatives > 0 && facts.positives > 0; }
+};
+
+template <typename acc_t>
+__device__ ScanRow<acc_t> scan_row(const acc_t* dist, int64_t row_begin, int64_t r, const int64_t* labels, int64_t B,
+                                   int lane) {
+  const int64_t a = row_begin + r, label = labels[a];
+  const acc_t* row = dist + r * B;
+  return {a, label, row, row_facts(row, labels, a, label, B, lane)};
+}
+
+// Calls pass(p) once per group of (up to) 32 positives of the row's anchor,
+// p: this lane's positive (-1 when the group has fewer).
+template <typename acc_t, typename Pass>
+__device__ void for_each_positive_pass(const ScanRow<acc_t>& row, const int64_t* labels, int64_t B, int lane,
+                                       int64_t* slots, const Pass& pass) {
+  int64_t cursor = 0, p = -1;
+  while (next_positives(labels, row.a, row.label, B, lane, cursor, slots, p) > 0) pass(p);
+}
+
+#define METRICOPS_SCAN_ROW_LOOP(r, rows)                                                                    \
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kScanWarps + threadIdx.x / 32; r < (rows);            \
+       r += static_cast<int64_t>(gridDim.x) * kScanWarps)
+
+// semihard_kernel's outputs by scan; losses must hold zeros, negative -1.
+template <typename acc_t>
+__global__ void semihard_scan_kernel(const acc_t* __restrict__ dist, int64_t row_begin, int64_t rows,
+                                     const int64_t* __restrict__ labels, int64_t B, acc_t margin,
+                                     acc_t* __restrict__ losses, int64_t* __restrict__ negative) {
+  __shared__ int64_t slots[kScanWarps][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  METRICOPS_SCAN_ROW_LOOP(r, rows) {
+    const ScanRow<acc_t> sr = scan_row(dist, row_begin, r, labels, B, lane);
+    if (!sr.has_triplets()) continue;
+    const acc_t* row = sr.dist;
+    const acc_t poison = sr.facts.nan_negative ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+    for_each_positive_pass(sr, labels, B, lane, slots[warp], [&](int64_t p) {
+      const acc_t d_ap = p >= 0 ? row[p] : acc_t(0);
+      acc_t near_d = 0, far_d = 0;
+      int64_t near_k = -1, far_k = -1, nan_k = -1;
+      scan_negatives(
+          row, labels, sr.label, B, lane,
+          [&](acc_t d, int64_t j, int) {
+            semihard_scan_step<acc_t, int64_t>(d, j, d_ap, near_d, near_k, far_d, far_k, nan_k);
+          },
+          [](int64_t, unsigned) {});
+      if (p >= 0) {
+        const int64_t k = semihard_scan_pick<int64_t>(near_k, nan_k, far_k);
+        negative[r * B + p] = k;
+        losses[r * B + p] = triplet_term<acc_t>(d_ap, row[k], margin, false) + poison;
+      }
+    });
+  }
+}
+
+// batch_all_kernel's results by scan: per row its term sum (NaN when a
+// distance is NaN), valid and active triplets; multiplicity (zeros in) as
+// batch_all_kernel writes it. Per negative column, a ballot over the lanes'
+// positives counts the triplets it is active in.
+template <typename acc_t>
+__global__ void batch_all_scan_kernel(const acc_t* __restrict__ dist, int64_t row_begin, int64_t rows,
+                                      const int64_t* __restrict__ labels, int64_t B, acc_t margin,
+                                      acc_t* __restrict__ multiplicity, double* __restrict__ row_term,
+                                      int64_t* __restrict__ row_valid, int64_t* __restrict__ row_active) {
+  __shared__ int64_t slots[kScanWarps][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  METRICOPS_SCAN_ROW_LOOP(r, rows) {
+    const ScanRow<acc_t> sr = scan_row(dist, row_begin, r, labels, B, lane);
+    const acc_t* row = sr.dist;
+    acc_t* mult = multiplicity + r * B;
+    double sum = 0;
+    int64_t active = 0;
+    if (sr.has_triplets()) {
+      for_each_positive_pass(sr, labels, B, lane, slots[warp], [&](int64_t p) {
+        const bool valid = p >= 0;
+        const acc_t shifted = valid ? margin + row[p] : acc_t(0);
+        int64_t count = 0;
+        int column_count = 0;  // for column j0 + lane of the current chunk
+        scan_negatives(
+            row, labels, sr.label, B, lane,
+            [&](acc_t d, int64_t, int t) {
+              acc_t term = 0;
+              const bool on = valid && batch_all_term(shifted, d, term);
+              if (on) {
+                sum += static_cast<double>(term);
+                ++count;
+              }
+              const int n_on = __popc(__ballot_sync(kFullMask, on));
+              if (lane == t) column_count = n_on;
+            },
+            [&](int64_t j0, unsigned negatives) {
+              if (((negatives >> lane) & 1u) && column_count > 0) mult[j0 + lane] -= static_cast<acc_t>(column_count);
+              column_count = 0;
+            });
+        if (valid) mult[p] = static_cast<acc_t>(count);
+        active += count;
+      });
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      sum += __shfl_xor_sync(kFullMask, sum, offset);
+      active += __shfl_xor_sync(kFullMask, active, offset);
+    }
+    if (lane == 0) {
+      const RowFacts& f = sr.facts;
+      const bool nan = sr.has_triplets() && (f.nan_negative || f.nan_positive);
+      row_term[r] = nan ? std::numeric_limits<double>::quiet_NaN() : sum;
+      row_valid[r] = f.negatives * f.positives;
+      row_active[r] = active;
+    }
+  }
+}
+
+// statistics_kernel's counts by scan, one (total, easy, semihard, hard) row
+// per anchor.
+template <typename acc_t>
+__global__ void statistics_scan_kernel(const acc_t* __restrict__ dist, int64_t row_begin, int64_t rows,
+                                       const int64_t* __restrict__ labels, int64_t B, acc_t margin,
+                                       int64_t* __restrict__ counts /* (rows, 4) */) {
+  __shared__ int64_t slots[kScanWarps][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  METRICOPS_SCAN_ROW_LOOP(r, rows) {
+    const ScanRow<acc_t> sr = scan_row(dist, row_begin, r, labels, B, lane);
+    const acc_t* row = sr.dist;
+    int64_t easy = 0, semihard = 0, hard = 0;
+    if (sr.has_triplets()) {
+      for_each_positive_pass(sr, labels, B, lane, slots[warp], [&](int64_t p) {
+        const bool valid = p >= 0;
+        const acc_t d_ap = valid ? row[p] : acc_t(0);
+        scan_negatives(
+            row, labels, sr.label, B, lane,
+            [&](acc_t d, int64_t, int) {
+              if (valid) classify_negative(d, d_ap, margin, easy, semihard, hard);
+            },
+            [](int64_t, unsigned) {});
+      });
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      easy += __shfl_xor_sync(kFullMask, easy, offset);
+      semihard += __shfl_xor_sync(kFullMask, semihard, offset);
+      hard += __shfl_xor_sync(kFullMask, hard, offset);
+    }
+    if (lane == 0) {
+      counts[4 * r] = sr.facts.negatives * sr.facts.positives;
+      counts[4 * r + 1] = easy, counts[4 * r + 2] = semihard, counts[4 * r + 3] = hard;
+    }
+  }
+}
+
+// The distance rows [row_begin, row_begin + rows) alone (the scan path needs
+// no masks or sorted copies).
+at::Tensor distance_rows(const at::Tensor& x, const at::Tensor& aux, int64_t row_begin, int64_t rows, Metric metric) {
+  at::Tensor dist = at::empty({rows, x.size(0)}, aux.options());
+  self_distance_rows_acc_cuda(x, aux, row_begin, metric, dist);
+  return dist;
+}
+
 // Calls fn(row_begin, rows) over blocks of block_rows rows (<= 0: one block).
 template <typename Fn>
 void for_each_row_block(int64_t B, int64_t block_rows, const Fn& fn) {
@@ -270,6 +557,17 @@ struct SemihardRows {
 SemihardRows semihard_rows(const at::Tensor& x, const at::Tensor& aux, const at::Tensor& labels, int64_t row_begin,
                            int64_t rows, Metric metric, double margin) {
   const int64_t B = x.size(0);
+  if (triplet_path() == TripletPath::Scan) {
+    const at::Tensor dist = distance_rows(x, aux, row_begin, rows, metric);
+    SemihardRows r{at::zeros({rows, B}, dist.options()), at::full({rows, B}, -1, labels.options()), dist};
+    AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "metricops_semihard_scan_cuda", [&] {
+      semihard_scan_kernel<scalar_t><<<grid_for(rows, kScanWarps), kThreads, 0, current_stream()>>>(
+          dist.const_data_ptr<scalar_t>(), row_begin, rows, labels.const_data_ptr<int64_t>(), B,
+          static_cast<scalar_t>(margin), r.losses.mutable_data_ptr<scalar_t>(), r.negative.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return r;
+  }
   const LabelledRows ld = labelled_rows(x, aux, labels, row_begin, rows, metric);
   SemihardRows r{at::zeros({rows, B}, ld.dist.options()), at::full({rows, B}, -1, labels.options()), ld.dist};
   AT_DISPATCH_FLOATING_TYPES(ld.dist.scalar_type(), "metricops_semihard_cuda", [&] {
@@ -286,7 +584,7 @@ SemihardRows semihard_rows(const at::Tensor& x, const at::Tensor& aux, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cuda(const at::Tensor& embeddings,
                                                                      const at::Tensor& labels_in, double margin,
                                                                      c10::string_view metric_name) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -333,8 +631,8 @@ at::Tensor semihard_triplet_backward_cuda(const at::Tensor& grad_losses, const s
                                           const at::Tensor& embeddings, const at::Tensor& losses_in,
                                           const at::Tensor& negative_in, const at::Tensor& dist,
                                           c10::string_view metric) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
-  check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  check_semihard_backward_inputs(grad_losses, grad_dist, embeddings, losses_in, negative_in, dist, may_sync_now());
   const int64_t B = embeddings.size(0);
   const auto dtype = embeddings.scalar_type();
   const auto acc_options = embeddings.options().dtype(at::toOpMathType(dtype));
@@ -359,7 +657,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_streaming_cuda(c
                                                                                double margin,
                                                                                c10::string_view metric_name,
                                                                                int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -383,7 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_streaming_cuda(c
 at::Tensor semihard_triplet_streaming_backward_cuda(const at::Tensor& grad_row_sum, const at::Tensor& embeddings,
                                                     const at::Tensor& labels_in, double margin,
                                                     c10::string_view metric_name, int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
   const int64_t B = embeddings.size(0);
   check_streaming_backward_inputs("semihard_triplet_streaming_backward", grad_row_sum, {B}, embeddings, labels_in,
@@ -457,6 +755,22 @@ struct BatchAllRows {
 BatchAllRows batch_all_rows(const at::Tensor& x, const at::Tensor& aux, const at::Tensor& labels, int64_t row_begin,
                             int64_t rows, Metric metric, double margin) {
   const int64_t B = x.size(0);
+  if (triplet_path() == TripletPath::Scan) {
+    const at::Tensor dist = distance_rows(x, aux, row_begin, rows, metric);
+    at::Tensor multiplicity = at::zeros({rows, B}, dist.options());
+    at::Tensor row_term = at::empty({rows}, dist.options().dtype(at::kDouble));
+    at::Tensor row_valid = at::empty({rows}, labels.options());
+    at::Tensor row_active = at::empty({rows}, labels.options());
+    AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "metricops_batch_all_scan_cuda", [&] {
+      batch_all_scan_kernel<scalar_t><<<grid_for(rows, kScanWarps), kThreads, 0, current_stream()>>>(
+          dist.const_data_ptr<scalar_t>(), row_begin, rows, labels.const_data_ptr<int64_t>(), B,
+          static_cast<scalar_t>(margin), multiplicity.mutable_data_ptr<scalar_t>(),
+          row_term.mutable_data_ptr<double>(), row_valid.mutable_data_ptr<int64_t>(),
+          row_active.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {row_term.sum(), row_valid.sum(), row_active.sum(), multiplicity, dist};
+  }
   const LabelledRows ld = labelled_rows(x, aux, labels, row_begin, rows, metric);
   const at::Tensor shifted_values = ld.dist.add(margin);
   auto [shifted_sorted, unused_index, pos_count] = sort_members_first(shifted_values, ld.positive);
@@ -481,7 +795,7 @@ BatchAllRows batch_all_rows(const at::Tensor& x, const at::Tensor& aux, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels_in, double margin, c10::string_view metric_name) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -504,7 +818,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_streaming_cuda(
                                                                                 double margin,
                                                                                 c10::string_view metric_name,
                                                                                 int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -528,7 +842,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_triplet_streaming_cuda(
 at::Tensor batch_all_triplet_streaming_backward_cuda(const at::Tensor& grad_sum, const at::Tensor& embeddings,
                                                      const at::Tensor& labels_in, double margin,
                                                      c10::string_view metric_name, int64_t block_rows) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
   check_streaming_backward_inputs("batch_all_triplet_streaming_backward", grad_sum, {}, embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -564,7 +878,7 @@ __global__ void statistics_kernel(const acc_t* __restrict__ dist, const bool* __
 
 at::Tensor triplet_statistics_cuda(const at::Tensor& embeddings, const at::Tensor& labels_in, double margin,
                                    c10::string_view metric_name) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
   check_triplet_inputs(embeddings, labels_in, margin);
   const at::Tensor labels = labels_int64(labels_in);
@@ -573,10 +887,23 @@ at::Tensor triplet_statistics_cuda(const at::Tensor& embeddings, const at::Tenso
   if (B == 0) return total;
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor aux = row_aux_acc_cuda(x, metric);
-  // Row blocks keep the scratch (sort keys and indices, per-entry counts:
-  // about 80 bytes an entry) near 256 MiB, so large batches fit.
-  const int64_t block_rows = std::max<int64_t>(1, (int64_t{256} << 20) / (80 * B));
+  // Row blocks keep the scratch (sort keys and indices, per-entry counts)
+  // under 256 MiB, so large batches fit.
+  const int64_t block_rows = std::max<int64_t>(1, (int64_t{256} << 20) / (kSortingScratchBytesPerEntry * B));
+  const bool scan = triplet_path() == TripletPath::Scan;
   for_each_row_block(B, block_rows, [&](int64_t r0, int64_t rows) {
+    if (scan) {
+      const at::Tensor dist = distance_rows(x, aux, r0, rows, metric);
+      at::Tensor counts = at::empty({rows, 4}, labels.options());
+      AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "metricops_triplet_statistics_scan_cuda", [&] {
+        statistics_scan_kernel<scalar_t><<<grid_for(rows, kScanWarps), kThreads, 0, current_stream()>>>(
+            dist.const_data_ptr<scalar_t>(), r0, rows, labels.const_data_ptr<int64_t>(), B,
+            static_cast<scalar_t>(margin), counts.mutable_data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      total.add_(counts.sum(0));
+      return;
+    }
     const LabelledRows ld = labelled_rows(x, aux, labels, r0, rows, metric);
     at::Tensor counts = at::empty({rows * B, 4}, labels.options());
     AT_DISPATCH_FLOATING_TYPES(ld.dist.scalar_type(), "metricops_triplet_statistics_cuda", [&] {
@@ -619,7 +946,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_cuda(const at::Tens
                                                                   const at::Tensor& labels_in,
                                                                   c10::string_view strategy_name, double margin,
                                                                   c10::string_view metric_name) {
-  METRICOPS_CUDA_DEVICE_GUARD(embeddings);
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
   const MiningStrategy strategy = parse_strategy(strategy_name);
   check_triplet_inputs(embeddings, labels_in, margin);

@@ -22,7 +22,7 @@ def _contrastive_loss_fake(x, labels, pos_margin, neg_margin, metric, squared, r
     B = x.shape[0]
     none = reduction == "none"
     loss = x.new_empty((B, B)) if none else x.new_empty(())
-    mat = x.new_empty((B, B))
+    mat = x.new_empty((B, B)) if none else x.new_empty((B, B), dtype=accumulation_dtype(x.dtype))  # W: float32 for halves
     row_coef = x.new_empty((0,) if none else (B,), dtype=accumulation_dtype(x.dtype))
     denom = x.new_empty((), dtype=accumulation_dtype(x.dtype))
     return loss, mat, row_coef, denom

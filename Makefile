@@ -29,6 +29,7 @@ test: build
 
 bench: build
 	$(PY) -m benchmarks
+	$(PY) -m benchmarks.readme_tables --write
 
 bench-quick: build
 	$(PY) -m benchmarks --quick

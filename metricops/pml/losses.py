@@ -16,8 +16,10 @@ import torch.nn.functional as F
 
 from .. import _validation as v
 from ..contrastive import contrastive_loss
+from . import _fused
 from . import reducers as _reducers
 from ._common import all_pairs, all_triplets, refuse_unsupported, set_ref
+from ._mined import MinedTriplets
 from .distances import resolve
 
 
@@ -171,8 +173,38 @@ class TripletMarginLoss(torch.nn.Module):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         _check_call(embeddings, labels, indices_tuple)
         ref, ref_lab = set_ref(embeddings, labels, ref_emb, ref_labels)
+        if ref_emb is None:
+            fused = self._fused(embeddings, labels, indices_tuple)
+            if fused is not None:
+                return fused
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, None if ref_emb is None else ref, ref_lab)
         return self.reducer(loss_dict, embeddings, labels)
+
+    def _fused(self, embeddings, labels, indices_tuple):
+        """The loss without listing triplets, where that is exact: the default reducer and hinge, and every
+        triplet of the batch or a metricops.pml miner's selection on these very embeddings. Else None."""
+        if self.swap or self.smooth_loss or not _reducers.is_avg_nonzero(self.reducer):
+            return None
+        if embeddings.dtype not in (torch.float32, torch.float64):
+            return None
+        dist = self.distance
+        if indices_tuple is None:
+            if not _native_dtype(embeddings, labels):
+                return None
+            return _fused.triplet_margin_loss(embeddings, labels, None, self.margin, dist.metric,
+                                              dist.normalize_embeddings)
+        if not isinstance(indices_tuple, MinedTriplets) or indices_tuple.source is None:
+            return None
+        selection, source = indices_tuple.selection, indices_tuple.source
+        same_distance = (selection.metric, selection.normalize, selection.is_inverted) == (
+            dist.metric, dist.normalize_embeddings, dist.is_inverted)
+        if not same_distance or not source.is_unchanged(embeddings) or source.labels.device != embeddings.device:
+            return None
+        if selection.type_of_triplets == "batch_hard":
+            return _fused.batch_hard_loss(embeddings, source.labels, self.margin, dist.metric,
+                                          dist.normalize_embeddings)
+        return _fused.triplet_margin_loss(embeddings, source.labels, selection, self.margin, dist.metric,
+                                          dist.normalize_embeddings)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML's loss dict: one term per triplet, with the (anchor, positive, negative) indices."""

@@ -148,7 +148,8 @@ def test_fused_ties_at_zero_equal_listed_triplets(kind, miner_margin, layout, me
         # the two backward passes round it differently (a tie's missing term is ~1e-3 here).
         assert_close(g1, g2, atol=1e-9, rtol=1e-6)
         theirs = pml_losses.TripletMarginLoss(loss_margin)
-        v3, _, _ = _value_and_grad(theirs, x, labels, lambda e: pml_miners.TripletMarginMiner(miner_margin, kind)(e, labels))
+        their_miner = pml_miners.TripletMarginMiner(miner_margin, kind)
+        v3, _, _ = _value_and_grad(theirs, x, labels, lambda e: their_miner(e, labels))
         assert_close(v1, v3, atol=1e-8, rtol=1e-7)
         if layout == "collapsed" and kind in ("hard", "all"):
             assert float(v1) == pytest.approx(loss_margin)  # every triplet selected, each term = margin
@@ -158,7 +159,8 @@ def test_unfusable_calls_list_the_triplets_and_match_pml():
     x, labels = _batch(3)
     cases = [
         # another tensor than the one mined
-        (lambda e: miners.TripletMarginMiner(0.2, "semihard")(e.detach().clone(), labels), losses.TripletMarginLoss(0.1),
+        (lambda e: miners.TripletMarginMiner(0.2, "semihard")(e.detach().clone(), labels),
+         losses.TripletMarginLoss(0.1),
          lambda e: pml_miners.TripletMarginMiner(0.2, "semihard")(e.detach().clone(), labels),
          pml_losses.TripletMarginLoss(0.1)),
         # the loss's distance differs from the miner's
@@ -225,3 +227,14 @@ def test_float32_pipeline_matches_listed_triplets_and_pml():
                                     lambda e: _miner(pml_miners, pml_distances, kind, 0.2)(e, labels))
         assert_close(v1, v3, atol=1e-7, rtol=1e-3)  # one triplet moved changes the mean by ~1/count
         assert float((g1 - g3).norm() / g3.norm().clamp_min(1e-30)) < 1e-2
+
+
+def test_inference_mode_tensors():
+    """Inference tensors keep no in-place version: the loss lists the triplets rather than assume them unchanged."""
+    with torch.inference_mode():
+        x, labels = _batch(7, dtype=torch.float32)
+        out = miners.TripletMarginMiner(0.2, "hard")(x, labels)
+        value = losses.TripletMarginLoss(0.1)(x, labels, out)
+        assert out.is_materialized
+        theirs = pml_losses.TripletMarginLoss(0.1)(x, labels, pml_miners.TripletMarginMiner(0.2, "hard")(x, labels))
+        assert_close(value, theirs)

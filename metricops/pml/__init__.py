@@ -12,6 +12,12 @@ same import from ``pytorch_metric_learning`` for:
 * ``reducers``: ``MeanReducer``, ``SumReducer``, ``AvgNonZeroReducer``, ``ThresholdReducer``,
   ``DoNothingReducer``, ``PerAnchorReducer``, ``MultipleReducers``.
 
+Within a batch the miners return a ``MinedTriplets``: the ``(a, p, n)`` tuple,
+mined only when something looks inside. TripletMarginLoss (default reducer,
+no swap/smooth_loss) given it with the same embeddings, or given no
+indices at all, computes its value and gradient fused on the native
+batch-all / batch-hard ops, without listing the triplets.
+
 Values and gradients equal pytorch-metric-learning's to float32 rounding. Any
 other argument raises ``NotImplementedError`` naming it. pytorch-metric-learning
 itself is never imported here.

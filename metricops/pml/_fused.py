@@ -68,34 +68,55 @@ def selected_interval(selection: Optional[TripletSelection], loss_margin: float)
     return lower, upper, inclusive
 
 
+def positives_per_anchor(labels: torch.Tensor):
+    """(B, P) indices of each anchor's positives (same label, not itself), padded, and a (B, P) mask of the
+    real ones; P is the most any anchor has. O(B · P), from the labels sorted once."""
+    batch = labels.shape[0]
+    if batch == 0:
+        return labels.new_empty((0, 0), dtype=torch.int64), labels.new_empty((0, 0), dtype=torch.bool)
+    order = torch.argsort(labels, stable=True)
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    size = counts.repeat_interleave(counts)  # class size, in sorted order
+    start = torch.cumsum(counts, 0).repeat_interleave(counts) - size
+    slots = int(counts.max())
+    offsets = torch.arange(slots, device=labels.device)
+    members = order[(start[:, None] + offsets).clamp_(max=batch - 1)]  # (B, slots), sorted order
+    real = (offsets < size[:, None]) & (members != order[:, None])
+    # Each row holds its anchor once among its members: drop that slot.
+    keep = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)[:, : slots - 1]
+    positives = torch.empty_like(members[:, : slots - 1])
+    mask = torch.empty_like(real[:, : slots - 1])
+    positives[order] = members.gather(1, keep)
+    mask[order] = real.gather(1, keep)
+    return positives, mask
+
+
 def ties_at_zero(x: torch.Tensor, labels: torch.Tensor, metric: str, dist: Optional[torch.Tensor]):
     """Every valid triplet (a, p, n) with d(a, n) == d(a, p) exactly, on the distances the batch-all op uses
     (``dist``, or the same rows recomputed block by block when it streamed), and that distance.
 
     One (rows, B) comparison per positive slot (the k-th positive of each anchor): O(B² · max positives)
-    comparisons, and only slots with a tie are listed.
+    comparisons; only slots with a tie are listed.
     """
-    same = labels[:, None] == labels[None, :]
-    matches = same.clone()
-    matches.fill_diagonal_(False)
     batch = labels.shape[0]
-    pmax = int(matches.sum(dim=1).max()) if batch else 0
+    positives, real = positives_per_anchor(labels)
     found = []
-    if pmax > 0:
-        positives = torch.topk(matches.to(torch.uint8), pmax, dim=1, sorted=False).indices  # (B, pmax)
-        real = matches.gather(1, positives)
+    if positives.shape[1] > 0:
         stream_rows = _block_rows("auto", x, _SORTING_BYTES_PER_ENTRY) if dist is None else batch
         for r0 in range(0, batch, stream_rows):
             # Streaming: the op's row blocks, the same GEMM shapes, so the same values.
             rows = dist[r0:r0 + stream_rows] if dist is not None else ops.pairwise_distance(
                 x[r0:r0 + stream_rows], x, metric)
             r1 = r0 + len(rows)
-            negatives = rows.masked_fill(same[r0:r1], float("nan"))  # NaN equals nothing
+            same = labels[r0:r1, None] == labels[None, :]
+            negatives = rows.masked_fill(same, float("nan"))  # NaN equals nothing
             d_ap = rows.gather(1, positives[r0:r1]).masked_fill(~real[r0:r1], float("nan"))
-            hits = torch.stack([(negatives == d_ap[:, k:k + 1]).any() for k in range(pmax)])
-            for k in hits.nonzero().flatten().tolist():
-                a, n = torch.where(negatives == d_ap[:, k:k + 1])
-                found.append((a + r0, positives[a + r0, k], n, d_ap[a, k]))
+            equal = torch.empty_like(same)
+            for k in range(positives.shape[1]):
+                torch.eq(negatives, d_ap[:, k:k + 1], out=equal)
+                if bool(equal.any()):
+                    a, n = torch.where(equal)
+                    found.append((a + r0, positives[a + r0, k], n, d_ap[a, k]))
     if not found:
         empty = torch.empty(0, dtype=torch.int64, device=labels.device)
         return empty, empty, empty, x.new_empty(0)

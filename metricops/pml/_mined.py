@@ -44,13 +44,23 @@ class MinedSource:
 
     def __init__(self, embeddings: torch.Tensor, labels: torch.Tensor):
         self._embeddings = weakref.ref(embeddings)
-        self._version = embeddings._version
+        self._version = _version(embeddings)
         self.values = embeddings.detach().clone()
         self.labels = labels.clone()
 
     def is_unchanged(self, embeddings: torch.Tensor) -> bool:
-        """Whether ``embeddings`` is the very tensor mined, not modified in place since."""
-        return self._embeddings() is embeddings and embeddings._version == self._version
+        """Whether ``embeddings`` is the very tensor mined, not modified in place since (unknowable for an
+        inference-mode tensor: no)."""
+        return (self._embeddings() is embeddings and self._version is not None
+                and _version(embeddings) == self._version)
+
+
+def _version(t: torch.Tensor):
+    """The in-place version counter; None for inference-mode tensors, which keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class MinedTriplets(tuple):

@@ -189,8 +189,8 @@ def test_embeddings_changed_in_place_after_mining():
         e = x.clone().requires_grad_()
         h = e * 1
         indices = lib_miners.TripletMarginMiner(0.2, "semihard")(h, labels)
-        with torch.no_grad():
-            h.mul_(torch.linspace(0.5, 2.0, h.shape[0], dtype=h.dtype)[:, None])
+        with torch.no_grad():  # (LpDistance normalizes: a shift, not a scale, moves the distances)
+            h.add_(torch.linspace(-1.0, 1.0, h.numel(), dtype=h.dtype).view_as(h))
         value = lib_losses.TripletMarginLoss(0.1)(h, labels, indices)
         if lib_miners is miners:
             ours = value

@@ -101,8 +101,109 @@ def test_pml_losses_with_our_miners():
         assert_close(torch.autograd.grad(ours, x1)[0], torch.autograd.grad(theirs, x2)[0], atol=1e-5, rtol=1e-4)
 
 
-def test_miner_refuses_reference_set():
+MARGINS = (-0.5, -0.2, -0.05, 0.0, 0.05, 0.2, 0.5)
+
+
+@pytest.mark.parametrize("dist_name, ours, theirs", DISTANCES, ids=[d[0] for d in DISTANCES])
+@pytest.mark.parametrize("kind", ["all", "hard", "semihard", "easy"])
+def test_triplet_margin_miner_over_margins(dist_name, ours, theirs, kind):
+    """Negative, zero and positive margins (PML's hard set is m <= margin and m <= 0)."""
+    for seed in (1, 2):
+        for x, labels in batches(n=3, B=16, seed=seed):
+            for margin in MARGINS:
+                got = miners.TripletMarginMiner(margin=margin, type_of_triplets=kind, distance=ours())(x, labels)
+                want = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=kind, distance=theirs())(x, labels)
+                for g, w in zip(got, _sorted(want)):
+                    assert torch.equal(g, w), (margin, seed)
+
+
+def _reference_cases(seed=0):
+    """(embeddings, labels, ref_emb, ref_labels) of the call forms PML distinguishes."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (10,), generator=gen)
+    ref = torch.randn(7, 6, generator=gen, dtype=torch.float64)
+    ref_labels = torch.randint(0, 4, (7,), generator=gen)
+    yield "other_set", x, labels, ref, ref_labels
+    yield "own_labels_copy", x, labels, x, labels.clone()  # PML keeps (i, i) pairs: not the same labels object
+    yield "own_labels_object", x, labels, x.clone(), labels  # the same object: (i, i) is left out
+    yield "no_negative", x, labels, ref, torch.full((7,), int(labels[0]))
+    yield "empty_reference", x, labels, ref[:0], ref_labels[:0]
+
+
+@pytest.mark.parametrize("dist_name, ours, theirs", DISTANCES, ids=[d[0] for d in DISTANCES])
+def test_miners_with_reference_set_match_pml(dist_name, ours, theirs):
+    for case, x, labels, ref, ref_labels in _reference_cases():
+        got = miners.BatchHardMiner(distance=ours())(x, labels, ref_emb=ref, ref_labels=ref_labels)
+        if len(ref) == 0:  # PML's BatchHardMiner raises IndexError (max over an empty row) here
+            assert all(t.dtype == torch.int64 and t.numel() == 0 for t in got)
+            continue
+        want = pml_miners.BatchHardMiner(distance=theirs())(x, labels, ref_emb=ref, ref_labels=ref_labels)
+        for g, w in zip(got, want):
+            assert g.dtype == torch.int64 and torch.equal(g, w), case
+        for kind in ("all", "hard", "semihard", "easy"):
+            for margin in (-0.1, 0.0, 0.3):
+                got = miners.TripletMarginMiner(margin, kind, distance=ours())(x, labels, ref, ref_labels)
+                want = pml_miners.TripletMarginMiner(margin, kind, distance=theirs())(x, labels, ref, ref_labels)
+                for g, w in zip(got, want):  # both in lexicographic order
+                    assert g.dtype == torch.int64 and torch.equal(g, w), (case, kind, margin)
+
+
+@pytest.mark.parametrize("dist_name, ours, theirs", DISTANCES, ids=[d[0] for d in DISTANCES])
+def test_losses_on_reference_set_miner_output_match_pml(dist_name, ours, theirs):
+    """Miner output with ref_emb fed to the losses with the same ref_emb: values and both gradients."""
+    for case, x, labels, ref, ref_labels in _reference_cases(seed=1):
+        if len(ref) == 0:
+            continue
+        for make_miner in (
+            lambda lib, d: lib.BatchHardMiner(distance=d),
+            lambda lib, d: lib.TripletMarginMiner(0.3, "all", distance=d),
+        ):
+            results = []
+            for lib_miners, lib_losses, dist in ((miners, losses, ours), (pml_miners, pml_losses, theirs)):
+                e, r = x.clone().requires_grad_(), ref.clone().requires_grad_()
+                indices = make_miner(lib_miners, dist())(e, labels, r, ref_labels)
+                out = []
+                for loss in (lib_losses.TripletMarginLoss(margin=0.2, distance=dist()),
+                             lib_losses.ContrastiveLoss(distance=dist())):
+                    value = loss(e, labels, indices, ref_emb=r, ref_labels=ref_labels)
+                    grads = torch.autograd.grad(value, (e, r), allow_unused=True)
+                    out.append((value, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (e, r))]))
+                results.append(out)
+            for (v1, g1), (v2, g2) in zip(*results):
+                assert_close(v1, v2, atol=1e-10, rtol=1e-9)
+                for a, b in zip(g1, g2):
+                    assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_miner_reference_set_needs_labels():
     x = torch.randn(6, 3)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    with pytest.raises(NotImplementedError, match="ref_emb"):
-        miners.BatchHardMiner()(x, labels, torch.randn(4, 3), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="ref_labels must be given with ref_emb"):
+        miners.BatchHardMiner()(x, labels, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="ref_labels must be a 1-D tensor of length 4"):
+        miners.TripletMarginMiner()(x, labels, torch.randn(4, 3), torch.tensor([0, 1]))
+
+
+def test_cosine_miner_selects_on_rounded_similarities():
+    """PML compares float similarities; near s = 1 distinct cosine distances round to one similarity and tie.
+
+    PML's own test (float32, 2-D points 1° apart) expects those ties, i.e. the
+    triplets selected from ``CosineSimilarity()(x)`` with PML's formula.
+    """
+    angles = torch.arange(16, dtype=torch.float64).deg2rad()
+    x = torch.stack([2 * angles.cos(), 0.5 * angles.sin()], dim=1).float()
+    distance = distances.CosineSimilarity()
+    sim = distance(x)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(16):
+        labels = torch.randint(0, 2, (16,), generator=gen)
+        a, p, n = torch.where((labels[:, None, None] == labels[None, :, None]) & (labels[:, None] != labels)[:, None, :]
+                              & ~torch.eye(16, dtype=torch.bool)[:, :, None])
+        m = sim[a, p] - sim[a, n]
+        for margin in (-0.05, 0.0, 0.05):
+            for kind, keep in (("all", m <= margin), ("hard", (m <= margin) & (m <= 0)),
+                               ("semihard", (m <= margin) & (m > 0)), ("easy", m > margin)):
+                got = miners.TripletMarginMiner(margin, kind, distance=distance)(x, labels)
+                for g, w in zip(got, (a[keep], p[keep], n[keep])):
+                    assert torch.equal(g, w), (kind, margin)

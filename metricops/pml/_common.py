@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .._reduction import mean_of_sum, accumulation_dtype
-
 
 def refuse_unsupported(cls_name: str, kwargs: dict) -> None:
     """pytorch-metric-learning accepts many more arguments; we refuse them by name rather than ignore them."""
@@ -63,14 +61,3 @@ def all_triplets(labels, ref_labels):
     """
     matches, diffs = matches_and_diffs(labels, ref_labels)
     return torch.where(matches[:, :, None] & diffs[:, None, :])
-
-
-def avg_nonzero(losses: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """PML's AvgNonZeroReducer: mean over the losses > 0, else sum(embeddings * 0) (zero, attached)."""
-    if losses.numel() == 0:
-        return torch.sum(embeddings * 0)
-    positive = losses > 0
-    count = positive.sum()
-    total = torch.where(positive, losses, torch.zeros_like(losses)).sum(dtype=accumulation_dtype(losses.dtype))
-    mean = mean_of_sum(total, count, losses.dtype)  # in float32 for float16/bfloat16
-    return torch.where(count > 0, mean, torch.sum(embeddings * 0))

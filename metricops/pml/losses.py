@@ -1,10 +1,12 @@
 """pytorch-metric-learning losses on metricops' native ops.
 
-ContrastiveLoss runs on metricops.contrastive_loss (fused native op) when
-every pair of the batch is used, and otherwise on metricops.pairwise_distance
-plus gathers. TripletMarginLoss gathers from the native distance matrix. Both
-reduce as PML's default AvgNonZeroReducer does (ContrastiveLoss: separately
-for positive and negative pairs, then summed).
+Each loss builds PML's loss dict (per-pair or per-triplet terms and their
+indices) and hands it to its reducer (``reducer=``, PML's default
+AvgNonZeroReducer). With that default reducer the common calls never build
+the dict: ContrastiveLoss over every pair of the batch is one fused native
+op per pair group, and TripletMarginLoss over every triplet, or over a
+metricops.pml miner's output, is computed by ``_fused`` without listing the
+triplets.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import torch.nn.functional as F
 
 from .. import _validation as v
 from ..contrastive import contrastive_loss
-from ._common import all_pairs, all_triplets, avg_nonzero, refuse_unsupported, set_ref
+from . import _fused
+from . import reducers as _reducers
+from ._common import all_pairs, all_triplets, refuse_unsupported, set_ref
+from ._mined import MinedTriplets
 from .distances import resolve
 
 
@@ -30,15 +35,31 @@ def _check_call(embeddings, labels, indices_tuple):
         )
 
 
+def _no_terms():
+    """PML's zero_loss entry: no terms at all; every reducer turns it into the zero loss."""
+    return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
+
+
+def _native_dtype(embeddings, labels) -> bool:
+    """Whether the fused native ops take these inputs as they are (else the generic path runs)."""
+    return (
+        labels is not None
+        and labels.dtype in (torch.int32, torch.int64)
+        and labels.device == embeddings.device
+        and embeddings.dtype in (torch.float32, torch.float64)
+    )
+
+
 class ContrastiveLoss(torch.nn.Module):
-    """``ContrastiveLoss(pos_margin=0, neg_margin=1, distance=None)``, as pytorch-metric-learning 2.9.
+    """``ContrastiveLoss(pos_margin=0, neg_margin=1, distance=None, reducer=None)``, as pytorch-metric-learning 2.9.
 
     Positive pairs give ``relu(d − pos_margin)``, negative pairs
-    ``relu(neg_margin − d)`` (margins inverted for a similarity); each group
-    is averaged over its nonzero terms and the two averages are summed.
+    ``relu(neg_margin − d)`` (margins inverted for a similarity). Each group
+    is reduced by its own copy of ``reducer`` (default AvgNonZeroReducer:
+    the mean over its nonzero terms) and the two are summed.
     """
 
-    def __init__(self, pos_margin: float = 0, neg_margin: float = 1, distance=None, **kwargs):
+    def __init__(self, pos_margin: float = 0, neg_margin: float = 1, distance=None, reducer=None, **kwargs):
         super().__init__()
         refuse_unsupported("losses.ContrastiveLoss", kwargs)
         v.check_number(pos_margin, "pos_margin")
@@ -46,35 +67,44 @@ class ContrastiveLoss(torch.nn.Module):
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
         self.distance = resolve(distance, "losses.ContrastiveLoss")
+        self.reducer = _reducers.resolve(
+            reducer, ["pos_loss", "neg_loss"], _reducers.AvgNonZeroReducer, "losses.ContrastiveLoss"
+        )
+
+    def _default_reducer(self) -> bool:
+        r = self.reducer
+        return (
+            type(r) is _reducers.MultipleReducers
+            and set(r.reducers) == {"pos_loss", "neg_loss"}
+            and all(_reducers.is_avg_nonzero(x) for x in r.reducers.values())
+        )
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         _check_call(embeddings, labels, indices_tuple)
         ref, ref_lab = set_ref(embeddings, labels, ref_emb, ref_labels)
-        dist = self.distance
-        if (
-            indices_tuple is None
-            and ref_emb is None
-            and labels.dtype in (torch.int32, torch.int64)
-            and labels.device == embeddings.device
-            and embeddings.dtype in (torch.float32, torch.float64)
-        ):
+        if indices_tuple is None and ref_emb is None and _native_dtype(embeddings, labels) and self._default_reducer():
             return self._all_pairs_native(embeddings, labels)
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, None if ref_emb is None else ref, ref_lab)
+        return self.reducer(loss_dict, embeddings, labels)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's loss dict: ``pos_loss`` and ``neg_loss`` terms with their (anchor, other) pairs."""
         if indices_tuple is None:
-            indices_tuple = all_pairs(labels, ref_lab)
+            indices_tuple = all_pairs(labels, ref_labels)
         elif len(indices_tuple) == 3:
             a, p, n = indices_tuple
             indices_tuple = (a, p, a, n)
         a1, p, a2, n = indices_tuple
-        if all(len(t) <= 1 for t in indices_tuple):  # PML returns 0 here
-            return torch.sum(embeddings * 0)
-        mat = dist(embeddings, None if ref_emb is None else ref)
-        zero = torch.sum(embeddings * 0)
-        pos_loss = neg_loss = zero
-        if len(a1) > 0:
-            pos_loss = avg_nonzero(F.relu(dist.margin(mat[a1, p], self.pos_margin)), embeddings)
-        if len(a2) > 0:
-            neg_loss = avg_nonzero(F.relu(dist.margin(self.neg_margin, mat[a2, n])), embeddings)
-        return pos_loss + neg_loss
+        if all(len(t) <= 1 for t in indices_tuple):  # PML reduces this to 0
+            return {"pos_loss": _no_terms(), "neg_loss": _no_terms()}
+        dist = self.distance
+        mat = dist(embeddings, ref_emb)
+        pos_loss = F.relu(dist.margin(mat[a1, p], self.pos_margin)) if len(a1) > 0 else 0
+        neg_loss = F.relu(dist.margin(self.neg_margin, mat[a2, n])) if len(a2) > 0 else 0
+        return {
+            "pos_loss": {"losses": pos_loss, "indices": (a1, p), "reduction_type": "pos_pair"},
+            "neg_loss": {"losses": neg_loss, "indices": (a2, n), "reduction_type": "neg_pair"},
+        }
 
     def _all_pairs_native(self, embeddings, labels):
         # PML averages the positive and the negative terms separately over
@@ -95,15 +125,17 @@ class ContrastiveLoss(torch.nn.Module):
 
 
 class TripletMarginLoss(torch.nn.Module):
-    """``TripletMarginLoss(margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", distance=None)``.
+    """``TripletMarginLoss(margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", distance=None,
+    reducer=None)``.
 
     relu (or softplus, ``smooth_loss``) of ``d(a,p) − d(a,n) + margin`` (margin
-    sign inverted for a similarity), averaged over the nonzero terms. Without
+    sign inverted for a similarity), reduced by ``reducer`` (default
+    AvgNonZeroReducer: the mean over the nonzero terms). Without
     ``indices_tuple`` every valid triplet is used.
     """
 
     def __init__(self, margin: float = 0.05, swap: bool = False, smooth_loss: bool = False,
-                 triplets_per_anchor="all", distance=None, **kwargs):
+                 triplets_per_anchor="all", distance=None, reducer=None, **kwargs):
         super().__init__()
         refuse_unsupported("losses.TripletMarginLoss", kwargs)
         if triplets_per_anchor != "all":
@@ -119,6 +151,7 @@ class TripletMarginLoss(torch.nn.Module):
         self.smooth_loss = smooth_loss
         self.triplets_per_anchor = triplets_per_anchor
         self.distance = resolve(distance, "losses.TripletMarginLoss")
+        self.reducer = _reducers.resolve(reducer, ["loss"], _reducers.AvgNonZeroReducer, "losses.TripletMarginLoss")
 
     def _triplets(self, embeddings, labels, ref_emb, ref_labels, indices_tuple):
         if indices_tuple is None:
@@ -126,14 +159,13 @@ class TripletMarginLoss(torch.nn.Module):
             if self_ref and labels.dtype in (torch.int32, torch.int64):
                 import metricops
 
-                if hasattr(metricops, "mine_triplets"):
-                    return metricops.mine_triplets(
-                        embeddings, labels, strategy="all", metric=self.distance.metric,
-                        normalize=self.distance.normalize_embeddings,
-                    )
+                return metricops.mine_triplets(
+                    embeddings, labels, strategy="all", metric=self.distance.metric,
+                    normalize=self.distance.normalize_embeddings,
+                )
             return all_triplets(labels, ref_labels)
         if len(indices_tuple) == 3:
-            return indices_tuple
+            return tuple(indices_tuple)
         a1, p, a2, n = indices_tuple  # pairs -> triplets sharing an anchor, as PML does
         p_idx, n_idx = torch.where(a1[:, None] == a2[None, :])
         return a1[p_idx], p[p_idx], n[n_idx]
@@ -141,11 +173,46 @@ class TripletMarginLoss(torch.nn.Module):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         _check_call(embeddings, labels, indices_tuple)
         ref, ref_lab = set_ref(embeddings, labels, ref_emb, ref_labels)
-        a, p, n = self._triplets(embeddings, labels, ref_emb, ref_lab, indices_tuple)
-        if len(a) == 0:
-            return torch.sum(embeddings * 0)
+        if ref_emb is None:
+            fused = self._fused(embeddings, labels, indices_tuple)
+            if fused is not None:
+                return fused
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, None if ref_emb is None else ref, ref_lab)
+        return self.reducer(loss_dict, embeddings, labels)
+
+    def _fused(self, embeddings, labels, indices_tuple):
+        """The loss without listing triplets, where that is exact: the default reducer and hinge, and every
+        triplet of the batch or a metricops.pml miner's selection on these very embeddings. Else None."""
+        if self.swap or self.smooth_loss or not _reducers.is_avg_nonzero(self.reducer):
+            return None
+        if embeddings.dtype not in (torch.float32, torch.float64):
+            return None
         dist = self.distance
-        mat = dist(embeddings, None if ref_emb is None else ref)
+        if indices_tuple is None:
+            if not _native_dtype(embeddings, labels):
+                return None
+            return _fused.triplet_margin_loss(embeddings, labels, None, self.margin, dist.metric,
+                                              dist.normalize_embeddings)
+        if not isinstance(indices_tuple, MinedTriplets) or indices_tuple.source is None:
+            return None
+        selection, source = indices_tuple.selection, indices_tuple.source
+        same_distance = (selection.metric, selection.normalize, selection.is_inverted) == (
+            dist.metric, dist.normalize_embeddings, dist.is_inverted)
+        if not same_distance or not source.is_unchanged(embeddings) or source.labels.device != embeddings.device:
+            return None
+        if selection.type_of_triplets == "batch_hard":
+            return _fused.batch_hard_loss(embeddings, source.labels, self.margin, dist.metric,
+                                          dist.normalize_embeddings)
+        return _fused.triplet_margin_loss(embeddings, source.labels, selection, self.margin, dist.metric,
+                                          dist.normalize_embeddings)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's loss dict: one term per triplet, with the (anchor, positive, negative) indices."""
+        a, p, n = self._triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple)
+        if len(a) == 0:
+            return {"loss": _no_terms()}
+        dist = self.distance
+        mat = dist(embeddings, ref_emb)
         ap = mat[a, p]
         an = mat[a, n]
         if self.swap:
@@ -153,4 +220,4 @@ class TripletMarginLoss(torch.nn.Module):
             an = dist.smallest_dist(an, mat[p, n])
         violation = dist.margin(ap, an) + self.margin
         losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
-        return avg_nonzero(losses, embeddings)
+        return {"loss": {"losses": losses, "indices": (a, p, n), "reduction_type": "triplet"}}

@@ -1,0 +1,240 @@
+"""The metricops.pml miners' lazy output (MinedTriplets) and the fused miner + TripletMarginLoss pipeline,
+against the listed triplets and pytorch-metric-learning 2.9."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import metricops
+from common import assert_close
+from metricops.pml import distances, losses, miners
+from metricops.pml._mined import MinedTriplets
+
+pml = pytest.importorskip("pytorch_metric_learning")
+from pytorch_metric_learning import distances as pml_distances  # noqa: E402
+from pytorch_metric_learning import losses as pml_losses  # noqa: E402
+from pytorch_metric_learning import miners as pml_miners  # noqa: E402
+
+DISTANCES = {
+    "lp": ({}, "LpDistance"),
+    "lp_raw": ({"normalize_embeddings": False}, "LpDistance"),
+    "lp_sq": ({"power": 2}, "LpDistance"),
+    "cos": ({}, "CosineSimilarity"),
+}
+KINDS = ("all", "hard", "semihard", "easy", "batch_hard")
+
+
+def _miner(lib_miners, lib_distances, kind, margin, dist_name="lp"):
+    kw, cls = DISTANCES[dist_name]
+    d = getattr(lib_distances, cls)(**kw)
+    if kind == "batch_hard":
+        return lib_miners.BatchHardMiner(distance=d)
+    return lib_miners.TripletMarginMiner(margin, kind, distance=d)
+
+
+def _loss(lib_losses, lib_distances, margin, dist_name="lp"):
+    kw, cls = DISTANCES[dist_name]
+    return lib_losses.TripletMarginLoss(margin, distance=getattr(lib_distances, cls)(**kw))
+
+
+def _batch(seed, B=32, D=6, classes=5, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(B, D, generator=gen, dtype=dtype), torch.randint(0, classes, (B,), generator=gen)
+
+
+def _value_and_grad(loss, x, labels, make_indices):
+    e = x.clone().requires_grad_()
+    indices = make_indices(e)
+    value = loss(e, labels, indices)
+    grad = torch.autograd.grad(value, e, allow_unused=True)[0]
+    return value.detach(), torch.zeros_like(e) if grad is None else grad, indices
+
+
+# ------------------------------------------------------------------ the lazy tuple
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mined_triplets_behave_like_the_tuple(kind):
+    x, labels = _batch(0)
+    miner = _miner(miners, distances, kind, 0.1)
+    out = miner(x, labels)
+    eager = tuple(_miner(miners, distances, kind, 0.1)(x, labels))
+    assert isinstance(out, tuple) and isinstance(out, MinedTriplets)
+    assert len(out) == 3 and bool(out)
+    assert not out.is_materialized  # len() and truth do not mine
+    a, p, n = out
+    assert out.is_materialized
+    for got, want in zip((a, p, n), eager):
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+    want = pml_miners.BatchHardMiner() if kind == "batch_hard" else pml_miners.TripletMarginMiner(0.1, kind)
+    want = want(x, labels)
+    order = torch.argsort(want[0] * 10**6 + want[1] * 10**3 + want[2])
+    for got, w in zip(out, want):
+        assert torch.equal(got, w if kind == "batch_hard" else w[order])
+    assert torch.equal(out[0], a) and torch.equal(out[-1], n) and out[0].numel() == len(a)
+    assert isinstance(out[:2], tuple) and len(out[:2]) == 2 and torch.equal(out[1:][0], p)
+    assert [t.numel() for t in out] == [len(a)] * 3
+    assert list(reversed(out))[0] is n and out.index(a) == 0 and a in out  # as a tuple: identity first
+    assert len(out + (a,)) == 4 and len((a,) + out) == 4 and len(out * 2) == 6
+    assert out == out.materialize() and hash(out) == hash(out.materialize())
+    assert "tensor(" in repr(out)
+    for clone in (pickle.loads(pickle.dumps(out)), copy.deepcopy(out)):
+        assert type(clone) is tuple and all(torch.equal(c, t) for c, t in zip(clone, out))
+    assert copy.copy(out) == out.materialize()
+    cube = torch.arange(32**3).view(32, 32, 32)
+    assert torch.equal(cube[out], cube[a, p, n])  # a tuple index, not a list of three
+    assert torch.equal(torch.stack(tuple(out)), torch.stack((a, p, n)))
+
+
+def test_real_pml_loss_accepts_mined_triplets():
+    x, labels = _batch(1)
+    for kind in KINDS:
+        for make in (lambda: pml_losses.TripletMarginLoss(0.1), lambda: pml_losses.ContrastiveLoss()):
+            lazy = _miner(miners, distances, kind, 0.2)(x, labels)
+            eager = tuple(_miner(miners, distances, kind, 0.2)(x, labels))
+            assert_close(make()(x, labels, lazy), make()(x, labels, eager))
+
+
+# ------------------------------------------------------------------ fused values and gradients
+
+
+@pytest.mark.parametrize("dist_name", list(DISTANCES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_equals_listed_triplets_and_pml(dist_name, kind):
+    miner_margins = (0.0,) if kind == "batch_hard" else (-0.3, 0.0, 0.1, 0.4)
+    for seed in (0,):
+        x, labels = _batch(seed)
+        for miner_margin in miner_margins:
+            for loss_margin in (-0.1, 0.0, 0.3) if miner_margin != 0.1 else (0.05,):
+                ours = losses.TripletMarginLoss(loss_margin, distance=getattr(distances, DISTANCES[dist_name][1])(
+                    **DISTANCES[dist_name][0]))
+                miner = _miner(miners, distances, kind, miner_margin, dist_name)
+                v1, g1, lazy = _value_and_grad(ours, x, labels, lambda e: miner(e, labels))
+                assert not lazy.is_materialized, "the fused path listed the triplets"
+                v2, g2, _ = _value_and_grad(ours, x, labels, lambda e: tuple(miner(e, labels)))
+                theirs = _loss(pml_losses, pml_distances, loss_margin, dist_name)
+                pml_miner = _miner(pml_miners, pml_distances, kind, miner_margin, dist_name)
+                v3, g3, _ = _value_and_grad(theirs, x, labels, lambda e: pml_miner(e, labels))
+                case = (seed, miner_margin, loss_margin)
+                assert_close(v1, v2, atol=1e-12, rtol=1e-10), case
+                assert_close(g1, g2, atol=1e-12, rtol=1e-9), case
+                assert_close(v1, v3, atol=1e-8, rtol=1e-7), case
+                assert_close(g1, g3, atol=1e-8, rtol=1e-6), case
+
+
+@pytest.mark.parametrize("kind, miner_margin", [("hard", 0.2), ("semihard", 0.2), ("all", 0.0), ("easy", 0.0)])
+@pytest.mark.parametrize("layout", ["duplicated_across_labels", "collapsed"])
+@pytest.mark.parametrize("memory", ["matrix", "streaming"])
+def test_fused_ties_at_zero_equal_listed_triplets(kind, miner_margin, layout, memory, monkeypatch):
+    """m = d(a, n) − d(a, p) exactly 0 where a bound is 0: PML's hard set has these triplets, its semihard set not."""
+    if memory == "streaming":  # the ops stream row blocks from this batch size on
+        monkeypatch.setattr(metricops.triplet, "_AUTO_STREAM_MIN_B", 8)
+        monkeypatch.setattr(metricops.triplet, "_CPU_STREAM_BLOCK_ROWS", 5)
+    x, labels = _batch(2, B=24)
+    if layout == "collapsed":
+        x = x[:1].expand_as(x).clone()  # every distance 0: every triplet ties
+    else:
+        x[12:] = x[:12]  # row i + 12 duplicates row i (other labels): d(a, i) == d(a, i + 12)
+    for loss_margin in (0.05, 0.3):
+        loss = losses.TripletMarginLoss(loss_margin)
+        miner = miners.TripletMarginMiner(miner_margin, kind)
+        v1, g1, lazy = _value_and_grad(loss, x, labels, lambda e: miner(e, labels))
+        assert not lazy.is_materialized
+        v2, g2, _ = _value_and_grad(loss, x, labels, lambda e: tuple(miner(e, labels)))
+        assert_close(v1, v2, atol=1e-12, rtol=1e-10)
+        # A duplicate's distance from the GEMM is ~1e-8, not 0, and its slope is that rounding's:
+        # the two backward passes round it differently (a tie's missing term is ~1e-3 here).
+        assert_close(g1, g2, atol=1e-9, rtol=1e-6)
+        theirs = pml_losses.TripletMarginLoss(loss_margin)
+        their_miner = pml_miners.TripletMarginMiner(miner_margin, kind)
+        v3, _, _ = _value_and_grad(theirs, x, labels, lambda e: their_miner(e, labels))
+        assert_close(v1, v3, atol=1e-8, rtol=1e-7)
+        if layout == "collapsed" and kind in ("hard", "all"):
+            assert float(v1) == pytest.approx(loss_margin)  # every triplet selected, each term = margin
+
+
+def test_unfusable_calls_list_the_triplets_and_match_pml():
+    x, labels = _batch(3)
+    cases = [
+        # another tensor than the one mined
+        (lambda e: miners.TripletMarginMiner(0.2, "semihard")(e.detach().clone(), labels),
+         losses.TripletMarginLoss(0.1),
+         lambda e: pml_miners.TripletMarginMiner(0.2, "semihard")(e.detach().clone(), labels),
+         pml_losses.TripletMarginLoss(0.1)),
+        # the loss's distance differs from the miner's
+        (lambda e: miners.TripletMarginMiner(0.2, "hard")(e, labels),
+         losses.TripletMarginLoss(0.1, distance=distances.CosineSimilarity()),
+         lambda e: pml_miners.TripletMarginMiner(0.2, "hard")(e, labels),
+         pml_losses.TripletMarginLoss(0.1, distance=pml_distances.CosineSimilarity())),
+        # swap / smooth_loss are not the fused hinge
+        (lambda e: miners.BatchHardMiner()(e, labels), losses.TripletMarginLoss(0.1, swap=True),
+         lambda e: pml_miners.BatchHardMiner()(e, labels), pml_losses.TripletMarginLoss(0.1, swap=True)),
+        (lambda e: miners.TripletMarginMiner(0.3)(e, labels), losses.TripletMarginLoss(0.1, smooth_loss=True),
+         lambda e: pml_miners.TripletMarginMiner(0.3)(e, labels), pml_losses.TripletMarginLoss(0.1, smooth_loss=True)),
+    ]
+    for ours_mine, ours_loss, their_mine, their_loss in cases:
+        v1, g1, lazy = _value_and_grad(ours_loss, x, labels, ours_mine)
+        assert lazy.is_materialized
+        v2, g2, _ = _value_and_grad(their_loss, x, labels, their_mine)
+        assert_close(v1, v2, atol=1e-8, rtol=1e-7)
+        assert_close(g1, g2, atol=1e-8, rtol=1e-6)
+
+
+def test_embeddings_changed_in_place_after_mining():
+    """The triplets are those of the values mined; the loss then sees the new values (as with PML)."""
+    x, labels = _batch(4)
+    for lib_miners, lib_losses in ((miners, losses), (pml_miners, pml_losses)):
+        e = x.clone().requires_grad_()
+        h = e * 1
+        indices = lib_miners.TripletMarginMiner(0.2, "semihard")(h, labels)
+        with torch.no_grad():  # (LpDistance normalizes: a shift, not a scale, moves the distances)
+            h.add_(torch.linspace(-1.0, 1.0, h.numel(), dtype=h.dtype).view_as(h))
+        value = lib_losses.TripletMarginLoss(0.1)(h, labels, indices)
+        if lib_miners is miners:
+            ours = value
+        else:
+            assert_close(ours, value, atol=1e-8, rtol=1e-7)
+
+
+def test_loss_without_miner_lists_no_triplet(monkeypatch):
+    """TripletMarginLoss(embeddings, labels): every triplet, fused (no miner, no list), equal to PML."""
+    def listing_forbidden(*args, **kwargs):
+        raise AssertionError("the triplets were listed")
+
+    x, labels = _batch(5)
+    monkeypatch.setattr(losses.TripletMarginLoss, "compute_loss", listing_forbidden)
+    for loss_margin in (-0.1, 0.0, 0.2):
+        v1, g1, _ = _value_and_grad(losses.TripletMarginLoss(loss_margin), x, labels, lambda e: None)
+        v2, g2, _ = _value_and_grad(pml_losses.TripletMarginLoss(loss_margin), x, labels, lambda e: None)
+        assert_close(v1, v2, atol=1e-8, rtol=1e-7)
+        assert_close(g1, g2, atol=1e-8, rtol=1e-6)
+
+
+def test_float32_pipeline_matches_listed_triplets_and_pml():
+    """float32: the fused value is a difference of two float32 sums (semihard, easy), so ~1e-6 relative; PML's
+    own rounding moves a triplet across a bound now and then, which moves a few gradient rows."""
+    x, labels = _batch(6, B=128, D=16, classes=16, dtype=torch.float32)
+    for kind in KINDS:
+        miner = _miner(miners, distances, kind, 0.2)
+        v1, g1, lazy = _value_and_grad(losses.TripletMarginLoss(0.05), x, labels, lambda e: miner(e, labels))
+        assert not lazy.is_materialized
+        v2, g2, _ = _value_and_grad(losses.TripletMarginLoss(0.05), x, labels, lambda e: tuple(miner(e, labels)))
+        assert_close(v1, v2, atol=1e-7, rtol=1e-5)
+        assert_close(g1, g2, atol=1e-8, rtol=1e-5)
+        v3, g3, _ = _value_and_grad(pml_losses.TripletMarginLoss(0.05), x, labels,
+                                    lambda e: _miner(pml_miners, pml_distances, kind, 0.2)(e, labels))
+        assert_close(v1, v3, atol=1e-7, rtol=1e-3)  # one triplet moved changes the mean by ~1/count
+        assert float((g1 - g3).norm() / g3.norm().clamp_min(1e-30)) < 1e-2
+
+
+def test_inference_mode_tensors():
+    """Inference tensors keep no in-place version: the loss lists the triplets rather than assume them unchanged."""
+    with torch.inference_mode():
+        x, labels = _batch(7, dtype=torch.float32)
+        out = miners.TripletMarginMiner(0.2, "hard")(x, labels)
+        value = losses.TripletMarginLoss(0.1)(x, labels, out)
+        assert out.is_materialized
+        theirs = pml_losses.TripletMarginLoss(0.1)(x, labels, pml_miners.TripletMarginMiner(0.2, "hard")(x, labels))
+        assert_close(value, theirs)

@@ -34,31 +34,18 @@ struct ExactRows {
   scalar_t tol;
 };
 
-// Gram row -> distance keys (distance_key) over columns [0, n), in place
-// allowed (out may be dot), with the exactness guard: returns whether any
-// entry needs the explicit form; the caller then runs exact_keys_fixup.
-template <typename scalar_t, Metric kMetric>
-METRICOPS_SIMD_CLONES bool distance_keys_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n,
-                                             scalar_t tol, scalar_t* out) {
+// Gram row -> distance keys (distance_key), or distances (key_to_distance)
+// when kDistances, over columns [0, n), in place allowed (out may be dot),
+// with the exactness guard: returns whether any entry needs the explicit
+// form; the caller then runs exact_keys_fixup.
+template <typename scalar_t, Metric kMetric, bool kDistances>
+METRICOPS_SIMD_CLONES bool guarded_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n,
+                                       scalar_t tol, scalar_t* out) {
   int32_t any = 0;
   for (int64_t j = 0; j < n; ++j) {
     const scalar_t k = distance_key<scalar_t>(kMetric, x_aux, y_aux[j], dot[j]);
     any |= static_cast<int32_t>(gram_key_needs_exact<scalar_t>(kMetric, k, x_aux, y_aux[j], tol));
-    out[j] = k;
-  }
-  return any != 0;
-}
-
-// The same in one pass to distances (key_to_distance), for the callers that
-// want distances: returns whether any entry needs the explicit form.
-template <typename scalar_t, Metric kMetric>
-METRICOPS_SIMD_CLONES bool distances_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n,
-                                         scalar_t tol, scalar_t* out) {
-  int32_t any = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t k = distance_key<scalar_t>(kMetric, x_aux, y_aux[j], dot[j]);
-    any |= static_cast<int32_t>(gram_key_needs_exact<scalar_t>(kMetric, k, x_aux, y_aux[j], tol));
-    out[j] = key_to_distance<scalar_t>(kMetric, k);
+    out[j] = kDistances ? key_to_distance<scalar_t>(kMetric, k) : k;
   }
   return any != 0;
 }
@@ -87,7 +74,7 @@ void exact_keys_fixup(const ExactRows<scalar_t>& rows, const scalar_t* y_aux, sc
 template <typename scalar_t, Metric kMetric>
 void distance_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n, scalar_t* out,
                   const ExactRows<scalar_t>& rows, int64_t j0 = 0) {
-  if (distances_row<scalar_t, kMetric>(dot, y_aux, x_aux, n, rows.tol, out)) {
+  if (guarded_row<scalar_t, kMetric, true>(dot, y_aux, x_aux, n, rows.tol, out)) {
     exact_keys_fixup<scalar_t, kMetric, true>(rows, y_aux, x_aux, j0, n, out);
   }
 }

@@ -222,8 +222,8 @@ LOSSES: Dict[str, LossSpec] = {
         ),
     ),
     "contrastive": LossSpec(
-        "contrastive: relu(d - pos_margin) for positive pairs, relu(neg_margin - d) for negative pairs, mean over "
-        "all ordered pairs",
+        f"contrastive: relu(d - {CONTRASTIVE_POS_MARGIN}) for positive pairs, relu({CONTRASTIVE_NEG_MARGIN} - d) "
+        "for negative pairs, mean over all ordered pairs",
         lr=3e-3,
         trained=Contender("metricops", lambda: functools.partial(
             metricops.contrastive_loss, pos_margin=CONTRASTIVE_POS_MARGIN, neg_margin=CONTRASTIVE_NEG_MARGIN,
@@ -914,17 +914,26 @@ def timing_batches(model: nn.Module, split: Split, sizes: Sequence[int], train_b
     return out
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown where there is one (not "default: None"), the epilog as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    losses = "\n".join(f"  {name:<16} {spec.summary} (lr {spec.lr:g})" for name, spec in LOSSES.items())
     p = argparse.ArgumentParser(
         prog="python -m metricops.demo",
         description="Train a small embedding net on MNIST digits 0-4 with a metricops loss; retrieval on held-out "
         "images of 0-4 and on the unseen digits 5-9 next to raw pixels; the loss timed against "
         "metricops.reference and pytorch-metric-learning.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"losses (--loss):\n{losses}",
+        formatter_class=_HelpFormatter,
     )
-    choices = "; ".join(f"{name}: {spec.summary}" for name, spec in LOSSES.items())
-    p.add_argument("--loss", choices=list(LOSSES), default="batch_hard", metavar="LOSS",
-                   help=f"training loss, one of: {choices}")
+    p.add_argument("--loss", choices=list(LOSSES), default="batch_hard", help="training loss (listed below)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs (one-cycle learning-rate schedule)")
     p.add_argument("--batches-per-epoch", type=int, default=None,
@@ -932,13 +941,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100,
                    help="batch size; batches hold --classes-per-batch classes x (batch-size / classes) samples")
     p.add_argument("--classes-per-batch", type=int, default=5, help="P in the P x K class-balanced batches (2..5)")
-    p.add_argument("--lr", type=float, default=None, help="Adam's peak learning rate (default: the loss's own)")
+    p.add_argument("--lr", type=float, default=None, help="Adam's peak learning rate (default: the loss's own, below)")
     p.add_argument("--seed", type=int, default=0, help="seed for the network's initialization and the batches")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for the whole run (0: torch's default). One thread: on a shared 2-core machine "
-                   "two threads waiting on each other ran small calls 5-20x slower whenever other processes were "
+                   "two threads waiting on each other made small calls 5-30x slower whenever other processes were "
                    "busy; with one, timings are steady, contenders are compared alike, and training gives the "
-                   "same numbers on any core count")
+                   "same numbers whatever the core count")
     p.add_argument("--timing-batches", type=int, nargs="*", default=None,
                    help=f"batch sizes at which to time the loss alone (default: the training batch and "
                    f"{LARGE_BATCH}); none skips the timing")

@@ -250,6 +250,36 @@ def test_benchmark_chart_series_are_speedups_against_size():
     assert dict(series[("x", "forward")]) == {"torch (D=8)": [(4.0, 8.0), (2.0, 4.0)]}
 
 
+def _readme_demo_output():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    m = re.search(r"<!-- demo output begin -->\n```text\n(.*?)```\n<!-- demo output end -->", readme, flags=re.S)
+    assert m, "README's demo section has no pasted output between the demo output markers"
+    return readme, m.group(1)
+
+
+def test_readme_shows_the_demo_output_its_ratios_match_its_times_and_the_picture_exists():
+    readme, out = _readme_demo_output()
+    unit = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+    rows = re.findall(r"^B=(\d+) +(\S+) +(\d+(?:\.\d+)?) (us|ms|s) +(?:(\d+(?:\.\d+)?)x (slower|faster))?", out,
+                      flags=re.M)
+    base = {b: float(t) * unit[u] for b, lib, t, u, _, _ in rows if lib == "metricops"}
+    assert set(base) == {"100", "4096"}
+    checked = 0
+    for b, lib, t, u, ratio, word in rows:
+        if ratio:  # times carry 3 digits, the ratio 2: allow the printed roundings
+            seconds = float(t) * unit[u]
+            actual = seconds / base[b] if word == "slower" else base[b] / seconds
+            assert float(ratio) == pytest.approx(actual, rel=0.03), (b, lib, t, u, ratio, word)
+            checked += 1
+    assert checked >= 3
+    # The bar, as the pasted run states it.
+    assert "held-out images of the training digits 0-4: trained net ahead of raw pixels on hit@1 and map@r" in out
+    assert "unseen digits 5-9 (zero-shot transfer): trained net ahead of raw pixels on map@r" in out
+    picture = re.search(r"!\[[^]]*\]\((docs/demo_[a-z_]+\.png)\)", readme)
+    assert picture and _is_png(os.path.join(ROOT, picture.group(1)))
+
+
 def _makefile():
     with open(os.path.join(ROOT, "Makefile")) as f:
         return f.read()

@@ -43,7 +43,7 @@ bench-quick: build
 # images of 0-4 and on the unseen 5-9 next to raw pixels, the loss alone timed against metricops.reference
 # and pytorch-metric-learning at B=100 and B=4096; PNG in demo_out/.
 demo: build
-	@echo "== running the demo (~30-40 s on 2 cores; python -m metricops.demo --help lists the options)"
+	@echo "== running the demo (~20-40 s on 2 cores; python -m metricops.demo --help lists the options)"
 	$(PY) -m metricops.demo
 
 # 2 CPU processes (gloo) of DDP training with DistributedLoss; needs scikit-learn.

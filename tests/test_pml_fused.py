@@ -10,6 +10,7 @@ import torch
 import metricops
 from common import assert_close
 from metricops.pml import distances, losses, miners
+from metricops.pml import _fused
 from metricops.pml._mined import MinedTriplets
 
 pml = pytest.importorskip("pytorch_metric_learning")
@@ -42,6 +43,13 @@ def _loss(lib_losses, lib_distances, margin, dist_name="lp"):
 def _batch(seed, B=32, D=6, classes=5, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(B, D, generator=gen, dtype=dtype), torch.randint(0, classes, (B,), generator=gen)
+
+
+@pytest.fixture(params=["slots", "batch_all"])
+def fused_path(request, monkeypatch):
+    """Both fused implementations: per positive slot on one distance matrix, and native batch-all sums."""
+    monkeypatch.setattr(_fused, "use_slots", lambda *args: request.param == "slots")
+    return request.param
 
 
 def _value_and_grad(loss, x, labels, make_indices):
@@ -102,7 +110,7 @@ def test_real_pml_loss_accepts_mined_triplets():
 
 @pytest.mark.parametrize("dist_name", list(DISTANCES))
 @pytest.mark.parametrize("kind", KINDS)
-def test_fused_equals_listed_triplets_and_pml(dist_name, kind):
+def test_fused_equals_listed_triplets_and_pml(dist_name, kind, fused_path):
     miner_margins = (0.0,) if kind == "batch_hard" else (-0.3, 0.0, 0.1, 0.4)
     for seed in (0,):
         x, labels = _batch(seed)
@@ -127,7 +135,7 @@ def test_fused_equals_listed_triplets_and_pml(dist_name, kind):
 @pytest.mark.parametrize("kind, miner_margin", [("hard", 0.2), ("semihard", 0.2), ("all", 0.0), ("easy", 0.0)])
 @pytest.mark.parametrize("layout", ["duplicated_across_labels", "collapsed"])
 @pytest.mark.parametrize("memory", ["matrix", "streaming"])
-def test_fused_ties_at_zero_equal_listed_triplets(kind, miner_margin, layout, memory, monkeypatch):
+def test_fused_ties_at_zero_equal_listed_triplets(kind, miner_margin, layout, memory, fused_path, monkeypatch):
     """m = d(a, n) − d(a, p) exactly 0 where a bound is 0: PML's hard set has these triplets, its semihard set not."""
     if memory == "streaming":  # the ops stream row blocks from this batch size on
         monkeypatch.setattr(metricops.triplet, "_AUTO_STREAM_MIN_B", 8)
@@ -198,7 +206,7 @@ def test_embeddings_changed_in_place_after_mining():
             assert_close(ours, value, atol=1e-8, rtol=1e-7)
 
 
-def test_loss_without_miner_lists_no_triplet(monkeypatch):
+def test_loss_without_miner_lists_no_triplet(fused_path, monkeypatch):
     """TripletMarginLoss(embeddings, labels): every triplet, fused (no miner, no list), equal to PML."""
     def listing_forbidden(*args, **kwargs):
         raise AssertionError("the triplets were listed")
@@ -212,7 +220,7 @@ def test_loss_without_miner_lists_no_triplet(monkeypatch):
         assert_close(g1, g2, atol=1e-8, rtol=1e-6)
 
 
-def test_float32_pipeline_matches_listed_triplets_and_pml():
+def test_float32_pipeline_matches_listed_triplets_and_pml(fused_path):
     """float32: the fused value is a difference of two float32 sums (semihard, easy), so ~1e-6 relative; PML's
     own rounding moves a triplet across a bound now and then, which moves a few gradient rows."""
     x, labels = _batch(6, B=128, D=16, classes=16, dtype=torch.float32)

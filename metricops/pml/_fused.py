@@ -4,21 +4,27 @@ With m = d(a, n) − d(a, p) and loss margin M, a selected triplet's term is
 relu(M − m), so the loss is the mean of (M − m) over the selected triplets
 with m < M. For TripletMarginMiner (margin μ) the selection is an interval of
 m (``"all"``: m <= μ, ``"hard"``: m <= min(μ, 0), ``"semihard"``:
-0 < m <= μ, ``"easy"``: m > μ), so the loss is a difference of two sums over
-{m < t}, which the native batch-all op gives for any t (every valid triplet's
-relu(t − m), summed, and their count) in O(B² log B) without listing them:
+0 < m <= μ, ``"easy"``: m > μ). Two exact ways to sum over it:
 
-    Σ_{m < t} (M − m) = S(t) + (M − t)·N(t),  S(t) = Σ_{m < t} (t − m),  N(t) = #{m < t}.
+* Per positive slot (``_slot_loss``, B < 4096): for each anchor's k-th
+  positive, m against every negative on one distance matrix, compared with
+  the bounds exactly as PML compares (so ties at a bound fall as they do in
+  the listed triplets); the counts weight the distance matrix, whose gradient
+  flows through ``pairwise_distance``. O(B² · positives per anchor) work,
+  O(B²) memory: the fast path for class-balanced batches.
+* Native batch-all sums (many positives per anchor, or streaming sizes): the
+  op gives Σ relu(t − m) and #{m < t} for any t in O(B² log B), and
 
-The batch-all op counts m < t, PML's selection m <= t. The two differ only on
-triplets with m exactly equal to a bound. At a bound of 0 (hard, semihard;
-PML's "all"/"easy" with margin 0) such ties are d(a, p) == d(a, n) exactly:
-duplicated or collapsed embeddings, and a few per million triplets by
-float32 rounding alone. They are found on the op's own distances (one
-O(B² · positives per anchor) comparison) and added or removed with their
-value and gradient, so the result equals the listed triplets'. At another
-bound an exact tie is a rounding coincidence, like the last-bit differences
-between PML's distances and ours, and is left as the op counts it.
+      Σ_{m < t} (M − m) = S(t) + (M − t)·N(t),  S(t) = Σ_{m < t} (t − m),  N(t) = #{m < t},
+
+  so an interval is a difference of two such sums. The op counts m < t where
+  PML's bound may be m <= t; they differ on triplets with m exactly at the
+  bound. At a bound of 0 (hard, semihard; "all"/"easy" with margin 0) those
+  are d(a, p) == d(a, n) exactly (duplicated or collapsed embeddings, and a
+  few per million float32 triplets by rounding alone): they are found on the
+  op's own distances and added or removed with their value and gradient. At
+  another bound an exact tie is a rounding coincidence, like the last-bit
+  differences between PML's distances and ours, and is left as the op counts it.
 
 BatchHardMiner + TripletMarginLoss is the native batch-hard loss averaged
 over its nonzero terms; it mines with the very op the miner materializes with.
@@ -26,10 +32,12 @@ over its nonzero terms; it mines with the very op the miner materializes with.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
+from .. import triplet as _triplet
 from .._ops import ops
 from .._reduction import mean_of_sum
 from ..distance import _l2_normalize
@@ -137,6 +145,54 @@ def pair_distance(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, metric: str
     return torch.where(squared > 0, squared, torch.ones_like(squared)).sqrt() * (squared > 0)
 
 
+def use_slots(batch: int, max_positives: int, zero_bound: bool) -> bool:
+    """Whether the per-positive-slot path (O(B² · positives per anchor) work, O(B²) memory) runs rather than
+    the batch-all op (O(B² log B)): with few positives per anchor, or a bound at 0 (whose ties the op path
+    must search in O(B² · positives) anyway), below the size where the ops stream row blocks."""
+    few = 2 * max(1, math.ceil(math.log2(max(batch, 2))))  # the native kernels' "few positives" rule
+    return batch < _triplet._AUTO_STREAM_MIN_B and (zero_bound or max_positives <= few)
+
+
+def _slot_loss(x, labels, positives, real, interval, loss_margin: float, metric: str, embeddings):
+    """PML's loss over the interval's triplets from one distance matrix, one anchor-positive slot at a time.
+
+    Per slot k (each anchor's k-th positive p), m = d(a, n) − d(a, p) over every negative n, compared with
+    the bounds exactly as PML compares its margins; the selected triplets' counts give each pair's weight in
+    Σ (M − m) = M · count + Σ weight · d, whose gradient flows through the distance matrix.
+    """
+    lower, upper, inclusive = interval
+    dist = ops.pairwise_distance(x, None, metric)
+    with torch.no_grad():
+        d = dist.detach()
+        negatives = d.masked_fill(labels[:, None] == labels[None, :], float("nan"))  # NaN: never selected
+        d_ap = d.gather(1, positives).masked_fill(~real, float("nan"))
+        m = torch.empty_like(d)
+        keep = torch.empty_like(d, dtype=torch.bool)
+        above = torch.empty_like(keep)
+        # Per (a, n): in how many selected triplets (at most one per slot). Counted in the bool's own
+        # bytes: a float or wider accumulator would convert every slot's B² mask.
+        counter = torch.int16 if positives.shape[1] > 255 else torch.uint8
+        per_negative = torch.zeros_like(d, dtype=counter)
+        per_slot = positives.new_empty(positives.shape[::-1], dtype=torch.int32)  # (slots, B): rows for out=
+        below = torch.le if inclusive else torch.lt
+        for k in range(positives.shape[1]):
+            torch.sub(negatives, d_ap[:, k:k + 1], out=m)
+            below(m, upper, out=keep)
+            if lower is not None:
+                keep &= torch.gt(m, lower, out=above)
+            selected = keep.view(torch.uint8)
+            per_negative.add_(selected)
+            torch.sum(selected, dim=1, dtype=torch.int32, out=per_slot[k])
+        weight = per_negative.to(d.dtype).neg_().scatter_add_(1, positives, per_slot.t().to(d.dtype))
+        count = per_slot.sum(dtype=torch.int64)
+        divisor = count.clamp_min(1)
+    rows = (weight * dist).sum(dim=1)  # float32 rows, summed in float64: Σ weight · d without a B² cast
+    total = float(loss_margin) * count.double() + rows.detach().double().sum()
+    slope = rows.sum() / divisor.to(rows.dtype)  # its gradient: weight / count
+    loss = (total / divisor.double()).to(embeddings.dtype) + (slope - slope.detach()).to(embeddings.dtype)
+    return torch.where(count > 0, loss, zero_loss(embeddings))
+
+
 def triplet_margin_loss(embeddings, labels, selection: Optional[TripletSelection], loss_margin: float,
                         metric: str, normalize: bool) -> torch.Tensor:
     """PML's TripletMarginLoss(margin=loss_margin) value over ``selection``'s triplets (None: every one)."""
@@ -145,6 +201,10 @@ def triplet_margin_loss(embeddings, labels, selection: Optional[TripletSelection
         return zero_loss(embeddings)
     lower, upper, inclusive = interval
     x = _l2_normalize(embeddings) if normalize else embeddings
+    zero_bound = lower == 0.0 or (inclusive and upper == 0.0)
+    positives, real = positives_per_anchor(labels)
+    if use_slots(x.shape[0], positives.shape[1], zero_bound):
+        return _slot_loss(x, labels, positives, real, interval, loss_margin, metric, embeddings)
     m_margin = float(loss_margin)
     sum_u, count_u, dist = _below(x, labels, upper, metric)
     total = sum_u.double() + (m_margin - upper) * count_u.double()
@@ -153,7 +213,7 @@ def triplet_margin_loss(embeddings, labels, selection: Optional[TripletSelection
         sum_l, count_l, _ = _below(x, labels, lower, metric)
         total = total - (sum_l.double() + (m_margin - lower) * count_l.double())
         count = count_u - count_l
-    if lower == 0.0 or (inclusive and upper == 0.0):
+    if zero_bound:
         # Triplets with m exactly 0: PML's bound keeps them (m <= 0) where the
         # op's drops them (m < 0), and drops them (0 < m) where the difference
         # of two op sums keeps them. Each has the term M − 0 = M.

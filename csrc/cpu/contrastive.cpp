@@ -204,7 +204,7 @@ struct Kernels {
               // The row's distances go into W's row (in place over the Gram
               // matrix when they alias), then its weights over them.
               const ExactRows<scalar_t> rows{xp + i * dim, scalar_t(1), xp, nullptr, dim, tol};
-              distance_row<scalar_t, kMetric>(dp + i * B, ap, ap[i], B, wrow, rows);
+              distance_row<scalar_t, kMetric>(dp + i * B, ap, ap[i], B, wrow, rows, 0, i);
               scalar_t ls = 0, nz = 0, ps = 0;
               // Ordered pairs i != j only: the diagonal is skipped, its weight is 0.
               contrastive_reduce_row<scalar_t, kMetric, kSquared>(wrow, ap, lp, 0, i, ap[i], lp[i], pm, nm, wrow, ls,
@@ -241,7 +241,7 @@ struct Kernels {
           at::parallel_for(0, B, rows_grain(B), [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
               const ExactRows<scalar_t> rows{xp + i * dim, scalar_t(1), xp, nullptr, dim, tol};
-              distance_row<scalar_t, kMetric>(dp + i * B, ap, ap[i], B, distp + i * B, rows);
+              distance_row<scalar_t, kMetric>(dp + i * B, ap, ap[i], B, distp + i * B, rows, 0, i);
               contrastive_none_row<scalar_t, kSquared>(distp + i * B, lp, B, lp[i], pm, nm, op + i * B);
               op[i * B + i] = 0;  // i == j is not a pair
               distp[i * B + i] = 0;

@@ -38,13 +38,17 @@ struct ExactRows {
 // when kDistances, over columns [0, n), in place allowed (out may be dot),
 // with the exactness guard: returns whether any entry needs the explicit
 // form; the caller then runs exact_keys_fixup.
+// Column `skip` (the row's own diagonal entry, or -1) never asks for the
+// explicit form: its key is ~0 by construction, and a fix-up pass over every
+// row for it would double the epilogue's cost; callers set or ignore it.
 template <typename scalar_t, Metric kMetric, bool kDistances>
 METRICOPS_SIMD_CLONES bool guarded_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n,
-                                       scalar_t tol, scalar_t* out) {
+                                       scalar_t tol, scalar_t* out, int64_t skip = -1) {
   int32_t any = 0;
   for (int64_t j = 0; j < n; ++j) {
     const scalar_t k = distance_key<scalar_t>(kMetric, x_aux, y_aux[j], dot[j]);
-    any |= static_cast<int32_t>(gram_key_needs_exact<scalar_t>(kMetric, k, x_aux, y_aux[j], tol));
+    any |= static_cast<int32_t>(gram_key_needs_exact<scalar_t>(kMetric, k, x_aux, y_aux[j], tol)) &
+           static_cast<int32_t>(j != skip);
     out[j] = kDistances ? key_to_distance<scalar_t>(kMetric, k) : k;
   }
   return any != 0;
@@ -56,9 +60,10 @@ METRICOPS_SIMD_CLONES bool guarded_row(const scalar_t* dot, const scalar_t* y_au
 // threshold may go either way, and both values are valid).
 template <typename scalar_t, Metric kMetric, bool kDistances = false>
 void exact_keys_fixup(const ExactRows<scalar_t>& rows, const scalar_t* y_aux, scalar_t x_aux, int64_t j0, int64_t n,
-                      scalar_t* values) {
+                      scalar_t* values, int64_t skip = -1) {
   const scalar_t fx = exact_row_factor<scalar_t>(kMetric, rows.x_scale, x_aux);
   for (int64_t j = 0; j < n; ++j) {
+    if (j == skip) continue;
     const scalar_t key = kDistances && kMetric == Metric::Euclidean ? values[j] * values[j] : values[j];
     if (!gram_key_needs_exact<scalar_t>(kMetric, key, x_aux, y_aux[j], rows.tol)) continue;
     const int64_t col = j0 + j;
@@ -70,12 +75,12 @@ void exact_keys_fixup(const ExactRows<scalar_t>& rows, const scalar_t* y_aux, sc
 }
 
 // Gram row (columns [j0, j0 + n) of row x) -> guarded distances, in place
-// allowed. `y_aux` points at column j0's aux.
+// allowed. `y_aux` points at column j0's aux. `skip`: as for guarded_row (relative to the segment).
 template <typename scalar_t, Metric kMetric>
 void distance_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, int64_t n, scalar_t* out,
-                  const ExactRows<scalar_t>& rows, int64_t j0 = 0) {
-  if (guarded_row<scalar_t, kMetric, true>(dot, y_aux, x_aux, n, rows.tol, out)) {
-    exact_keys_fixup<scalar_t, kMetric, true>(rows, y_aux, x_aux, j0, n, out);
+                  const ExactRows<scalar_t>& rows, int64_t j0 = 0, int64_t skip = -1) {
+  if (guarded_row<scalar_t, kMetric, true>(dot, y_aux, x_aux, n, rows.tol, out, skip)) {
+    exact_keys_fixup<scalar_t, kMetric, true>(rows, y_aux, x_aux, j0, n, out, skip);
   }
 }
 
@@ -124,7 +129,7 @@ void for_each_distance_block(const at::Tensor& x, const at::Tensor& aux, int64_t
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* row = bp + r * B;
         const ExactRows<scalar_t> rows_of{xp + (r0 + r) * dim, scalar_t(1), xp, nullptr, dim, tol};
-        distance_row<scalar_t, kMetric>(row, ap, ap[r0 + r], B, row, rows_of);
+        distance_row<scalar_t, kMetric>(row, ap, ap[r0 + r], B, row, rows_of, 0, r0 + r);
         if (kMetric != Metric::Cosine) row[r0 + r] = scalar_t(0);
       }
     });

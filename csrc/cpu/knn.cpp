@@ -147,7 +147,7 @@ void process_rows(scalar_t* buf, int64_t nb, int64_t r0, int64_t r1, int64_t q0,
     const int64_t qi = q0 + r;
     scalar_t* row = buf + r * nb;
     const ExactRows<scalar_t> rows{qp + qi * dim, scalar_t(1), dbp, nullptr, dim, tol};
-    distance_row<scalar_t, kMetric>(row, db_aux + n0, q_aux[qi], nb, row, rows, n0);
+    distance_row<scalar_t, kMetric>(row, db_aux + n0, q_aux[qi], nb, row, rows, n0, self ? qi - n0 : -1);
     scalar_t* td = out_d + qi * k;
     int64_t* ti = out_i + qi * k;
     const int64_t skip = self ? qi : -1;

@@ -78,9 +78,17 @@ struct PairwiseKernels {
           for (int64_t i = begin; i < end; ++i) {
             const int64_t j0 = self ? i : 0;
             const ExactRows<scalar_t> rows{xp + i * dim, scalar_t(1), yp, nullptr, dim, tol};
-            distance_row<scalar_t, kMetric>(dp + i * N + j0, ya + j0, xa[i], N - j0, op + i * N + j0, rows, j0);
-            // A point's distance to itself is exactly 0 (the explicit form
-            // gives that for finite rows; NaN for a row holding NaN or inf).
+            const scalar_t diag_dot = self ? dp[i * N + i] : scalar_t(0);  // read before out (may alias) is written
+            distance_row<scalar_t, kMetric>(dp + i * N + j0, ya + j0, xa[i], N - j0, op + i * N + j0, rows, j0,
+                                            self ? 0 : -1);
+            if (self) {
+              // A point's distance to itself: exactly 0 for a finite row (the
+              // explicit form), NaN for a row holding NaN or inf, 1 for a zero
+              // row under cosine.
+              op[i * N + i] = key_to_distance<scalar_t>(
+                  kMetric, guarded_distance_key<scalar_t, scalar_t>(kMetric, xa[i], xa[i], diag_dot, xp + i * dim,
+                                                                    scalar_t(1), xp + i * dim, scalar_t(1), dim, tol));
+            }
           }
         });
         if (self) mirror_upper_triangle(op, N);

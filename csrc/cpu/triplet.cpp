@@ -385,9 +385,10 @@ METRICOPS_SIMD_CLONES void batch_hard_column_update(const scalar_t* __restrict__
 template <typename scalar_t, Metric kMetric>
 void gram_row_to_keys(scalar_t* row, const scalar_t* ap, const scalar_t* xp, const scalar_t* sp, int64_t i, int64_t j0,
                       int64_t n, int64_t dim, scalar_t tol) {
-  if (guarded_row<scalar_t, kMetric, false>(row, ap + j0, ap[i], n, tol, row)) {
+  // The diagonal entry (column i) is never selected (a != p), so it is skipped.
+  if (guarded_row<scalar_t, kMetric, false>(row, ap + j0, ap[i], n, tol, row, i - j0)) {
     const ExactRows<scalar_t> rows{xp + i * dim, sp ? sp[i] : scalar_t(1), xp, sp, dim, tol};
-    exact_keys_fixup<scalar_t, kMetric>(rows, ap + j0, ap[i], j0, n, row);
+    exact_keys_fixup<scalar_t, kMetric>(rows, ap + j0, ap[i], j0, n, row, i - j0);
   }
 }
 

@@ -28,7 +28,11 @@ build: venv
 info: build
 	$(PY) -m metricops.info
 
-test: build
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: build lint
 	$(PY) -m metricops.info
 	$(PY) -m pytest tests
 

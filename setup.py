@@ -72,8 +72,7 @@ def _want_cuda(cuda_home):
             )
         if not torch_has_cuda:
             sys.exit(
-                f"METRICOPS_CUDA=1 but torch {torch.__version__} is a CPU-only build: "
-                "install a CUDA build of torch."
+                f"METRICOPS_CUDA=1 but torch {torch.__version__} is a CPU-only build: install a CUDA build of torch."
             )
         return True
     if forced not in ("", "auto"):
@@ -118,8 +117,10 @@ def get_extensions():
         define_macros.append(("METRICOPS_CUDA_ARCHS", f'"{archs}"'))
         extra_compile_args["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         extension = CUDAExtension
-        print(f"metricops: building CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
-              f"archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
+        print(
+            f"metricops: building CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
+            f"archs {os.environ['TORCH_CUDA_ARCH_LIST']})"
+        )
     else:
         extension = CppExtension
         print("metricops: building CPU kernels only")

@@ -27,15 +27,22 @@ from .suites import SUITES
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes, short timing (about a minute on a 2-core CPU); "
-                        "default JSON benchmarks/results/<device>-quick.tmp.json (git-ignored)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, short timing (about a minute on a 2-core CPU); "
+        "default JSON benchmarks/results/<device>-quick.tmp.json (git-ignored)",
+    )
     # Hidden: the smallest sizes and a single timed round, for the CLI's own test.
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated subset of {', '.join(SUITES)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/<device>-latest.json)")
-    parser.add_argument("--png", default=None, help="where to draw the speed-up chart (default: the JSON path with .png)")
+    parser.add_argument(
+        "--json", default=None, help="where to write the results (default benchmarks/results/<device>-latest.json)"
+    )
+    parser.add_argument(
+        "--png", default=None, help="where to draw the speed-up chart (default: the JSON path with .png)"
+    )
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = parser.parse_args(argv)
@@ -68,18 +75,29 @@ def main(argv=None) -> int:
         print("  peak memory measured", file=sys.stderr)
     print(format_table(cases))
     report = to_json(cases, args.device)
-    report["run"] = {"size": size, "ops": ops, "budget_s": budget, "min_rounds": min_rounds,
-                     "memory": not args.no_memory, "seconds": round(time.time() - t0, 1)}
+    report["run"] = {
+        "size": size,
+        "ops": ops,
+        "budget_s": budget,
+        "min_rounds": min_rounds,
+        "memory": not args.no_memory,
+        "seconds": round(time.time() - t0, 1),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
     write_png(report, png_path)
-    print(f"\n{len(cases)} cases in {time.time() - t0:.0f} s; torch {torch.__version__}, device {args.device}, "
-          f"{torch.get_num_threads()} threads.\nJSON: {json_path}\nPNG:  {png_path}")
+    print(
+        f"\n{len(cases)} cases in {time.time() - t0:.0f} s; torch {torch.__version__}, device {args.device}, "
+        f"{torch.get_num_threads()} threads.\nJSON: {json_path}\nPNG:  {png_path}"
+    )
     differing = [f"{c.op} {c.params}: {n}" for c in cases for n in c.disagreeing()]
     if differing:
-        print("\nThese contenders' outputs differ from metricops' (their ratios compare different work):\n  "
-              + "\n  ".join(differing), file=sys.stderr)
+        print(
+            "\nThese contenders' outputs differ from metricops' (their ratios compare different work):\n  "
+            + "\n  ".join(differing),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

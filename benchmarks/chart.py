@@ -68,17 +68,18 @@ def write_png(report: dict, path: str) -> str:
     fig = Figure(figsize=(5.4 * cols, 5.2 * rows + 0.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     sizes_of = {(r["op"], r["mode"]): size_key(r["params"]) for r in report.get("results", [])}
     for ax, ((op, mode), lines) in zip(axes, sorted(panels.items())):
         ys = [1.0]
         for label, pts in sorted(lines.items()):
             pts.sort()
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
             for x, y in pts:  # the number itself, so the chart reads without squinting at a log axis
-                ax.annotate(f"{y:.2g}x", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
-                            color=line.get_color())
+                ax.annotate(
+                    f"{y:.2g}x", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=line.get_color()
+                )
             ys += [p[1] for p in pts]
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)

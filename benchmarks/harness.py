@@ -15,7 +15,6 @@ GEMM, forward only) are timed for scale and never compared.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import statistics
@@ -300,7 +299,7 @@ def _fmt_time(t: Optional[float]) -> str:
 
 
 def fmt_bytes(b: Optional[int]) -> str:
-    """"" for no measurement, else MiB, or GiB from 1 GiB (a sampled RSS delta can dip below 0: shown as 0)."""
+    """ "" for no measurement, else MiB, or GiB from 1 GiB (a sampled RSS delta can dip below 0: shown as 0)."""
     if b is None:
         return ""
     if b >= 2**30:
@@ -309,7 +308,7 @@ def fmt_bytes(b: Optional[int]) -> str:
 
 
 def _agreement_note(case: Case, name: str) -> str:
-    """"same" / "DIFFERS (...)" / "yardstick" / "" (the first contender, or not run)."""
+    """ "same" / "DIFFERS (...)" / "yardstick" / "" (the first contender, or not run)."""
     if name in case.yardsticks:
         return "yardstick"
     a = case.agreement.get(name)

@@ -24,9 +24,11 @@ def _params():
 @pytest.mark.parametrize("fn", list(_params()))
 def test_benchmark(benchmark, fn):
     if DEVICE == "cuda":
+
         def run():
             fn()
             torch.cuda.synchronize()
+
         benchmark(run)
     else:
         benchmark(fn)

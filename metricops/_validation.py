@@ -36,12 +36,12 @@ def check_embeddings(t, name: str = "embeddings") -> None:
     """A (B, D) floating matrix of a dtype the kernels support on its device (or that autocast upcasts)."""
     check_tensor(t, name)
     if t.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor of shape (B, D), got {t.dim()}-D tensor of shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be a 2-D tensor of shape (B, D), got {t.dim()}-D tensor of shape {tuple(t.shape)}"
+        )
     allowed = _CUDA_FLOATS if t.device.type == "cuda" else _CPU_FLOATS
     if t.dtype not in allowed and not _autocast_upcasts(t):
-        raise TypeError(
-            f"{name} must be float32 or float64 (float16/bfloat16 on CUDA), got {t.dtype} on {t.device}"
-        )
+        raise TypeError(f"{name} must be float32 or float64 (float16/bfloat16 on CUDA), got {t.dtype} on {t.device}")
 
 
 def check_same_device_dtype(a, a_name: str, b, b_name: str) -> None:
@@ -161,12 +161,16 @@ def check_pair_labels(y, x0, name: str = "y"):
     check_tensor(y, name)
     n = x0.shape[0]
     if y.dim() != 1 or y.shape[0] != n:
-        raise ValueError(f"{name} must be a 1-D tensor of length N={n} (one label per pair), got shape {tuple(y.shape)}")
+        raise ValueError(
+            f"{name} must be a 1-D tensor of length N={n} (one label per pair), got shape {tuple(y.shape)}"
+        )
     if y.device != x0.device:
         raise ValueError(f"{name} must be on x0's device ({x0.device}), got {y.device}")
     if y.dtype == torch.bool:
         return y
-    if y.is_complex() or not (y.is_floating_point() or y.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+    if y.is_complex() or not (
+        y.is_floating_point() or y.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    ):
         raise TypeError(f"{name} must be a bool, integer or floating tensor, got {y.dtype}")
     # A value check needs a host sync: done in eager mode only (under
     # torch.compile the values are taken as given, nonzero meaning similar).

@@ -59,8 +59,9 @@ def contrastive_loss(
     extra memory); it needs a scalar reduction. ``"auto"`` streams from
     B = 4096 for the scalar reductions.
     """
-    pos_margin, neg_margin = _check_contrastive_args(embeddings, labels, pos_margin, neg_margin, metric, squared,
-                                                     normalize)
+    pos_margin, neg_margin = _check_contrastive_args(
+        embeddings, labels, pos_margin, neg_margin, metric, squared, normalize
+    )
     v.check_reduction(reduction)
     v.check_memory(memory)
     block_rows = _triplet._block_rows(memory, embeddings)
@@ -68,8 +69,9 @@ def contrastive_loss(
         raise ValueError("reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming', got 'none'")
     x = _l2_normalize(embeddings) if normalize else embeddings
     if block_rows > 0 and reduction != "none":
-        loss, _ = ops.contrastive_loss_streaming(x, labels, pos_margin, neg_margin, metric, squared, reduction,
-                                                 block_rows)
+        loss, _ = ops.contrastive_loss_streaming(
+            x, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows
+        )
         return loss
     loss, _, _, _ = ops.contrastive_loss(x, labels, pos_margin, neg_margin, metric, squared, reduction)
     return loss
@@ -89,7 +91,9 @@ def _check_contrastive_args(embeddings, labels, pos_margin, neg_margin, metric, 
     return pos_margin, neg_margin
 
 
-def _contrastive_rows_sum(embeddings, labels, rows: slice, *, pos_margin, neg_margin, metric, squared, normalize, memory):
+def _contrastive_rows_sum(
+    embeddings, labels, rows: slice, *, pos_margin, neg_margin, metric, squared, normalize, memory
+):
     """The terms of :func:`contrastive_loss` whose anchor (row) is in ``rows``, summed.
 
     Returns ``(total, num_nonzero)``: the 0-dim sum of the terms ``(i, j)``,
@@ -102,8 +106,9 @@ def _contrastive_rows_sum(embeddings, labels, rows: slice, *, pos_margin, neg_ma
     recomputed in the backward), so at most ``block × B`` distances are held;
     otherwise one block holds them all, as the matrix op does.
     """
-    pos_margin, neg_margin = _check_contrastive_args(embeddings, labels, pos_margin, neg_margin, metric, squared,
-                                                     normalize)
+    pos_margin, neg_margin = _check_contrastive_args(
+        embeddings, labels, pos_margin, neg_margin, metric, squared, normalize
+    )
     v.check_memory(memory)
     x = _l2_normalize(embeddings) if normalize else embeddings
     x = x.to(accumulation_dtype(x.dtype))  # distances and sums in float32 for float16/bfloat16, as the op's
@@ -117,8 +122,9 @@ def _contrastive_rows_sum(embeddings, labels, rows: slice, *, pos_margin, neg_ma
     for r0 in range(start, stop, step):
         r1 = min(r0 + step, stop)
         if block_rows > 0:
-            block_sum, block_nonzero = checkpoint(_contrastive_block, x, labels, r0, r1, *args, use_reentrant=False,
-                                                  preserve_rng_state=False)
+            block_sum, block_nonzero = checkpoint(
+                _contrastive_block, x, labels, r0, r1, *args, use_reentrant=False, preserve_rng_state=False
+            )
         else:
             block_sum, block_nonzero = _contrastive_block(x, labels, r0, r1, *args)
         total = total + block_sum

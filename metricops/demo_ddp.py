@@ -38,8 +38,13 @@ def _data(seed: int):
 
 def _worker(rank: int, args, port: int) -> None:
     torch.set_num_threads(1)  # one core per process
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=args.world_size, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=args.world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         (x_train, y_train), (x_test, y_test) = _data(args.seed)
         torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
@@ -47,8 +52,9 @@ def _worker(rank: int, args, port: int) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         # DDP averages gradients over ranks; scale_by_world_size makes that average
         # the gradient of the single-process loss on the global batch.
-        loss_fn = DistributedLoss(metricops.nn.BatchHardTripletLoss(margin=0.2, normalize=True),
-                                  scale_by_world_size=True)
+        loss_fn = DistributedLoss(
+            metricops.nn.BatchHardTripletLoss(margin=0.2, normalize=True), scale_by_world_size=True
+        )
         opt = torch.optim.Adam(ddp.parameters(), lr=args.lr)
         global_batch = args.batch_size * args.world_size
         start = time.perf_counter()
@@ -66,8 +72,11 @@ def _worker(rank: int, args, port: int) -> None:
                 batches += 1
             dist.all_reduce(total)  # sum of shares: the global batch loss
             if rank == 0:
-                print(f"epoch {epoch}: loss {total.item() / max(batches, 1):.4f} "
-                      f"({batches} global batches of {global_batch}, {time.perf_counter() - start:.1f}s)", flush=True)
+                print(
+                    f"epoch {epoch}: loss {total.item() / max(batches, 1):.4f} "
+                    f"({batches} global batches of {global_batch}, {time.perf_counter() - start:.1f}s)",
+                    flush=True,
+                )
         if rank == 0:
             model.eval()
             with torch.no_grad():

@@ -120,9 +120,7 @@ def _gather(embeddings, labels, group) -> Tuple[torch.Tensor, torch.Tensor, int,
     shapes = [tuple(int(s) for s in t.tolist()) for t in shapes]
     dims = {d for _, d in shapes}
     if len(dims) != 1:
-        raise ValueError(
-            f"embeddings must have the same size D on every rank, got (B, D) per rank = {shapes}"
-        )
+        raise ValueError(f"embeddings must have the same size D on every rank, got (B, D) per rank = {shapes}")
     sizes = [b for b, _ in shapes]
     all_labels = _all_gather_padded(labels, sizes, group)
     all_embeddings = _GatherWithGrad.apply(embeddings, sizes, rank, group)
@@ -280,4 +278,3 @@ class DistributedLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale_by_world_size={self.scale_by_world_size}"
-

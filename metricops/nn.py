@@ -97,7 +97,9 @@ class BatchHardTripletLoss(_LabelledBatchLoss):
     _streams_reduction_none = True  # (B,) terms
 
     def __init__(self, margin=0.2, metric="euclidean", soft=False, normalize=False, reduction="mean", memory="auto"):
-        super().__init__(margin=margin, metric=metric, soft=soft, normalize=normalize, reduction=reduction, memory=memory)
+        super().__init__(
+            margin=margin, metric=metric, soft=soft, normalize=normalize, reduction=reduction, memory=memory
+        )
 
 
 class SemiHardTripletLoss(_LabelledBatchLoss):
@@ -127,17 +129,33 @@ class ContrastiveLoss(_LabelledBatchLoss):
     _fn = staticmethod(contrastive_loss)
     _arg_names = ("pos_margin", "neg_margin", "metric", "squared", "normalize", "reduction", "memory")
 
-    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, metric: str = "euclidean",
-                 squared: bool = False, normalize: bool = False, reduction: str = "mean", memory: str = "auto"):
-        super().__init__(pos_margin=pos_margin, neg_margin=neg_margin, metric=metric, squared=squared,
-                         normalize=normalize, reduction=reduction, memory=memory)
+    def __init__(
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        metric: str = "euclidean",
+        squared: bool = False,
+        normalize: bool = False,
+        reduction: str = "mean",
+        memory: str = "auto",
+    ):
+        super().__init__(
+            pos_margin=pos_margin,
+            neg_margin=neg_margin,
+            metric=metric,
+            squared=squared,
+            normalize=normalize,
+            reduction=reduction,
+            memory=memory,
+        )
 
 
 class TripletMarginLoss(torch.nn.Module):
     """Drop-in for :class:`torch.nn.TripletMarginLoss`, on :func:`metricops.triplet_margin_loss`."""
 
-    def __init__(self, margin: float = 1.0, p: float = 2.0, eps: float = 1e-6, swap: bool = False,
-                 reduction: str = "mean"):
+    def __init__(
+        self, margin: float = 1.0, p: float = 2.0, eps: float = 1e-6, swap: bool = False, reduction: str = "mean"
+    ):
         super().__init__()
         _check_module_args(dict(margin=margin, p=p, eps=eps, swap=swap, reduction=reduction), loss_margin=False)
         self.margin = margin
@@ -147,8 +165,16 @@ class TripletMarginLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-        return triplet_margin_loss(anchor, positive, negative, margin=self.margin, p=self.p, eps=self.eps,
-                                   swap=self.swap, reduction=self.reduction)
+        return triplet_margin_loss(
+            anchor,
+            positive,
+            negative,
+            margin=self.margin,
+            p=self.p,
+            eps=self.eps,
+            swap=self.swap,
+            reduction=self.reduction,
+        )
 
     def extra_repr(self) -> str:
         return _format_args(self, ("margin", "p", "eps", "swap", "reduction"))
@@ -157,19 +183,18 @@ class TripletMarginLoss(torch.nn.Module):
 class PairContrastiveLoss(torch.nn.Module):
     """Module form of :func:`metricops.pair_contrastive_loss`; ``forward(x0, x1, y)``."""
 
-    def __init__(self, margin: float = 1.0, metric: str = "euclidean", squared: bool = False,
-                 reduction: str = "mean"):
+    def __init__(self, margin: float = 1.0, metric: str = "euclidean", squared: bool = False, reduction: str = "mean"):
         super().__init__()
-        _check_module_args(dict(margin=margin, metric=metric, squared=squared, reduction=reduction),
-                           loss_margin=False)
+        _check_module_args(dict(margin=margin, metric=metric, squared=squared, reduction=reduction), loss_margin=False)
         self.margin = margin
         self.metric = metric
         self.squared = squared
         self.reduction = reduction
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return pair_contrastive_loss(x0, x1, y, margin=self.margin, metric=self.metric, squared=self.squared,
-                                     reduction=self.reduction)
+        return pair_contrastive_loss(
+            x0, x1, y, margin=self.margin, metric=self.metric, squared=self.squared, reduction=self.reduction
+        )
 
     def extra_repr(self) -> str:
         return _format_args(self, ("margin", "metric", "squared", "reduction"))

@@ -53,7 +53,9 @@ def pairwise_distance(
         half_sq = 0.5 * (diff * diff).sum(-1)
         tol = (2 * x.shape[1] + 8) * torch.finfo(x.dtype).eps
         half_sq = torch.where(half_sq <= tol * tol, torch.zeros_like(half_sq), half_sq)
-        zero_row = (torch.linalg.vector_norm(x, dim=1) == 0)[:, None] | (torch.linalg.vector_norm(y, dim=1) == 0)[None, :]
+        zero_row = (torch.linalg.vector_norm(x, dim=1) == 0)[:, None] | (torch.linalg.vector_norm(y, dim=1) == 0)[
+            None, :
+        ]
         return torch.where(zero_row, torch.ones_like(half_sq), half_sq)
     raise ValueError(f"metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got {metric!r}")
 
@@ -297,9 +299,7 @@ def triplet_margin_loss(
     return _reduce_terms(terms, reduction, terms.numel())
 
 
-def knn(
-    queries: torch.Tensor, database: Optional[torch.Tensor] = None, *, k: int, metric: str = "euclidean"
-) -> tuple:
+def knn(queries: torch.Tensor, database: Optional[torch.Tensor] = None, *, k: int, metric: str = "euclidean") -> tuple:
     """Reference for :func:`metricops.knn`: all distances, then a stable sort.
 
     torch.sort puts NaN last, and a stable sort of the columns in index order
@@ -345,7 +345,9 @@ def retrieval_metrics(
     ranking = knn(queries, None if self_search else database, k=n, metric=metric)[1] if n > 0 else None
     for qi in range(queries.shape[0]):
         label = query_labels[qi].item()
-        r = sum(1 for j in range(database.shape[0]) if database_labels[j].item() == label and not (self_search and j == qi))
+        r = sum(
+            1 for j in range(database.shape[0]) if database_labels[j].item() == label and not (self_search and j == qi)
+        )
         if r == 0:
             without += 1
             continue

@@ -140,8 +140,7 @@ def _check_k(k, n: int, *, self_excluded: bool = False, name: str = "k") -> int:
         # Same wording as the C++ check and the fake kernel.
         what = ", self excluded" if self_excluded else ""
         raise ValueError(
-            f"{name} must be between 1 and the number of database rows a query can return ({n}{what}), "
-            f"got {name}={k}"
+            f"{name} must be between 1 and the number of database rows a query can return ({n}{what}), got {name}={k}"
         )
     return k
 

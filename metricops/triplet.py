@@ -93,7 +93,6 @@ def _reduce(terms: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.T
     return mean_of_sum(total, count, terms.dtype)
 
 
-
 def batch_hard_triplet_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -229,7 +228,9 @@ def batch_all_triplet_loss(
     v.check_reduction(reduction, ("mean", "sum", "mean_nonzero"))
     block_rows = _block_rows(memory, embeddings, _SORTING_BYTES_PER_ENTRY)
     if block_rows > 0:
-        loss_sum, num_valid, num_active = ops.batch_all_triplet_streaming(embeddings, labels, margin, metric, block_rows)
+        loss_sum, num_valid, num_active = ops.batch_all_triplet_streaming(
+            embeddings, labels, margin, metric, block_rows
+        )
     else:
         loss_sum, num_valid, num_active, _, _ = ops.batch_all_triplet(embeddings, labels, margin, metric)
     # loss_sum is float32 for float16/bfloat16 embeddings: B³ terms overflow float16.
@@ -280,7 +281,7 @@ def mine_triplets(
     """
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(
-            "strategy must be one of 'all', 'violating', 'semihard', 'hard', 'easy', 'batch_hard', " f"got {strategy!r}"
+            f"strategy must be one of 'all', 'violating', 'semihard', 'hard', 'easy', 'batch_hard', got {strategy!r}"
         )
     with torch.no_grad():
         embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=False)

@@ -94,8 +94,11 @@ def cases(device, tiny):
         for B in (mid, big):
             x, labels = batch(B, dtype)
             for memory in ("matrix", "streaming"):
-                yield (f"batch_hard {memory}", dict(B=B, D=D, dtype=str(dtype)),
-                       _fwd_bwd(lambda t, lab: metricops.batch_hard_triplet_loss(t, lab, memory=memory), x, labels))
+                yield (
+                    f"batch_hard {memory}",
+                    dict(B=B, D=D, dtype=str(dtype)),
+                    _fwd_bwd(lambda t, lab: metricops.batch_hard_triplet_loss(t, lab, memory=memory), x, labels),
+                )
     # The sort path against the scan path (METRICOPS_CUDA_TRIPLET_PATH): few positives (B/8 classes) and
     # many (4 classes: B/4 positives an anchor, the scan's worst case, at the smaller B). Equal "value"s
     # across the two paths are the comparison of results.
@@ -106,17 +109,31 @@ def cases(device, tiny):
             params = dict(B=size, D=D, classes=classes, path=path)
             for name in ("semihard_triplet_loss", "batch_all_triplet_loss"):
                 fn = getattr(metricops, name)
-                yield (f"{name} streaming", params,
-                       _with_path(path, _fwd_bwd(lambda t, lab: fn(t, lab, memory="streaming"), x, labels)))
-            yield ("triplet_statistics", params, _with_path(path, lambda: torch.stack(
-                list(metricops.triplet_statistics(x, labels).values())).float().sum()))
+                yield (
+                    f"{name} streaming",
+                    params,
+                    _with_path(path, _fwd_bwd(lambda t, lab: fn(t, lab, memory="streaming"), x, labels)),
+                )
+            yield (
+                "triplet_statistics",
+                params,
+                _with_path(
+                    path, lambda: torch.stack(list(metricops.triplet_statistics(x, labels).values())).float().sum()
+                ),
+            )
     x, labels = batch(big)
-    yield ("contrastive streaming (default block)", dict(B=big, D=D),
-           _fwd_bwd(lambda t, lab: metricops.contrastive_loss(t, lab, memory="streaming"), x, labels))
-    for dtype in ([torch.float16] if device == "cuda" else [torch.float32]):
+    yield (
+        "contrastive streaming (default block)",
+        dict(B=big, D=D),
+        _fwd_bwd(lambda t, lab: metricops.contrastive_loss(t, lab, memory="streaming"), x, labels),
+    )
+    for dtype in [torch.float16] if device == "cuda" else [torch.float32]:
         xh, labels_h = batch(mid, dtype)
-        yield ("contrastive matrix", dict(B=mid, D=D, dtype=str(dtype)),
-               _fwd_bwd(lambda t, lab: metricops.contrastive_loss(t, lab, memory="matrix"), xh, labels_h))
+        yield (
+            "contrastive matrix",
+            dict(B=mid, D=D, dtype=str(dtype)),
+            _fwd_bwd(lambda t, lab: metricops.contrastive_loss(t, lab, memory="matrix"), xh, labels_h),
+        )
 
 
 def main(argv=None) -> int:

@@ -63,44 +63,65 @@ def run(device: str, quick: bool) -> list:
                 return go
 
             step(f"pairwise_distance {tag}", fwd_bwd(lambda t: metricops.pairwise_distance(t, metric=metric)))
-            step(f"pairwise_distance xy {tag}",
-                 fwd_bwd(lambda t: metricops.pairwise_distance(t[:20], t[5:], metric=metric)))
+            step(
+                f"pairwise_distance xy {tag}",
+                fwd_bwd(lambda t: metricops.pairwise_distance(t[:20], t[5:], metric=metric)),
+            )
             for memory, rows in (("matrix", None), ("streaming", 5), ("streaming", B - 1)):
                 kw = dict(metric=metric, memory=memory)
                 sub = f"{tag}/{memory}{rows or ''}"
                 metricops.triplet._FORCED_STREAM_BLOCK_ROWS = rows
                 try:
                     step(f"batch_hard {sub}", fwd_bwd(lambda t: metricops.batch_hard_triplet_loss(t, labels, **kw)))
-                    step(f"batch_hard normalize {sub}",
-                         fwd_bwd(lambda t: metricops.batch_hard_triplet_loss(t, labels, normalize=True, **kw)))
+                    step(
+                        f"batch_hard normalize {sub}",
+                        fwd_bwd(lambda t: metricops.batch_hard_triplet_loss(t, labels, normalize=True, **kw)),
+                    )
                     step(f"semihard {sub}", fwd_bwd(lambda t: metricops.semihard_triplet_loss(t, labels, **kw)))
                     step(f"batch_all {sub}", fwd_bwd(lambda t: metricops.batch_all_triplet_loss(t, labels, **kw)))
-                    step(f"contrastive {sub}", fwd_bwd(
-                        lambda t: metricops.contrastive_loss(t, labels, neg_margin=1.5, **kw)))
+                    step(
+                        f"contrastive {sub}",
+                        fwd_bwd(lambda t: metricops.contrastive_loss(t, labels, neg_margin=1.5, **kw)),
+                    )
                 finally:
                     metricops.triplet._FORCED_STREAM_BLOCK_ROWS = None
-            step(f"contrastive none {tag}", fwd_bwd(
-                lambda t: metricops.contrastive_loss(t, labels, reduction="none", metric=metric)))
-            step(f"semihard none {tag}", fwd_bwd(
-                lambda t: metricops.semihard_triplet_loss(t, labels, reduction="none", metric=metric)))
-            step(f"triplet_statistics {tag}", lambda: torch.stack(list(metricops.triplet_statistics(
-                x, labels, metric=metric).values())).float())
+            step(
+                f"contrastive none {tag}",
+                fwd_bwd(lambda t: metricops.contrastive_loss(t, labels, reduction="none", metric=metric)),
+            )
+            step(
+                f"semihard none {tag}",
+                fwd_bwd(lambda t: metricops.semihard_triplet_loss(t, labels, reduction="none", metric=metric)),
+            )
+            step(
+                f"triplet_statistics {tag}",
+                lambda: torch.stack(list(metricops.triplet_statistics(x, labels, metric=metric).values())).float(),
+            )
             for strategy in metricops.triplet.STRATEGIES:
-                step(f"mine_triplets {strategy} {tag}", lambda: metricops.mine_triplets(
-                    x, labels, strategy=strategy, metric=metric)[0].float())
+                step(
+                    f"mine_triplets {strategy} {tag}",
+                    lambda: metricops.mine_triplets(x, labels, strategy=strategy, metric=metric)[0].float(),
+                )
             step(f"knn {tag}", lambda: metricops.knn(x, k=5, metric=metric)[0].float())
             step(f"knn db chunked {tag}", lambda: ops.knn(x[:11], x, 7, metric, 3)[0].float())
-        step(f"pair_contrastive {dtype}", fwd_bwd(
-            lambda t: metricops.pair_contrastive_loss(t[:-1], t[1:], (labels[:-1] == labels[1:]).long())))
+        step(
+            f"pair_contrastive {dtype}",
+            fwd_bwd(lambda t: metricops.pair_contrastive_loss(t[:-1], t[1:], (labels[:-1] == labels[1:]).long())),
+        )
         for swap in (False, True):
-            step(f"triplet_margin swap={swap} {dtype}", fwd_bwd(
-                lambda t: metricops.triplet_margin_loss(t, t.roll(1, 0), t.roll(2, 0), swap=swap)))
+            step(
+                f"triplet_margin swap={swap} {dtype}",
+                fwd_bwd(lambda t: metricops.triplet_margin_loss(t, t.roll(1, 0), t.roll(2, 0), swap=swap)),
+            )
         # NaN rows propagate (non-finite results expected).
         xn = x.clone()
         xn[3, 2] = float("nan")
         step(f"batch_hard nan {dtype}", lambda: metricops.batch_hard_triplet_loss(xn, labels), finite=False)
-        step(f"semihard nan {dtype}", lambda: metricops.semihard_triplet_loss(xn, labels, memory="streaming"),
-             finite=False)
+        step(
+            f"semihard nan {dtype}",
+            lambda: metricops.semihard_triplet_loss(xn, labels, memory="streaming"),
+            finite=False,
+        )
     # The sort-free scan path (METRICOPS_CUDA_TRIPLET_PATH=scan), with few positives and with more than 32 an
     # anchor (several passes), matrix and streaming.
     os.environ["METRICOPS_CUDA_TRIPLET_PATH"] = "scan"
@@ -123,8 +144,10 @@ def run(device: str, quick: bool) -> list:
                             step(f"scan {name} {dtype} classes={classes} {memory}", go)
                     finally:
                         metricops.triplet._FORCED_STREAM_BLOCK_ROWS = None
-                step(f"scan triplet_statistics {dtype} classes={classes}", lambda: torch.stack(list(
-                    metricops.triplet_statistics(x, scan_labels).values())).float())
+                step(
+                    f"scan triplet_statistics {dtype} classes={classes}",
+                    lambda: torch.stack(list(metricops.triplet_statistics(x, scan_labels).values())).float(),
+                )
     finally:
         os.environ.pop("METRICOPS_CUDA_TRIPLET_PATH", None)
     # Direct backward calls: -1 (no triplet) entries are skipped without reading through them.
@@ -132,8 +155,10 @@ def run(device: str, quick: bool) -> list:
     _, pos, neg, d_ap, d_an = ops.batch_hard_triplet(x, labels, 0.2, "euclidean", False, 0)
     pos[::3] = -1
     g = torch.ones(B, device=device)
-    step("batch_hard_backward -1", lambda: ops.batch_hard_triplet_backward(
-        g, g * 0, g * 0, x, pos, neg, d_ap, d_an, 0.2, "euclidean", False))
+    step(
+        "batch_hard_backward -1",
+        lambda: ops.batch_hard_triplet_backward(g, g * 0, g * 0, x, pos, neg, d_ap, d_an, 0.2, "euclidean", False),
+    )
     print(f"gpu_smoke: {len(done)} calls")
     return failures
 

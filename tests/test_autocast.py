@@ -30,7 +30,8 @@ CASES = {
     "batch_all": lambda m, x, y: m.batch_all_triplet_loss(x, y, margin=0.5, metric="sqeuclidean"),
     "contrastive": lambda m, x, y: m.contrastive_loss(x, y, neg_margin=4.0),
     "pair_contrastive": lambda m, x, y: m.pair_contrastive_loss(
-        x[: len(y) // 2], x[len(y) // 2 : 2 * (len(y) // 2)], (y[: len(y) // 2] % 2), margin=4.0),
+        x[: len(y) // 2], x[len(y) // 2 : 2 * (len(y) // 2)], (y[: len(y) // 2] % 2), margin=4.0
+    ),
     "triplet_margin": lambda m, x, y: m.triplet_margin_loss(*_split3(x), margin=1.0),
     "pairwise_distance": lambda m, x, y: m.pairwise_distance(x[:10], x[10:]).sum(),
 }

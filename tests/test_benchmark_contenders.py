@@ -77,10 +77,15 @@ def test_agreement_check_flags_a_different_semihard_loss():
     x, labels = _batch()
     miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
     loss = losses.TripletMarginLoss(margin=0.2)
-    case = Case("semihard", "forward+backward", {}, {
-        "metricops": _fwd_bwd(lambda e, l: metricops.semihard_triplet_loss(e, l, normalize=True), x, labels),
-        "pml": _fwd_bwd(lambda e, l: loss(e, l, miner(e, l)), x, labels),
-    })
+    case = Case(
+        "semihard",
+        "forward+backward",
+        {},
+        {
+            "metricops": _fwd_bwd(lambda e, l: metricops.semihard_triplet_loss(e, l, normalize=True), x, labels),
+            "pml": _fwd_bwd(lambda e, l: loss(e, l, miner(e, l)), x, labels),
+        },
+    )
     check_agreement(case)
     assert case.disagreeing() == ["pml"]
     assert case.agreement["pml"]["value_rel_err"] > 0.1
@@ -90,10 +95,16 @@ def test_agreement_check_flags_another_reduction():
     # batch-hard "mean" (over anchors) against "mean_nonzero" (PML's AvgNonZeroReducer), on a
     # batch where some anchors' terms are 0: the scale row compared these before.
     x, labels = _batch()
-    case = Case("batch_hard", "forward+backward", {}, {
-        "metricops": _fwd_bwd(lambda e, l: metricops.batch_hard_triplet_loss(e, l, normalize=True), x, labels),
-        "plain": _fwd_bwd(plain_torch_batch_hard, x, labels),
-    }, inputs={"embeddings": x, "labels": labels})
+    case = Case(
+        "batch_hard",
+        "forward+backward",
+        {},
+        {
+            "metricops": _fwd_bwd(lambda e, l: metricops.batch_hard_triplet_loss(e, l, normalize=True), x, labels),
+            "plain": _fwd_bwd(plain_torch_batch_hard, x, labels),
+        },
+        inputs={"embeddings": x, "labels": labels},
+    )
     _cluster_in_place(case)
     check_agreement(case)
     assert case.disagreeing() == ["plain"]
@@ -105,11 +116,17 @@ def test_agreement_check_flags_a_gradient_that_differs():
     def detached_normalize(e, l):  # same value, but no gradient through the normalization
         return metricops.contrastive_loss(e / e.detach().norm(dim=1, keepdim=True), l, reduction="mean_nonzero")
 
-    case = Case("contrastive", "forward+backward", {}, {
-        "metricops": _fwd_bwd(lambda e, l: metricops.contrastive_loss(e, l, normalize=True, reduction="mean_nonzero"),
-                              x, labels),
-        "detached": _fwd_bwd(detached_normalize, x, labels),
-    })
+    case = Case(
+        "contrastive",
+        "forward+backward",
+        {},
+        {
+            "metricops": _fwd_bwd(
+                lambda e, l: metricops.contrastive_loss(e, l, normalize=True, reduction="mean_nonzero"), x, labels
+            ),
+            "detached": _fwd_bwd(detached_normalize, x, labels),
+        },
+    )
     check_agreement(case)
     assert case.agreement["detached"]["value_rel_err"] < 1e-6
     assert case.disagreeing() == ["detached"]
@@ -120,8 +137,11 @@ def _semihard_inputs():
     yield torch.randn(40, 6, generator=gen, dtype=torch.float64), torch.randint(0, 5, (40,), generator=gen), False
     yield torch.randn(30, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (30,), generator=gen), True
     # Integer coordinates: exact ties between a positive's and negatives' distances (strict "farther").
-    yield torch.tensor([[0.0], [2.0], [-2.0], [3.0], [-1.0], [10.0]], dtype=torch.float64), torch.tensor(
-        [0, 0, 1, 1, 2, 2]), False
+    yield (
+        torch.tensor([[0.0], [2.0], [-2.0], [3.0], [-1.0], [10.0]], dtype=torch.float64),
+        torch.tensor([0, 0, 1, 1, 2, 2]),
+        False,
+    )
     yield torch.randint(-3, 4, (24, 2), generator=gen).double(), torch.randint(0, 4, (24,), generator=gen), False
     # A singleton class (an anchor without positives); one class (no anchor has a negative: no valid pair).
     yield torch.randn(9, 3, generator=gen, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 7]), True
@@ -161,7 +181,9 @@ def test_plain_torch_contrastive_and_batch_hard_are_metricops():
     for normalize in (False, True):
         torch.testing.assert_close(
             plain_torch_contrastive(x, labels, normalize=normalize),
-            metricops.contrastive_loss(x, labels, normalize=normalize, reduction="mean_nonzero"))
+            metricops.contrastive_loss(x, labels, normalize=normalize, reduction="mean_nonzero"),
+        )
         torch.testing.assert_close(
             plain_torch_batch_hard(x, labels, normalize=normalize),
-            metricops.batch_hard_triplet_loss(x, labels, normalize=normalize, reduction="mean_nonzero"))
+            metricops.batch_hard_triplet_loss(x, labels, normalize=normalize, reduction="mean_nonzero"),
+        )

@@ -45,8 +45,14 @@ def test_contrastive_matches_reference(device, dtype, metric):
                 if metric == "cosine":
                     pm, nm = pm / 4, nm / 4  # cosine distances live in [0, 2]
                 for reduction in REDUCTIONS:
-                    kw = dict(pos_margin=pm, neg_margin=nm, metric=metric, squared=squared, normalize=normalize,
-                              reduction=reduction)
+                    kw = dict(
+                        pos_margin=pm,
+                        neg_margin=nm,
+                        metric=metric,
+                        squared=squared,
+                        normalize=normalize,
+                        reduction=reduction,
+                    )
                     out = metricops.contrastive_loss(x, labels, **kw)
                     expected = reference.contrastive_loss(x.double(), labels, **kw)
                     assert out.dtype == dtype and out.shape == expected.shape, (name, reduction)
@@ -67,7 +73,9 @@ def test_contrastive_duplicates(metric):
     x = _embeddings(6, 5, torch.float64, "cpu", duplicates=True).requires_grad_()
     for reduction in REDUCTIONS:
         out = metricops.contrastive_loss(x, labels, metric=metric, pos_margin=0.05, neg_margin=3.0, reduction=reduction)
-        expected = reference.contrastive_loss(x, labels, metric=metric, pos_margin=0.05, neg_margin=3.0, reduction=reduction)
+        expected = reference.contrastive_loss(
+            x, labels, metric=metric, pos_margin=0.05, neg_margin=3.0, reduction=reduction
+        )
         assert_close(out, expected, atol=1e-7, rtol=1e-7)
         (g,) = torch.autograd.grad(out.sum(), x)
         assert torch.isfinite(g).all()
@@ -96,8 +104,10 @@ def test_contrastive_int32_labels_and_layout():
 
 @pytest.mark.parametrize("reduction", ["mean", "mean_nonzero", "none"])
 def test_no_valid_term_is_zero_and_attached(reduction):
-    for x, labels in ((torch.randn(1, 3, dtype=torch.float64), torch.tensor([0])),
-                      (torch.randn(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))):
+    for x, labels in (
+        (torch.randn(1, 3, dtype=torch.float64), torch.tensor([0])),
+        (torch.randn(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)),
+    ):
         x.requires_grad_()
         out = metricops.contrastive_loss(x, labels, reduction=reduction)
         assert out.requires_grad and torch.all(out == 0)
@@ -129,7 +139,8 @@ def test_contrastive_gradcheck(reduction):
         nm = 0.9 if metric == "cosine" else 2.5
         for squared in (False, True):
             fn = lambda t: metricops.contrastive_loss(  # noqa: E731
-                t, labels, pos_margin=0.1, neg_margin=nm, metric=metric, squared=squared, reduction=reduction)
+                t, labels, pos_margin=0.1, neg_margin=nm, metric=metric, squared=squared, reduction=reduction
+            )
             assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5)
 
 
@@ -148,8 +159,12 @@ def test_pair_contrastive_matches_reference(device, dtype):
             for squared in (False, True):
                 for reduction in REDUCTIONS:
                     for yy in (y, y.bool(), y.float()):
-                        kw = dict(margin=2.0 if metric != "cosine" else 0.8, metric=metric, squared=squared,
-                                  reduction=reduction)
+                        kw = dict(
+                            margin=2.0 if metric != "cosine" else 0.8,
+                            metric=metric,
+                            squared=squared,
+                            reduction=reduction,
+                        )
                         out = metricops.pair_contrastive_loss(x0, x1, yy, **kw)
                         expected = reference.pair_contrastive_loss(x0.double(), x1.double(), y, **kw)
                         assert out.shape == expected.shape and out.dtype == dtype
@@ -168,7 +183,8 @@ def test_pair_contrastive_gradcheck_and_equal_rows():
     for metric in METRICS:
         for squared in (False, True):
             fn = lambda a, b: metricops.pair_contrastive_loss(  # noqa: E731
-                a, b, y, margin=3.0, metric=metric, squared=squared, reduction="none")
+                a, b, y, margin=3.0, metric=metric, squared=squared, reduction="none"
+            )
             assert torch.autograd.gradcheck(fn, (x0, x1), eps=1e-6, atol=1e-5)
     # Identical rows: exact 0 distance, gradient 0 (never NaN).
     z = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
@@ -226,8 +242,9 @@ def test_triplet_module_drop_in():
     # Unbatched (D,) inputs, as torch accepts them.
     v = [torch.randn(5) for _ in range(3)]
     for reduction in ("mean", "none"):
-        assert_close(metricops.triplet_margin_loss(*v, reduction=reduction),
-                     F.triplet_margin_loss(*v, reduction=reduction))
+        assert_close(
+            metricops.triplet_margin_loss(*v, reduction=reduction), F.triplet_margin_loss(*v, reduction=reduction)
+        )
 
 
 # Shapes torch.nn.functional.triplet_margin_loss accepts: equal ranks, broadcasting.
@@ -290,9 +307,11 @@ def test_triplet_broadcast_passes_stride0_views(monkeypatch):
 
 def test_triplet_mismatched_shapes_refused_like_torch():
     x = torch.randn(5, 4)
-    for args, text in (((x, x[0], x), "must have the same number of dimensions"),
-                       ((x, x[:3], x), "must broadcast to one shape"),
-                       ((x, x, torch.randn(5, 3)), "must broadcast to one shape")):
+    for args, text in (
+        ((x, x[0], x), "must have the same number of dimensions"),
+        ((x, x[:3], x), "must broadcast to one shape"),
+        ((x, x, torch.randn(5, 3)), "must broadcast to one shape"),
+    ):
         with pytest.raises(RuntimeError):
             F.triplet_margin_loss(*args)
         with pytest.raises(ValueError, match=text):
@@ -335,7 +354,8 @@ def test_triplet_gradcheck():
     for p in (1.0, 2.0, 3.0):
         for swap in (False, True):
             fn = lambda x, y, z: metricops.triplet_margin_loss(  # noqa: E731
-                x, y, z, p=p, swap=swap, margin=5.0, reduction="none")
+                x, y, z, p=p, swap=swap, margin=5.0, reduction="none"
+            )
             assert torch.autograd.gradcheck(fn, (a, pos, neg), eps=1e-6, atol=1e-5)
     fn = lambda x, y, z: metricops.triplet_margin_loss(x, y, z, squared=True, margin=20.0)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (a, pos, neg), eps=1e-6, atol=1e-5)
@@ -354,23 +374,28 @@ def test_opcheck():
             torch.library.opcheck(ops.contrastive_loss.default, args)
             loss, mat, row_coef, denom = ops.contrastive_loss(x.detach(), *args[1:])
             grad = torch.randn_like(loss)
-            torch.library.opcheck(ops.contrastive_loss_backward.default,
-                                  (grad, x.detach(), labels, mat, row_coef, denom, *args[2:]))
+            torch.library.opcheck(
+                ops.contrastive_loss_backward.default, (grad, x.detach(), labels, mat, row_coef, denom, *args[2:])
+            )
     x0 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     x1 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([True, False, True, False, False])
     for metric in METRICS:
         torch.library.opcheck(ops.pair_contrastive_loss.default, (x0, x1, y, 1.5, metric, False))
         loss, dist = ops.pair_contrastive_loss(x0.detach(), x1.detach(), y, 1.5, metric, True)
-        torch.library.opcheck(ops.pair_contrastive_loss_backward.default,
-                              (torch.randn_like(loss), x0.detach(), x1.detach(), y, dist, 1.5, metric, True))
+        torch.library.opcheck(
+            ops.pair_contrastive_loss_backward.default,
+            (torch.randn_like(loss), x0.detach(), x1.detach(), y, dist, 1.5, metric, True),
+        )
     a, p, n = _triplet_inputs(6, 4, torch.float64, "cpu")
     for norm_p, swap, squared in ((2.0, False, False), (1.0, True, False), (3.0, True, False), (2.0, True, True)):
         args = (1.0, norm_p, 1e-6, swap, squared)
         torch.library.opcheck(ops.triplet_margin_loss.default, (a, p, n, *args))
         loss, dists = ops.triplet_margin_loss(a.detach(), p.detach(), n.detach(), *args)
-        torch.library.opcheck(ops.triplet_margin_loss_backward.default,
-                              (torch.randn_like(loss), a.detach(), p.detach(), n.detach(), dists, *args))
+        torch.library.opcheck(
+            ops.triplet_margin_loss_backward.default,
+            (torch.randn_like(loss), a.detach(), p.detach(), n.detach(), dists, *args),
+        )
 
 
 def test_double_backward_refused():
@@ -410,8 +435,10 @@ def test_modules():
     x = torch.randn(8, 4, dtype=torch.float64)
     labels = torch.randint(0, 3, (8,))
     m = metricops.nn.ContrastiveLoss(pos_margin=0.1, neg_margin=2.0, metric="sqeuclidean", squared=True)
-    assert_close(m(x, labels), reference.contrastive_loss(x, labels, pos_margin=0.1, neg_margin=2.0,
-                                                          metric="sqeuclidean", squared=True))
+    assert_close(
+        m(x, labels),
+        reference.contrastive_loss(x, labels, pos_margin=0.1, neg_margin=2.0, metric="sqeuclidean", squared=True),
+    )
     assert "sqeuclidean" in repr(m)
     pm = metricops.nn.PairContrastiveLoss(margin=1.5, metric="cosine", reduction="sum")
     y = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0])
@@ -445,7 +472,11 @@ L = torch.tensor([0, 0, 1, 1])
         (lambda: metricops.pair_contrastive_loss(X, X.to("meta"), L), ValueError, "x1 must be on the same device"),
         (lambda: metricops.pair_contrastive_loss(X, X, L.to("meta")), ValueError, "y must be on x0's device"),
         (lambda: metricops.pair_contrastive_loss(X, X.double(), L), TypeError, "x1 must have the same dtype"),
-        (lambda: metricops.triplet_margin_loss(X, X, X[:2]), ValueError, "anchor, positive and negative must broadcast to one shape"),
+        (
+            lambda: metricops.triplet_margin_loss(X, X, X[:2]),
+            ValueError,
+            "anchor, positive and negative must broadcast to one shape",
+        ),
         (lambda: metricops.triplet_margin_loss(X, X.to("meta"), X), ValueError, "positive must be on the same device"),
         (lambda: metricops.triplet_margin_loss(X, X, X, p=0), ValueError, "p must be a finite number > 0"),
         (lambda: metricops.triplet_margin_loss(X, X, X, squared=True, p=1.0), ValueError, "squared=True requires p=2"),
@@ -461,11 +492,17 @@ def test_bad_input(call, exc, match):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: torch.ops.metricops.contrastive_loss(X, L[:3], 0.0, 1.0, "euclidean", False, "mean"), "labels must be"),
+        (
+            lambda: torch.ops.metricops.contrastive_loss(X, L[:3], 0.0, 1.0, "euclidean", False, "mean"),
+            "labels must be",
+        ),
         (lambda: torch.ops.metricops.contrastive_loss(X, L, 0.0, 1.0, "euclidean", False, "avg"), "reduction must be"),
         (lambda: torch.ops.metricops.pair_contrastive_loss(X, X, L, 1.0, "euclidean", False), "y must be a bool"),
         (lambda: torch.ops.metricops.triplet_margin_loss(X, X, X[:2], 1.0, 2.0, 1e-6, False, False), "negative must"),
-        (lambda: torch.ops.metricops.triplet_margin_loss(X, X, X, 1.0, 1.0, 1e-6, False, True), "squared=True requires"),
+        (
+            lambda: torch.ops.metricops.triplet_margin_loss(X, X, X, 1.0, 1.0, 1e-6, False, True),
+            "squared=True requires",
+        ),
     ],
 )
 def test_bad_input_reaches_native_checks(call, match):

@@ -26,32 +26,58 @@ def _mixed_device_calls(first, second):
     on_labels = "labels must be on the embeddings' device"
     return [
         (lambda: ops.pairwise_distance(x, x2, "euclidean"), "y must be on the same device as x"),
-        (lambda: ops.pairwise_distance_backward(torch.ones(6, 6, device=second), x, None,
-                                                torch.ones(6, 6, device=second), "euclidean"),
-         "grad must be on the same device as x"),
+        (
+            lambda: ops.pairwise_distance_backward(
+                torch.ones(6, 6, device=second), x, None, torch.ones(6, 6, device=second), "euclidean"
+            ),
+            "grad must be on the same device as x",
+        ),
         (lambda: ops.knn(x, x2, 2, "euclidean", 0), "database must be on the same device as queries"),
-        (lambda: ops.l2_normalize_backward(torch.ones(6, 3, device=second), x, torch.ones(6, device=second), 1e-12),
-         "l2_normalize_backward"),
+        (
+            lambda: ops.l2_normalize_backward(torch.ones(6, 3, device=second), x, torch.ones(6, device=second), 1e-12),
+            "l2_normalize_backward",
+        ),
         (lambda: ops.contrastive_loss(x, labels, 0.0, 1.0, "euclidean", False, "mean"), on_labels),
         (lambda: ops.contrastive_loss_streaming(x, labels, 0.0, 1.0, "euclidean", False, "mean", 2), on_labels),
-        (lambda: ops.contrastive_loss_streaming_backward(torch.ones((), device=second), x, labels,
-                                                         torch.ones((), device=second), 0.0, 1.0, "euclidean",
-                                                         False, 2), on_labels),
-        (lambda: ops.pair_contrastive_loss(x, x2, torch.ones(6, dtype=torch.bool, device=second), 1.0, "euclidean",
-                                           False), "x1 must be on the same device as x0"),
-        (lambda: ops.triplet_margin_loss(x, x2, x2, 1.0, 2.0, 1e-6, False, False),
-         "positive must be on the same device as anchor"),
+        (
+            lambda: ops.contrastive_loss_streaming_backward(
+                torch.ones((), device=second), x, labels, torch.ones((), device=second), 0.0, 1.0, "euclidean", False, 2
+            ),
+            on_labels,
+        ),
+        (
+            lambda: ops.pair_contrastive_loss(
+                x, x2, torch.ones(6, dtype=torch.bool, device=second), 1.0, "euclidean", False
+            ),
+            "x1 must be on the same device as x0",
+        ),
+        (
+            lambda: ops.triplet_margin_loss(x, x2, x2, 1.0, 2.0, 1e-6, False, False),
+            "positive must be on the same device as anchor",
+        ),
         (lambda: ops.batch_hard_triplet(x, labels, 0.2, "euclidean", False, 0), on_labels),
-        (lambda: ops.batch_hard_triplet_backward(per_anchor, per_anchor, per_anchor, x, idx, idx, per_anchor,
-                                                 per_anchor, 0.2, "euclidean", False), "inputs must be on"),
+        (
+            lambda: ops.batch_hard_triplet_backward(
+                per_anchor, per_anchor, per_anchor, x, idx, idx, per_anchor, per_anchor, 0.2, "euclidean", False
+            ),
+            "inputs must be on",
+        ),
         (lambda: ops.semihard_triplet(x, labels, 0.2, "euclidean"), on_labels),
         (lambda: ops.semihard_triplet_streaming(x, labels, 0.2, "euclidean", 2), on_labels),
-        (lambda: ops.semihard_triplet_streaming_backward(torch.ones(6, device=second), x, labels, 0.2, "euclidean", 2),
-         on_labels),
+        (
+            lambda: ops.semihard_triplet_streaming_backward(
+                torch.ones(6, device=second), x, labels, 0.2, "euclidean", 2
+            ),
+            on_labels,
+        ),
         (lambda: ops.batch_all_triplet(x, labels, 0.2, "euclidean"), on_labels),
         (lambda: ops.batch_all_triplet_streaming(x, labels, 0.2, "euclidean", 2), on_labels),
-        (lambda: ops.batch_all_triplet_streaming_backward(torch.ones((), device=second), x, labels, 0.2, "euclidean",
-                                                          2), on_labels),
+        (
+            lambda: ops.batch_all_triplet_streaming_backward(
+                torch.ones((), device=second), x, labels, 0.2, "euclidean", 2
+            ),
+            on_labels,
+        ),
         (lambda: ops.triplet_statistics(x, labels, 0.2, "euclidean"), on_labels),
         (lambda: ops.mine_triplets(x, labels, "all", 0.2, "euclidean"), on_labels),
     ]
@@ -95,8 +121,10 @@ def test_contrastive_streaming_default_block_is_bounded_cpu():
     assert biggest <= 256 * B * x.element_size() < full_matrix
     # The same result as an explicit block size.
     assert_close(loss, ops.contrastive_loss_streaming(*args[:-1], 256)[0])
-    assert_close(ops.contrastive_loss_streaming_backward(*grad_args), ops.contrastive_loss_streaming_backward(
-        *grad_args[:-1], 256))
+    assert_close(
+        ops.contrastive_loss_streaming_backward(*grad_args),
+        ops.contrastive_loss_streaming_backward(*grad_args[:-1], 256),
+    )
 
 
 @pytest.mark.needs_cuda
@@ -110,8 +138,9 @@ def test_contrastive_streaming_default_block_is_bounded_cuda():
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     loss, denom = ops.contrastive_loss_streaming(x, labels, 0.0, 1.0, "euclidean", False, "mean", 0)
-    ops.contrastive_loss_streaming_backward(torch.ones((), device="cuda"), x, labels, denom, 0.0, 1.0, "euclidean",
-                                            False, 0)
+    ops.contrastive_loss_streaming_backward(
+        torch.ones((), device="cuda"), x, labels, denom, 0.0, 1.0, "euclidean", False, 0
+    )
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base <= 256 * 2**20 + 64 * 2**20 < full_matrix
     assert_close(loss, ops.contrastive_loss_streaming(x, labels, 0.0, 1.0, "euclidean", False, "mean", 1000)[0])
@@ -138,8 +167,9 @@ def test_contrastive_backward_checks_saved_matrix_dtype():
     labels = torch.tensor([0, 0, 1, 1])
     loss, mat, row_coef, denom = ops.contrastive_loss(x, labels, 0.0, 1.0, "euclidean", False, "mean")
     with pytest.raises(TypeError, match="saved matrix must have dtype Float"):
-        ops.contrastive_loss_backward(torch.ones(()), x, labels, mat.double(), row_coef, denom, 0.0, 1.0,
-                                      "euclidean", False, "mean")
+        ops.contrastive_loss_backward(
+            torch.ones(()), x, labels, mat.double(), row_coef, denom, 0.0, 1.0, "euclidean", False, "mean"
+        )
 
 
 def _half_cases():
@@ -176,10 +206,24 @@ E = torch.randn(4, 3)
 
 def test_batch_hard_backward_foreign_index_is_a_value_error():
     ones = torch.ones(4)
-    for positive, negative, name in (([1, 0, 3, 40], [2, 2, 0, 0], "positive"), ([1, 0, 3, 2], [2, -7, 0, 0], "negative")):
+    for positive, negative, name in (
+        ([1, 0, 3, 40], [2, 2, 0, 0], "positive"),
+        ([1, 0, 3, 2], [2, -7, 0, 0], "negative"),
+    ):
         with pytest.raises(ValueError, match=rf"{name} must hold indices in \[-1, 4\)"):
-            ops.batch_hard_triplet_backward(ones, ones * 0, ones * 0, E, torch.tensor(positive), torch.tensor(negative),
-                                            ones, ones, 0.2, "euclidean", False)
+            ops.batch_hard_triplet_backward(
+                ones,
+                ones * 0,
+                ones * 0,
+                E,
+                torch.tensor(positive),
+                torch.tensor(negative),
+                ones,
+                ones,
+                0.2,
+                "euclidean",
+                False,
+            )
 
 
 def _bad_index_calls(device):
@@ -203,8 +247,10 @@ def _bad_index_calls(device):
     def semihard(neg):
         return ops.semihard_triplet_backward(torch.ones_like(losses), None, x, losses + 1, neg, dist, "euclidean")
 
-    return [(lambda: batch_hard(bad_p, negative), lambda: batch_hard(none_p, none_n)),
-            (lambda: semihard(bad_n), lambda: semihard(none_n2))]
+    return [
+        (lambda: batch_hard(bad_p, negative), lambda: batch_hard(none_p, none_n)),
+        (lambda: semihard(bad_n), lambda: semihard(none_n2)),
+    ]
 
 
 @pytest.mark.needs_cuda
@@ -286,11 +332,13 @@ def test_sorting_scratch_measured_on_gpu():
     labels = torch.randint(0, B // 8, (B,), device="cuda")
     calls = {
         "semihard": lambda: ops.semihard_triplet_streaming(x, labels, 0.2, "euclidean", rows),
-        "semihard_backward": lambda: ops.semihard_triplet_streaming_backward(torch.ones(B, device="cuda"), x, labels,
-                                                                             0.2, "euclidean", rows),
+        "semihard_backward": lambda: ops.semihard_triplet_streaming_backward(
+            torch.ones(B, device="cuda"), x, labels, 0.2, "euclidean", rows
+        ),
         "batch_all": lambda: ops.batch_all_triplet_streaming(x, labels, 0.2, "euclidean", rows),
-        "batch_all_backward": lambda: ops.batch_all_triplet_streaming_backward(torch.ones((), device="cuda"), x,
-                                                                               labels, 0.2, "euclidean", rows),
+        "batch_all_backward": lambda: ops.batch_all_triplet_streaming_backward(
+            torch.ones((), device="cuda"), x, labels, 0.2, "euclidean", rows
+        ),
     }
     for name, call in calls.items():
         call()  # warm-up: cuBLAS workspaces and the like are not the block's scratch
@@ -334,9 +382,11 @@ def test_statistics_few_positives_path_matches_reference(margin):
 
 SCANNED = {
     "semihard": lambda x, labels, memory, metric: metricops.semihard_triplet_loss(
-        x, labels, memory=memory, metric=metric, margin=0.3, reduction="sum"),
+        x, labels, memory=memory, metric=metric, margin=0.3, reduction="sum"
+    ),
     "batch_all": lambda x, labels, memory, metric: metricops.batch_all_triplet_loss(
-        x, labels, memory=memory, metric=metric, margin=0.3, reduction="sum"),
+        x, labels, memory=memory, metric=metric, margin=0.3, reduction="sum"
+    ),
 }
 
 
@@ -354,7 +404,9 @@ def test_scan_path_matches_sort_path(monkeypatch, metric):
                     xr = x.detach().requires_grad_()
                     loss = fn(xr, labels, memory, metric)
                     (grad,) = torch.autograd.grad(loss.sum(), xr)
-                    stats = torch.stack(list(metricops.triplet_statistics(x, labels, metric=metric, margin=0.3).values()))
+                    stats = torch.stack(
+                        list(metricops.triplet_statistics(x, labels, metric=metric, margin=0.3).values())
+                    )
                     results[path] = (loss.detach(), grad, stats)
                 assert_close(results["scan"][0], results["sort"][0])
                 assert_close(results["scan"][1], results["sort"][1])

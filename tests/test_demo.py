@@ -76,13 +76,15 @@ def test_demo_quick_beats_raw_pixels_and_prints_the_loss_timing_table(quick_run)
     for b in (100, 256):
         for lib in ("metricops", "metricops.reference", "pytorch-metric-learning"):
             assert re.search(rf"^B={b} +{re.escape(lib)} +\d+(\.\d+)? (us|ms|s)\b", out, flags=re.M), (b, lib)
-    assert re.search(r"^B=100 +pytorch-metric-learning .*(x slower|x faster|same within noise) +(<1 MiB|\d+ MiB)",
-                     out, flags=re.M)
+    assert re.search(
+        r"^B=100 +pytorch-metric-learning .*(x slower|x faster|same within noise) +(<1 MiB|\d+ MiB)", out, flags=re.M
+    )
     assert "miners.BatchHardMiner() + losses.TripletMarginLoss(margin=0.2, reducer=reducers.MeanReducer())" in out
     assert "training step at B=100" in out
     rows = res["timing"]
     assert {(r.batch, r.library) for r in rows} == {
-        (b, lib) for b in (100, 256) for lib in ("metricops", "metricops.reference", "pytorch-metric-learning")}
+        (b, lib) for b in (100, 256) for lib in ("metricops", "metricops.reference", "pytorch-metric-learning")
+    }
     assert all(r.seconds > 0 and len(r.samples) >= 5 and r.peak_bytes is not None for r in rows)
     assert res["png"] == str(out_dir / "demo_batch_hard.png") and _is_png(res["png"])
     assert os.path.getsize(res["png"]) > 50_000
@@ -112,9 +114,19 @@ def test_every_loss_trains_and_its_contenders_compute_the_same_value(name):
     model = demo.EmbeddingNet()
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=3)
-    losses = demo.train(model, spec.trained.build(), opt, sched, *demo.load_split(torch.device("cpu")).train,
-                        epochs=1, batches_per_epoch=3, classes_per_batch=5, per_class=8,
-                        rng=np.random.default_rng(0), progress=False)
+    losses = demo.train(
+        model,
+        spec.trained.build(),
+        opt,
+        sched,
+        *demo.load_split(torch.device("cpu")).train,
+        epochs=1,
+        batches_per_epoch=3,
+        classes_per_batch=5,
+        per_class=8,
+        rng=np.random.default_rng(0),
+        progress=False,
+    )
     assert len(losses) == 3 and all(np.isfinite(losses)) and all(v >= 0 for v in losses)
     # time_losses checks every contender's value and gradient against the trained loss before timing it.
     rows = demo.time_losses(spec, {40: (demo.embed(model, x), y)}, torch.device("cpu"), budget_s=0.0)
@@ -131,7 +143,9 @@ def test_a_contender_computing_another_loss_is_refused_before_timing():
     spec = demo.LOSSES["batch_hard"]
     wrong_margin = demo.Contender(
         "metricops.reference",
-        lambda: lambda a, b: metricops.reference.batch_hard_triplet_loss(a, b, margin=0.3, normalize=True), "margin 0.3")
+        lambda: lambda a, b: metricops.reference.batch_hard_triplet_loss(a, b, margin=0.3, normalize=True),
+        "margin 0.3",
+    )
     bad = demo.LossSpec("test", lr=1e-3, trained=spec.trained, others=(wrong_margin,))
     with pytest.raises(AssertionError, match="metricops.reference does not compute the trained loss"):
         demo.time_losses(bad, {len(y): (e, y)}, torch.device("cpu"), budget_s=0.0)
@@ -180,8 +194,9 @@ def test_whole_training_steps_are_compared_only_where_the_loss_is_a_real_share()
         time.sleep(0.05)
         return metricops.batch_hard_triplet_loss(e, labels, margin=demo.MARGIN, normalize=True)
 
-    slow_spec = demo.LossSpec("test", lr=1e-3, trained=spec.trained,
-                              others=(demo.Contender("slow", lambda: slow_same_loss, "sleeps"),))
+    slow_spec = demo.LossSpec(
+        "test", lr=1e-3, trained=spec.trained, others=(demo.Contender("slow", lambda: slow_same_loss, "sleeps"),)
+    )
     slow = fast + [demo.TimingRow(len(y), "slow", seconds=0.05)]
     step = demo.time_training_step(model, slow_spec, x, y, 1e-3, slow, torch.device("cpu"), budget_s=0.0)
     assert set(step["steps"]) == {"metricops", "slow"} and step["loss_share"]["slow"] > 0.1
@@ -224,8 +239,13 @@ def test_benchmark_cli_writes_json_and_png(tmp_path, capsys):
     assert report["run"]["size"] == "tiny"
     rows = report["results"]
     assert {r["op"] for r in rows} >= {
-        "pairwise_distance", "batch_hard_triplet_loss", "semihard_triplet_loss", "batch_all_triplet_loss",
-        "triplet_margin_loss", "contrastive_loss", "knn",
+        "pairwise_distance",
+        "batch_hard_triplet_loss",
+        "semihard_triplet_loss",
+        "batch_all_triplet_loss",
+        "triplet_margin_loss",
+        "contrastive_loss",
+        "knn",
     }
     for r in rows:
         assert set(r) >= {"op", "mode", "params", "seconds", "ratio_vs_metricops", "errors", "peak_bytes"}
@@ -242,8 +262,12 @@ def test_benchmark_chart_series_are_speedups_against_size():
     from benchmarks.chart import _series
 
     rows = [
-        {"op": "x", "mode": "forward", "params": {"B": b, "D": 8, "dtype": "float32"},
-         "seconds": {"metricops": 1.0, "torch": 2.0 * b, "broken": None}}
+        {
+            "op": "x",
+            "mode": "forward",
+            "params": {"B": b, "D": 8, "dtype": "float32"},
+            "seconds": {"metricops": 1.0, "torch": 2.0 * b, "broken": None},
+        }
         for b in (4, 2)
     ]
     series = _series(rows)
@@ -261,8 +285,9 @@ def _readme_demo_output():
 def test_readme_shows_the_demo_output_its_ratios_match_its_times_and_the_picture_exists():
     readme, out = _readme_demo_output()
     unit = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-    rows = re.findall(r"^B=(\d+) +(\S+) +(\d+(?:\.\d+)?) (us|ms|s) +(?:(\d+(?:\.\d+)?)x (slower|faster))?", out,
-                      flags=re.M)
+    rows = re.findall(
+        r"^B=(\d+) +(\S+) +(\d+(?:\.\d+)?) (us|ms|s) +(?:(\d+(?:\.\d+)?)x (slower|faster))?", out, flags=re.M
+    )
     base = {b: float(t) * unit[u] for b, lib, t, u, _, _ in rows if lib == "metricops"}
     assert set(base) == {"100", "4096"}
     checked = 0
@@ -310,9 +335,12 @@ def test_make_demo_runs_the_demo_and_says_what_the_slow_steps_are_doing():
     assert re.search(r"^\t\$\(PY\) -m metricops\.demo\b", _recipe("demo"), flags=re.M)
     # A fresh clone's first `make demo` installs torch and compiles the kernels for minutes: each step first
     # says what it is doing and about how long it takes, and nothing hides pip's or ninja's progress.
-    for target, step, words in (("$(STAMP)", "-m pip install", "torch"), ("build", "setup.py", "compiling"),
-                                ("demo", "-m metricops.demo", "demo")):
+    for target, step, words in (
+        ("$(STAMP)", "-m pip install", "torch"),
+        ("build", "setup.py", "compiling"),
+        ("demo", "-m metricops.demo", "demo"),
+    ):
         recipe = _recipe(target)
-        said = "".join(re.findall(r"^\t@echo (.*)$", recipe[:recipe.index(step)], flags=re.M))
+        said = "".join(re.findall(r"^\t@echo (.*)$", recipe[: recipe.index(step)], flags=re.M))
         assert words in said and re.search(r"~\d+(-\d+)? (min|s)\b", said), (target, said)
     assert not re.search(r"pip install[^\n]* -q", _recipe("$(STAMP)"))

@@ -62,8 +62,10 @@ def test_bitwise_identical_runs(name, deterministic):
     (o1, g1), (o2, g2) = _run(CASES[name]), _run(CASES[name])
     for a, b in zip(o1, o2):
         assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.view(-1).view(torch.uint8) if a.is_floating_point() else a,
-                           b.view(-1).view(torch.uint8) if b.is_floating_point() else b), name
+        assert torch.equal(
+            a.view(-1).view(torch.uint8) if a.is_floating_point() else a,
+            b.view(-1).view(torch.uint8) if b.is_floating_point() else b,
+        ), name
     if g1 is not None:
         assert torch.equal(g1.view(torch.uint8), g2.view(torch.uint8)), name
 

@@ -37,18 +37,26 @@ def loss_cases():
     return {
         "batch_hard_mean": (lambda: mnn.BatchHardTripletLoss(margin=0.3), {}),
         "batch_hard_mean_nonzero_sq": (
-            lambda: mnn.BatchHardTripletLoss(margin=0.3, metric="sqeuclidean", reduction="mean_nonzero"), {}),
+            lambda: mnn.BatchHardTripletLoss(margin=0.3, metric="sqeuclidean", reduction="mean_nonzero"),
+            {},
+        ),
         "batch_hard_sum_cosine_norm": (
-            lambda: mnn.BatchHardTripletLoss(margin=0.3, metric="cosine", normalize=True, reduction="sum"), {}),
+            lambda: mnn.BatchHardTripletLoss(margin=0.3, metric="cosine", normalize=True, reduction="sum"),
+            {},
+        ),
         "batch_hard_soft": (lambda: mnn.BatchHardTripletLoss(soft=True), {}),
         "batch_hard_scaled": (lambda: mnn.BatchHardTripletLoss(margin=0.3), {"scale_by_world_size": True}),
         "semihard_mean": (lambda: mnn.SemiHardTripletLoss(margin=0.5), {}),
         "semihard_sum": (lambda: mnn.SemiHardTripletLoss(margin=0.5, reduction="sum"), {}),
         "semihard_mean_nonzero_cosine": (
-            lambda: mnn.SemiHardTripletLoss(margin=0.5, metric="cosine", reduction="mean_nonzero"), {}),
+            lambda: mnn.SemiHardTripletLoss(margin=0.5, metric="cosine", reduction="mean_nonzero"),
+            {},
+        ),
         "contrastive_mean": (lambda: mnn.ContrastiveLoss(neg_margin=2.0), {}),
         "contrastive_mean_nonzero_sq": (
-            lambda: mnn.ContrastiveLoss(pos_margin=0.5, neg_margin=2.0, squared=True, reduction="mean_nonzero"), {}),
+            lambda: mnn.ContrastiveLoss(pos_margin=0.5, neg_margin=2.0, squared=True, reduction="mean_nonzero"),
+            {},
+        ),
         "contrastive_sum_norm": (lambda: mnn.ContrastiveLoss(neg_margin=1.0, normalize=True, reduction="sum"), {}),
         "batch_all_mean_nonzero": (lambda: mnn.BatchAllTripletLoss(margin=0.5), {}),
         "batch_all_mean": (lambda: mnn.BatchAllTripletLoss(margin=0.5, reduction="mean"), {}),
@@ -57,14 +65,22 @@ def loss_cases():
         "batch_hard_streaming": (lambda: mnn.BatchHardTripletLoss(margin=0.3, memory="streaming"), {}),
         "semihard_streaming_mean": (lambda: mnn.SemiHardTripletLoss(margin=0.5, memory="streaming"), {}),
         "semihard_streaming_mean_nonzero": (
-            lambda: mnn.SemiHardTripletLoss(margin=0.5, reduction="mean_nonzero", memory="streaming"), {}),
+            lambda: mnn.SemiHardTripletLoss(margin=0.5, reduction="mean_nonzero", memory="streaming"),
+            {},
+        ),
         "contrastive_streaming_mean": (lambda: mnn.ContrastiveLoss(neg_margin=2.0, memory="streaming"), {}),
         "contrastive_streaming_mean_nonzero_sq": (
-            lambda: mnn.ContrastiveLoss(pos_margin=0.5, neg_margin=2.0, squared=True, reduction="mean_nonzero",
-                                        memory="streaming"), {}),
+            lambda: mnn.ContrastiveLoss(
+                pos_margin=0.5, neg_margin=2.0, squared=True, reduction="mean_nonzero", memory="streaming"
+            ),
+            {},
+        ),
         "contrastive_streaming_sum_cosine_norm": (
-            lambda: mnn.ContrastiveLoss(neg_margin=0.5, metric="cosine", normalize=True, reduction="sum",
-                                        memory="streaming"), {"scale_by_world_size": True}),
+            lambda: mnn.ContrastiveLoss(
+                neg_margin=0.5, metric="cosine", normalize=True, reduction="sum", memory="streaming"
+            ),
+            {"scale_by_world_size": True},
+        ),
     }
 
 
@@ -99,7 +115,10 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     triplet_module._CPU_STREAM_BLOCK_ROWS = 2  # streaming modules cross block boundaries within a shard
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
@@ -143,7 +162,9 @@ def _worker(rank, port, out_dir):
 
         # Mismatched D is refused on every rank alike (no rank left waiting).
         try:
-            mdist.all_gather_embeddings(torch.zeros(2, 3 + rank, dtype=torch.float64), torch.zeros(2, dtype=torch.int64))
+            mdist.all_gather_embeddings(
+                torch.zeros(2, 3 + rank, dtype=torch.float64), torch.zeros(2, dtype=torch.int64)
+            )
             results["bad_d"] = None
         except ValueError as exc:
             results["bad_d"] = str(exc)
@@ -223,8 +244,13 @@ def test_reduction_none_returns_local_rows(ranks):
     assert_close(torch.cat([rk["contrastive_none"] for rk in ranks]).detach(), ct.detach())
 
 
-@pytest.mark.parametrize("name, factory", [("empty_shard", lambda: mnn.BatchHardTripletLoss(margin=0.3)),
-                                           ("empty_shard_streaming", empty_shard_streaming_loss)])
+@pytest.mark.parametrize(
+    "name, factory",
+    [
+        ("empty_shard", lambda: mnn.BatchHardTripletLoss(margin=0.3)),
+        ("empty_shard_streaming", empty_shard_streaming_loss),
+    ],
+)
 def test_empty_shard(ranks, name, factory):
     # the worker shards the first 6 rows as (0, 6)
     loss, (g_emb, *g_params) = _single_process(factory, rows=6)
@@ -250,13 +276,20 @@ def test_without_process_group_is_identity():
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     all_x, all_y = mdist.all_gather_embeddings(x, y)
     assert all_x is x and all_y is y
-    modules = [mnn.BatchHardTripletLoss(), mnn.SemiHardTripletLoss(), mnn.ContrastiveLoss(),
-               mnn.BatchAllTripletLoss(), mnn.BatchHardTripletLoss(reduction="mean_nonzero")]
+    modules = [
+        mnn.BatchHardTripletLoss(),
+        mnn.SemiHardTripletLoss(),
+        mnn.ContrastiveLoss(),
+        mnn.BatchAllTripletLoss(),
+        mnn.BatchHardTripletLoss(reduction="mean_nonzero"),
+    ]
     # memory="streaming" modules work too (they used to raise about a reduction='none' never passed).
     for reduction in ("mean", "sum", "mean_nonzero"):
-        modules += [mnn.SemiHardTripletLoss(margin=0.5, reduction=reduction, memory="streaming"),
-                    mnn.ContrastiveLoss(neg_margin=2.0, squared=True, reduction=reduction, memory="streaming"),
-                    mnn.BatchHardTripletLoss(reduction=reduction, memory="streaming")]
+        modules += [
+            mnn.SemiHardTripletLoss(margin=0.5, reduction=reduction, memory="streaming"),
+            mnn.ContrastiveLoss(neg_margin=2.0, squared=True, reduction=reduction, memory="streaming"),
+            mnn.BatchHardTripletLoss(reduction=reduction, memory="streaming"),
+        ]
     for module in modules:
         out = mdist.DistributedLoss(module)(x, y)
         expected = module(x, y)
@@ -277,9 +310,11 @@ def test_streaming_with_reduction_none_refused_by_its_own_name():
 def test_reads_the_modules_current_attributes():
     # A margin schedule on the wrapped module takes effect through DistributedLoss.
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    for module, name, fn in ((mnn.BatchHardTripletLoss(), "margin", metricops.batch_hard_triplet_loss),
-                             (mnn.SemiHardTripletLoss(), "margin", metricops.semihard_triplet_loss),
-                             (mnn.ContrastiveLoss(), "neg_margin", metricops.contrastive_loss)):
+    for module, name, fn in (
+        (mnn.BatchHardTripletLoss(), "margin", metricops.batch_hard_triplet_loss),
+        (mnn.SemiHardTripletLoss(), "margin", metricops.semihard_triplet_loss),
+        (mnn.ContrastiveLoss(), "neg_margin", metricops.contrastive_loss),
+    ):
         wrapped = mdist.DistributedLoss(module)
         setattr(module, name, 7.0)
         assert_close(wrapped(x, y), fn(x, y, **{name: 7.0}))
@@ -304,7 +339,10 @@ def test_demo_ddp_runs():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "metricops.demo_ddp", "--epochs", "1"],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -76,7 +76,9 @@ def test_empty_batch_other_ops():
     assert d.shape == (0, 2) and i.shape == (0, 2)
     assert metricops.pair_contrastive_loss(x, x, labels).item() == 0.0
     assert metricops.triplet_margin_loss(x, x, x).item() == 0.0
-    assert metricops.retrieval_metrics(x, labels, torch.randn(3, 5), torch.zeros(3, dtype=torch.int32))["num_queries"] == 0
+    assert (
+        metricops.retrieval_metrics(x, labels, torch.randn(3, 5), torch.zeros(3, dtype=torch.int32))["num_queries"] == 0
+    )
     assert metricops.batch_hard_triplet_loss(x, labels, reduction="none").shape == (0,)
     assert metricops.contrastive_loss(x, labels, reduction="none").shape == (0, 0)
 
@@ -216,8 +218,12 @@ def test_extreme_dims(dim, metric):
     b = 6
     x = torch.randn(b, dim, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    assert_close(metricops.pairwise_distance(x, metric=metric), reference.pairwise_distance(x, metric=metric),
-                 atol=1e-8, rtol=1e-8)
+    assert_close(
+        metricops.pairwise_distance(x, metric=metric),
+        reference.pairwise_distance(x, metric=metric),
+        atol=1e-8,
+        rtol=1e-8,
+    )
     # D = 1 cosine distances are exactly 0 or 2: every comparison is a tie
     # (the kernel's value may sit 1 ulp either side), so the miners' choices
     # are not comparable there; distances and knn distances still are.
@@ -225,8 +231,8 @@ def test_extreme_dims(dim, metric):
         loss = _loss(name, x, labels, metric=metric, reduction="sum")
         exp = _ref_loss(name, x, labels, metric=metric, reduction="sum")
         assert_close(loss, exp, atol=1e-8, rtol=1e-8)
-        g, = torch.autograd.grad(loss, x)
-        g_ref, = torch.autograd.grad(exp, x)
+        (g,) = torch.autograd.grad(loss, x)
+        (g_ref,) = torch.autograd.grad(exp, x)
         assert_close(g, g_ref, atol=1e-7, rtol=1e-7)
     d, i = metricops.knn(x.detach(), k=3, metric=metric)
     dr, ir = reference.knn(x.detach(), k=3, metric=metric)
@@ -276,8 +282,8 @@ def test_layouts_gradients_match():
         for loss_name in LOSSES:
             a = xl.detach().requires_grad_()  # keeps xl's strides
             b = x.clone().requires_grad_()
-            ga, = torch.autograd.grad(_loss(loss_name, a, labels, reduction="sum"), a)
-            gb, = torch.autograd.grad(_loss(loss_name, b, labels, reduction="sum"), b)
+            (ga,) = torch.autograd.grad(_loss(loss_name, a, labels, reduction="sum"), a)
+            (gb,) = torch.autograd.grad(_loss(loss_name, b, labels, reduction="sum"), b)
             torch.testing.assert_close(ga, gb, atol=1e-10, rtol=1e-10, msg=f"{name} {loss_name}")
 
 
@@ -302,8 +308,13 @@ def test_non_contiguous_labels():
     assert not labels.is_contiguous()
     for name in LOSSES:
         assert_close(_loss(name, x, labels), _loss(name, x, labels.contiguous()))
-    assert all(torch.equal(a, b) for a, b in zip(metricops.mine_triplets(x, labels, strategy="all"),
-                                                  metricops.mine_triplets(x, labels.contiguous(), strategy="all")))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            metricops.mine_triplets(x, labels, strategy="all"),
+            metricops.mine_triplets(x, labels.contiguous(), strategy="all"),
+        )
+    )
 
 
 # --------------------------------------------------------------------------- labels
@@ -344,7 +355,11 @@ def test_requires_grad_false_builds_no_graph():
     outs["normalized"] = metricops.pairwise_distance(x, normalize=True)
     outs["soft"] = metricops.batch_hard_triplet_loss(x, labels, soft=True)
     outs["tml_squared"] = metricops.triplet_margin_loss(x, x.flip(0), x, squared=True)
-    for mod in (metricops.nn.BatchHardTripletLoss(), metricops.nn.ContrastiveLoss(), metricops.nn.SemiHardTripletLoss()):
+    for mod in (
+        metricops.nn.BatchHardTripletLoss(),
+        metricops.nn.ContrastiveLoss(),
+        metricops.nn.SemiHardTripletLoss(),
+    ):
         outs[type(mod).__name__] = mod(x, labels)
     for key, value in outs.items():
         for t in value if isinstance(value, tuple) else (value,):

@@ -35,8 +35,9 @@ def test_gradcheck_and_opcheck(device):
     assert torch.autograd.gradcheck(lambda t: _l2_normalize(t), (x,))
     torch.library.opcheck(torch.ops.metricops.l2_normalize.default, (x, 1e-12))
     _, norm = torch.ops.metricops.l2_normalize(x.detach(), 1e-12)
-    torch.library.opcheck(torch.ops.metricops.l2_normalize_backward.default,
-                          (torch.randn_like(x), x.detach(), norm, 1e-12))
+    torch.library.opcheck(
+        torch.ops.metricops.l2_normalize_backward.default, (torch.randn_like(x), x.detach(), norm, 1e-12)
+    )
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -58,7 +58,9 @@ def test_layouts(device, layout):
     y = torch.randn(4, 6, dtype=torch.float64, device=device)
     for metric in METRICS:
         expected = reference.pairwise_distance(x, y, metric=metric)
-        assert_close(metricops.pairwise_distance(make_layout(x, layout), make_layout(y, layout), metric=metric), expected)
+        assert_close(
+            metricops.pairwise_distance(make_layout(x, layout), make_layout(y, layout), metric=metric), expected
+        )
         expected_self = reference.pairwise_distance(x, metric=metric)
         assert_close(metricops.pairwise_distance(make_layout(x, layout), metric=metric), expected_self)
 
@@ -199,14 +201,34 @@ def test_low_precision_cuda(dtype, metric):
     [
         (lambda: metricops.pairwise_distance(torch.randn(3)), ValueError, "x must be a 2-D tensor"),
         (lambda: metricops.pairwise_distance(torch.randn(2, 3, 4)), ValueError, "x must be a 2-D tensor"),
-        (lambda: metricops.pairwise_distance(torch.randn(3, 4), torch.randn(3, 5)), ValueError, "same embedding size D"),
-        (lambda: metricops.pairwise_distance(torch.ones(3, 4, dtype=torch.int64)), TypeError, "x must be float32 or float64"),
+        (
+            lambda: metricops.pairwise_distance(torch.randn(3, 4), torch.randn(3, 5)),
+            ValueError,
+            "same embedding size D",
+        ),
+        (
+            lambda: metricops.pairwise_distance(torch.ones(3, 4, dtype=torch.int64)),
+            TypeError,
+            "x must be float32 or float64",
+        ),
         (lambda: metricops.pairwise_distance(torch.randn(3, 4).half()), TypeError, "float16/bfloat16 on CUDA"),
-        (lambda: metricops.pairwise_distance(torch.randn(3, 4), torch.randn(3, 4).double()), TypeError, "y must have the same dtype"),
-        (lambda: metricops.pairwise_distance(torch.randn(3, 4), metric="manhattan"), ValueError, "metric must be one of"),
+        (
+            lambda: metricops.pairwise_distance(torch.randn(3, 4), torch.randn(3, 4).double()),
+            TypeError,
+            "y must have the same dtype",
+        ),
+        (
+            lambda: metricops.pairwise_distance(torch.randn(3, 4), metric="manhattan"),
+            ValueError,
+            "metric must be one of",
+        ),
         (lambda: metricops.pairwise_distance(torch.randn(3, 4), metric=None), ValueError, "metric must be one of"),
         (lambda: metricops.pairwise_distance([[1.0, 2.0]]), TypeError, "x must be a torch.Tensor"),
-        (lambda: metricops.pairwise_distance(torch.randn(3, 4), normalize="yes"), TypeError, "normalize must be a bool"),
+        (
+            lambda: metricops.pairwise_distance(torch.randn(3, 4), normalize="yes"),
+            TypeError,
+            "normalize must be a bool",
+        ),
     ],
 )
 def test_bad_input(call, exc, match):

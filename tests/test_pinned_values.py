@@ -123,8 +123,11 @@ def test_semihard_ties_go_to_the_lowest_index(impl):
         assert torch.equal(semihard_negatives(impl, x, labels), pairs_matrix(len(coords), negatives, fill=-1))
 
 
-@pytest.mark.parametrize("impl, memory", [(metricops, "matrix"), (metricops, "streaming"), (reference, None)],
-                         ids=["metricops-matrix", "metricops-streaming", "reference"])
+@pytest.mark.parametrize(
+    "impl, memory",
+    [(metricops, "matrix"), (metricops, "streaming"), (reference, None)],
+    ids=["metricops-matrix", "metricops-streaming", "reference"],
+)
 def test_semihard_tied_negative_alone_gets_the_gradient(impl, memory):
     kw = {} if memory is None else {"memory": memory}
     for coords, labels, margin, value, grad in (
@@ -149,8 +152,24 @@ def test_semihard_tied_negative_alone_gets_the_gradient(impl, memory):
 # Margin 1: easy 5, semihard 3, hard 16 (of 24). Margin 0: easy = m > 0: 5 + 3 = 8, semihard 0, hard 16.
 A_EASY = [(0, 1, 5), (1, 0, 2), (1, 0, 5), (2, 3, 5), (3, 2, 5)]
 A_SEMIHARD = [(0, 1, 3), (1, 0, 4), (5, 4, 2)]
-A_HARD = [(0, 1, 2), (0, 1, 4), (1, 0, 3), (2, 3, 0), (2, 3, 1), (2, 3, 4), (3, 2, 0), (3, 2, 1), (3, 2, 4),
-          (4, 5, 0), (4, 5, 1), (4, 5, 2), (4, 5, 3), (5, 4, 0), (5, 4, 1), (5, 4, 3)]
+A_HARD = [
+    (0, 1, 2),
+    (0, 1, 4),
+    (1, 0, 3),
+    (2, 3, 0),
+    (2, 3, 1),
+    (2, 3, 4),
+    (3, 2, 0),
+    (3, 2, 1),
+    (3, 2, 4),
+    (4, 5, 0),
+    (4, 5, 1),
+    (4, 5, 2),
+    (4, 5, 3),
+    (5, 4, 0),
+    (5, 4, 1),
+    (5, 4, 3),
+]
 
 # The hand example of test_triplet.py: x = [0, 1, 0.5, 3], labels [0, 0, 1, 1], margin 1.
 #   (0,1,2) 0.5-1 = -0.5 hard   (0,1,3) 3-1 = 2 easy     (1,0,2) 0.5-1 = -0.5 hard  (1,0,3) 2-1 = 1 semihard=
@@ -245,7 +264,10 @@ def test_batch_hard_reductions_and_soft(impl):
     close(loss(reduction="mean_nonzero"), 13.6 / 3)
     close(loss(soft=True), (2 * softplus(-1) + softplus(6) + softplus(5) + softplus(2) + softplus(-2)) / 6)
     assert [t.tolist() for t in impl.mine_triplets(x, labels, strategy="batch_hard")] == [
-        [0, 1, 2, 3, 4, 5], [1, 0, 3, 2, 5, 4], [3, 2, 4, 0, 2, 2]]
+        [0, 1, 2, 3, 4, 5],
+        [1, 0, 3, 2, 5, 4],
+        [3, 2, 4, 0, 2, 2],
+    ]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

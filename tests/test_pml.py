@@ -83,15 +83,28 @@ def test_contrastive_indices_tuple_and_ref(dist_name):
         dict(indices_tuple=triplets),
         dict(indices_tuple=one_pair),
         dict(ref_emb=ref, ref_labels=ref_labels),
-        dict(ref_emb=ref, ref_labels=ref_labels, indices_tuple=(torch.tensor([0, 1]), torch.tensor([2, 3]),
-                                                                torch.tensor([4]), torch.tensor([5]))),
+        dict(
+            ref_emb=ref,
+            ref_labels=ref_labels,
+            indices_tuple=(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4]), torch.tensor([5])),
+        ),
     ):
         ours_d, theirs_d = _pair(dist_name)
-        _run(losses.ContrastiveLoss(pos_margin=0.1, neg_margin=0.9, distance=ours_d),
-             pml_losses.ContrastiveLoss(pos_margin=0.1, neg_margin=0.9, distance=theirs_d), emb, labels, **call)
+        _run(
+            losses.ContrastiveLoss(pos_margin=0.1, neg_margin=0.9, distance=ours_d),
+            pml_losses.ContrastiveLoss(pos_margin=0.1, neg_margin=0.9, distance=theirs_d),
+            emb,
+            labels,
+            **call,
+        )
     ours_d, theirs_d = _pair(dist_name)
-    _run(losses.ContrastiveLoss(distance=ours_d), pml_losses.ContrastiveLoss(distance=theirs_d), emb, None,
-         indices_tuple=pairs)
+    _run(
+        losses.ContrastiveLoss(distance=ours_d),
+        pml_losses.ContrastiveLoss(distance=theirs_d),
+        emb,
+        None,
+        indices_tuple=pairs,
+    )
 
 
 @pytest.mark.parametrize("dist_name", list(DISTANCES))
@@ -118,13 +131,21 @@ def test_triplet_indices_tuple_and_ref(dist_name):
         dict(indices_tuple=pairs),
         dict(indices_tuple=(torch.tensor([], dtype=torch.long),) * 3),
         dict(ref_emb=ref, ref_labels=ref_labels),
-        dict(ref_emb=ref, ref_labels=ref_labels, indices_tuple=(torch.tensor([0, 1]), torch.tensor([2, 3]),
-                                                                torch.tensor([4, 5]))),
+        dict(
+            ref_emb=ref,
+            ref_labels=ref_labels,
+            indices_tuple=(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])),
+        ),
     ):
         for swap in (False, True):
             ours_d, theirs_d = _pair(dist_name)
-            _run(losses.TripletMarginLoss(margin=0.2, swap=swap, distance=ours_d),
-                 pml_losses.TripletMarginLoss(margin=0.2, swap=swap, distance=theirs_d), emb, labels, **call)
+            _run(
+                losses.TripletMarginLoss(margin=0.2, swap=swap, distance=ours_d),
+                pml_losses.TripletMarginLoss(margin=0.2, swap=swap, distance=theirs_d),
+                emb,
+                labels,
+                **call,
+            )
 
 
 def test_distances_match():

@@ -116,8 +116,9 @@ def test_fused_equals_listed_triplets_and_pml(dist_name, kind, fused_path):
         x, labels = _batch(seed)
         for miner_margin in miner_margins:
             for loss_margin in (-0.1, 0.0, 0.3) if miner_margin != 0.1 else (0.05,):
-                ours = losses.TripletMarginLoss(loss_margin, distance=getattr(distances, DISTANCES[dist_name][1])(
-                    **DISTANCES[dist_name][0]))
+                ours = losses.TripletMarginLoss(
+                    loss_margin, distance=getattr(distances, DISTANCES[dist_name][1])(**DISTANCES[dist_name][0])
+                )
                 miner = _miner(miners, distances, kind, miner_margin, dist_name)
                 v1, g1, lazy = _value_and_grad(ours, x, labels, lambda e: miner(e, labels))
                 assert not lazy.is_materialized, "the fused path listed the triplets"
@@ -167,20 +168,32 @@ def test_unfusable_calls_list_the_triplets_and_match_pml():
     x, labels = _batch(3)
     cases = [
         # another tensor than the one mined
-        (lambda e: miners.TripletMarginMiner(0.2, "semihard")(e.detach().clone(), labels),
-         losses.TripletMarginLoss(0.1),
-         lambda e: pml_miners.TripletMarginMiner(0.2, "semihard")(e.detach().clone(), labels),
-         pml_losses.TripletMarginLoss(0.1)),
+        (
+            lambda e: miners.TripletMarginMiner(0.2, "semihard")(e.detach().clone(), labels),
+            losses.TripletMarginLoss(0.1),
+            lambda e: pml_miners.TripletMarginMiner(0.2, "semihard")(e.detach().clone(), labels),
+            pml_losses.TripletMarginLoss(0.1),
+        ),
         # the loss's distance differs from the miner's
-        (lambda e: miners.TripletMarginMiner(0.2, "hard")(e, labels),
-         losses.TripletMarginLoss(0.1, distance=distances.CosineSimilarity()),
-         lambda e: pml_miners.TripletMarginMiner(0.2, "hard")(e, labels),
-         pml_losses.TripletMarginLoss(0.1, distance=pml_distances.CosineSimilarity())),
+        (
+            lambda e: miners.TripletMarginMiner(0.2, "hard")(e, labels),
+            losses.TripletMarginLoss(0.1, distance=distances.CosineSimilarity()),
+            lambda e: pml_miners.TripletMarginMiner(0.2, "hard")(e, labels),
+            pml_losses.TripletMarginLoss(0.1, distance=pml_distances.CosineSimilarity()),
+        ),
         # swap / smooth_loss are not the fused hinge
-        (lambda e: miners.BatchHardMiner()(e, labels), losses.TripletMarginLoss(0.1, swap=True),
-         lambda e: pml_miners.BatchHardMiner()(e, labels), pml_losses.TripletMarginLoss(0.1, swap=True)),
-        (lambda e: miners.TripletMarginMiner(0.3)(e, labels), losses.TripletMarginLoss(0.1, smooth_loss=True),
-         lambda e: pml_miners.TripletMarginMiner(0.3)(e, labels), pml_losses.TripletMarginLoss(0.1, smooth_loss=True)),
+        (
+            lambda e: miners.BatchHardMiner()(e, labels),
+            losses.TripletMarginLoss(0.1, swap=True),
+            lambda e: pml_miners.BatchHardMiner()(e, labels),
+            pml_losses.TripletMarginLoss(0.1, swap=True),
+        ),
+        (
+            lambda e: miners.TripletMarginMiner(0.3)(e, labels),
+            losses.TripletMarginLoss(0.1, smooth_loss=True),
+            lambda e: pml_miners.TripletMarginMiner(0.3)(e, labels),
+            pml_losses.TripletMarginLoss(0.1, smooth_loss=True),
+        ),
     ]
     for ours_mine, ours_loss, their_mine, their_loss in cases:
         v1, g1, lazy = _value_and_grad(ours_loss, x, labels, ours_mine)
@@ -208,6 +221,7 @@ def test_embeddings_changed_in_place_after_mining():
 
 def test_loss_without_miner_lists_no_triplet(fused_path, monkeypatch):
     """TripletMarginLoss(embeddings, labels): every triplet, fused (no miner, no list), equal to PML."""
+
     def listing_forbidden(*args, **kwargs):
         raise AssertionError("the triplets were listed")
 
@@ -231,8 +245,12 @@ def test_float32_pipeline_matches_listed_triplets_and_pml(fused_path):
         v2, g2, _ = _value_and_grad(losses.TripletMarginLoss(0.05), x, labels, lambda e: tuple(miner(e, labels)))
         assert_close(v1, v2, atol=1e-7, rtol=1e-5)
         assert_close(g1, g2, atol=1e-8, rtol=1e-5)
-        v3, g3, _ = _value_and_grad(pml_losses.TripletMarginLoss(0.05), x, labels,
-                                    lambda e: _miner(pml_miners, pml_distances, kind, 0.2)(e, labels))
+        v3, g3, _ = _value_and_grad(
+            pml_losses.TripletMarginLoss(0.05),
+            x,
+            labels,
+            lambda e: _miner(pml_miners, pml_distances, kind, 0.2)(e, labels),
+        )
         assert_close(v1, v3, atol=1e-7, rtol=1e-3)  # one triplet moved changes the mean by ~1/count
         assert float((g1 - g3).norm() / g3.norm().clamp_min(1e-30)) < 1e-2
 

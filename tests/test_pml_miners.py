@@ -14,7 +14,11 @@ from pytorch_metric_learning import miners as pml_miners  # noqa: E402
 
 DISTANCES = [
     ("lp", lambda: distances.LpDistance(), lambda: pml_distances.LpDistance()),
-    ("lp_raw", lambda: distances.LpDistance(normalize_embeddings=False), lambda: pml_distances.LpDistance(normalize_embeddings=False)),
+    (
+        "lp_raw",
+        lambda: distances.LpDistance(normalize_embeddings=False),
+        lambda: pml_distances.LpDistance(normalize_embeddings=False),
+    ),
     ("lp_sq", lambda: distances.LpDistance(power=2), lambda: pml_distances.LpDistance(power=2)),
     ("cos", lambda: distances.CosineSimilarity(), lambda: pml_distances.CosineSimilarity()),
 ]
@@ -93,7 +97,9 @@ def test_pml_losses_with_our_miners():
     for x, labels in batches(seed=7):
         x1 = x.float().requires_grad_()
         x2 = x.float().requires_grad_()
-        ours = losses.TripletMarginLoss(margin=0.1)(x1, labels, miners.TripletMarginMiner(margin=0.1, type_of_triplets="semihard")(x1, labels))
+        ours = losses.TripletMarginLoss(margin=0.1)(
+            x1, labels, miners.TripletMarginMiner(margin=0.1, type_of_triplets="semihard")(x1, labels)
+        )
         theirs = pml_losses.TripletMarginLoss(margin=0.1)(
             x2, labels, pml_miners.TripletMarginMiner(margin=0.1, type_of_triplets="semihard")(x2, labels)
         )
@@ -164,8 +170,10 @@ def test_losses_on_reference_set_miner_output_match_pml(dist_name, ours, theirs)
                 e, r = x.clone().requires_grad_(), ref.clone().requires_grad_()
                 indices = make_miner(lib_miners, dist())(e, labels, r, ref_labels)
                 out = []
-                for loss in (lib_losses.TripletMarginLoss(margin=0.2, distance=dist()),
-                             lib_losses.ContrastiveLoss(distance=dist())):
+                for loss in (
+                    lib_losses.TripletMarginLoss(margin=0.2, distance=dist()),
+                    lib_losses.ContrastiveLoss(distance=dist()),
+                ):
                     value = loss(e, labels, indices, ref_emb=r, ref_labels=ref_labels)
                     grads = torch.autograd.grad(value, (e, r), allow_unused=True)
                     out.append((value, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (e, r))]))
@@ -198,12 +206,19 @@ def test_cosine_miner_selects_on_rounded_similarities():
     gen = torch.Generator().manual_seed(0)
     for _ in range(16):
         labels = torch.randint(0, 2, (16,), generator=gen)
-        a, p, n = torch.where((labels[:, None, None] == labels[None, :, None]) & (labels[:, None] != labels)[:, None, :]
-                              & ~torch.eye(16, dtype=torch.bool)[:, :, None])
+        a, p, n = torch.where(
+            (labels[:, None, None] == labels[None, :, None])
+            & (labels[:, None] != labels)[:, None, :]
+            & ~torch.eye(16, dtype=torch.bool)[:, :, None]
+        )
         m = sim[a, p] - sim[a, n]
         for margin in (-0.05, 0.0, 0.05):
-            for kind, keep in (("all", m <= margin), ("hard", (m <= margin) & (m <= 0)),
-                               ("semihard", (m <= margin) & (m > 0)), ("easy", m > margin)):
+            for kind, keep in (
+                ("all", m <= margin),
+                ("hard", (m <= margin) & (m <= 0)),
+                ("semihard", (m <= margin) & (m > 0)),
+                ("easy", m > margin),
+            ):
                 got = miners.TripletMarginMiner(margin, kind, distance=distance)(x, labels)
                 for g, w in zip(got, (a[keep], p[keep], n[keep])):
                     assert torch.equal(g, w), (kind, margin)

@@ -18,8 +18,10 @@ def _both(name, *args, inner=None, **kwargs):
     """(ours, theirs) instances of reducer ``name``; ``inner``: the name of PerAnchorReducer's reducer."""
     if inner is not None:
         ours_inner, theirs_inner = _both(inner)
-        return (getattr(reducers, name)(*args, reducer=ours_inner, **kwargs),
-                getattr(pml_reducers, name)(*args, reducer=theirs_inner, **kwargs))
+        return (
+            getattr(reducers, name)(*args, reducer=ours_inner, **kwargs),
+            getattr(pml_reducers, name)(*args, reducer=theirs_inner, **kwargs),
+        )
     return getattr(reducers, name)(*args, **kwargs), getattr(pml_reducers, name)(*args, **kwargs)
 
 
@@ -116,11 +118,14 @@ def test_do_nothing_and_multiple_reducers():
     loss_dict = _loss_dict("pos_pair", VALUES["mixed"])
     emb = torch.randn(10, 3)
     assert reducers.DoNothingReducer()(loss_dict, emb, None) is loss_dict
-    two = {"pos_loss": _loss_dict("pos_pair", VALUES["mixed"])["loss"],
-           "neg_loss": _loss_dict("neg_pair", VALUES["mixed"].flip(0), seed=1)["loss"]}
+    two = {
+        "pos_loss": _loss_dict("pos_pair", VALUES["mixed"])["loss"],
+        "neg_loss": _loss_dict("neg_pair", VALUES["mixed"].flip(0), seed=1)["loss"],
+    }
     ours = reducers.MultipleReducers({"pos_loss": reducers.SumReducer()}, default_reducer=reducers.AvgNonZeroReducer())
-    theirs = pml_reducers.MultipleReducers({"pos_loss": pml_reducers.SumReducer()},
-                                           default_reducer=pml_reducers.AvgNonZeroReducer())
+    theirs = pml_reducers.MultipleReducers(
+        {"pos_loss": pml_reducers.SumReducer()}, default_reducer=pml_reducers.AvgNonZeroReducer()
+    )
     assert_close(ours(two, emb, None), theirs(two, emb, None))
     with pytest.raises(ValueError, match="loss dict with one entry, got 2"):
         reducers.MeanReducer()(two, emb, None)
@@ -155,17 +160,30 @@ def _loss_cases(seed=0):
     yield "all", x, labels, {}
     yield "ref", x, labels, dict(ref_emb=ref, ref_labels=ref_labels)
     yield "miner", x, labels, dict(indices_tuple="miner")
-    yield "pairs", x, labels, dict(indices_tuple=(torch.tensor([0, 1, 1]), torch.tensor([3, 4, 5]),
-                                                  torch.tensor([1, 0, 2, 2]), torch.tensor([6, 7, 0, 9])))
+    yield (
+        "pairs",
+        x,
+        labels,
+        dict(
+            indices_tuple=(
+                torch.tensor([0, 1, 1]),
+                torch.tensor([3, 4, 5]),
+                torch.tensor([1, 0, 2, 2]),
+                torch.tensor([6, 7, 0, 9]),
+            )
+        ),
+    )
     yield "no_pair", x[:1], labels[:1], {}
 
 
 LOSSES = {
     "triplet": lambda lib, dist, reducer: lib.TripletMarginLoss(margin=0.3, distance=dist, reducer=reducer),
     "triplet_smooth_swap": lambda lib, dist, reducer: lib.TripletMarginLoss(
-        margin=0.1, swap=True, smooth_loss=True, distance=dist, reducer=reducer),
-    "contrastive": lambda lib, dist, reducer: lib.ContrastiveLoss(pos_margin=0.2, neg_margin=0.9, distance=dist,
-                                                                  reducer=reducer),
+        margin=0.1, swap=True, smooth_loss=True, distance=dist, reducer=reducer
+    ),
+    "contrastive": lambda lib, dist, reducer: lib.ContrastiveLoss(
+        pos_margin=0.2, neg_margin=0.9, distance=dist, reducer=reducer
+    ),
 }
 
 
@@ -177,15 +195,19 @@ def test_losses_with_reducers_match_pml(loss_name, reducer_name, dist_name):
         if reducer_name == "do_nothing":
             pair = (reducers.DoNothingReducer(), pml_reducers.DoNothingReducer())
         elif reducer_name == "multiple":
-            pair = (reducers.MultipleReducers({"pos_loss": reducers.SumReducer()}),
-                    pml_reducers.MultipleReducers({"pos_loss": pml_reducers.SumReducer()}))
+            pair = (
+                reducers.MultipleReducers({"pos_loss": reducers.SumReducer()}),
+                pml_reducers.MultipleReducers({"pos_loss": pml_reducers.SumReducer()}),
+            )
         else:
             pair = REDUCERS[reducer_name]()
         if reducer_name.startswith("per_anchor") and (case == "ref" or loss_name.startswith("triplet")):
             continue  # PML: triplet terms are refused; pair terms with ref_emb index a B×B matrix by ref rows
         results = []
-        for lib, lib_miners, dist_lib, reducer in ((losses, miners, distances, pair[0]),
-                                                   (pml_losses, pml_miners, pml_distances, pair[1])):
+        for lib, lib_miners, dist_lib, reducer in (
+            (losses, miners, distances, pair[0]),
+            (pml_losses, pml_miners, pml_distances, pair[1]),
+        ):
             e = x.clone().requires_grad_()
             kw = dict(call)
             if kw.get("indices_tuple") == "miner":
@@ -207,5 +229,9 @@ def test_losses_with_reducers_match_pml(loss_name, reducer_name, dist_name):
         assert_close(o1, o2, atol=1e-10, rtol=1e-9)
         g1 = torch.autograd.grad(o1, e1, allow_unused=True)[0]
         g2 = torch.autograd.grad(o2, e2, allow_unused=True)[0]
-        assert_close(torch.zeros_like(e1) if g1 is None else g1, torch.zeros_like(e2) if g2 is None else g2,
-                     atol=1e-10, rtol=1e-9)
+        assert_close(
+            torch.zeros_like(e1) if g1 is None else g1,
+            torch.zeros_like(e2) if g2 is None else g2,
+            atol=1e-10,
+            rtol=1e-9,
+        )

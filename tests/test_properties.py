@@ -41,8 +41,11 @@ def batches(draw, min_b=0, max_b=12):
     small = draw(st.sampled_from([False, False, False, True]))  # 1 in 4: any size, from min_b
     b = draw(st.integers(min_b, max_b) if small else st.integers(max(min_b, 4), max(max_b, 4)))
     d = draw(st.integers(1, 8))
-    pattern = draw(st.sampled_from(["balanced", "random", "balanced", "pairs", "random", "balanced", "negative_huge",
-                                    "one_class", "distinct"]))
+    pattern = draw(
+        st.sampled_from(
+            ["balanced", "random", "balanced", "pairs", "random", "balanced", "negative_huge", "one_class", "distinct"]
+        )
+    )
     integer = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     dtype = draw(st.sampled_from([torch.float64, torch.float32]))
@@ -172,8 +175,16 @@ def test_pairwise_distance_matches_reference(batch, metric, normalize, with_y):
 
 
 LOSS_SPECS = {
-    "batch_hard": (metricops.batch_hard_triplet_loss, reference.batch_hard_triplet_loss, ("mean", "sum", "mean_nonzero", "none")),
-    "semihard": (metricops.semihard_triplet_loss, reference.semihard_triplet_loss, ("mean", "sum", "mean_nonzero", "none")),
+    "batch_hard": (
+        metricops.batch_hard_triplet_loss,
+        reference.batch_hard_triplet_loss,
+        ("mean", "sum", "mean_nonzero", "none"),
+    ),
+    "semihard": (
+        metricops.semihard_triplet_loss,
+        reference.semihard_triplet_loss,
+        ("mean", "sum", "mean_nonzero", "none"),
+    ),
     "batch_all": (metricops.batch_all_triplet_loss, reference.batch_all_triplet_loss, ("mean", "sum", "mean_nonzero")),
 }
 
@@ -187,8 +198,7 @@ def test_triplet_losses_match_reference(name, batch, metric, normalize, data):
     reduction = data.draw(st.sampled_from(reductions))
     margin = data.draw(st.sampled_from([0.0, 0.2, 1.0]))
     if name == "semihard" or reduction == "mean_nonzero":  # values that jump at d(a,n) == d(a,p) or a 0 term
-        metric, normalize = _tie_safe(x, metric, normalize, data,
-                                      lambda d: _triplet_quantities(d, labels, margin))
+        metric, normalize = _tie_safe(x, metric, normalize, data, lambda d: _triplet_quantities(d, labels, margin))
     kw = dict(labels=labels, margin=margin, metric=metric, normalize=normalize, reduction=reduction)
     if name == "batch_hard" and data.draw(st.booleans()):
         kw["soft"] = True
@@ -199,34 +209,54 @@ def test_triplet_losses_match_reference(name, batch, metric, normalize, data):
         _grads_match(xa, xr, out, exp, x.dtype)
 
 
-@given(batch=batches(), metric=st.sampled_from(METRICS), normalize=st.booleans(), squared=st.booleans(),
-       reduction=st.sampled_from(["mean", "sum", "mean_nonzero", "none"]),
-       margins=st.sampled_from([(0.0, 1.0), (0.1, 0.8), (0.5, 2.0)]), data=st.data())
+@given(
+    batch=batches(),
+    metric=st.sampled_from(METRICS),
+    normalize=st.booleans(),
+    squared=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "mean_nonzero", "none"]),
+    margins=st.sampled_from([(0.0, 1.0), (0.1, 0.8), (0.5, 2.0)]),
+    data=st.data(),
+)
 def test_contrastive_loss_matches_reference(batch, metric, normalize, squared, reduction, margins, data):
     x, labels = batch
     pm, nm = margins
     if reduction == "mean_nonzero":  # a term exactly at 0 is not counted
         off = ~torch.eye(x.shape[0], dtype=torch.bool)
         metric, normalize = _tie_safe(x, metric, normalize, data, lambda d: [(d - pm)[off], (nm - d)[off]])
-    kw = dict(labels=labels, pos_margin=pm, neg_margin=nm, metric=metric, squared=squared, normalize=normalize,
-              reduction=reduction)
+    kw = dict(
+        labels=labels,
+        pos_margin=pm,
+        neg_margin=nm,
+        metric=metric,
+        squared=squared,
+        normalize=normalize,
+        reduction=reduction,
+    )
     f = lambda e, labels, **k: metricops.contrastive_loss(e, labels, **k)  # noqa: E731
     r = lambda e, labels, **k: reference.contrastive_loss(e, labels, **k)  # noqa: E731
     xa, xr, out, exp = _compare(f, r, x, **kw)
     d = reference.pairwise_distance(x.double(), metric=metric, normalize=normalize)
     off = ~torch.eye(d.shape[0], dtype=torch.bool)
     qs = [(d - pm)[off], (nm - d)[off]]
-    if all(q.numel() == 0 or q.abs().min() > KINK[x.dtype] for q in qs) and (d.numel() == 0 or d[off].numel() == 0 or d[off].min() > KINK[x.dtype]):
+    if all(q.numel() == 0 or q.abs().min() > KINK[x.dtype] for q in qs) and (
+        d.numel() == 0 or d[off].numel() == 0 or d[off].min() > KINK[x.dtype]
+    ):
         _grads_match(xa, xr, out, exp, x.dtype)
 
 
-@given(batch=batches(min_b=0, max_b=10), metric=st.sampled_from(METRICS), squared=st.booleans(),
-       reduction=st.sampled_from(["mean", "sum", "mean_nonzero", "none"]), margin=st.sampled_from([0.5, 1.0, 2.0]),
-       y_kind=st.sampled_from(["bool", "int", "float"]))
+@given(
+    batch=batches(min_b=0, max_b=10),
+    metric=st.sampled_from(METRICS),
+    squared=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "mean_nonzero", "none"]),
+    margin=st.sampled_from([0.5, 1.0, 2.0]),
+    y_kind=st.sampled_from(["bool", "int", "float"]),
+)
 def test_pair_contrastive_matches_reference(batch, metric, squared, reduction, margin, y_kind):
     x, _ = batch
     x1 = x.roll(1, 0) * 0.7 + 0.1
-    y = (torch.arange(x.shape[0]) % 3 == 0)
+    y = torch.arange(x.shape[0]) % 3 == 0
     y = {"bool": y, "int": y.long(), "float": y.double()}[y_kind]
     x0a, x1a = x.clone().requires_grad_(), x1.clone().requires_grad_()
     x0r, x1r = x.double().clone().requires_grad_(), x1.double().clone().requires_grad_()
@@ -245,8 +275,14 @@ def test_pair_contrastive_matches_reference(batch, metric, squared, reduction, m
             torch.testing.assert_close(a.double(), b, **TOL[x.dtype])
 
 
-@given(batch=batches(min_b=0, max_b=10), p=st.sampled_from([1.0, 2.0, 3.0]), swap=st.booleans(),
-       squared=st.booleans(), reduction=st.sampled_from(["mean", "sum", "none"]), margin=st.sampled_from([0.5, 1.0]))
+@given(
+    batch=batches(min_b=0, max_b=10),
+    p=st.sampled_from([1.0, 2.0, 3.0]),
+    swap=st.booleans(),
+    squared=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    margin=st.sampled_from([0.5, 1.0]),
+)
 def test_triplet_margin_loss_matches_torch(batch, p, swap, squared, reduction, margin):
     x, _ = batch
     if squared:
@@ -283,9 +319,12 @@ def test_triplet_margin_loss_matches_torch(batch, p, swap, squared, reduction, m
 
 
 @MORE_EXAMPLES
-@given(batch=batches(max_b=10), metric=st.sampled_from(METRICS),
-       strategy=st.sampled_from(["all", "violating", "semihard", "hard", "easy", "batch_hard"]),
-       margin=st.sampled_from([-0.2, 0.0, 0.3, 1.0]))
+@given(
+    batch=batches(max_b=10),
+    metric=st.sampled_from(METRICS),
+    strategy=st.sampled_from(["all", "violating", "semihard", "hard", "easy", "batch_hard"]),
+    margin=st.sampled_from([-0.2, 0.0, 0.3, 1.0]),
+)
 def test_mining_and_statistics_match_reference(batch, metric, strategy, margin):
     x, labels = batch
     x = x.double()

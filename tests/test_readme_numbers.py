@@ -105,8 +105,19 @@ def _fake_report() -> dict:
 
     def add(op, mode, params, names, yardsticks=()):
         key = (op, mode, tuple(sorted(params.items())))
-        row = rows.setdefault(key, {"op": op, "mode": mode, "params": dict(params, dtype="float32"), "seconds": {},
-                                    "errors": {}, "peak_bytes": {}, "agreement": {}, "yardsticks": []})
+        row = rows.setdefault(
+            key,
+            {
+                "op": op,
+                "mode": mode,
+                "params": dict(params, dtype="float32"),
+                "seconds": {},
+                "errors": {},
+                "peak_bytes": {},
+                "agreement": {},
+                "yardsticks": [],
+            },
+        )
         for name in names:
             if name in row["seconds"]:
                 continue
@@ -123,8 +134,14 @@ def _fake_report() -> dict:
             add(r.op, r.mode, r.params, [e.contender for e in r.entries if isinstance(e, rt.Cell)], (rt.KNN_YARDSTICK,))
     for op, params in rt.YARDSTICK_ROWS:
         add(op, "forward+backward", params, ["metricops", rt.GEMM_YARDSTICK], (rt.GEMM_YARDSTICK,))
-    env = {"device": "cpu", "cpu": "x86_64", "threads": 2, "torch": "2.14.1", "time": "2026-12-01T00:00:00Z",
-           "libraries": {"pytorch-metric-learning": "2.9.0"}}
+    env = {
+        "device": "cpu",
+        "cpu": "x86_64",
+        "threads": 2,
+        "torch": "2.14.1",
+        "time": "2026-12-01T00:00:00Z",
+        "libraries": {"pytorch-metric-learning": "2.9.0"},
+    }
     return {"environment": env, "run": {"size": "full"}, "results": list(rows.values())}
 
 
@@ -153,8 +170,10 @@ def test_generator_lists_a_slower_streaming_path_with_its_memory():
     row = _row(report, "contrastive_loss (scale)", B=16384)
     row["seconds"]["metricops matrix"] = 0.008
     block = rt.render(report)
-    assert ("- contrastive_loss (scale) (forward+backward), B=16384: metricops streaming takes 1.25× the time of "
-            "metricops matrix (10.0 ms vs 8.00 ms), in 11× less memory (1 MiB vs 11 MiB).") in block
+    assert (
+        "- contrastive_loss (scale) (forward+backward), B=16384: metricops streaming takes 1.25× the time of "
+        "metricops matrix (10.0 ms vs 8.00 ms), in 11× less memory (1 MiB vs 11 MiB)."
+    ) in block
 
 
 def test_generator_refuses_a_ratio_between_different_computations():

@@ -256,7 +256,9 @@ def test_average_precision_hand_computed():
     assert ap("retrieved") == pytest.approx(53 / 90)
     assert ap("relevant") == pytest.approx(s / 4)
     assert ap("min_k_relevant") == pytest.approx(s / 4)
-    assert retrieval.average_precision_at_k(rel, torch.tensor([7]), 5, ap_divisor="min_k_relevant").item() == pytest.approx(s / 5)
+    assert retrieval.average_precision_at_k(
+        rel, torch.tensor([7]), 5, ap_divisor="min_k_relevant"
+    ).item() == pytest.approx(s / 5)
     assert retrieval.average_precision_at_k(rel, nr, 2).item() == pytest.approx(1 / 2)
     assert retrieval.average_precision_at_k(rel, nr, 1).item() == 0.0  # nothing relevant in the top 1
     assert retrieval.recall_at_k(rel, nr, 3).item() == pytest.approx(2 / 4)
@@ -369,7 +371,9 @@ def test_retrieval_metrics_matches_reference(device, self_search, ap_divisor):
     q = torch.randn(60, 5, dtype=torch.float64, device=device)
     ql = torch.randint(0, 6, (60,), device=device)
     db = None if self_search else torch.randn(45, 5, dtype=torch.float64, device=device)
-    dl = None if self_search else torch.randint(0, 7, (45,), device=device)  # label 6: queries without relevant in q? no: db only
+    dl = (
+        None if self_search else torch.randint(0, 7, (45,), device=device)
+    )  # label 6: queries without relevant in q? no: db only
     ql[0] = 99  # a query with no relevant item
     for metric in ("euclidean", "cosine"):
         got = metricops.retrieval_metrics(q, ql, db, dl, ks=(1, 3, 10, 50), metric=metric, ap_divisor=ap_divisor)
@@ -412,7 +416,9 @@ def test_against_pytorch_metric_learning():
 
     x = torch.randn(150, 8)
     labels = torch.randint(0, 5, (150,))
-    calc = AccuracyCalculator(include=("mean_average_precision_at_r", "r_precision", "precision_at_1"), device=torch.device("cpu"))
+    calc = AccuracyCalculator(
+        include=("mean_average_precision_at_r", "r_precision", "precision_at_1"), device=torch.device("cpu")
+    )
     pml = calc.get_accuracy(x, labels, x, labels, ref_includes_query=True)
     ours = metricops.retrieval_metrics(x, labels, ks=(1,))
     assert ours["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-5)
@@ -452,12 +458,20 @@ _L = torch.tensor([0, 1, 0, 1, 2])
         (lambda: metricops.knn(_X, _X.double(), k=1), TypeError, "database must have the same dtype"),
         (lambda: metricops.knn(torch.randn(3), k=1), ValueError, "queries must be a 2-D tensor"),
         (lambda: metricops.knn(_X, k=1, progress="yes"), TypeError, "progress must be a bool"),
-        (lambda: metricops.retrieval_metrics(_X, _L[:4]), ValueError, "query_labels must be a 1-D tensor of length B=5"),
+        (
+            lambda: metricops.retrieval_metrics(_X, _L[:4]),
+            ValueError,
+            "query_labels must be a 1-D tensor of length B=5",
+        ),
         (lambda: metricops.retrieval_metrics(_X, _L, _X, _L[:3]), ValueError, "database_labels must be a 1-D tensor"),
         (lambda: metricops.retrieval_metrics(_X, _L, _X), ValueError, "database_labels is None"),
         (lambda: metricops.retrieval_metrics(_X, _L, None, _L), ValueError, "database is None"),
         (lambda: metricops.retrieval_metrics(_X, _L.float()), TypeError, "query_labels must be int32 or int64"),
-        (lambda: metricops.retrieval_metrics(_X, _L, torch.randn(5, 4), _L), ValueError, "database must have the same embedding size D"),
+        (
+            lambda: metricops.retrieval_metrics(_X, _L, torch.randn(5, 4), _L),
+            ValueError,
+            "database must have the same embedding size D",
+        ),
         (lambda: metricops.retrieval_metrics(_X, _L, metric="l1"), ValueError, "metric must be one of"),
         (lambda: metricops.retrieval_metrics(_X, _L, ap_divisor="all"), ValueError, "ap_divisor must be one of"),
         (lambda: metricops.retrieval_metrics(_X, _L, ks=(0, 5)), ValueError, "ks must hold ints >= 1"),

@@ -63,8 +63,12 @@ def test_contrastive_streaming_gradcheck_and_opcheck(device, small_blocks):
 
 
 def test_streaming_refuses_none_reduction():
-    with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming'"):
-        metricops.contrastive_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), memory="streaming", reduction="none")
+    with pytest.raises(
+        ValueError, match="reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming'"
+    ):
+        metricops.contrastive_loss(
+            torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), memory="streaming", reduction="none"
+        )
 
 
 def test_auto_streams_large_batches(monkeypatch):
@@ -76,7 +80,9 @@ def test_auto_streams_large_batches(monkeypatch):
     labels = torch.randint(0, 3, (20,))
     expected = metricops.contrastive_loss(x, labels, memory="matrix")
     monkeypatch.setattr(
-        metricops.contrastive, "ops", type("Ops", (), {"contrastive_loss_streaming": lambda *a: calls.append(1) or real(*a)})
+        metricops.contrastive,
+        "ops",
+        type("Ops", (), {"contrastive_loss_streaming": lambda *a: calls.append(1) or real(*a)}),
     )
     assert_close(metricops.contrastive_loss(x, labels), expected)
     assert calls == [1]
@@ -126,10 +132,14 @@ def test_sorting_losses_streaming_gradcheck_and_opcheck(device, small_blocks):
         torch.library.opcheck(ops.semihard_triplet_streaming.default, args)
         torch.library.opcheck(ops.batch_all_triplet_streaming.default, args)
         xd = x.detach()
-        torch.library.opcheck(ops.semihard_triplet_streaming_backward.default,
-                              (torch.randn(12, dtype=torch.float64, device=device), xd, *args[1:]))
-        torch.library.opcheck(ops.batch_all_triplet_streaming_backward.default,
-                              (torch.tensor(0.7, dtype=torch.float64, device=device), xd, *args[1:]))
+        torch.library.opcheck(
+            ops.semihard_triplet_streaming_backward.default,
+            (torch.randn(12, dtype=torch.float64, device=device), xd, *args[1:]),
+        )
+        torch.library.opcheck(
+            ops.batch_all_triplet_streaming_backward.default,
+            (torch.tensor(0.7, dtype=torch.float64, device=device), xd, *args[1:]),
+        )
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -169,8 +179,10 @@ def test_sorting_losses_auto_stream_large_batches(monkeypatch):
             calls.append(name)
             return getattr(real, name)
 
-    expected = [metricops.semihard_triplet_loss(x, labels, memory="matrix"),
-                metricops.batch_all_triplet_loss(x, labels, memory="matrix")]
+    expected = [
+        metricops.semihard_triplet_loss(x, labels, memory="matrix"),
+        metricops.batch_all_triplet_loss(x, labels, memory="matrix"),
+    ]
     monkeypatch.setattr(triplet_module, "ops", Spy())
     assert_close(metricops.semihard_triplet_loss(x, labels), expected[0])
     assert_close(metricops.batch_all_triplet_loss(x, labels), expected[1])
@@ -183,8 +195,9 @@ def test_sorting_losses_streaming_compile_fullgraph(device, small_blocks):
     torch._dynamo.reset()
 
     def fn(x, labels):
-        return (metricops.semihard_triplet_loss(x, labels, memory="streaming", metric="cosine")
-                + metricops.batch_all_triplet_loss(x, labels, memory="streaming"))
+        return metricops.semihard_triplet_loss(
+            x, labels, memory="streaming", metric="cosine"
+        ) + metricops.batch_all_triplet_loss(x, labels, memory="streaming")
 
     x = torch.randn(24, 8, device=device, requires_grad=True)
     labels = torch.randint(0, 4, (24,), device=device)

@@ -79,8 +79,9 @@ def test_direct_streaming_ops_cross_block_boundaries(device):
         "batch_hard": ops.batch_hard_triplet(x, labels, 0.3, "euclidean", False, B)[0],
     }
     for rows in (1, 2, 5, 18, 20, 0):
-        assert_close(ops.contrastive_loss_streaming(x, labels, 0.1, 1.5, "euclidean", False, "sum", rows)[0],
-                     ref["contrastive"])
+        assert_close(
+            ops.contrastive_loss_streaming(x, labels, 0.1, 1.5, "euclidean", False, "sum", rows)[0], ref["contrastive"]
+        )
         assert_close(ops.semihard_triplet_streaming(x, labels, 0.3, "euclidean", rows)[0], ref["semihard"])
         assert_close(ops.batch_all_triplet_streaming(x, labels, 0.3, "euclidean", rows)[0], ref["batch_all"])
         assert_close(ops.batch_hard_triplet(x, labels, 0.3, "euclidean", False, rows)[0], ref["batch_hard"])

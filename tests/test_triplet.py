@@ -95,10 +95,14 @@ def test_gradcheck(device, name):
         assert torch.autograd.gradcheck(lambda t: _loss(name, metricops, t, labels, **kw), (x,), eps=1e-6, atol=1e-5)
         # normalize=True (fused into the batch-hard op): gradient through F.normalize.
         kw_norm = dict(kw, normalize=True, margin=0.2)
-        assert torch.autograd.gradcheck(lambda t: _loss(name, metricops, t, labels, **kw_norm), (x,), eps=1e-6, atol=1e-5)
+        assert torch.autograd.gradcheck(
+            lambda t: _loss(name, metricops, t, labels, **kw_norm), (x,), eps=1e-6, atol=1e-5
+        )
         if name != "batch_all_triplet_loss":
             kw["reduction"] = "none"
-            assert torch.autograd.gradcheck(lambda t: _loss(name, metricops, t, labels, **kw), (x,), eps=1e-6, atol=1e-5)
+            assert torch.autograd.gradcheck(
+                lambda t: _loss(name, metricops, t, labels, **kw), (x,), eps=1e-6, atol=1e-5
+            )
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -219,7 +223,9 @@ def test_statistics_exact_counts_small_example():
     # valid triplets: (0,1,{2,3}), (1,0,{2,3}), (2,3,{0,1}), (3,2,{0,1}) = 8
     assert int(s["total"]) == 8
     assert int(s["easy"] + s["semihard"] + s["hard"]) == 8
-    assert {k: int(v) for k, v in s.items()} == {k: int(v) for k, v in reference.triplet_statistics(x, labels, margin=1.0).items()}
+    assert {k: int(v) for k, v in s.items()} == {
+        k: int(v) for k, v in reference.triplet_statistics(x, labels, margin=1.0).items()
+    }
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -291,7 +297,11 @@ def test_modules():
     x = torch.randn(12, 4, dtype=torch.float64)
     labels = torch.randint(0, 3, (12,))
     pairs = [
-        (metricops.nn.BatchHardTripletLoss(margin=0.3, metric="cosine"), reference.batch_hard_triplet_loss, dict(margin=0.3, metric="cosine")),
+        (
+            metricops.nn.BatchHardTripletLoss(margin=0.3, metric="cosine"),
+            reference.batch_hard_triplet_loss,
+            dict(margin=0.3, metric="cosine"),
+        ),
         (metricops.nn.SemiHardTripletLoss(margin=0.1), reference.semihard_triplet_loss, dict(margin=0.1)),
         (metricops.nn.BatchAllTripletLoss(reduction="mean"), reference.batch_all_triplet_loss, dict(reduction="mean")),
     ]
@@ -312,13 +322,32 @@ def _module_cases():
         (mnn.BatchHardTripletLoss, metricops.batch_hard_triplet_loss, (x, labels), dict(labelled, soft=True)),
         (mnn.SemiHardTripletLoss, metricops.semihard_triplet_loss, (x, labels), labelled),
         (mnn.BatchAllTripletLoss, metricops.batch_all_triplet_loss, (x, labels), dict(labelled, reduction="mean")),
-        (mnn.ContrastiveLoss, metricops.contrastive_loss, (x, labels),
-         dict(pos_margin=0.5, neg_margin=5.0, metric="sqeuclidean", squared=True, normalize=True, reduction="sum",
-              memory="streaming")),
-        (mnn.TripletMarginLoss, metricops.triplet_margin_loss, (a, p, n),
-         dict(margin=5.0, p=1.0, eps=0.5, swap=True, reduction="sum")),
-        (mnn.PairContrastiveLoss, metricops.pair_contrastive_loss, (a, p, y),
-         dict(margin=5.0, metric="cosine", squared=True, reduction="sum")),
+        (
+            mnn.ContrastiveLoss,
+            metricops.contrastive_loss,
+            (x, labels),
+            dict(
+                pos_margin=0.5,
+                neg_margin=5.0,
+                metric="sqeuclidean",
+                squared=True,
+                normalize=True,
+                reduction="sum",
+                memory="streaming",
+            ),
+        ),
+        (
+            mnn.TripletMarginLoss,
+            metricops.triplet_margin_loss,
+            (a, p, n),
+            dict(margin=5.0, p=1.0, eps=0.5, swap=True, reduction="sum"),
+        ),
+        (
+            mnn.PairContrastiveLoss,
+            metricops.pair_contrastive_loss,
+            (a, p, y),
+            dict(margin=5.0, metric="cosine", squared=True, reduction="sum"),
+        ),
         (mnn.PairwiseDistance, metricops.pairwise_distance, (x,), dict(metric="cosine", normalize=True)),
     ]
 
@@ -346,16 +375,19 @@ def test_module_arguments_are_live_attributes(cls, fn, inputs, changes):
     assert_close(clone(*inputs), fn(*inputs, **changes))
 
 
-@pytest.mark.parametrize("cls", [metricops.nn.BatchHardTripletLoss, metricops.nn.SemiHardTripletLoss,
-                                 metricops.nn.BatchAllTripletLoss])
+@pytest.mark.parametrize(
+    "cls", [metricops.nn.BatchHardTripletLoss, metricops.nn.SemiHardTripletLoss, metricops.nn.BatchAllTripletLoss]
+)
 def test_module_forward_validates_reassigned_attributes(cls):
     x, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
-    for name, bad, exc, text in (("margin", -1.0, ValueError, "margin must be >= 0.0, got -1.0"),
-                                 ("margin", "0.3", TypeError, "margin must be a number, got str"),
-                                 ("metric", "l1", ValueError, "metric must be one of"),
-                                 ("normalize", 1, TypeError, "normalize must be a bool, got int"),
-                                 ("memory", "disk", ValueError, "memory must be one of"),
-                                 ("reduction", "avg", ValueError, "reduction must be one of")):
+    for name, bad, exc, text in (
+        ("margin", -1.0, ValueError, "margin must be >= 0.0, got -1.0"),
+        ("margin", "0.3", TypeError, "margin must be a number, got str"),
+        ("metric", "l1", ValueError, "metric must be one of"),
+        ("normalize", 1, TypeError, "normalize must be a bool, got int"),
+        ("memory", "disk", ValueError, "memory must be one of"),
+        ("reduction", "avg", ValueError, "reduction must be one of"),
+    ):
         module = cls()
         setattr(module, name, bad)
         with pytest.raises(exc, match=re.escape(text)):
@@ -376,19 +408,83 @@ def test_module_forward_validates_reassigned_attributes(cls):
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(5, dtype=torch.int64)), ValueError, "labels must be a 1-D tensor of length B=4"),
-        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4)), TypeError, "labels must be int32 or int64"),
-        (lambda: metricops.semihard_triplet_loss(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.int64)), ValueError, "labels must be a 1-D tensor"),
-        (lambda: metricops.batch_all_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), margin=-1.0), ValueError, "margin must be >= 0"),
-        (lambda: metricops.batch_all_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), reduction="none"), ValueError, "reduction must be one of"),
-        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), reduction="avg"), ValueError, "reduction must be one of"),
-        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), memory="disk"), ValueError, "memory must be one of"),
-        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), metric="l1"), ValueError, "metric must be one of"),
-        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4), torch.zeros(4, dtype=torch.int64)), ValueError, "embeddings must be a 2-D tensor"),
-        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64, device="meta")), ValueError, "labels must be on the embeddings' device"),
-        (lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), margin=float("nan")), ValueError, "margin must not be NaN"),
-        (lambda: metricops.mine_triplets(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), strategy="hardest"), ValueError, "strategy must be one of"),
-        (lambda: metricops.triplet_statistics(torch.randn(4, 3), torch.zeros(3, dtype=torch.int64)), ValueError, "labels must be a 1-D tensor of length B=4"),
+        (
+            lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(5, dtype=torch.int64)),
+            ValueError,
+            "labels must be a 1-D tensor of length B=4",
+        ),
+        (
+            lambda: metricops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4)),
+            TypeError,
+            "labels must be int32 or int64",
+        ),
+        (
+            lambda: metricops.semihard_triplet_loss(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.int64)),
+            ValueError,
+            "labels must be a 1-D tensor",
+        ),
+        (
+            lambda: metricops.batch_all_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), margin=-1.0),
+            ValueError,
+            "margin must be >= 0",
+        ),
+        (
+            lambda: metricops.batch_all_triplet_loss(
+                torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), reduction="none"
+            ),
+            ValueError,
+            "reduction must be one of",
+        ),
+        (
+            lambda: metricops.batch_hard_triplet_loss(
+                torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), reduction="avg"
+            ),
+            ValueError,
+            "reduction must be one of",
+        ),
+        (
+            lambda: metricops.batch_hard_triplet_loss(
+                torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), memory="disk"
+            ),
+            ValueError,
+            "memory must be one of",
+        ),
+        (
+            lambda: metricops.batch_hard_triplet_loss(
+                torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), metric="l1"
+            ),
+            ValueError,
+            "metric must be one of",
+        ),
+        (
+            lambda: metricops.batch_hard_triplet_loss(torch.randn(4), torch.zeros(4, dtype=torch.int64)),
+            ValueError,
+            "embeddings must be a 2-D tensor",
+        ),
+        (
+            lambda: metricops.batch_hard_triplet_loss(
+                torch.randn(4, 3), torch.zeros(4, dtype=torch.int64, device="meta")
+            ),
+            ValueError,
+            "labels must be on the embeddings' device",
+        ),
+        (
+            lambda: metricops.batch_hard_triplet_loss(
+                torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), margin=float("nan")
+            ),
+            ValueError,
+            "margin must not be NaN",
+        ),
+        (
+            lambda: metricops.mine_triplets(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), strategy="hardest"),
+            ValueError,
+            "strategy must be one of",
+        ),
+        (
+            lambda: metricops.triplet_statistics(torch.randn(4, 3), torch.zeros(3, dtype=torch.int64)),
+            ValueError,
+            "labels must be a 1-D tensor of length B=4",
+        ),
     ],
 )
 def test_bad_input(call, exc, match):
@@ -399,10 +495,16 @@ def test_bad_input(call, exc, match):
 @pytest.mark.parametrize(
     "args, match",
     [
-        ((torch.randn(4, 3), torch.zeros(5, dtype=torch.int64), 0.2, "euclidean"), "labels must be a 1-D tensor of length B=4"),
+        (
+            (torch.randn(4, 3), torch.zeros(5, dtype=torch.int64), 0.2, "euclidean"),
+            "labels must be a 1-D tensor of length B=4",
+        ),
         ((torch.randn(4, 3), torch.zeros(4), 0.2, "euclidean"), "labels must be int32 or int64"),
         ((torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), 0.2, "chebyshev"), "metric must be one of"),
-        ((torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), float("inf"), "euclidean"), "margin must be a finite number"),
+        (
+            (torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), float("inf"), "euclidean"),
+            "margin must be a finite number",
+        ),
     ],
 )
 def test_bad_input_reaches_native_checks(args, match):
@@ -420,7 +522,9 @@ def test_semihard_backward_refuses_foreign_indices():
         neg = negative.clone()
         neg[0, 1] = bad
         with pytest.raises(ValueError, match=r"negative must hold indices in \[-1, 6\)"):
-            torch.ops.metricops.semihard_triplet_backward(torch.ones_like(losses), None, x, losses + 1, neg, dist, "euclidean")
+            torch.ops.metricops.semihard_triplet_backward(
+                torch.ones_like(losses), None, x, losses + 1, neg, dist, "euclidean"
+            )
 
 
 def test_semihard_backward_refuses_grad_dist_of_another_shape():
@@ -511,7 +615,9 @@ def test_fused_normalize_matches_normalizing_first(device):
         x0 = x.clone()
         x0[7] = 0.0
         fused = torch.ops.metricops.batch_hard_triplet(x0, labels, 0.2, metric, False, 0, True)
-        plain = torch.ops.metricops.batch_hard_triplet(torch.nn.functional.normalize(x0, dim=1), labels, 0.2, metric, False, 0)
+        plain = torch.ops.metricops.batch_hard_triplet(
+            torch.nn.functional.normalize(x0, dim=1), labels, 0.2, metric, False, 0
+        )
         for k in (0, 3, 4):
             assert_close(fused[k], plain[k])
 
@@ -524,17 +630,23 @@ def test_batch_hard_backward_skips_half_set_triplets():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     losses, pos, neg, dap, dan = torch.ops.metricops.batch_hard_triplet(x, labels, 5.0, "euclidean", False, 0)
     g = torch.ones_like(losses)
-    full = torch.ops.metricops.batch_hard_triplet_backward(g, g * 0, g * 0, x, pos, neg, dap, dan, 5.0, "euclidean", False)
+    full = torch.ops.metricops.batch_hard_triplet_backward(
+        g, g * 0, g * 0, x, pos, neg, dap, dan, 5.0, "euclidean", False
+    )
     neg_half = neg.clone()
     neg_half[0] = -1
     g0 = g.clone()
     g0[0] = 0  # the same as anchor 0 contributing nothing
-    expected = torch.ops.metricops.batch_hard_triplet_backward(g0, g * 0, g * 0, x, pos, neg, dap, dan, 5.0, "euclidean", False)
+    expected = torch.ops.metricops.batch_hard_triplet_backward(
+        g0, g * 0, g * 0, x, pos, neg, dap, dan, 5.0, "euclidean", False
+    )
     for normalize in (False, True):
         half = torch.ops.metricops.batch_hard_triplet_backward(
             g, g * 0, g * 0, x, pos, neg_half, dap, dan, 5.0, "euclidean", False, normalize
         )
         assert torch.isfinite(half).all()
-    half = torch.ops.metricops.batch_hard_triplet_backward(g, g * 0, g * 0, x, pos, neg_half, dap, dan, 5.0, "euclidean", False)
+    half = torch.ops.metricops.batch_hard_triplet_backward(
+        g, g * 0, g * 0, x, pos, neg_half, dap, dan, 5.0, "euclidean", False
+    )
     assert_close(half, expected)
     assert not torch.allclose(half, full)

@@ -63,8 +63,20 @@ def main(argv) -> int:
         return 2
     env = dict(os.environ, TEST_DEVICE="cpu", TEST_DTYPES="float32,float64")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tools"), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "pytest", "-p", "run_pml_tests", "-p", "no:cacheprovider", "-q",
-           "--rootdir", str(tests.parent), *[str(tests / f) for f in TEST_FILES], *argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "run_pml_tests",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--rootdir",
+        str(tests.parent),
+        *[str(tests / f) for f in TEST_FILES],
+        *argv[1:],
+    ]
     # PML's tests/__init__.py puts "src" on sys.path: run beside tests/, where src/ is PML's own source
     # at most (the swap imports the installed package first, so that is the one patched and used).
     return subprocess.call(cmd, cwd=tests.parent, env=env)

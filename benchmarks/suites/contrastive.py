@@ -34,7 +34,9 @@ def triplet_margin_loss_cases(device: str, quick: bool, dtype=torch.float32) -> 
         leaves = [torch.randn(N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
         for swap in (False, True):
             contenders: Dict[str, Callable[[], None]] = {
-                "metricops": _fwd_bwd(lambda a, p, n, swap=swap: metricops.triplet_margin_loss(a, p, n, swap=swap), *leaves),
+                "metricops": _fwd_bwd(
+                    lambda a, p, n, swap=swap: metricops.triplet_margin_loss(a, p, n, swap=swap), *leaves
+                ),
                 "torch": _fwd_bwd(lambda a, p, n, swap=swap: F.triplet_margin_loss(a, p, n, swap=swap), *leaves),
             }
             params = {"N": N, "D": D, "dtype": str(dtype).replace("torch.", ""), "swap": swap}
@@ -67,6 +69,8 @@ def contrastive_loss_cases(device: str, quick: bool, dtype=torch.float32) -> Lis
 
         pml_contenders = {"metricops.pml": _fwd_bwd(lambda t, labels=labels: mo_pml.ContrastiveLoss()(t, labels), x)}
         if pml_losses is not None:
-            pml_contenders["pytorch-metric-learning"] = _fwd_bwd(lambda t, labels=labels: pml_losses.ContrastiveLoss()(t, labels), x)
+            pml_contenders["pytorch-metric-learning"] = _fwd_bwd(
+                lambda t, labels=labels: pml_losses.ContrastiveLoss()(t, labels), x
+            )
         cases.append(Case("pml.ContrastiveLoss", "forward+backward", dict(params), pml_contenders, inputs=inputs))
     return cases

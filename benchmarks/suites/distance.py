@@ -54,8 +54,22 @@ def pairwise_distance_cases(device: str, quick: bool, dtype=torch.float32) -> Li
             contenders["reference"] = lambda t: reference.pairwise_distance(t)
         params = {"B": B, "D": D, "dtype": str(dtype).replace("torch.", ""), "metric": "euclidean"}
         inputs = {"embeddings": x}
-        cases.append(Case("pairwise_distance", "forward", params, {n: _no_grad(f, x) for n, f in contenders.items()},
-                          inputs=inputs))
-        cases.append(Case("pairwise_distance", "forward+backward", dict(params),
-                          {n: _fwd_bwd(f, x) for n, f in contenders.items()}, inputs=inputs))
+        cases.append(
+            Case(
+                "pairwise_distance",
+                "forward",
+                params,
+                {n: _no_grad(f, x) for n, f in contenders.items()},
+                inputs=inputs,
+            )
+        )
+        cases.append(
+            Case(
+                "pairwise_distance",
+                "forward+backward",
+                dict(params),
+                {n: _fwd_bwd(f, x) for n, f in contenders.items()},
+                inputs=inputs,
+            )
+        )
     return cases

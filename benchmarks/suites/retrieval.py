@@ -76,6 +76,15 @@ def knn_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             except ImportError:
                 pass
         params = {"Q": Q, "N": N, "D": D, "k": k, "dtype": str(dtype).replace("torch.", ""), "metric": "euclidean"}
-        cases.append(Case("knn", "forward", params, contenders, yardsticks=(_GEMM_ONLY,), canonical=canonical,
-                          inputs={"queries": q, "database": db}))
+        cases.append(
+            Case(
+                "knn",
+                "forward",
+                params,
+                contenders,
+                yardsticks=(_GEMM_ONLY,),
+                canonical=canonical,
+                inputs={"queries": q, "database": db},
+            )
+        )
     return cases

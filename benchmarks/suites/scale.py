@@ -65,11 +65,17 @@ def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
         c = {
             "metricops streaming": _fwd_bwd(
                 lambda e, l: metricops.batch_hard_triplet_loss(
-                    e, l, normalize=True, memory="streaming", reduction="mean_nonzero"), x, labels
+                    e, l, normalize=True, memory="streaming", reduction="mean_nonzero"
+                ),
+                x,
+                labels,
             ),
             "metricops matrix": _fwd_bwd(
                 lambda e, l: metricops.batch_hard_triplet_loss(
-                    e, l, normalize=True, memory="matrix", reduction="mean_nonzero"), x, labels
+                    e, l, normalize=True, memory="matrix", reduction="mean_nonzero"
+                ),
+                x,
+                labels,
             ),
         }
         c["plain torch (cdist + masks)"] = (
@@ -87,15 +93,23 @@ def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
         c = {
             "metricops streaming": _fwd_bwd(
                 lambda e, l: metricops.contrastive_loss(
-                    e, l, normalize=True, memory="streaming", reduction="mean_nonzero"), x, labels
+                    e, l, normalize=True, memory="streaming", reduction="mean_nonzero"
+                ),
+                x,
+                labels,
             ),
             "metricops matrix": _fwd_bwd(
                 lambda e, l: metricops.contrastive_loss(
-                    e, l, normalize=True, memory="matrix", reduction="mean_nonzero"), x, labels
+                    e, l, normalize=True, memory="matrix", reduction="mean_nonzero"
+                ),
+                x,
+                labels,
             ),
         }
-        c["plain torch (cdist + masks)"] = _skip(too_big_reason) if too_big else _fwd_bwd(
-            lambda e, l: plain_torch_contrastive(e, l, normalize=True), x, labels
+        c["plain torch (cdist + masks)"] = (
+            _skip(too_big_reason)
+            if too_big
+            else _fwd_bwd(lambda e, l: plain_torch_contrastive(e, l, normalize=True), x, labels)
         )
         cases.append(Case("contrastive_loss (scale)", "forward+backward", dict(params), c, inputs=inputs))
 
@@ -106,7 +120,8 @@ def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             fn = getattr(metricops, name)
             c = {
                 "metricops streaming": _fwd_bwd(
-                    lambda e, l, f=fn: f(e, l, normalize=True, memory="streaming"), x, labels),
+                    lambda e, l, f=fn: f(e, l, normalize=True, memory="streaming"), x, labels
+                ),
                 "metricops matrix": _fwd_bwd(lambda e, l, f=fn: f(e, l, normalize=True, memory="matrix"), x, labels),
             }
             if name == "semihard_triplet_loss":
@@ -120,7 +135,8 @@ def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
                 distances, losses, miners = pml
                 if B > 1024:
                     c["pml TripletMarginLoss"] = _skip(
-                        "skipped: PML materialises every triplet (O(B³); ~1.2 GiB at B=1024)")
+                        "skipped: PML materialises every triplet (O(B³); ~1.2 GiB at B=1024)"
+                    )
                 else:
                     loss = losses.TripletMarginLoss(margin=0.2)
                     c["pml TripletMarginLoss"] = _fwd_bwd(lambda e, l, f=loss: f(e, l), x, labels)

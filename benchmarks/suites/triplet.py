@@ -69,7 +69,8 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
         c: Dict[str, Callable] = {
             "metricops": _fwd_bwd(
                 lambda e, l: metricops.batch_hard_triplet_loss(e, l, normalize=True, reduction="mean_nonzero"),
-                x, labels,
+                x,
+                labels,
             ),
             "x @ x.T (one GEMM, forward only)": (lambda t=x.detach(): t @ t.T),
             "plain torch (cdist + masks)": _fwd_bwd(plain_torch_batch_hard, x, labels),
@@ -77,14 +78,23 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
         if B * B * D <= _MAX_CUBE:  # metricops.reference builds (B, B, D) differences
             c["reference"] = _fwd_bwd(
                 lambda e, l: reference.batch_hard_triplet_loss(e, l, normalize=True, reduction="mean_nonzero"),
-                x, labels,
+                x,
+                labels,
             )
         if pml is not None:
             distances, losses, miners = pml
             bh_miner, bh_loss = miners.BatchHardMiner(), losses.TripletMarginLoss(margin=0.2)
             c["pml BatchHardMiner+TML"] = _fwd_bwd(lambda e, l, f=bh_loss, m=bh_miner: f(e, l, m(e, l)), x, labels)
-        cases.append(Case("batch_hard_triplet_loss", "forward+backward", dict(params), c,
-                          yardsticks=("x @ x.T (one GEMM, forward only)",), inputs=inputs))
+        cases.append(
+            Case(
+                "batch_hard_triplet_loss",
+                "forward+backward",
+                dict(params),
+                c,
+                yardsticks=("x @ x.T (one GEMM, forward only)",),
+                inputs=inputs,
+            )
+        )
 
         # Semi-hard, FaceNet / TensorFlow-Addons rule (one negative per positive pair), mean over the pairs.
         c = {
@@ -101,13 +111,22 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             from metricops.pml import losses as mo_losses, miners as mo_miners
 
             c = {}
-            for name, lib_miners, lib_losses in (("metricops.pml", mo_miners, mo_losses),
-                                                 ("pytorch-metric-learning", miners, losses)):
+            for name, lib_miners, lib_losses in (
+                ("metricops.pml", mo_miners, mo_losses),
+                ("pytorch-metric-learning", miners, losses),
+            ):
                 sh_miner = lib_miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
                 sh_loss = lib_losses.TripletMarginLoss(margin=0.2)
                 c[name] = _fwd_bwd(lambda e, l, f=sh_loss, m=sh_miner: f(e, l, m(e, l)), x, labels)
-            cases.append(Case("pml.TripletMarginMiner(semihard)+TripletMarginLoss", "forward+backward", dict(params), c,
-                              inputs=inputs))
+            cases.append(
+                Case(
+                    "pml.TripletMarginMiner(semihard)+TripletMarginLoss",
+                    "forward+backward",
+                    dict(params),
+                    c,
+                    inputs=inputs,
+                )
+            )
 
         # Batch-all, mean over the non-zero terms (PML's TripletMarginLoss without a miner).
         c = {"metricops": _fwd_bwd(lambda e, l: metricops.batch_all_triplet_loss(e, l, normalize=True), x, labels)}

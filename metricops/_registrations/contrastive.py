@@ -22,15 +22,18 @@ def _contrastive_loss_fake(x, labels, pos_margin, neg_margin, metric, squared, r
     B = x.shape[0]
     none = reduction == "none"
     loss = x.new_empty((B, B)) if none else x.new_empty(())
-    mat = x.new_empty((B, B)) if none else x.new_empty((B, B), dtype=accumulation_dtype(x.dtype))  # W: float32 for halves
+    mat = (
+        x.new_empty((B, B)) if none else x.new_empty((B, B), dtype=accumulation_dtype(x.dtype))
+    )  # W: float32 for halves
     row_coef = x.new_empty((0,) if none else (B,), dtype=accumulation_dtype(x.dtype))
     denom = x.new_empty((), dtype=accumulation_dtype(x.dtype))
     return loss, mat, row_coef, denom
 
 
 @torch.library.register_fake(_LIB + "contrastive_loss_backward")
-def _contrastive_loss_backward_fake(grad, x, labels, mat, row_coef, denom, pos_margin, neg_margin, metric, squared,
-                                    reduction):
+def _contrastive_loss_backward_fake(
+    grad, x, labels, mat, row_coef, denom, pos_margin, neg_margin, metric, squared, reduction
+):
     return _contiguous_like(x)
 
 
@@ -114,10 +117,12 @@ def _triplet_margin_loss_fake(a, p, n, margin, norm_p, eps, swap, squared):
     _check_same_device_dtype(a, "anchor", p, "positive")
     _check_same_device_dtype(a, "anchor", n, "negative")
     torch._check(
-        p.shape == a.shape, lambda: f"positive must have the same shape as anchor {tuple(a.shape)}, got {tuple(p.shape)}"
+        p.shape == a.shape,
+        lambda: f"positive must have the same shape as anchor {tuple(a.shape)}, got {tuple(p.shape)}",
     )
     torch._check(
-        n.shape == a.shape, lambda: f"negative must have the same shape as anchor {tuple(a.shape)}, got {tuple(n.shape)}"
+        n.shape == a.shape,
+        lambda: f"negative must have the same shape as anchor {tuple(a.shape)}, got {tuple(n.shape)}",
     )
     rows = a.shape[0]
     return a.new_empty((rows,)), a.new_empty((rows, 3), dtype=accumulation_dtype(a.dtype))
@@ -160,7 +165,9 @@ def _contrastive_streaming_fake(embeddings, labels, pos_margin, neg_margin, metr
 
 
 @torch.library.register_fake("metricops::contrastive_loss_streaming_backward")
-def _contrastive_streaming_backward_fake(grad, embeddings, labels, denom, pos_margin, neg_margin, metric, squared, block_rows):
+def _contrastive_streaming_backward_fake(
+    grad, embeddings, labels, denom, pos_margin, neg_margin, metric, squared, block_rows
+):
     return _contiguous_like(embeddings)
 
 

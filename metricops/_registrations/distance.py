@@ -50,7 +50,9 @@ def _check_labels(labels, embeddings, name="labels"):
         labels.dim() == 1 and labels.shape[0] == b,
         lambda: f"{name} must be a 1-D tensor of length B={b} (one label per embedding), got shape {tuple(labels.shape)}",
     )
-    torch._check(labels.dtype in (torch.int32, torch.int64), lambda: f"{name} must be int32 or int64, got {labels.dtype}")
+    torch._check(
+        labels.dtype in (torch.int32, torch.int64), lambda: f"{name} must be int32 or int64, got {labels.dtype}"
+    )
     torch._check(
         labels.device == embeddings.device,
         lambda: f"{name} must be on the embeddings' device ({embeddings.device}), got {labels.device}",

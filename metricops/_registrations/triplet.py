@@ -25,12 +25,29 @@ def _batch_hard_fake(embeddings, labels, margin, metric, soft, block_rows, norma
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
     index = embeddings.new_empty((B,), dtype=torch.int64)
-    return (embeddings.new_empty((B,)), index, torch.empty_like(index), embeddings.new_empty((B,)), embeddings.new_empty((B,)))
+    return (
+        embeddings.new_empty((B,)),
+        index,
+        torch.empty_like(index),
+        embeddings.new_empty((B,)),
+        embeddings.new_empty((B,)),
+    )
 
 
 @torch.library.register_fake(_LIB + "batch_hard_triplet_backward")
 def _batch_hard_backward_fake(
-    grad_losses, grad_dist_ap, grad_dist_an, embeddings, positive, negative, dist_ap, dist_an, margin, metric, soft, normalize=False
+    grad_losses,
+    grad_dist_ap,
+    grad_dist_an,
+    embeddings,
+    positive,
+    negative,
+    dist_ap,
+    dist_an,
+    margin,
+    metric,
+    soft,
+    normalize=False,
 ):
     return _contiguous_like(embeddings)
 
@@ -54,7 +71,15 @@ def _batch_hard_backward(ctx, grad_losses, grad_positive, grad_negative, grad_di
         zeros if grad_losses is None else grad_losses,
         zeros if grad_dist_ap is None else grad_dist_ap,
         zeros if grad_dist_an is None else grad_dist_an,
-        embeddings, positive, negative, dist_ap, dist_an, ctx.margin, ctx.metric, ctx.soft, ctx.normalize,
+        embeddings,
+        positive,
+        negative,
+        dist_ap,
+        dist_an,
+        ctx.margin,
+        ctx.metric,
+        ctx.soft,
+        ctx.normalize,
     )
     return grad, None, None, None, None, None, None
 
@@ -108,8 +133,13 @@ def _batch_all_fake(embeddings, labels, margin, metric):
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
     count = embeddings.new_empty((), dtype=torch.int64)
-    return (embeddings.new_empty((), dtype=accumulation_dtype(embeddings.dtype)), count, torch.empty_like(count),
-            embeddings.new_empty((B, B)), embeddings.new_empty((B, B)))
+    return (
+        embeddings.new_empty((), dtype=accumulation_dtype(embeddings.dtype)),
+        count,
+        torch.empty_like(count),
+        embeddings.new_empty((B, B)),
+        embeddings.new_empty((B, B)),
+    )
 
 
 def _batch_all_setup_context(ctx, inputs, output):

@@ -113,15 +113,18 @@ def ties_at_zero(x: torch.Tensor, labels: torch.Tensor, metric: str, dist: Optio
         stream_rows = _block_rows("auto", x, _SORTING_BYTES_PER_ENTRY) if dist is None else batch
         for r0 in range(0, batch, stream_rows):
             # Streaming: the op's row blocks, the same GEMM shapes, so the same values.
-            rows = dist[r0:r0 + stream_rows] if dist is not None else ops.pairwise_distance(
-                x[r0:r0 + stream_rows], x, metric)
+            rows = (
+                dist[r0 : r0 + stream_rows]
+                if dist is not None
+                else ops.pairwise_distance(x[r0 : r0 + stream_rows], x, metric)
+            )
             r1 = r0 + len(rows)
             same = labels[r0:r1, None] == labels[None, :]
             negatives = rows.masked_fill(same, float("nan"))  # NaN equals nothing
             d_ap = rows.gather(1, positives[r0:r1]).masked_fill(~real[r0:r1], float("nan"))
             equal = torch.empty_like(same)
             for k in range(positives.shape[1]):
-                torch.eq(negatives, d_ap[:, k:k + 1], out=equal)
+                torch.eq(negatives, d_ap[:, k : k + 1], out=equal)
                 if bool(equal.any()):
                     a, n = torch.where(equal)
                     found.append((a + r0, positives[a + r0, k], n, d_ap[a, k]))
@@ -176,7 +179,7 @@ def _slot_loss(x, labels, positives, real, interval, loss_margin: float, metric:
         per_slot = positives.new_empty(positives.shape[::-1], dtype=torch.int32)  # (slots, B): rows for out=
         below = torch.le if inclusive else torch.lt
         for k in range(positives.shape[1]):
-            torch.sub(negatives, d_ap[:, k:k + 1], out=m)
+            torch.sub(negatives, d_ap[:, k : k + 1], out=m)
             below(m, upper, out=keep)
             if lower is not None:
                 keep &= torch.gt(m, lower, out=above)
@@ -193,8 +196,9 @@ def _slot_loss(x, labels, positives, real, interval, loss_margin: float, metric:
     return torch.where(count > 0, loss, zero_loss(embeddings))
 
 
-def triplet_margin_loss(embeddings, labels, selection: Optional[TripletSelection], loss_margin: float,
-                        metric: str, normalize: bool) -> torch.Tensor:
+def triplet_margin_loss(
+    embeddings, labels, selection: Optional[TripletSelection], loss_margin: float, metric: str, normalize: bool
+) -> torch.Tensor:
     """PML's TripletMarginLoss(margin=loss_margin) value over ``selection``'s triplets (None: every one)."""
     interval = selected_interval(selection, loss_margin)
     if interval is None:

@@ -51,8 +51,7 @@ class MinedSource:
     def is_unchanged(self, embeddings: torch.Tensor) -> bool:
         """Whether ``embeddings`` is the very tensor mined, not modified in place since (unknowable for an
         inference-mode tensor: no)."""
-        return (self._embeddings() is embeddings and self._version is not None
-                and _version(embeddings) == self._version)
+        return self._embeddings() is embeddings and self._version is not None and _version(embeddings) == self._version
 
 
 def _version(t: torch.Tensor):
@@ -76,8 +75,12 @@ class MinedTriplets(tuple):
     compute its value without the indices.
     """
 
-    def __new__(cls, mine: Callable[[], Indices], selection: Optional[TripletSelection] = None,
-                source: Optional[MinedSource] = None):
+    def __new__(
+        cls,
+        mine: Callable[[], Indices],
+        selection: Optional[TripletSelection] = None,
+        source: Optional[MinedSource] = None,
+    ):
         self = super().__new__(cls)
         self._mine = mine
         self._indices = None

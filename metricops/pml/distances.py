@@ -44,7 +44,9 @@ class LpDistance(BaseDistance):
         if p != 2:
             raise NotImplementedError(f"metricops.pml: distances.LpDistance supports p=2 only, got p={p!r}")
         if power not in (1, 2):
-            raise NotImplementedError(f"metricops.pml: distances.LpDistance supports power=1 or 2 only, got power={power!r}")
+            raise NotImplementedError(
+                f"metricops.pml: distances.LpDistance supports power=1 or 2 only, got power={power!r}"
+            )
         if not isinstance(normalize_embeddings, bool):
             raise TypeError(f"normalize_embeddings must be a bool, got {type(normalize_embeddings).__name__}")
         self.normalize_embeddings = normalize_embeddings

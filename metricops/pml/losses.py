@@ -134,8 +134,16 @@ class TripletMarginLoss(torch.nn.Module):
     ``indices_tuple`` every valid triplet is used.
     """
 
-    def __init__(self, margin: float = 0.05, swap: bool = False, smooth_loss: bool = False,
-                 triplets_per_anchor="all", distance=None, reducer=None, **kwargs):
+    def __init__(
+        self,
+        margin: float = 0.05,
+        swap: bool = False,
+        smooth_loss: bool = False,
+        triplets_per_anchor="all",
+        distance=None,
+        reducer=None,
+        **kwargs,
+    ):
         super().__init__()
         refuse_unsupported("losses.TripletMarginLoss", kwargs)
         if triplets_per_anchor != "all":
@@ -160,7 +168,10 @@ class TripletMarginLoss(torch.nn.Module):
                 import metricops
 
                 return metricops.mine_triplets(
-                    embeddings, labels, strategy="all", metric=self.distance.metric,
+                    embeddings,
+                    labels,
+                    strategy="all",
+                    metric=self.distance.metric,
                     normalize=self.distance.normalize_embeddings,
                 )
             return all_triplets(labels, ref_labels)
@@ -191,20 +202,26 @@ class TripletMarginLoss(torch.nn.Module):
         if indices_tuple is None:
             if not _native_dtype(embeddings, labels):
                 return None
-            return _fused.triplet_margin_loss(embeddings, labels, None, self.margin, dist.metric,
-                                              dist.normalize_embeddings)
+            return _fused.triplet_margin_loss(
+                embeddings, labels, None, self.margin, dist.metric, dist.normalize_embeddings
+            )
         if not isinstance(indices_tuple, MinedTriplets) or indices_tuple.source is None:
             return None
         selection, source = indices_tuple.selection, indices_tuple.source
         same_distance = (selection.metric, selection.normalize, selection.is_inverted) == (
-            dist.metric, dist.normalize_embeddings, dist.is_inverted)
+            dist.metric,
+            dist.normalize_embeddings,
+            dist.is_inverted,
+        )
         if not same_distance or not source.is_unchanged(embeddings) or source.labels.device != embeddings.device:
             return None
         if selection.type_of_triplets == "batch_hard":
-            return _fused.batch_hard_loss(embeddings, source.labels, self.margin, dist.metric,
-                                          dist.normalize_embeddings)
-        return _fused.triplet_margin_loss(embeddings, source.labels, selection, self.margin, dist.metric,
-                                          dist.normalize_embeddings)
+            return _fused.batch_hard_loss(
+                embeddings, source.labels, self.margin, dist.metric, dist.normalize_embeddings
+            )
+        return _fused.triplet_margin_loss(
+            embeddings, source.labels, selection, self.margin, dist.metric, dist.normalize_embeddings
+        )
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML's loss dict: one term per triplet, with the (anchor, positive, negative) indices."""

@@ -91,7 +91,7 @@ def mine_reference(selection: TripletSelection, mat, matches, diffs):
     block = max(1, _REF_BLOCK_ELEMENTS // max(1, mat.shape[1]))
     found = []
     for start in range(0, len(anchors), block):
-        a, p = anchors[start:start + block], positives[start:start + block]
+        a, p = anchors[start : start + block], positives[start : start + block]
         ap, an = mat[a, p][:, None], mat[a]
         m = ap - an if selection.is_inverted else an - ap
         pair, n = torch.where(diffs[a] & _select(selection, m))
@@ -205,5 +205,6 @@ class TripletMarginMiner(_TripletMiner):
 
     def _selection(self):
         d = self.distance
-        return TripletSelection(self.type_of_triplets, float(self.margin), d.metric, d.normalize_embeddings,
-                                d.is_inverted)
+        return TripletSelection(
+            self.type_of_triplets, float(self.margin), d.metric, d.normalize_embeddings, d.is_inverted
+        )

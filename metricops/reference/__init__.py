@@ -1,0 +1,34 @@
+"""Plain-PyTorch reference implementations: the ground truth for tests.
+
+Written for clarity, not speed (some use O(B³) memory); every native op is
+checked against these in float64. One module per op family; a new family adds
+its module here and re-exports its public functions below.
+"""
+
+from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
+from .distance import _row_distance, pairwise_distance
+from .retrieval import knn, retrieval_metrics
+from .triplet import (
+    batch_all_triplet_loss,
+    batch_hard_triplet_loss,
+    mine_triplets,
+    semihard_negatives,
+    semihard_triplet_loss,
+    triplet_statistics,
+)
+
+__all__ = [
+    "_row_distance",
+    "batch_all_triplet_loss",
+    "batch_hard_triplet_loss",
+    "contrastive_loss",
+    "knn",
+    "mine_triplets",
+    "pair_contrastive_loss",
+    "pairwise_distance",
+    "retrieval_metrics",
+    "semihard_negatives",
+    "semihard_triplet_loss",
+    "triplet_margin_loss",
+    "triplet_statistics",
+]

@@ -151,6 +151,17 @@ TORCH_LIBRARY(metricops, m) {
   m.def(
       "knn(Tensor queries, Tensor? database, int k, str metric, int chunk_size=0) "
       "-> (Tensor distances, Tensor indices)");
+  // pytorch-metric-learning's TripletMarginMiner feeding TripletMarginLoss,
+  // without listing the triplets: on a (B, B) distance matrix, the triplets
+  // (a, p, n) whose m = d(a,n) - d(a,p) lies in the interval lower < m (when
+  // has_lower), m <= upper (upper_inclusive) or m < upper. weight (B, B):
+  // +#selected triplets using (a, p) at positives, -#using (a, n) at
+  // negatives (so the loss sum is M*count + sum(weight * dist)); float32 for
+  // float16/bfloat16 dist. row_count (B,) int64: selected triplets per anchor.
+  // Not differentiable (counts).
+  m.def(
+      "triplet_interval_weights(Tensor dist, Tensor labels, float lower, bool has_lower, float upper, "
+      "bool upper_inclusive) -> (Tensor weight, Tensor row_count)");
 }
 
 }  // namespace metricops

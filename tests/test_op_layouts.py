@@ -30,7 +30,7 @@ ALL_OPS = sorted(
     if name.startswith("metricops::") and not name.startswith("metricops::_")  # _build_info takes no tensor
 )
 BACKWARD_OPS = [name for name in ALL_OPS if name.endswith("_backward")]
-NOT_DIFFERENTIABLE = {"knn", "triplet_statistics", "mine_triplets"}  # integer results, or detached by design
+NOT_DIFFERENTIABLE = {"knn", "triplet_statistics", "mine_triplets", "triplet_interval_weights"}  # integer results, or detached by design
 
 
 def _labels(x):
@@ -57,6 +57,11 @@ FORWARD_SAMPLES = {
     "batch_all_triplet_streaming": lambda x, x2, x3: [(x, _labels(x), 0.2, "euclidean", 2)],
     "triplet_statistics": lambda x, x2, x3: [(x, _labels(x), 0.2, "euclidean")],
     "mine_triplets": lambda x, x2, x3: [(x, _labels(x), "all", 0.2, "euclidean")],
+    # A square matrix in x's layout family: its transpose when x is transposed, etc.
+    "triplet_interval_weights": lambda x, x2, x3: [
+        (x[:, :1] * x[:, :1].mT, _labels(x), 0.0, True, 0.2, True),
+        (x[:, :1] - x[:, :1].mT, _labels(x), 0.0, False, 0.05, False),
+    ],
     "contrastive_loss": lambda x, x2, x3: [
         (x, _labels(x), 0.0, 1.0, "euclidean", False, "mean"),
         (x, _labels(x), 0.1, 2.0, "cosine", True, "none"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import metricops
-from common import assert_close
+from common import assert_close, cpu_and_cuda
 from metricops.pml import distances, losses, miners
 from metricops.pml import _fused
 from metricops.pml._mined import MinedTriplets
@@ -264,3 +264,78 @@ def test_inference_mode_tensors():
         assert out.is_materialized
         theirs = pml_losses.TripletMarginLoss(0.1)(x, labels, pml_miners.TripletMarginMiner(0.2, "hard")(x, labels))
         assert_close(value, theirs)
+
+
+# ------------------------------------------------------------------ the native interval counter
+
+
+def _interval_weights_by_listing(dist, labels, lower, upper, inclusive):
+    """The op's contract by listing every triplet, with torch's own float subtraction and comparisons."""
+    B = dist.shape[0]
+    weight = torch.zeros(B, B, dtype=torch.float64)
+    row_count = torch.zeros(B, dtype=torch.int64)
+    for a in range(B):
+        for p in range(B):
+            if p == a or labels[p] != labels[a]:
+                continue
+            for n in range(B):
+                if labels[n] == labels[a]:
+                    continue
+                m = dist[a, n] - dist[a, p]  # a 0-dim tensor in dist's dtype
+                keep = bool(m <= upper) if inclusive else bool(m < upper)
+                if lower is not None:
+                    keep = keep and bool(m > lower)
+                if keep:
+                    weight[a, p] += 1
+                    weight[a, n] -= 1
+                    row_count[a] += 1
+    return weight, row_count
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("interval", [(None, 0.0, True), (0.0, 0.2, True), (0.0, 0.05, False), (None, 0.2, False)])
+def test_interval_weights_match_listing_with_ties_at_bounds(device, dtype, interval):
+    # Integer coordinates: many m exactly at 0 and at the bounds (0.2 = 1/5 of a step of 1 after scaling).
+    x = torch.tensor([0, 2, -2, 3, -1, 10, 5, 0, 1, 2], dtype=dtype)[:, None] / 5
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 2])
+    dist = metricops.pairwise_distance(x)
+    dist[3, 7] = float("nan")  # never selected
+    lower, upper, inclusive = interval
+    weight, row_count = torch.ops.metricops.triplet_interval_weights(
+        dist.to(device), labels.to(device), 0.0 if lower is None else lower, lower is not None, upper, inclusive
+    )
+    expected_weight, expected_count = _interval_weights_by_listing(dist, labels, lower, upper, inclusive)
+    assert weight.dtype == dtype
+    assert torch.equal(weight.cpu().double(), expected_weight)
+    assert torch.equal(row_count.cpu(), expected_count)
+    assert int(expected_count.sum()) > 0  # the example selects something in every interval
+
+
+def test_interval_weights_pinned_semihard_example():
+    # 1-D x = [0, 2, -2, 3, -1, 10], labels [0,0,1,1,2,2] (distances |xi - xj|). Anchor 0, positive 1
+    # (d = 2): semi-hard (0 < m <= 0.2 on m = d_an - 2) takes no negative (d_an: 2, 3, 1, 10, tie at 2 is
+    # m = 0, excluded); with an inclusive upper bound of 1.0 it takes negative 3 (m = 1).
+    x = torch.tensor([[0.0], [2.0], [-2.0], [3.0], [-1.0], [10.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    dist = metricops.pairwise_distance(x)
+    weight, _ = torch.ops.metricops.triplet_interval_weights(dist, labels, 0.0, True, 0.2, True)
+    assert weight[0, 1] == 0
+    weight, count = torch.ops.metricops.triplet_interval_weights(dist, labels, 0.0, True, 1.0, True)
+    assert weight[0, 1] == 1 and weight[0, 3] == -1 and weight[0, 2] == 0
+    assert int(count[0]) == 1
+
+
+def test_interval_weights_opcheck_and_bad_input():
+    x = torch.randn(12, 3, dtype=torch.float64)
+    labels = torch.arange(12) % 3
+    dist = metricops.pairwise_distance(x)
+    torch.library.opcheck(torch.ops.metricops.triplet_interval_weights, (dist, labels, 0.0, True, 0.3, False))
+    with pytest.raises(ValueError, match="dist must be a square"):
+        torch.ops.metricops.triplet_interval_weights(dist[:, :5], labels, 0.0, True, 0.3, False)
+    with pytest.raises(ValueError, match="labels must be a 1-D tensor of length B=12"):
+        torch.ops.metricops.triplet_interval_weights(dist, labels[:5], 0.0, True, 0.3, False)
+    with pytest.raises(TypeError, match="labels must be int32 or int64"):
+        torch.ops.metricops.triplet_interval_weights(dist, labels.float(), 0.0, True, 0.3, False)
+    empty, count = torch.ops.metricops.triplet_interval_weights(dist[:0, :0], labels[:0], 0.0, True, 0.3, False)
+    assert empty.shape == (0, 0) and count.shape == (0,)

@@ -43,6 +43,7 @@ AUTOCAST_OPS = (
     "batch_all_triplet_streaming",
     "triplet_statistics",
     "mine_triplets",
+    "triplet_interval_weights",
     "contrastive_loss",
     "contrastive_loss_streaming",
     "pair_contrastive_loss",

@@ -230,3 +230,13 @@ def _mine_fake(embeddings, labels, strategy, margin, metric):
     n = torch.library.get_ctx().new_dynamic_size()
     index = embeddings.new_empty((n,), dtype=torch.int64)
     return index, torch.empty_like(index), torch.empty_like(index)
+
+
+@torch.library.register_fake(_LIB + "triplet_interval_weights")
+def _interval_weights_fake(dist, labels, lower, has_lower, upper, upper_inclusive):
+    if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
+        raise ValueError(f"dist must be a square (B, B) distance matrix, got shape {tuple(dist.shape)}")
+    _check_batch(dist, labels)
+    weight_dtype = torch.float64 if dist.dtype == torch.float64 else torch.float32
+    B = dist.shape[0]
+    return dist.new_empty((B, B), dtype=weight_dtype), dist.new_empty((B,), dtype=torch.int64)

@@ -6,12 +6,13 @@ with m < M. For TripletMarginMiner (margin μ) the selection is an interval of
 m (``"all"``: m <= μ, ``"hard"``: m <= min(μ, 0), ``"semihard"``:
 0 < m <= μ, ``"easy"``: m > μ). Two exact ways to sum over it:
 
-* Per positive slot (``_slot_loss``, B < 4096): for each anchor's k-th
-  positive, m against every negative on one distance matrix, compared with
-  the bounds exactly as PML compares (so ties at a bound fall as they do in
-  the listed triplets); the counts weight the distance matrix, whose gradient
-  flows through ``pairwise_distance``. O(B² · positives per anchor) work,
-  O(B²) memory: the fast path for class-balanced batches.
+* Per positive (``_slot_loss``, B < 4096): the native
+  ``triplet_interval_weights`` tests m for every (anchor, positive, negative)
+  on one distance matrix, compared with the bounds exactly as PML compares (so
+  ties at a bound fall as they do in the listed triplets); the counts weight
+  the distance matrix, whose gradient flows through ``pairwise_distance``.
+  O(B² · positives per anchor) work, O(B²) memory: the fast path for
+  class-balanced batches.
 * Native batch-all sums (many positives per anchor, or streaming sizes): the
   op gives Σ relu(t − m) and #{m < t} for any t in O(B² log B), and
 
@@ -156,40 +157,22 @@ def use_slots(batch: int, max_positives: int, zero_bound: bool) -> bool:
     return batch < _triplet._AUTO_STREAM_MIN_B and (zero_bound or max_positives <= few)
 
 
-def _slot_loss(x, labels, positives, real, interval, loss_margin: float, metric: str, embeddings):
-    """PML's loss over the interval's triplets from one distance matrix, one anchor-positive slot at a time.
+def _slot_loss(x, labels, interval, loss_margin: float, metric: str, embeddings):
+    """PML's loss over the interval's triplets from one distance matrix, without listing them.
 
-    Per slot k (each anchor's k-th positive p), m = d(a, n) − d(a, p) over every negative n, compared with
-    the bounds exactly as PML compares its margins; the selected triplets' counts give each pair's weight in
-    Σ (M − m) = M · count + Σ weight · d, whose gradient flows through the distance matrix.
+    The native ``triplet_interval_weights`` tests every (a, p, n) against the interval, comparing
+    m = d(a, n) − d(a, p) with the bounds exactly as PML compares its margins, and returns each pair's weight
+    in Σ (M − m) = M · count + Σ weight · d; the gradient flows through the distance matrix.
     """
     lower, upper, inclusive = interval
     dist = ops.pairwise_distance(x, None, metric)
     with torch.no_grad():
-        d = dist.detach()
-        negatives = d.masked_fill(labels[:, None] == labels[None, :], float("nan"))  # NaN: never selected
-        d_ap = d.gather(1, positives).masked_fill(~real, float("nan"))
-        m = torch.empty_like(d)
-        keep = torch.empty_like(d, dtype=torch.bool)
-        above = torch.empty_like(keep)
-        # Per (a, n): in how many selected triplets (at most one per slot). Counted in the bool's own
-        # bytes: a float or wider accumulator would convert every slot's B² mask.
-        counter = torch.int16 if positives.shape[1] > 255 else torch.uint8
-        per_negative = torch.zeros_like(d, dtype=counter)
-        per_slot = positives.new_empty(positives.shape[::-1], dtype=torch.int32)  # (slots, B): rows for out=
-        below = torch.le if inclusive else torch.lt
-        for k in range(positives.shape[1]):
-            torch.sub(negatives, d_ap[:, k : k + 1], out=m)
-            below(m, upper, out=keep)
-            if lower is not None:
-                keep &= torch.gt(m, lower, out=above)
-            selected = keep.view(torch.uint8)
-            per_negative.add_(selected)
-            torch.sum(selected, dim=1, dtype=torch.int32, out=per_slot[k])
-        weight = per_negative.to(d.dtype).neg_().scatter_add_(1, positives, per_slot.t().to(d.dtype))
-        count = per_slot.sum(dtype=torch.int64)
+        weight, row_count = ops.triplet_interval_weights(
+            dist.detach(), labels, 0.0 if lower is None else float(lower), lower is not None, float(upper), inclusive
+        )
+        count = row_count.sum()
         divisor = count.clamp_min(1)
-    rows = (weight * dist).sum(dim=1)  # float32 rows, summed in float64: Σ weight · d without a B² cast
+    rows = (weight * dist).sum(dim=1)  # summed in float64 below: Σ weight · d without a B² cast
     total = float(loss_margin) * count.double() + rows.detach().double().sum()
     slope = rows.sum() / divisor.to(rows.dtype)  # its gradient: weight / count
     loss = (total / divisor.double()).to(embeddings.dtype) + (slope - slope.detach()).to(embeddings.dtype)
@@ -208,7 +191,7 @@ def triplet_margin_loss(
     zero_bound = lower == 0.0 or (inclusive and upper == 0.0)
     positives, real = positives_per_anchor(labels)
     if use_slots(x.shape[0], positives.shape[1], zero_bound):
-        return _slot_loss(x, labels, positives, real, interval, loss_margin, metric, embeddings)
+        return _slot_loss(x, labels, interval, loss_margin, metric, embeddings)
     m_margin = float(loss_margin)
     sum_u, count_u, dist = _below(x, labels, upper, metric)
     total = sum_u.double() + (m_margin - upper) * count_u.double()

@@ -30,7 +30,12 @@ ALL_OPS = sorted(
     if name.startswith("metricops::") and not name.startswith("metricops::_")  # _build_info takes no tensor
 )
 BACKWARD_OPS = [name for name in ALL_OPS if name.endswith("_backward")]
-NOT_DIFFERENTIABLE = {"knn", "triplet_statistics", "mine_triplets", "triplet_interval_weights"}  # integer results, or detached by design
+NOT_DIFFERENTIABLE = {
+    "knn",
+    "triplet_statistics",
+    "mine_triplets",
+    "triplet_interval_weights",
+}  # integer results, or detached by design
 
 
 def _labels(x):

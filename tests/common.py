@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
+
 
 def cpu_and_cuda():
     """Device parameter: the CUDA case carries needs_cuda and skips cleanly without a GPU."""

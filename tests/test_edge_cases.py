@@ -7,9 +7,8 @@ import torch
 import metricops
 from metricops import reference
 
-from common import assert_close
+from common import METRICS, assert_close
 
-METRICS = ("euclidean", "sqeuclidean", "cosine")
 LOSSES = ("batch_hard", "semihard", "batch_all", "contrastive")
 
 

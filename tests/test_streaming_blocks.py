@@ -10,9 +10,8 @@ import torch
 
 import metricops
 from metricops import triplet as triplet_module
-from common import assert_close, cpu_and_cuda
+from common import METRICS, assert_close, cpu_and_cuda
 
-METRICS = ("euclidean", "sqeuclidean", "cosine")
 
 LOSSES = {
     "contrastive": lambda x, labels, memory, metric: metricops.contrastive_loss(

@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from ._memory import check_memory  # noqa: F401  (the memory= rule lives in _memory.py)
+
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
 _CPU_FLOATS = (torch.float32, torch.float64)
@@ -140,15 +142,6 @@ def check_int(value, name: str, *, min_value=None) -> int:
     if min_value is not None and value < min_value:
         raise ValueError(f"{name} must be >= {min_value}, got {name}={value}")
     return value
-
-
-MEMORY_MODES = ("auto", "matrix", "streaming")
-
-
-def check_memory(memory) -> str:
-    if not isinstance(memory, str) or memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of 'auto', 'matrix', 'streaming', got {memory!r}")
-    return memory
 
 
 def check_same_shape(a, a_name: str, b, b_name: str) -> None:

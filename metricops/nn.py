@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _memory
 from . import _validation as v
 from . import triplet as _triplet
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
@@ -74,7 +75,7 @@ class _LabelledBatchLoss(torch.nn.Module):
         super().__init__()
         _check_module_args(kwargs, type(self)._reductions)
         if not self._streams_reduction_none:
-            _triplet._check_streaming_reduction(kwargs["memory"], kwargs["reduction"])
+            _memory.check_streaming_reduction(kwargs["memory"], kwargs["reduction"])
         for name, value in kwargs.items():
             setattr(self, name, value)
 

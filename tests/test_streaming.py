@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import metricops
+from metricops import _memory
 from metricops import triplet as triplet_module
 from common import METRICS, assert_close, cpu_and_cuda
 
@@ -11,8 +12,8 @@ from common import METRICS, assert_close, cpu_and_cuda
 @pytest.fixture
 def small_blocks(monkeypatch):
     # Blocks of 7 rows: every batch below crosses several block boundaries.
-    monkeypatch.setattr(triplet_module, "_CPU_STREAM_BLOCK_ROWS", 7)
-    monkeypatch.setattr(triplet_module, "_CUDA_STREAM_BLOCK_BYTES", 7 * 4 * 64)
+    monkeypatch.setattr(_memory, "CPU_STREAM_BLOCK_ROWS", 7)
+    monkeypatch.setattr(_memory, "CUDA_STREAM_BLOCK_BYTES", 7 * 4 * 64)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -63,7 +64,7 @@ def test_streaming_refuses_none_reduction():
 
 
 def test_auto_streams_large_batches(monkeypatch):
-    monkeypatch.setattr(triplet_module, "_AUTO_STREAM_MIN_B", 16)
+    monkeypatch.setattr(_memory, "AUTO_STREAM_MIN_B", 16)
     calls = []
     real = torch.ops.metricops.contrastive_loss_streaming
 
@@ -146,7 +147,7 @@ def test_sorting_losses_streaming_refuse_none_and_bad_grad():
 
 
 def test_sorting_losses_auto_stream_large_batches(monkeypatch):
-    monkeypatch.setattr(triplet_module, "_AUTO_STREAM_MIN_B", 16)
+    monkeypatch.setattr(_memory, "AUTO_STREAM_MIN_B", 16)
     x, labels = torch.randn(20, 3), torch.randint(0, 3, (20,))
     calls = []
     real = torch.ops.metricops

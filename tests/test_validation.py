@@ -625,9 +625,10 @@ def test_compile_error_matches_eager(fn, args, text):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fake_kernel_refuses_low_precision_on_cpu(dtype):
-    # The fake kernel (used for meta tensors and under torch.compile) repeats the dtype rule.
+    # The fake kernel (used for meta tensors and under torch.compile) repeats the dtype rule, and raises
+    # TypeError as the CPU kernel does.
     x = torch.randn(3, 4, dtype=dtype, device="meta")
-    with pytest.raises(RuntimeError, match=r"x must be float32 or float64 \(float16/bfloat16 on CUDA\)"):
+    with pytest.raises(TypeError, match=r"x must be float32 or float64 \(float16/bfloat16 on CUDA\)"):
         torch.ops.metricops.pairwise_distance(x, None, "euclidean")
 
 

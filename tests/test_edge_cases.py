@@ -1,4 +1,4 @@
-"""Issue 8, part 2: edge cases of every op, each against metricops.reference (float64)
+"""Edge cases of every op, each against metricops.reference (float64)
 or a stated expectation."""
 
 import pytest

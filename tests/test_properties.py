@@ -1,4 +1,4 @@
-"""Issue 8, part 3: property-based comparison of every loss op and pairwise_distance
+"""Property-based comparison of every loss op and pairwise_distance
 with metricops.reference (float64), values and gradients.
 
 Shapes, label patterns, metrics, reductions, margins and dtypes are drawn by

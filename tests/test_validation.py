@@ -1,10 +1,10 @@
-"""Issue 8, part 1: every public entry point refuses bad input with a message that
+"""Every public entry point refuses bad input with a message that
 names the argument and the expected value (Python layer first, the C++ checks
 and the fake kernels with the same wording).
 
 The per-module test files already cover the basic cases of each function; this
-file is the audit across all of them (the table below is the issue's closing
-note), plus the eager-vs-torch.compile wording and the direct-op last line.
+file is the audit across all of them (the table below lists every argument
+check), plus the eager-vs-torch.compile wording and the direct-op last line.
 """
 
 import numpy as np

@@ -61,6 +61,15 @@ def check_same_dim(a, a_name: str, b, b_name: str) -> None:
         )
 
 
+def check_embeddings_pair(x, x_name: str, y, y_name: str) -> None:
+    """``x`` (M, D) embeddings, and ``y`` None or (N, D) embeddings on x's device with x's dtype and D."""
+    check_embeddings(x, x_name)
+    if y is not None:
+        check_embeddings(y, y_name)
+        check_same_device_dtype(x, x_name, y, y_name)
+        check_same_dim(x, x_name, y, y_name)
+
+
 def check_metric(metric) -> str:
     if not isinstance(metric, str) or metric not in METRICS:
         raise ValueError(f"metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got {metric!r}")

@@ -65,11 +65,7 @@ def pairwise_distance(
     One native GEMM (BLAS / cuBLAS) plus a fused epilogue; the backward is one
     more GEMM per input (one in all when ``y`` is None).
     """
-    v.check_embeddings(x, "x")
-    if y is not None:
-        v.check_embeddings(y, "y")
-        v.check_same_device_dtype(x, "x", y, "y")
-        v.check_same_dim(x, "x", y, "y")
+    v.check_embeddings_pair(x, "x", y, "y")
     v.check_metric(metric)
     v.check_flag(normalize, "normalize")
     x = _normalized(x, normalize)

@@ -1,7 +1,8 @@
 """Fake (meta) kernel for knn, so that it traces under torch.compile(fullgraph=True).
 
 knn has no autograd formula on purpose: its outputs are not differentiable
-(the Python wrapper detaches the inputs).
+(the Python wrapper detaches the inputs), and its Autograd kernel says so
+(``register_not_differentiable``).
 """
 
 from __future__ import annotations

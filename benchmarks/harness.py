@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from metricops.demo.timing import interleaved_times
+
 # Agreement tolerances, relative to the first contender's output. Values (the
 # loss, distances): max |a - b| <= VALUE_RTOL * max |b| (torch.cdist's x-vs-x
 # diagonal is sqrt(rounding of ‖x‖²), up to ~1e-3 of the largest distance, not
@@ -227,17 +229,10 @@ def time_case(
                 torch.cuda.empty_cache()
     compare_outputs(case, outputs)
     del outputs
-    samples: Dict[str, List[float]] = {n: [] for n in alive}
-    start = time.perf_counter()
-    rounds = 0
-    while alive and rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        for name, fn in alive.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[name].append(time.perf_counter() - t0)
-        rounds += 1
+    # Round-robin, one call of each per round (the warm-up above was the untimed call).
+    samples = interleaved_times(
+        alive, torch.device(device), budget_s=budget_s, min_rounds=min_rounds, max_rounds=max_rounds, warm_up=False
+    )
     for name, s in samples.items():
         case.results[name] = statistics.median(s)
     if measure_memory:

@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from ._memory import check_memory  # noqa: F401  (the memory= rule lives in _memory.py)
+
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
 _CPU_FLOATS = (torch.float32, torch.float64)
@@ -57,6 +59,15 @@ def check_same_dim(a, a_name: str, b, b_name: str) -> None:
         raise ValueError(
             f"{b_name} must have the same embedding size D as {a_name} ({a.shape[1]}), got shape {tuple(b.shape)}"
         )
+
+
+def check_embeddings_pair(x, x_name: str, y, y_name: str) -> None:
+    """``x`` (M, D) embeddings, and ``y`` None or (N, D) embeddings on x's device with x's dtype and D."""
+    check_embeddings(x, x_name)
+    if y is not None:
+        check_embeddings(y, y_name)
+        check_same_device_dtype(x, x_name, y, y_name)
+        check_same_dim(x, x_name, y, y_name)
 
 
 def check_metric(metric) -> str:
@@ -140,15 +151,6 @@ def check_int(value, name: str, *, min_value=None) -> int:
     if min_value is not None and value < min_value:
         raise ValueError(f"{name} must be >= {min_value}, got {name}={value}")
     return value
-
-
-MEMORY_MODES = ("auto", "matrix", "streaming")
-
-
-def check_memory(memory) -> str:
-    if not isinstance(memory, str) or memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of 'auto', 'matrix', 'streaming', got {memory!r}")
-    return memory
 
 
 def check_same_shape(a, a_name: str, b, b_name: str) -> None:

@@ -7,11 +7,11 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import _memory
 from . import _validation as v
-from . import triplet as _triplet
 from ._ops import ops
 from ._reduction import mean_of_sum, accumulation_dtype
-from .distance import _l2_normalize
+from .distance import _normalized
 
 _TRIPLET_REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
 
@@ -63,11 +63,9 @@ def contrastive_loss(
         embeddings, labels, pos_margin, neg_margin, metric, squared, normalize
     )
     v.check_reduction(reduction)
-    v.check_memory(memory)
-    block_rows = _triplet._block_rows(memory, embeddings)
-    if memory == "streaming" and reduction == "none":
-        raise ValueError("reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming', got 'none'")
-    x = _l2_normalize(embeddings) if normalize else embeddings
+    block_rows = _memory.block_rows(memory, embeddings)
+    _memory.check_streaming_reduction(memory, reduction)
+    x = _normalized(embeddings, normalize)
     if block_rows > 0 and reduction != "none":
         loss, _ = ops.contrastive_loss_streaming(
             x, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows
@@ -109,15 +107,15 @@ def _contrastive_rows_sum(
     pos_margin, neg_margin = _check_contrastive_args(
         embeddings, labels, pos_margin, neg_margin, metric, squared, normalize
     )
-    v.check_memory(memory)
-    x = _l2_normalize(embeddings) if normalize else embeddings
+    _memory.check_memory(memory)
+    x = _normalized(embeddings, normalize)
     x = x.to(accumulation_dtype(x.dtype))  # distances and sums in float32 for float16/bfloat16, as the op's
     # A block holds about 8 (rows, B) temporaries of x's dtype (distances, hinge, masks, autograd's saved ones).
-    block_rows = _triplet._block_rows(memory, embeddings, bytes_per_entry=8 * x.element_size())
+    block_rows = _memory.block_rows(memory, embeddings, bytes_per_entry=8 * x.element_size())
     start, stop = rows.indices(x.shape[0])[:2]
     total = x[:0].sum()  # 0, attached to the graph even with no row (an empty shard still backpropagates)
     num_nonzero = torch.zeros((), dtype=torch.int64, device=x.device)
-    step = block_rows if block_rows > 0 else max(stop - start, 1)
+    step = _memory.rows_per_block(block_rows, stop - start)
     args = (pos_margin, neg_margin, metric, squared)
     for r0 in range(start, stop, step):
         r1 = min(r0 + step, stop)

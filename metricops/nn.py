@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _memory
 from . import _validation as v
 from . import triplet as _triplet
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
@@ -40,24 +41,8 @@ def _format_args(module: torch.nn.Module, names) -> str:
     return ", ".join(f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}" for name, value in values)
 
 
-class PairwiseDistance(torch.nn.Module):
-    """Module form of :func:`metricops.pairwise_distance`."""
-
-    def __init__(self, metric: str = "euclidean", normalize: bool = False):
-        super().__init__()
-        _check_module_args(dict(metric=metric, normalize=normalize))
-        self.metric = metric
-        self.normalize = normalize
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return pairwise_distance(x, y, metric=self.metric, normalize=self.normalize)
-
-    def extra_repr(self) -> str:
-        return _format_args(self, ("metric", "normalize"))
-
-
-class _LabelledBatchLoss(torch.nn.Module):
-    """Shared plumbing of the ``forward(embeddings, labels)`` losses.
+class _FunctionalModule(torch.nn.Module):
+    """A module that calls the functional ``_fn`` with its constructor arguments as keywords.
 
     Each constructor argument is an attribute of the same name (as in torch.nn),
     read at every forward, so reassigning one (a margin schedule) takes effect;
@@ -66,15 +51,13 @@ class _LabelledBatchLoss(torch.nn.Module):
     """
 
     _fn = None
-    _reductions = v.REDUCTIONS
     _arg_names: tuple = ()  # the functional's keywords, in constructor order
-    _streams_reduction_none = False  # whether memory="streaming" allows reduction="none"
+    _reductions = v.REDUCTIONS
+    _loss_margin = True  # whether margin must be >= 0
 
     def __init__(self, **kwargs):
         super().__init__()
-        _check_module_args(kwargs, type(self)._reductions)
-        if not self._streams_reduction_none:
-            _triplet._check_streaming_reduction(kwargs["memory"], kwargs["reduction"])
+        _check_module_args(kwargs, type(self)._reductions, loss_margin=self._loss_margin)
         for name, value in kwargs.items():
             setattr(self, name, value)
 
@@ -82,11 +65,38 @@ class _LabelledBatchLoss(torch.nn.Module):
         """The functional's keyword arguments: the attributes' current values."""
         return {name: getattr(self, name) for name in self._arg_names}
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return type(self)._fn(embeddings, labels, **self._loss_kwargs())
+    def _call(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        return type(self)._fn(*inputs, **self._loss_kwargs())
 
     def extra_repr(self) -> str:
         return _format_args(self, self._arg_names)
+
+
+class PairwiseDistance(_FunctionalModule):
+    """Module form of :func:`metricops.pairwise_distance`."""
+
+    _fn = staticmethod(pairwise_distance)
+    _arg_names = ("metric", "normalize")
+
+    def __init__(self, metric: str = "euclidean", normalize: bool = False):
+        super().__init__(metric=metric, normalize=normalize)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self._call(x, y)
+
+
+class _LabelledBatchLoss(_FunctionalModule):
+    """The ``forward(embeddings, labels)`` losses (those with a ``memory=`` argument)."""
+
+    _streams_reduction_none = False  # whether memory="streaming" allows reduction="none"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if not self._streams_reduction_none:
+            _memory.check_streaming_reduction(kwargs["memory"], kwargs["reduction"])
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._call(embeddings, labels)
 
 
 class BatchHardTripletLoss(_LabelledBatchLoss):
@@ -150,51 +160,31 @@ class ContrastiveLoss(_LabelledBatchLoss):
         )
 
 
-class TripletMarginLoss(torch.nn.Module):
+class TripletMarginLoss(_FunctionalModule):
     """Drop-in for :class:`torch.nn.TripletMarginLoss`, on :func:`metricops.triplet_margin_loss`."""
+
+    _fn = staticmethod(triplet_margin_loss)
+    _arg_names = ("margin", "p", "eps", "swap", "reduction")
+    _loss_margin = False
 
     def __init__(
         self, margin: float = 1.0, p: float = 2.0, eps: float = 1e-6, swap: bool = False, reduction: str = "mean"
     ):
-        super().__init__()
-        _check_module_args(dict(margin=margin, p=p, eps=eps, swap=swap, reduction=reduction), loss_margin=False)
-        self.margin = margin
-        self.p = p
-        self.eps = eps
-        self.swap = swap
-        self.reduction = reduction
+        super().__init__(margin=margin, p=p, eps=eps, swap=swap, reduction=reduction)
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-        return triplet_margin_loss(
-            anchor,
-            positive,
-            negative,
-            margin=self.margin,
-            p=self.p,
-            eps=self.eps,
-            swap=self.swap,
-            reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return _format_args(self, ("margin", "p", "eps", "swap", "reduction"))
+        return self._call(anchor, positive, negative)
 
 
-class PairContrastiveLoss(torch.nn.Module):
+class PairContrastiveLoss(_FunctionalModule):
     """Module form of :func:`metricops.pair_contrastive_loss`; ``forward(x0, x1, y)``."""
 
+    _fn = staticmethod(pair_contrastive_loss)
+    _arg_names = ("margin", "metric", "squared", "reduction")
+    _loss_margin = False
+
     def __init__(self, margin: float = 1.0, metric: str = "euclidean", squared: bool = False, reduction: str = "mean"):
-        super().__init__()
-        _check_module_args(dict(margin=margin, metric=metric, squared=squared, reduction=reduction), loss_margin=False)
-        self.margin = margin
-        self.metric = metric
-        self.squared = squared
-        self.reduction = reduction
+        super().__init__(margin=margin, metric=metric, squared=squared, reduction=reduction)
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return pair_contrastive_loss(
-            x0, x1, y, margin=self.margin, metric=self.metric, squared=self.squared, reduction=self.reduction
-        )
-
-    def extra_repr(self) -> str:
-        return _format_args(self, ("margin", "metric", "squared", "reduction"))
+        return self._call(x0, x1, y)

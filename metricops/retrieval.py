@@ -89,11 +89,7 @@ def knn(
     few queries splits the database over threads, each with its own Q × k
     top-k, merged at the end.)
     """
-    v.check_embeddings(queries, "queries")
-    if database is not None:
-        v.check_embeddings(database, "database")
-        v.check_same_device_dtype(queries, "queries", database, "database")
-        v.check_same_dim(queries, "queries", database, "database")
+    v.check_embeddings_pair(queries, "queries", database, "database")
     v.check_metric(metric)
     v.check_flag(progress, "progress")
     n = queries.shape[0] - 1 if database is None else database.shape[0]
@@ -347,9 +343,7 @@ def retrieval_metrics(
         missing = "database_labels" if database_labels is None else "database"
         raise ValueError(f"database and database_labels must be given together; {missing} is None")
     if database is not None:
-        v.check_embeddings(database, "database")
-        v.check_same_device_dtype(queries, "queries", database, "database")
-        v.check_same_dim(queries, "queries", database, "database")
+        v.check_embeddings_pair(queries, "queries", database, "database")
         v.check_labels(database_labels, database, "database_labels", "database")
     v.check_metric(metric)
     ks = _check_ks(ks)

@@ -12,26 +12,13 @@ from typing import Dict, Tuple
 
 import torch
 
+from . import _memory
 from . import _validation as v
 from ._ops import ops
 from ._reduction import loss_dtype, mean_of_sum, accumulation_dtype
-from .distance import _l2_normalize
+from .distance import _normalized
 
 STRATEGIES = ("all", "violating", "semihard", "hard", "easy", "batch_hard")
-MEMORY_MODES = ("auto", "matrix", "streaming")
-
-# Streaming kernels hold this many rows of the B×B distance matrix at once:
-# on CPU a cache-sized block; on CUDA as many rows as keep the block's scratch
-# under 256 MiB (at least one row: at very large B the budget, not a minimum
-# row count, decides). "auto" streams from B=4096 (a 4096² float32 matrix is
-# 64 MiB).
-_CPU_STREAM_BLOCK_ROWS = 256
-_CUDA_STREAM_BLOCK_BYTES = 256 * 2**20
-_AUTO_STREAM_MIN_B = 4096
-# Tests set this (tests/test_streaming_blocks.py) to force every streaming
-# kernel, CPU and CUDA, to blocks of this many rows, so that block boundaries
-# fall where a test wants them; None in normal use.
-_FORCED_STREAM_BLOCK_ROWS = None
 
 
 def _prepare(embeddings, labels, margin, metric, normalize, *, loss: bool):
@@ -40,42 +27,7 @@ def _prepare(embeddings, labels, margin, metric, normalize, *, loss: bool):
     v.check_metric(metric)
     v.check_flag(normalize, "normalize")
     margin = v.check_number(margin, "margin", min_value=0.0 if loss else None, finite=True)
-    if normalize:
-        embeddings = _l2_normalize(embeddings)
-    return embeddings, margin
-
-
-def _block_rows(memory: str, embeddings: torch.Tensor, bytes_per_entry: int = 4) -> int:
-    """Rows of the distance matrix a streaming kernel holds at once (0: the whole matrix).
-
-    ``bytes_per_entry``: the CUDA kernel's scratch per entry of a row block
-    (the sorting kernels keep sort keys, indices and masks besides distances).
-    """
-    v.check_memory(memory)
-    batch = embeddings.shape[0]
-    if memory == "matrix" or (memory == "auto" and batch < _AUTO_STREAM_MIN_B):
-        return 0
-    if _FORCED_STREAM_BLOCK_ROWS is not None:
-        return _FORCED_STREAM_BLOCK_ROWS
-    if embeddings.device.type == "cuda":
-        return max(1, _CUDA_STREAM_BLOCK_BYTES // (bytes_per_entry * max(batch, 1)))
-    return _CPU_STREAM_BLOCK_ROWS
-
-
-# Live scratch bytes per distance-block entry of the CUDA sorting kernels at
-# their peak (batch-all's block: float32 distances, bool masks, two stable
-# segmented sorts with their int64 indices and temporaries, the gathered
-# sorted copies, float64 prefix sums and per-entry sums and counts: about
-# 80-100 bytes). tests/test_cuda_review.py measures it on a GPU.
-_SORTING_BYTES_PER_ENTRY = 112
-
-
-def _check_streaming_reduction(memory: str, reduction: str) -> None:
-    if memory == "streaming" and reduction == "none":
-        raise ValueError(
-            "reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming' "
-            "('none' returns a B×B tensor), got 'none'"
-        )
+    return _normalized(embeddings, normalize), margin
 
 
 def _reduce(terms: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -112,9 +64,10 @@ def batch_hard_triplet_loss(
 
     Args:
         embeddings: ``(B, D)`` float tensor. labels: ``(B,)`` int32/int64.
-        normalize: distances of ``F.normalize(embeddings, dim=1)``, fused into
-            the op (no normalised copy; its gradient is applied in the
-            backward's single pass over the rows).
+        normalize: distances of ``F.normalize(embeddings, dim=1)``, passed to
+            the op, which fuses it on CPU (no normalised copy; its gradient is
+            applied in the backward's single pass over the rows) and composes
+            it on CUDA (see metricops/distance.py for the rule of every op).
         reduction: ``"mean"`` over anchors with a triplet, ``"sum"``,
             ``"mean_nonzero"``, or ``"none"`` for ``(B,)`` with 0 for anchors
             without a triplet.
@@ -132,7 +85,7 @@ def batch_hard_triplet_loss(
     v.check_flag(normalize, "normalize")
     v.check_flag(soft, "soft")
     v.check_reduction(reduction)
-    block_rows = _block_rows(memory, embeddings)
+    block_rows = _memory.block_rows(memory, embeddings)
     losses, positive, _, _, _ = ops.batch_hard_triplet(embeddings, labels, margin, metric, soft, block_rows, normalize)
     return _reduce(losses, positive >= 0, reduction)
 
@@ -167,8 +120,8 @@ def semihard_triplet_loss(
         only); ``"auto"`` streams from B=4096 unless ``reduction="none"``.
     """
     v.check_reduction(reduction)
-    v.check_memory(memory)
-    _check_streaming_reduction(memory, reduction)
+    _memory.check_memory(memory)
+    _memory.check_streaming_reduction(memory, reduction)
     if reduction != "none":
         row_sum, row_valid, row_active = _semihard_anchor_sums(
             embeddings, labels, margin=margin, metric=metric, normalize=normalize, memory=memory
@@ -193,7 +146,7 @@ def _semihard_anchor_sums(embeddings, labels, *, margin, metric, normalize, memo
     its local anchors' sums.
     """
     embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
-    block_rows = _block_rows(memory, embeddings, _SORTING_BYTES_PER_ENTRY)
+    block_rows = _memory.block_rows(memory, embeddings, _memory.SORTING_BYTES_PER_ENTRY)
     if block_rows > 0:
         return ops.semihard_triplet_streaming(embeddings, labels, margin, metric, block_rows)
     losses, negative, _ = ops.semihard_triplet(embeddings, labels, margin, metric)
@@ -226,7 +179,7 @@ def batch_all_triplet_loss(
     """
     embeddings, margin = _prepare(embeddings, labels, margin, metric, normalize, loss=True)
     v.check_reduction(reduction, ("mean", "sum", "mean_nonzero"))
-    block_rows = _block_rows(memory, embeddings, _SORTING_BYTES_PER_ENTRY)
+    block_rows = _memory.block_rows(memory, embeddings, _memory.SORTING_BYTES_PER_ENTRY)
     if block_rows > 0:
         loss_sum, num_valid, num_active = ops.batch_all_triplet_streaming(
             embeddings, labels, margin, metric, block_rows

@@ -70,7 +70,7 @@ def run(device: str, quick: bool) -> list:
             for memory, rows in (("matrix", None), ("streaming", 5), ("streaming", B - 1)):
                 kw = dict(metric=metric, memory=memory)
                 sub = f"{tag}/{memory}{rows or ''}"
-                metricops.triplet._FORCED_STREAM_BLOCK_ROWS = rows
+                metricops._memory._FORCED_STREAM_BLOCK_ROWS = rows
                 try:
                     step(f"batch_hard {sub}", fwd_bwd(lambda t: metricops.batch_hard_triplet_loss(t, labels, **kw)))
                     step(
@@ -84,7 +84,7 @@ def run(device: str, quick: bool) -> list:
                         fwd_bwd(lambda t: metricops.contrastive_loss(t, labels, neg_margin=1.5, **kw)),
                     )
                 finally:
-                    metricops.triplet._FORCED_STREAM_BLOCK_ROWS = None
+                    metricops._memory._FORCED_STREAM_BLOCK_ROWS = None
             step(
                 f"contrastive none {tag}",
                 fwd_bwd(lambda t: metricops.contrastive_loss(t, labels, reduction="none", metric=metric)),
@@ -131,7 +131,7 @@ def run(device: str, quick: bool) -> list:
             for dtype in dtypes[:2]:
                 x = torch.randn(B, D, generator=gen).to(device, dtype)
                 for memory, rows in (("matrix", None), ("streaming", 5)):
-                    metricops.triplet._FORCED_STREAM_BLOCK_ROWS = rows
+                    metricops._memory._FORCED_STREAM_BLOCK_ROWS = rows
                     try:
                         for name in ("semihard_triplet_loss", "batch_all_triplet_loss"):
                             loss_fn = getattr(metricops, name)
@@ -143,7 +143,7 @@ def run(device: str, quick: bool) -> list:
 
                             step(f"scan {name} {dtype} classes={classes} {memory}", go)
                     finally:
-                        metricops.triplet._FORCED_STREAM_BLOCK_ROWS = None
+                        metricops._memory._FORCED_STREAM_BLOCK_ROWS = None
                 step(
                     f"scan triplet_statistics {dtype} classes={classes}",
                     lambda: torch.stack(list(metricops.triplet_statistics(x, scan_labels).values())).float(),

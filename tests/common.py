@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
+
 
 def cpu_and_cuda():
     """Device parameter: the CUDA case carries needs_cuda and skips cleanly without a GPU."""
@@ -28,6 +31,16 @@ def make_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 LAYOUTS = ("contiguous", "transposed", "strided", "offset")
+
+
+def labelled_batch_with_reference(seed, rows, ref_rows, dim, *, dtype=torch.float32, ref_classes=3):
+    """(embeddings, labels in 0..2, ref_emb, ref_labels in 0..ref_classes-1), drawn in that order from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 3, (rows,), generator=gen)
+    ref = torch.randn(ref_rows, dim, generator=gen, dtype=dtype)
+    ref_labels = torch.randint(0, ref_classes, (ref_rows,), generator=gen)
+    return x, labels, ref, ref_labels
 
 
 def assert_close(actual, expected, *, dtype=None, atol=None, rtol=None):

@@ -82,8 +82,10 @@ def test_agreement_check_flags_a_different_semihard_loss():
         "forward+backward",
         {},
         {
-            "metricops": _fwd_bwd(lambda e, l: metricops.semihard_triplet_loss(e, l, normalize=True), x, labels),
-            "pml": _fwd_bwd(lambda e, l: loss(e, l, miner(e, l)), x, labels),
+            "metricops": _fwd_bwd(
+                lambda e, labels: metricops.semihard_triplet_loss(e, labels, normalize=True), x, labels
+            ),
+            "pml": _fwd_bwd(lambda e, labels: loss(e, labels, miner(e, labels)), x, labels),
         },
     )
     check_agreement(case)
@@ -100,7 +102,9 @@ def test_agreement_check_flags_another_reduction():
         "forward+backward",
         {},
         {
-            "metricops": _fwd_bwd(lambda e, l: metricops.batch_hard_triplet_loss(e, l, normalize=True), x, labels),
+            "metricops": _fwd_bwd(
+                lambda e, labels: metricops.batch_hard_triplet_loss(e, labels, normalize=True), x, labels
+            ),
             "plain": _fwd_bwd(plain_torch_batch_hard, x, labels),
         },
         inputs={"embeddings": x, "labels": labels},
@@ -113,8 +117,8 @@ def test_agreement_check_flags_another_reduction():
 def test_agreement_check_flags_a_gradient_that_differs():
     x, labels = _batch()
 
-    def detached_normalize(e, l):  # same value, but no gradient through the normalization
-        return metricops.contrastive_loss(e / e.detach().norm(dim=1, keepdim=True), l, reduction="mean_nonzero")
+    def detached_normalize(e, labels):  # same value, but no gradient through the normalization
+        return metricops.contrastive_loss(e / e.detach().norm(dim=1, keepdim=True), labels, reduction="mean_nonzero")
 
     case = Case(
         "contrastive",
@@ -122,7 +126,9 @@ def test_agreement_check_flags_a_gradient_that_differs():
         {},
         {
             "metricops": _fwd_bwd(
-                lambda e, l: metricops.contrastive_loss(e, l, normalize=True, reduction="mean_nonzero"), x, labels
+                lambda e, labels: metricops.contrastive_loss(e, labels, normalize=True, reduction="mean_nonzero"),
+                x,
+                labels,
             ),
             "detached": _fwd_bwd(detached_normalize, x, labels),
         },

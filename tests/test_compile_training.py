@@ -9,12 +9,14 @@ import metricops
 from common import assert_close, cpu_and_cuda
 
 LOSSES = {
-    "batch_hard": lambda e, l: metricops.batch_hard_triplet_loss(e, l, margin=0.3),
-    "batch_hard_soft_streaming": lambda e, l: metricops.batch_hard_triplet_loss(e, l, soft=True, memory="streaming"),
-    "semihard": lambda e, l: metricops.semihard_triplet_loss(e, l, metric="cosine"),
-    "batch_all": lambda e, l: metricops.batch_all_triplet_loss(e, l, normalize=True),
-    "contrastive": lambda e, l: metricops.contrastive_loss(e, l, neg_margin=2.0, squared=True),
-    "triplet_margin": lambda e, l: metricops.triplet_margin_loss(e, e.roll(1, 0), e.roll(2, 0), margin=0.5),
+    "batch_hard": lambda e, labels: metricops.batch_hard_triplet_loss(e, labels, margin=0.3),
+    "batch_hard_soft_streaming": lambda e, labels: metricops.batch_hard_triplet_loss(
+        e, labels, soft=True, memory="streaming"
+    ),
+    "semihard": lambda e, labels: metricops.semihard_triplet_loss(e, labels, metric="cosine"),
+    "batch_all": lambda e, labels: metricops.batch_all_triplet_loss(e, labels, normalize=True),
+    "contrastive": lambda e, labels: metricops.contrastive_loss(e, labels, neg_margin=2.0, squared=True),
+    "triplet_margin": lambda e, labels: metricops.triplet_margin_loss(e, e.roll(1, 0), e.roll(2, 0), margin=0.5),
 }
 
 
@@ -72,11 +74,11 @@ def test_inductor_training_all_losses(device):
     model, data, labels = _setup(device)
     eager_model = copy.deepcopy(model)
 
-    def all_losses(e, l):
-        return sum(fn(e, l) for fn in LOSSES.values())
+    def all_losses(e, labels):
+        return sum(fn(e, labels) for fn in LOSSES.values())
 
     eager_losses, eager_params = _train(eager_model, all_losses, data, labels, steps=2)
-    compiled = torch.compile(lambda x, l: all_losses(model(x), l), fullgraph=True)
+    compiled = torch.compile(lambda x, labels: all_losses(model(x), labels), fullgraph=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     got = []
     for _ in range(2):

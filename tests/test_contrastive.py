@@ -4,10 +4,7 @@ import torch.nn.functional as F
 
 import metricops
 from metricops import reference
-from common import assert_close, cpu_and_cuda
-
-METRICS = ("euclidean", "sqeuclidean", "cosine")
-REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
+from common import METRICS, REDUCTIONS, assert_close, cpu_and_cuda
 
 
 def label_cases(device):
@@ -362,40 +359,6 @@ def test_triplet_gradcheck():
 
 
 # --------------------------------------------------------------------------- ops: opcheck, compile, double backward
-
-
-def test_opcheck():
-    ops = torch.ops.metricops
-    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2])
-    for metric in METRICS:
-        for reduction in REDUCTIONS:
-            args = (x, labels, 0.1, 1.5, metric, reduction == "sum", reduction)
-            torch.library.opcheck(ops.contrastive_loss.default, args)
-            loss, mat, row_coef, denom = ops.contrastive_loss(x.detach(), *args[1:])
-            grad = torch.randn_like(loss)
-            torch.library.opcheck(
-                ops.contrastive_loss_backward.default, (grad, x.detach(), labels, mat, row_coef, denom, *args[2:])
-            )
-    x0 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    x1 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    y = torch.tensor([True, False, True, False, False])
-    for metric in METRICS:
-        torch.library.opcheck(ops.pair_contrastive_loss.default, (x0, x1, y, 1.5, metric, False))
-        loss, dist = ops.pair_contrastive_loss(x0.detach(), x1.detach(), y, 1.5, metric, True)
-        torch.library.opcheck(
-            ops.pair_contrastive_loss_backward.default,
-            (torch.randn_like(loss), x0.detach(), x1.detach(), y, dist, 1.5, metric, True),
-        )
-    a, p, n = _triplet_inputs(6, 4, torch.float64, "cpu")
-    for norm_p, swap, squared in ((2.0, False, False), (1.0, True, False), (3.0, True, False), (2.0, True, True)):
-        args = (1.0, norm_p, 1e-6, swap, squared)
-        torch.library.opcheck(ops.triplet_margin_loss.default, (a, p, n, *args))
-        loss, dists = ops.triplet_margin_loss(a.detach(), p.detach(), n.detach(), *args)
-        torch.library.opcheck(
-            ops.triplet_margin_loss_backward.default,
-            (torch.randn_like(loss), a.detach(), p.detach(), n.detach(), dists, *args),
-        )
 
 
 def test_double_backward_refused():

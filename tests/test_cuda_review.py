@@ -9,7 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import metricops
-from metricops import triplet as triplet_module
+from metricops import _memory
 from common import assert_close, cpu_and_cuda
 
 ops = torch.ops.metricops
@@ -310,10 +310,10 @@ def test_cuda_stream_blocks_stay_within_budget(batch):
     """The CUDA row block respects the 256 MiB budget at any B (a 64-row minimum gave ~5 GiB at B = 10⁶)."""
     with FakeTensorMode():
         x = torch.empty(batch, 128, device="cuda")
-    for bytes_per_entry in (4, triplet_module._SORTING_BYTES_PER_ENTRY):
-        rows = triplet_module._block_rows("streaming", x, bytes_per_entry)
+    for bytes_per_entry in (4, _memory.SORTING_BYTES_PER_ENTRY):
+        rows = _memory.block_rows("streaming", x, bytes_per_entry)
         assert rows >= 1
-        assert rows * batch * bytes_per_entry <= triplet_module._CUDA_STREAM_BLOCK_BYTES
+        assert rows * batch * bytes_per_entry <= _memory.CUDA_STREAM_BLOCK_BYTES
 
 
 def test_sorting_scratch_estimate_covers_the_sort_path():
@@ -322,7 +322,7 @@ def test_sorting_scratch_estimate_covers_the_sort_path():
     cumsum's temporaries 24, multiplicity 4, float64 term sums 8, int64 counts 8, plus the stable sorts'
     own temporaries (~24): about 100. The estimate must not be below it (a GPU measures it: see
     test_sorting_scratch_measured_on_gpu)."""
-    assert triplet_module._SORTING_BYTES_PER_ENTRY >= 100
+    assert _memory.SORTING_BYTES_PER_ENTRY >= 100
 
 
 @pytest.mark.needs_cuda
@@ -349,7 +349,7 @@ def test_sorting_scratch_measured_on_gpu():
         torch.cuda.synchronize()
         per_entry = (torch.cuda.max_memory_allocated() - base) / (rows * B)
         print(f"sorting scratch {name}: {per_entry:.1f} bytes per block entry")
-        assert per_entry <= triplet_module._SORTING_BYTES_PER_ENTRY, (name, per_entry)
+        assert per_entry <= _memory.SORTING_BYTES_PER_ENTRY, (name, per_entry)
 
 
 # --------------------------------------------------------------------------- 8. sort-free scan path
@@ -394,7 +394,7 @@ SCANNED = {
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_scan_path_matches_sort_path(monkeypatch, metric):
     """METRICOPS_CUDA_TRIPLET_PATH=scan gives the sort path's losses, gradients, counts and statistics."""
-    monkeypatch.setattr(triplet_module, "_FORCED_STREAM_BLOCK_ROWS", 7)  # streaming crosses block boundaries
+    monkeypatch.setattr(_memory, "_FORCED_STREAM_BLOCK_ROWS", 7)  # streaming crosses block boundaries
     for x, labels in _scan_batches("cuda"):
         for memory in ("matrix", "streaming"):
             for name, fn in SCANNED.items():

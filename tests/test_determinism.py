@@ -1,4 +1,4 @@
-"""Issue 8, part 4: with torch.use_deterministic_algorithms(True), every op run twice
+"""With torch.use_deterministic_algorithms(True), every op run twice
 on CPU gives bitwise-identical outputs and gradients (the flag is restored after)."""
 
 import pytest

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import metricops
 from metricops import distributed as mdist
 from metricops import nn as mnn
-from metricops import triplet as triplet_module
+from metricops import _memory
 from common import assert_close
 
 WORLD = 2
@@ -113,7 +113,7 @@ def _grads(loss, emb, model):
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    triplet_module._CPU_STREAM_BLOCK_ROWS = 2  # streaming modules cross block boundaries within a shard
+    _memory.CPU_STREAM_BLOCK_ROWS = 2  # streaming modules cross block boundaries within a shard
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",

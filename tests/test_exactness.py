@@ -9,8 +9,7 @@ import torch
 import metricops
 from metricops import reference
 from metricops.pml import losses as pml_losses
-
-METRICS = ("euclidean", "sqeuclidean", "cosine")
+from common import METRICS
 
 
 def _duplicated_batch(dtype=torch.float32, n=20, dim=64, scale=3.0, seed=0):

@@ -14,7 +14,9 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 import metricops
+from metricops._registrations._common import forward_op_names
 from common import assert_close
+from samples import NOT_DIFFERENTIABLE
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2])  # every anchor has a positive and negatives
 
@@ -183,11 +185,5 @@ def test_knn_and_counts_are_constants_under_transforms():
 
 def test_cases_cover_every_differentiable_op():
     """Each op with an autograd formula (its *_backward op aside) is the first op of some case."""
-    differentiable = {
-        name.split("::", 1)[1]
-        for name in torch._C._dispatch_get_all_op_names()
-        if name.startswith("metricops::")
-        and not name.endswith("_backward")
-        and torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd")
-    }
+    differentiable = set(forward_op_names()) - NOT_DIFFERENTIABLE
     assert differentiable == {op for _, op in CASES.values()}

@@ -6,8 +6,8 @@ each op's real outputs have the declared strides. A fake kernel that returned
 gradient) broke every compiled backward on transposed embeddings, e.g.
 ``(W @ X).t()``. opcheck did not catch it: it only feeds contiguous inputs.
 
-The op list comes from the dispatcher, so a new op without a sample builder
-below fails ``test_every_op_has_samples``. Backward ops get their inputs from
+The op list comes from the dispatcher and the samples from tests/samples.py
+(tests/test_op_registry.py fails for an op without one). Backward ops get their inputs from
 autograd itself: the forward samples are differentiated and the calls to the
 ``*_backward`` ops are recorded.
 """
@@ -16,74 +16,15 @@ import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import metricops  # noqa: F401  (registers the ops)
+import metricops
+from metricops._registrations._common import backward_op_names, native_op_names
 from common import assert_close, cpu_and_cuda
+from samples import NOT_DIFFERENTIABLE, SAMPLES, as_tuple, backward_samples, detached, fake_run
 
 ops = torch.ops.metricops
-ALL_OPS = sorted(
-    name.split("::", 1)[1]
-    for name in torch._C._dispatch_get_all_op_names()
-    if name.startswith("metricops::") and not name.startswith("metricops::_")  # _build_info takes no tensor
-)
-BACKWARD_OPS = [name for name in ALL_OPS if name.endswith("_backward")]
-NOT_DIFFERENTIABLE = {
-    "knn",
-    "triplet_statistics",
-    "mine_triplets",
-    "triplet_interval_weights",
-}  # integer results, or detached by design
-
-
-def _labels(x):
-    return torch.arange(x.shape[0], device=x.device) // 2  # pairs: every anchor with B >= 4 has a triplet
-
-
-def _pair_labels(x):
-    return torch.arange(x.shape[0], device=x.device) % 2 == 0
-
-
-# op name -> (embeddings x, x2, x3 of one shape) -> argument tuples. Cover each
-# code path whose output layout could differ (metrics, streaming, normalize, reductions).
-FORWARD_SAMPLES = {
-    "pairwise_distance": lambda x, x2, x3: [(x, x2, "euclidean"), (x, None, "cosine"), (x, None, "sqeuclidean")],
-    "l2_normalize": lambda x, x2, x3: [(x, 1e-12)],
-    "batch_hard_triplet": lambda x, x2, x3: [
-        (x, _labels(x), 0.2, "euclidean", False, 0, False),
-        (x, _labels(x), 0.2, "euclidean", False, 0, True),
-        (x, _labels(x), 0.2, "cosine", True, 2, False),
-    ],
-    "semihard_triplet": lambda x, x2, x3: [(x, _labels(x), 0.2, "euclidean"), (x, _labels(x), 0.5, "cosine")],
-    "semihard_triplet_streaming": lambda x, x2, x3: [(x, _labels(x), 0.2, "euclidean", 2)],
-    "batch_all_triplet": lambda x, x2, x3: [(x, _labels(x), 0.2, "sqeuclidean")],
-    "batch_all_triplet_streaming": lambda x, x2, x3: [(x, _labels(x), 0.2, "euclidean", 2)],
-    "triplet_statistics": lambda x, x2, x3: [(x, _labels(x), 0.2, "euclidean")],
-    "mine_triplets": lambda x, x2, x3: [(x, _labels(x), "all", 0.2, "euclidean")],
-    # A square matrix in x's layout family: its transpose when x is transposed, etc.
-    "triplet_interval_weights": lambda x, x2, x3: [
-        (x[:, :1] * x[:, :1].mT, _labels(x), 0.0, True, 0.2, True),
-        (x[:, :1] - x[:, :1].mT, _labels(x), 0.0, False, 0.05, False),
-    ],
-    "contrastive_loss": lambda x, x2, x3: [
-        (x, _labels(x), 0.0, 1.0, "euclidean", False, "mean"),
-        (x, _labels(x), 0.1, 2.0, "cosine", True, "none"),
-    ],
-    "contrastive_loss_streaming": lambda x, x2, x3: [(x, _labels(x), 0.0, 1.0, "euclidean", True, "sum", 2)],
-    "pair_contrastive_loss": lambda x, x2, x3: [(x, x2, _pair_labels(x), 1.0, "euclidean", False)],
-    "triplet_margin_loss": lambda x, x2, x3: [
-        (x, x2, x3, 1.0, 2.0, 1e-6, False, False),
-        (x, x2, x3, 1.0, 1.5, 1e-6, True, False),
-        (x, x2, x3, 1.0, 2.0, 0.0, False, True),
-    ],
-    "knn": lambda x, x2, x3: [(x, x2, 2, "euclidean"), (x, None, 2, "cosine", 2)] if x.shape[0] > 2 else [],
-}
-
-
-def _as_tuple(result):
-    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+ALL_OPS = native_op_names()
+BACKWARD_OPS = backward_op_names()
 
 
 def _randn_like(t, generator):
@@ -108,19 +49,8 @@ LAYOUTS = ("contiguous", "transposed", "expanded", "sliced")
 SHAPES = ((6, 4), (6, 1), (1, 4), (0, 4))
 
 
-class _RecordBackwardCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "metricops" and func._opname.endswith("_backward"):
-            self.calls.append((func._opname, args))
-        return func(*args, **(kwargs or {}))
-
-
 def _samples(device, dtype):
-    """(op name, arguments, what) for every op: forwards from FORWARD_SAMPLES, backwards as autograd calls them."""
+    """(op name, arguments, what) for every op: forwards from SAMPLES, backwards as autograd calls them."""
     out = []
     gen = torch.Generator().manual_seed(0)
     for shape in SHAPES:
@@ -128,28 +58,16 @@ def _samples(device, dtype):
             what = f"{layout} {shape} {dtype}"
             leaves = [torch.randn(shape, generator=gen, dtype=dtype).to(device).requires_grad_() for _ in range(3)]
             embeddings = [_relayout(t, layout) for t in leaves]
-            for name, build in FORWARD_SAMPLES.items():
-                for args in build(*embeddings):
-                    out.append((name, args, what))
+            for name, build in SAMPLES.items():
+                for sample in build(*embeddings):
+                    out.append((name, sample.args, what))
                     if name in NOT_DIFFERENTIABLE:
                         continue
-                    results = [r for r in _as_tuple(getattr(ops, name)(*args)) if r.requires_grad]
-                    grads = [_relayout(_randn_like(r, gen), layout) for r in results]
-                    with _RecordBackwardCalls() as recorder:
-                        torch.autograd.grad(results, leaves, grads, allow_unused=True)
-                    out += [(op, call_args, f"{what}, from {name}") for op, call_args in recorder.calls]
+                    calls = backward_samples(
+                        name, sample.args, leaves, lambda r: _relayout(_randn_like(r, gen), layout)
+                    )
+                    out += [(op, call_args, f"{what}, from {name}") for op, call_args in calls]
     return out
-
-
-def _detached(args):
-    return [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-
-
-def _fake_run(name, args):
-    mode = FakeTensorMode(shape_env=ShapeEnv())  # a shape env: mine_triplets' output size is data-dependent
-    fake_args = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in _detached(args)]
-    with mode:
-        return getattr(ops, name)(*fake_args)
 
 
 def _metadata_mismatch(real, fake):
@@ -165,12 +83,6 @@ def _metadata_mismatch(real, fake):
     return None
 
 
-def test_every_op_has_samples():
-    assert set(FORWARD_SAMPLES) == set(ALL_OPS) - set(BACKWARD_OPS), "add a sample builder for each new forward op"
-    for name in BACKWARD_OPS:
-        assert name.removesuffix("_backward") in FORWARD_SAMPLES, f"{name}: which forward op calls it?"
-
-
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_fake_kernels_match_real_outputs(device):
     """Sizes, strides and dtypes of every output of every op, on transposed/expanded/sliced and edge-shaped inputs."""
@@ -179,8 +91,8 @@ def test_fake_kernels_match_real_outputs(device):
     for dtype in (torch.float32, torch.float64):
         for name, args, what in _samples(device, dtype):
             seen.add(name)
-            real = _as_tuple(getattr(ops, name)(*_detached(args)))
-            fake = _as_tuple(_fake_run(name, args))
+            real = as_tuple(getattr(ops, name)(*detached(args)))
+            fake = as_tuple(fake_run(name, args))
             assert len(real) == len(fake), name
             for i, (r, f) in enumerate(zip(real, fake)):
                 # The fakes declare contiguous outputs: the kernels must keep returning them.
@@ -193,12 +105,12 @@ def test_fake_kernels_match_real_outputs(device):
     assert not failures, "\n".join(failures[:20]) + f"\n({len(failures)} mismatches)"
 
 
-@pytest.mark.parametrize("name", sorted(FORWARD_SAMPLES))
+@pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_fake_kernels_refuse_integer_embeddings_like_the_kernels(name):
     """Under torch.compile the fake kernel's check is the one that fires: same rule, same words."""
     x = torch.randint(0, 5, (6, 4))
-    args = FORWARD_SAMPLES[name](x, x, x)[0]
-    for run in (lambda: getattr(ops, name)(*args), lambda: _fake_run(name, args)):
+    args = SAMPLES[name](x, x, x)[0].args
+    for run in (lambda: getattr(ops, name)(*args), lambda: fake_run(name, args)):
         with pytest.raises((TypeError, RuntimeError), match=r"must be float32 or float64 \(float16/bfloat16 on CUDA\)"):
             run()
 
@@ -212,7 +124,7 @@ class _StrideCheckingInterpreter(torch.fx.Interpreter):
     def run_node(self, node):
         result = super().run_node(node)
         if node.op == "call_function" and getattr(node.target, "namespace", None) == "metricops":
-            for i, (real, fake) in enumerate(zip(_as_tuple(result), _as_tuple(node.meta["val"]))):
+            for i, (real, fake) in enumerate(zip(as_tuple(result), as_tuple(node.meta["val"]))):
                 mismatch = _metadata_mismatch(real, fake)
                 assert mismatch is None, f"{node.target} output {i}: {mismatch}"
         return result
@@ -225,7 +137,7 @@ def _stride_checking_compiler(graph_module, example_inputs):
 STRIDE_CHECKING_BACKEND = aot_autograd(fw_compiler=_stride_checking_compiler, bw_compiler=_stride_checking_compiler)
 
 
-DIFFERENTIABLE_OPS = sorted(set(FORWARD_SAMPLES) - NOT_DIFFERENTIABLE)
+DIFFERENTIABLE_OPS = sorted(set(SAMPLES) - NOT_DIFFERENTIABLE)
 B, D = 6, 4
 # layout -> (leaf shape, the in-graph view that gives (B, D) embeddings in that layout)
 IN_GRAPH_VIEWS = {
@@ -238,8 +150,8 @@ IN_GRAPH_VIEWS = {
 def _weighted_sum(name, embeddings, cotangents):
     """Sum over the op's samples of <output, cotangent> for each differentiable output."""
     total = 0
-    for args, cots in zip(FORWARD_SAMPLES[name](*embeddings), cotangents):
-        results = _as_tuple(getattr(ops, name)(*args))
+    for sample, cots in zip(SAMPLES[name](*embeddings), cotangents):
+        results = as_tuple(getattr(ops, name)(*sample.args))
         total = total + sum((results[i] * c).sum() for i, c in cots.items())
     return total
 
@@ -260,8 +172,8 @@ def test_compiled_backward_on_strided_embeddings(device, name, layout):
     leaves = [torch.randn(leaf_shape, generator=gen, dtype=torch.float64).to(device).requires_grad_() for _ in range(3)]
     # A random cotangent for each differentiable output, so that every input of the backward op is exercised.
     cotangents = []
-    for args in FORWARD_SAMPLES[name](*[view(w) for w in leaves]):
-        results = _as_tuple(getattr(ops, name)(*args))
+    for sample in SAMPLES[name](*[view(w) for w in leaves]):
+        results = as_tuple(getattr(ops, name)(*sample.args))
         cotangents.append({i: _randn_like(r, gen) for i, r in enumerate(results) if r.requires_grad})
 
     def step(*leaves):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from metricops.pml import distances, losses, miners
+from common import labelled_batch_with_reference
 
 pml = pytest.importorskip("pytorch_metric_learning")
 from pytorch_metric_learning import distances as pml_distances  # noqa: E402
@@ -70,11 +71,7 @@ def test_contrastive_default_distance_and_float64():
 
 @pytest.mark.parametrize("dist_name", ["lp", "cosine"])
 def test_contrastive_indices_tuple_and_ref(dist_name):
-    g = torch.Generator().manual_seed(4)
-    emb = torch.randn(14, 6, generator=g)
-    labels = torch.randint(0, 3, (14,), generator=g)
-    ref = torch.randn(9, 6, generator=g)
-    ref_labels = torch.randint(0, 3, (9,), generator=g)
+    emb, labels, ref, ref_labels = labelled_batch_with_reference(4, 14, 9, 6)
     pairs = (torch.tensor([0, 1, 2, 2]), torch.tensor([3, 4, 5, 5]), torch.tensor([0, 6, 7]), torch.tensor([8, 9, 1]))
     triplets = (torch.tensor([0, 1, 5, 5]), torch.tensor([2, 3, 4, 4]), torch.tensor([7, 8, 9, 10]))
     one_pair = (torch.tensor([0]), torch.tensor([3]), torch.tensor([1]), torch.tensor([2]))  # PML gives 0 here
@@ -119,11 +116,7 @@ def test_triplet_margin_loss(dist_name):
 
 @pytest.mark.parametrize("dist_name", ["lp", "cosine"])
 def test_triplet_indices_tuple_and_ref(dist_name):
-    g = torch.Generator().manual_seed(5)
-    emb = torch.randn(12, 6, generator=g)
-    labels = torch.randint(0, 3, (12,), generator=g)
-    ref = torch.randn(8, 6, generator=g)
-    ref_labels = torch.randint(0, 3, (8,), generator=g)
+    emb, labels, ref, ref_labels = labelled_batch_with_reference(5, 12, 8, 6)
     triplets = (torch.tensor([0, 1, 5, 5]), torch.tensor([2, 3, 4, 4]), torch.tensor([7, 6, 1, 0]))
     pairs = (torch.tensor([0, 1, 1]), torch.tensor([3, 4, 5]), torch.tensor([1, 0, 2]), torch.tensor([6, 7, 0]))
     for call in (

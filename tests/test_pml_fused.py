@@ -139,8 +139,8 @@ def test_fused_equals_listed_triplets_and_pml(dist_name, kind, fused_path):
 def test_fused_ties_at_zero_equal_listed_triplets(kind, miner_margin, layout, memory, fused_path, monkeypatch):
     """m = d(a, n) − d(a, p) exactly 0 where a bound is 0: PML's hard set has these triplets, its semihard set not."""
     if memory == "streaming":  # the ops stream row blocks from this batch size on
-        monkeypatch.setattr(metricops.triplet, "_AUTO_STREAM_MIN_B", 8)
-        monkeypatch.setattr(metricops.triplet, "_CPU_STREAM_BLOCK_ROWS", 5)
+        monkeypatch.setattr(metricops._memory, "AUTO_STREAM_MIN_B", 8)
+        monkeypatch.setattr(metricops._memory, "CPU_STREAM_BLOCK_ROWS", 5)
     x, labels = _batch(2, B=24)
     if layout == "collapsed":
         x = x[:1].expand_as(x).clone()  # every distance 0: every triplet ties

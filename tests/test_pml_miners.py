@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import metricops
-from common import assert_close
+from common import assert_close, labelled_batch_with_reference
 from metricops.pml import distances, losses, miners
 
 pml = pytest.importorskip("pytorch_metric_learning")
@@ -125,11 +125,7 @@ def test_triplet_margin_miner_over_margins(dist_name, ours, theirs, kind):
 
 def _reference_cases(seed=0):
     """(embeddings, labels, ref_emb, ref_labels) of the call forms PML distinguishes."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(10, 6, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, 3, (10,), generator=gen)
-    ref = torch.randn(7, 6, generator=gen, dtype=torch.float64)
-    ref_labels = torch.randint(0, 4, (7,), generator=gen)
+    x, labels, ref, ref_labels = labelled_batch_with_reference(seed, 10, 7, 6, dtype=torch.float64, ref_classes=4)
     yield "other_set", x, labels, ref, ref_labels
     yield "own_labels_copy", x, labels, x, labels.clone()  # PML keeps (i, i) pairs: not the same labels object
     yield "own_labels_object", x, labels, x.clone(), labels  # the same object: (i, i) is left out

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from common import assert_close
+from common import assert_close, labelled_batch_with_reference
 from metricops.pml import distances, losses, miners, reducers
 
 pml = pytest.importorskip("pytorch_metric_learning")
@@ -152,11 +152,7 @@ def test_bad_reducer_arguments():
 
 
 def _loss_cases(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, 5, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, 3, (12,), generator=gen)
-    ref = torch.randn(7, 5, generator=gen, dtype=torch.float64)
-    ref_labels = torch.randint(0, 3, (7,), generator=gen)
+    x, labels, ref, ref_labels = labelled_batch_with_reference(seed, 12, 7, 5, dtype=torch.float64)
     yield "all", x, labels, {}
     yield "ref", x, labels, dict(ref_emb=ref, ref_labels=ref_labels)
     yield "miner", x, labels, dict(indices_tuple="miner")

@@ -1,4 +1,4 @@
-"""Issue 8, part 3: property-based comparison of every loss op and pairwise_distance
+"""Property-based comparison of every loss op and pairwise_distance
 with metricops.reference (float64), values and gradients.
 
 Shapes, label patterns, metrics, reductions, margins and dtypes are drawn by
@@ -27,8 +27,8 @@ from hypothesis import assume, event, given, settings, strategies as st  # noqa:
 
 import metricops  # noqa: E402
 from metricops import reference  # noqa: E402
+from common import METRICS  # noqa: E402
 
-METRICS = ("euclidean", "sqeuclidean", "cosine")
 EXACT_METRICS = ("euclidean", "sqeuclidean")  # integer coordinates give identical distances on both sides
 MORE_EXAMPLES = settings(max_examples=4 * settings.default.max_examples)
 TOL = {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(atol=2e-4, rtol=2e-4)}

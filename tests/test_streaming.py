@@ -4,17 +4,16 @@ import pytest
 import torch
 
 import metricops
+from metricops import _memory
 from metricops import triplet as triplet_module
-from common import assert_close, cpu_and_cuda
-
-METRICS = ("euclidean", "sqeuclidean", "cosine")
+from common import METRICS, assert_close, cpu_and_cuda
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     # Blocks of 7 rows: every batch below crosses several block boundaries.
-    monkeypatch.setattr(triplet_module, "_CPU_STREAM_BLOCK_ROWS", 7)
-    monkeypatch.setattr(triplet_module, "_CUDA_STREAM_BLOCK_BYTES", 7 * 4 * 64)
+    monkeypatch.setattr(_memory, "CPU_STREAM_BLOCK_ROWS", 7)
+    monkeypatch.setattr(_memory, "CUDA_STREAM_BLOCK_BYTES", 7 * 4 * 64)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -47,19 +46,12 @@ def test_batch_hard_streaming_matches_matrix(device, metric, small_blocks):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_contrastive_streaming_gradcheck_and_opcheck(device, small_blocks):
+def test_contrastive_streaming_gradcheck(device, small_blocks):
     x = torch.randn(12, 4, dtype=torch.float64, device=device, requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 3, 3, 0], device=device)
     for metric in METRICS:
         fn = lambda t: metricops.contrastive_loss(t, labels, metric=metric, memory="streaming", neg_margin=3.0)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5)
-    args = (x, labels, 0.0, 3.0, "euclidean", False, "mean", 5)
-    torch.library.opcheck(torch.ops.metricops.contrastive_loss_streaming.default, args)
-    loss, denom = torch.ops.metricops.contrastive_loss_streaming(x.detach(), *args[1:])
-    torch.library.opcheck(
-        torch.ops.metricops.contrastive_loss_streaming_backward.default,
-        (torch.ones_like(loss), x.detach(), labels, denom, 0.0, 3.0, "euclidean", False, 5),
-    )
 
 
 def test_streaming_refuses_none_reduction():
@@ -72,7 +64,7 @@ def test_streaming_refuses_none_reduction():
 
 
 def test_auto_streams_large_batches(monkeypatch):
-    monkeypatch.setattr(triplet_module, "_AUTO_STREAM_MIN_B", 16)
+    monkeypatch.setattr(_memory, "AUTO_STREAM_MIN_B", 16)
     calls = []
     real = torch.ops.metricops.contrastive_loss_streaming
 
@@ -118,8 +110,7 @@ def test_sorting_losses_streaming_match_matrix_and_reference(device, name, metri
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_sorting_losses_streaming_gradcheck_and_opcheck(device, small_blocks):
-    ops = torch.ops.metricops
+def test_sorting_losses_streaming_gradcheck(device, small_blocks):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(12, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 3, 3, 0], device=device)
@@ -127,19 +118,6 @@ def test_sorting_losses_streaming_gradcheck_and_opcheck(device, small_blocks):
         for metric in METRICS:
             fn = lambda t: getattr(metricops, name)(t, labels, metric=metric, memory="streaming", margin=0.5)  # noqa: E731
             assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5)
-    for block_rows in (5, 0):
-        args = (x, labels, 0.5, "euclidean", block_rows)
-        torch.library.opcheck(ops.semihard_triplet_streaming.default, args)
-        torch.library.opcheck(ops.batch_all_triplet_streaming.default, args)
-        xd = x.detach()
-        torch.library.opcheck(
-            ops.semihard_triplet_streaming_backward.default,
-            (torch.randn(12, dtype=torch.float64, device=device), xd, *args[1:]),
-        )
-        torch.library.opcheck(
-            ops.batch_all_triplet_streaming_backward.default,
-            (torch.tensor(0.7, dtype=torch.float64, device=device), xd, *args[1:]),
-        )
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -169,7 +147,7 @@ def test_sorting_losses_streaming_refuse_none_and_bad_grad():
 
 
 def test_sorting_losses_auto_stream_large_batches(monkeypatch):
-    monkeypatch.setattr(triplet_module, "_AUTO_STREAM_MIN_B", 16)
+    monkeypatch.setattr(_memory, "AUTO_STREAM_MIN_B", 16)
     x, labels = torch.randn(20, 3), torch.randint(0, 3, (20,))
     calls = []
     real = torch.ops.metricops

@@ -1,6 +1,6 @@
 """Streaming kernels give the matrix path's results wherever the block boundaries fall.
 
-metricops.triplet._FORCED_STREAM_BLOCK_ROWS forces the rows per block on CPU and CUDA alike (the CUDA
+metricops._memory._FORCED_STREAM_BLOCK_ROWS forces the rows per block on CPU and CUDA alike (the CUDA
 default is sized by a byte budget, which tests cannot shrink to a few rows reliably), so every streaming
 loss crosses several block boundaries, ends on a ragged last block, and runs with a block larger than B.
 """
@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import metricops
-from metricops import triplet as triplet_module
-from common import assert_close, cpu_and_cuda
+from metricops import _memory
+from common import METRICS, assert_close, cpu_and_cuda
 
-METRICS = ("euclidean", "sqeuclidean", "cosine")
 
 LOSSES = {
     "contrastive": lambda x, labels, memory, metric: metricops.contrastive_loss(
@@ -33,7 +32,7 @@ LOSSES = {
 @pytest.fixture
 def force_block_rows(monkeypatch):
     def force(rows):
-        monkeypatch.setattr(triplet_module, "_FORCED_STREAM_BLOCK_ROWS", rows)
+        monkeypatch.setattr(_memory, "_FORCED_STREAM_BLOCK_ROWS", rows)
 
     return force
 
@@ -58,7 +57,7 @@ def test_forced_block_sizes_match_matrix(device, name, metric, force_block_rows)
         # 1 row; a few rows with a ragged last block; B - 1 (one row left over); exactly B; more than B.
         for rows in (1, 3, 7, B - 1, B, B + 5):
             force_block_rows(rows)
-            assert triplet_module._block_rows("streaming", x) == rows
+            assert _memory.block_rows("streaming", x) == rows
             loss, grad = _loss_and_grad(fn, x, labels, "streaming", metric)
             assert_close(loss, expected)
             assert_close(grad, expected_grad)

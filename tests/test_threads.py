@@ -1,4 +1,4 @@
-"""Issue 8, part 6: ops called concurrently from several Python threads on CPU give
+"""Ops called concurrently from several Python threads on CPU give
 the same results as the same calls run serially (4 threads, each with its own inputs)."""
 
 from concurrent.futures import ThreadPoolExecutor

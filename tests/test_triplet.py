@@ -6,9 +6,8 @@ import torch
 
 import metricops
 from metricops import reference
-from common import assert_close, cpu_and_cuda, make_layout
+from common import METRICS, assert_close, cpu_and_cuda, make_layout
 
-METRICS = ("euclidean", "sqeuclidean", "cosine")
 LOSSES = ("batch_hard_triplet_loss", "semihard_triplet_loss", "batch_all_triplet_loss")
 REDUCTIONS = {
     "batch_hard_triplet_loss": ("mean", "sum", "mean_nonzero", "none"),
@@ -226,49 +225,6 @@ def test_statistics_exact_counts_small_example():
     assert {k: int(v) for k, v in s.items()} == {
         k: int(v) for k, v in reference.triplet_statistics(x, labels, margin=1.0).items()
     }
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_opcheck(device):
-    ops = torch.ops.metricops
-    for x, labels, case in sample_inputs(device, requires_grad=True, sizes=(0, 5, 13)):
-        if "one_class" in case or "distinct" in case:
-            continue
-        for metric in ("euclidean", "cosine"):
-            torch.library.opcheck(ops.batch_hard_triplet.default, (x, labels, 0.3, metric, False, 0))
-            torch.library.opcheck(ops.batch_hard_triplet.default, (x, labels, 0.3, metric, False, 0, True))
-            torch.library.opcheck(ops.semihard_triplet.default, (x, labels, 0.3, metric))
-            torch.library.opcheck(ops.batch_all_triplet.default, (x, labels, 0.3, metric))
-            torch.library.opcheck(ops.triplet_statistics.default, (x.detach(), labels, 0.3, metric))
-        xd = x.detach()
-        sh_losses, sh_neg, sh_dist = ops.semihard_triplet(xd, labels, 0.3, "euclidean")
-        torch.library.opcheck(
-            ops.semihard_triplet_backward.default,
-            (torch.randn_like(sh_losses), None, xd, sh_losses, sh_neg, sh_dist, "euclidean"),
-        )
-        losses, pos, neg, dap, dan = ops.batch_hard_triplet(xd, labels, 0.3, "euclidean", False, 0)
-        g = torch.randn_like(losses)
-        torch.library.opcheck(
-            ops.batch_hard_triplet_backward.default,
-            (g, torch.zeros_like(g), torch.zeros_like(g), xd, pos, neg, dap, dan, 0.3, "euclidean", False),
-        )
-        losses, pos, neg, dap, dan = ops.batch_hard_triplet(xd, labels, 0.3, "euclidean", False, 0, True)
-        torch.library.opcheck(
-            ops.batch_hard_triplet_backward.default,
-            (g, torch.randn_like(g), torch.zeros_like(g), xd, pos, neg, dap, dan, 0.3, "euclidean", False, True),
-        )
-
-
-def test_opcheck_miner():
-    # Data-dependent output size: checked without the AOT-dispatch test.
-    x = torch.randn(12, 4)
-    labels = torch.randint(0, 3, (12,))
-    for strategy in ("all", "semihard", "batch_hard"):
-        torch.library.opcheck(
-            torch.ops.metricops.mine_triplets.default,
-            (x, labels, strategy, 0.2, "euclidean"),
-            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-        )
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -1,10 +1,10 @@
-"""Issue 8, part 1: every public entry point refuses bad input with a message that
+"""Every public entry point refuses bad input with a message that
 names the argument and the expected value (Python layer first, the C++ checks
 and the fake kernels with the same wording).
 
 The per-module test files already cover the basic cases of each function; this
-file is the audit across all of them (the table below is the issue's closing
-note), plus the eager-vs-torch.compile wording and the direct-op last line.
+file is the audit across all of them (the table below lists every argument
+check), plus the eager-vs-torch.compile wording and the direct-op last line.
 """
 
 import numpy as np
@@ -625,9 +625,10 @@ def test_compile_error_matches_eager(fn, args, text):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fake_kernel_refuses_low_precision_on_cpu(dtype):
-    # The fake kernel (used for meta tensors and under torch.compile) repeats the dtype rule.
+    # The fake kernel (used for meta tensors and under torch.compile) repeats the dtype rule, and raises
+    # TypeError as the CPU kernel does.
     x = torch.randn(3, 4, dtype=dtype, device="meta")
-    with pytest.raises(RuntimeError, match=r"x must be float32 or float64 \(float16/bfloat16 on CUDA\)"):
+    with pytest.raises(TypeError, match=r"x must be float32 or float64 \(float16/bfloat16 on CUDA\)"):
         torch.ops.metricops.pairwise_distance(x, None, "euclidean")
 
 

@@ -57,9 +57,13 @@ def contrastive_loss_cases(device: str, quick: bool, dtype=torch.float32) -> Lis
         labels = torch.randint(0, max(2, B // 8), (B,), device=device)
         inputs = {"embeddings": x, "labels": labels}
         contenders = {
-            "metricops": _fwd_bwd(lambda t, l=labels: metricops.contrastive_loss(t, l, reduction="mean_nonzero"), x),
-            "plain torch (cdist + masks)": _fwd_bwd(lambda t, l=labels: plain_torch_contrastive(t, l), x),
-            "reference": _fwd_bwd(lambda t, l=labels: reference.contrastive_loss(t, l, reduction="mean_nonzero"), x),
+            "metricops": _fwd_bwd(
+                lambda t, labels=labels: metricops.contrastive_loss(t, labels, reduction="mean_nonzero"), x
+            ),
+            "plain torch (cdist + masks)": _fwd_bwd(lambda t, labels=labels: plain_torch_contrastive(t, labels), x),
+            "reference": _fwd_bwd(
+                lambda t, labels=labels: reference.contrastive_loss(t, labels, reduction="mean_nonzero"), x
+            ),
         }
         params = {"B": B, "D": D, "dtype": str(dtype).replace("torch.", ""), "metric": "euclidean"}
         cases.append(Case("contrastive_loss", "forward+backward", params, contenders, inputs=inputs))

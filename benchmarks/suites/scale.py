@@ -64,15 +64,15 @@ def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
         # Mean over the non-zero terms: what PML's AvgNonZeroReducer and the plain-torch version compute.
         c = {
             "metricops streaming": _fwd_bwd(
-                lambda e, l: metricops.batch_hard_triplet_loss(
-                    e, l, normalize=True, memory="streaming", reduction="mean_nonzero"
+                lambda e, labels: metricops.batch_hard_triplet_loss(
+                    e, labels, normalize=True, memory="streaming", reduction="mean_nonzero"
                 ),
                 x,
                 labels,
             ),
             "metricops matrix": _fwd_bwd(
-                lambda e, l: metricops.batch_hard_triplet_loss(
-                    e, l, normalize=True, memory="matrix", reduction="mean_nonzero"
+                lambda e, labels: metricops.batch_hard_triplet_loss(
+                    e, labels, normalize=True, memory="matrix", reduction="mean_nonzero"
                 ),
                 x,
                 labels,
@@ -87,20 +87,22 @@ def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
                 c["pml BatchHardMiner+TML"] = _skip(too_big_reason)
             else:
                 miner, loss = miners.BatchHardMiner(), losses.TripletMarginLoss(margin=0.2)
-                c["pml BatchHardMiner+TML"] = _fwd_bwd(lambda e, l, f=loss, m=miner: f(e, l, m(e, l)), x, labels)
+                c["pml BatchHardMiner+TML"] = _fwd_bwd(
+                    lambda e, labels, f=loss, m=miner: f(e, labels, m(e, labels)), x, labels
+                )
         cases.append(Case("batch_hard_triplet_loss (scale)", "forward+backward", dict(params), c, inputs=inputs))
 
         c = {
             "metricops streaming": _fwd_bwd(
-                lambda e, l: metricops.contrastive_loss(
-                    e, l, normalize=True, memory="streaming", reduction="mean_nonzero"
+                lambda e, labels: metricops.contrastive_loss(
+                    e, labels, normalize=True, memory="streaming", reduction="mean_nonzero"
                 ),
                 x,
                 labels,
             ),
             "metricops matrix": _fwd_bwd(
-                lambda e, l: metricops.contrastive_loss(
-                    e, l, normalize=True, memory="matrix", reduction="mean_nonzero"
+                lambda e, labels: metricops.contrastive_loss(
+                    e, labels, normalize=True, memory="matrix", reduction="mean_nonzero"
                 ),
                 x,
                 labels,
@@ -109,7 +111,7 @@ def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
         c["plain torch (cdist + masks)"] = (
             _skip(too_big_reason)
             if too_big
-            else _fwd_bwd(lambda e, l: plain_torch_contrastive(e, l, normalize=True), x, labels)
+            else _fwd_bwd(lambda e, labels: plain_torch_contrastive(e, labels, normalize=True), x, labels)
         )
         cases.append(Case("contrastive_loss (scale)", "forward+backward", dict(params), c, inputs=inputs))
 
@@ -120,9 +122,11 @@ def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             fn = getattr(metricops, name)
             c = {
                 "metricops streaming": _fwd_bwd(
-                    lambda e, l, f=fn: f(e, l, normalize=True, memory="streaming"), x, labels
+                    lambda e, labels, f=fn: f(e, labels, normalize=True, memory="streaming"), x, labels
                 ),
-                "metricops matrix": _fwd_bwd(lambda e, l, f=fn: f(e, l, normalize=True, memory="matrix"), x, labels),
+                "metricops matrix": _fwd_bwd(
+                    lambda e, labels, f=fn: f(e, labels, normalize=True, memory="matrix"), x, labels
+                ),
             }
             if name == "semihard_triplet_loss":
                 # PML has no FaceNet-rule semi-hard loss (its semi-hard miner + loss is another loss; see triplet.py).
@@ -139,6 +143,6 @@ def scale_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
                     )
                 else:
                     loss = losses.TripletMarginLoss(margin=0.2)
-                    c["pml TripletMarginLoss"] = _fwd_bwd(lambda e, l, f=loss: f(e, l), x, labels)
+                    c["pml TripletMarginLoss"] = _fwd_bwd(lambda e, labels, f=loss: f(e, labels), x, labels)
             cases.append(Case(f"{name} (scale)", "forward+backward", dict(params), c, inputs=inputs))
     return cases

@@ -68,7 +68,9 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
         # Batch-hard, mean over the non-zero terms (PML's AvgNonZeroReducer), + one GEMM as a yardstick.
         c: Dict[str, Callable] = {
             "metricops": _fwd_bwd(
-                lambda e, l: metricops.batch_hard_triplet_loss(e, l, normalize=True, reduction="mean_nonzero"),
+                lambda e, labels: metricops.batch_hard_triplet_loss(
+                    e, labels, normalize=True, reduction="mean_nonzero"
+                ),
                 x,
                 labels,
             ),
@@ -77,14 +79,18 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
         }
         if B * B * D <= _MAX_CUBE:  # metricops.reference builds (B, B, D) differences
             c["reference"] = _fwd_bwd(
-                lambda e, l: reference.batch_hard_triplet_loss(e, l, normalize=True, reduction="mean_nonzero"),
+                lambda e, labels: reference.batch_hard_triplet_loss(
+                    e, labels, normalize=True, reduction="mean_nonzero"
+                ),
                 x,
                 labels,
             )
         if pml is not None:
             distances, losses, miners = pml
             bh_miner, bh_loss = miners.BatchHardMiner(), losses.TripletMarginLoss(margin=0.2)
-            c["pml BatchHardMiner+TML"] = _fwd_bwd(lambda e, l, f=bh_loss, m=bh_miner: f(e, l, m(e, l)), x, labels)
+            c["pml BatchHardMiner+TML"] = _fwd_bwd(
+                lambda e, labels, f=bh_loss, m=bh_miner: f(e, labels, m(e, labels)), x, labels
+            )
         cases.append(
             Case(
                 "batch_hard_triplet_loss",
@@ -98,11 +104,15 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
 
         # Semi-hard, FaceNet / TensorFlow-Addons rule (one negative per positive pair), mean over the pairs.
         c = {
-            "metricops": _fwd_bwd(lambda e, l: metricops.semihard_triplet_loss(e, l, normalize=True), x, labels),
+            "metricops": _fwd_bwd(
+                lambda e, labels: metricops.semihard_triplet_loss(e, labels, normalize=True), x, labels
+            ),
             "plain torch (sort + searchsorted)": _fwd_bwd(plain_torch_semihard, x, labels),
         }
         if small:
-            c["reference"] = _fwd_bwd(lambda e, l: reference.semihard_triplet_loss(e, l, normalize=True), x, labels)
+            c["reference"] = _fwd_bwd(
+                lambda e, labels: reference.semihard_triplet_loss(e, labels, normalize=True), x, labels
+            )
         cases.append(Case("semihard_triplet_loss", "forward+backward", dict(params), c, inputs=inputs))
 
         # PML's semi-hard pipeline (every semi-hard triplet, mean over the non-zero terms): its drop-in against it.
@@ -117,7 +127,7 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             ):
                 sh_miner = lib_miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
                 sh_loss = lib_losses.TripletMarginLoss(margin=0.2)
-                c[name] = _fwd_bwd(lambda e, l, f=sh_loss, m=sh_miner: f(e, l, m(e, l)), x, labels)
+                c[name] = _fwd_bwd(lambda e, labels, f=sh_loss, m=sh_miner: f(e, labels, m(e, labels)), x, labels)
             cases.append(
                 Case(
                     "pml.TripletMarginMiner(semihard)+TripletMarginLoss",
@@ -129,12 +139,18 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             )
 
         # Batch-all, mean over the non-zero terms (PML's TripletMarginLoss without a miner).
-        c = {"metricops": _fwd_bwd(lambda e, l: metricops.batch_all_triplet_loss(e, l, normalize=True), x, labels)}
+        c = {
+            "metricops": _fwd_bwd(
+                lambda e, labels: metricops.batch_all_triplet_loss(e, labels, normalize=True), x, labels
+            )
+        }
         if small:
-            c["reference"] = _fwd_bwd(lambda e, l: reference.batch_all_triplet_loss(e, l, normalize=True), x, labels)
+            c["reference"] = _fwd_bwd(
+                lambda e, labels: reference.batch_all_triplet_loss(e, labels, normalize=True), x, labels
+            )
         if pml is not None and pml_ok:
             distances, losses, miners = pml
             all_loss = losses.TripletMarginLoss(margin=0.2)
-            c["pml TripletMarginLoss"] = _fwd_bwd(lambda e, l, f=all_loss: f(e, l), x, labels)
+            c["pml TripletMarginLoss"] = _fwd_bwd(lambda e, labels, f=all_loss: f(e, labels), x, labels)
         cases.append(Case("batch_all_triplet_loss", "forward+backward", dict(params), c, inputs=inputs))
     return cases

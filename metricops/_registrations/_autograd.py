@@ -31,8 +31,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch._functorch.utils import enable_single_level_autograd_function
 
 from .._ops import ops
-
-_IMPL = torch.library.Library("metricops", "IMPL")  # the registrations live as long as this object
+from ._common import IMPL
 
 
 def _needs_autograd(args) -> bool:
@@ -103,7 +102,7 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
         with enable_single_level_autograd_function():  # else apply() refuses to run under a torch.func transform
             return function.apply(*args, modes)
 
-    _IMPL.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    IMPL.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 def register_backward_op(name: str, forward_name: str) -> None:
@@ -113,3 +112,22 @@ def register_backward_op(name: str, forward_name: str) -> None:
         raise RuntimeError(f"metricops: double backward of {forward_name} is not supported")
 
     register_autograd(name, backward, lambda ctx, inputs, output: None)
+
+
+def register_not_differentiable(name: str) -> None:
+    """``metricops::name``'s outputs carry no gradient (integer results, or detached by design).
+
+    Its Autograd kernel runs the op below autograd, so the outputs never
+    require grad, even for inputs that do. (Without one, the dispatcher's
+    fallback ran the CPU kernel with autograd still on, and its internal
+    ``out=`` GEMMs refused inputs that require grad.)
+    """
+    op = getattr(ops, name).default
+
+    def autograd_kernel(keyset, *args):
+        # Detached: the kernels' internal out= GEMMs refuse inputs that require grad, even below autograd.
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    IMPL.impl(name, autograd_kernel, "Autograd", with_keyset=True)

@@ -30,27 +30,12 @@ from __future__ import annotations
 
 import torch
 
-from .._ops import ops  # noqa: F401  (the native library must be loaded first)
+from ._common import LIB, forward_op_names
 
-# Every op of csrc/metricops.cpp with floating embedding inputs (not the *_backward ops).
-AUTOCAST_OPS = (
-    "pairwise_distance",
-    "l2_normalize",
-    "batch_hard_triplet",
-    "semihard_triplet",
-    "semihard_triplet_streaming",
-    "batch_all_triplet",
-    "batch_all_triplet_streaming",
-    "triplet_statistics",
-    "mine_triplets",
-    "triplet_interval_weights",
-    "contrastive_loss",
-    "contrastive_loss_streaming",
-    "pair_contrastive_loss",
-    "triplet_margin_loss",
-    "knn",
-)
+# Every forward op (not the *_backward ops): each takes floating embeddings. Derived from the dispatcher's op
+# list, so a new op is covered when its schema is added to csrc/metricops.cpp.
+AUTOCAST_OPS = tuple(forward_op_names())
 
 for _name in AUTOCAST_OPS:
     for _device in ("cpu", "cuda"):
-        torch.library.register_autocast("metricops::" + _name, _device, torch.float32)
+        torch.library.register_autocast(LIB + _name, _device, torch.float32)

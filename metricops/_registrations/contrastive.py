@@ -6,8 +6,8 @@ import torch
 
 from .._ops import ops
 from .._reduction import accumulation_dtype
-from ._autograd import register_autograd, register_backward_op
-from .distance import _LIB, _check_embeddings, _check_labels, _check_same_device_dtype, _contiguous_like
+from ._autograd import register_autograd
+from ._common import LIB, check_embeddings, check_labels, check_same_device_dtype, check_same_shape, contiguous_like
 
 
 # --------------------------------------------------------------------------
@@ -15,10 +15,10 @@ from .distance import _LIB, _check_embeddings, _check_labels, _check_same_device
 # --------------------------------------------------------------------------
 
 
-@torch.library.register_fake(_LIB + "contrastive_loss")
+@torch.library.register_fake(LIB + "contrastive_loss")
 def _contrastive_loss_fake(x, labels, pos_margin, neg_margin, metric, squared, reduction):
-    _check_embeddings(x, "embeddings")
-    _check_labels(labels, x)
+    check_embeddings(x, "embeddings")
+    check_labels(labels, x)
     B = x.shape[0]
     none = reduction == "none"
     loss = x.new_empty((B, B)) if none else x.new_empty(())
@@ -30,11 +30,11 @@ def _contrastive_loss_fake(x, labels, pos_margin, neg_margin, metric, squared, r
     return loss, mat, row_coef, denom
 
 
-@torch.library.register_fake(_LIB + "contrastive_loss_backward")
+@torch.library.register_fake(LIB + "contrastive_loss_backward")
 def _contrastive_loss_backward_fake(
     grad, x, labels, mat, row_coef, denom, pos_margin, neg_margin, metric, squared, reduction
 ):
-    return _contiguous_like(x)
+    return contiguous_like(x)
 
 
 def _contrastive_loss_setup_context(ctx, inputs, output):
@@ -55,7 +55,6 @@ def _contrastive_loss_backward(ctx, grad, *_unused):
 
 
 register_autograd("contrastive_loss", _contrastive_loss_backward, _contrastive_loss_setup_context)
-register_backward_op("contrastive_loss_backward", "contrastive_loss")
 
 
 # --------------------------------------------------------------------------
@@ -63,25 +62,28 @@ register_backward_op("contrastive_loss_backward", "contrastive_loss")
 # --------------------------------------------------------------------------
 
 
-@torch.library.register_fake(_LIB + "pair_contrastive_loss")
+@torch.library.register_fake(LIB + "pair_contrastive_loss")
 def _pair_contrastive_loss_fake(x0, x1, y, margin, metric, squared):
-    _check_embeddings(x0, "x0")
-    _check_embeddings(x1, "x1")
-    _check_same_device_dtype(x0, "x0", x1, "x1")
-    torch._check(
-        x1.shape == x0.shape, lambda: f"x1 must have the same shape as x0 {tuple(x0.shape)}, got {tuple(x1.shape)}"
-    )
-    torch._check(
+    check_embeddings(x0, "x0")
+    check_embeddings(x1, "x1")
+    check_same_device_dtype(x0, "x0", x1, "x1")
+    check_same_shape(x0, "x0", x1, "x1")
+    torch._check_value(
         y.dim() == 1 and y.shape[0] == x0.shape[0],
         lambda: f"y must be a 1-D tensor of length N={x0.shape[0]} (one label per pair), got shape {tuple(y.shape)}",
     )
+    torch._check_type(
+        y.dtype == torch.bool,
+        lambda: f"y must be a bool tensor here (the Python wrapper converts it), got {y.dtype}",
+    )
+    torch._check_value(y.device == x0.device, lambda: f"y must be on x0's device ({x0.device}), got {y.device}")
     n = x0.shape[0]
     return x0.new_empty((n,)), x0.new_empty((n,), dtype=accumulation_dtype(x0.dtype))
 
 
-@torch.library.register_fake(_LIB + "pair_contrastive_loss_backward")
+@torch.library.register_fake(LIB + "pair_contrastive_loss_backward")
 def _pair_contrastive_loss_backward_fake(grad, x0, x1, y, dist, margin, metric, squared):
-    return _contiguous_like(x0), _contiguous_like(x1)
+    return contiguous_like(x0), contiguous_like(x1)
 
 
 def _pair_setup_context(ctx, inputs, output):
@@ -102,7 +104,6 @@ def _pair_backward(ctx, grad, *_unused):
 
 
 register_autograd("pair_contrastive_loss", _pair_backward, _pair_setup_context)
-register_backward_op("pair_contrastive_loss_backward", "pair_contrastive_loss")
 
 
 # --------------------------------------------------------------------------
@@ -110,27 +111,21 @@ register_backward_op("pair_contrastive_loss_backward", "pair_contrastive_loss")
 # --------------------------------------------------------------------------
 
 
-@torch.library.register_fake(_LIB + "triplet_margin_loss")
+@torch.library.register_fake(LIB + "triplet_margin_loss")
 def _triplet_margin_loss_fake(a, p, n, margin, norm_p, eps, swap, squared):
     for t, name in ((a, "anchor"), (p, "positive"), (n, "negative")):
-        _check_embeddings(t, name)
-    _check_same_device_dtype(a, "anchor", p, "positive")
-    _check_same_device_dtype(a, "anchor", n, "negative")
-    torch._check(
-        p.shape == a.shape,
-        lambda: f"positive must have the same shape as anchor {tuple(a.shape)}, got {tuple(p.shape)}",
-    )
-    torch._check(
-        n.shape == a.shape,
-        lambda: f"negative must have the same shape as anchor {tuple(a.shape)}, got {tuple(n.shape)}",
-    )
+        check_embeddings(t, name)
+    check_same_device_dtype(a, "anchor", p, "positive")
+    check_same_device_dtype(a, "anchor", n, "negative")
+    check_same_shape(a, "anchor", p, "positive")
+    check_same_shape(a, "anchor", n, "negative")
     rows = a.shape[0]
     return a.new_empty((rows,)), a.new_empty((rows, 3), dtype=accumulation_dtype(a.dtype))
 
 
-@torch.library.register_fake(_LIB + "triplet_margin_loss_backward")
+@torch.library.register_fake(LIB + "triplet_margin_loss_backward")
 def _triplet_margin_loss_backward_fake(grad, a, p, n, dists, margin, norm_p, eps, swap, squared):
-    return _contiguous_like(a), _contiguous_like(p), _contiguous_like(n)
+    return contiguous_like(a), contiguous_like(p), contiguous_like(n)
 
 
 def _triplet_setup_context(ctx, inputs, output):
@@ -151,24 +146,23 @@ def _triplet_backward(ctx, grad, *_unused):
 
 
 register_autograd("triplet_margin_loss", _triplet_backward, _triplet_setup_context)
-register_backward_op("triplet_margin_loss_backward", "triplet_margin_loss")
 
 
 # ------------------------------------------------------------------ streaming contrastive
 
 
-@torch.library.register_fake("metricops::contrastive_loss_streaming")
+@torch.library.register_fake(LIB + "contrastive_loss_streaming")
 def _contrastive_streaming_fake(embeddings, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows):
-    _check_embeddings(embeddings, "embeddings")  # dtypes too, as the kernel (and the matrix op's fake) does
-    _check_labels(labels, embeddings)
+    check_embeddings(embeddings, "embeddings")  # dtypes too, as the kernel (and the matrix op's fake) does
+    check_labels(labels, embeddings)
     return embeddings.new_empty(()), embeddings.new_empty((), dtype=torch.float64)
 
 
-@torch.library.register_fake("metricops::contrastive_loss_streaming_backward")
+@torch.library.register_fake(LIB + "contrastive_loss_streaming_backward")
 def _contrastive_streaming_backward_fake(
     grad, embeddings, labels, denom, pos_margin, neg_margin, metric, squared, block_rows
 ):
-    return _contiguous_like(embeddings)
+    return contiguous_like(embeddings)
 
 
 def _contrastive_streaming_setup_context(ctx, inputs, output):
@@ -193,4 +187,3 @@ def _contrastive_streaming_backward(ctx, grad_loss, grad_denom):
 
 
 register_autograd("contrastive_loss_streaming", _contrastive_streaming_backward, _contrastive_streaming_setup_context)
-register_backward_op("contrastive_loss_streaming_backward", "contrastive_loss (streaming)")

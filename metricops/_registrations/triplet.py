@@ -6,21 +6,19 @@ import torch
 
 from .._ops import ops
 from .._reduction import accumulation_dtype  # the summed outputs' dtype
-from ._autograd import register_autograd, register_backward_op
-from .distance import _check_embeddings, _check_labels, _contiguous_like
-
-_LIB = "metricops::"
+from ._autograd import register_autograd, register_not_differentiable
+from ._common import LIB, check_embeddings, check_labels, contiguous_like
 
 
 def _check_batch(embeddings, labels):
-    _check_embeddings(embeddings, "embeddings")
-    _check_labels(labels, embeddings)
+    check_embeddings(embeddings, "embeddings")
+    check_labels(labels, embeddings)
 
 
 # ------------------------------------------------------------------ batch-hard
 
 
-@torch.library.register_fake(_LIB + "batch_hard_triplet")
+@torch.library.register_fake(LIB + "batch_hard_triplet")
 def _batch_hard_fake(embeddings, labels, margin, metric, soft, block_rows, normalize=False):
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
@@ -34,7 +32,7 @@ def _batch_hard_fake(embeddings, labels, margin, metric, soft, block_rows, norma
     )
 
 
-@torch.library.register_fake(_LIB + "batch_hard_triplet_backward")
+@torch.library.register_fake(LIB + "batch_hard_triplet_backward")
 def _batch_hard_backward_fake(
     grad_losses,
     grad_dist_ap,
@@ -49,7 +47,7 @@ def _batch_hard_backward_fake(
     soft,
     normalize=False,
 ):
-    return _contiguous_like(embeddings)
+    return contiguous_like(embeddings)
 
 
 def _batch_hard_setup_context(ctx, inputs, output):
@@ -85,12 +83,11 @@ def _batch_hard_backward(ctx, grad_losses, grad_positive, grad_negative, grad_di
 
 
 register_autograd("batch_hard_triplet", _batch_hard_backward, _batch_hard_setup_context)
-register_backward_op("batch_hard_triplet_backward", "batch_hard_triplet")
 
 # ------------------------------------------------------------------ semi-hard
 
 
-@torch.library.register_fake(_LIB + "semihard_triplet")
+@torch.library.register_fake(LIB + "semihard_triplet")
 def _semihard_fake(embeddings, labels, margin, metric):
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
@@ -117,18 +114,17 @@ def _semihard_backward(ctx, grad_losses, grad_negative, grad_dist):
     return grad, None, None, None
 
 
-@torch.library.register_fake(_LIB + "semihard_triplet_backward")
+@torch.library.register_fake(LIB + "semihard_triplet_backward")
 def _semihard_backward_fake(grad_losses, grad_dist, embeddings, losses, negative, dist, metric):
-    return _contiguous_like(embeddings)
+    return contiguous_like(embeddings)
 
 
 register_autograd("semihard_triplet", _semihard_backward, _semihard_setup_context)
-register_backward_op("semihard_triplet_backward", "semihard_triplet")
 
 # ------------------------------------------------------------------ batch-all
 
 
-@torch.library.register_fake(_LIB + "batch_all_triplet")
+@torch.library.register_fake(LIB + "batch_all_triplet")
 def _batch_all_fake(embeddings, labels, margin, metric):
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
@@ -170,7 +166,7 @@ register_autograd("batch_all_triplet", _batch_all_backward, _batch_all_setup_con
 # only the embeddings and labels are saved.
 
 
-@torch.library.register_fake(_LIB + "semihard_triplet_streaming")
+@torch.library.register_fake(LIB + "semihard_triplet_streaming")
 def _semihard_streaming_fake(embeddings, labels, margin, metric, block_rows):
     _check_batch(embeddings, labels)
     B = embeddings.shape[0]
@@ -178,17 +174,17 @@ def _semihard_streaming_fake(embeddings, labels, margin, metric, block_rows):
     return embeddings.new_empty((B,), dtype=accumulation_dtype(embeddings.dtype)), count, torch.empty_like(count)
 
 
-@torch.library.register_fake(_LIB + "batch_all_triplet_streaming")
+@torch.library.register_fake(LIB + "batch_all_triplet_streaming")
 def _batch_all_streaming_fake(embeddings, labels, margin, metric, block_rows):
     _check_batch(embeddings, labels)
     count = embeddings.new_empty((), dtype=torch.int64)
     return embeddings.new_empty((), dtype=accumulation_dtype(embeddings.dtype)), count, torch.empty_like(count)
 
 
-@torch.library.register_fake(_LIB + "semihard_triplet_streaming_backward")
-@torch.library.register_fake(_LIB + "batch_all_triplet_streaming_backward")
+@torch.library.register_fake(LIB + "semihard_triplet_streaming_backward")
+@torch.library.register_fake(LIB + "batch_all_triplet_streaming_backward")
 def _streaming_backward_fake(grad, embeddings, labels, margin, metric, block_rows):
-    return _contiguous_like(embeddings)
+    return contiguous_like(embeddings)
 
 
 def _streaming_setup_context(ctx, inputs, output):
@@ -213,18 +209,20 @@ def _streaming_backward(backward_op):
 
 for _name in ("semihard_triplet_streaming", "batch_all_triplet_streaming"):
     register_autograd(_name, _streaming_backward(getattr(ops, _name + "_backward")), _streaming_setup_context)
-    register_backward_op(_name + "_backward", _name)
 
 # ------------------------------------------------------------------ statistics and miner
 
 
-@torch.library.register_fake(_LIB + "triplet_statistics")
+@torch.library.register_fake(LIB + "triplet_statistics")
 def _statistics_fake(embeddings, labels, margin, metric):
     _check_batch(embeddings, labels)
     return embeddings.new_empty((4,), dtype=torch.int64)
 
 
-@torch.library.register_fake(_LIB + "mine_triplets")
+register_not_differentiable("triplet_statistics")  # integer counts
+
+
+@torch.library.register_fake(LIB + "mine_triplets")
 def _mine_fake(embeddings, labels, strategy, margin, metric):
     _check_batch(embeddings, labels)
     n = torch.library.get_ctx().new_dynamic_size()
@@ -232,11 +230,18 @@ def _mine_fake(embeddings, labels, strategy, margin, metric):
     return index, torch.empty_like(index), torch.empty_like(index)
 
 
-@torch.library.register_fake(_LIB + "triplet_interval_weights")
+register_not_differentiable("mine_triplets")  # integer indices
+
+
+@torch.library.register_fake(LIB + "triplet_interval_weights")
 def _interval_weights_fake(dist, labels, lower, has_lower, upper, upper_inclusive):
     if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
         raise ValueError(f"dist must be a square (B, B) distance matrix, got shape {tuple(dist.shape)}")
-    _check_batch(dist, labels)
+    check_embeddings(dist, "dist")
+    check_labels(labels, dist)
     weight_dtype = torch.float64 if dist.dtype == torch.float64 else torch.float32
     B = dist.shape[0]
     return dist.new_empty((B, B), dtype=weight_dtype), dist.new_empty((B,), dtype=torch.int64)
+
+
+register_not_differentiable("triplet_interval_weights")  # integer counts

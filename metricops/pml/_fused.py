@@ -38,11 +38,11 @@ from typing import Optional
 
 import torch
 
-from .. import triplet as _triplet
+from .. import _memory
 from .._ops import ops
 from .._reduction import mean_of_sum
-from ..distance import _l2_normalize
-from ..triplet import _SORTING_BYTES_PER_ENTRY, _block_rows, _reduce
+from ..distance import _normalized
+from ..triplet import _reduce
 from ._mined import TripletSelection
 from .reducers import zero_loss
 
@@ -50,7 +50,7 @@ from .reducers import zero_loss
 def _below(x: torch.Tensor, labels: torch.Tensor, t: float, metric: str):
     """(S(t), N(t), dist): Σ relu(t − m) over every valid triplet (differentiable in x), #{m < t}, and the
     distance matrix the op used (None when it streamed row blocks)."""
-    block_rows = _block_rows("auto", x, _SORTING_BYTES_PER_ENTRY)
+    block_rows = _memory.block_rows("auto", x, _memory.SORTING_BYTES_PER_ENTRY)
     if block_rows > 0:
         total, _, count = ops.batch_all_triplet_streaming(x, labels, t, metric, block_rows)
         return total, count, None
@@ -111,7 +111,7 @@ def ties_at_zero(x: torch.Tensor, labels: torch.Tensor, metric: str, dist: Optio
     positives, real = positives_per_anchor(labels)
     found = []
     if positives.shape[1] > 0:
-        stream_rows = _block_rows("auto", x, _SORTING_BYTES_PER_ENTRY) if dist is None else batch
+        stream_rows = _memory.block_rows("auto", x, _memory.SORTING_BYTES_PER_ENTRY) if dist is None else batch
         for r0 in range(0, batch, stream_rows):
             # Streaming: the op's row blocks, the same GEMM shapes, so the same values.
             rows = (
@@ -154,7 +154,7 @@ def use_slots(batch: int, max_positives: int, zero_bound: bool) -> bool:
     the batch-all op (O(B² log B)): with few positives per anchor, or a bound at 0 (whose ties the op path
     must search in O(B² · positives) anyway), below the size where the ops stream row blocks."""
     few = 2 * max(1, math.ceil(math.log2(max(batch, 2))))  # the native kernels' "few positives" rule
-    return batch < _triplet._AUTO_STREAM_MIN_B and (zero_bound or max_positives <= few)
+    return batch < _memory.AUTO_STREAM_MIN_B and (zero_bound or max_positives <= few)
 
 
 def _slot_loss(x, labels, interval, loss_margin: float, metric: str, embeddings):
@@ -187,7 +187,7 @@ def triplet_margin_loss(
     if interval is None:
         return zero_loss(embeddings)
     lower, upper, inclusive = interval
-    x = _l2_normalize(embeddings) if normalize else embeddings
+    x = _normalized(embeddings, normalize)
     zero_bound = lower == 0.0 or (inclusive and upper == 0.0)
     positives, real = positives_per_anchor(labels)
     if use_slots(x.shape[0], positives.shape[1], zero_bound):
@@ -220,7 +220,7 @@ def triplet_margin_loss(
 
 def batch_hard_indices(x: torch.Tensor, labels: torch.Tensor, metric: str, normalize: bool):
     """BatchHardMiner's (a, p, n) from the op ``batch_hard_loss`` computes with (the same choices on ties)."""
-    block_rows = _block_rows("auto", x)
+    block_rows = _memory.block_rows("auto", x)
     _, positive, negative, _, _ = ops.batch_hard_triplet(x, labels, 0.0, metric, False, block_rows, normalize)
     anchors = torch.nonzero(positive >= 0).squeeze(1)
     return anchors, positive[anchors], negative[anchors]
@@ -229,7 +229,7 @@ def batch_hard_indices(x: torch.Tensor, labels: torch.Tensor, metric: str, norma
 def batch_hard_loss(embeddings, labels, loss_margin: float, metric: str, normalize: bool) -> torch.Tensor:
     """TripletMarginLoss(margin=loss_margin) over BatchHardMiner's triplets: per anchor with a triplet
     relu(M + max d(a, p) − min d(a, n)), averaged over the nonzero terms."""
-    block_rows = _block_rows("auto", embeddings)
+    block_rows = _memory.block_rows("auto", embeddings)
     losses, positive, _, _, _ = ops.batch_hard_triplet(
         embeddings, labels, float(loss_margin), metric, False, block_rows, normalize
     )

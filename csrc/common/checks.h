@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <cmath>
 #include <string>
 
 #include "common/distance.h"
@@ -55,5 +56,12 @@ inline void check_labels(const at::Tensor& labels, const at::Tensor& embeddings)
   TORCH_CHECK_VALUE(labels.device() == embeddings.device(), "labels must be on the embeddings' device (",
                     embeddings.device(), "), got ", labels.device());
 }
+
+// A float argument that may be infinite (it can switch a group of terms off)
+// but not NaN.
+inline void check_not_nan_arg(double v, const char* name) { TORCH_CHECK_VALUE(!std::isnan(v), name, " must not be NaN"); }
+
+// Labels as contiguous int64 (the kernels read them as int64_t).
+inline at::Tensor labels_int64(const at::Tensor& labels) { return labels.to(at::kLong).contiguous(); }
 
 }  // namespace metricops

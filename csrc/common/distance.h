@@ -193,4 +193,15 @@ C10_HOST_DEVICE inline acc_t norm_term_scale(Metric metric, acc_t aux) {
   return metric == Metric::Cosine ? aux * aux : acc_t(1);
 }
 
+// The total order of distances with their indices, used by every sort and
+// top-k: (distance, index) lexicographic, NaN after every number (+inf
+// included) and NaNs equal to one another, so NaN distances sort last, by
+// index, and never displace a number.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool dist_index_less(acc_t da, int64_t ia, acc_t db, int64_t ib) {
+  const bool a_nan = da != da, b_nan = db != db;
+  if (a_nan || b_nan) return a_nan == b_nan ? ia < ib : b_nan;
+  return da < db || (da == db && ia < ib);
+}
+
 }  // namespace metricops

@@ -13,16 +13,14 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/core/ScalarType.h>
 
 #include <optional>
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/precision.h"
 
 namespace metricops {
 
@@ -37,31 +35,6 @@ struct GradCoefficients {
   at::Tensor row_coef;  // (M,), accumulation dtype
   at::Tensor col_coef;  // (N,), accumulation dtype
 };
-
-inline bool is_low_precision(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-
-// float32 accumulation for float16/bfloat16, the input dtype otherwise.
-inline at::ScalarType acc_dtype(const at::Tensor& t) {
-  return is_low_precision(t) ? at::kFloat : t.scalar_type();
-}
-
-// a @ b.T in the accumulation dtype (tensor cores with float32 output for
-// float16/bfloat16 on CUDA).
-inline at::Tensor gram_acc(const at::Tensor& a, const at::Tensor& b) {
-  return is_low_precision(a) ? at::mm(a, b.t(), at::kFloat) : at::mm(a, b.t());
-}
-
-inline at::Tensor matmul_acc(const at::Tensor& a, const at::Tensor& b) {
-  return is_low_precision(a) ? at::mm(a, b, at::kFloat) : at::mm(a, b);
-}
-
-// scaled - a @ b in the accumulation dtype (one fused addmm when possible).
-inline at::Tensor scaled_minus_matmul(const at::Tensor& scaled, const at::Tensor& a, const at::Tensor& b) {
-  if (is_low_precision(a)) return scaled.sub_(at::mm(a, b, at::kFloat));
-  return at::addmm(scaled, a, b, /*beta=*/1, /*alpha=*/-1);
-}
 
 inline void check_pairwise_inputs(const at::Tensor& x, const std::optional<at::Tensor>& y) {
   check_embeddings(x, "x");

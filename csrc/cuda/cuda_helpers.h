@@ -3,6 +3,7 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
@@ -25,6 +26,74 @@ inline unsigned int grid_for(int64_t n, int threads = kThreads) {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// Whether a host check (one sync) may run: not while the current stream is
+// capturing a CUDA graph (a sync there fails the capture).
+inline bool may_sync_now() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
+
+constexpr int kWarp = 32;
+
+// Rows handled one warp each: blocks of kThreads / 32 warps.
+inline unsigned int warp_rows_grid(int64_t rows) {
+  const int64_t warps_per_block = kThreads / kWarp;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, warps_per_block), 65535)));
+}
+
+// Rows handled one block each.
+inline unsigned int block_rows_grid(int64_t rows) {
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(rows, 65535)));
+}
+
+#ifdef __CUDACC__
+// Sum over a warp by a butterfly; every lane gets the result (lane 0's is
+// the same as a shfl_down tree's: each step adds the same two partials).
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); the result
+// is valid in thread 0. `shared` holds 32 entries and may be reused at once.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* shared) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();  // a previous call may still be reading `shared`
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x / kWarp;
+  v = threadIdx.x < warps ? shared[threadIdx.x] : T(0);
+  if (warp == 0) v = warp_sum(v);
+  return v;
+}
+
+// The transposed-tile pattern of the symmetric weight kernels: kTile x kTile
+// tiles, blocks of (kTile, kTileRows) threads, tile (i0, j0) of the output at
+// (blockIdx.y, blockIdx.x).
+constexpr int kTile = 32;
+constexpr int kTileRows = 8;
+
+// Loads the mirrored tile (rows j0.., columns i0.. of the (N, N) matrices a
+// and b) transposed into shared memory (a_t[c][r] = a[j0 + r][i0 + c]), so
+// that entry (i0 + r, j0 + c)'s mirror is a_t[r][c] and every global read
+// stays coalesced. The +1 column avoids bank conflicts. Ends with a barrier.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_mirrored_tiles(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                                    int64_t N, int64_t i0, int64_t j0, acc_t (*a_t)[kTile + 1],
+                                                    acc_t (*b_t)[kTile + 1]) {
+  for (int r = threadIdx.y; r < kTile; r += kTileRows) {
+    const int64_t row = j0 + r, col = i0 + threadIdx.x;
+    if (row < N && col < N) {
+      a_t[threadIdx.x][r] = static_cast<acc_t>(a[row * N + col]);
+      b_t[threadIdx.x][r] = static_cast<acc_t>(b[row * N + col]);
+    }
+  }
+  __syncthreads();
+}
+#endif  // __CUDACC__
+
 }  // namespace cuda
 }  // namespace metricops
 
@@ -32,6 +101,15 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 #define METRICOPS_CUDA_KERNEL_LOOP(i, n)                                               \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+// Rows handled one warp each, in a grid-stride loop (blocks of blockDim.x / 32 warps).
+#define METRICOPS_WARP_ROW_LOOP(row, rows)                                                                      \
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; row < (rows); \
+       row += static_cast<int64_t>(gridDim.x) * (blockDim.x / 32))
+
+// AT_DISPATCH over the dtypes the CUDA kernels take.
+#define METRICOPS_DISPATCH_CUDA_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // Device guard of a CUDA entry point, from the device of its first tensor
 // argument (`device`: a c10::Device). A call that mixes a CPU and a CUDA

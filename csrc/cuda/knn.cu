@@ -31,7 +31,7 @@ constexpr int64_t kQueryBlock = 2048;
 constexpr int64_t kDatabaseChunk = 8192;
 
 // dot: (rows, cols) contiguous Gram block of queries q0.. against database
-// rows n0..; top_d/top_i: (Q, k) running top-k, sorted by knn_less.
+// rows n0..; top_d/top_i: (Q, k) running top-k, sorted by dist_index_less.
 // Every warp-level branch below depends only on the row or on a ballot, so
 // the whole warp takes it together and the *_sync masks are full.
 // q, db: the contiguous inputs (dim columns), for the exactness guard of
@@ -62,7 +62,7 @@ __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, in
         d = key_to_distance<acc_t>(kMetric, guarded_distance_key<acc_t, scalar_t>(
                                                 kMetric, xa, db_aux[col], dot_row[j], q + qi * dim, acc_t(1),
                                                 db + col * dim, acc_t(1), dim, tol));
-        pass = !(self && col == qi) && knn_less<acc_t>(d, col, kth_d, kth_i);
+        pass = !(self && col == qi) && dist_index_less<acc_t>(d, col, kth_d, kth_i);
       }
       unsigned int mask = __ballot_sync(0xffffffffu, pass);
       while (mask != 0u) {  // survivors in increasing column order
@@ -82,12 +82,11 @@ __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, in
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std::optional<at::Tensor>& database,
                                             int64_t k, c10::string_view metric_name, int64_t chunk_size) {
   METRICOPS_CUDA_DEVICE_GUARD(queries.device());
-  const Metric metric = parse_metric(metric_name);
-  check_knn_inputs(queries, database, k, chunk_size);
-  const bool self = !database.has_value();
-  const at::Tensor q = queries.contiguous();
-  const at::Tensor db = self ? q : database->contiguous();
-  const int64_t Q = q.size(0), N = db.size(0);
+  const KnnInputs in = prepare_knn_inputs(queries, database, k, metric_name, chunk_size);
+  const Metric metric = in.metric;
+  const bool self = in.self;
+  const at::Tensor &q = in.q, &db = in.db;
+  const int64_t Q = in.Q, N = in.N;
   const auto acc = acc_dtype(q);
   // Empty slots: (NaN, kKnnEmptyIndex) sorts after any candidate.
   at::Tensor top_d = at::full({Q, k}, std::numeric_limits<double>::quiet_NaN(), q.options().dtype(acc));

@@ -12,8 +12,7 @@
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "metricops native operators (registered under torch.ops.metricops)", -1,
-      nullptr,
+      PyModuleDef_HEAD_INIT, "_C", "metricops native operators (registered under torch.ops.metricops)", -1, nullptr,
   };
   return PyModule_Create(&module_def);
 }

@@ -107,8 +107,7 @@ template <class Kernels>
 at::Tensor contrastive_loss_backward_impl(const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& labels,
                                           const at::Tensor& aux_mat, const at::Tensor& row_coef_in,
                                           const at::Tensor& denom, double pos_margin, double neg_margin,
-                                          c10::string_view metric_name, bool squared,
-                                          c10::string_view reduction_name) {
+                                          c10::string_view metric_name, bool squared, c10::string_view reduction_name) {
   const Metric metric = parse_metric(metric_name);
   const Reduction reduction = parse_reduction(reduction_name);
   check_embeddings(x_in, "embeddings");
@@ -124,17 +123,17 @@ at::Tensor contrastive_loss_backward_impl(const at::Tensor& grad, const at::Tens
   const auto mat_dtype = reduction == Reduction::None ? x_in.scalar_type() : acc;
   TORCH_CHECK_VALUE(aux_mat.device() == x_in.device(), "saved matrix must be on the same device as embeddings (",
                     x_in.device(), "), got ", aux_mat.device());
-  TORCH_CHECK_TYPE(aux_mat.scalar_type() == mat_dtype, "saved matrix must have dtype ", mat_dtype,
-                   " for reduction '", std::string(reduction_name), "' and ", x_in.scalar_type(),
-                   " embeddings, got ", aux_mat.scalar_type());
+  TORCH_CHECK_TYPE(aux_mat.scalar_type() == mat_dtype, "saved matrix must have dtype ", mat_dtype, " for reduction '",
+                   std::string(reduction_name), "' and ", x_in.scalar_type(), " embeddings, got ",
+                   aux_mat.scalar_type());
   TORCH_CHECK_VALUE(grad.device() == x_in.device(), "grad must be on the embeddings' device");
   if (B == 0 || x_in.size(1) == 0) return at::zeros_like(x_in);
   const at::Tensor x = x_in.contiguous();
   if (reduction != Reduction::None) {
     TORCH_CHECK_VALUE(grad.dim() == 0, "grad must be a scalar for reduction '", std::string(reduction_name),
                       "', got shape ", grad.sizes());
-    TORCH_CHECK_VALUE(row_coef_in.dim() == 1 && row_coef_in.size(0) == B, "row_coef must have shape (", B,
-                      ",), got ", row_coef_in.sizes());
+    TORCH_CHECK_VALUE(row_coef_in.dim() == 1 && row_coef_in.size(0) == B, "row_coef must have shape (", B, ",), got ",
+                      row_coef_in.sizes());
     const at::Tensor W = aux_mat.contiguous();
     // Scale computed on device (no host sync); 0 when there was no term.
     at::Tensor d = denom.to(acc);
@@ -143,8 +142,8 @@ at::Tensor contrastive_loss_backward_impl(const at::Tensor& grad, const at::Tens
     at::Tensor gx = scaled_minus_matmul(x_acc.mul(row_coef_in.to(acc).unsqueeze(1)), W, x_acc);
     return gx.mul_(scale).to(x.scalar_type());
   }
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == B, "grad must have shape (", B, ", ",
-                    B, ") for reduction 'none', got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == B, "grad must have shape (", B, ", ", B,
+                    ") for reduction 'none', got ", grad.sizes());
   const at::Tensor g = grad.to(x.scalar_type()).contiguous();
   const at::Tensor dist = aux_mat.contiguous();
   at::Tensor aux = Kernels::row_aux(x, metric);

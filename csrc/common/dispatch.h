@@ -16,14 +16,14 @@
   }
 
 // `constexpr metricops::Metric NAME = metric`.
-#define METRICOPS_DISPATCH_METRIC(metric, NAME, ...)                                                       \
-  [&] {                                                                                                    \
-    switch (metric) {                                                                                      \
+#define METRICOPS_DISPATCH_METRIC(metric, NAME, ...)                                                     \
+  [&] {                                                                                                  \
+    switch (metric) {                                                                                    \
       METRICOPS_CONSTEXPR_CASE(::metricops::Metric, ::metricops::Metric::Euclidean, NAME, __VA_ARGS__)   \
       METRICOPS_CONSTEXPR_CASE(::metricops::Metric, ::metricops::Metric::SqEuclidean, NAME, __VA_ARGS__) \
       METRICOPS_CONSTEXPR_CASE(::metricops::Metric, ::metricops::Metric::Cosine, NAME, __VA_ARGS__)      \
-    }                                                                                                      \
-    TORCH_CHECK(false, "metricops: unknown metric id ", static_cast<int64_t>(metric));                     \
+    }                                                                                                    \
+    TORCH_CHECK(false, "metricops: unknown metric id ", static_cast<int64_t>(metric));                   \
   }()
 
 // `constexpr bool NAME = value`.
@@ -38,13 +38,13 @@
   }()
 
 // `constexpr metricops::NormKind NAME = kind`.
-#define METRICOPS_DISPATCH_NORM_KIND(kind, NAME, ...)                                                        \
-  [&] {                                                                                                      \
-    switch (kind) {                                                                                          \
+#define METRICOPS_DISPATCH_NORM_KIND(kind, NAME, ...)                                                      \
+  [&] {                                                                                                    \
+    switch (kind) {                                                                                        \
       METRICOPS_CONSTEXPR_CASE(::metricops::NormKind, ::metricops::NormKind::L1, NAME, __VA_ARGS__)        \
       METRICOPS_CONSTEXPR_CASE(::metricops::NormKind, ::metricops::NormKind::L2, NAME, __VA_ARGS__)        \
       METRICOPS_CONSTEXPR_CASE(::metricops::NormKind, ::metricops::NormKind::Lp, NAME, __VA_ARGS__)        \
       METRICOPS_CONSTEXPR_CASE(::metricops::NormKind, ::metricops::NormKind::SquaredL2, NAME, __VA_ARGS__) \
-    }                                                                                                        \
-    TORCH_CHECK(false, "metricops: unknown norm kind");                                                      \
+    }                                                                                                      \
+    TORCH_CHECK(false, "metricops: unknown norm kind");                                                    \
   }()

@@ -43,13 +43,13 @@ inline int64_t check_knn_inputs(const at::Tensor& queries, const std::optional<a
   if (database.has_value()) {
     check_embeddings(*database, "database");
     check_same_device_dtype(queries, "queries", *database, "database");
-    TORCH_CHECK_VALUE(queries.size(1) == database->size(1),
-                      "database must have the same embedding size D as queries (", queries.size(1),
-                      "), got shape ", database->sizes());
+    TORCH_CHECK_VALUE(queries.size(1) == database->size(1), "database must have the same embedding size D as queries (",
+                      queries.size(1), "), got shape ", database->sizes());
   }
   const int64_t available = database.has_value() ? database->size(0) : queries.size(0) - 1;
-  TORCH_CHECK_VALUE(k >= 1 && k <= available, "k must be between 1 and the number of database rows a query can return (",
-                    available, database.has_value() ? "" : ", self excluded", "), got k=", k);
+  TORCH_CHECK_VALUE(k >= 1 && k <= available,
+                    "k must be between 1 and the number of database rows a query can return (", available,
+                    database.has_value() ? "" : ", self excluded", "), got k=", k);
   TORCH_CHECK_VALUE(chunk_size >= 0, "chunk_size must be >= 0 (0 picks it automatically), got ", chunk_size);
   return available;
 }

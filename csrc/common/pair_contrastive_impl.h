@@ -33,8 +33,7 @@ inline void check_pair_inputs(const at::Tensor& x0, const at::Tensor& x1, const 
   check_embeddings(x0, "x0");
   check_embeddings(x1, "x1");
   check_same_device_dtype(x0, "x0", x1, "x1");
-  TORCH_CHECK_VALUE(x0.sizes() == x1.sizes(), "x1 must have the same shape as x0 ", x0.sizes(), ", got ",
-                    x1.sizes());
+  TORCH_CHECK_VALUE(x0.sizes() == x1.sizes(), "x1 must have the same shape as x0 ", x0.sizes(), ", got ", x1.sizes());
   TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == x0.size(0), "y must be a 1-D tensor of length N=", x0.size(0),
                     " (one label per pair), got shape ", y.sizes());
   TORCH_CHECK_TYPE(y.scalar_type() == at::kBool, "y must be a bool tensor here (the Python wrapper converts it), got ",
@@ -60,9 +59,10 @@ std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_impl(const at::Tensor& 
 }
 
 template <class Kernels>
-std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_backward_impl(
-    const at::Tensor& grad, const at::Tensor& x0_in, const at::Tensor& x1_in, const at::Tensor& y_in,
-    const at::Tensor& dist, double margin, c10::string_view metric_name, bool squared) {
+std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_backward_impl(const at::Tensor& grad, const at::Tensor& x0_in,
+                                                                       const at::Tensor& x1_in, const at::Tensor& y_in,
+                                                                       const at::Tensor& dist, double margin,
+                                                                       c10::string_view metric_name, bool squared) {
   const Metric metric = parse_metric(metric_name);
   check_pair_inputs(x0_in, x1_in, y_in);
   const int64_t N = x0_in.size(0);

@@ -41,8 +41,8 @@ inline void check_pairwise_inputs(const at::Tensor& x, const std::optional<at::T
   if (y.has_value()) {
     check_embeddings(*y, "y");
     check_same_device_dtype(x, "x", *y, "y");
-    TORCH_CHECK_VALUE(x.size(1) == y->size(1), "y must have the same embedding size D as x (",
-                      x.size(1), "), got shape ", y->sizes());
+    TORCH_CHECK_VALUE(x.size(1) == y->size(1), "y must have the same embedding size D as x (", x.size(1),
+                      "), got shape ", y->sizes());
   }
 }
 
@@ -67,18 +67,19 @@ at::Tensor pairwise_distance_impl(const at::Tensor& x_in, const std::optional<at
 // Returns (grad_x, grad_y); grad_y is an empty (0, D) tensor when y is None
 // (then grad_x already holds both roles of x).
 template <class Kernels>
-std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_impl(
-    const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& y_opt,
-    const at::Tensor& dist, c10::string_view metric_name) {
+std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_impl(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& y_opt,
+                                                                   const at::Tensor& dist,
+                                                                   c10::string_view metric_name) {
   const Metric metric = parse_metric(metric_name);
   check_pairwise_inputs(x, y_opt);
   const bool self = !y_opt.has_value();
   const at::Tensor& y = self ? x : *y_opt;
   const int64_t M = x.size(0), N = y.size(0);
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == N,
-                    "grad must have shape (", M, ", ", N, "), got ", grad.sizes());
-  TORCH_CHECK_VALUE(dist.dim() == 2 && dist.size(0) == M && dist.size(1) == N,
-                    "dist must have shape (", M, ", ", N, "), got ", dist.sizes());
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == N, "grad must have shape (", M, ", ", N,
+                    "), got ", grad.sizes());
+  TORCH_CHECK_VALUE(dist.dim() == 2 && dist.size(0) == M && dist.size(1) == N, "dist must have shape (", M, ", ", N,
+                    "), got ", dist.sizes());
   check_same_device_dtype(x, "x", grad, "grad");
   check_same_device_dtype(x, "x", dist, "dist");
 

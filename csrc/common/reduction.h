@@ -16,8 +16,8 @@ inline Reduction parse_reduction(c10::string_view name) {
   if (name == "sum") return Reduction::Sum;
   if (name == "mean_nonzero") return Reduction::MeanNonzero;
   if (name == "none") return Reduction::None;
-  TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'mean_nonzero', 'none', got '",
-                    std::string(name), "'");
+  TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'mean_nonzero', 'none', got '", std::string(name),
+                    "'");
 }
 
 }  // namespace metricops

@@ -43,8 +43,8 @@ C10_HOST_DEVICE inline T triplet_term_grad(T d_ap, T d_an, T margin, bool soft) 
 // on keys and take the sqrt for the winners only, so two squared distances
 // that round to the same root still pick the same row on CPU and CUDA.
 template <typename T>
-C10_HOST_DEVICE inline void batch_hard_from_keys(Metric metric, T key_p, T key_n, T margin, bool soft, T& d_ap,
-                                                 T& d_an, T& loss) {
+C10_HOST_DEVICE inline void batch_hard_from_keys(Metric metric, T key_p, T key_n, T margin, bool soft, T& d_ap, T& d_an,
+                                                 T& loss) {
   d_ap = key_to_distance<T>(metric, key_p);
   d_an = key_to_distance<T>(metric, key_n);
   loss = triplet_term<T>(d_ap, d_an, margin, soft);
@@ -102,8 +102,7 @@ C10_HOST_DEVICE inline I unset_mask(I k) {
 // farther than d_ap, the farthest negative and the first NaN (k = -1: none
 // yet); strict comparisons keep the earliest k on ties.
 template <typename T, typename I>
-C10_HOST_DEVICE inline void semihard_scan_step(T d, I k, T d_ap, T& near_d, I& near_k, T& far_d, I& far_k,
-                                               I& nan_k) {
+C10_HOST_DEVICE inline void semihard_scan_step(T d, I k, T d_ap, T& near_d, I& near_k, T& far_d, I& far_k, I& nan_k) {
   const I is_nan = select_mask<I>(d != d);
   const I take_near = ~is_nan & select_mask<I>(d > d_ap) & (unset_mask(near_k) | select_mask<I>(d < near_d));
   const I take_far = ~is_nan & (unset_mask(far_k) | select_mask<I>(d > far_d));
@@ -232,8 +231,8 @@ C10_HOST_DEVICE inline bool index_in_batch(int64_t index, int64_t B) { return in
 //   grad[p] += positive_self * x[p] - cross_positive * x[a]
 //   grad[n] += negative_self * x[n] - cross_negative * x[a]
 template <typename T>
-C10_HOST_DEVICE inline void batch_hard_anchor_coefficients(Metric metric, int64_t B, int64_t a, int64_t p, int64_t n, T g,
-                                                           T g_ap, T g_an, T d_ap, T d_an, const T* aux, T margin,
+C10_HOST_DEVICE inline void batch_hard_anchor_coefficients(Metric metric, int64_t B, int64_t a, int64_t p, int64_t n,
+                                                           T g, T g_ap, T g_an, T d_ap, T d_an, const T* aux, T margin,
                                                            bool soft, T& anchor_self, T& cross_positive,
                                                            T& cross_negative, T& positive_self, T& negative_self) {
   if (!index_in_batch(p, B) || !index_in_batch(n, B)) {  // no triplet (or a foreign index: no term)

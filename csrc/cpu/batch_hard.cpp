@@ -72,8 +72,9 @@ inline void batch_hard_lane_step(scalar_t dot, scalar_t aj, int32_t cj, int32_t 
   const scalar_t k = dot;  // the sweep turned the Gram entries into guarded keys (gram_row_to_keys)
   const int32_t same = select_mask<int32_t>(cj == ci);
   const int32_t k_nan = select_mask<int32_t>(k != k);
-  const int32_t take_p = same & select_mask<int32_t>(j != i) &
-                         ((index_p >> 31) | select_mask<int32_t>(k > key_p) | (k_nan & select_mask<int32_t>(key_p == key_p)));
+  const int32_t take_p =
+      same & select_mask<int32_t>(j != i) &
+      ((index_p >> 31) | select_mask<int32_t>(k > key_p) | (k_nan & select_mask<int32_t>(key_p == key_p)));
   const int32_t take_n =
       ~same & ((index_n >> 31) | select_mask<int32_t>(k < key_n) | (k_nan & select_mask<int32_t>(key_n == key_n)));
   key_p = take_p ? k : key_p;
@@ -113,8 +114,8 @@ inline void batch_hard_row_scan(const scalar_t* dot, const scalar_t* ap, const i
   alignas(64) scalar_t key_p[kLanes], key_n[kLanes];
   alignas(64) int32_t index_p[kLanes], index_n[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) key_p[l] = key_n[l] = scalar_t(0), index_p[l] = index_n[l] = -1;
-  batch_hard_row_lanes<scalar_t, kMetric>(dot, ap, cls, ap[i], cls[i], static_cast<int32_t>(i), j0, j1, key_p,
-                                          index_p, key_n, index_n);
+  batch_hard_row_lanes<scalar_t, kMetric>(dot, ap, cls, ap[i], cls[i], static_cast<int32_t>(i), j0, j1, key_p, index_p,
+                                          key_n, index_n);
   for (int64_t l = 0; l < kLanes; ++l) {
     merge_candidate<scalar_t, int32_t, true>(key_p[l], index_p[l], sel.key_p[i], sel.index_p[i]);
     merge_candidate<scalar_t, int32_t, false>(key_n[l], index_n[l], sel.key_n[i], sel.index_n[i]);
@@ -136,8 +137,10 @@ METRICOPS_SIMD_CLONES void batch_hard_column_update(const scalar_t* __restrict__
     const int32_t ip = index_p[j], in = index_n[j];
     const int32_t same = select_mask<int32_t>(cls[j] == ci);
     const int32_t k_nan = select_mask<int32_t>(k != k);
-    const int32_t take_p = same & ((ip >> 31) | select_mask<int32_t>(k > kp) | (k_nan & select_mask<int32_t>(kp == kp)));
-    const int32_t take_n = ~same & ((in >> 31) | select_mask<int32_t>(k < kn) | (k_nan & select_mask<int32_t>(kn == kn)));
+    const int32_t take_p =
+        same & ((ip >> 31) | select_mask<int32_t>(k > kp) | (k_nan & select_mask<int32_t>(kp == kp)));
+    const int32_t take_n =
+        ~same & ((in >> 31) | select_mask<int32_t>(k < kn) | (k_nan & select_mask<int32_t>(kn == kn)));
     key_p[j] = take_p ? k : kp;
     index_p[j] = take_p ? i32 : ip;
     key_n[j] = take_n ? k : kn;
@@ -273,110 +276,110 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
 
 namespace {
 
-  // Each output row is written once, by one task: grad[r] gathers its own
-  // anchor terms and the terms of the anchors that chose r as their positive
-  // or negative, listed per row in anchor order (a counting sort). Parallel
-  // over rows, deterministic, and about half the memory traffic of an anchor
-  // pass followed by a scatter pass.
-  // norm defined (normalize=True): the coefficients are y's (y_k =
-  // scale_k x_k); each row's gradient in y is then taken through
-  // F.normalize's backward in place.
-  at::Tensor batch_hard_assemble_cpu(const at::Tensor& x, const at::Tensor& positive, const at::Tensor& negative,
-                                     const BatchHardGradCoefficients& c, const at::Tensor& norm) {
-    const int64_t B = x.size(0), D = x.size(1);
-    const bool normalize = norm.defined();
-    const NormalizedRows nr = normalize ? normalized_rows_cpu(norm, Metric::Euclidean) : NormalizedRows{};
-    at::Tensor grad = at::empty({B, D}, x.options());
-    const int64_t* pos = positive.const_data_ptr<int64_t>();
-    const int64_t* neg = negative.const_data_ptr<int64_t>();
-    // An anchor has a triplet when both indices are set (a direct call may
-    // pass one of them as -1: it is then skipped, never dereferenced).
-    auto has_triplet = [&](int64_t a) { return index_in_batch(pos[a], B) && index_in_batch(neg[a], B); };
-    // Incoming terms of row r: entries [offset[r], offset[r + 1]) of `source`,
-    // each an anchor index, 2a for "a chose r as positive", 2a + 1 as negative.
-    std::vector<int64_t> offset(B + 1, 0), source;
+// Each output row is written once, by one task: grad[r] gathers its own
+// anchor terms and the terms of the anchors that chose r as their positive
+// or negative, listed per row in anchor order (a counting sort). Parallel
+// over rows, deterministic, and about half the memory traffic of an anchor
+// pass followed by a scatter pass.
+// norm defined (normalize=True): the coefficients are y's (y_k =
+// scale_k x_k); each row's gradient in y is then taken through
+// F.normalize's backward in place.
+at::Tensor batch_hard_assemble_cpu(const at::Tensor& x, const at::Tensor& positive, const at::Tensor& negative,
+                                   const BatchHardGradCoefficients& c, const at::Tensor& norm) {
+  const int64_t B = x.size(0), D = x.size(1);
+  const bool normalize = norm.defined();
+  const NormalizedRows nr = normalize ? normalized_rows_cpu(norm, Metric::Euclidean) : NormalizedRows{};
+  at::Tensor grad = at::empty({B, D}, x.options());
+  const int64_t* pos = positive.const_data_ptr<int64_t>();
+  const int64_t* neg = negative.const_data_ptr<int64_t>();
+  // An anchor has a triplet when both indices are set (a direct call may
+  // pass one of them as -1: it is then skipped, never dereferenced).
+  auto has_triplet = [&](int64_t a) { return index_in_batch(pos[a], B) && index_in_batch(neg[a], B); };
+  // Incoming terms of row r: entries [offset[r], offset[r + 1]) of `source`,
+  // each an anchor index, 2a for "a chose r as positive", 2a + 1 as negative.
+  std::vector<int64_t> offset(B + 1, 0), source;
+  for (int64_t a = 0; a < B; ++a) {
+    if (!has_triplet(a)) continue;
+    ++offset[pos[a] + 1];
+    ++offset[neg[a] + 1];
+  }
+  for (int64_t r = 0; r < B; ++r) offset[r + 1] += offset[r];
+  source.resize(offset[B]);
+  {
+    std::vector<int64_t> fill(offset.begin(), offset.end() - 1);
     for (int64_t a = 0; a < B; ++a) {
       if (!has_triplet(a)) continue;
-      ++offset[pos[a] + 1];
-      ++offset[neg[a] + 1];
+      source[fill[pos[a]]++] = 2 * a;
+      source[fill[neg[a]]++] = 2 * a + 1;
     }
-    for (int64_t r = 0; r < B; ++r) offset[r + 1] += offset[r];
-    source.resize(offset[B]);
-    {
-      std::vector<int64_t> fill(offset.begin(), offset.end() - 1);
-      for (int64_t a = 0; a < B; ++a) {
-        if (!has_triplet(a)) continue;
-        source[fill[pos[a]]++] = 2 * a;
-        source[fill[neg[a]]++] = 2 * a + 1;
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_batch_hard_assemble_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* self_a = c.anchor_self.const_data_ptr<scalar_t>();
+    const scalar_t* w_p = c.cross_positive.const_data_ptr<scalar_t>();
+    const scalar_t* w_n = c.cross_negative.const_data_ptr<scalar_t>();
+    const scalar_t* self_p = c.positive_self.const_data_ptr<scalar_t>();
+    const scalar_t* self_n = c.negative_self.const_data_ptr<scalar_t>();
+    scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
+    const scalar_t* sp = normalize ? nr.scale.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* np = normalize ? norm.const_data_ptr<scalar_t>() : nullptr;
+    auto row_scale = [&](int64_t k) { return sp != nullptr ? sp[k] : scalar_t(1); };
+    const scalar_t eps = static_cast<scalar_t>(kNormalizeEps);
+    at::parallel_for(0, B, rows_grain(D), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* g = gp + r * D;
+        scalar_t scale = has_triplet(r) ? self_a[r] : scalar_t(0);
+        for (int64_t e = offset[r]; e < offset[r + 1]; ++e) {
+          const int64_t a = source[e] >> 1;
+          scale += (source[e] & 1) ? self_n[a] : self_p[a];
+        }
+        scale_row(xp + r * D, scale * row_scale(r), D, g);
+        if (has_triplet(r)) {
+          subtract_scaled_row(xp + pos[r] * D, w_p[r] * row_scale(pos[r]), D, g);
+          subtract_scaled_row(xp + neg[r] * D, w_n[r] * row_scale(neg[r]), D, g);
+        }
+        for (int64_t e = offset[r]; e < offset[r + 1]; ++e) {
+          const int64_t a = source[e] >> 1;
+          subtract_scaled_row(xp + a * D, ((source[e] & 1) ? w_n[a] : w_p[a]) * row_scale(a), D, g);
+        }
+        if (np != nullptr) {  // g is d/dy_r: F.normalize's backward, g <- a g - b x_r
+          scalar_t coef_g, coef_x;
+          normalize_grad_coefficients(np[r], dot_product(g, xp + r * D, D), eps, coef_g, coef_x);
+          axpby_row_inplace(coef_g, coef_x, xp + r * D, D, g);
+        }
       }
-    }
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_batch_hard_assemble_cpu", [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const scalar_t* self_a = c.anchor_self.const_data_ptr<scalar_t>();
-      const scalar_t* w_p = c.cross_positive.const_data_ptr<scalar_t>();
-      const scalar_t* w_n = c.cross_negative.const_data_ptr<scalar_t>();
-      const scalar_t* self_p = c.positive_self.const_data_ptr<scalar_t>();
-      const scalar_t* self_n = c.negative_self.const_data_ptr<scalar_t>();
-      scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
-      const scalar_t* sp = normalize ? nr.scale.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* np = normalize ? norm.const_data_ptr<scalar_t>() : nullptr;
-      auto row_scale = [&](int64_t k) { return sp != nullptr ? sp[k] : scalar_t(1); };
-      const scalar_t eps = static_cast<scalar_t>(kNormalizeEps);
-      at::parallel_for(0, B, rows_grain(D), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          scalar_t* g = gp + r * D;
-          scalar_t scale = has_triplet(r) ? self_a[r] : scalar_t(0);
-          for (int64_t e = offset[r]; e < offset[r + 1]; ++e) {
-            const int64_t a = source[e] >> 1;
-            scale += (source[e] & 1) ? self_n[a] : self_p[a];
-          }
-          scale_row(xp + r * D, scale * row_scale(r), D, g);
-          if (has_triplet(r)) {
-            subtract_scaled_row(xp + pos[r] * D, w_p[r] * row_scale(pos[r]), D, g);
-            subtract_scaled_row(xp + neg[r] * D, w_n[r] * row_scale(neg[r]), D, g);
-          }
-          for (int64_t e = offset[r]; e < offset[r + 1]; ++e) {
-            const int64_t a = source[e] >> 1;
-            subtract_scaled_row(xp + a * D, ((source[e] & 1) ? w_n[a] : w_p[a]) * row_scale(a), D, g);
-          }
-          if (np != nullptr) {  // g is d/dy_r: F.normalize's backward, g <- a g - b x_r
-            scalar_t coef_g, coef_x;
-            normalize_grad_coefficients(np[r], dot_product(g, xp + r * D, D), eps, coef_g, coef_x);
-            axpby_row_inplace(coef_g, coef_x, xp + r * D, D, g);
-          }
-        }
-      });
     });
-    return grad;
-  }
+  });
+  return grad;
+}
 
-  // Fills the per-anchor coefficients of BatchHardGradCoefficients.
-  void batch_hard_coefficients_cpu(const BatchHardGradInputs& in, BatchHardGradCoefficients& out) {
-    const int64_t B = in.positive.size(0);
-    AT_DISPATCH_FLOATING_TYPES(in.dist_ap.scalar_type(), "metricops_batch_hard_backward_cpu", [&] {
-      const auto* g = in.grad_losses.const_data_ptr<scalar_t>();
-      const auto* g_ap = in.grad_dist_ap.const_data_ptr<scalar_t>();
-      const auto* g_an = in.grad_dist_an.const_data_ptr<scalar_t>();
-      const auto* pos = in.positive.const_data_ptr<int64_t>();
-      const auto* neg = in.negative.const_data_ptr<int64_t>();
-      const auto* dap = in.dist_ap.const_data_ptr<scalar_t>();
-      const auto* dan = in.dist_an.const_data_ptr<scalar_t>();
-      const auto* aux = in.aux.const_data_ptr<scalar_t>();
-      const scalar_t m = static_cast<scalar_t>(in.margin);
-      auto* anchor_self = out.anchor_self.mutable_data_ptr<scalar_t>();
-      auto* w_p = out.cross_positive.mutable_data_ptr<scalar_t>();
-      auto* w_n = out.cross_negative.mutable_data_ptr<scalar_t>();
-      auto* p_self = out.positive_self.mutable_data_ptr<scalar_t>();
-      auto* n_self = out.negative_self.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, B, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t a = begin; a < end; ++a) {
-          batch_hard_anchor_coefficients<scalar_t>(in.metric, B, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a],
-                                                   dan[a], aux, m, in.soft, anchor_self[a], w_p[a], w_n[a], p_self[a],
-                                                   n_self[a]);
-        }
-      });
+// Fills the per-anchor coefficients of BatchHardGradCoefficients.
+void batch_hard_coefficients_cpu(const BatchHardGradInputs& in, BatchHardGradCoefficients& out) {
+  const int64_t B = in.positive.size(0);
+  AT_DISPATCH_FLOATING_TYPES(in.dist_ap.scalar_type(), "metricops_batch_hard_backward_cpu", [&] {
+    const auto* g = in.grad_losses.const_data_ptr<scalar_t>();
+    const auto* g_ap = in.grad_dist_ap.const_data_ptr<scalar_t>();
+    const auto* g_an = in.grad_dist_an.const_data_ptr<scalar_t>();
+    const auto* pos = in.positive.const_data_ptr<int64_t>();
+    const auto* neg = in.negative.const_data_ptr<int64_t>();
+    const auto* dap = in.dist_ap.const_data_ptr<scalar_t>();
+    const auto* dan = in.dist_an.const_data_ptr<scalar_t>();
+    const auto* aux = in.aux.const_data_ptr<scalar_t>();
+    const scalar_t m = static_cast<scalar_t>(in.margin);
+    auto* anchor_self = out.anchor_self.mutable_data_ptr<scalar_t>();
+    auto* w_p = out.cross_positive.mutable_data_ptr<scalar_t>();
+    auto* w_n = out.cross_negative.mutable_data_ptr<scalar_t>();
+    auto* p_self = out.positive_self.mutable_data_ptr<scalar_t>();
+    auto* n_self = out.negative_self.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t a = begin; a < end; ++a) {
+        batch_hard_anchor_coefficients<scalar_t>(in.metric, B, a, pos[a], neg[a], g[a], g_ap[a], g_an[a], dap[a],
+                                                 dan[a], aux, m, in.soft, anchor_self[a], w_p[a], w_n[a], p_self[a],
+                                                 n_self[a]);
+      }
     });
-  }
+  });
+}
 
 at::Tensor batch_hard_triplet_backward_cpu(const at::Tensor& grad_losses, const at::Tensor& grad_dist_ap,
                                            const at::Tensor& grad_dist_an, const at::Tensor& embeddings,

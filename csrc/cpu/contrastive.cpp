@@ -45,9 +45,8 @@ METRICOPS_SIMD_CLONES void contrastive_reduce_row(const scalar_t* dist, const sc
 
 // Terms of a row from its distances.
 template <typename scalar_t, bool kSquared>
-METRICOPS_SIMD_CLONES void contrastive_none_row(const scalar_t* dist, const int64_t* labels, int64_t n,
-                                                int64_t label_i, scalar_t pos_margin, scalar_t neg_margin,
-                                                scalar_t* loss) {
+METRICOPS_SIMD_CLONES void contrastive_none_row(const scalar_t* dist, const int64_t* labels, int64_t n, int64_t label_i,
+                                                scalar_t pos_margin, scalar_t neg_margin, scalar_t* loss) {
   for (int64_t j = 0; j < n; ++j) {
     scalar_t t, s;
     contrastive_term<scalar_t>(dist[j], labels[j] == label_i, pos_margin, neg_margin, kSquared, t, s);
@@ -115,36 +114,39 @@ struct ContrastiveKernels {
                                          at::Tensor& row_loss, at::Tensor& row_nnz, at::Tensor& row_coef) {
     // The row's distances go into W's row (in place over the Gram matrix when
     // they alias), then its weights over them.
-    for_each_distance_row(dot, x, aux, args, W, [&]<typename scalar_t, Metric kMetric, bool kSquared>(
-                                                    int64_t i, scalar_t* wrow, scalar_t pm, scalar_t nm) {
-      const int64_t B = dot.size(0);
-      const scalar_t* ap = aux.const_data_ptr<scalar_t>();
-      const int64_t* lp = labels.const_data_ptr<int64_t>();
-      scalar_t ls = 0, nz = 0, ps = 0;
-      // Ordered pairs i != j only: the diagonal is skipped, its weight is 0.
-      contrastive_reduce_row<scalar_t, kMetric, kSquared>(wrow, ap, lp, 0, i, ap[i], lp[i], pm, nm, wrow, ls, nz, ps);
-      contrastive_reduce_row<scalar_t, kMetric, kSquared>(wrow, ap, lp, i + 1, B, ap[i], lp[i], pm, nm, wrow, ls, nz,
-                                                          ps);
-      wrow[i] = 0;
-      row_loss.mutable_data_ptr<scalar_t>()[i] = ls;
-      row_nnz.mutable_data_ptr<scalar_t>()[i] = nz;
-      // Both roles of row i (as x_i and as x_j) give equal norm terms.
-      row_coef.mutable_data_ptr<scalar_t>()[i] = scalar_t(2) * ps * norm_term_scale<scalar_t>(kMetric, ap[i]);
-    });
+    for_each_distance_row(
+        dot, x, aux, args, W,
+        [&]<typename scalar_t, Metric kMetric, bool kSquared>(int64_t i, scalar_t* wrow, scalar_t pm, scalar_t nm) {
+          const int64_t B = dot.size(0);
+          const scalar_t* ap = aux.const_data_ptr<scalar_t>();
+          const int64_t* lp = labels.const_data_ptr<int64_t>();
+          scalar_t ls = 0, nz = 0, ps = 0;
+          // Ordered pairs i != j only: the diagonal is skipped, its weight is 0.
+          contrastive_reduce_row<scalar_t, kMetric, kSquared>(wrow, ap, lp, 0, i, ap[i], lp[i], pm, nm, wrow, ls, nz,
+                                                              ps);
+          contrastive_reduce_row<scalar_t, kMetric, kSquared>(wrow, ap, lp, i + 1, B, ap[i], lp[i], pm, nm, wrow, ls,
+                                                              nz, ps);
+          wrow[i] = 0;
+          row_loss.mutable_data_ptr<scalar_t>()[i] = ls;
+          row_nnz.mutable_data_ptr<scalar_t>()[i] = nz;
+          // Both roles of row i (as x_i and as x_j) give equal norm terms.
+          row_coef.mutable_data_ptr<scalar_t>()[i] = scalar_t(2) * ps * norm_term_scale<scalar_t>(kMetric, ap[i]);
+        });
   }
 
   static void contrastive_none_forward(const at::Tensor& dot, const at::Tensor& x, const at::Tensor& aux,
                                        const at::Tensor& labels, const ContrastiveArgs& args, at::Tensor& loss,
                                        at::Tensor& dist) {
-    for_each_distance_row(dot, x, aux, args, dist, [&]<typename scalar_t, Metric kMetric, bool kSquared>(
-                                                       int64_t i, scalar_t* drow, scalar_t pm, scalar_t nm) {
-      const int64_t B = dot.size(0);
-      const int64_t* lp = labels.const_data_ptr<int64_t>();
-      scalar_t* lrow = loss.mutable_data_ptr<scalar_t>() + i * B;
-      contrastive_none_row<scalar_t, kSquared>(drow, lp, B, lp[i], pm, nm, lrow);
-      lrow[i] = 0;  // i == j is not a pair
-      drow[i] = 0;
-    });
+    for_each_distance_row(
+        dot, x, aux, args, dist,
+        [&]<typename scalar_t, Metric kMetric, bool kSquared>(int64_t i, scalar_t* drow, scalar_t pm, scalar_t nm) {
+          const int64_t B = dot.size(0);
+          const int64_t* lp = labels.const_data_ptr<int64_t>();
+          scalar_t* lrow = loss.mutable_data_ptr<scalar_t>() + i * B;
+          contrastive_none_row<scalar_t, kSquared>(drow, lp, B, lp[i], pm, nm, lrow);
+          lrow[i] = 0;  // i == j is not a pair
+          drow[i] = 0;
+        });
   }
 
   static void contrastive_none_backward(const at::Tensor& grad, const at::Tensor& dist, const at::Tensor& aux,
@@ -186,8 +188,8 @@ struct ContrastiveKernels {
                     if (seg[0] >= seg[1]) continue;
                     const int64_t off = seg[0] - j0;
                     rp[i] += contrastive_none_grad_row<scalar_t, kMetric, kSquared>(
-                        gp + i * N + seg[0], dp + i * N + seg[0], gt_row + off, dt_row + off, ap + seg[0],
-                        lp + seg[0], seg[1] - seg[0], ap[i], lp[i], pm, nm, wp + i * N + seg[0]);
+                        gp + i * N + seg[0], dp + i * N + seg[0], gt_row + off, dt_row + off, ap + seg[0], lp + seg[0],
+                        seg[1] - seg[0], ap[i], lp[i], pm, nm, wp + i * N + seg[0]);
                   }
                   if (i >= j0 && i < j1) wp[i * N + i] = 0;
                 }
@@ -201,9 +203,11 @@ struct ContrastiveKernels {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cpu(
-    const at::Tensor& x, const at::Tensor& labels, double pos_margin, double neg_margin, c10::string_view metric,
-    bool squared, c10::string_view reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cpu(const at::Tensor& x,
+                                                                                const at::Tensor& labels,
+                                                                                double pos_margin, double neg_margin,
+                                                                                c10::string_view metric, bool squared,
+                                                                                c10::string_view reduction) {
   return contrastive_loss_impl<ContrastiveKernels>(x, labels, pos_margin, neg_margin, metric, squared, reduction);
 }
 
@@ -211,8 +215,8 @@ at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tenso
                                          const at::Tensor& mat, const at::Tensor& row_coef, const at::Tensor& denom,
                                          double pos_margin, double neg_margin, c10::string_view metric, bool squared,
                                          c10::string_view reduction) {
-  return contrastive_loss_backward_impl<ContrastiveKernels>(grad, x, labels, mat, row_coef, denom, pos_margin, neg_margin, metric,
-                                                 squared, reduction);
+  return contrastive_loss_backward_impl<ContrastiveKernels>(grad, x, labels, mat, row_coef, denom, pos_margin,
+                                                            neg_margin, metric, squared, reduction);
 }
 
 }  // namespace

@@ -85,8 +85,7 @@ int64_t collect_general(const scalar_t* d, int64_t n, scalar_t kth_d, int64_t kt
 // Merges m sorted candidates source(0), ..., source(m - 1) into the sorted
 // top-k row (td, ti), keeping the best k (through tmp, k entries).
 template <typename scalar_t, typename Source>
-void merge_into_top_k(scalar_t* td, int64_t* ti, int64_t k, int64_t m, const Source& source,
-                      Candidate<scalar_t>* tmp) {
+void merge_into_top_k(scalar_t* td, int64_t* ti, int64_t k, int64_t m, const Source& source, Candidate<scalar_t>* tmp) {
   int64_t a = 0, b = 0;
   for (int64_t t = 0; t < k; ++t) {
     // a + b == t < k, so td[a] is in bounds; b < m guards source(b).
@@ -236,7 +235,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std:
               for (int64_t c = c0; c < c1; ++c) {
                 const int64_t n0 = c * nb_size, nb = std::min(nb_size, N - n0);
                 scalar_t* dot = gemm(buf, q0, qb, n0, nb);
-                process_rows<scalar_t, kMetric>(dot, nb, 0, qb, q0, n0, q_aux, db_aux, qp, dbp, dim, self, k, sd, si, ws);
+                process_rows<scalar_t, kMetric>(dot, nb, 0, qb, q0, n0, q_aux, db_aux, qp, dbp, dim, self, k, sd, si,
+                                                ws);
               }
             }
           }
@@ -248,8 +248,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std:
             std::unique_ptr<Candidate<scalar_t>[]> tmp(new Candidate<scalar_t>[k]);
             for (int64_t r = r0; r < r1; ++r) {
               for (int64_t t = 1; t < slots; ++t) {
-                merge_sorted<scalar_t>(od + r * k, oi + r * k, ed + ((t - 1) * Q + r) * k, ei + ((t - 1) * Q + r) * k, k,
-                                       tmp.get());
+                merge_sorted<scalar_t>(od + r * k, oi + r * k, ed + ((t - 1) * Q + r) * k, ei + ((t - 1) * Q + r) * k,
+                                       k, tmp.get());
               }
             }
           });

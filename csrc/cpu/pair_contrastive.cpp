@@ -58,8 +58,8 @@ scalar_t pair_distance(const scalar_t* x0, const scalar_t* x1, int64_t dim, scal
 }
 
 template <typename scalar_t>
-METRICOPS_SIMD_CLONES void pair_grad_row(const scalar_t* x0, const scalar_t* x1, int64_t dim, scalar_t c0,
-                                         scalar_t c1, scalar_t w, scalar_t* g0, scalar_t* g1) {
+METRICOPS_SIMD_CLONES void pair_grad_row(const scalar_t* x0, const scalar_t* x1, int64_t dim, scalar_t c0, scalar_t c1,
+                                         scalar_t w, scalar_t* g0, scalar_t* g1) {
   // grad_x0 = c0 * x0 - w * x1, grad_x1 = c1 * x1 - w * x0 (coefficient form).
   for (int64_t k = 0; k < dim; ++k) {
     g0[k] = c0 * x0[k] - w * x1[k];
@@ -136,7 +136,6 @@ std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_backward_cpu(const at::
                                                                       c10::string_view metric, bool squared) {
   return pair_contrastive_loss_backward_impl<PairContrastiveKernels>(grad, x0, x1, y, dist, margin, metric, squared);
 }
-
 
 }  // namespace
 

@@ -149,15 +149,13 @@ struct PairwiseKernels {
   }
 };
 
-at::Tensor pairwise_distance_cpu(const at::Tensor& x, const std::optional<at::Tensor>& y,
-                                 c10::string_view metric) {
+at::Tensor pairwise_distance_cpu(const at::Tensor& x, const std::optional<at::Tensor>& y, c10::string_view metric) {
   return pairwise_distance_impl<PairwiseKernels>(x, y, metric);
 }
 
 std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                   const std::optional<at::Tensor>& y,
-                                                                  const at::Tensor& dist,
-                                                                  c10::string_view metric) {
+                                                                  const at::Tensor& dist, c10::string_view metric) {
   return pairwise_distance_backward_impl<PairwiseKernels>(grad, x, y, dist, metric);
 }
 

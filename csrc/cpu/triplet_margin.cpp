@@ -37,8 +37,8 @@ METRICOPS_SIMD_CLONES void triplet_row_sums(const scalar_t* a, const scalar_t* p
 // upstream gradient folded into r and c.
 template <typename scalar_t, NormKind kKind, bool kSwap>
 METRICOPS_SIMD_CLONES void triplet_grad_row(const scalar_t* a, const scalar_t* p, const scalar_t* n, int64_t dim,
-                                            scalar_t eps, scalar_t norm_p, scalar_t r_ap, scalar_t r_an,
-                                            scalar_t r_pn, scalar_t* ga, scalar_t* gp, scalar_t* gn) {
+                                            scalar_t eps, scalar_t norm_p, scalar_t r_ap, scalar_t r_an, scalar_t r_pn,
+                                            scalar_t* ga, scalar_t* gp, scalar_t* gn) {
   for (int64_t k = 0; k < dim; ++k) {
     const scalar_t u_ap = r_ap * norm_grad_elem<kKind, scalar_t>(a[k] - p[k] + eps, norm_p);
     const scalar_t u_an = r_an * norm_grad_elem<kKind, scalar_t>(a[k] - n[k] + eps, norm_p);
@@ -137,9 +137,9 @@ std::tuple<at::Tensor, at::Tensor> triplet_margin_loss_cpu(const at::Tensor& a, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_backward_cpu(
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& p, const at::Tensor& n, const at::Tensor& dists,
     double margin, double norm_p, double eps, bool swap, bool squared) {
-  return triplet_margin_loss_backward_impl<TripletMarginKernels>(grad, a, p, n, dists, margin, norm_p, eps, swap, squared);
+  return triplet_margin_loss_backward_impl<TripletMarginKernels>(grad, a, p, n, dists, margin, norm_p, eps, swap,
+                                                                 squared);
 }
-
 
 }  // namespace
 

@@ -49,10 +49,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cpu(const at::Te
       // One sort buffer per thread, reused across its rows.
       std::vector<SortedNegatives<scalar_t>> buffers(at::get_num_threads());
       for_each_distance_row<scalar_t, kMetric>(x, aux, 0, &dist, [&](int64_t i, const scalar_t* row) {
-        semihard_row<scalar_t>(row, lab, B, i, m, buffers[at::get_thread_num()], [&](int64_t p, int64_t n, scalar_t term) {
-          np[i * B + p] = n;
-          lp[i * B + p] = term;
-        });
+        semihard_row<scalar_t>(row, lab, B, i, m, buffers[at::get_thread_num()],
+                               [&](int64_t p, int64_t n, scalar_t term) {
+                                 np[i * B + p] = n;
+                                 lp[i * B + p] = term;
+                               });
       });
     });
   });
@@ -178,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_cpu(const at::Tenso
   const auto [metric, x, labels, B] = prepare_labelled_batch(embeddings, labels_in, margin, metric_name);
   auto empty_index = [&](int64_t n) { return at::empty({n}, labels.options()); };
   if (strategy == MiningStrategy::BatchHard) {
-    auto [losses, positive, negative, d_ap, d_an] = batch_hard_triplet_cpu(embeddings, labels_in, margin, metric_name,
-                                                                           false, 0, false);
+    auto [losses, positive, negative, d_ap, d_an] =
+        batch_hard_triplet_cpu(embeddings, labels_in, margin, metric_name, false, 0, false);
     const int64_t* pp = positive.const_data_ptr<int64_t>();
     std::vector<int64_t> anchors;
     for (int64_t a = 0; a < B; ++a) {

@@ -32,9 +32,8 @@ struct SortedNegatives {
     for (int64_t j = 0; j < B; ++j) {
       if (labels[j] != labels[anchor]) pairs.emplace_back(row[j], j);
     }
-    std::sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) {
-      return dist_index_less(a.first, a.second, b.first, b.second);
-    });
+    std::sort(pairs.begin(), pairs.end(),
+              [](const auto& a, const auto& b) { return dist_index_less(a.first, a.second, b.first, b.second); });
     dist.resize(pairs.size());
     index.resize(pairs.size());
     for (size_t k = 0; k < pairs.size(); ++k) {
@@ -72,8 +71,8 @@ METRICOPS_SIMD_CLONES int64_t semihard_scan_lanes(const scalar_t* __restrict__ d
   int64_t base = 0;
   for (; base + kLanes <= n; base += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
-      semihard_scan_step<scalar_t, int32_t>(dist[base + l], static_cast<int32_t>(base + l), d_ap, near_d[l],
-                                            near_k[l], far_d[l], far_k[l], nan_k[l]);
+      semihard_scan_step<scalar_t, int32_t>(dist[base + l], static_cast<int32_t>(base + l), d_ap, near_d[l], near_k[l],
+                                            far_d[l], far_k[l], nan_k[l]);
     }
   }
   for (int64_t l = 0; base + l < n; ++l) {

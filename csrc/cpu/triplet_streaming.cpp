@@ -85,8 +85,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_streaming_cpu(co
 at::Tensor semihard_triplet_streaming_backward_cpu(const at::Tensor& grad_row_sum, const at::Tensor& embeddings,
                                                    const at::Tensor& labels_in, double margin,
                                                    c10::string_view metric_name, int64_t block_rows) {
-  const auto [metric, x, labels, B] = prepare_streaming_backward(
-      "semihard_triplet_streaming_backward", grad_row_sum, {embeddings.size(0)}, embeddings, labels_in, margin, metric_name);
+  const auto [metric, x, labels, B] =
+      prepare_streaming_backward("semihard_triplet_streaming_backward", grad_row_sum, {embeddings.size(0)}, embeddings,
+                                 labels_in, margin, metric_name);
   at::Tensor grad = at::zeros_like(x);
   if (B == 0) return grad;
   const at::Tensor g = grad_row_sum.to(x.scalar_type()).contiguous();
@@ -143,7 +144,7 @@ at::Tensor batch_all_triplet_streaming_backward_cpu(const at::Tensor& grad_sum, 
                                                     const at::Tensor& labels_in, double margin,
                                                     c10::string_view metric_name, int64_t block_rows) {
   const auto [metric, x, labels, B] = prepare_streaming_backward("batch_all_triplet_streaming_backward", grad_sum, {},
-                                                                  embeddings, labels_in, margin, metric_name);
+                                                                 embeddings, labels_in, margin, metric_name);
   at::Tensor grad = at::zeros_like(x);
   if (B == 0) return grad;
   const at::Tensor aux = row_aux_cpu(x, metric);

@@ -124,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
     METRICOPS_DISPATCH_CUDA_FLOATS(x.scalar_type(), "metricops_batch_hard_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       batch_hard_kernel<scalar_t, acc_t><<<grid_for(rows, kThreads / 32), kThreads, 0, current_stream()>>>(
-          block.const_data_ptr<acc_t>(), metric, r0, rows, labels.const_data_ptr<int64_t>(), B, static_cast<acc_t>(margin),
-          soft, losses.mutable_data_ptr<scalar_t>(), positive.mutable_data_ptr<int64_t>(),
+          block.const_data_ptr<acc_t>(), metric, r0, rows, labels.const_data_ptr<int64_t>(), B,
+          static_cast<acc_t>(margin), soft, losses.mutable_data_ptr<scalar_t>(), positive.mutable_data_ptr<int64_t>(),
           negative.mutable_data_ptr<int64_t>(), dist_ap.mutable_data_ptr<scalar_t>(),
           dist_an.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -192,18 +192,18 @@ at::Tensor batch_hard_triplet_backward_cuda(const at::Tensor& grad_losses, const
     // Composed on CUDA: the backward in y = F.normalize(x) (recomputed: one
     // pass over x), then F.normalize's backward.
     auto [y, norm] = l2_normalize_op(embeddings);
-    const at::Tensor grad_y = batch_hard_triplet_backward_cuda(grad_losses, grad_dist_ap, grad_dist_an, y, positive,
-                                                               negative, dist_ap, dist_an, margin, metric_name, soft,
-                                                               false);
+    const at::Tensor grad_y =
+        batch_hard_triplet_backward_cuda(grad_losses, grad_dist_ap, grad_dist_an, y, positive, negative, dist_ap,
+                                         dist_an, margin, metric_name, soft, false);
     return l2_normalize_backward_op(grad_y, embeddings, norm);
   }
   const Metric metric = check_batch_hard_backward_inputs(grad_losses, grad_dist_ap, grad_dist_an, embeddings, positive,
                                                          negative, dist_ap, dist_an, metric_name, may_sync_now());
   if (embeddings.size(0) == 0) return at::zeros_like(embeddings);
   const at::Tensor x = embeddings.to(acc_dtype(embeddings)).contiguous();
-  const BatchHardGradInputs in = batch_hard_grad_inputs(grad_losses, grad_dist_ap, grad_dist_an, positive, negative,
-                                                        dist_ap, dist_an, row_aux_acc_cuda(x, metric), margin, metric,
-                                                        soft);
+  const BatchHardGradInputs in =
+      batch_hard_grad_inputs(grad_losses, grad_dist_ap, grad_dist_an, positive, negative, dist_ap, dist_an,
+                             row_aux_acc_cuda(x, metric), margin, metric, soft);
   BatchHardGradCoefficients c = empty_batch_hard_coefficients(x);
   batch_hard_coefficients_cuda(in, c);
   return batch_hard_assemble_aten(x, in.positive, in.negative, c).to(embeddings.scalar_type());

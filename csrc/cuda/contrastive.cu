@@ -110,10 +110,10 @@ __global__ void contrastive_none_weights_kernel(const scalar_t* __restrict__ gra
       }
       const bool same = labels[i] == labels[j];
       acc_t w_ij, p_ij, w_ji, p_ji;
-      pair_weights<acc_t, kMetric, kSquared>(static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), same,
-                                             aux[i], aux[j], pos_margin, neg_margin, w_ij, p_ij);
-      pair_weights<acc_t, kMetric, kSquared>(g_t[r][threadIdx.x], d_t[r][threadIdx.x], same, aux[j], aux[i],
-                                             pos_margin, neg_margin, w_ji, p_ji);
+      pair_weights<acc_t, kMetric, kSquared>(static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), same, aux[i],
+                                             aux[j], pos_margin, neg_margin, w_ij, p_ij);
+      pair_weights<acc_t, kMetric, kSquared>(g_t[r][threadIdx.x], d_t[r][threadIdx.x], same, aux[j], aux[i], pos_margin,
+                                             neg_margin, w_ji, p_ji);
       W[idx] = static_cast<scalar_t>(w_ij + w_ji);
     }
   }
@@ -176,9 +176,8 @@ struct ContrastiveKernels {
           contrastive_reduce_forward_kernel<scalar_t, acc_t, kMetric, kSquared>
               <<<block_rows_grid(B), kThreads, 0, current_stream()>>>(
                   dot.const_data_ptr<acc_t>(), aux.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), dim,
-                  gram_tolerance<acc_t>(dim), labels.const_data_ptr<int64_t>(), B,
-                  static_cast<acc_t>(args.pos_margin), static_cast<acc_t>(args.neg_margin),
-                  W.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>(),
+                  gram_tolerance<acc_t>(dim), labels.const_data_ptr<int64_t>(), B, static_cast<acc_t>(args.pos_margin),
+                  static_cast<acc_t>(args.neg_margin), W.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>(),
                   row_nnz.mutable_data_ptr<acc_t>(), row_coef.mutable_data_ptr<acc_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
@@ -197,9 +196,9 @@ struct ContrastiveKernels {
           contrastive_none_forward_kernel<scalar_t, acc_t, kMetric, kSquared>
               <<<grid_for(B * B), kThreads, 0, current_stream()>>>(
                   dot.const_data_ptr<acc_t>(), aux.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), dim,
-                  gram_tolerance<acc_t>(dim), labels.const_data_ptr<int64_t>(), B,
-                  static_cast<acc_t>(args.pos_margin), static_cast<acc_t>(args.neg_margin),
-                  loss.mutable_data_ptr<scalar_t>(), dist.mutable_data_ptr<scalar_t>());
+                  gram_tolerance<acc_t>(dim), labels.const_data_ptr<int64_t>(), B, static_cast<acc_t>(args.pos_margin),
+                  static_cast<acc_t>(args.neg_margin), loss.mutable_data_ptr<scalar_t>(),
+                  dist.mutable_data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -240,12 +239,13 @@ struct ContrastiveKernels {
     row_coef.copy_(row_sums.add_(col_sums));
     if (args.metric == Metric::Cosine) row_coef.mul_(aux.square());
   }
-
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(
-    const at::Tensor& x, const at::Tensor& labels, double pos_margin, double neg_margin, c10::string_view metric,
-    bool squared, c10::string_view reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(const at::Tensor& x,
+                                                                                 const at::Tensor& labels,
+                                                                                 double pos_margin, double neg_margin,
+                                                                                 c10::string_view metric, bool squared,
+                                                                                 c10::string_view reduction) {
   METRICOPS_CUDA_DEVICE_GUARD(x.device());
   return contrastive_loss_impl<ContrastiveKernels>(x, labels, pos_margin, neg_margin, metric, squared, reduction);
 }
@@ -255,10 +255,9 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
                                           double pos_margin, double neg_margin, c10::string_view metric, bool squared,
                                           c10::string_view reduction) {
   METRICOPS_CUDA_DEVICE_GUARD(x.device());
-  return contrastive_loss_backward_impl<ContrastiveKernels>(grad, x, labels, mat, row_coef, denom, pos_margin, neg_margin,
-                                                 metric, squared, reduction);
+  return contrastive_loss_backward_impl<ContrastiveKernels>(grad, x, labels, mat, row_coef, denom, pos_margin,
+                                                            neg_margin, metric, squared, reduction);
 }
-
 
 }  // namespace
 

@@ -117,9 +117,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_streaming_cuda(const at::Ten
     }
   }
   const at::Tensor total = row_sum.sum();
-  at::Tensor denom = red == Reduction::MeanNonzero
-                         ? row_nonzero.sum().to(at::kDouble)
-                         : at::full({}, streaming_denominator(red, B, 0), row_sum.options());
+  at::Tensor denom = red == Reduction::MeanNonzero ? row_nonzero.sum().to(at::kDouble)
+                                                   : at::full({}, streaming_denominator(red, B, 0), row_sum.options());
   at::Tensor loss = at::where(denom.gt(0), total.div(denom), total.mul(0)).to(x.scalar_type());
   return {loss, denom};
 }

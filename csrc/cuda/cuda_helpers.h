@@ -98,12 +98,12 @@ __device__ __forceinline__ void load_mirrored_tiles(const scalar_t* __restrict__
 }  // namespace metricops
 
 // 64-bit grid-stride loop: index tensors of more than 2^31 elements are valid.
-#define METRICOPS_CUDA_KERNEL_LOOP(i, n)                                               \
+#define METRICOPS_CUDA_KERNEL_LOOP(i, n)                                                 \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // Rows handled one warp each, in a grid-stride loop (blocks of blockDim.x / 32 warps).
-#define METRICOPS_WARP_ROW_LOOP(row, rows)                                                                      \
+#define METRICOPS_WARP_ROW_LOOP(row, rows)                                                                  \
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; row < (rows); \
        row += static_cast<int64_t>(gridDim.x) * (blockDim.x / 32))
 
@@ -117,7 +117,7 @@ __device__ __forceinline__ void load_mirrored_tiles(const scalar_t* __restrict__
 // "CUDAGuardImpl initialized with non-CUDA DeviceType" before the input checks
 // could name the argument, so the guard only switches devices for a CUDA
 // device and leaves the mixed call to the checks.
-#define METRICOPS_CUDA_DEVICE_GUARD(device)                                         \
-  c10::cuda::OptionalCUDAGuard metricops_device_guard;                              \
+#define METRICOPS_CUDA_DEVICE_GUARD(device)                                                  \
+  c10::cuda::OptionalCUDAGuard metricops_device_guard;                                       \
   if (const c10::Device metricops_guard_device = (device); metricops_guard_device.is_cuda()) \
   metricops_device_guard.set_device(metricops_guard_device)

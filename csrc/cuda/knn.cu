@@ -59,9 +59,9 @@ __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, in
       acc_t d = acc_t(0);
       bool pass = false;
       if (j < cols) {
-        d = key_to_distance<acc_t>(kMetric, guarded_distance_key<acc_t, scalar_t>(
-                                                kMetric, xa, db_aux[col], dot_row[j], q + qi * dim, acc_t(1),
-                                                db + col * dim, acc_t(1), dim, tol));
+        d = key_to_distance<acc_t>(
+            kMetric, guarded_distance_key<acc_t, scalar_t>(kMetric, xa, db_aux[col], dot_row[j], q + qi * dim, acc_t(1),
+                                                           db + col * dim, acc_t(1), dim, tol));
         pass = !(self && col == qi) && dist_index_less<acc_t>(d, col, kth_d, kth_i);
       }
       unsigned int mask = __ballot_sync(0xffffffffu, pass);
@@ -70,7 +70,7 @@ __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, in
         mask &= mask - 1u;
         const acc_t cd = __shfl_sync(0xffffffffu, d, src);
         if (lane == 0) knn_insert<acc_t>(td, ti, k, cd, n0 + j0 + src);  // re-checks against the new k-th
-        __syncwarp();  // lane 0's writes are visible to the warp
+        __syncwarp();                                                    // lane 0's writes are visible to the warp
         kth_d = td[k - 1];
         kth_i = ti[k - 1];
         __syncwarp();  // every lane has read before lane 0 writes again
@@ -109,9 +109,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std
           const at::Tensor dot = gram_acc(q.narrow(0, q0, qb), db.narrow(0, n0, nb)).contiguous();
           knn_chunk_kernel<scalar_t, acc_t, kMetric><<<grid_for(qb, warps_per_block), kThreads, 0, current_stream()>>>(
               dot.const_data_ptr<acc_t>(), qb, nb, q_aux.const_data_ptr<acc_t>(), db_aux.const_data_ptr<acc_t>(),
-              q.const_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), q.size(1),
-              gram_tolerance<acc_t>(q.size(1)), q0, n0, self, k, top_d.mutable_data_ptr<acc_t>(),
-              top_i.mutable_data_ptr<int64_t>());
+              q.const_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), q.size(1), gram_tolerance<acc_t>(q.size(1)),
+              q0, n0, self, k, top_d.mutable_data_ptr<acc_t>(), top_i.mutable_data_ptr<int64_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }

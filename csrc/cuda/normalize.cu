@@ -47,7 +47,8 @@ __global__ void l2_normalize_backward_kernel(const scalar_t* __restrict__ g, con
     acc_t a, b;
     normalize_grad_coefficients(norm[i], warp_sum(s), eps, a, b);
     for (int64_t k = lane; k < D; k += 32) {
-      out[i * D + k] = static_cast<scalar_t>(a * static_cast<acc_t>(g[i * D + k]) - b * static_cast<acc_t>(x[i * D + k]));
+      out[i * D + k] =
+          static_cast<scalar_t>(a * static_cast<acc_t>(g[i * D + k]) - b * static_cast<acc_t>(x[i * D + k]));
     }
   }
 }
@@ -81,8 +82,7 @@ at::Tensor l2_normalize_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   const int64_t B = x.size(0), D = x.size(1);
   at::Tensor out = at::empty_like(x);
   if (B == 0) return out;
-  METRICOPS_DISPATCH_CUDA_FLOATS(x.scalar_type(), "metricops_l2_normalize_backward_cuda",
-                                  [&] {
+  METRICOPS_DISPATCH_CUDA_FLOATS(x.scalar_type(), "metricops_l2_normalize_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor norm = norm_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     l2_normalize_backward_kernel<scalar_t, acc_t><<<grid_for(B, kThreads / 32), kThreads, 0, current_stream()>>>(

@@ -62,8 +62,8 @@ __global__ void pair_forward_kernel(const scalar_t* __restrict__ x0, const scala
 template <typename scalar_t, typename acc_t, Metric kMetric>
 __global__ void pair_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x0,
                                      const scalar_t* __restrict__ x1, const bool* __restrict__ y,
-                                     const acc_t* __restrict__ dist, int64_t N, int64_t D, acc_t margin,
-                                     bool squared, scalar_t* __restrict__ g0, scalar_t* __restrict__ g1) {
+                                     const acc_t* __restrict__ dist, int64_t N, int64_t D, acc_t margin, bool squared,
+                                     scalar_t* __restrict__ g0, scalar_t* __restrict__ g1) {
   const int lane = threadIdx.x % kWarp;
   METRICOPS_WARP_ROW_LOOP(i, N) {
     const scalar_t* r0 = x0 + i * D;
@@ -115,13 +115,12 @@ struct PairContrastiveKernels {
       METRICOPS_DISPATCH_METRIC(args.metric, kMetric, [&] {
         pair_backward_kernel<scalar_t, acc_t, kMetric><<<warp_rows_grid(N), kThreads, 0, current_stream()>>>(
             grad.const_data_ptr<scalar_t>(), x0.const_data_ptr<scalar_t>(), x1.const_data_ptr<scalar_t>(),
-            y.const_data_ptr<bool>(), dist.const_data_ptr<acc_t>(), N, D, static_cast<acc_t>(args.margin),
-            args.squared, g0.mutable_data_ptr<scalar_t>(), g1.mutable_data_ptr<scalar_t>());
+            y.const_data_ptr<bool>(), dist.const_data_ptr<acc_t>(), N, D, static_cast<acc_t>(args.margin), args.squared,
+            g0.mutable_data_ptr<scalar_t>(), g1.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-
 };
 
 std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_cuda(const at::Tensor& x0, const at::Tensor& x1,
@@ -138,7 +137,6 @@ std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_backward_cuda(const at:
   METRICOPS_CUDA_DEVICE_GUARD(x0.device());
   return pair_contrastive_loss_backward_impl<PairContrastiveKernels>(grad, x0, x1, y, dist, margin, metric, squared);
 }
-
 
 }  // namespace
 

@@ -126,8 +126,7 @@ struct PairwiseKernels {
     const int64_t M = out.size(0), N = out.size(1);
     const bool symmetric = self && diag_offset == 0 && M == N;
     TORCH_INTERNAL_ASSERT(x_rows.is_contiguous() && y.is_contiguous());
-    METRICOPS_DISPATCH_CUDA_FLOATS(out.scalar_type(), "metricops_distance_epilogue_cuda",
-                                    [&] {
+    METRICOPS_DISPATCH_CUDA_FLOATS(out.scalar_type(), "metricops_distance_epilogue_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const int64_t dim = y.size(1);
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
@@ -137,8 +136,8 @@ struct PairwiseKernels {
             self, symmetric, diag_offset, out.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (symmetric) {
-          mirror_upper_kernel<scalar_t><<<grid_for(M * N), kThreads, 0, current_stream()>>>(
-              N, out.mutable_data_ptr<scalar_t>());
+          mirror_upper_kernel<scalar_t>
+              <<<grid_for(M * N), kThreads, 0, current_stream()>>>(N, out.mutable_data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
@@ -155,8 +154,7 @@ struct PairwiseKernels {
     c.cross = at::empty({M, N}, grad.options());
     // The norm terms are reduced by ATen (deterministic, no atomics).
     at::Tensor norm_term = at::empty({M, N}, grad.options().dtype(acc_dtype(grad)));
-    METRICOPS_DISPATCH_CUDA_FLOATS(grad.scalar_type(), "metricops_distance_grad_cuda",
-                                    [&] {
+    METRICOPS_DISPATCH_CUDA_FLOATS(grad.scalar_type(), "metricops_distance_grad_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
         if (self) {

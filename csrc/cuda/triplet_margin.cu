@@ -18,9 +18,8 @@ namespace {
 
 template <typename scalar_t, typename acc_t, NormKind kKind, bool kSwap>
 __global__ void triplet_forward_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ p,
-                                       const scalar_t* __restrict__ n, int64_t N, int64_t D, acc_t margin,
-                                       acc_t norm_p, acc_t eps, scalar_t* __restrict__ loss,
-                                       acc_t* __restrict__ dists) {
+                                       const scalar_t* __restrict__ n, int64_t N, int64_t D, acc_t margin, acc_t norm_p,
+                                       acc_t eps, scalar_t* __restrict__ loss, acc_t* __restrict__ dists) {
   const int lane = threadIdx.x % kWarp;
   METRICOPS_WARP_ROW_LOOP(i, N) {
     acc_t s_ap = 0, s_an = 0, s_pn = 0;
@@ -54,8 +53,8 @@ template <typename scalar_t, typename acc_t, NormKind kKind, bool kSwap>
 __global__ void triplet_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ a,
                                         const scalar_t* __restrict__ p, const scalar_t* __restrict__ n,
                                         const acc_t* __restrict__ dists, int64_t N, int64_t D, acc_t margin,
-                                        acc_t norm_p, acc_t eps, scalar_t* __restrict__ ga,
-                                        scalar_t* __restrict__ gp, scalar_t* __restrict__ gn) {
+                                        acc_t norm_p, acc_t eps, scalar_t* __restrict__ ga, scalar_t* __restrict__ gp,
+                                        scalar_t* __restrict__ gn) {
   const int lane = threadIdx.x % kWarp;
   METRICOPS_WARP_ROW_LOOP(i, N) {
     const acc_t d_ap = dists[3 * i], d_an = dists[3 * i + 1], d_pn = dists[3 * i + 2];
@@ -132,9 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_backward_cuda
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& p, const at::Tensor& n, const at::Tensor& dists,
     double margin, double norm_p, double eps, bool swap, bool squared) {
   METRICOPS_CUDA_DEVICE_GUARD(a.device());
-  return triplet_margin_loss_backward_impl<TripletMarginKernels>(grad, a, p, n, dists, margin, norm_p, eps, swap, squared);
+  return triplet_margin_loss_backward_impl<TripletMarginKernels>(grad, a, p, n, dists, margin, norm_p, eps, swap,
+                                                                 squared);
 }
-
 
 }  // namespace
 

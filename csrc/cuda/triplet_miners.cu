@@ -53,7 +53,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semihard_triplet_cuda(const at::T
 template <typename T, typename acc_t>
 __global__ void semihard_coefficients_kernel(int64_t rows, int64_t B, const T* grad_losses, const T* losses,
                                              const int64_t* negative, acc_t* coef) {
-  METRICOPS_CUDA_KERNEL_LOOP(a, rows) { semihard_coefficients_row<T, acc_t>(a, B, grad_losses, losses, negative, coef); }
+  METRICOPS_CUDA_KERNEL_LOOP(a, rows) {
+    semihard_coefficients_row<T, acc_t>(a, B, grad_losses, losses, negative, coef);
+  }
 }
 
 // The streaming backward's blocks have few rows but one gradient per row
@@ -69,16 +71,16 @@ at::Tensor semihard_triplet_backward_cuda(const at::Tensor& grad_losses, const s
   const int64_t B = embeddings.size(0);
   const auto dtype = embeddings.scalar_type();
   const auto acc_options = embeddings.options().dtype(acc_dtype(dtype));
-  at::Tensor coef = grad_dist.has_value() ? grad_dist->to(acc_options).contiguous().clone()
-                                          : at::zeros({B, B}, acc_options);
+  at::Tensor coef =
+      grad_dist.has_value() ? grad_dist->to(acc_options).contiguous().clone() : at::zeros({B, B}, acc_options);
   if (B > 0) {
     const at::Tensor g = grad_losses.to(dtype).contiguous();
     const at::Tensor losses = losses_in.contiguous(), negative = negative_in.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "metricops_semihard_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       semihard_coefficients_kernel<scalar_t, acc_t><<<grid_for(B), kThreads, 0, current_stream()>>>(
-          B, B, g.const_data_ptr<scalar_t>(), losses.const_data_ptr<scalar_t>(),
-          negative.const_data_ptr<int64_t>(), coef.mutable_data_ptr<acc_t>());
+          B, B, g.const_data_ptr<scalar_t>(), losses.const_data_ptr<scalar_t>(), negative.const_data_ptr<int64_t>(),
+          coef.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -124,8 +126,8 @@ at::Tensor triplet_statistics_cuda(const at::Tensor& embeddings, const at::Tenso
 template <typename acc_t>
 __global__ void mine_kernel(const acc_t* __restrict__ dist, const bool* __restrict__ positive,
                             const bool* __restrict__ negative, int64_t B, MiningStrategy strategy, acc_t margin,
-                            int64_t* __restrict__ counts, const int64_t* __restrict__ offsets, int64_t* __restrict__ out_a,
-                            int64_t* __restrict__ out_p, int64_t* __restrict__ out_n) {
+                            int64_t* __restrict__ counts, const int64_t* __restrict__ offsets,
+                            int64_t* __restrict__ out_a, int64_t* __restrict__ out_p, int64_t* __restrict__ out_n) {
   METRICOPS_CUDA_KERNEL_LOOP(idx, B * B) {
     const int64_t a = idx / B, p = idx - a * B;
     int64_t k = offsets == nullptr ? 0 : offsets[idx];

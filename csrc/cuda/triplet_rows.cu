@@ -201,8 +201,8 @@ __device__ void for_each_positive_pass(const ScanRow<acc_t>& row, const int64_t*
   while (next_positives(labels, row.a, row.label, B, lane, cursor, slots, p) > 0) pass(p);
 }
 
-#define METRICOPS_SCAN_ROW_LOOP(r, rows)                                                                    \
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kScanWarps + threadIdx.x / 32; r < (rows);            \
+#define METRICOPS_SCAN_ROW_LOOP(r, rows)                                                         \
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kScanWarps + threadIdx.x / 32; r < (rows); \
        r += static_cast<int64_t>(gridDim.x) * kScanWarps)
 
 // semihard_kernel's outputs by scan; losses must hold zeros, negative -1.
@@ -408,8 +408,9 @@ __global__ void batch_all_kernel(const acc_t* __restrict__ dist, const bool* __r
       const bool nan_row = d != d || negs[n - 1] != negs[n - 1];
       multiplicity[idx] = static_cast<acc_t>(cnt);
       active[idx] = cnt;
-      term_sum[idx] = nan_row ? std::numeric_limits<double>::quiet_NaN()
-                              : static_cast<double>(cnt) * static_cast<double>(margin + d) - neg_prefix[a * (B + 1) + cnt];
+      term_sum[idx] = nan_row
+                          ? std::numeric_limits<double>::quiet_NaN()
+                          : static_cast<double>(cnt) * static_cast<double>(margin + d) - neg_prefix[a * (B + 1) + cnt];
     } else if (negative[idx]) {
       const acc_t* shifted = shifted_sorted + a * B;
       const int64_t first = partition_point(shifted, P, [d](acc_t s) { return s - d > acc_t(0) || s != s; });
@@ -433,9 +434,8 @@ BatchAllRows batch_all_rows(const at::Tensor& x, const at::Tensor& aux, const at
     AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "metricops_batch_all_scan_cuda", [&] {
       batch_all_scan_kernel<scalar_t><<<grid_for(rows, kScanWarps), kThreads, 0, current_stream()>>>(
           dist.const_data_ptr<scalar_t>(), row_begin, rows, labels.const_data_ptr<int64_t>(), B,
-          static_cast<scalar_t>(margin), multiplicity.mutable_data_ptr<scalar_t>(),
-          row_term.mutable_data_ptr<double>(), row_valid.mutable_data_ptr<int64_t>(),
-          row_active.mutable_data_ptr<int64_t>());
+          static_cast<scalar_t>(margin), multiplicity.mutable_data_ptr<scalar_t>(), row_term.mutable_data_ptr<double>(),
+          row_valid.mutable_data_ptr<int64_t>(), row_active.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return {row_term.sum(), row_valid.sum(), row_active.sum(), multiplicity, dist};
@@ -470,7 +470,8 @@ namespace {
 template <typename acc_t>
 __global__ void statistics_kernel(const acc_t* __restrict__ dist, const bool* __restrict__ positive,
                                   const acc_t* __restrict__ neg_sorted, const int64_t* __restrict__ neg_count,
-                                  int64_t rows, int64_t B, acc_t margin, int64_t* __restrict__ counts /* (rows*B, 4) */) {
+                                  int64_t rows, int64_t B, acc_t margin,
+                                  int64_t* __restrict__ counts /* (rows*B, 4) */) {
   METRICOPS_CUDA_KERNEL_LOOP(idx, rows * B) {
     const int64_t a = idx / B, n = neg_count[a];
     int64_t easy = 0, semihard = 0, hard = 0, total = 0;

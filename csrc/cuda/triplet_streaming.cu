@@ -67,8 +67,9 @@ at::Tensor semihard_triplet_streaming_backward_cuda(const at::Tensor& grad_row_s
                                                     const at::Tensor& labels_in, double margin,
                                                     c10::string_view metric_name, int64_t block_rows) {
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
-  const auto [metric, x, labels, B] = prepare_streaming_backward(
-      "semihard_triplet_streaming_backward", grad_row_sum, {embeddings.size(0)}, embeddings, labels_in, margin, metric_name);
+  const auto [metric, x, labels, B] =
+      prepare_streaming_backward("semihard_triplet_streaming_backward", grad_row_sum, {embeddings.size(0)}, embeddings,
+                                 labels_in, margin, metric_name);
   const at::Tensor aux = row_aux_acc_cuda(x, metric);
   // Every block's gradient is computed and accumulated in float32 for
   // float16/bfloat16 (x_acc), and rounded to the input dtype once.
@@ -118,7 +119,7 @@ at::Tensor batch_all_triplet_streaming_backward_cuda(const at::Tensor& grad_sum,
                                                      c10::string_view metric_name, int64_t block_rows) {
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const auto [metric, x, labels, B] = prepare_streaming_backward("batch_all_triplet_streaming_backward", grad_sum, {},
-                                                                  embeddings, labels_in, margin, metric_name);
+                                                                 embeddings, labels_in, margin, metric_name);
   const at::Tensor aux = row_aux_acc_cuda(x, metric);
   at::Tensor grad = at::zeros(x.sizes(), aux.options());  // accumulated in float32 for float16/bfloat16
   const at::Tensor g = grad_sum.to(aux.scalar_type());

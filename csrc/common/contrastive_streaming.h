@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 
 #include "common/checks.h"
 #include "common/reduction.h"
@@ -22,6 +23,14 @@ inline Reduction check_contrastive_streaming_inputs(const at::Tensor& embeddings
   if (reduction == "mean" || reduction == "sum" || reduction == "mean_nonzero") return parse_reduction(reduction);
   TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming' ",
                     "('none' returns the B×B matrix), got '", std::string(reduction), "'");
+}
+
+// The backward's embeddings and labels, checked: contiguous, labels int64.
+inline std::tuple<at::Tensor, at::Tensor> prepare_contrastive_streaming_backward(const at::Tensor& embeddings,
+                                                                                 const at::Tensor& labels) {
+  check_embeddings(embeddings, "embeddings");
+  check_labels(labels, embeddings);
+  return {embeddings.contiguous(), labels_int64(labels)};
 }
 
 // What the summed terms are divided by: B(B-1) ordered pairs, 1, or the

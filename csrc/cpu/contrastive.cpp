@@ -203,27 +203,11 @@ struct ContrastiveKernels {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cpu(const at::Tensor& x,
-                                                                                const at::Tensor& labels,
-                                                                                double pos_margin, double neg_margin,
-                                                                                c10::string_view metric, bool squared,
-                                                                                c10::string_view reduction) {
-  return contrastive_loss_impl<ContrastiveKernels>(x, labels, pos_margin, neg_margin, metric, squared, reduction);
-}
-
-at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& labels,
-                                         const at::Tensor& mat, const at::Tensor& row_coef, const at::Tensor& denom,
-                                         double pos_margin, double neg_margin, c10::string_view metric, bool squared,
-                                         c10::string_view reduction) {
-  return contrastive_loss_backward_impl<ContrastiveKernels>(grad, x, labels, mat, row_coef, denom, pos_margin,
-                                                            neg_margin, metric, squared, reduction);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metricops, CPU, m) {
-  m.impl("contrastive_loss", &contrastive_loss_cpu);
-  m.impl("contrastive_loss_backward", &contrastive_loss_backward_cpu);
+  m.impl("contrastive_loss", &contrastive_loss_impl<ContrastiveKernels>);
+  m.impl("contrastive_loss_backward", &contrastive_loss_backward_impl<ContrastiveKernels>);
 }
 
 }  // namespace cpu

@@ -85,10 +85,7 @@ at::Tensor contrastive_loss_streaming_backward_cpu(const at::Tensor& grad, const
                                                    double pos_margin, double neg_margin, c10::string_view metric_name,
                                                    bool squared, int64_t block_rows) {
   const Metric metric = parse_metric(metric_name);
-  check_embeddings(embeddings, "embeddings");
-  check_labels(labels_in, embeddings);
-  const at::Tensor x = embeddings.contiguous();
-  const at::Tensor labels = labels_int64(labels_in);
+  const auto [x, labels] = prepare_contrastive_streaming_backward(embeddings, labels_in);
   const int64_t B = x.size(0);
   at::Tensor out = at::zeros_like(x);
   if (B == 0) return out;

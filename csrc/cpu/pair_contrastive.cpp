@@ -124,24 +124,11 @@ struct PairContrastiveKernels {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_cpu(const at::Tensor& x0, const at::Tensor& x1,
-                                                             const at::Tensor& y, double margin,
-                                                             c10::string_view metric, bool squared) {
-  return pair_contrastive_loss_impl<PairContrastiveKernels>(x0, x1, y, margin, metric, squared);
-}
-
-std::tuple<at::Tensor, at::Tensor> pair_contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& x0,
-                                                                      const at::Tensor& x1, const at::Tensor& y,
-                                                                      const at::Tensor& dist, double margin,
-                                                                      c10::string_view metric, bool squared) {
-  return pair_contrastive_loss_backward_impl<PairContrastiveKernels>(grad, x0, x1, y, dist, margin, metric, squared);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metricops, CPU, m) {
-  m.impl("pair_contrastive_loss", &pair_contrastive_loss_cpu);
-  m.impl("pair_contrastive_loss_backward", &pair_contrastive_loss_backward_cpu);
+  m.impl("pair_contrastive_loss", &pair_contrastive_loss_impl<PairContrastiveKernels>);
+  m.impl("pair_contrastive_loss_backward", &pair_contrastive_loss_backward_impl<PairContrastiveKernels>);
 }
 
 }  // namespace cpu

@@ -128,24 +128,11 @@ struct TripletMarginKernels {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> triplet_margin_loss_cpu(const at::Tensor& a, const at::Tensor& p,
-                                                           const at::Tensor& n, double margin, double norm_p,
-                                                           double eps, bool swap, bool squared) {
-  return triplet_margin_loss_impl<TripletMarginKernels>(a, p, n, margin, norm_p, eps, swap, squared);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& p, const at::Tensor& n, const at::Tensor& dists,
-    double margin, double norm_p, double eps, bool swap, bool squared) {
-  return triplet_margin_loss_backward_impl<TripletMarginKernels>(grad, a, p, n, dists, margin, norm_p, eps, swap,
-                                                                 squared);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metricops, CPU, m) {
-  m.impl("triplet_margin_loss", &triplet_margin_loss_cpu);
-  m.impl("triplet_margin_loss_backward", &triplet_margin_loss_backward_cpu);
+  m.impl("triplet_margin_loss", &triplet_margin_loss_impl<TripletMarginKernels>);
+  m.impl("triplet_margin_loss_backward", &triplet_margin_loss_backward_impl<TripletMarginKernels>);
 }
 
 }  // namespace cpu

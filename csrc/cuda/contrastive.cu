@@ -96,27 +96,18 @@ __global__ void contrastive_none_weights_kernel(const scalar_t* __restrict__ gra
                                                 const acc_t* __restrict__ aux, const int64_t* __restrict__ labels,
                                                 int64_t N, acc_t pos_margin, acc_t neg_margin,
                                                 scalar_t* __restrict__ W) {
-  __shared__ acc_t g_t[kTile][kTile + 1];
-  __shared__ acc_t d_t[kTile][kTile + 1];
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  load_mirrored_tiles(grad, dist, N, i0, j0, g_t, d_t);
-  for (int r = threadIdx.y; r < kTile; r += kTileRows) {
-    const int64_t i = i0 + r, j = j0 + threadIdx.x;
-    if (i < N && j < N) {
-      const int64_t idx = i * N + j;
-      if (i == j) {
-        W[idx] = scalar_t(0);
-        continue;
-      }
-      const bool same = labels[i] == labels[j];
-      acc_t w_ij, p_ij, w_ji, p_ji;
-      pair_weights<acc_t, kMetric, kSquared>(static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), same, aux[i],
-                                             aux[j], pos_margin, neg_margin, w_ij, p_ij);
-      pair_weights<acc_t, kMetric, kSquared>(g_t[r][threadIdx.x], d_t[r][threadIdx.x], same, aux[j], aux[i], pos_margin,
-                                             neg_margin, w_ji, p_ji);
-      W[idx] = static_cast<scalar_t>(w_ij + w_ji);
+  for_each_tile_entry_with_mirror<acc_t>(grad, dist, N, [&](int64_t i, int64_t j, int64_t idx, acc_t g_ji, acc_t d_ji) {
+    if (i == j) {
+      W[idx] = scalar_t(0);
+      return;
     }
-  }
+    const bool same = labels[i] == labels[j];
+    acc_t w_ij, p_ij, w_ji, p_ji;
+    pair_weights<acc_t, kMetric, kSquared>(static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), same, aux[i],
+                                           aux[j], pos_margin, neg_margin, w_ij, p_ij);
+    pair_weights<acc_t, kMetric, kSquared>(g_ji, d_ji, same, aux[j], aux[i], pos_margin, neg_margin, w_ji, p_ji);
+    W[idx] = static_cast<scalar_t>(w_ij + w_ji);
+  });
 }
 
 // Row sums of the norm terms P_ij (one block per row, coalesced).

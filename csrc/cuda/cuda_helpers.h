@@ -75,14 +75,18 @@ __device__ __forceinline__ T block_sum(T v, T* shared) {
 constexpr int kTile = 32;
 constexpr int kTileRows = 8;
 
-// Loads the mirrored tile (rows j0.., columns i0.. of the (N, N) matrices a
-// and b) transposed into shared memory (a_t[c][r] = a[j0 + r][i0 + c]), so
-// that entry (i0 + r, j0 + c)'s mirror is a_t[r][c] and every global read
-// stays coalesced. The +1 column avoids bank conflicts. Ends with a barrier.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_mirrored_tiles(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                                                    int64_t N, int64_t i0, int64_t j0, acc_t (*a_t)[kTile + 1],
-                                                    acc_t (*b_t)[kTile + 1]) {
+// Calls fn(i, j, idx, a_ji, b_ji) for every entry (i, j), idx = i * N + j,
+// of this block's tile of the (N, N) matrices a and b, with the mirrored
+// entries (j, i) in acc_t: the mirrored tile (rows j0.., columns i0..) is
+// staged transposed through shared memory, so every global read stays
+// coalesced (the +1 column avoids bank conflicts).
+template <typename acc_t, typename scalar_t, typename Fn>
+__device__ __forceinline__ void for_each_tile_entry_with_mirror(const scalar_t* __restrict__ a,
+                                                                const scalar_t* __restrict__ b, int64_t N,
+                                                                const Fn& fn) {
+  __shared__ acc_t a_t[kTile][kTile + 1];
+  __shared__ acc_t b_t[kTile][kTile + 1];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
   for (int r = threadIdx.y; r < kTile; r += kTileRows) {
     const int64_t row = j0 + r, col = i0 + threadIdx.x;
     if (row < N && col < N) {
@@ -91,6 +95,10 @@ __device__ __forceinline__ void load_mirrored_tiles(const scalar_t* __restrict__
     }
   }
   __syncthreads();
+  for (int r = threadIdx.y; r < kTile; r += kTileRows) {
+    const int64_t i = i0 + r, j = j0 + threadIdx.x;
+    if (i < N && j < N) fn(i, j, i * N + j, a_t[r][threadIdx.x], b_t[r][threadIdx.x]);
+  }
 }
 #endif  // __CUDACC__
 

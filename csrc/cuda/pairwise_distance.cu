@@ -79,27 +79,19 @@ __global__ void grad_weights_kernel(const scalar_t* __restrict__ grad, const sca
 }
 
 // y is x: cross_ij = w_ij + w_ji. 32x32 tiles staged through shared memory so
-// that the transposed reads stay coalesced (load_mirrored_tiles).
+// that the transposed reads stay coalesced (for_each_tile_entry_with_mirror).
 template <typename scalar_t, typename acc_t, Metric kMetric>
 __global__ void grad_weights_self_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ dist,
                                          const acc_t* __restrict__ aux, int64_t N, scalar_t* __restrict__ cross,
                                          acc_t* __restrict__ norm_term) {
-  __shared__ acc_t g_t[kTile][kTile + 1];
-  __shared__ acc_t d_t[kTile][kTile + 1];
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  load_mirrored_tiles(grad, dist, N, i0, j0, g_t, d_t);
-  for (int r = threadIdx.y; r < kTile; r += kTileRows) {
-    const int64_t i = i0 + r, j = j0 + threadIdx.x;
-    if (i < N && j < N) {
-      const int64_t idx = i * N + j;
-      acc_t w_ij, p_ij, w_ji, p_ji;
-      distance_grad_weights<acc_t>(kMetric, static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), aux[i],
-                                   aux[j], w_ij, p_ij);
-      distance_grad_weights<acc_t>(kMetric, g_t[r][threadIdx.x], d_t[r][threadIdx.x], aux[j], aux[i], w_ji, p_ji);
-      cross[idx] = static_cast<scalar_t>(w_ij + w_ji);
-      norm_term[idx] = p_ij;
-    }
-  }
+  for_each_tile_entry_with_mirror<acc_t>(grad, dist, N, [&](int64_t i, int64_t j, int64_t idx, acc_t g_ji, acc_t d_ji) {
+    acc_t w_ij, p_ij, w_ji, p_ji;
+    distance_grad_weights<acc_t>(kMetric, static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), aux[i], aux[j],
+                                 w_ij, p_ij);
+    distance_grad_weights<acc_t>(kMetric, g_ji, d_ji, aux[j], aux[i], w_ji, p_ji);
+    cross[idx] = static_cast<scalar_t>(w_ij + w_ji);
+    norm_term[idx] = p_ij;
+  });
 }
 
 struct PairwiseKernels {

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-stamp
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test bench bench-quick demo demo-ddp info sanitize gpu-check gpu-check-dry clean
+.PHONY: all venv build lint test bench bench-quick demo demo-ddp info sanitize gpu-check gpu-check-dry clean
 
 all: test
 
@@ -28,9 +28,13 @@ build: venv
 info: build
 	$(PY) -m metricops.info
 
+# C++/CUDA sources for clang-format (the repo's .clang-format).
+CSRC := $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC)
 
 test: build lint
 	$(PY) -m metricops.info

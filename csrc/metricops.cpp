@@ -1,6 +1,7 @@
 // metricops' operator library: every schema lives here, in one TORCH_LIBRARY
-// block. Kernels register themselves from cpu/ and cuda/; fake kernels and
-// autograd are registered from Python (metricops/_registrations.py).
+// block. Kernels register themselves from cpu/ and cuda/ (one file per op
+// family); fake kernels and autograd are registered from Python
+// (metricops/_registrations/).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -11,8 +12,7 @@
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "metricops native operators (registered under torch.ops.metricops)", -1,
-      nullptr,
+      PyModuleDef_HEAD_INIT, "_C", "metricops native operators (registered under torch.ops.metricops)", -1, nullptr,
   };
   return PyModule_Create(&module_def);
 }
@@ -34,6 +34,20 @@ std::string build_info() {
   return info;
 }
 
+// Two rules that hold across the schemas below:
+//  * block_rows (the memory= rule): the number of rows of the B×B distance
+//    matrix an op holds at once. Python chooses it, in one place
+//    (metricops/_memory.py); the ops take it as given, > 0 meaning at most
+//    that many rows. What <= 0 means is per op (common/row_blocks.h): one
+//    block of all B rows for the triplet ops, a bounded device default for
+//    contrastive_loss_streaming. Only direct torch.ops calls pass <= 0 to the
+//    streaming ops.
+//  * normalize (distances of F.normalize(x), eps 1e-12): only batch_hard_triplet
+//    and its backward take it: the CPU kernels fuse it (no normalised copy;
+//    F.normalize's backward applied row by row in the assembly), the CUDA
+//    kernels compose l2_normalize / l2_normalize_backward around themselves in
+//    C++. Every other op's normalize=True is composed in Python (l2_normalize
+//    before the op, autograd through it).
 TORCH_LIBRARY(metricops, m) {
   // "cpu|cuda|archs=8.0;9.0": which backends this binary was compiled with.
   m.def("_build_info() -> str", &build_info);
@@ -53,11 +67,12 @@ TORCH_LIBRARY(metricops, m) {
 
   // Triplet mining and losses on a labelled batch (see metricops/triplet.py).
   // batch-hard: per anchor its loss, farthest positive, nearest negative
-  // (-1 when the anchor has no triplet) and their distances. block_rows <= 0
-  // computes the distance matrix at once; > 0 streams it in row blocks.
-  // normalize: the distances are those of F.normalize(embeddings) (eps
-  // 1e-12), fused (no normalised copy, no separate backward pass), and the
-  // backward returns the gradient w.r.t. the raw embeddings.
+  // (-1 when the anchor has no triplet) and their distances. block_rows > 0
+  // bounds the rows of distances held at once; <= 0: no bound (CUDA computes
+  // the whole matrix; the CPU's triangular sweep always works in blocks of
+  // at most 128 rows). normalize: the distances are those of
+  // F.normalize(embeddings) (eps 1e-12), and the backward returns the
+  // gradient w.r.t. the raw embeddings.
   m.def(
       "batch_hard_triplet(Tensor embeddings, Tensor labels, float margin, str metric, bool soft, int block_rows, "
       "bool normalize=False) -> (Tensor losses, Tensor positive, Tensor negative, Tensor dist_ap, Tensor dist_an)");
@@ -85,7 +100,7 @@ TORCH_LIBRARY(metricops, m) {
   // never held. Semi-hard gives per-anchor term sums, numbers of valid
   // (anchor, positive) pairs and of terms > 0; batch-all the same totals as
   // batch_all_triplet. Backwards recompute and re-mine the distances in row
-  // blocks; block_rows <= 0 means one block. The sums (loss_sum, row_sum,
+  // blocks; block_rows <= 0 means one block of all B rows. The sums (loss_sum, row_sum,
   // and batch_all_triplet's loss_sum) are float32 for float16/bfloat16
   // embeddings: a batch's terms add up past float16's range.
   m.def(
@@ -120,8 +135,8 @@ TORCH_LIBRARY(metricops, m) {
   // Streaming contrastive loss (reductions mean/sum/mean_nonzero): holds one
   // row block of the B×B matrix at a time; the backward recomputes distances
   // block by block. block_rows <= 0 picks the block per device (CPU 256 rows,
-  // CUDA at most 256 MiB of distances). denom: what the summed terms were
-  // divided by (0: no term, loss 0).
+  // CUDA at most 256 MiB of distances), never all B rows. denom: what the
+  // summed terms were divided by (0: no term, loss 0).
   m.def(
       "contrastive_loss_streaming(Tensor embeddings, Tensor labels, float pos_margin, float neg_margin, str metric, "
       "bool squared, str reduction, int block_rows) -> (Tensor loss, Tensor denom)");

@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <cmath>
 #include <string>
 
 #include "common/distance.h"
@@ -19,8 +20,7 @@ inline Metric parse_metric(c10::string_view name) {
   if (name == "euclidean") return Metric::Euclidean;
   if (name == "sqeuclidean") return Metric::SqEuclidean;
   if (name == "cosine") return Metric::Cosine;
-  TORCH_CHECK_VALUE(false, "metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got '",
-                    std::string(name), "'");
+  TORCH_CHECK_VALUE(false, "metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got '", std::string(name), "'");
 }
 
 inline bool is_supported_float(const at::Tensor& t) {
@@ -31,19 +31,17 @@ inline bool is_supported_float(const at::Tensor& t) {
 
 // A (rows, dim) floating matrix on a supported device and dtype.
 inline void check_embeddings(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be a 2-D tensor of shape (B, D), got ", t.dim(),
-                    "-D tensor of shape ", t.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(t), name,
-                   " must be float32 or float64 (float16/bfloat16 on CUDA), got ", t.scalar_type(),
-                   " on ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be a 2-D tensor of shape (B, D), got ", t.dim(), "-D tensor of shape ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(t), name, " must be float32 or float64 (float16/bfloat16 on CUDA), got ",
+                   t.scalar_type(), " on ", t.device());
 }
 
-inline void check_same_device_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b,
-                                    const char* b_name) {
-  TORCH_CHECK_VALUE(a.device() == b.device(), b_name, " must be on the same device as ", a_name,
-                    " (", a.device(), "), got ", b.device());
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), b_name, " must have the same dtype as ", a_name,
-                   " (", a.scalar_type(), "), got ", b.scalar_type());
+inline void check_same_device_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), b_name, " must be on the same device as ", a_name, " (", a.device(),
+                    "), got ", b.device());
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), b_name, " must have the same dtype as ", a_name, " (",
+                   a.scalar_type(), "), got ", b.scalar_type());
 }
 
 inline void check_labels(const at::Tensor& labels, const at::Tensor& embeddings) {
@@ -55,5 +53,14 @@ inline void check_labels(const at::Tensor& labels, const at::Tensor& embeddings)
   TORCH_CHECK_VALUE(labels.device() == embeddings.device(), "labels must be on the embeddings' device (",
                     embeddings.device(), "), got ", labels.device());
 }
+
+// A float argument that may be infinite (it can switch a group of terms off)
+// but not NaN.
+inline void check_not_nan_arg(double v, const char* name) {
+  TORCH_CHECK_VALUE(!std::isnan(v), name, " must not be NaN");
+}
+
+// Labels as contiguous int64 (the kernels read them as int64_t).
+inline at::Tensor labels_int64(const at::Tensor& labels) { return labels.to(at::kLong).contiguous(); }
 
 }  // namespace metricops

@@ -1,28 +1,50 @@
-// Compile-time dispatch helpers shared by the CPU and CUDA kernels.
+// Compile-time dispatch macros shared by the CPU and CUDA kernels: each runs
+// __VA_ARGS__ (a lambda body) with `constexpr NAME` set to a runtime value,
+// so the per-element math is specialised and the inner loops carry no switch.
+// METRICOPS_DISPATCH_NORM_KIND needs common/hinge.h (NormKind) where it is used.
 #pragma once
 
 #include <c10/util/Exception.h>
 
 #include "common/distance.h"
 
-// Runs __VA_ARGS__ (a lambda body) with `constexpr metricops::Metric NAME` set
-// to `metric`, so the per-element distance math is specialised per metric and
-// the inner loops carry no switch.
-#define METRICOPS_DISPATCH_METRIC(metric, NAME, ...)                      \
-  [&] {                                                                   \
-    switch (metric) {                                                     \
-      case ::metricops::Metric::Euclidean: {                              \
-        constexpr ::metricops::Metric NAME = ::metricops::Metric::Euclidean; \
-        return __VA_ARGS__();                                             \
-      }                                                                   \
-      case ::metricops::Metric::SqEuclidean: {                            \
-        constexpr ::metricops::Metric NAME = ::metricops::Metric::SqEuclidean; \
-        return __VA_ARGS__();                                             \
-      }                                                                   \
-      case ::metricops::Metric::Cosine: {                                 \
-        constexpr ::metricops::Metric NAME = ::metricops::Metric::Cosine; \
-        return __VA_ARGS__();                                             \
-      }                                                                   \
-    }                                                                     \
-    TORCH_CHECK(false, "metricops: unknown metric id ", static_cast<int64_t>(metric)); \
+// One case of the switches below: `constexpr TYPE NAME = VALUE`, then the body.
+#define METRICOPS_CONSTEXPR_CASE(TYPE, VALUE, NAME, ...) \
+  case VALUE: {                                          \
+    constexpr TYPE NAME = VALUE;                         \
+    return __VA_ARGS__();                                \
+  }
+
+// `constexpr metricops::Metric NAME = metric`.
+#define METRICOPS_DISPATCH_METRIC(metric, NAME, ...)                                                     \
+  [&] {                                                                                                  \
+    switch (metric) {                                                                                    \
+      METRICOPS_CONSTEXPR_CASE(::metricops::Metric, ::metricops::Metric::Euclidean, NAME, __VA_ARGS__)   \
+      METRICOPS_CONSTEXPR_CASE(::metricops::Metric, ::metricops::Metric::SqEuclidean, NAME, __VA_ARGS__) \
+      METRICOPS_CONSTEXPR_CASE(::metricops::Metric, ::metricops::Metric::Cosine, NAME, __VA_ARGS__)      \
+    }                                                                                                    \
+    TORCH_CHECK(false, "metricops: unknown metric id ", static_cast<int64_t>(metric));                   \
+  }()
+
+// `constexpr bool NAME = value`.
+#define METRICOPS_DISPATCH_BOOL(value, NAME, ...) \
+  [&] {                                           \
+    if (value) {                                  \
+      constexpr bool NAME = true;                 \
+      return __VA_ARGS__();                       \
+    }                                             \
+    constexpr bool NAME = false;                  \
+    return __VA_ARGS__();                         \
+  }()
+
+// `constexpr metricops::NormKind NAME = kind`.
+#define METRICOPS_DISPATCH_NORM_KIND(kind, NAME, ...)                                                      \
+  [&] {                                                                                                    \
+    switch (kind) {                                                                                        \
+      METRICOPS_CONSTEXPR_CASE(::metricops::NormKind, ::metricops::NormKind::L1, NAME, __VA_ARGS__)        \
+      METRICOPS_CONSTEXPR_CASE(::metricops::NormKind, ::metricops::NormKind::L2, NAME, __VA_ARGS__)        \
+      METRICOPS_CONSTEXPR_CASE(::metricops::NormKind, ::metricops::NormKind::Lp, NAME, __VA_ARGS__)        \
+      METRICOPS_CONSTEXPR_CASE(::metricops::NormKind, ::metricops::NormKind::SquaredL2, NAME, __VA_ARGS__) \
+    }                                                                                                      \
+    TORCH_CHECK(false, "metricops: unknown norm kind");                                                    \
   }()

@@ -100,8 +100,8 @@ C10_HOST_DEVICE inline bool gram_key_needs_exact(Metric metric, acc_t key, acc_t
 // resolution of the normalised rows (their norms carry a relative error up to
 // tol), so parallel vectors compare equal.
 template <typename acc_t, typename scalar_t>
-C10_HOST_DEVICE inline acc_t exact_distance_key(Metric metric, const scalar_t* x, acc_t fx, const scalar_t* y,
-                                                acc_t fy, int64_t dim, acc_t tol) {
+C10_HOST_DEVICE inline acc_t exact_distance_key(Metric metric, const scalar_t* x, acc_t fx, const scalar_t* y, acc_t fy,
+                                                int64_t dim, acc_t tol) {
   acc_t s = 0;
   for (int64_t k = 0; k < dim; ++k) {
     const acc_t e = fx * static_cast<acc_t>(x[k]) - fy * static_cast<acc_t>(y[k]);
@@ -124,9 +124,9 @@ C10_HOST_DEVICE inline acc_t exact_row_factor(Metric metric, acc_t scale, acc_t 
 // distance_key with the exactness guard: the Gram-form key, or the explicit
 // one where gram_key_needs_exact says so.
 template <typename acc_t, typename scalar_t>
-C10_HOST_DEVICE inline acc_t guarded_distance_key(Metric metric, acc_t x_aux, acc_t y_aux, acc_t dot,
-                                                  const scalar_t* x, acc_t x_scale, const scalar_t* y, acc_t y_scale,
-                                                  int64_t dim, acc_t tol) {
+C10_HOST_DEVICE inline acc_t guarded_distance_key(Metric metric, acc_t x_aux, acc_t y_aux, acc_t dot, const scalar_t* x,
+                                                  acc_t x_scale, const scalar_t* y, acc_t y_scale, int64_t dim,
+                                                  acc_t tol) {
   const acc_t key = distance_key<acc_t>(metric, x_aux, y_aux, dot);
   if (!gram_key_needs_exact<acc_t>(metric, key, x_aux, y_aux, tol)) return key;
   return exact_distance_key<acc_t>(metric, x, exact_row_factor(metric, x_scale, x_aux), y,
@@ -167,8 +167,8 @@ C10_HOST_DEVICE inline acc_t checked_row_aux(Metric metric, acc_t sqnorm, const 
 // `cross` receives w_ij and `norm_term` receives p_ij.
 // A zero euclidean distance has gradient 0, never NaN.
 template <typename acc_t>
-C10_HOST_DEVICE inline void distance_grad_weights(
-    Metric metric, acc_t g, acc_t d, acc_t x_aux, acc_t y_aux, acc_t& cross, acc_t& norm_term) {
+C10_HOST_DEVICE inline void distance_grad_weights(Metric metric, acc_t g, acc_t d, acc_t x_aux, acc_t y_aux,
+                                                  acc_t& cross, acc_t& norm_term) {
   switch (metric) {
     case Metric::SqEuclidean:
       cross = acc_t(2) * g;
@@ -191,6 +191,17 @@ C10_HOST_DEVICE inline void distance_grad_weights(
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t norm_term_scale(Metric metric, acc_t aux) {
   return metric == Metric::Cosine ? aux * aux : acc_t(1);
+}
+
+// The total order of distances with their indices, used by every sort and
+// top-k: (distance, index) lexicographic, NaN after every number (+inf
+// included) and NaNs equal to one another, so NaN distances sort last, by
+// index, and never displace a number.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool dist_index_less(acc_t da, int64_t ia, acc_t db, int64_t ib) {
+  const bool a_nan = da != da, b_nan = db != db;
+  if (a_nan || b_nan) return a_nan == b_nan ? ia < ib : b_nan;
+  return da < db || (da == db && ia < ib);
 }
 
 }  // namespace metricops

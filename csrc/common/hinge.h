@@ -1,12 +1,12 @@
 // Hinge math shared by the CPU and CUDA contrastive/triplet kernels, so the
 // CPU tests exercise the exact per-element arithmetic the GPU runs.
 //
-// Conventions (chosen to match torch's autograd at the kinks):
-//  * relu-style hinges (contrastive losses) have slope 0 at 0, like
-//    torch.relu's backward;
-//  * the triplet hinge is torch.clamp_min(x, 0), whose backward is 0 at
-//    exactly 0 (torch's clamp_min derivative masks with `x > 0`).
-// NaN in gives NaN out for values and slopes of the relu hinge.
+// Two hinges, named after the torch function whose autograd convention they
+// follow. Both have slope 0 at the kink x = 0; they differ at NaN:
+//  * relu_hinge (contrastive losses): relu(x)^q, slope NaN for NaN;
+//  * clamp_min_hinge (triplet losses): torch.clamp_min(x, 0), whose backward
+//    masks with `x > 0`, so the slope is 0 for NaN.
+// Both give NaN values for NaN.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -17,7 +17,7 @@ namespace metricops {
 
 // relu(x)^q with q = 2 if squared else 1; `slope` = d value / d x.
 template <typename acc_t>
-C10_HOST_DEVICE inline void hinge(acc_t x, bool squared, acc_t& value, acc_t& slope) {
+C10_HOST_DEVICE inline void relu_hinge(acc_t x, bool squared, acc_t& value, acc_t& slope) {
   // `x < 0` is false for NaN, so NaN propagates to the value.
   const acc_t r = x < acc_t(0) ? acc_t(0) : x;
   // relu'(x): 1 above 0, 0 at or below 0, NaN for NaN (r is NaN then).
@@ -34,7 +34,7 @@ template <typename acc_t>
 C10_HOST_DEVICE inline void contrastive_term(acc_t d, bool same, acc_t pos_margin, acc_t neg_margin, bool squared,
                                              acc_t& value, acc_t& slope) {
   acc_t s;
-  hinge<acc_t>(same ? d - pos_margin : neg_margin - d, squared, value, s);
+  relu_hinge<acc_t>(same ? d - pos_margin : neg_margin - d, squared, value, s);
   slope = same ? s : -s;
 }
 
@@ -49,16 +49,24 @@ C10_HOST_DEVICE inline void pair_contrastive_term(acc_t d, bool similar, acc_t m
     return;
   }
   acc_t s;
-  hinge<acc_t>(margin - d, squared, value, s);
+  relu_hinge<acc_t>(margin - d, squared, value, s);
   slope = -s;
 }
 
-// torch.clamp_min(x, 0) and its backward mask (x > 0: slope 0 at the kink and
-// for NaN, as torch gives).
+// torch.clamp_min(x, 0) (NaN stays NaN: NaN < 0 is false) and its backward
+// mask (x > 0: slope 0 at the kink and for NaN, as torch gives).
 template <typename acc_t>
-C10_HOST_DEVICE inline void triplet_hinge(acc_t x, acc_t& value, acc_t& slope) {
-  value = x < acc_t(0) ? acc_t(0) : x;
-  slope = x > acc_t(0) ? acc_t(1) : acc_t(0);
+C10_HOST_DEVICE inline acc_t clamp_min_hinge_value(acc_t x) {
+  return x < acc_t(0) ? acc_t(0) : x;
+}
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t clamp_min_hinge_slope(acc_t x) {
+  return x > acc_t(0) ? acc_t(1) : acc_t(0);
+}
+template <typename acc_t>
+C10_HOST_DEVICE inline void clamp_min_hinge(acc_t x, acc_t& value, acc_t& slope) {
+  value = clamp_min_hinge_value(x);
+  slope = clamp_min_hinge_slope(x);
 }
 
 // Backward of torch.minimum(a, b) (the swap rule): ties split the gradient,
@@ -154,38 +162,3 @@ C10_HOST_DEVICE inline acc_t norm_grad_elem(acc_t e, acc_t p) {
 }
 
 }  // namespace metricops
-
-// Runs a lambda body with `constexpr bool NAME = value`.
-#define METRICOPS_DISPATCH_BOOL(value, NAME, ...) \
-  [&] {                                           \
-    if (value) {                                  \
-      constexpr bool NAME = true;                 \
-      return __VA_ARGS__();                       \
-    }                                             \
-    constexpr bool NAME = false;                  \
-    return __VA_ARGS__();                         \
-  }()
-
-// Runs a lambda body with `constexpr metricops::NormKind NAME = kind`.
-#define METRICOPS_DISPATCH_NORM_KIND(kind, NAME, ...)                      \
-  [&] {                                                                    \
-    switch (kind) {                                                        \
-      case ::metricops::NormKind::L1: {                                                 \
-        constexpr ::metricops::NormKind NAME = ::metricops::NormKind::L1;                            \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      case ::metricops::NormKind::L2: {                                                 \
-        constexpr ::metricops::NormKind NAME = ::metricops::NormKind::L2;                            \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      case ::metricops::NormKind::Lp: {                                                 \
-        constexpr ::metricops::NormKind NAME = ::metricops::NormKind::Lp;                            \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      case ::metricops::NormKind::SquaredL2: {                                          \
-        constexpr ::metricops::NormKind NAME = ::metricops::NormKind::SquaredL2;                     \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-    }                                                                      \
-    TORCH_CHECK(false, "metricops: unknown norm kind");                    \
-  }()

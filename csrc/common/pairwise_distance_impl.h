@@ -13,16 +13,14 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/core/ScalarType.h>
 
 #include <optional>
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/precision.h"
 
 namespace metricops {
 
@@ -38,38 +36,13 @@ struct GradCoefficients {
   at::Tensor col_coef;  // (N,), accumulation dtype
 };
 
-inline bool is_low_precision(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-
-// float32 accumulation for float16/bfloat16, the input dtype otherwise.
-inline at::ScalarType acc_dtype(const at::Tensor& t) {
-  return is_low_precision(t) ? at::kFloat : t.scalar_type();
-}
-
-// a @ b.T in the accumulation dtype (tensor cores with float32 output for
-// float16/bfloat16 on CUDA).
-inline at::Tensor gram_acc(const at::Tensor& a, const at::Tensor& b) {
-  return is_low_precision(a) ? at::mm(a, b.t(), at::kFloat) : at::mm(a, b.t());
-}
-
-inline at::Tensor matmul_acc(const at::Tensor& a, const at::Tensor& b) {
-  return is_low_precision(a) ? at::mm(a, b, at::kFloat) : at::mm(a, b);
-}
-
-// scaled - a @ b in the accumulation dtype (one fused addmm when possible).
-inline at::Tensor scaled_minus_matmul(const at::Tensor& scaled, const at::Tensor& a, const at::Tensor& b) {
-  if (is_low_precision(a)) return scaled.sub_(at::mm(a, b, at::kFloat));
-  return at::addmm(scaled, a, b, /*beta=*/1, /*alpha=*/-1);
-}
-
 inline void check_pairwise_inputs(const at::Tensor& x, const std::optional<at::Tensor>& y) {
   check_embeddings(x, "x");
   if (y.has_value()) {
     check_embeddings(*y, "y");
     check_same_device_dtype(x, "x", *y, "y");
-    TORCH_CHECK_VALUE(x.size(1) == y->size(1), "y must have the same embedding size D as x (",
-                      x.size(1), "), got shape ", y->sizes());
+    TORCH_CHECK_VALUE(x.size(1) == y->size(1), "y must have the same embedding size D as x (", x.size(1),
+                      "), got shape ", y->sizes());
   }
 }
 
@@ -94,18 +67,19 @@ at::Tensor pairwise_distance_impl(const at::Tensor& x_in, const std::optional<at
 // Returns (grad_x, grad_y); grad_y is an empty (0, D) tensor when y is None
 // (then grad_x already holds both roles of x).
 template <class Kernels>
-std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_impl(
-    const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& y_opt,
-    const at::Tensor& dist, c10::string_view metric_name) {
+std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_impl(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& y_opt,
+                                                                   const at::Tensor& dist,
+                                                                   c10::string_view metric_name) {
   const Metric metric = parse_metric(metric_name);
   check_pairwise_inputs(x, y_opt);
   const bool self = !y_opt.has_value();
   const at::Tensor& y = self ? x : *y_opt;
   const int64_t M = x.size(0), N = y.size(0);
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == N,
-                    "grad must have shape (", M, ", ", N, "), got ", grad.sizes());
-  TORCH_CHECK_VALUE(dist.dim() == 2 && dist.size(0) == M && dist.size(1) == N,
-                    "dist must have shape (", M, ", ", N, "), got ", dist.sizes());
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == N, "grad must have shape (", M, ", ", N,
+                    "), got ", grad.sizes());
+  TORCH_CHECK_VALUE(dist.dim() == 2 && dist.size(0) == M && dist.size(1) == N, "dist must have shape (", M, ", ", N,
+                    "), got ", dist.sizes());
   check_same_device_dtype(x, "x", grad, "grad");
   check_same_device_dtype(x, "x", dist, "dist");
 

@@ -1,5 +1,6 @@
-// Triplet math shared by the CPU and CUDA kernels: hinges, NaN-aware
-// orderings and the per-anchor selections (batch-hard, semi-hard, counts).
+// Per-element triplet math shared by the CPU and CUDA kernels: the terms,
+// NaN-aware selections, the per-anchor selections (batch-hard, semi-hard,
+// counts, mining strategies) and the per-anchor backward coefficients.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -7,21 +8,9 @@
 #include <cstdint>
 
 #include "common/distance.h"
+#include "common/hinge.h"
 
 namespace metricops {
-
-// relu that keeps NaN (NaN < 0 is false), as torch.relu does.
-template <typename T>
-C10_HOST_DEVICE inline T hinge(T x) {
-  return x < T(0) ? T(0) : x;
-}
-
-// relu's derivative as autograd takes it: 0 at the kink (hinge.h's
-// triplet_hinge has the same slope, as torch's clamp_min backward does).
-template <typename T>
-C10_HOST_DEVICE inline T hinge_grad(T x) {
-  return x > T(0) ? T(1) : T(0);
-}
 
 // torch.nn.functional.softplus with beta=1, threshold=20.
 template <typename T>
@@ -35,16 +24,18 @@ C10_HOST_DEVICE inline T softplus_grad(T x) {
 }
 
 // The batch-hard / semi-hard term from the anchor-positive and
-// anchor-negative distances: relu(margin + d_ap - d_an), or softplus(d_ap - d_an).
+// anchor-negative distances: clamp_min(margin + d_ap - d_an, 0) (common/hinge.h's
+// clamp_min_hinge: NaN stays NaN, slope 0 at the kink, as autograd takes it),
+// or softplus(d_ap - d_an).
 template <typename T>
 C10_HOST_DEVICE inline T triplet_term(T d_ap, T d_an, T margin, bool soft) {
-  return soft ? softplus(d_ap - d_an) : hinge((margin + d_ap) - d_an);
+  return soft ? softplus(d_ap - d_an) : clamp_min_hinge_value((margin + d_ap) - d_an);
 }
 
 // d(term)/d(d_ap); d(term)/d(d_an) is its negation.
 template <typename T>
 C10_HOST_DEVICE inline T triplet_term_grad(T d_ap, T d_an, T margin, bool soft) {
-  return soft ? softplus_grad(d_ap - d_an) : hinge_grad((margin + d_ap) - d_an);
+  return soft ? softplus_grad(d_ap - d_an) : clamp_min_hinge_slope((margin + d_ap) - d_an);
 }
 
 // Batch-hard result of one anchor from its selected distance keys
@@ -52,8 +43,8 @@ C10_HOST_DEVICE inline T triplet_term_grad(T d_ap, T d_an, T margin, bool soft) 
 // on keys and take the sqrt for the winners only, so two squared distances
 // that round to the same root still pick the same row on CPU and CUDA.
 template <typename T>
-C10_HOST_DEVICE inline void batch_hard_from_keys(Metric metric, T key_p, T key_n, T margin, bool soft, T& d_ap,
-                                                 T& d_an, T& loss) {
+C10_HOST_DEVICE inline void batch_hard_from_keys(Metric metric, T key_p, T key_n, T margin, bool soft, T& d_ap, T& d_an,
+                                                 T& loss) {
   d_ap = key_to_distance<T>(metric, key_p);
   d_an = key_to_distance<T>(metric, key_n);
   loss = triplet_term<T>(d_ap, d_an, margin, soft);
@@ -68,6 +59,21 @@ C10_HOST_DEVICE inline bool farther(T d, T best) {
 template <typename T>
 C10_HOST_DEVICE inline bool nearer(T d, T best) {
   return d < best || (d != d && best == best);
+}
+
+// Merges candidate (d, i) into the running (best_d, best_i) of a farthest
+// (kMax) or nearest search whose candidates come in any index order: NaN
+// wins, equal distances go to the lower index, an index < 0 is "none".
+template <typename T, typename I, bool kMax>
+C10_HOST_DEVICE inline void merge_candidate(T d, I i, T& best_d, I& best_i) {
+  if (i < 0) return;
+  if (best_i < 0) {
+    best_d = d, best_i = i;
+    return;
+  }
+  const bool better = kMax ? farther(d, best_d) : nearer(d, best_d);
+  const bool worse = kMax ? farther(best_d, d) : nearer(best_d, d);
+  if (better || (!worse && i < best_i)) best_d = d, best_i = i;
 }
 
 // ------------------------------------------------------------ sort-free scans
@@ -96,8 +102,7 @@ C10_HOST_DEVICE inline I unset_mask(I k) {
 // farther than d_ap, the farthest negative and the first NaN (k = -1: none
 // yet); strict comparisons keep the earliest k on ties.
 template <typename T, typename I>
-C10_HOST_DEVICE inline void semihard_scan_step(T d, I k, T d_ap, T& near_d, I& near_k, T& far_d, I& far_k,
-                                               I& nan_k) {
+C10_HOST_DEVICE inline void semihard_scan_step(T d, I k, T d_ap, T& near_d, I& near_k, T& far_d, I& far_k, I& nan_k) {
   const I is_nan = select_mask<I>(d != d);
   const I take_near = ~is_nan & select_mask<I>(d > d_ap) & (unset_mask(near_k) | select_mask<I>(d < near_d));
   const I take_far = ~is_nan & (unset_mask(far_k) | select_mask<I>(d > far_d));
@@ -136,15 +141,6 @@ C10_HOST_DEVICE inline void classify_negative(T d_an, T d_ap, T margin, int64_t&
   easy += m > margin;
   hard += m <= T(0);
   semihard += (m > T(0)) & (m <= margin);
-}
-
-// Total order on (distance, index): NaN after every number, ties to the
-// lower index. Used for every sort, so sorts are well-defined on NaN.
-template <typename T>
-C10_HOST_DEVICE inline bool dist_index_less(T da, int64_t ia, T db, int64_t ib) {
-  const bool a_nan = da != da, b_nan = db != db;
-  if (a_nan || b_nan) return a_nan == b_nan ? ia < ib : b_nan;
-  return da < db || (da == db && ia < ib);
 }
 
 // First position in [0, n) where pred(sorted[k]) is true, for a predicate
@@ -199,6 +195,83 @@ C10_HOST_DEVICE inline void classify_negatives(const T* sorted_neg, int64_t n, T
   const int64_t first_easy = partition_point(sorted_neg, numeric, [d_ap, margin](T v) { return v - d_ap > margin; });
   easy = numeric - first_easy;
   semihard = first_easy > hard ? first_easy - hard : 0;  // the negatives with 0 < m <= margin
+}
+
+// ------------------------------------------------------------ mining and backwards
+
+enum class MiningStrategy { All, Violating, Semihard, Hard, Easy, BatchHard };
+
+// Whether a valid triplet with m = d_an - d_ap is selected.
+template <typename T>
+C10_HOST_DEVICE inline bool strategy_selects(MiningStrategy strategy, T m, T margin) {
+  switch (strategy) {
+    case MiningStrategy::All:
+      return true;
+    case MiningStrategy::Violating:
+      return m <= margin;
+    case MiningStrategy::Semihard:
+      return m > T(0) && m <= margin;
+    case MiningStrategy::Hard:
+      return m <= T(0);
+    case MiningStrategy::Easy:
+      return m > margin;
+    default:
+      return false;
+  }
+}
+
+// Whether a saved positive/negative index names a row of a batch of B: a
+// direct torch.ops call may pass any value, and a kernel that cannot refuse
+// it (a CUDA graph capture skips the host check) treats it as "no triplet".
+C10_HOST_DEVICE inline bool index_in_batch(int64_t index, int64_t B) { return index >= 0 && index < B; }
+
+// Per-anchor backward coefficients of batch-hard. With c_p, c_n the
+// gradients reaching d_ap, d_an:
+//   grad[a] += anchor_self * x[a] - cross_positive * x[p] - cross_negative * x[n]
+//   grad[p] += positive_self * x[p] - cross_positive * x[a]
+//   grad[n] += negative_self * x[n] - cross_negative * x[a]
+template <typename T>
+C10_HOST_DEVICE inline void batch_hard_anchor_coefficients(Metric metric, int64_t B, int64_t a, int64_t p, int64_t n,
+                                                           T g, T g_ap, T g_an, T d_ap, T d_an, const T* aux, T margin,
+                                                           bool soft, T& anchor_self, T& cross_positive,
+                                                           T& cross_negative, T& positive_self, T& negative_self) {
+  if (!index_in_batch(p, B) || !index_in_batch(n, B)) {  // no triplet (or a foreign index: no term)
+    anchor_self = cross_positive = cross_negative = positive_self = negative_self = T(0);
+    return;
+  }
+  const T t = triplet_term_grad(d_ap, d_an, margin, soft);
+  const T c_p = g * t + g_ap;
+  const T c_n = -g * t + g_an;
+  T q_p = T(0), q_n = T(0);
+  distance_grad_weights<T>(metric, c_p, d_ap, aux[a], aux[p], cross_positive, q_p);
+  distance_grad_weights<T>(metric, c_n, d_an, aux[a], aux[n], cross_negative, q_n);
+  anchor_self = norm_term_scale<T>(metric, aux[a]) * (q_p + q_n);
+  positive_self = norm_term_scale<T>(metric, aux[p]) * q_p;
+  negative_self = norm_term_scale<T>(metric, aux[n]) * q_n;
+}
+
+// Whether the semi-hard term of a pair with chosen negative n and loss l
+// passes a gradient: a valid pair (n >= 0) whose hinge is active. relu' is 0
+// at 0, as autograd takes it; NaN terms pass their gradient on.
+template <typename T>
+C10_HOST_DEVICE inline bool semihard_term_has_gradient(int64_t n, T l) {
+  return n >= 0 && (l > T(0) || l != l);
+}
+
+// Semi-hard's gradient w.r.t. the distance matrix, row a only (rows are
+// independent: both (a, p) and (a, n*) lie in row a, so no atomics).
+// coef may be wider than T (float32 for float16/bfloat16 on CUDA).
+template <typename T, typename acc_t = T>
+C10_HOST_DEVICE inline void semihard_coefficients_row(int64_t a, int64_t B, const T* grad_losses, const T* losses,
+                                                      const int64_t* negative, acc_t* coef) {
+  for (int64_t p = 0; p < B; ++p) {
+    const int64_t idx = a * B + p;
+    const int64_t n = negative[idx];
+    if (n >= B || !semihard_term_has_gradient(n, static_cast<acc_t>(losses[idx]))) continue;  // n >= B: foreign
+    const acc_t g = static_cast<acc_t>(grad_losses[idx]);
+    coef[idx] += g;
+    coef[a * B + n] -= g;
+  }
 }
 
 }  // namespace metricops

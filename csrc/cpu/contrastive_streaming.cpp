@@ -21,11 +21,18 @@
 #include "common/contrastive_streaming.h"
 #include "common/dispatch.h"
 #include "common/hinge.h"
+#include "common/row_blocks.h"
 #include "cpu/distance_rows.h"
 
 namespace metricops {
 namespace cpu {
 namespace {
+
+// Rows per block for block_rows <= 0 (a direct torch.ops call: Python always
+// passes its own choice): a cache-sized block, the CPU default of
+// metricops/_memory.py. Never all B rows: the op promises never to hold the
+// B×B matrix.
+constexpr int64_t kDefaultBlockRows = 256;
 
 std::tuple<at::Tensor, at::Tensor> contrastive_loss_streaming_cpu(const at::Tensor& embeddings,
                                                                   const at::Tensor& labels_in, double pos_margin,
@@ -33,13 +40,13 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_streaming_cpu(const at::Tens
                                                                   bool squared, c10::string_view reduction,
                                                                   int64_t block_rows) {
   const Metric metric = parse_metric(metric_name);
-  const StreamingReduction red = check_contrastive_streaming_inputs(embeddings, labels_in, reduction);
+  const Reduction red = check_contrastive_streaming_inputs(embeddings, labels_in, reduction);
   const at::Tensor x = embeddings.contiguous();
-  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const at::Tensor labels = labels_int64(labels_in);
   const int64_t B = x.size(0);
   std::vector<double> row_sum(B, 0.0);
   std::vector<int64_t> row_nonzero(B, 0);
-  block_rows = contrastive_streaming_rows(block_rows, B, kCpuContrastiveStreamingRows);
+  block_rows = rows_per_block(block_rows, B, kDefaultBlockRows);
   if (B > 0) {
     const at::Tensor aux = row_aux_cpu(x, metric);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_contrastive_streaming_cpu", [&] {
@@ -78,16 +85,14 @@ at::Tensor contrastive_loss_streaming_backward_cpu(const at::Tensor& grad, const
                                                    double pos_margin, double neg_margin, c10::string_view metric_name,
                                                    bool squared, int64_t block_rows) {
   const Metric metric = parse_metric(metric_name);
-  check_embeddings(embeddings, "embeddings");
-  check_labels(labels_in, embeddings);
-  const at::Tensor x = embeddings.contiguous();
-  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const auto [x, labels] = prepare_contrastive_streaming_backward(embeddings, labels_in);
   const int64_t B = x.size(0);
   at::Tensor out = at::zeros_like(x);
   if (B == 0) return out;
-  block_rows = contrastive_streaming_rows(block_rows, B, kCpuContrastiveStreamingRows);
+  block_rows = rows_per_block(block_rows, B, kDefaultBlockRows);
   // Weights are built for a unit upstream gradient, doubled for the symmetric
-  // column side, and scaled by grad / denom at the end (0 when denom is 0).
+  // column side (see the top of this file), and scaled by grad / denom at the
+  // end (0 when denom is 0).
   const at::Tensor aux = row_aux_cpu(x, metric);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_contrastive_streaming_backward_cpu", [&] {
     const int64_t* lab = labels.const_data_ptr<int64_t>();

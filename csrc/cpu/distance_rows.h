@@ -10,8 +10,10 @@
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/distance.h"
+#include "common/row_blocks.h"
 #include "cpu/simd.h"
 
 namespace metricops {
@@ -84,21 +86,39 @@ void distance_row(const scalar_t* dot, const scalar_t* y_aux, scalar_t x_aux, in
   }
 }
 
-// (rows,) row_aux of a (rows, dim) matrix, in its dtype.
-inline at::Tensor row_aux_cpu(const at::Tensor& x_in, Metric metric) {
+// Row i of the self-distance matrix of x (rows of `dim` at xp) from its Gram
+// row (dot_row, B entries; out may alias it), with the exactness guard; the
+// diagonal entry is left to the caller (see guarded_row's `skip`).
+template <typename scalar_t, Metric kMetric>
+void self_distance_row(const scalar_t* dot_row, const scalar_t* xp, const scalar_t* aux, int64_t i, int64_t B,
+                       int64_t dim, scalar_t tol, scalar_t* out) {
+  const ExactRows<scalar_t> rows{xp + i * dim, scalar_t(1), xp, nullptr, dim, tol};
+  distance_row<scalar_t, kMetric>(dot_row, aux, aux[i], B, out, rows, 0, i);
+}
+
+// (rows,) tensor of f(row, dim) over the rows of a (rows, dim) matrix, in
+// its dtype, in parallel; f takes `const scalar_t*` (a generic lambda).
+template <typename F>
+at::Tensor map_rows_cpu(const at::Tensor& x_in, const F& f) {
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), dim = x.size(1);
-  at::Tensor aux = at::empty({rows}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_row_aux_cpu", [&] {
+  at::Tensor out = at::empty({rows}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_map_rows_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* ap = aux.mutable_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, rows_grain(dim), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        ap[i] = checked_row_aux<scalar_t>(metric, squared_norm(xp + i * dim, dim), xp + i * dim, dim);
-      }
+      for (int64_t i = begin; i < end; ++i) op[i] = f(xp + i * dim, dim);
     });
   });
-  return aux;
+  return out;
+}
+
+// (rows,) row_aux of a (rows, dim) matrix, in its dtype.
+inline at::Tensor row_aux_cpu(const at::Tensor& x, Metric metric) {
+  return map_rows_cpu(x, [metric](const auto* row, int64_t dim) {
+    using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(row)>>;
+    return checked_row_aux<scalar_t>(metric, squared_norm(row, dim), row, dim);
+  });
 }
 
 // Calls block_fn(row_begin, block) for consecutive row blocks of the
@@ -112,7 +132,7 @@ void for_each_distance_block(const at::Tensor& x, const at::Tensor& aux, int64_t
                              const BlockFn& block_fn) {
   const int64_t B = x.size(0);
   if (B == 0) return;
-  if (block_rows <= 0 || block_rows > B || dist != nullptr) block_rows = B;
+  block_rows = dist != nullptr ? B : rows_per_block(block_rows, B);
   at::Tensor buffer = dist != nullptr ? *dist : at::empty({block_rows, B}, x.options());
   TORCH_INTERNAL_ASSERT(x.is_contiguous());
   const at::Tensor xt = x.t();
@@ -128,8 +148,7 @@ void for_each_distance_block(const at::Tensor& x, const at::Tensor& aux, int64_t
     at::parallel_for(0, rows, rows_grain(B), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* row = bp + r * B;
-        const ExactRows<scalar_t> rows_of{xp + (r0 + r) * dim, scalar_t(1), xp, nullptr, dim, tol};
-        distance_row<scalar_t, kMetric>(row, ap, ap[r0 + r], B, row, rows_of, 0, r0 + r);
+        self_distance_row<scalar_t, kMetric>(row, xp, ap, r0 + r, B, dim, tol, row);
         if (kMetric != Metric::Cosine) row[r0 + r] = scalar_t(0);
       }
     });

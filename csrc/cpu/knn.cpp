@@ -48,7 +48,7 @@ struct Candidate {
 
 template <typename scalar_t>
 inline bool candidate_less(const Candidate<scalar_t>& a, const Candidate<scalar_t>& b) {
-  return knn_less<scalar_t>(a.d, a.i, b.d, b.i);
+  return dist_index_less<scalar_t>(a.d, a.i, b.d, b.i);
 }
 
 // Candidates with d < thr (thr = the row's k-th distance, a number). Every
@@ -77,9 +77,33 @@ int64_t collect_general(const scalar_t* d, int64_t n, scalar_t kth_d, int64_t kt
   int64_t c = 0;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t col = col0 + j;
-    if (col != skip && knn_less<scalar_t>(d[j], col, kth_d, kth_i)) out[c++] = {d[j], col};
+    if (col != skip && dist_index_less<scalar_t>(d[j], col, kth_d, kth_i)) out[c++] = {d[j], col};
   }
   return c;
+}
+
+// Merges m sorted candidates source(0), ..., source(m - 1) into the sorted
+// top-k row (td, ti), keeping the best k (through tmp, k entries).
+template <typename scalar_t, typename Source>
+void merge_into_top_k(scalar_t* td, int64_t* ti, int64_t k, int64_t m, const Source& source, Candidate<scalar_t>* tmp) {
+  int64_t a = 0, b = 0;
+  for (int64_t t = 0; t < k; ++t) {
+    // a + b == t < k, so td[a] is in bounds; b < m guards source(b).
+    if (b < m) {
+      const Candidate<scalar_t> c = source(b);
+      if (dist_index_less<scalar_t>(c.d, c.i, td[a], ti[a])) {
+        tmp[t] = c;
+        ++b;
+        continue;
+      }
+    }
+    tmp[t] = {td[a], ti[a]};
+    ++a;
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    td[t] = tmp[t].d;
+    ti[t] = tmp[t].i;
+  }
 }
 
 // Merges c candidates into the sorted top-k row (td, ti).
@@ -94,40 +118,14 @@ void merge_candidates(Candidate<scalar_t>* cand, int64_t c, scalar_t* td, int64_
   const int64_t m = std::min(c, k);
   if (c > m) std::nth_element(cand, cand + m, cand + c, candidate_less<scalar_t>);
   std::sort(cand, cand + m, candidate_less<scalar_t>);
-  int64_t a = 0, b = 0;
-  for (int64_t t = 0; t < k; ++t) {
-    if (b < m && (a >= k || knn_less<scalar_t>(cand[b].d, cand[b].i, td[a], ti[a]))) {
-      tmp[t] = cand[b++];
-    } else {
-      tmp[t] = {td[a], ti[a]};
-      ++a;
-    }
-  }
-  for (int64_t t = 0; t < k; ++t) {
-    td[t] = tmp[t].d;
-    ti[t] = tmp[t].i;
-  }
+  merge_into_top_k<scalar_t>(td, ti, k, m, [cand](int64_t b) { return cand[b]; }, tmp);
 }
 
 // Merges another sorted top-k row (sd, si) into (td, ti), keeping the best k.
 template <typename scalar_t>
 void merge_sorted(scalar_t* td, int64_t* ti, const scalar_t* sd, const int64_t* si, int64_t k,
                   Candidate<scalar_t>* tmp) {
-  int64_t a = 0, b = 0;
-  for (int64_t t = 0; t < k; ++t) {
-    // a + b == t < k, so both reads are in bounds.
-    if (knn_less<scalar_t>(sd[b], si[b], td[a], ti[a])) {
-      tmp[t] = {sd[b], si[b]};
-      ++b;
-    } else {
-      tmp[t] = {td[a], ti[a]};
-      ++a;
-    }
-  }
-  for (int64_t t = 0; t < k; ++t) {
-    td[t] = tmp[t].d;
-    ti[t] = tmp[t].i;
-  }
+  merge_into_top_k<scalar_t>(td, ti, k, k, [sd, si](int64_t b) { return Candidate<scalar_t>{sd[b], si[b]}; }, tmp);
 }
 
 template <typename scalar_t>
@@ -160,12 +158,11 @@ void process_rows(scalar_t* buf, int64_t nb, int64_t r0, int64_t r1, int64_t q0,
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std::optional<at::Tensor>& database,
                                            int64_t k, c10::string_view metric_name, int64_t chunk_size) {
-  const Metric metric = parse_metric(metric_name);
-  check_knn_inputs(queries, database, k, chunk_size);
-  const bool self = !database.has_value();
-  const at::Tensor q = queries.contiguous();
-  const at::Tensor db = self ? q : database->contiguous();
-  const int64_t Q = q.size(0), N = db.size(0);
+  const KnnInputs in = prepare_knn_inputs(queries, database, k, metric_name, chunk_size);
+  const Metric metric = in.metric;
+  const bool self = in.self;
+  const at::Tensor &q = in.q, &db = in.db;
+  const int64_t Q = in.Q, N = in.N;
   // Empty slots: (NaN, kKnnEmptyIndex) sorts after any candidate.
   at::Tensor out_d = at::full({Q, k}, std::numeric_limits<double>::quiet_NaN(), q.options());
   at::Tensor out_i = at::full({Q, k}, kKnnEmptyIndex, q.options().dtype(at::kLong));
@@ -238,7 +235,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std:
               for (int64_t c = c0; c < c1; ++c) {
                 const int64_t n0 = c * nb_size, nb = std::min(nb_size, N - n0);
                 scalar_t* dot = gemm(buf, q0, qb, n0, nb);
-                process_rows<scalar_t, kMetric>(dot, nb, 0, qb, q0, n0, q_aux, db_aux, qp, dbp, dim, self, k, sd, si, ws);
+                process_rows<scalar_t, kMetric>(dot, nb, 0, qb, q0, n0, q_aux, db_aux, qp, dbp, dim, self, k, sd, si,
+                                                ws);
               }
             }
           }
@@ -250,8 +248,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const std:
             std::unique_ptr<Candidate<scalar_t>[]> tmp(new Candidate<scalar_t>[k]);
             for (int64_t r = r0; r < r1; ++r) {
               for (int64_t t = 1; t < slots; ++t) {
-                merge_sorted<scalar_t>(od + r * k, oi + r * k, ed + ((t - 1) * Q + r) * k, ei + ((t - 1) * Q + r) * k, k,
-                                       tmp.get());
+                merge_sorted<scalar_t>(od + r * k, oi + r * k, ed + ((t - 1) * Q + r) * k, ei + ((t - 1) * Q + r) * k,
+                                       k, tmp.get());
               }
             }
           });

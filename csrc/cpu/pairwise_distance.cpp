@@ -149,23 +149,11 @@ struct PairwiseKernels {
   }
 };
 
-at::Tensor pairwise_distance_cpu(const at::Tensor& x, const std::optional<at::Tensor>& y,
-                                 c10::string_view metric) {
-  return pairwise_distance_impl<PairwiseKernels>(x, y, metric);
-}
-
-std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                                  const std::optional<at::Tensor>& y,
-                                                                  const at::Tensor& dist,
-                                                                  c10::string_view metric) {
-  return pairwise_distance_backward_impl<PairwiseKernels>(grad, x, y, dist, metric);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metricops, CPU, m) {
-  m.impl("pairwise_distance", &pairwise_distance_cpu);
-  m.impl("pairwise_distance_backward", &pairwise_distance_backward_cpu);
+  m.impl("pairwise_distance", &pairwise_distance_impl<PairwiseKernels>);
+  m.impl("pairwise_distance_backward", &pairwise_distance_backward_impl<PairwiseKernels>);
 }
 
 }  // namespace cpu

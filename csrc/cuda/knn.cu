@@ -31,7 +31,7 @@ constexpr int64_t kQueryBlock = 2048;
 constexpr int64_t kDatabaseChunk = 8192;
 
 // dot: (rows, cols) contiguous Gram block of queries q0.. against database
-// rows n0..; top_d/top_i: (Q, k) running top-k, sorted by knn_less.
+// rows n0..; top_d/top_i: (Q, k) running top-k, sorted by dist_index_less.
 // Every warp-level branch below depends only on the row or on a ballot, so
 // the whole warp takes it together and the *_sync masks are full.
 // q, db: the contiguous inputs (dim columns), for the exactness guard of
@@ -59,10 +59,10 @@ __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, in
       acc_t d = acc_t(0);
       bool pass = false;
       if (j < cols) {
-        d = key_to_distance<acc_t>(kMetric, guarded_distance_key<acc_t, scalar_t>(
-                                                kMetric, xa, db_aux[col], dot_row[j], q + qi * dim, acc_t(1),
-                                                db + col * dim, acc_t(1), dim, tol));
-        pass = !(self && col == qi) && knn_less<acc_t>(d, col, kth_d, kth_i);
+        d = key_to_distance<acc_t>(
+            kMetric, guarded_distance_key<acc_t, scalar_t>(kMetric, xa, db_aux[col], dot_row[j], q + qi * dim, acc_t(1),
+                                                           db + col * dim, acc_t(1), dim, tol));
+        pass = !(self && col == qi) && dist_index_less<acc_t>(d, col, kth_d, kth_i);
       }
       unsigned int mask = __ballot_sync(0xffffffffu, pass);
       while (mask != 0u) {  // survivors in increasing column order
@@ -70,7 +70,7 @@ __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, in
         mask &= mask - 1u;
         const acc_t cd = __shfl_sync(0xffffffffu, d, src);
         if (lane == 0) knn_insert<acc_t>(td, ti, k, cd, n0 + j0 + src);  // re-checks against the new k-th
-        __syncwarp();  // lane 0's writes are visible to the warp
+        __syncwarp();                                                    // lane 0's writes are visible to the warp
         kth_d = td[k - 1];
         kth_i = ti[k - 1];
         __syncwarp();  // every lane has read before lane 0 writes again
@@ -82,12 +82,11 @@ __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, in
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std::optional<at::Tensor>& database,
                                             int64_t k, c10::string_view metric_name, int64_t chunk_size) {
   METRICOPS_CUDA_DEVICE_GUARD(queries.device());
-  const Metric metric = parse_metric(metric_name);
-  check_knn_inputs(queries, database, k, chunk_size);
-  const bool self = !database.has_value();
-  const at::Tensor q = queries.contiguous();
-  const at::Tensor db = self ? q : database->contiguous();
-  const int64_t Q = q.size(0), N = db.size(0);
+  const KnnInputs in = prepare_knn_inputs(queries, database, k, metric_name, chunk_size);
+  const Metric metric = in.metric;
+  const bool self = in.self;
+  const at::Tensor &q = in.q, &db = in.db;
+  const int64_t Q = in.Q, N = in.N;
   const auto acc = acc_dtype(q);
   // Empty slots: (NaN, kKnnEmptyIndex) sorts after any candidate.
   at::Tensor top_d = at::full({Q, k}, std::numeric_limits<double>::quiet_NaN(), q.options().dtype(acc));
@@ -110,9 +109,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std
           const at::Tensor dot = gram_acc(q.narrow(0, q0, qb), db.narrow(0, n0, nb)).contiguous();
           knn_chunk_kernel<scalar_t, acc_t, kMetric><<<grid_for(qb, warps_per_block), kThreads, 0, current_stream()>>>(
               dot.const_data_ptr<acc_t>(), qb, nb, q_aux.const_data_ptr<acc_t>(), db_aux.const_data_ptr<acc_t>(),
-              q.const_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), q.size(1),
-              gram_tolerance<acc_t>(q.size(1)), q0, n0, self, k, top_d.mutable_data_ptr<acc_t>(),
-              top_i.mutable_data_ptr<int64_t>());
+              q.const_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), q.size(1), gram_tolerance<acc_t>(q.size(1)),
+              q0, n0, self, k, top_d.mutable_data_ptr<acc_t>(), top_i.mutable_data_ptr<int64_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }

@@ -11,24 +11,18 @@
 #include <tuple>
 
 #include "common/normalize.h"
+#include "common/precision.h"
 #include "cuda/cuda_helpers.h"
 
 namespace metricops {
 namespace cuda {
 namespace {
 
-template <typename acc_t>
-__device__ inline acc_t warp_sum(acc_t v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
-  return v;
-}
-
 template <typename scalar_t, typename acc_t>
 __global__ void l2_normalize_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t D, acc_t eps,
                                     scalar_t* __restrict__ y, acc_t* __restrict__ norm) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = blockDim.x / 32;
-  for (int64_t i = blockIdx.x * warps + threadIdx.x / 32; i < B; i += static_cast<int64_t>(gridDim.x) * warps) {
+  const int lane = threadIdx.x % kWarp;
+  METRICOPS_WARP_ROW_LOOP(i, B) {
     const scalar_t* row = x + i * D;
     acc_t s = 0;
     for (int64_t k = lane; k < D; k += 32) {
@@ -46,15 +40,15 @@ template <typename scalar_t, typename acc_t>
 __global__ void l2_normalize_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                              const acc_t* __restrict__ norm, int64_t B, int64_t D, acc_t eps,
                                              scalar_t* __restrict__ out) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = blockDim.x / 32;
-  for (int64_t i = blockIdx.x * warps + threadIdx.x / 32; i < B; i += static_cast<int64_t>(gridDim.x) * warps) {
+  const int lane = threadIdx.x % kWarp;
+  METRICOPS_WARP_ROW_LOOP(i, B) {
     acc_t s = 0;
     for (int64_t k = lane; k < D; k += 32) s += static_cast<acc_t>(g[i * D + k]) * static_cast<acc_t>(x[i * D + k]);
     acc_t a, b;
     normalize_grad_coefficients(norm[i], warp_sum(s), eps, a, b);
     for (int64_t k = lane; k < D; k += 32) {
-      out[i * D + k] = static_cast<scalar_t>(a * static_cast<acc_t>(g[i * D + k]) - b * static_cast<acc_t>(x[i * D + k]));
+      out[i * D + k] =
+          static_cast<scalar_t>(a * static_cast<acc_t>(g[i * D + k]) - b * static_cast<acc_t>(x[i * D + k]));
     }
   }
 }
@@ -66,10 +60,10 @@ std::tuple<at::Tensor, at::Tensor> l2_normalize_cuda(const at::Tensor& x_in, dou
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), D = x.size(1);
   at::Tensor y = at::empty_like(x);
-  const auto acc = at::toOpMathType(x.scalar_type());
+  const auto acc = acc_dtype(x);
   at::Tensor norm = at::empty({B}, x.options().dtype(acc));
   if (B == 0) return {y, norm};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metricops_l2_normalize_cuda", [&] {
+  METRICOPS_DISPATCH_CUDA_FLOATS(x.scalar_type(), "metricops_l2_normalize_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     l2_normalize_kernel<scalar_t, acc_t><<<grid_for(B, kThreads / 32), kThreads, 0, current_stream()>>>(
         x.const_data_ptr<scalar_t>(), B, D, static_cast<acc_t>(eps), y.mutable_data_ptr<scalar_t>(),
@@ -88,8 +82,7 @@ at::Tensor l2_normalize_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   const int64_t B = x.size(0), D = x.size(1);
   at::Tensor out = at::empty_like(x);
   if (B == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metricops_l2_normalize_backward_cuda",
-                                  [&] {
+  METRICOPS_DISPATCH_CUDA_FLOATS(x.scalar_type(), "metricops_l2_normalize_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor norm = norm_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     l2_normalize_backward_kernel<scalar_t, acc_t><<<grid_for(B, kThreads / 32), kThreads, 0, current_stream()>>>(

@@ -21,17 +21,15 @@ namespace {
 template <typename scalar_t, typename acc_t>
 __global__ void row_aux_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t dim, Metric metric,
                                acc_t* __restrict__ aux) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warps_per_block = blockDim.x / 32;
-  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / 32; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+  const int lane = threadIdx.x % kWarp;
+  METRICOPS_WARP_ROW_LOOP(row, rows) {
     const scalar_t* xr = x + row * dim;
     acc_t s = 0;
-    for (int64_t k = lane; k < dim; k += 32) {
+    for (int64_t k = lane; k < dim; k += kWarp) {
       const acc_t v = static_cast<acc_t>(xr[k]);
       s += v * v;
     }
-    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffff, s, offset);
+    s = warp_sum(s);
     if (lane == 0) aux[row] = checked_row_aux<acc_t>(metric, s, xr, dim);
   }
 }
@@ -81,38 +79,19 @@ __global__ void grad_weights_kernel(const scalar_t* __restrict__ grad, const sca
 }
 
 // y is x: cross_ij = w_ij + w_ji. 32x32 tiles staged through shared memory so
-// that the transposed reads stay coalesced.
-constexpr int kTile = 32;
-constexpr int kTileRows = 8;
-
+// that the transposed reads stay coalesced (for_each_tile_entry_with_mirror).
 template <typename scalar_t, typename acc_t, Metric kMetric>
 __global__ void grad_weights_self_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ dist,
                                          const acc_t* __restrict__ aux, int64_t N, scalar_t* __restrict__ cross,
                                          acc_t* __restrict__ norm_term) {
-  __shared__ acc_t g_t[kTile][kTile + 1];
-  __shared__ acc_t d_t[kTile][kTile + 1];
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  // Load the mirrored tile (rows j0.., cols i0..) transposed into shared memory.
-  for (int r = threadIdx.y; r < kTile; r += kTileRows) {
-    const int64_t row = j0 + r, col = i0 + threadIdx.x;
-    if (row < N && col < N) {
-      g_t[threadIdx.x][r] = static_cast<acc_t>(grad[row * N + col]);
-      d_t[threadIdx.x][r] = static_cast<acc_t>(dist[row * N + col]);
-    }
-  }
-  __syncthreads();
-  for (int r = threadIdx.y; r < kTile; r += kTileRows) {
-    const int64_t i = i0 + r, j = j0 + threadIdx.x;
-    if (i < N && j < N) {
-      const int64_t idx = i * N + j;
-      acc_t w_ij, p_ij, w_ji, p_ji;
-      distance_grad_weights<acc_t>(kMetric, static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), aux[i],
-                                   aux[j], w_ij, p_ij);
-      distance_grad_weights<acc_t>(kMetric, g_t[r][threadIdx.x], d_t[r][threadIdx.x], aux[j], aux[i], w_ji, p_ji);
-      cross[idx] = static_cast<scalar_t>(w_ij + w_ji);
-      norm_term[idx] = p_ij;
-    }
-  }
+  for_each_tile_entry_with_mirror<acc_t>(grad, dist, N, [&](int64_t i, int64_t j, int64_t idx, acc_t g_ji, acc_t d_ji) {
+    acc_t w_ij, p_ij, w_ji, p_ji;
+    distance_grad_weights<acc_t>(kMetric, static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), aux[i], aux[j],
+                                 w_ij, p_ij);
+    distance_grad_weights<acc_t>(kMetric, g_ji, d_ji, aux[j], aux[i], w_ji, p_ji);
+    cross[idx] = static_cast<scalar_t>(w_ij + w_ji);
+    norm_term[idx] = p_ij;
+  });
 }
 
 struct PairwiseKernels {
@@ -121,10 +100,9 @@ struct PairwiseKernels {
     const int64_t rows = x.size(0), dim = x.size(1);
     at::Tensor aux = at::empty({rows}, x.options().dtype(acc_dtype(x)));
     if (rows == 0) return aux;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metricops_row_aux_cuda", [&] {
+    METRICOPS_DISPATCH_CUDA_FLOATS(x.scalar_type(), "metricops_row_aux_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const int warps_per_block = kThreads / 32;
-      row_aux_kernel<scalar_t, acc_t><<<grid_for(rows, warps_per_block), kThreads, 0, current_stream()>>>(
+      row_aux_kernel<scalar_t, acc_t><<<warp_rows_grid(rows), kThreads, 0, current_stream()>>>(
           x.const_data_ptr<scalar_t>(), rows, dim, metric, aux.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -140,8 +118,7 @@ struct PairwiseKernels {
     const int64_t M = out.size(0), N = out.size(1);
     const bool symmetric = self && diag_offset == 0 && M == N;
     TORCH_INTERNAL_ASSERT(x_rows.is_contiguous() && y.is_contiguous());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "metricops_distance_epilogue_cuda",
-                                    [&] {
+    METRICOPS_DISPATCH_CUDA_FLOATS(out.scalar_type(), "metricops_distance_epilogue_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const int64_t dim = y.size(1);
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
@@ -151,8 +128,8 @@ struct PairwiseKernels {
             self, symmetric, diag_offset, out.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (symmetric) {
-          mirror_upper_kernel<scalar_t><<<grid_for(M * N), kThreads, 0, current_stream()>>>(
-              N, out.mutable_data_ptr<scalar_t>());
+          mirror_upper_kernel<scalar_t>
+              <<<grid_for(M * N), kThreads, 0, current_stream()>>>(N, out.mutable_data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
@@ -169,8 +146,7 @@ struct PairwiseKernels {
     c.cross = at::empty({M, N}, grad.options());
     // The norm terms are reduced by ATen (deterministic, no atomics).
     at::Tensor norm_term = at::empty({M, N}, grad.options().dtype(acc_dtype(grad)));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "metricops_distance_grad_cuda",
-                                    [&] {
+    METRICOPS_DISPATCH_CUDA_FLOATS(grad.scalar_type(), "metricops_distance_grad_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
         if (self) {

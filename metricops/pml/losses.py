@@ -20,6 +20,14 @@ from . import _fused
 from . import reducers as _reducers
 from ._common import all_pairs, all_triplets, refuse_unsupported, set_ref
 from ._mined import MinedTriplets
+from ._similarity import (  # noqa: F401 (the similarity losses, re-exported)
+    CircleLoss,
+    GeneralizedLiftedStructureLoss,
+    LiftedStructureLoss,
+    MultiSimilarityLoss,
+    NTXentLoss,
+    SupConLoss,
+)
 from .distances import resolve
 
 

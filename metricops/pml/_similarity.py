@@ -506,11 +506,14 @@ def _mine_pairs(distance: BaseDistance, epsilon: float, x, labels, ref, ref_labe
     block = max(1, _MINER_BLOCK_ELEMENTS // ref.shape[0])
     inf = float("inf")
     found_pos, found_neg, any_pos, any_neg = [], [], False, False
+    cosine = isinstance(distance, CosineSimilarity)
+    if cosine:  # PML's own arithmetic: normalized rows, one matrix product
+        x, ref = F.normalize(x, dim=1), F.normalize(ref, dim=1)
     for start in range(0, x.shape[0], block):
         rows = torch.arange(start, min(start + block, x.shape[0]), device=x.device)
         local = torch.arange(len(rows), device=x.device)
-        if isinstance(distance, CosineSimilarity):
-            mat = F.normalize(x[rows], dim=1) @ F.normalize(ref, dim=1).T  # PML's own arithmetic
+        if cosine:
+            mat = x[rows] @ ref.T
         else:
             metric = "euclidean" if distance.power == 1 else "sqeuclidean"
             mat = pairwise_distance(x[rows], ref, metric=metric, normalize=distance.normalize_embeddings)

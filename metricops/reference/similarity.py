@@ -47,7 +47,10 @@ PML semantics that are easy to get wrong (each is pinned by a test):
   α(d − base) and β(base − d), i.e. similarity −d **and base −base**, not just S = −d.
   GeneralizedLifted/Lifted with CosineSimilarity likewise use pos_margin − S and S − neg_margin.
 * Circle: a_p = relu(1 + m − S), a_n = relu(S + m) are detached; an anchor lacking a
-  positive or a negative gives 0.
+  positive or a negative gives 0. PML's softplus is ``torch.nn.Softplus()``: x itself for
+  x > 20 (threshold), which differs from log1p(e^x) by ~2e-9 there (visible in float64 parity).
+* PML's per-element loss tensors are (B, 1) for MS and GeneralizedLifted and (P, 1) for
+  LiftedStructure (its own PerAnchorReducer fails on the latter); values are unaffected.
 * MS miner (mining_epsilon=ε): max_neg_i / min_pos_i over the anchor's negatives /
   positives; keep p if S_ip − ε < max_neg_i, keep n if S_in + ε > min_pos_i (strict). An
   anchor with no negative keeps no positive and vice versa. The masks carry no gradient.

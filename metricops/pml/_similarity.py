@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import _validation as v
 from . import reducers as _reducers
 from ..distance import pairwise_distance
-from ._common import all_pairs, refuse_unsupported, set_ref
+from ._common import all_pairs, check_call, refuse_unsupported, set_ref
 from ._mined import MinedSource, MinedTriplets
 from .distances import BaseDistance, CosineSimilarity, LpDistance
 
@@ -192,14 +192,7 @@ class _SimilarityLoss(torch.nn.Module):
         raise NotImplementedError
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        v.check_tensor(embeddings, "embeddings")
-        if labels is None and indices_tuple is None:
-            raise ValueError("labels and indices_tuple cannot both be None")
-        if indices_tuple is not None and len(indices_tuple) not in (3, 4):
-            raise ValueError(
-                f"indices_tuple must hold 3 tensors (anchors, positives, negatives) or 4 (a1, p, a2, n), "
-                f"got {len(indices_tuple)}"
-            )
+        check_call(embeddings, labels, indices_tuple)
         ref, ref_lab = set_ref(embeddings, labels, ref_emb, ref_labels)
         if labels is not None:
             labels = labels.to(embeddings.device)

@@ -197,21 +197,34 @@ class _SimilarityLoss(torch.nn.Module):
         if labels is not None:
             labels = labels.to(embeddings.device)
         if ref_emb is None and _native_inputs(embeddings, labels):
-            reduction = self._native_reduction()
-            if reduction is not None:
-                out = self._fast(embeddings, labels, indices_tuple, reduction)
-                if out is not None:
-                    if reduction != "none":
-                        return out
-                    return self.reducer(_element(out, embeddings.shape[0], embeddings.device), embeddings, labels)
+            out = self._fast(embeddings, labels, indices_tuple)
+            if out is not None:
+                return out
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref, ref_lab)
         return self.reducer(loss_dict, embeddings, labels)
 
-    def _fast(self, embeddings, labels, indices_tuple, reduction):
-        """The native op's result where it computes exactly this call, else None."""
+    def _fast(self, embeddings, labels, indices_tuple):
+        """The loss from the native op where it computes exactly this call (every pair of the batch, the
+        default distance, a reducer it expresses), else None."""
         if indices_tuple is not None or not self._native_distance():
             return None
-        return _native(self._native_op)(embeddings, labels, reduction=reduction, **self._native_kwargs())
+        return self._reduce_native(
+            lambda reduction: _native(self._native_op)(
+                embeddings, labels, reduction=reduction, **self._native_kwargs()
+            ),
+            embeddings,
+            labels,
+        )
+
+    def _reduce_native(self, op, embeddings, labels):
+        """``op(reduction)`` reduced as ``self.reducer`` would reduce PML's terms, or None where it cannot be."""
+        reduction = self._native_reduction()
+        if reduction is None:
+            return None
+        out = op(reduction)
+        if reduction != "none":
+            return out
+        return self.reducer(_element(out, embeddings.shape[0], embeddings.device), embeddings, labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML's loss dict, over the listed pairs only (``ref_emb`` is the batch itself without one)."""
@@ -333,11 +346,9 @@ class MultiSimilarityLoss(_SimilarityLoss):
     def _native_kwargs(self):
         return {"alpha": self.alpha, "beta": self.beta, "base": self.base}
 
-    def _fast(self, embeddings, labels, indices_tuple, reduction):
-        if not self._native_distance():
-            return None
-        if indices_tuple is None:
-            return super()._fast(embeddings, labels, indices_tuple, reduction)
+    def _fast(self, embeddings, labels, indices_tuple):
+        if indices_tuple is None or not self._native_distance():
+            return super()._fast(embeddings, labels, indices_tuple)
         if not isinstance(indices_tuple, MinedPairs) or indices_tuple.source is None:
             return None
         source, miner_distance = indices_tuple.source, indices_tuple.selection.distance
@@ -345,14 +356,16 @@ class MultiSimilarityLoss(_SimilarityLoss):
             not isinstance(miner_distance, CosineSimilarity)
             or not source.is_unchanged(embeddings)
             or source.labels.device != embeddings.device
+            or source.labels.dtype not in (torch.int32, torch.int64)
         ):
             return None
-        return _native(self._native_op)(
+        epsilon = indices_tuple.selection.epsilon
+        return self._reduce_native(
+            lambda reduction: _native(self._native_op)(
+                embeddings, source.labels, mining_epsilon=epsilon, reduction=reduction, **self._native_kwargs()
+            ),
             embeddings,
-            source.labels,
-            mining_epsilon=indices_tuple.selection.epsilon,
-            reduction=reduction,
-            **self._native_kwargs(),
+            labels,
         )
 
     def _loss_dict(self, pos, neg, indices, n_rows):
@@ -451,19 +464,80 @@ class LiftedStructureLoss(_LiftedBase):
     def __init__(self, neg_margin: float = 1, pos_margin: float = 0, distance=None, reducer=None, **kwargs):
         super().__init__(neg_margin, pos_margin, distance, reducer, kwargs)
 
+    def _fast(self, embeddings, labels, indices_tuple):
+        if indices_tuple is not None or not self._native_distance():
+            return None
+        import metricops
+
+        if hasattr(metricops, self._native_op):
+            return super()._fast(embeddings, labels, indices_tuple)
+        # PML's per-pair terms from the engine's row statistics: exact for every reducer
+        return self.reducer(self._engine_loss_dict(embeddings, labels), embeddings, labels)
+
+    def _engine_loss_dict(self, embeddings, labels):
+        """PML's per-pair loss dict from the streaming engine: each row's LSE of neg_margin − d over its
+        negatives (metricops' lse_stats, nothing B×B), then d_ap for the positive pairs only (O(#positive
+        pairs) memory; the pairs of each class are listed without a B×B mask)."""
+        from .. import similarity as _sim
+        from .._registrations.similarity import COUNT_NEG, LSE_NEG
+
+        x = _sim._prepare_labelled(embeddings, labels, "none", "auto")[0]
+        st, _ = _sim._stats(x, None, labels, None, "lifted", (float(self.pos_margin), float(self.neg_margin)))
+        a1, p = _positive_pairs(labels)
+        if a1.numel() == 0 or not bool((st[:, COUNT_NEG] > 0).any()):
+            return _no_terms()
+        has_neg = st[:, COUNT_NEG] > 0
+        row_lse = torch.where(has_neg, st[:, LSE_NEG], torch.zeros_like(st[:, LSE_NEG])).to(embeddings.dtype)
+        lse = _logaddexp_of_rows(row_lse, has_neg, a1, p)
+        d_ap = _pair_values(self.distance, embeddings, embeddings, a1, p)
+        losses = F.relu(lse + d_ap - self.pos_margin) ** 2 / 2
+        return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+
     def _loss_dict(self, pos, neg, indices, n_rows):
         a1, p, a2, _ = indices
         if a1.numel() == 0 or a2.numel() == 0:
             return _no_terms()
         margin = self.distance.margin
-        row_lse, _ = _segment_lse(margin(self.neg_margin, neg), a2, n_rows, empty=float("-inf"))
-        # negatives of the anchor's row, and of row p unless that is the same row (PML's mask is an "or")
-        p_row = torch.where((p < n_rows) & (p != a1), p, torch.full_like(p, n_rows))
-        padded = torch.cat([row_lse, row_lse.new_full((1,), float("-inf"))])
-        lse = torch.logaddexp(padded[a1], padded[p_row])
-        lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+        row_lse, counts = _segment_lse(margin(self.neg_margin, neg), a2, n_rows)
+        # negatives of the anchor's row, and of row p (a row index also with ref_emb, as PML reads it)
+        lse = _logaddexp_of_rows(row_lse, counts > 0, a1, p)
         losses = F.relu(lse + margin(pos, self.pos_margin)) ** 2 / 2
         return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+
+
+def _logaddexp_of_rows(row_lse, has, a, p):
+    """Per pair, the LSE over the union of rows a and p's sets (row p only when it is another row of the batch:
+    PML's mask is an "or"); 0 when both are empty. ``row_lse`` holds 0 (not −inf) for empty rows, so no
+    gradient is NaN."""
+    n_rows = row_lse.shape[0]
+    p_row = torch.where((p < n_rows) & (p != a), p, torch.zeros_like(p))
+    has_a = has[a]
+    has_p = has[p_row] & (p < n_rows) & (p != a)
+    la, lp = row_lse[a], row_lse[p_row]
+    both = torch.logaddexp(la, lp)
+    zero = torch.zeros_like(la)
+    return torch.where(has_a & has_p, both, torch.where(has_a, la, torch.where(has_p, lp, zero)))
+
+
+def _positive_pairs(labels):
+    """Every (i, j), i ≠ j, with labels[i] == labels[j], in row-major order (as ``torch.where`` on PML's
+    mask), from the sorted labels: O(#pairs) memory, never a B×B mask."""
+    b = labels.shape[0]
+    order = torch.argsort(labels, stable=True)
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    size = counts.repeat_interleave(counts)  # class size of each sorted element
+    start = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    anchor = torch.arange(b, device=labels.device).repeat_interleave(size)
+    first = torch.cumsum(size, 0) - size
+    partner = (
+        start.repeat_interleave(size)
+        + torch.arange(anchor.numel(), device=labels.device)
+        - first.repeat_interleave(size)
+    )
+    keep = anchor != partner
+    a, p = order[anchor[keep]], order[partner[keep]]
+    key = torch.argsort(a * b + p)
+    return a[key], p[key]
 
 
 # ----------------------------------------------------------------------------- the miner

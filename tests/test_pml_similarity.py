@@ -170,7 +170,7 @@ def _indices_cases(b, r, seed):
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_indices_tuple_and_ref_emb(name):
+def test_indices_tuple_and_ref_emb(name, native_ops):
     for dist_name in LOSSES[name][1][:2]:
         for seed in range(2):
             emb, labels = _batch(12, 5, 3, seed)
@@ -180,7 +180,13 @@ def test_indices_tuple_and_ref_emb(name):
                 for idx in _indices_cases(12, 12, seed):
                     _run(ours, theirs, emb, labels, indices=(idx, idx))
                     _run(ours, theirs, emb, None, indices=(idx, idx))
+                engine_calls = native_ops.get("engine", 0)
                 _run(ours, theirs, emb, labels, ref_emb=ref, ref_labels=ref_labels)
+                # per-anchor losses with the default distance: the engine, rows against the reference set
+                default_distance = "lp" if "Lifted" in name else "cosine"
+                on_engine = dist_name == default_distance and name not in ("NTXentLoss", "LiftedStructureLoss")
+                assert (native_ops.get("engine", 0) > engine_calls) == on_engine, (name, dist_name)
+                _run(ours, theirs, emb, labels, ref_emb=emb.clone(), ref_labels=labels)  # PML drops (i, i) here
                 for idx in _indices_cases(12, 9, seed):
                     _run(ours, theirs, emb, labels, ref_emb=ref, ref_labels=ref_labels, indices=(idx, idx))
 

@@ -2,20 +2,24 @@
 
 Two paths compute PML's value and gradient:
 
-* Native: every pair of one batch (no ``indices_tuple``, no ``ref_emb``), the loss's default distance
-  (CosineSimilarity; ``LpDistance()`` for the lifted-structure losses) and integer labels: one call of
-  metricops' functional op (``metricops.supcon_loss`` etc., streaming: nothing B×B is held). The reducer
-  is the op's ``reduction`` (MeanReducer "mean", SumReducer "sum", AvgNonZeroReducer "mean_nonzero");
-  any other reducer of a per-anchor loss reduces the op's ``reduction="none"`` vector. A
-  MultiSimilarityLoss given a metricops.pml MultiSimilarityMiner's output mined on these very embeddings
-  is one ``metricops.multi_similarity_loss(mining_epsilon=ε)`` call, without listing the pairs.
-* Listed pairs: everything else (an arbitrary ``indices_tuple``, ``ref_emb``, another distance, a
-  reducer the op cannot express for a per-pair loss): torch ops over the listed (anchor, other) pairs
-  only, O(#pairs) memory rather than PML's B×R matrices: each pair's similarity or distance by a chunked
-  gather (``_pair_values``), per-row log-sum-exps by segment reductions. PML's rules are followed as it
-  applies them: a pair listed twice counts once for the matrix-based losses (SupCon, MS, Circle,
-  GeneralizedLifted) and each time for the pair-based ones (NT-Xent, Lifted); all index tensors of
-  length ≤ 1 give the zero loss.
+* Native (metricops' streaming engine, nothing B×B held), with the loss's default distance
+  (CosineSimilarity; ``LpDistance()`` for the lifted-structure losses) and integer labels:
+  - every pair of one batch: one call of metricops' functional op (``metricops.supcon_loss`` etc.). The
+    reducer is the op's ``reduction`` (MeanReducer "mean", SumReducer "sum", AvgNonZeroReducer
+    "mean_nonzero"); any other reducer of a per-anchor loss reduces the op's ``reduction="none"`` vector.
+  - a MultiSimilarityLoss given a metricops.pml MultiSimilarityMiner's output mined on these very
+    embeddings: one ``metricops.multi_similarity_loss(mining_epsilon=ε)`` call, without listing the pairs.
+  - ``ref_emb``/``ref_labels`` for the per-anchor losses (SupCon, MS, Circle, GeneralizedLifted): the
+    engine's rows against the reference set's columns (metricops.similarity's per-anchor functions).
+  - LiftedStructureLoss (while metricops has no ``lifted_structure_loss``): each row's LSE over its
+    negatives from the engine, then PML's term per positive pair (listed per class, never via a B×B mask).
+* Listed pairs: everything else (an arbitrary ``indices_tuple``, another distance, NT-Xent or lifted
+  structure with ``ref_emb``, a reducer the op cannot express for a per-pair loss): torch ops over the
+  listed (anchor, other) pairs only, O(#pairs) memory rather than PML's B×R matrices: each pair's
+  similarity or distance by a chunked gather (``_pair_values``), per-row log-sum-exps by segment
+  reductions. PML's rules are followed as it applies them: a pair listed twice counts once for the
+  matrix-based losses (SupCon, MS, Circle, GeneralizedLifted) and each time for the pair-based ones
+  (NT-Xent, Lifted); all index tensors of length ≤ 1 give the zero loss.
 
 PML semantics worth knowing are listed in metricops/reference/similarity.py's docstring.
 """
@@ -155,6 +159,8 @@ class _SimilarityLoss(torch.nn.Module):
     _name: str
     _native_op: str
     _pair_based = False  # True: one term per listed positive pair ("pos_pair"); else one per anchor row
+    _per_anchor_op = None  # metricops.similarity's per-anchor function that also takes ref_emb/ref_labels
+    _per_anchor_extra: dict = {}
 
     def __init__(self, distance, reducer, kwargs, default_reducer=_reducers.MeanReducer, cosine_default=True):
         super().__init__()
@@ -200,6 +206,10 @@ class _SimilarityLoss(torch.nn.Module):
             out = self._fast(embeddings, labels, indices_tuple)
             if out is not None:
                 return out
+        if ref_emb is not None and indices_tuple is None and self._per_anchor_op is not None:
+            out = self._fast_ref(embeddings, labels, ref_emb, ref_labels)
+            if out is not None:
+                return out
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref, ref_lab)
         return self.reducer(loss_dict, embeddings, labels)
 
@@ -215,6 +225,33 @@ class _SimilarityLoss(torch.nn.Module):
             embeddings,
             labels,
         )
+
+    def _fast_ref(self, embeddings, labels, ref_emb, ref_labels):
+        """A per-anchor loss against a separate reference set from the engine (rows: the batch, columns:
+        ref_emb; no pair is excluded, as PML has it when ref_labels is another tensor): O((B + R)·D) memory.
+        None where PML's rules differ (ref_labels being labels itself, at most 2 pairs) or inputs don't fit."""
+        if (
+            ref_labels is None
+            or ref_labels is labels
+            or not self._native_distance()
+            or not _native_inputs(embeddings, labels)
+            or not _native_inputs(ref_emb, ref_labels)
+            or ref_emb.dtype != embeddings.dtype
+            or embeddings.shape[0] * ref_emb.shape[0] <= 2  # PML's "every index tensor of length <= 1" rule
+        ):
+            return None
+        from .. import similarity as _sim
+
+        per_anchor = getattr(_sim, self._per_anchor_op)(
+            embeddings,
+            labels,
+            memory="auto",
+            ref_emb=ref_emb,
+            ref_labels=ref_labels.to(embeddings.device),
+            **self._native_kwargs(),
+            **self._per_anchor_extra,
+        )
+        return self.reducer(_element(per_anchor, embeddings.shape[0], embeddings.device), embeddings, labels)
 
     def _reduce_native(self, op, embeddings, labels):
         """``op(reduction)`` reduced as ``self.reducer`` would reduce PML's terms, or None where it cannot be."""
@@ -275,6 +312,7 @@ class SupConLoss(_SimilarityLoss):
     """
 
     _name = "SupConLoss"
+    _per_anchor_op = "_supcon_per_anchor"
     _native_op = "supcon_loss"
 
     def __init__(self, temperature: float = 0.1, distance=None, reducer=None, **kwargs):
@@ -335,6 +373,8 @@ class MultiSimilarityLoss(_SimilarityLoss):
     """
 
     _name = "MultiSimilarityLoss"
+    _per_anchor_op = "_multi_similarity_per_anchor"
+    _per_anchor_extra = {"mining_epsilon": None}
     _native_op = "multi_similarity_loss"
 
     def __init__(self, alpha: float = 2, beta: float = 50, base: float = 0.5, distance=None, reducer=None, **kwargs):
@@ -385,6 +425,7 @@ class CircleLoss(_SimilarityLoss):
     """
 
     _name = "CircleLoss"
+    _per_anchor_op = "_circle_per_anchor"
     _native_op = "circle_loss"
 
     def __init__(self, m: float = 0.4, gamma: float = 80, distance=None, reducer=None, **kwargs):
@@ -435,6 +476,7 @@ class GeneralizedLiftedStructureLoss(_LiftedBase):
     """
 
     _name = "GeneralizedLiftedStructureLoss"
+    _per_anchor_op = "_generalized_lifted_per_anchor"
     _native_op = "generalized_lifted_structure_loss"
 
     def __init__(self, neg_margin: float = 1, pos_margin: float = 0, distance=None, reducer=None, **kwargs):

@@ -250,7 +250,15 @@ SIMILARITY = Table(
         ),
         Row("Circle", "circle_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
         Row("generalized lifted structure", "generalized_lifted_structure_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
-        Row("lifted structure (PML's)", "lifted_structure_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
+        *(
+            Row(
+                "lifted structure (PML's; metricops has no functional yet: its drop-in on the engine is the base)",
+                "lifted_structure_loss",
+                {"B": b, "D": 128},
+                (NONE, Cell("metricops.pml", ratio=False), *_SIM_CELLS[2:]),
+            )
+            for b in (512, 2048)
+        ),
         Row(
             "InfoNCE, symmetric (CLIP), τ=0.05",
             "info_nce_loss",

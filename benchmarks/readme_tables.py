@@ -257,7 +257,7 @@ SIMILARITY = Table(
                 {"B": b, "D": 128},
                 (NONE, Cell("metricops.pml", ratio=False), *_SIM_CELLS[2:]),
             )
-            for b in (512, 2048)
+            for b in (256, 2048)
         ),
         Row(
             "InfoNCE, symmetric (CLIP), τ=0.05",

@@ -34,10 +34,10 @@ LABELLED = {
 }
 
 # PML's NT-Xent and LiftedStructureLoss build |P|×|N| tensors (B·7 positive pairs × B·(B−8) negative pairs
-# with 8 per class; several float32 copies with autograd): past this many elements it is recorded as skipped
-# (B=512: 0.93e9, run, as in the issue; B=2048: 60e9).
-_PML_PAIR_TENSOR_MAX_ELEMENTS = 2**30
-_PML_PAIR_TENSOR_LOSSES = ("ntxent_loss", "lifted_structure_loss")
+# with 8 per class; several float32 copies with autograd): past this many elements PML is recorded as
+# skipped. NT-Xent at B=512 (0.93e9) runs, as measured in the issue; LiftedStructureLoss holds more copies
+# (a quick run at B=512 was OOM-killed on 24 GiB), so it stops at B=256 (0.11e9).
+_PML_PAIR_TENSOR_MAX_ELEMENTS = {"ntxent_loss": 2**30, "lifted_structure_loss": 2**28}
 # The references and PML hold ~15 B×B float32 matrices; torch's CLIP loss several N×N ones.
 _MATRIX_BYTES_LIMIT = 2 * 2**30
 
@@ -77,8 +77,12 @@ def _sizes(quick):
     if quick:
         small = [(128, 64)]
         return {"default": (512, 64), "ntxent_loss": small, "lifted_structure_loss": small, "info_nce": (2048, 128)}
-    both = [(512, 128), (2048, 128)]
-    return {"default": (2048, 128), "ntxent_loss": both, "lifted_structure_loss": both, "info_nce": (16384, 256)}
+    return {
+        "default": (2048, 128),
+        "ntxent_loss": [(512, 128), (2048, 128)],
+        "lifted_structure_loss": [(256, 128), (2048, 128)],
+        "info_nce": (16384, 256),
+    }
 
 
 def similarity_cases(device: str, quick, dtype=torch.float32) -> List[Case]:
@@ -97,7 +101,7 @@ def similarity_cases(device: str, quick, dtype=torch.float32) -> List[Case]:
                 contenders["metricops"] = _fwd_bwd(lambda e, l, f=_native(op): f(e, l), x, labels)
             contenders["metricops.pml"] = _fwd_bwd(lambda e, l, f=getattr(mo_losses, cls)(): f(e, l), x, labels)
             if pml is not None:
-                if op in _PML_PAIR_TENSOR_LOSSES and (B * 7) * B * (B - 8) > _PML_PAIR_TENSOR_MAX_ELEMENTS:
+                if (B * 7) * B * (B - 8) > _PML_PAIR_TENSOR_MAX_ELEMENTS.get(op, float("inf")):
                     contenders["pytorch-metric-learning"] = _skip(
                         f"skipped: its |P|×|N| tensor needs ~{(B * 7) * B * (B - 8) * 4 / 2**30:.0f} GiB"
                     )

@@ -188,6 +188,33 @@ C10_HOST_DEVICE inline void acc_merge(acc_t* a, const acc_t* b) {
   a[kAccMaxNegS] = b[kAccMaxNegS] > a[kAccMaxNegS] ? b[kAccMaxNegS] : a[kAccMaxNegS];
 }
 
+// Adds one evaluated entry to an accumulator, online (one entry at a time:
+// the CUDA epilogues' per-thread path; the CPU ones work chunk-wise).
+template <typename acc_t>
+C10_HOST_DEVICE inline void acc_add(acc_t* a, bool pos, acc_t s, acc_t phi, acc_t lin, acc_t aux, acc_t dsc, bool lse) {
+  const int mf = pos ? kAccMaxPos : kAccMaxNeg, sf = pos ? kAccSumPos : kAccSumNeg, wf = pos ? kAccWPos : kAccWNeg;
+  if (lse) {
+    if (phi > a[mf]) {
+      const acc_t f = rescale_factor(a[mf], phi);
+      a[sf] = a[sf] * f + acc_t(1);
+      a[wf] = a[wf] * f + dsc;
+      a[mf] = phi;
+    } else {  // a NaN φ lands here and makes the sum NaN
+      const acc_t e = lse_exp(phi - a[mf]);
+      a[sf] += e;
+      a[wf] += e * dsc;
+    }
+  }
+  a[pos ? kAccLinPos : kAccLinNeg] += lin;
+  a[pos ? kAccAuxPos : kAccAuxNeg] += aux;
+  a[pos ? kAccCountPos : kAccCountNeg] += acc_t(1);
+  if (pos) {
+    a[kAccMinPos] = s < a[kAccMinPos] ? s : a[kAccMinPos];
+  } else {
+    a[kAccMaxNegS] = s > a[kAccMaxNegS] ? s : a[kAccMaxNegS];
+  }
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline void acc_finalize(const acc_t* a, acc_t* out) {
   const int fields[2][4] = {{kAccMaxPos, kAccSumPos, kAccWPos, kLsePos}, {kAccMaxNeg, kAccSumNeg, kAccWNeg, kLseNeg}};

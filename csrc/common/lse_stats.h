@@ -269,15 +269,16 @@ struct ScaledPolicy {
   static constexpr bool kLin = true;
   static constexpr bool kDScale = true;
   acc_t scale;
-  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
     phi = scale * s;
     lin = phi;
     aux = acc_t(0);
     dphi_dscale = s;
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     phi = scale * s;
     dphi = scale;
     dlin = scale;
@@ -294,18 +295,23 @@ struct MultiSimilarityPolicy {
   static constexpr bool kLin = false;
   static constexpr bool kDScale = false;
   acc_t alpha, beta, base, epsilon;
-  C10_HOST_DEVICE bool keep(acc_t s, bool pos, const acc_t* own, const acc_t*) const {
-    if (!kMined) return true;
-    return pos ? !(s - epsilon >= own[1]) : !(s + epsilon <= own[0]);
+  METRICOPS_LSE_INLINE bool keep(acc_t s, bool pos, const acc_t* own, const acc_t*) const {
+    if constexpr (!kMined) {
+      return true;
+    } else {
+      return pos ? !(s - epsilon >= own[1]) : !(s + epsilon <= own[0]);
+    }
   }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
-    phi = pos ? -alpha * (s - base) : beta * (s - base);
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
+    const acc_t coef = pos ? -alpha : beta;  // a select of constants: if-converts
+    phi = coef * (s - base);
     lin = aux = dphi_dscale = acc_t(0);
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
-    phi = pos ? -alpha * (s - base) : beta * (s - base);
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     dphi = pos ? -alpha : beta;
+    phi = dphi * (s - base);
     dlin = acc_t(0);
   }
 };
@@ -318,8 +324,8 @@ struct CirclePolicy {
   static constexpr bool kLin = false;
   static constexpr bool kDScale = false;
   acc_t m, gamma;
-  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  C10_HOST_DEVICE void coeffs(acc_t s, bool pos, acc_t& phi, acc_t& dphi) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE void coeffs(acc_t s, bool pos, acc_t& phi, acc_t& dphi) const {
     const acc_t ap = acc_t(1) + m - s, an = s + m;
     const acc_t a = pos ? (ap > acc_t(0) ? ap : acc_t(0)) : (an > acc_t(0) ? an : acc_t(0));
     dphi = pos ? -gamma * a : gamma * a;
@@ -328,13 +334,14 @@ struct CirclePolicy {
     phi = s != s ? s : phi;
     dphi = s != s ? s : dphi;
   }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
     acc_t dphi;
     coeffs(s, pos, phi, dphi);
     lin = aux = dphi_dscale = acc_t(0);
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     coeffs(s, pos, phi, dphi);
     dlin = acc_t(0);
   }
@@ -350,20 +357,21 @@ struct LiftedPolicy {
   static constexpr bool kLin = false;
   static constexpr bool kDScale = false;
   acc_t pos_margin, neg_margin, tol;
-  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  C10_HOST_DEVICE void distance(acc_t s, acc_t& d, acc_t& dd_ds) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE void distance(acc_t s, acc_t& d, acc_t& dd_ds) const {
     const acc_t d2 = acc_t(2) - acc_t(2) * s;
     d = d2 > tol ? ::sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
     dd_ds = d2 > tol ? -acc_t(1) / d : acc_t(0);
   }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
     acc_t d, dd;
     distance(s, d, dd);
     phi = pos ? d - pos_margin : neg_margin - d;
     lin = aux = dphi_dscale = acc_t(0);
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     acc_t d, dd;
     distance(s, d, dd);
     phi = pos ? d - pos_margin : neg_margin - d;
@@ -382,9 +390,9 @@ struct NTXentPairsPolicy {
   static constexpr bool kLin = true;
   static constexpr bool kDScale = false;
   acc_t scale;
-  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
     const acc_t u = own[0] - scale * s;
     phi = dphi_dscale = acc_t(0);
     lin = pos ? softplus(u) : acc_t(0);
@@ -392,8 +400,8 @@ struct NTXentPairsPolicy {
     lin = s != s ? s : lin;
     aux = s != s ? s : aux;
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& dphi,
-                            acc_t& dlin) const {
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     phi = dphi = acc_t(0);
     dlin = pos ? -scale * sigmoid(own[0] - scale * s) : acc_t(0);
   }
@@ -414,9 +422,9 @@ struct LiftedPairsPolicy {
   static constexpr bool kDScale = false;
   acc_t pos_margin, tol;
   bool count_mode;
-  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  C10_HOST_DEVICE void terms(acc_t s, const acc_t* own, const acc_t* other, acc_t& r, acc_t& dr_ds,
-                             acc_t& w_own) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE void terms(acc_t s, const acc_t* own, const acc_t* other, acc_t& r, acc_t& dr_ds,
+                                  acc_t& w_own) const {
     const acc_t d2 = acc_t(2) - acc_t(2) * s;
     const acc_t d = d2 > tol ? ::sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
     const acc_t dd = d2 > tol ? -acc_t(1) / d : acc_t(0);
@@ -430,8 +438,8 @@ struct LiftedPairsPolicy {
     dr_ds = u > acc_t(0) ? dd : acc_t(0);
     w_own = empty ? acc_t(0) : ::exp(li - la);
   }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t* own, const acc_t* other, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t* own, const acc_t* other, acc_t& phi, acc_t& lin,
+                                 acc_t& aux, acc_t& dphi_dscale) const {
     acc_t r, dr, w_own;
     terms(s, own, other, r, dr, w_own);
     phi = dphi_dscale = acc_t(0);
@@ -439,8 +447,8 @@ struct LiftedPairsPolicy {
     lin = pos ? value : acc_t(0);
     aux = pos ? other[1] * r * w_own : acc_t(0);
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t* own, const acc_t* other, acc_t& phi, acc_t& dphi,
-                            acc_t& dlin) const {
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t* own, const acc_t* other, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     acc_t r, dr, w_own;
     terms(s, own, other, r, dr, w_own);
     phi = dphi = acc_t(0);

@@ -138,8 +138,39 @@ inline acc_t exp_reference(acc_t m) {
 // class (1 positive, 0 otherwise: a negative when φ > -inf).
 template <typename acc_t>
 struct ChunkScratch {
-  acc_t ph[kRowChunk], pos[kRowChunk], dsc[kRowChunk];
+  acc_t ph[kRowChunk], pos[kRowChunk], neg[kRowChunk], sp[kRowChunk], sn[kRowChunk], dsc[kRowChunk];
+  acc_t lp[kRowChunk], ln[kRowChunk], ap[kRowChunk], an[kRowChunk];
 };
+
+// Evaluates entries s[0..n) of one row (keys ck, the row's key rk, the self
+// pair at local index `skip` or -1) into the scratch: a plain loop over the
+// entries, no reductions (those follow in lanes).
+template <typename Policy, typename acc_t>
+inline void eval_chunk(const Policy& p, const acc_t* __restrict__ s, int64_t n, const int64_t* __restrict__ ck,
+                       int64_t rk, int64_t skip, const acc_t* own, const acc_t* other0, int64_t P,
+                       ChunkScratch<acc_t>& __restrict__ t) {
+  const acc_t ninf = neg_inf<acc_t>(), pinf = pos_inf<acc_t>();
+  for (int64_t j = 0; j < n; ++j) {
+    const bool pos = ck[j] == rk;
+    const acc_t* other = other0 ? other0 + j * P : nullptr;
+    const bool valid = (j != skip) & p.keep(s[j], pos, own, other);
+    acc_t phi, lin, aux, dsc;
+    p.eval(s[j], pos, own, other, phi, lin, aux, dsc);
+    const bool vp = valid & pos, vn = valid & !pos;
+    t.ph[j] = valid ? phi : ninf;
+    t.pos[j] = vp ? acc_t(1) : acc_t(0);
+    t.neg[j] = vn ? acc_t(1) : acc_t(0);
+    t.sp[j] = vp ? s[j] : pinf;
+    t.sn[j] = vn ? s[j] : ninf;
+    if (Policy::kDScale) t.dsc[j] = dsc;
+    if (Policy::kLin) {
+      t.lp[j] = vp ? lin : acc_t(0);
+      t.ln[j] = vn ? lin : acc_t(0);
+      t.ap[j] = vp ? aux : acc_t(0);
+      t.an[j] = vn ? aux : acc_t(0);
+    }
+  }
+}
 
 // Row i's entries s[0..n) (columns c0..c0+n): merges their statistics into
 // acc. `skip`: the local index of the self pair, or -1. Per chunk of
@@ -165,36 +196,28 @@ METRICOPS_SIMD_CLONES void row_forward(const Policy& p, const Problem<acc_t>& pr
       minp[l] = pinf;
       cp[l] = cn[l] = lp[l] = ln[l] = ap[l] = an[l] = acc_t(0);
     }
-    auto eval = [&](int64_t j, int64_t l) {
-      const bool pos = ck[j] == rk;
-      const acc_t* other = other0 ? other0 + j * P : nullptr;
-      const bool valid = (j != skip) & p.keep(s[j], pos, own, other);
-      acc_t phi, lin, aux, dsc;
-      p.eval(s[j], pos, own, other, phi, lin, aux, dsc);
-      const bool vp = valid & pos, vn = valid & !pos;
-      const acc_t ph = valid ? phi : ninf;
-      t.ph[j] = ph;
-      t.pos[j] = vp ? acc_t(1) : acc_t(0);
-      if (Policy::kDScale) t.dsc[j] = dsc;
-      const acc_t php = vp ? ph : ninf, phn = vn ? ph : ninf;
+    eval_chunk(p, s, k, ck, rk, skip, own, other0, P, t);
+    // reduce, in lanes
+    auto reduce = [&](int64_t j, int64_t l) {
+      const bool vp = t.pos[j] != acc_t(0), vn = t.neg[j] != acc_t(0);
+      const acc_t php = vp ? t.ph[j] : ninf, phn = vn ? t.ph[j] : ninf;
       mp[l] = php > mp[l] ? php : mp[l];
       mn[l] = phn > mn[l] ? phn : mn[l];
-      cp[l] += vp ? acc_t(1) : acc_t(0);
-      cn[l] += vn ? acc_t(1) : acc_t(0);
-      const acc_t sp = vp ? s[j] : pinf, sn = vn ? s[j] : ninf;
-      minp[l] = sp < minp[l] ? sp : minp[l];
-      maxn[l] = sn > maxn[l] ? sn : maxn[l];
+      cp[l] += t.pos[j];
+      cn[l] += t.neg[j];
+      minp[l] = t.sp[j] < minp[l] ? t.sp[j] : minp[l];
+      maxn[l] = t.sn[j] > maxn[l] ? t.sn[j] : maxn[l];
       if (Policy::kLin) {
-        lp[l] += vp ? lin : acc_t(0);
-        ln[l] += vn ? lin : acc_t(0);
-        ap[l] += vp ? aux : acc_t(0);
-        an[l] += vn ? aux : acc_t(0);
+        lp[l] += t.lp[j];
+        ln[l] += t.ln[j];
+        ap[l] += t.ap[j];
+        an[l] += t.an[j];
       }
     };
     int64_t j = 0;
     for (; j + L <= k; j += L)
-      for (int64_t l = 0; l < L; ++l) eval(j + l, l);
-    for (int64_t l = 0; j < k; ++j, ++l) eval(j, l);
+      for (int64_t l = 0; l < L; ++l) reduce(j + l, l);
+    for (int64_t l = 0; j < k; ++j, ++l) reduce(j, l);
     acc_t tmp = ninf, tmn = ninf;
     for (int64_t l = 0; l < L; ++l) {
       tmp = mp[l] > tmp ? mp[l] : tmp;

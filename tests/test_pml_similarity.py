@@ -241,11 +241,6 @@ def _unit(v):
     return v / v.norm()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metricops.multi_similarity_loss(mining_epsilon) lacks PML's rule that a miner output of <= 1 positive "
-    "and <= 1 negative pair gives the zero loss (metricops.reference has it)",
-)
 def test_fused_miner_single_kept_pair_gives_zero():
     # S01 = 0.5, S02 = 0.45, S12 = 0.3, epsilon = 0.1: the miner keeps only (0, 1) and (0, 2); PML's loss is then 0
     y = (0.3 - 0.5 * 0.45) / 0.75**0.5

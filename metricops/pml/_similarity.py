@@ -512,7 +512,9 @@ class LiftedStructureLoss(_LiftedBase):
         import metricops
 
         if hasattr(metricops, self._native_op):
-            return super()._fast(embeddings, labels, indices_tuple)
+            result = super()._fast(embeddings, labels, indices_tuple)
+            if result is not None:
+                return result
         # PML's per-pair terms from the engine's row statistics: exact for every reducer
         return self.reducer(self._engine_loss_dict(embeddings, labels), embeddings, labels)
 

@@ -69,7 +69,20 @@ FORWARD_SAMPLES = {
         (x, x2, x3, 1.0, 2.0, 0.0, False, True),
     ],
     "knn": lambda x, x2, x3: [(x, x2, 2, "euclidean"), (x, None, 2, "cosine", 2)] if x.shape[0] > 2 else [],
+    "lse_stats": lambda x, x2, x3: [
+        (x, None, _labels(x), None, None, _scale(x), "scaled", [], False, 0, 0),
+        (x, None, _labels(x), None, None, _scale(x), "multi_similarity", [2.0, 10.0, 0.5], False, 2, 3),
+        (x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], True, 2, 2),
+    ],
 }
+
+
+def _scale(x):
+    return torch.tensor(2.0, dtype=x.dtype, device=x.device)
+
+
+def _keys(x):
+    return torch.arange(x.shape[0], device=x.device)
 
 
 def _as_tuple(result):

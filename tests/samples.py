@@ -134,6 +134,14 @@ def _ref_knn(queries, database, k, metric, chunk_size=0):
 # ---------------------------------------------------------------- the table
 
 
+def _scale(x):
+    return torch.tensor(2.0, dtype=x.dtype, device=x.device)
+
+
+def _keys(x):
+    return torch.arange(x.shape[0], device=x.device)
+
+
 def _labelled(x, reference_fn, *rest):
     return SampleInput((x, pair_labels(x), *rest), reference_fn)
 
@@ -183,6 +191,15 @@ SAMPLES: dict[str, Callable[..., list[SampleInput]]] = {
     "triplet_interval_weights": lambda x, x2, x3: [
         SampleInput((x[:, :1] * x[:, :1].mT, pair_labels(x), 0.0, True, 0.2, True), _ref_interval_weights),
         SampleInput((x[:, :1] - x[:, :1].mT, pair_labels(x), 0.0, False, 0.05, False), _ref_interval_weights),
+    ],
+    # The log-sum-exp engine: (x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats, block_rows,
+    # block_cols). Its losses are checked against metricops.reference in tests/test_similarity.py.
+    "lse_stats": lambda x, x2, x3: [
+        SampleInput((x, None, pair_labels(x), None, None, _scale(x), "scaled", [], False, 0, 0)),
+        SampleInput(
+            (x, None, pair_labels(x), None, None, _scale(x), "multi_similarity", [2.0, 10.0, 0.5], False, 2, 3)
+        ),
+        SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], True, 2, 2)),
     ],
     # (pos_margin, neg_margin, metric, squared, reduction)
     "contrastive_loss": lambda x, x2, x3: [

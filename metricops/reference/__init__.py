@@ -8,6 +8,15 @@ its module here and re-exports its public functions below.
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from .distance import _row_distance, pairwise_distance
 from .retrieval import knn, retrieval_metrics
+from .similarity import (
+    circle_loss,
+    generalized_lifted_structure_loss,
+    info_nce_loss,
+    lifted_structure_loss,
+    multi_similarity_loss,
+    ntxent_loss,
+    supcon_loss,
+)
 from .triplet import (
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
@@ -21,14 +30,21 @@ __all__ = [
     "_row_distance",
     "batch_all_triplet_loss",
     "batch_hard_triplet_loss",
+    "circle_loss",
     "contrastive_loss",
+    "generalized_lifted_structure_loss",
+    "info_nce_loss",
     "knn",
+    "lifted_structure_loss",
     "mine_triplets",
+    "multi_similarity_loss",
+    "ntxent_loss",
     "pair_contrastive_loss",
     "pairwise_distance",
     "retrieval_metrics",
     "semihard_negatives",
     "semihard_triplet_loss",
+    "supcon_loss",
     "triplet_margin_loss",
     "triplet_statistics",
 ]

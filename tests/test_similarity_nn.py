@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import metricops
 import metricops.nn as mnn
 from metricops import reference as R
 

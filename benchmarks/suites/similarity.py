@@ -98,8 +98,8 @@ def similarity_cases(device: str, quick, dtype=torch.float32) -> List[Case]:
             matrix_bytes = B * B * 4
             contenders: Dict[str, Callable[[], object]] = {}
             if hasattr(metricops, op):  # else (lifted structure, for now) the drop-in, on the engine, is first
-                contenders["metricops"] = _fwd_bwd(lambda e, l, f=_native(op): f(e, l), x, labels)
-            contenders["metricops.pml"] = _fwd_bwd(lambda e, l, f=getattr(mo_losses, cls)(): f(e, l), x, labels)
+                contenders["metricops"] = _fwd_bwd(lambda e, lab, f=_native(op): f(e, lab), x, labels)
+            contenders["metricops.pml"] = _fwd_bwd(lambda e, lab, f=getattr(mo_losses, cls)(): f(e, lab), x, labels)
             if pml is not None:
                 if (B * 7) * B * (B - 8) > _PML_PAIR_TENSOR_MAX_ELEMENTS.get(op, float("inf")):
                     contenders["pytorch-metric-learning"] = _skip(
@@ -107,12 +107,12 @@ def similarity_cases(device: str, quick, dtype=torch.float32) -> List[Case]:
                     )
                 else:
                     contenders["pytorch-metric-learning"] = _fwd_bwd(
-                        lambda e, l, f=getattr(pml[1], cls)(): f(e, l), x, labels
+                        lambda e, lab, f=getattr(pml[1], cls)(): f(e, lab), x, labels
                     )
             contenders["reference"] = (
                 _skip(f"skipped: several {matrix_bytes / 2**30:.0f} GiB matrices")
                 if 15 * matrix_bytes > _MATRIX_BYTES_LIMIT
-                else _fwd_bwd(lambda e, l, f=getattr(reference, op): f(e, l), x, labels)
+                else _fwd_bwd(lambda e, lab, f=getattr(reference, op): f(e, lab), x, labels)
             )
             contenders[GEMM_YARDSTICK] = lambda x=x: x.detach() @ x.detach().T
             params = {"B": B, "D": D, "classes": B // 8, "dtype": str(dtype).replace("torch.", "")}
@@ -125,14 +125,14 @@ def similarity_cases(device: str, quick, dtype=torch.float32) -> List[Case]:
     eps = 0.1
     mo_miner, mo_loss = mo_miners.MultiSimilarityMiner(eps), mo_losses.MultiSimilarityLoss()
     contenders = {
-        "metricops": _fwd_bwd(lambda e, l: _native("multi_similarity_loss")(e, l, mining_epsilon=eps), x, labels),
-        "metricops.pml": _fwd_bwd(lambda e, l: mo_loss(e, l, mo_miner(e, l)), x, labels),
+        "metricops": _fwd_bwd(lambda e, lab: _native("multi_similarity_loss")(e, lab, mining_epsilon=eps), x, labels),
+        "metricops.pml": _fwd_bwd(lambda e, lab: mo_loss(e, lab, mo_miner(e, lab)), x, labels),
     }
     if pml is not None:
         miner, loss = pml[2].MultiSimilarityMiner(eps), pml[1].MultiSimilarityLoss()
-        contenders["pytorch-metric-learning"] = _fwd_bwd(lambda e, l: loss(e, l, miner(e, l)), x, labels)
+        contenders["pytorch-metric-learning"] = _fwd_bwd(lambda e, lab: loss(e, lab, miner(e, lab)), x, labels)
     contenders["reference"] = _fwd_bwd(
-        lambda e, l: reference.multi_similarity_loss(e, l, mining_epsilon=eps), x, labels
+        lambda e, lab: reference.multi_similarity_loss(e, lab, mining_epsilon=eps), x, labels
     )
     contenders[GEMM_YARDSTICK] = lambda: x.detach() @ x.detach().T
     params = {"B": B, "D": D, "classes": B // 8, "dtype": str(dtype).replace("torch.", ""), "epsilon": eps}

@@ -5,6 +5,7 @@ checked against these in float64. One module per op family; a new family adds
 its module here and re-exports its public functions below.
 """
 
+from .class_losses import arcface_loss, cosface_loss, proxy_anchor_loss, proxy_anchor_terms
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from .distance import _row_distance, pairwise_distance
 from .retrieval import knn, retrieval_metrics
@@ -19,13 +20,17 @@ from .triplet import (
 
 __all__ = [
     "_row_distance",
+    "arcface_loss",
     "batch_all_triplet_loss",
     "batch_hard_triplet_loss",
     "contrastive_loss",
+    "cosface_loss",
     "knn",
     "mine_triplets",
     "pair_contrastive_loss",
     "pairwise_distance",
+    "proxy_anchor_loss",
+    "proxy_anchor_terms",
     "retrieval_metrics",
     "semihard_negatives",
     "semihard_triplet_loss",

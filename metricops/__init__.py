@@ -18,6 +18,7 @@ from .triplet import (
 )
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from .retrieval import knn, retrieval_metrics
+from .class_losses import arcface_loss, cosface_loss, proxy_anchor_loss
 from . import retrieval  # noqa: F401
 from . import nn  # noqa: F401
 from . import distributed  # noqa: F401  (torch.distributed is already imported by torch)
@@ -36,6 +37,9 @@ __all__ = [
     "triplet_margin_loss",
     "knn",
     "retrieval_metrics",
+    "arcface_loss",
+    "cosface_loss",
+    "proxy_anchor_loss",
     "retrieval",
     "distributed",
     "build_info",

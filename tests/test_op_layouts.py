@@ -69,6 +69,13 @@ FORWARD_SAMPLES = {
         (x, x2, x3, 1.0, 2.0, 0.0, False, True),
     ],
     "knn": lambda x, x2, x3: [(x, x2, 2, "euclidean"), (x, None, 2, "cosine", 2)] if x.shape[0] > 2 else [],
+    # weight/proxies: x2 (C = B >= 1 classes; labels arange(B) // 2 are in range)
+    "margin_softmax_loss": lambda x, x2, x3: (
+        [(x, _labels(x), x2, "arcface", 0.5, 4.0), (x, _labels(x), x2, "cosface", 0.35, 4.0, 2)] if len(x) else []
+    ),
+    "proxy_anchor_loss": lambda x, x2, x3: (
+        [(x, _labels(x), x2, 0.1, 4.0), (x, _labels(x), x2, 0.1, 4.0, 2)] if len(x) else []
+    ),
 }
 
 

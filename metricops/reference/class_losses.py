@@ -64,12 +64,16 @@ def _reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def arcface_loss(embeddings, labels, weight, *, margin=0.5, scale=64.0, reduction="mean") -> torch.Tensor:
     """Reference for :func:`metricops.arcface_loss` (margin in radians, weight (C, D))."""
-    return _reduce_rows(_margin_softmax_rows(embeddings, labels, weight, margin, scale, arcface_target_logit), reduction)
+    return _reduce_rows(
+        _margin_softmax_rows(embeddings, labels, weight, margin, scale, arcface_target_logit), reduction
+    )
 
 
 def cosface_loss(embeddings, labels, weight, *, margin=0.35, scale=64.0, reduction="mean") -> torch.Tensor:
     """Reference for :func:`metricops.cosface_loss`."""
-    return _reduce_rows(_margin_softmax_rows(embeddings, labels, weight, margin, scale, cosface_target_logit), reduction)
+    return _reduce_rows(
+        _margin_softmax_rows(embeddings, labels, weight, margin, scale, cosface_target_logit), reduction
+    )
 
 
 def _log1p_sum_exp(z: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:

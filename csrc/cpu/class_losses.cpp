@@ -1,0 +1,285 @@
+// Losses with learnable class parameters on CPU, chunked over classes: each
+// chunk is one GEMM tile (at::mm, B × chunk) and an epilogue calling the
+// policies of common/class_losses.h. Nothing B×C is held: extra memory is
+// O(B·chunk + B + C) beyond the outputs. The backward recomputes each tile,
+// turns it into d(loss)/d(S) in place, and applies it with two GEMMs
+// (dX += G·Wc, dWc = Gᵀ·X), then projects dWc through the rows' normalization.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "common/class_losses.h"
+
+namespace metricops {
+namespace cpu {
+namespace {
+
+// One B × chunk tile (or chunk × B): 8 MiB stays in L2/L3-sized pieces per
+// row and keeps the at::mm calls large enough for BLAS.
+constexpr int64_t kCpuClassTileBytes = int64_t{8} << 20;
+
+void check_labels_in_range(const at::Tensor& labels, int64_t C) {
+  const int64_t B = labels.size(0);
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t y = lab[i];
+    TORCH_CHECK_VALUE(y >= 0 && y < C, "labels must be class indices in [0, C) with C=", C, " (the rows of ",
+                      "the class parameters), got ", y, " at position ", i);
+  }
+}
+
+// The contiguous (rows, cols) view at the start of a flat buffer (mm_out
+// writes it without a copy).
+at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// row[j] *= col_factor[j]: dot products with w_c into cosines with ŵ_c.
+template <typename scalar_t>
+inline void scale_columns(scalar_t* row, const scalar_t* col_factor, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) row[j] *= col_factor[j];
+}
+
+// grad_w[c] −= <grad_w[c], w[c]>·projection[c]·w[c] for the chunk's rows.
+void project_class_grad(at::Tensor& grad_chunk, const at::Tensor& w_chunk, const at::Tensor& projection_chunk) {
+  const at::Tensor k = grad_chunk.mul(w_chunk).sum(1).mul_(projection_chunk);
+  grad_chunk.sub_(w_chunk.mul(k.unsqueeze(1)));
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels_in,
+                                                           const at::Tensor& weight, c10::string_view kind_name,
+                                                           double margin, double scale, int64_t class_chunk) {
+  const MarginKind kind = parse_margin_kind(kind_name);
+  check_class_loss_inputs(embeddings, labels_in, weight, "weight");
+  check_margin_softmax_args(kind, margin, scale);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t B = x.size(0), C = weight.size(0);
+  check_labels_in_range(labels, C);
+  at::Tensor loss = at::empty({B}, x.options());
+  at::Tensor lse = at::empty({B}, x.options());
+  if (B == 0) return {loss, lse};
+  const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
+  const at::Tensor inv_norm = class_norm_factors(weight, x.scalar_type()).first;
+  at::Tensor buffer = at::empty({B * chunk}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_margin_softmax_loss_cpu", [&] {
+    using Lse = OnlineLse<scalar_t>;
+    const auto policy = MarginSoftmaxPolicy<scalar_t>::make(kind, margin, scale);
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    const scalar_t* inv = inv_norm.const_data_ptr<scalar_t>();
+    std::vector<Lse> stats(B, Lse::empty());
+    std::vector<scalar_t> target_cos(B, scalar_t(0));
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t n = std::min(chunk, C - c0);
+      at::Tensor tile = tile_view(buffer, B, n);
+      at::mm_out(tile, x, weight.narrow(0, c0, n).t());
+      scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, B, std::max<int64_t>(1, 4096 / n), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          scalar_t* row = tp + i * n;
+          scale_columns(row, inv + c0, n);  // cosines
+          const int64_t t = lab[i] - c0;    // the label's column in this chunk, if any
+          const bool has_target = t >= 0 && t < n;
+          scalar_t target_logit = scalar_t(0);
+          if (has_target) {
+            target_cos[i] = row[t];
+            target_logit = policy.logit(row[t], true);
+          }
+          // max, then the sum of exponentials relative to it (NaN propagates through the sum).
+          scalar_t m = has_target ? target_logit : static_cast<scalar_t>(-INFINITY);
+          for (int64_t j = 0; j < n; ++j) {
+            const scalar_t z = policy.scale * row[j];
+            if (j != t && z > m) m = z;
+          }
+          scalar_t s = has_target ? std::exp(target_logit - m) : scalar_t(0);
+          for (int64_t j = 0; j < n; ++j) {
+            if (j != t) s += std::exp(policy.scale * row[j] - m);
+          }
+          stats[i].merge(Lse{m, s});
+        }
+      });
+    }
+    scalar_t* lp = loss.mutable_data_ptr<scalar_t>();
+    scalar_t* sp = lse.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      sp[i] = stats[i].value();
+      lp[i] = sp[i] - policy.logit(target_cos[i], true);
+    }
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& embeddings, const at::Tensor& labels_in, const at::Tensor& weight,
+    const at::Tensor& lse_in, c10::string_view kind_name, double margin, double scale, int64_t class_chunk) {
+  const MarginKind kind = parse_margin_kind(kind_name);
+  check_class_loss_inputs(embeddings, labels_in, weight, "weight");
+  check_margin_softmax_args(kind, margin, scale);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t B = x.size(0), C = weight.size(0);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B && lse_in.sizes() == grad_loss.sizes(),
+                    "margin_softmax_loss_backward: grad and lse must have shape (", B, "), got ", grad_loss.sizes(),
+                    " and ", lse_in.sizes());
+  const at::Tensor g = grad_loss.to(x.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.to(x.scalar_type()).contiguous();
+  at::Tensor grad_x = at::zeros_like(x);
+  at::Tensor grad_w = at::empty({C, x.size(1)}, x.options());
+  if (B == 0) return {grad_x, grad_w.zero_()};
+  check_labels_in_range(labels, C);
+  const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
+  const auto factors = class_norm_factors(weight, x.scalar_type());
+  at::Tensor buffer = at::empty({B * chunk}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_margin_softmax_loss_backward_cpu", [&] {
+    const auto policy = MarginSoftmaxPolicy<scalar_t>::make(kind, margin, scale);
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    const scalar_t* inv = factors.first.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* lp = lse.const_data_ptr<scalar_t>();
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t n = std::min(chunk, C - c0);
+      const at::Tensor w_chunk = weight.narrow(0, c0, n);
+      at::Tensor tile = tile_view(buffer, B, n);
+      at::mm_out(tile, x, w_chunk.t());
+      scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, B, std::max<int64_t>(1, 4096 / n), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          scalar_t* row = tp + i * n;
+          const int64_t t = lab[i] - c0;
+          // cosine in, d(loss)/d(S)/‖w_c‖ out: the GEMMs below then take the raw rows of w.
+          for (int64_t j = 0; j < n; ++j) {
+            const scalar_t cos = row[j] * inv[c0 + j];
+            row[j] = policy.grad(cos, j == t, gp[i], lp[i]) * inv[c0 + j];
+          }
+        }
+      });
+      grad_x.addmm_(tile, w_chunk);
+      at::Tensor grad_chunk = grad_w.narrow(0, c0, n);
+      at::mm_out(grad_chunk, tile.t(), x);
+      project_class_grad(grad_chunk, w_chunk, factors.second.narrow(0, c0, n));
+    }
+  });
+  return {grad_x, grad_w};
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels_in,
+                                                         const at::Tensor& proxies, double margin, double alpha,
+                                                         int64_t class_chunk) {
+  check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
+  check_proxy_anchor_args(margin, alpha);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t B = x.size(0), C = proxies.size(0);
+  check_labels_in_range(labels, C);
+  at::Tensor pos = at::empty({C}, x.options());
+  at::Tensor neg = at::empty({C}, x.options());
+  const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
+  const at::Tensor inv_norm = class_norm_factors(proxies, x.scalar_type()).first;
+  at::Tensor buffer = at::empty({std::max<int64_t>(B, 1) * chunk}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_proxy_anchor_loss_cpu", [&] {
+    using Lse = OnlineLse<scalar_t>;
+    const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    const scalar_t* inv = inv_norm.const_data_ptr<scalar_t>();
+    scalar_t* pp = pos.mutable_data_ptr<scalar_t>();
+    scalar_t* np = neg.mutable_data_ptr<scalar_t>();
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t n = std::min(chunk, C - c0);
+      at::Tensor tile = tile_view(buffer, n, B);  // classes × embeddings: a class's row holds all of its terms
+      at::mm_out(tile, proxies.narrow(0, c0, n), x.t());
+      const scalar_t* tp = tile.const_data_ptr<scalar_t>();
+      at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(B, 1)), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t c = c0 + r;
+          const scalar_t* row = tp + r * B;
+          Lse p{scalar_t(0), scalar_t(1)}, q{scalar_t(0), scalar_t(1)};  // the "1 +": e^0
+          for (int64_t i = 0; i < B; ++i) {
+            const scalar_t cos = row[i] * inv[c];
+            if (lab[i] == c) {
+              p.add(policy.pos_exponent(cos));
+            } else {
+              q.add(policy.neg_exponent(cos));
+            }
+          }
+          pp[c] = p.value();
+          np[c] = q.value();
+        }
+      });
+    }
+  });
+  return {pos, neg};
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
+    const at::Tensor& grad_pos_in, const at::Tensor& grad_neg_in, const at::Tensor& embeddings,
+    const at::Tensor& labels_in, const at::Tensor& proxies, const at::Tensor& pos_in, const at::Tensor& neg_in,
+    double margin, double alpha, int64_t class_chunk) {
+  check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
+  check_proxy_anchor_args(margin, alpha);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t B = x.size(0), C = proxies.size(0);
+  for (const at::Tensor* t : {&grad_pos_in, &grad_neg_in, &pos_in, &neg_in}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, "proxy_anchor_loss_backward: per-class tensors must have ",
+                      "shape (", C, "), got ", t->sizes());
+  }
+  const auto acc = x.scalar_type();
+  const at::Tensor g_pos = grad_pos_in.to(acc).contiguous(), g_neg = grad_neg_in.to(acc).contiguous();
+  const at::Tensor pos = pos_in.to(acc).contiguous(), neg = neg_in.to(acc).contiguous();
+  at::Tensor grad_x = at::zeros_like(x);
+  at::Tensor grad_p = at::empty({C, x.size(1)}, x.options());
+  if (B == 0) return {grad_x, grad_p.zero_()};
+  check_labels_in_range(labels, C);
+  const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
+  const auto factors = class_norm_factors(proxies, acc);
+  at::Tensor buffer = at::empty({B * chunk}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "metricops_proxy_anchor_loss_backward_cpu", [&] {
+    const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    const scalar_t* inv = factors.first.const_data_ptr<scalar_t>();
+    const scalar_t *gpp = g_pos.const_data_ptr<scalar_t>(), *gnp = g_neg.const_data_ptr<scalar_t>();
+    const scalar_t *pp = pos.const_data_ptr<scalar_t>(), *np = neg.const_data_ptr<scalar_t>();
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t n = std::min(chunk, C - c0);
+      const at::Tensor p_chunk = proxies.narrow(0, c0, n);
+      at::Tensor tile = tile_view(buffer, n, B);
+      at::mm_out(tile, p_chunk, x.t());
+      scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, n, std::max<int64_t>(1, 4096 / B), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t c = c0 + r;
+          scalar_t* row = tp + r * B;
+          for (int64_t i = 0; i < B; ++i) {
+            const scalar_t cos = row[i] * inv[c];
+            row[i] = policy.grad(cos, lab[i] == c, gpp[c], gnp[c], pp[c], np[c]) * inv[c];
+          }
+        }
+      });
+      at::Tensor grad_chunk = grad_p.narrow(0, c0, n);
+      at::mm_out(grad_chunk, tile, x);
+      project_class_grad(grad_chunk, p_chunk, factors.second.narrow(0, c0, n));
+      grad_x.addmm_(tile.t(), p_chunk);
+    }
+  });
+  return {grad_x, grad_p};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metricops, CPU, m) {
+  m.impl("margin_softmax_loss", &margin_softmax_loss_cpu);
+  m.impl("margin_softmax_loss_backward", &margin_softmax_loss_backward_cpu);
+  m.impl("proxy_anchor_loss", &proxy_anchor_loss_cpu);
+  m.impl("proxy_anchor_loss_backward", &proxy_anchor_loss_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace metricops

@@ -92,17 +92,15 @@ def class_losses_cases(device: str, quick: bool, dtype=torch.float32) -> List[Ca
                     weight,
                 ),
             }
-            if pml is not None:
+            if pml is not None and too_big:
+                contenders["pytorch-metric-learning"] = _skip("skipped: holds several B×C matrices")
+            elif pml is not None:
                 # PML's W is (D, C); its ArcFace margin is in degrees. Same values as weight.T.
                 cls = pml.ArcFaceLoss if kind == "arcface" else pml.CosFaceLoss
                 pml_margin = math.degrees(margin) if kind == "arcface" else margin
                 pml_loss = cls(num_classes=C, embedding_size=D, margin=pml_margin, scale=64).to(device)
                 pml_loss.W = torch.nn.Parameter(weight.detach().T.clone())
-                contenders["pytorch-metric-learning"] = (
-                    _skip("skipped: holds several B×C matrices")
-                    if too_big
-                    else _fwd_bwd(pml_loss, x, labels, pml_loss.W, transpose_grad=True)
-                )
+                contenders["pytorch-metric-learning"] = _fwd_bwd(pml_loss, x, labels, pml_loss.W, transpose_grad=True)
             params = {"B": B, "D": D, "C": C, "dtype": str(dtype).replace("torch.", ""), "grad_bytes": grad_bytes}
             inputs = {"embeddings": x, "labels": labels, "weight": weight}
             cases.append(Case(f"{kind}_loss", "forward+backward", params, contenders, inputs=inputs))
@@ -119,6 +117,7 @@ def class_losses_cases(device: str, quick: bool, dtype=torch.float32) -> List[Ca
         }
         if pml is not None:
             pml_loss = pml.ProxyAnchorLoss(C, D).to(device)
+            del pml_loss.proxies  # PML reads its attribute: our leaf in its place
             pml_loss.proxies = proxies
             contenders["pytorch-metric-learning"] = _fwd_bwd(pml_loss, x, labels, proxies)
         params = {"B": B, "D": D, "C": C, "dtype": str(dtype).replace("torch.", ""), "grad_bytes": (B + C) * D * 4}

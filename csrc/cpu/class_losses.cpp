@@ -13,6 +13,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -40,12 +41,6 @@ void check_labels_in_range(const at::Tensor& labels, int64_t C) {
 // writes it without a copy).
 at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
-// row[j] *= col_factor[j]: dot products with w_c into cosines with ŵ_c.
-template <typename scalar_t>
-inline void scale_columns(scalar_t* row, const scalar_t* col_factor, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) row[j] *= col_factor[j];
 }
 
 // grad_w[c] −= <grad_w[c], w[c]>·projection[c]·w[c] for the chunk's rows.
@@ -85,25 +80,21 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_cpu(const at::Tensor& emb
       at::parallel_for(0, B, std::max<int64_t>(1, 4096 / n), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           scalar_t* row = tp + i * n;
-          scale_columns(row, inv + c0, n);  // cosines
-          const int64_t t = lab[i] - c0;    // the label's column in this chunk, if any
+          // Logits in place (branch-free loops the compiler vectorizes), then the label's one, if in this chunk.
+          const int64_t t = lab[i] - c0;
           const bool has_target = t >= 0 && t < n;
-          scalar_t target_logit = scalar_t(0);
-          if (has_target) {
-            target_cos[i] = row[t];
-            target_logit = policy.logit(row[t], true);
-          }
-          // max, then the sum of exponentials relative to it (NaN propagates through the sum).
-          scalar_t m = has_target ? target_logit : static_cast<scalar_t>(-INFINITY);
+          if (has_target) target_cos[i] = row[t] * inv[c0 + t];
+          for (int64_t j = 0; j < n; ++j) row[j] = policy.logit(row[j] * inv[c0 + j], false);
+          if (has_target) row[t] = policy.logit(target_cos[i], true);
+          scalar_t m = static_cast<scalar_t>(-INFINITY);
+          bool nan = false;
           for (int64_t j = 0; j < n; ++j) {
-            const scalar_t z = policy.scale * row[j];
-            if (j != t && z > m) m = z;
+            m = row[j] > m ? row[j] : m;
+            nan |= row[j] != row[j];  // max() drops NaN; the sum below keeps it
           }
-          scalar_t s = has_target ? std::exp(target_logit - m) : scalar_t(0);
-          for (int64_t j = 0; j < n; ++j) {
-            if (j != t) s += std::exp(policy.scale * row[j] - m);
-          }
-          stats[i].merge(Lse{m, s});
+          scalar_t s = 0;
+          for (int64_t j = 0; j < n; ++j) s += std::exp(row[j] - m);
+          stats[i].merge(Lse{m, nan ? std::numeric_limits<scalar_t>::quiet_NaN() : s});
         }
       });
     }
@@ -153,12 +144,14 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cpu(
       at::parallel_for(0, B, std::max<int64_t>(1, 4096 / n), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           scalar_t* row = tp + i * n;
+          // cosine in, d(loss)/d(S)/‖w_c‖ out: the GEMMs below then take the raw rows of w. Every column as a
+          // non-target (a branch-free loop), then the label's column, if in this chunk, with the cosine kept.
           const int64_t t = lab[i] - c0;
-          // cosine in, d(loss)/d(S)/‖w_c‖ out: the GEMMs below then take the raw rows of w.
-          for (int64_t j = 0; j < n; ++j) {
-            const scalar_t cos = row[j] * inv[c0 + j];
-            row[j] = policy.grad(cos, j == t, gp[i], lp[i]) * inv[c0 + j];
-          }
+          const bool has_target = t >= 0 && t < n;
+          const scalar_t target_cos = has_target ? row[t] * inv[c0 + t] : scalar_t(0);
+          const scalar_t g = gp[i], lse_i = lp[i];
+          for (int64_t j = 0; j < n; ++j) row[j] = policy.grad(row[j] * inv[c0 + j], false, g, lse_i) * inv[c0 + j];
+          if (has_target) row[t] = policy.grad(target_cos, true, gp[i], lse_i) * inv[c0 + t];
         }
       });
       grad_x.addmm_(tile, w_chunk);
@@ -200,15 +193,28 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embed
         for (int64_t r = begin; r < end; ++r) {
           const int64_t c = c0 + r;
           const scalar_t* row = tp + r * B;
-          Lse p{scalar_t(0), scalar_t(1)}, q{scalar_t(0), scalar_t(1)};  // the "1 +": e^0
+          // max of each side's exponents, starting from the "1 +" term's 0; then one exp per entry against
+          // its side's max (branch-free loops).
+          scalar_t max_p = 0, max_n = 0;
+          bool nan = false;
           for (int64_t i = 0; i < B; ++i) {
             const scalar_t cos = row[i] * inv[c];
-            if (lab[i] == c) {
-              p.add(policy.pos_exponent(cos));
-            } else {
-              q.add(policy.neg_exponent(cos));
-            }
+            const bool is_pos = lab[i] == c;
+            const scalar_t z = policy.exponent(cos, is_pos);
+            max_p = is_pos && z > max_p ? z : max_p;
+            max_n = !is_pos && z > max_n ? z : max_n;
+            nan |= cos != cos;
           }
+          scalar_t sum_p = 0, sum_n = 0;
+          for (int64_t i = 0; i < B; ++i) {
+            const scalar_t cos = row[i] * inv[c];
+            const bool is_pos = lab[i] == c;
+            const scalar_t e = std::exp(policy.exponent(cos, is_pos) - (is_pos ? max_p : max_n));
+            sum_p += is_pos ? e : scalar_t(0);
+            sum_n += is_pos ? scalar_t(0) : e;
+          }
+          const scalar_t nan_or_0 = nan ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
+          const Lse p{max_p, sum_p + std::exp(-max_p) + nan_or_0}, q{max_n, sum_n + std::exp(-max_n) + nan_or_0};
           pp[c] = p.value();
           np[c] = q.value();
         }
@@ -257,9 +263,9 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
         for (int64_t r = begin; r < end; ++r) {
           const int64_t c = c0 + r;
           scalar_t* row = tp + r * B;
+          const scalar_t w = inv[c];
           for (int64_t i = 0; i < B; ++i) {
-            const scalar_t cos = row[i] * inv[c];
-            row[i] = policy.grad(cos, lab[i] == c, gpp[c], gnp[c], pp[c], np[c]) * inv[c];
+            row[i] = policy.grad(row[i] * w, lab[i] == c, gpp[c], gnp[c], pp[c], np[c]) * w;
           }
         }
       });

@@ -151,6 +151,33 @@ TORCH_LIBRARY(metricops, m) {
   m.def(
       "knn(Tensor queries, Tensor? database, int k, str metric, int chunk_size=0) "
       "-> (Tensor distances, Tensor indices)");
+  // ---- The streaming log-sum-exp engine (issue 15; metricops/similarity.py, csrc/common/lse_stats.h).
+  // Rows x (B, D), columns y (M, D) (y=None: the columns are x's rows, the self pair (i, i) is ignored,
+  // col_keys must be None). S = x yᵀ; entry (i, j) is positive when row_keys[i] == col_keys[j], else
+  // negative. `policy` names φ_pos/φ_neg and the per-entry sums ("scaled": φ = scale·s, lin = scale·s;
+  // "multi_similarity" args (alpha, beta, base): φ_pos = -alpha(s - base), φ_neg = beta(s - base);
+  // "multi_similarity_mined" args (alpha, beta, base, epsilon), row_params (B, 2) = (min positive s,
+  // max negative s): only the pairs PML's MultiSimilarityMiner keeps count; "circle" args (m, gamma);
+  // "lifted" args (pos_margin, neg_margin) on d = sqrt(2 - 2s): φ_pos = d - pos_margin,
+  // φ_neg = neg_margin - d; "ntxent_pairs" row_params (B, 1) = m_i: each positive gives
+  // lin = softplus(m_i - scale·s), aux = sigmoid(m_i - scale·s)). scale: a 0-dim tensor.
+  // row_stats (B, 12), in float64 for float64 inputs and float32 otherwise, columns: LSE_pos, LSE_neg
+  // (-inf when empty), lin_pos, lin_neg, count_pos, count_neg, min positive s, max negative s,
+  // dLSE_pos/dscale, dLSE_neg/dscale, aux_pos, aux_neg. col_stats: the same per column of y when
+  // col_stats (y required), else (0, 12). Gradients flow through columns 0-3 only (the backward);
+  // the others are piecewise constant or are used by the caller's own formulas. block_rows/block_cols
+  // <= 0 pick the device's tiles; > 0 force them (tests cross tile boundaries with them). Never holds
+  // more than one block_rows × block_cols tile of S.
+  m.def(
+      "lse_stats(Tensor x, Tensor? y, Tensor row_keys, Tensor? col_keys, Tensor? row_params, Tensor scale, "
+      "str policy, float[] args, bool col_stats, int block_rows, int block_cols) -> (Tensor row_stats, "
+      "Tensor col_stats)");
+  // Gradients of lse_stats w.r.t. x and y (y: (0, D) when y is None) from the gradients of its
+  // statistics' columns 0-3 (None: zero), recomputing S tile by tile.
+  m.def(
+      "lse_stats_backward(Tensor? grad_row_stats, Tensor? grad_col_stats, Tensor x, Tensor? y, Tensor row_keys, "
+      "Tensor? col_keys, Tensor? row_params, Tensor scale, str policy, float[] args, Tensor row_stats, "
+      "Tensor col_stats, int block_rows, int block_cols) -> (Tensor grad_x, Tensor grad_y)");
 
   // Losses with learnable class parameters (metricops/class_losses.py), chunked
   // over classes: S = embeddings · normalize(weight)ᵀ is computed one tile of

@@ -18,6 +18,14 @@ from .triplet import (
 )
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from .retrieval import knn, retrieval_metrics
+from .similarity import (
+    circle_loss,
+    generalized_lifted_structure_loss,
+    info_nce_loss,
+    multi_similarity_loss,
+    ntxent_loss,
+    supcon_loss,
+)
 from .class_losses import arcface_loss, cosface_loss, proxy_anchor_loss
 from . import retrieval  # noqa: F401
 from . import nn  # noqa: F401
@@ -36,6 +44,12 @@ __all__ = [
     "pair_contrastive_loss",
     "triplet_margin_loss",
     "knn",
+    "supcon_loss",
+    "ntxent_loss",
+    "multi_similarity_loss",
+    "circle_loss",
+    "generalized_lifted_structure_loss",
+    "info_nce_loss",
     "retrieval_metrics",
     "arcface_loss",
     "cosface_loss",

@@ -26,6 +26,7 @@
 #include <utility>
 
 #include "common/checks.h"
+#include "common/lse_stats.h"
 
 namespace metricops {
 
@@ -131,10 +132,10 @@ struct MarginSoftmaxPolicy {
   // d(loss)/d(S_ic) for a row with upstream gradient g and final log-sum-exp
   // lse: g·scale·(softmax_ic − [c = y_i])·(dφ/dc at the target, else 1).
   C10_HOST_DEVICE acc_t grad(acc_t s, bool is_target, acc_t g, acc_t lse) const {
-    if (!is_target) return g * scale * std::exp(scale * s - lse);
+    if (!is_target) return g * scale * lse::lse_exp(scale * s - lse);
     acc_t slope;
     const acc_t z = scale * target(s, slope);
-    return g * scale * (std::exp(z - lse) - acc_t(1)) * slope;
+    return g * scale * (lse::lse_exp(z - lse) - acc_t(1)) * slope;
   }
 };
 
@@ -154,10 +155,11 @@ struct ProxyAnchorPolicy {
 
   // d(loss)/d(S_ic) given the upstream gradients of the class's two terms:
   // a term t = log(1 + Σ e^z) has dt/dz = e^{z − t} (≤ 1). Branch-free, one
-  // exp, so the CPU loop calling it vectorizes.
+  // exp (lse_stats.h's lse_exp: a polynomial on the host), so the CPU loop
+  // calling it vectorizes.
   C10_HOST_DEVICE acc_t grad(acc_t s, bool is_pos, acc_t g_pos, acc_t g_neg, acc_t pos_term, acc_t neg_term) const {
     const acc_t z = exponent(s, is_pos) - (is_pos ? pos_term : neg_term);
-    return (is_pos ? -alpha * g_pos : alpha * g_neg) * std::exp(z);
+    return (is_pos ? -alpha * g_pos : alpha * g_neg) * lse::lse_exp(z);
   }
 };
 

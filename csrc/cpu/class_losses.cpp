@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/class_losses.h"
+#include "cpu/simd.h"
 
 namespace metricops {
 namespace cpu {
@@ -41,6 +42,101 @@ void check_labels_in_range(const at::Tensor& labels, int64_t C) {
 // writes it without a copy).
 at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// Row i of a margin-softmax forward tile (columns c0.., `inv` and the target
+// index t relative to c0): cosines in, logits out in place; returns the
+// chunk's log-sum-exp statistics and records the target's cosine when t is
+// in the chunk. Loops in kSimdLanes lanes, cloned per ISA (cpu/simd.h).
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES OnlineLse<scalar_t> margin_row_forward(const MarginSoftmaxPolicy<scalar_t>& policy, scalar_t* row,
+                                                             const scalar_t* inv, int64_t n, int64_t t,
+                                                             scalar_t& target_cos) {
+  constexpr int64_t L = kSimdLanes;
+  const bool has_target = t >= 0 && t < n;
+  if (has_target) target_cos = row[t] * inv[t];
+  for (int64_t j = 0; j < n; ++j) row[j] = policy.logit(row[j] * inv[j], false);
+  if (has_target) row[t] = policy.logit(target_cos, true);
+  scalar_t lane_max[L];
+  bool lane_nan[L];
+  for (int64_t l = 0; l < L; ++l) lane_max[l] = static_cast<scalar_t>(-INFINITY), lane_nan[l] = false;
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    for (int64_t l = 0; l < L; ++l) {
+      lane_max[l] = row[j + l] > lane_max[l] ? row[j + l] : lane_max[l];
+      lane_nan[l] |= row[j + l] != row[j + l];  // max() drops NaN; the sum keeps it
+    }
+  }
+  for (int64_t l = 0; j < n; ++j, ++l) {
+    lane_max[l] = row[j] > lane_max[l] ? row[j] : lane_max[l];
+    lane_nan[l] |= row[j] != row[j];
+  }
+  scalar_t m = static_cast<scalar_t>(-INFINITY);
+  bool nan = false;
+  for (int64_t l = 0; l < L; ++l) m = lane_max[l] > m ? lane_max[l] : m, nan |= lane_nan[l];
+  const scalar_t sum = lane_sum<scalar_t>(n, [&](int64_t k) { return lse::lse_exp(row[k] - m); });
+  return {m, nan ? std::numeric_limits<scalar_t>::quiet_NaN() : sum};
+}
+
+// Row i of a margin-softmax backward tile: cosine·‖w_c‖ in, d(loss)/d(S)/‖w_c‖
+// out (the GEMMs then take the raw rows of w).
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES void margin_row_backward(const MarginSoftmaxPolicy<scalar_t>& policy, scalar_t* row,
+                                               const scalar_t* inv, int64_t n, int64_t t, scalar_t g, scalar_t lse) {
+  const bool has_target = t >= 0 && t < n;
+  const scalar_t target_cos = has_target ? row[t] * inv[t] : scalar_t(0);
+  for (int64_t j = 0; j < n; ++j) row[j] = policy.grad(row[j] * inv[j], false, g, lse) * inv[j];
+  if (has_target) row[t] = policy.grad(target_cos, true, g, lse) * inv[t];
+}
+
+// Class c's row of a ProxyAnchor forward tile (its dot products with every
+// embedding): log(1 + Σ e^z) over its positives and over its negatives. Each
+// side's max starts at the "1 +" term's exponent 0.
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES void proxy_row_forward(const ProxyAnchorPolicy<scalar_t>& policy, const scalar_t* row,
+                                             scalar_t inv, const int64_t* labels, int64_t c, int64_t B, scalar_t& pos,
+                                             scalar_t& neg) {
+  constexpr int64_t L = kSimdLanes;
+  scalar_t lane_p[L], lane_n[L];
+  bool lane_nan[L];
+  for (int64_t l = 0; l < L; ++l) lane_p[l] = lane_n[l] = scalar_t(0), lane_nan[l] = false;
+  auto max_step = [&](int64_t i, int64_t l) {
+    const scalar_t cos = row[i] * inv;
+    const bool is_pos = labels[i] == c;
+    const scalar_t z = policy.exponent(cos, is_pos);
+    lane_p[l] = is_pos && z > lane_p[l] ? z : lane_p[l];
+    lane_n[l] = !is_pos && z > lane_n[l] ? z : lane_n[l];
+    lane_nan[l] |= cos != cos;
+  };
+  int64_t i = 0;
+  for (; i + L <= B; i += L)
+    for (int64_t l = 0; l < L; ++l) max_step(i + l, l);
+  for (int64_t l = 0; i < B; ++i, ++l) max_step(i, l);
+  scalar_t max_p = 0, max_n = 0;
+  bool nan = false;
+  for (int64_t l = 0; l < L; ++l) {
+    max_p = lane_p[l] > max_p ? lane_p[l] : max_p;
+    max_n = lane_n[l] > max_n ? lane_n[l] : max_n;
+    nan |= lane_nan[l];
+  }
+  const scalar_t sum_p = lane_sum<scalar_t>(B, [&](int64_t k) {
+    const bool is_pos = labels[k] == c;
+    return is_pos ? lse::lse_exp(policy.pos_exponent(row[k] * inv) - max_p) : scalar_t(0);
+  });
+  const scalar_t sum_n = lane_sum<scalar_t>(B, [&](int64_t k) {
+    const bool is_pos = labels[k] == c;
+    return is_pos ? scalar_t(0) : lse::lse_exp(policy.neg_exponent(row[k] * inv) - max_n);
+  });
+  const scalar_t nan_or_0 = nan ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
+  pos = OnlineLse<scalar_t>{max_p, sum_p + std::exp(-max_p) + nan_or_0}.value();
+  neg = OnlineLse<scalar_t>{max_n, sum_n + std::exp(-max_n) + nan_or_0}.value();
+}
+
+template <typename scalar_t>
+METRICOPS_SIMD_CLONES void proxy_row_backward(const ProxyAnchorPolicy<scalar_t>& policy, scalar_t* row, scalar_t inv,
+                                              const int64_t* labels, int64_t c, int64_t B, scalar_t g_pos,
+                                              scalar_t g_neg, scalar_t pos, scalar_t neg) {
+  for (int64_t i = 0; i < B; ++i) row[i] = policy.grad(row[i] * inv, labels[i] == c, g_pos, g_neg, pos, neg) * inv;
 }
 
 // grad_w[c] −= <grad_w[c], w[c]>·projection[c]·w[c] for the chunk's rows.
@@ -79,22 +175,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_cpu(const at::Tensor& emb
       scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B, std::max<int64_t>(1, 4096 / n), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          scalar_t* row = tp + i * n;
-          // Logits in place (branch-free loops the compiler vectorizes), then the label's one, if in this chunk.
-          const int64_t t = lab[i] - c0;
-          const bool has_target = t >= 0 && t < n;
-          if (has_target) target_cos[i] = row[t] * inv[c0 + t];
-          for (int64_t j = 0; j < n; ++j) row[j] = policy.logit(row[j] * inv[c0 + j], false);
-          if (has_target) row[t] = policy.logit(target_cos[i], true);
-          scalar_t m = static_cast<scalar_t>(-INFINITY);
-          bool nan = false;
-          for (int64_t j = 0; j < n; ++j) {
-            m = row[j] > m ? row[j] : m;
-            nan |= row[j] != row[j];  // max() drops NaN; the sum below keeps it
-          }
-          scalar_t s = 0;
-          for (int64_t j = 0; j < n; ++j) s += std::exp(row[j] - m);
-          stats[i].merge(Lse{m, nan ? std::numeric_limits<scalar_t>::quiet_NaN() : s});
+          stats[i].merge(margin_row_forward(policy, tp + i * n, inv + c0, n, lab[i] - c0, target_cos[i]));
         }
       });
     }
@@ -143,15 +224,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cpu(
       scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B, std::max<int64_t>(1, 4096 / n), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          scalar_t* row = tp + i * n;
-          // cosine in, d(loss)/d(S)/‖w_c‖ out: the GEMMs below then take the raw rows of w. Every column as a
-          // non-target (a branch-free loop), then the label's column, if in this chunk, with the cosine kept.
-          const int64_t t = lab[i] - c0;
-          const bool has_target = t >= 0 && t < n;
-          const scalar_t target_cos = has_target ? row[t] * inv[c0 + t] : scalar_t(0);
-          const scalar_t g = gp[i], lse_i = lp[i];
-          for (int64_t j = 0; j < n; ++j) row[j] = policy.grad(row[j] * inv[c0 + j], false, g, lse_i) * inv[c0 + j];
-          if (has_target) row[t] = policy.grad(target_cos, true, gp[i], lse_i) * inv[c0 + t];
+          margin_row_backward(policy, tp + i * n, inv + c0, n, lab[i] - c0, gp[i], lp[i]);
         }
       });
       grad_x.addmm_(tile, w_chunk);
@@ -178,7 +251,6 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embed
   const at::Tensor inv_norm = class_norm_factors(proxies, x.scalar_type()).first;
   at::Tensor buffer = at::empty({std::max<int64_t>(B, 1) * chunk}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_proxy_anchor_loss_cpu", [&] {
-    using Lse = OnlineLse<scalar_t>;
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     const scalar_t* inv = inv_norm.const_data_ptr<scalar_t>();
@@ -192,31 +264,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embed
       at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(B, 1)), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t c = c0 + r;
-          const scalar_t* row = tp + r * B;
-          // max of each side's exponents, starting from the "1 +" term's 0; then one exp per entry against
-          // its side's max (branch-free loops).
-          scalar_t max_p = 0, max_n = 0;
-          bool nan = false;
-          for (int64_t i = 0; i < B; ++i) {
-            const scalar_t cos = row[i] * inv[c];
-            const bool is_pos = lab[i] == c;
-            const scalar_t z = policy.exponent(cos, is_pos);
-            max_p = is_pos && z > max_p ? z : max_p;
-            max_n = !is_pos && z > max_n ? z : max_n;
-            nan |= cos != cos;
-          }
-          scalar_t sum_p = 0, sum_n = 0;
-          for (int64_t i = 0; i < B; ++i) {
-            const scalar_t cos = row[i] * inv[c];
-            const bool is_pos = lab[i] == c;
-            const scalar_t e = std::exp(policy.exponent(cos, is_pos) - (is_pos ? max_p : max_n));
-            sum_p += is_pos ? e : scalar_t(0);
-            sum_n += is_pos ? scalar_t(0) : e;
-          }
-          const scalar_t nan_or_0 = nan ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
-          const Lse p{max_p, sum_p + std::exp(-max_p) + nan_or_0}, q{max_n, sum_n + std::exp(-max_n) + nan_or_0};
-          pp[c] = p.value();
-          np[c] = q.value();
+          proxy_row_forward(policy, tp + r * B, inv[c], lab, c, B, pp[c], np[c]);
         }
       });
     }
@@ -262,11 +310,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
       at::parallel_for(0, n, std::max<int64_t>(1, 4096 / B), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t c = c0 + r;
-          scalar_t* row = tp + r * B;
-          const scalar_t w = inv[c];
-          for (int64_t i = 0; i < B; ++i) {
-            row[i] = policy.grad(row[i] * w, lab[i] == c, gpp[c], gnp[c], pp[c], np[c]) * w;
-          }
+          proxy_row_backward(policy, tp + r * B, inv[c], lab, c, B, gpp[c], gnp[c], pp[c], np[c]);
         }
       });
       at::Tensor grad_chunk = grad_p.narrow(0, c0, n);

@@ -1,0 +1,348 @@
+// The streaming log-sum-exp engine's per-row statistics and loss policies,
+// shared by the CPU and CUDA tile drivers (cpu/lse_engine.h,
+// cuda/lse_engine.cuh), so the CPU tests exercise the math the GPU runs.
+//
+// One formulation: rows X (B×D), columns Y (M×D), S = X Yᵀ. Entry (i, j) is
+// positive when row_key[i] == col_key[j], negative otherwise, and ignored when
+// it is the self pair (self_pairs and i == j) or the policy's keep() drops it.
+// Per row, in acc_t (float32 for float32/float16/bfloat16, float64 for
+// float64), the engine accumulates for each class c ∈ {pos, neg}:
+//   LSE_c  = log Σ_{j∈c} exp(φ_c(s_ij))          (online: running max + scaled sum)
+//   lin_c  = Σ_{j∈c} lin_c(s_ij)                  (plain sums)
+//   aux_c  = Σ_{j∈c} aux_c(s_ij)
+//   E_c    = Σ_{j∈c} softmax_c(φ)_j · ∂φ_c/∂scale (d LSE_c / d scale)
+//   count_c, min_{pos} s, max_{neg} s            (the MS miner's thresholds)
+// A loss combines the finished statistics (metricops/similarity.py) and the
+// backward turns each recomputed S entry into dL/ds from the row's statistics
+// and the incoming gradients of LSE_c and lin_c.
+//
+// A policy is a small struct (see ScaledPolicy) with:
+//   static constexpr bool kLse;        // whether φ's log-sum-exp is needed (else only lin/aux)
+//   bool keep(s, pos, own, other);     // whether a non-ignored entry counts (the MS miner's mask)
+//   void eval(s, pos, own, other, phi, lin, aux, dphi_dscale);        // forward values
+//   void grad(s, pos, own, other, phi, dphi_ds, dlin_ds);             // backward derivatives
+// `own`: the row's parameters (row_params + i * P, nullptr when none), `other`:
+// the column's (only in the self mode, where columns are rows; else nullptr).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace metricops {
+namespace lse {
+
+// Finished statistics, one row of the ops' (B, kNumStats) outputs.
+enum StatField : int {
+  kLsePos = 0,
+  kLseNeg,
+  kLinPos,
+  kLinNeg,
+  kCountPos,
+  kCountNeg,
+  kMinPos,     // min similarity over the positives (+inf if none)
+  kMaxNeg,     // max similarity over the negatives (-inf if none)
+  kDScalePos,  // d LSE_pos / d scale
+  kDScaleNeg,
+  kAuxPos,
+  kAuxNeg,
+  kNumStats
+};
+
+// Running accumulator of one row (internal to the drivers).
+enum AccField : int {
+  kAccMaxPos = 0,
+  kAccSumPos,
+  kAccMaxNeg,
+  kAccSumNeg,
+  kAccWPos,  // Σ exp(φ - max) ∂φ/∂scale, scaled with the sum
+  kAccWNeg,
+  kAccLinPos,
+  kAccLinNeg,
+  kAccAuxPos,
+  kAccAuxNeg,
+  kAccCountPos,
+  kAccCountNeg,
+  kAccMinPos,
+  kAccMaxNegS,
+  kNumAcc
+};
+
+// Per-row backward coefficients: the finished LSEs and the incoming
+// gradients of LSE_c and lin_c (times the row's upstream weight).
+enum GradField : int { kGLsePos = 0, kGLseNeg, kGGradLsePos, kGGradLseNeg, kGGradLinPos, kGGradLinNeg, kNumGrad };
+
+template <typename T>
+C10_HOST_DEVICE inline T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+template <typename T>
+C10_HOST_DEVICE inline T pos_inf() {
+  return std::numeric_limits<T>::infinity();
+}
+
+// exp for the epilogues. Host float32: a branch-free Cephes-style polynomial
+// (rel. error ~2e-7) that the compiler vectorises (std::expf is a call);
+// arguments below -87 flush to 0 (they are always φ - max <= 0 here, so
+// they are negligible next to the max's own term 1). float64 and device: libm.
+C10_HOST_DEVICE inline double lse_exp(double x) { return ::exp(x); }
+C10_HOST_DEVICE inline float lse_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return ::expf(x);
+#else
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  union {
+    int32_t i;
+    float f;
+  } bits;
+  bits.i = (static_cast<int32_t>(n) + 127) << 23;
+  float y = p * bits.f;
+  y = x < -87.0f ? 0.0f : y;
+  y = x > 88.0f ? pos_inf<float>() : y;
+  return x != x ? x : y;
+#endif
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T softplus(T x) {
+  // log(1 + e^x), stable on both sides; softplus(-inf) = 0.
+  return x > T(0) ? x + ::log1p(::exp(-x)) : ::log1p(::exp(x));
+}
+template <typename T>
+C10_HOST_DEVICE inline T sigmoid(T x) {
+  return x >= T(0) ? T(1) / (T(1) + ::exp(-x)) : ::exp(x) / (T(1) + ::exp(x));
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline void acc_init(acc_t* a) {
+  a[kAccMaxPos] = neg_inf<acc_t>();
+  a[kAccMaxNeg] = neg_inf<acc_t>();
+  a[kAccSumPos] = a[kAccSumNeg] = a[kAccWPos] = a[kAccWNeg] = acc_t(0);
+  a[kAccLinPos] = a[kAccLinNeg] = a[kAccAuxPos] = a[kAccAuxNeg] = acc_t(0);
+  a[kAccCountPos] = a[kAccCountNeg] = acc_t(0);
+  a[kAccMinPos] = pos_inf<acc_t>();
+  a[kAccMaxNegS] = neg_inf<acc_t>();
+}
+
+// exp(old - new) for a running max moving from `old` to `now` (>= old):
+// 1 when both are -inf (nothing accumulated yet, the sum is 0 anyway).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t rescale_factor(acc_t old, acc_t now) {
+  return old == now ? acc_t(1) : lse_exp(old - now);
+}
+
+// Raise a class's running max to `tile_max`, rescaling its sums; returns the
+// new max (the reference the tile's exp terms are taken against).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t raise_max(acc_t* a, int max_field, int sum_field, int w_field, acc_t tile_max) {
+  const acc_t old = a[max_field];
+  if (tile_max > old) {
+    const acc_t f = rescale_factor(old, tile_max);
+    a[sum_field] *= f;
+    a[w_field] *= f;
+    a[max_field] = tile_max;
+  }
+  return a[max_field];
+}
+
+// Merge a complete partial accumulator `b` into `a` (exact, order-independent up to rounding).
+template <typename acc_t>
+C10_HOST_DEVICE inline void acc_merge(acc_t* a, const acc_t* b) {
+  const int fields[2][3] = {{kAccMaxPos, kAccSumPos, kAccWPos}, {kAccMaxNeg, kAccSumNeg, kAccWNeg}};
+  for (int c = 0; c < 2; ++c) {
+    const int mf = fields[c][0], sf = fields[c][1], wf = fields[c][2];
+    const acc_t m = raise_max(a, mf, sf, wf, b[mf]);
+    const acc_t f = rescale_factor(b[mf], m);
+    a[sf] += b[sf] * f;
+    a[wf] += b[wf] * f;
+  }
+  for (int f = kAccLinPos; f <= kAccCountNeg; ++f) a[f] += b[f];
+  a[kAccMinPos] = b[kAccMinPos] < a[kAccMinPos] ? b[kAccMinPos] : a[kAccMinPos];
+  a[kAccMaxNegS] = b[kAccMaxNegS] > a[kAccMaxNegS] ? b[kAccMaxNegS] : a[kAccMaxNegS];
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline void acc_finalize(const acc_t* a, acc_t* out) {
+  const int fields[2][4] = {{kAccMaxPos, kAccSumPos, kAccWPos, kLsePos}, {kAccMaxNeg, kAccSumNeg, kAccWNeg, kLseNeg}};
+  for (int c = 0; c < 2; ++c) {
+    const acc_t m = a[fields[c][0]], s = a[fields[c][1]], w = a[fields[c][2]];
+    // An empty class (sum 0) has LSE -inf; a NaN entry makes the sum NaN.
+    out[fields[c][3]] = s > acc_t(0) ? m + ::log(s) : (s == acc_t(0) ? neg_inf<acc_t>() : s);
+    out[c == 0 ? kDScalePos : kDScaleNeg] = s > acc_t(0) ? w / s : (s == acc_t(0) ? acc_t(0) : s);
+  }
+  out[kLinPos] = a[kAccLinPos];
+  out[kLinNeg] = a[kAccLinNeg];
+  out[kAuxPos] = a[kAccAuxPos];
+  out[kAuxNeg] = a[kAccAuxNeg];
+  out[kCountPos] = a[kAccCountPos];
+  out[kCountNeg] = a[kAccCountNeg];
+  out[kMinPos] = a[kAccMinPos];
+  out[kMaxNeg] = a[kAccMaxNegS];
+}
+
+// Backward coefficients of one row from its finished statistics and the
+// incoming gradient of its statistics (grad row of the (B, kNumStats) output).
+template <typename acc_t>
+C10_HOST_DEVICE inline void grad_coefficients(const acc_t* stats, const acc_t* grad_stats, acc_t* g) {
+  g[kGLsePos] = stats[kLsePos];
+  g[kGLseNeg] = stats[kLseNeg];
+  g[kGGradLsePos] = grad_stats ? grad_stats[kLsePos] : acc_t(0);
+  g[kGGradLseNeg] = grad_stats ? grad_stats[kLseNeg] : acc_t(0);
+  g[kGGradLinPos] = grad_stats ? grad_stats[kLinPos] : acc_t(0);
+  g[kGGradLinNeg] = grad_stats ? grad_stats[kLinNeg] : acc_t(0);
+}
+
+// dL/ds of one kept entry of a row with coefficients g.
+template <typename Policy, typename acc_t>
+C10_HOST_DEVICE inline acc_t entry_grad(const Policy& p, acc_t s, bool pos, const acc_t* own, const acc_t* other,
+                                        const acc_t* g) {
+  acc_t phi, dphi, dlin;
+  p.grad(s, pos, own, other, phi, dphi, dlin);
+  const acc_t lse = pos ? g[kGLsePos] : g[kGLseNeg];
+  const acc_t g_lse = pos ? g[kGGradLsePos] : g[kGGradLseNeg];
+  const acc_t g_lin = pos ? g[kGGradLinPos] : g[kGGradLinNeg];
+  acc_t out = g_lin * dlin;
+  if (Policy::kLse) out += g_lse * lse_exp(phi - lse) * dphi;
+  return out;
+}
+
+// ---------------------------------------------------------------- policies
+
+// φ_pos = φ_neg = lin_pos = scale·s (SupCon's and InfoNCE's logits z = s/τ).
+template <typename acc_t>
+struct ScaledPolicy {
+  static constexpr bool kLse = true;
+  acc_t scale;
+  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                            acc_t& dphi_dscale) const {
+    phi = scale * s;
+    lin = phi;
+    aux = acc_t(0);
+    dphi_dscale = s;
+  }
+  C10_HOST_DEVICE void grad(acc_t s, bool, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
+    phi = scale * s;
+    dphi = scale;
+    dlin = scale;
+  }
+};
+
+// Multi-Similarity: φ_pos = -α(s - base), φ_neg = β(s - base). With the fused
+// miner (kMined), own = (min positive s, max negative s) of the row from a
+// first pass: a positive counts if s - ε < max_neg, a negative if
+// s + ε > min_pos (PML's MultiSimilarityMiner); NaN entries always count.
+template <typename acc_t, bool kMined>
+struct MultiSimilarityPolicy {
+  static constexpr bool kLse = true;
+  acc_t alpha, beta, base, epsilon;
+  C10_HOST_DEVICE bool keep(acc_t s, bool pos, const acc_t* own, const acc_t*) const {
+    if (!kMined) return true;
+    return pos ? !(s - epsilon >= own[1]) : !(s + epsilon <= own[0]);
+  }
+  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                            acc_t& dphi_dscale) const {
+    phi = pos ? -alpha * (s - base) : beta * (s - base);
+    lin = aux = dphi_dscale = acc_t(0);
+  }
+  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
+    phi = pos ? -alpha * (s - base) : beta * (s - base);
+    dphi = pos ? -alpha : beta;
+    dlin = acc_t(0);
+  }
+};
+
+// Circle loss: φ_pos = -γ a_p (s - 1 + m), a_p = relu(1 + m - s);
+// φ_neg = γ a_n (s - m), a_n = relu(s + m); the a's are held constant.
+template <typename acc_t>
+struct CirclePolicy {
+  static constexpr bool kLse = true;
+  acc_t m, gamma;
+  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  C10_HOST_DEVICE void coeffs(acc_t s, bool pos, acc_t& phi, acc_t& dphi) const {
+    const acc_t ap = acc_t(1) + m - s, an = s + m;
+    const acc_t a = pos ? (ap > acc_t(0) ? ap : acc_t(0)) : (an > acc_t(0) ? an : acc_t(0));
+    dphi = pos ? -gamma * a : gamma * a;
+    phi = dphi * (pos ? s - acc_t(1) + m : s - m);
+    // NaN in, NaN out (relu of NaN is NaN, as torch.relu)
+    if (s != s) phi = dphi = s;
+  }
+  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                            acc_t& dphi_dscale) const {
+    acc_t dphi;
+    coeffs(s, pos, phi, dphi);
+    lin = aux = dphi_dscale = acc_t(0);
+  }
+  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
+    coeffs(s, pos, phi, dphi);
+    dlin = acc_t(0);
+  }
+};
+
+// Lifted structure on d = ‖x̂ - ŷ‖ = sqrt(2 - 2s) of normalized rows:
+// φ_pos = d - pos_margin, φ_neg = neg_margin - d. d is 0 (and so is its
+// gradient, never inf) where 2 - 2s is within the Gram form's rounding
+// (`tol`, (2D + 8)·ε): duplicated rows are at distance exactly 0.
+template <typename acc_t>
+struct LiftedPolicy {
+  static constexpr bool kLse = true;
+  acc_t pos_margin, neg_margin, tol;
+  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  C10_HOST_DEVICE void distance(acc_t s, acc_t& d, acc_t& dd_ds) const {
+    const acc_t d2 = acc_t(2) - acc_t(2) * s;
+    d = d2 > tol ? ::sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
+    dd_ds = d2 > tol ? -acc_t(1) / d : acc_t(0);
+  }
+  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                            acc_t& dphi_dscale) const {
+    acc_t d, dd;
+    distance(s, d, dd);
+    phi = pos ? d - pos_margin : neg_margin - d;
+    lin = aux = dphi_dscale = acc_t(0);
+  }
+  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
+    acc_t d, dd;
+    distance(s, d, dd);
+    phi = pos ? d - pos_margin : neg_margin - d;
+    dphi = pos ? dd : -dd;
+    dlin = acc_t(0);
+  }
+};
+
+// NT-Xent's second pass: own[0] = m_i = LSE over the row's negatives of
+// scale·s (first pass). Each positive gives lin = softplus(m_i - z) (its
+// -log(e^z / (e^z + Σ_n e^{z_n}))) and aux = σ(m_i - z) = d lin / d m_i.
+// Negatives give nothing.
+template <typename acc_t>
+struct NTXentPairsPolicy {
+  static constexpr bool kLse = false;
+  acc_t scale;
+  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                            acc_t& dphi_dscale) const {
+    const acc_t u = own[0] - scale * s;
+    phi = dphi_dscale = acc_t(0);
+    lin = pos ? softplus(u) : acc_t(0);
+    aux = pos ? sigmoid(u) : acc_t(0);
+    if (s != s) lin = aux = s;
+  }
+  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& dphi,
+                            acc_t& dlin) const {
+    phi = dphi = acc_t(0);
+    dlin = pos ? -scale * sigmoid(own[0] - scale * s) : acc_t(0);
+  }
+};
+
+}  // namespace lse
+}  // namespace metricops

@@ -1,0 +1,116 @@
+// The similarity losses' side of the log-sum-exp engine, shared by the CPU
+// and CUDA ops (cpu/similarity.cpp, cuda/similarity.cu): argument checks and
+// the policy named by the ops' `policy` string.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "common/checks.h"
+#include "common/lse_stats.h"
+
+namespace metricops {
+namespace lse {
+
+enum class PolicyKind { Scaled, MultiSimilarity, MultiSimilarityMined, Circle, Lifted, NTXentPairs };
+
+struct PolicySpec {
+  PolicyKind kind;
+  int64_t num_args;    // entries of `args`
+  int64_t num_params;  // columns of row_params (0: none)
+  bool uses_scale;
+};
+
+inline PolicySpec parse_policy(c10::string_view name) {
+  if (name == "scaled") return {PolicyKind::Scaled, 0, 0, true};
+  if (name == "multi_similarity") return {PolicyKind::MultiSimilarity, 3, 0, false};
+  if (name == "multi_similarity_mined") return {PolicyKind::MultiSimilarityMined, 4, 2, false};
+  if (name == "circle") return {PolicyKind::Circle, 2, 0, false};
+  if (name == "lifted") return {PolicyKind::Lifted, 2, 0, false};
+  if (name == "ntxent_pairs") return {PolicyKind::NTXentPairs, 0, 1, true};
+  TORCH_CHECK_VALUE(false,
+                    "policy must be one of 'scaled', 'multi_similarity', 'multi_similarity_mined', 'circle', "
+                    "'lifted', 'ntxent_pairs', got '",
+                    std::string(name), "'");
+}
+
+// Checks the engine ops' arguments; returns the policy.
+inline PolicySpec check_lse_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
+                                   const c10::optional<at::Tensor>& col_keys,
+                                   const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
+                                   c10::string_view policy, c10::ArrayRef<double> args, bool col_stats) {
+  const PolicySpec spec = parse_policy(policy);
+  check_embeddings(x, "x");
+  const auto key_check = [](const at::Tensor& keys, const at::Tensor& emb, const char* name, const char* emb_name) {
+    TORCH_CHECK_VALUE(keys.dim() == 1 && keys.size(0) == emb.size(0), name, " must be a 1-D tensor of length ",
+                      emb.size(0), " (one per row of ", emb_name, "), got shape ", keys.sizes());
+    TORCH_CHECK_TYPE(keys.scalar_type() == at::kLong || keys.scalar_type() == at::kInt, name,
+                     " must be int32 or int64, got ", keys.scalar_type());
+    TORCH_CHECK_VALUE(keys.device() == emb.device(), name, " must be on ", emb_name, "'s device (", emb.device(),
+                      "), got ", keys.device());
+  };
+  key_check(row_keys, x, "row_keys", "x");
+  if (y.has_value()) {
+    check_embeddings(*y, "y");
+    check_same_device_dtype(x, "x", *y, "y");
+    TORCH_CHECK_VALUE(y->size(1) == x.size(1), "y must have the same number of columns as x (D=", x.size(1),
+                      "), got shape ", y->sizes());
+    TORCH_CHECK_VALUE(col_keys.has_value(), "col_keys is required when y is given");
+    key_check(*col_keys, *y, "col_keys", "y");
+  } else {
+    TORCH_CHECK_VALUE(!col_keys.has_value(), "col_keys must be None when y is None (the columns are x's rows)");
+    TORCH_CHECK_VALUE(!col_stats, "col_stats needs y (without y, column statistics are the row statistics)");
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(args.size()) == spec.num_args, "policy '", std::string(policy), "' takes ",
+                    spec.num_args, " args, got ", args.size());
+  if (spec.num_params > 0) {
+    TORCH_CHECK_VALUE(row_params.has_value(), "policy '", std::string(policy), "' needs row_params");
+    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK_VALUE(
+        row_params->dim() == 2 && row_params->size(0) == x.size(0) && row_params->size(1) == spec.num_params,
+        "row_params must have shape (", x.size(0), ", ", spec.num_params, "), got ", row_params->sizes());
+    TORCH_CHECK_TYPE(row_params->scalar_type() == acc, "row_params must be ", acc, ", got ", row_params->scalar_type());
+    TORCH_CHECK_VALUE(row_params->device() == x.device(), "row_params must be on x's device");
+    TORCH_CHECK_VALUE(!col_stats, "col_stats is not supported with a policy that takes row_params");
+  } else {
+    TORCH_CHECK_VALUE(!row_params.has_value(), "policy '", std::string(policy), "' takes no row_params");
+  }
+  TORCH_CHECK_VALUE(scale.dim() == 0, "scale must be a 0-dim tensor, got shape ", scale.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "scale must be floating, got ", scale.scalar_type());
+  return spec;
+}
+
+// Runs f(policy) with the policy object for `spec` (acc_t statistics).
+// `dim`: the embeddings' width (the lifted policy's distance tolerance).
+template <typename acc_t, typename F>
+inline void with_policy(const PolicySpec& spec, c10::ArrayRef<double> a, double scale, int64_t dim, const F& f) {
+  switch (spec.kind) {
+    case PolicyKind::Scaled:
+      return f(ScaledPolicy<acc_t>{static_cast<acc_t>(scale)});
+    case PolicyKind::MultiSimilarity:
+      return f(MultiSimilarityPolicy<acc_t, false>{static_cast<acc_t>(a[0]), static_cast<acc_t>(a[1]),
+                                                   static_cast<acc_t>(a[2]), acc_t(0)});
+    case PolicyKind::MultiSimilarityMined:
+      return f(MultiSimilarityPolicy<acc_t, true>{static_cast<acc_t>(a[0]), static_cast<acc_t>(a[1]),
+                                                  static_cast<acc_t>(a[2]), static_cast<acc_t>(a[3])});
+    case PolicyKind::Circle:
+      return f(CirclePolicy<acc_t>{static_cast<acc_t>(a[0]), static_cast<acc_t>(a[1])});
+    case PolicyKind::Lifted: {
+      const acc_t tol = static_cast<acc_t>(2 * dim + 8) * std::numeric_limits<acc_t>::epsilon();
+      return f(LiftedPolicy<acc_t>{static_cast<acc_t>(a[0]), static_cast<acc_t>(a[1]), tol});
+    }
+    case PolicyKind::NTXentPairs:
+      return f(NTXentPairsPolicy<acc_t>{static_cast<acc_t>(scale)});
+  }
+  TORCH_CHECK(false, "metricops: unknown lse policy");
+}
+
+}  // namespace lse
+}  // namespace metricops

@@ -1,0 +1,132 @@
+// CPU kernels of the log-sum-exp engine's ops (metricops::lse_stats and its
+// backward): the similarity losses of metricops/similarity.py are built on
+// their per-row statistics.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "common/similarity_losses.h"
+#include "cpu/lse_engine.h"
+
+namespace metricops {
+namespace cpu {
+namespace {
+
+using namespace ::metricops::lse;
+
+template <typename acc_t>
+lse_engine::Problem<acc_t> make_problem(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& rk,
+                                        const at::Tensor& ck, const at::Tensor& params, bool col_stats,
+                                        int64_t block_rows, int64_t block_cols) {
+  lse_engine::Problem<acc_t> pr;
+  pr.x = x;
+  pr.self = !y.has_value();
+  pr.y = pr.self ? x : *y;
+  pr.row_keys = rk.const_data_ptr<int64_t>();
+  pr.col_keys = ck.const_data_ptr<int64_t>();
+  pr.params = params.defined() ? params.const_data_ptr<acc_t>() : nullptr;
+  pr.num_params = params.defined() ? params.size(1) : 0;
+  pr.col_stats = col_stats;
+  pr.block_rows = block_rows;
+  pr.block_cols = block_cols;
+  return pr;
+}
+
+struct Prepared {
+  at::Tensor x, rk, ck, params;
+  c10::optional<at::Tensor> y;
+};
+
+Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
+                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params) {
+  Prepared p;
+  p.x = x.contiguous();
+  if (y.has_value()) p.y = y->contiguous();
+  p.rk = row_keys.to(at::kLong).contiguous();
+  p.ck = col_keys.has_value() ? col_keys->to(at::kLong).contiguous() : p.rk;
+  if (row_params.has_value()) p.params = row_params->contiguous();
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_stats_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in,
+                                                 const at::Tensor& row_keys, const c10::optional<at::Tensor>& col_keys,
+                                                 const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
+                                                 c10::string_view policy, at::ArrayRef<double> args, bool col_stats,
+                                                 int64_t block_rows, int64_t block_cols) {
+  const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, col_stats);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params);
+  const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
+  at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
+  at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
+  const double scale_value = scale.item<double>();
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_cpu", [&] {
+    using acc_t = scalar_t;
+    const auto pr = make_problem<acc_t>(in.x, in.y, in.rk, in.ck, in.params, col_stats, block_rows, block_cols);
+    std::vector<acc_t> racc(B * kNumAcc), cacc(col_stats ? M * kNumAcc : 0);
+    for (int64_t i = 0; i < B; ++i) acc_init(racc.data() + i * kNumAcc);
+    for (int64_t j = 0; j < static_cast<int64_t>(cacc.size()) / kNumAcc; ++j) acc_init(cacc.data() + j * kNumAcc);
+    with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
+      lse_engine::forward(pol, pr, racc.data(), col_stats ? cacc.data() : nullptr);
+    });
+    lse_engine::finalize(racc.data(), B, row_out.mutable_data_ptr<acc_t>());
+    if (col_stats) lse_engine::finalize(cacc.data(), M, col_out.mutable_data_ptr<acc_t>());
+  });
+  return {row_out, col_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
+    const c10::optional<at::Tensor>& grad_row_stats, const c10::optional<at::Tensor>& grad_col_stats,
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
+    const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
+    c10::string_view policy, at::ArrayRef<double> args, const at::Tensor& row_stats, const at::Tensor& col_stats,
+    int64_t block_rows, int64_t block_cols) {
+  const bool has_col = col_stats.size(0) > 0;
+  const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params);
+  const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
+  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumStats,
+                    "row_stats must have shape (", B, ", ", int(kNumStats), "), got ", row_stats.sizes());
+  TORCH_CHECK_VALUE(!has_col || (col_stats.dim() == 2 && col_stats.size(0) == M), "col_stats must have shape (", M,
+                    ", ", int(kNumStats), "), got ", col_stats.sizes());
+  at::Tensor grad_x = at::zeros_like(in.x);
+  at::Tensor grad_y = in.y.has_value() ? at::zeros_like(*in.y) : at::zeros({0, in.x.size(1)}, in.x.options());
+  const double scale_value = scale.item<double>();
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    const auto pr = make_problem<acc_t>(in.x, in.y, in.rk, in.ck, in.params, has_col, block_rows, block_cols);
+    const auto coefficients = [](const at::Tensor& stats, const c10::optional<at::Tensor>& grad, int64_t n) {
+      const at::Tensor s = stats.to(stats.scalar_type()).contiguous();
+      at::Tensor g;
+      if (grad.has_value()) g = grad->to(stats.scalar_type()).contiguous();
+      std::vector<acc_t> out(n * kNumGrad);
+      const acc_t* sp = s.const_data_ptr<acc_t>();
+      const acc_t* gp = g.defined() ? g.const_data_ptr<acc_t>() : nullptr;
+      for (int64_t i = 0; i < n; ++i)
+        grad_coefficients(sp + i * kNumStats, gp ? gp + i * kNumStats : nullptr, out.data() + i * kNumGrad);
+      return out;
+    };
+    const std::vector<acc_t> row_g = coefficients(row_stats, grad_row_stats, B);
+    const std::vector<acc_t> col_g = has_col ? coefficients(col_stats, grad_col_stats, M) : std::vector<acc_t>();
+    with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
+      lse_engine::backward(pol, pr, row_g.data(), has_col ? col_g.data() : nullptr, grad_x,
+                           in.y.has_value() ? &grad_y : nullptr);
+    });
+  });
+  return {grad_x, grad_y};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metricops, CPU, m) {
+  m.impl("lse_stats", &lse_stats_cpu);
+  m.impl("lse_stats_backward", &lse_stats_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace metricops

@@ -1,0 +1,147 @@
+"""Fake kernels, autograd and autocast for the log-sum-exp engine's ops (lse_stats, lse_stats_backward)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._ops import ops
+from .._reduction import accumulation_dtype
+from ._autograd import register_autograd, register_backward_op
+from .distance import _LIB, _check_embeddings, _check_same_device_dtype
+
+NUM_STATS = 12
+# Columns of the statistics (csrc/common/lse_stats.h StatField).
+LSE_POS, LSE_NEG, LIN_POS, LIN_NEG, COUNT_POS, COUNT_NEG, MIN_POS, MAX_NEG, DSCALE_POS, DSCALE_NEG, AUX_POS, AUX_NEG = (
+    range(NUM_STATS)
+)
+# policy -> (number of args, row_params columns)
+POLICIES = {
+    "scaled": (0, 0),
+    "multi_similarity": (3, 0),
+    "multi_similarity_mined": (4, 2),
+    "circle": (2, 0),
+    "lifted": (2, 0),
+    "ntxent_pairs": (0, 1),
+}
+
+
+def _check_keys(keys, emb, name, emb_name):
+    n = emb.shape[0]
+    torch._check(
+        keys.dim() == 1 and keys.shape[0] == n,
+        lambda: f"{name} must be a 1-D tensor of length {n} (one per row of {emb_name}), got shape {tuple(keys.shape)}",
+    )
+    torch._check(keys.dtype in (torch.int32, torch.int64), lambda: f"{name} must be int32 or int64, got {keys.dtype}")
+
+
+def _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats):
+    torch._check(policy in POLICIES, lambda: f"policy must be one of {tuple(POLICIES)}, got {policy!r}")
+    _check_embeddings(x, "x")
+    _check_keys(row_keys, x, "row_keys", "x")
+    if y is not None:
+        _check_embeddings(y, "y")
+        _check_same_device_dtype(x, "x", y, "y")
+        torch._check(
+            y.shape[1] == x.shape[1],
+            lambda: f"y must have the same number of columns as x (D={x.shape[1]}), got shape {tuple(y.shape)}",
+        )
+        torch._check(col_keys is not None, lambda: "col_keys is required when y is given")
+        _check_keys(col_keys, y, "col_keys", "y")
+    else:
+        torch._check(col_keys is None, lambda: "col_keys must be None when y is None (the columns are x's rows)")
+        torch._check(not col_stats, lambda: "col_stats needs y")
+    nargs, nparams = POLICIES[policy]
+    torch._check(len(args) == nargs, lambda: f"policy {policy!r} takes {nargs} args, got {len(args)}")
+    if nparams:
+        torch._check(row_params is not None, lambda: f"policy {policy!r} needs row_params")
+        torch._check(
+            row_params.dim() == 2 and row_params.shape[0] == x.shape[0] and row_params.shape[1] == nparams,
+            lambda: f"row_params must have shape ({x.shape[0]}, {nparams}), got {tuple(row_params.shape)}",
+        )
+    else:
+        torch._check(row_params is None, lambda: f"policy {policy!r} takes no row_params")
+    torch._check(scale.dim() == 0, lambda: f"scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
+
+
+@torch.library.register_fake(_LIB + "lse_stats")
+def _lse_stats_fake(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats, block_rows, block_cols):
+    _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats)
+    acc = accumulation_dtype(x.dtype)
+    m = y.shape[0] if y is not None else x.shape[0]
+    return x.new_empty((x.shape[0], NUM_STATS), dtype=acc), x.new_empty((m if col_stats else 0, NUM_STATS), dtype=acc)
+
+
+@torch.library.register_fake(_LIB + "lse_stats_backward")
+def _lse_stats_backward_fake(
+    grad_row, grad_col, x, y, row_keys, col_keys, row_params, scale, policy, args, row_stats, col_stats, br, bc
+):
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    gy = torch.empty_like(y, memory_format=torch.contiguous_format) if y is not None else x.new_empty((0, x.shape[1]))
+    return gx, gy
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats, block_rows, block_cols = inputs
+    row_stats, col_stats_out = output
+    ctx.mark_non_differentiable()  # all four columns 0-3 carry gradients; the others are used as constants
+    ctx.save_for_backward(x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats_out)
+    ctx.args = (policy, args, block_rows, block_cols)
+
+
+def _scale_grad(grad, stats, scale):
+    """d/dscale of the "scaled" policy's statistics: dLSE_c/dscale is a column of the statistics, lin_c = scale·Σ s."""
+    if grad is None or stats.shape[0] == 0:
+        return None
+    g = grad.to(stats.dtype)
+    lin = torch.nan_to_num(g[:, LIN_POS] * stats[:, LIN_POS] + g[:, LIN_NEG] * stats[:, LIN_NEG])
+    part = g[:, LSE_POS] * stats[:, DSCALE_POS] + g[:, LSE_NEG] * stats[:, DSCALE_NEG]
+    return part.sum() + lin.sum() / scale.to(stats.dtype)
+
+
+def _backward(ctx, grad_row, grad_col):
+    x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats = ctx.saved_tensors
+    policy, args, block_rows, block_cols = ctx.args
+    needs = ctx.needs_input_grad
+    grad_x = grad_y = grad_params = grad_scale = None
+    if grad_row is None and grad_col is None:
+        return (None,) * 11
+    if needs[0] or (y is not None and needs[1]):
+        grad_x, grad_y = ops.lse_stats_backward(
+            grad_row,
+            grad_col,
+            x,
+            y,
+            row_keys,
+            col_keys,
+            row_params,
+            scale,
+            policy,
+            args,
+            row_stats,
+            col_stats,
+            block_rows,
+            block_cols,
+        )
+        if y is None:
+            grad_y = None
+    if row_params is not None and needs[4] and grad_row is not None:
+        if policy == "ntxent_pairs":  # lin_pos = Σ softplus(m - z): d/dm is aux_pos
+            grad_params = (grad_row[:, LIN_POS] * row_stats[:, AUX_POS]).unsqueeze(1).to(row_params.dtype)
+        # multi_similarity_mined's thresholds only select pairs: no gradient
+    if needs[5]:
+        torch._check(policy == "scaled", lambda: f"a scale that requires grad needs policy 'scaled', got {policy!r}")
+        parts = [
+            p
+            for p in (_scale_grad(grad_row, row_stats, scale), _scale_grad(grad_col, col_stats, scale))
+            if p is not None
+        ]
+        grad_scale = sum(parts).to(scale.dtype) if parts else None
+    return grad_x, grad_y, None, None, grad_params, grad_scale, None, None, None, None, None
+
+
+register_autograd("lse_stats", _backward, _setup_context)
+register_backward_op("lse_stats_backward", "lse_stats")
+
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast(_LIB + "lse_stats", _device, torch.float32)

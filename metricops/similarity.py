@@ -1,0 +1,387 @@
+"""Similarity losses on a labelled batch (SupCon, NT-Xent, Multi-Similarity, Circle, lifted structure) and
+the paired-view InfoNCE/CLIP loss, on one streaming log-sum-exp engine.
+
+Every loss here is a function of a few per-anchor statistics of S, the cosine-similarity matrix of the
+L2-normalized embeddings: for the positives and the negatives of each anchor, a log-sum-exp of a loss-specific
+φ(s), plain sums, counts, and the hardest similarities. The native op ``metricops::lse_stats`` computes them in
+tiles of S (one GEMM per tile, then a fused epilogue) and never holds the B×B (or N×M) matrix; its backward
+recomputes each tile and applies dL/dS with two GEMMs, as FlashAttention does. ``memory="matrix"`` uses one
+tile covering S, ``"streaming"`` and ``"auto"`` the device's tiles (results are the same).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validation as v
+from ._ops import ops
+from ._reduction import accumulation_dtype, mean_of_sum
+from ._registrations.similarity import (
+    AUX_POS,  # noqa: F401  (re-exported for metricops.pml)
+    COUNT_NEG,
+    COUNT_POS,
+    LIN_POS,
+    LSE_NEG,
+    LSE_POS,
+    MAX_NEG,
+    MIN_POS,
+)
+from .distance import _l2_normalize
+
+# Tests set this to (rows, cols) to force every engine call to tiles of that shape, so that tile boundaries
+# fall where a test wants them; None in normal use.
+_FORCED_TILE = None
+
+
+def _tile(memory: str, rows: int, cols: int):
+    """(block_rows, block_cols) of an engine call: 0 picks the device's tiles; "matrix" one tile of S."""
+    v.check_memory(memory)
+    if _FORCED_TILE is not None:
+        return _FORCED_TILE
+    if memory == "matrix":
+        return max(rows, 1), max(cols, 1)
+    return 0, 0
+
+
+def _scale_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((), value, dtype=accumulation_dtype(x.dtype), device=x.device)
+
+
+def _reduce(terms: torch.Tensor, reduction: str, count=None) -> torch.Tensor:
+    """Reduce per-anchor terms: "mean" over `count` (default: the number of terms), "mean_nonzero" over the terms
+    > 0; with no term 0, attached to the graph. The result has the embeddings' dtype."""
+    if reduction == "none":
+        return terms
+    if reduction == "sum":
+        return terms.sum()
+    total = terms.sum(dtype=accumulation_dtype(terms.dtype))
+    if reduction == "mean":
+        if count is None:
+            count = torch.full((), terms.shape[0], dtype=torch.int64, device=terms.device)
+        return mean_of_sum(total, count, terms.dtype)
+    return mean_of_sum(total, (terms > 0).sum(), terms.dtype)
+
+
+def _prepare_labelled(embeddings, labels, reduction, memory, ref_emb=None, ref_labels=None):
+    v.check_embeddings(embeddings, "embeddings")
+    v.check_labels(labels, embeddings)
+    v.check_reduction(reduction)
+    v.check_memory(memory)
+    x = _l2_normalize(embeddings)
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels needs ref_emb")
+        return x, None, labels, None
+    v.check_embeddings(ref_emb, "ref_emb")
+    v.check_same_device_dtype(embeddings, "embeddings", ref_emb, "ref_emb")
+    v.check_same_dim(embeddings, "embeddings", ref_emb, "ref_emb")
+    if ref_labels is None:
+        raise ValueError("ref_labels is required with ref_emb")
+    v.check_labels(ref_labels, ref_emb, "ref_labels", "ref_emb")
+    return x, _l2_normalize(ref_emb), labels, ref_labels
+
+
+def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, memory="auto", col_stats=False):
+    rows = x.shape[0]
+    cols = rows if y is None else y.shape[0]
+    block_rows, block_cols = _tile(memory, rows, cols)
+    if not isinstance(scale, torch.Tensor):
+        scale = _scale_tensor(scale, x)
+    return ops.lse_stats(
+        x, y, labels, ref_labels, params, scale, policy, [float(a) for a in args], col_stats, block_rows, block_cols
+    )
+
+
+def _safe(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """t where valid, else 0: keeps -inf (an empty set's LSE) out of the formulas whose gradient it would poison."""
+    return torch.where(valid, t, torch.zeros_like(t))
+
+
+def _out_dtype(stats_terms: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    return stats_terms.to(embeddings.dtype) if embeddings.dtype != torch.float64 else stats_terms
+
+
+# ---------------------------------------------------------------------------------------------------- SupCon
+
+
+def _supcon_per_anchor(embeddings, labels, *, temperature, memory, ref_emb=None, ref_labels=None):
+    """SupCon's per-anchor losses (B,) (0 for an anchor without positive; all 0 when the batch has no positive or
+    no negative pair, as PML)."""
+    temperature = v.check_positive_finite(temperature, "temperature")
+    x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
+    st, _ = _stats(x, y, labels, ref_labels, "scaled", scale=1.0 / temperature, memory=memory)
+    n_pos, n_neg = st[:, COUNT_POS], st[:, COUNT_NEG]
+    has_pos = n_pos > 0
+    batch_ok = has_pos.any() & (n_neg > 0).any()
+    valid = has_pos & batch_ok
+    lse_all = torch.logaddexp(_safe(st[:, LSE_POS], valid), _safe(st[:, LSE_NEG], valid))
+    loss = lse_all - _safe(st[:, LIN_POS], valid) / n_pos.clamp_min(1)
+    return _out_dtype(_safe(loss, valid), embeddings)
+
+
+def supcon_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 0.1,
+    reduction: str = "mean_nonzero",
+    memory: str = "auto",
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020; PML ``SupConLoss``).
+
+    With S the cosine similarity of the L2-normalized ``embeddings (B, D)`` and z = S/τ, each anchor i with a
+    positive gives ``LSE_{j≠i} z_ij − mean_{p∈P_i} z_ip`` (P_i: j ≠ i with the same label). Anchors without a
+    positive give 0; as in PML, a batch without any positive or any negative pair gives 0.
+
+    ``reduction``: ``"mean_nonzero"`` (PML's default, the mean over the anchors whose loss is > 0), ``"mean"``
+    (over all B anchors), ``"sum"``, ``"none"`` (B,). ``memory``: ``"auto"``/``"streaming"`` never hold B×B.
+    """
+    v.check_reduction(reduction)
+    return _reduce(_supcon_per_anchor(embeddings, labels, temperature=temperature, memory=memory), reduction)
+
+
+# ---------------------------------------------------------------------------------------------------- NT-Xent
+
+
+def _ntxent_per_anchor(embeddings, labels, *, temperature, memory, ref_emb=None, ref_labels=None):
+    """(per-anchor sums over positive pairs (B,), positive pairs per anchor (B,) float)."""
+    temperature = v.check_positive_finite(temperature, "temperature")
+    x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
+    scale = 1.0 / temperature
+    st, _ = _stats(x, y, labels, ref_labels, "scaled", scale=scale, memory=memory)
+    m = st[:, LSE_NEG : LSE_NEG + 1]  # log Σ_n e^{z_in}; -inf without negatives (each pair then gives 0)
+    st2, _ = _stats(x, y, labels, ref_labels, "ntxent_pairs", scale=scale, params=m.contiguous(), memory=memory)
+    return _out_dtype(st2[:, LIN_POS], embeddings), st[:, COUNT_POS], st[:, COUNT_NEG]
+
+
+def ntxent_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 0.07,
+    reduction: str = "mean",
+    memory: str = "auto",
+) -> torch.Tensor:
+    """NT-Xent (SimCLR's normalized temperature-scaled cross-entropy; PML ``NTXentLoss``).
+
+    With z = S/τ (S: cosine similarity of the L2-normalized ``embeddings (B, D)``), each positive pair (i, p)
+    gives ``−log(e^{z_ip} / (e^{z_ip} + Σ_{n∈N_i} e^{z_in}))``. ``"mean"`` averages over the positive pairs
+    (PML), ``"sum"`` sums them, ``"mean_nonzero"`` averages over the pairs whose anchor has a negative (the
+    others are 0), ``"none"`` returns (B,): each anchor's sum over its positive pairs. Never builds the
+    |P|×|N| tensor PML does: two streaming passes (the negatives' LSE, then the pairs).
+    """
+    v.check_reduction(reduction)
+    per_anchor, n_pos, n_neg = _ntxent_per_anchor(embeddings, labels, temperature=temperature, memory=memory)
+    if reduction in ("none", "sum"):
+        return _reduce(per_anchor, reduction)
+    if reduction == "mean":
+        count = n_pos.sum().to(torch.int64)
+    else:
+        count = torch.where(n_neg > 0, n_pos, torch.zeros_like(n_pos)).sum().to(torch.int64)
+    return mean_of_sum(per_anchor.sum(dtype=accumulation_dtype(per_anchor.dtype)), count, per_anchor.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- Multi-Similarity
+
+
+def _multi_similarity_per_anchor(
+    embeddings, labels, *, alpha, beta, base, mining_epsilon, memory, ref_emb=None, ref_labels=None
+):
+    alpha = v.check_positive_finite(alpha, "alpha")
+    beta = v.check_positive_finite(beta, "beta")
+    base = v.check_number(base, "base", finite=True)
+    x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
+    if mining_epsilon is None:
+        st, _ = _stats(x, y, labels, ref_labels, "multi_similarity", (alpha, beta, base), memory=memory)
+    else:
+        eps = v.check_number(mining_epsilon, "mining_epsilon", finite=True)
+        with torch.no_grad():  # the miner's thresholds select pairs; they carry no gradient
+            first, _ = _stats(
+                x.detach(),
+                None if y is None else y.detach(),
+                labels,
+                ref_labels,
+                "multi_similarity",
+                (alpha, beta, base),
+                memory=memory,
+            )
+        thresholds = first[:, MIN_POS : MAX_NEG + 1].contiguous()
+        st, _ = _stats(
+            x,
+            y,
+            labels,
+            ref_labels,
+            "multi_similarity_mined",
+            (alpha, beta, base, eps),
+            params=thresholds,
+            memory=memory,
+        )
+    has_pos, has_neg = st[:, COUNT_POS] > 0, st[:, COUNT_NEG] > 0
+    pos = torch.nn.functional.softplus(_safe(st[:, LSE_POS], has_pos))
+    neg = torch.nn.functional.softplus(_safe(st[:, LSE_NEG], has_neg))
+    loss = _safe(pos, has_pos) / alpha + _safe(neg, has_neg) / beta
+    return _out_dtype(loss, embeddings)
+
+
+def multi_similarity_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 2.0,
+    beta: float = 50.0,
+    base: float = 0.5,
+    mining_epsilon=None,
+    reduction: str = "mean",
+    memory: str = "auto",
+) -> torch.Tensor:
+    """Multi-Similarity loss (Wang et al. 2019; PML ``MultiSimilarityLoss``).
+
+    Each anchor gives ``(1/α)·log(1 + Σ_{p∈P_i} e^{−α(S_ip − base)}) + (1/β)·log(1 + Σ_{n∈N_i} e^{β(S_in − base)})``;
+    ``"mean"`` averages over all B anchors. ``mining_epsilon=ε`` keeps only the pairs PML's
+    ``MultiSimilarityMiner(epsilon=ε)`` keeps (positive p if S_ip − ε < max_n S_in, negative n if
+    S_in + ε > min_p S_ip), fused: a first streaming pass finds each anchor's thresholds, the second computes
+    the loss on the kept pairs.
+    """
+    v.check_reduction(reduction)
+    per_anchor = _multi_similarity_per_anchor(
+        embeddings, labels, alpha=alpha, beta=beta, base=base, mining_epsilon=mining_epsilon, memory=memory
+    )
+    return _reduce(per_anchor, reduction)
+
+
+# ---------------------------------------------------------------------------------------------------- Circle
+
+
+def _circle_per_anchor(embeddings, labels, *, m, gamma, memory, ref_emb=None, ref_labels=None):
+    m = v.check_number(m, "m", finite=True)
+    gamma = v.check_positive_finite(gamma, "gamma")
+    x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
+    st, _ = _stats(x, y, labels, ref_labels, "circle", (m, gamma), memory=memory)
+    valid = (st[:, COUNT_POS] > 0) & (st[:, COUNT_NEG] > 0)
+    loss = torch.nn.functional.softplus(_safe(st[:, LSE_POS], valid) + _safe(st[:, LSE_NEG], valid))
+    return _out_dtype(_safe(loss, valid), embeddings)
+
+
+def circle_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    m: float = 0.4,
+    gamma: float = 80.0,
+    reduction: str = "mean_nonzero",
+    memory: str = "auto",
+) -> torch.Tensor:
+    """Circle loss (Sun et al. 2020; PML ``CircleLoss``).
+
+    With a_p = relu(1 + m − S_ip) and a_n = relu(S_in + m) held constant, each anchor with a positive and a
+    negative gives ``softplus(LSE_p(−γ·a_p·(S_ip − 1 + m)) + LSE_n(γ·a_n·(S_in − m)))``; others give 0.
+    ``"mean_nonzero"`` (PML's default) averages over the anchors whose loss is > 0.
+    """
+    v.check_reduction(reduction)
+    return _reduce(_circle_per_anchor(embeddings, labels, m=m, gamma=gamma, memory=memory), reduction)
+
+
+# ---------------------------------------------------------------------------------------------------- lifted
+
+
+def _generalized_lifted_per_anchor(
+    embeddings, labels, *, pos_margin, neg_margin, memory, ref_emb=None, ref_labels=None
+):
+    pos_margin = v.check_number(pos_margin, "pos_margin", finite=True)
+    neg_margin = v.check_number(neg_margin, "neg_margin", finite=True)
+    x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
+    st, _ = _stats(x, y, labels, ref_labels, "lifted", (pos_margin, neg_margin), memory=memory)
+    has_pos, has_neg = st[:, COUNT_POS] > 0, st[:, COUNT_NEG] > 0
+    loss = torch.relu(_safe(st[:, LSE_POS], has_pos) + _safe(st[:, LSE_NEG], has_neg))
+    return _out_dtype(loss, embeddings)
+
+
+def generalized_lifted_structure_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    reduction: str = "mean",
+    memory: str = "auto",
+) -> torch.Tensor:
+    """Generalized lifted structure loss (Hermans et al. 2017, p. 4; PML ``GeneralizedLiftedStructureLoss``).
+
+    On d, the euclidean distance of the L2-normalized embeddings: each anchor gives
+    ``relu(LSE_{p∈P_i}(d_ip − pos_margin) + LSE_{n∈N_i}(neg_margin − d_in))``, an empty set's LSE counting as 0;
+    ``"mean"`` averages over all B anchors. Duplicated rows are at distance exactly 0 (gradient 0, never inf).
+    """
+    v.check_reduction(reduction)
+    per_anchor = _generalized_lifted_per_anchor(
+        embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin, memory=memory
+    )
+    return _reduce(per_anchor, reduction)
+
+
+# ---------------------------------------------------------------------------------------------------- InfoNCE
+
+
+def _check_temperature(temperature, like: torch.Tensor):
+    """1/temperature as a 0-dim tensor in the statistics' dtype (differentiable when temperature requires grad)."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0 or not temperature.is_floating_point():
+            raise ValueError(
+                f"temperature must be a float or a 0-dim floating tensor, got a {temperature.dtype} tensor of shape "
+                f"{tuple(temperature.shape)}"
+            )
+        if temperature.device != like.device and temperature.device.type != "cpu":
+            raise ValueError(f"temperature must be on the queries' device ({like.device}) or the CPU")
+        if not torch.compiler.is_compiling() and temperature.device.type != "meta":
+            value = float(temperature.detach())
+            if not (value > 0 and value != float("inf")):
+                raise ValueError(f"temperature must be a finite number > 0, got {value}")
+        return (1.0 / temperature).to(device=like.device, dtype=accumulation_dtype(like.dtype))
+    value = v.check_positive_finite(temperature, "temperature")
+    return _scale_tensor(1.0 / value, like)
+
+
+def info_nce_loss(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    temperature=0.05,
+    symmetric: bool = False,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """InfoNCE over paired views (sentence-transformers' MultipleNegativesRankingLoss; CLIP with ``symmetric``).
+
+    ``queries (N, D)``, ``keys (M, D)``, M ≥ N: query i's positive is key i, every other key (rows past N
+    included: extra hard negatives) is a negative. Equals ``F.cross_entropy(S / τ, arange(N))`` with S the
+    cosine similarity (the dot product when ``normalize=False``), values and gradients. ``symmetric=True``
+    (CLIP; needs M == N) averages it with the same loss from keys to queries. ``temperature``: a float or a
+    0-dim tensor; a tensor that requires grad (a learnable logit scale) gets its exact gradient.
+    ``reduction``: ``"mean"``, ``"sum"``, ``"none"`` ((N,): each query's term, averaged with its key's when
+    symmetric). Never holds the N×M matrix: tiles of S are recomputed in the backward (extra memory
+    O((N + M)·D) plus one tile).
+    """
+    v.check_embeddings(queries, "queries")
+    v.check_embeddings(keys, "keys")
+    v.check_same_device_dtype(queries, "queries", keys, "keys")
+    v.check_same_dim(queries, "queries", keys, "keys")
+    v.check_flag(symmetric, "symmetric")
+    v.check_flag(normalize, "normalize")
+    v.check_reduction(reduction, ("mean", "sum", "none"))
+    n, m = queries.shape[0], keys.shape[0]
+    if m < n:
+        raise ValueError(f"keys must have at least as many rows as queries (M >= N={n}), got M={m}")
+    if symmetric and m != n:
+        raise ValueError(f"symmetric=True needs as many keys as queries (M == N={n}), got M={m}")
+    scale = _check_temperature(temperature, queries)
+    q = _l2_normalize(queries) if normalize else queries
+    k = _l2_normalize(keys) if normalize else keys
+    row_keys = torch.arange(n, device=queries.device)
+    col_keys = torch.arange(m, device=queries.device)
+    block_rows, block_cols = _tile("streaming", n, m)
+    rows, cols = ops.lse_stats(q, k, row_keys, col_keys, None, scale, "scaled", [], symmetric, block_rows, block_cols)
+    # cross-entropy: LSE over all keys − the positive's logit (lin_pos = z_ii)
+    loss = torch.logaddexp(rows[:, LSE_POS], rows[:, LSE_NEG]) - rows[:, LIN_POS]
+    if symmetric:
+        loss = 0.5 * (loss + torch.logaddexp(cols[:, LSE_POS], cols[:, LSE_NEG]) - cols[:, LIN_POS])
+    loss = _out_dtype(loss, queries)
+    return _reduce(loss, reduction)

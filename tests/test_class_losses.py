@@ -258,3 +258,17 @@ def test_large_logits_stay_finite(device, chunk):
         assert all(torch.isfinite(t).all() for t in got)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_cpu_autocast_runs_in_float32():
+    x, labels, w = _inputs(8, 6, 4, dtype=torch.float32)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        arc = metricops.arcface_loss(xb, labels, wb, scale=8.0)
+        proxy = metricops.proxy_anchor_loss(xb, labels, wb, alpha=6.0)
+    assert arc.dtype == proxy.dtype == torch.float32
+    for got, ref in (
+        (arc, reference.arcface_loss(xb.double(), labels, wb.double(), scale=8.0)),
+        (proxy, reference.proxy_anchor_loss(xb.double(), labels, wb.double(), alpha=6.0)),
+    ):
+        assert abs(got.item() - ref.item()) <= 1e-4 * (1 + abs(ref.item()))

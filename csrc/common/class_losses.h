@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <utility>
 
@@ -178,6 +179,32 @@ inline std::pair<at::Tensor, at::Tensor> class_norm_factors(const at::Tensor& we
   const at::Tensor inv_norm = norm.clamp_min(kClassNormEps).reciprocal();  // clamp_min keeps NaN
   const at::Tensor projection = at::where(norm.ge(kClassNormEps), norm.square().reciprocal(), 0.0);
   return {inv_norm, projection};
+}
+
+// The contiguous (rows, cols) view at the start of a flat tile buffer (mm_out
+// writes it without a copy).
+inline at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// grad[c] −= <grad[c], w[c]>·projection[c]·w[c] for a chunk of class rows:
+// the rest of F.normalize's backward (see class_norm_projection).
+inline void project_class_grad(at::Tensor& grad_chunk, const at::Tensor& w_chunk, const at::Tensor& projection_chunk) {
+  const at::Tensor k = grad_chunk.mul(w_chunk).sum(1).mul_(projection_chunk);
+  grad_chunk.sub_(w_chunk.mul(k.unsqueeze(1)));
+}
+
+inline void check_margin_softmax_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& lse, int64_t B) {
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B && lse.sizes() == grad_loss.sizes(),
+                    "margin_softmax_loss_backward: grad and lse must have shape (", B, "), got ", grad_loss.sizes(),
+                    " and ", lse.sizes());
+}
+
+inline void check_proxy_anchor_backward_inputs(std::initializer_list<const at::Tensor*> per_class, int64_t C) {
+  for (const at::Tensor* t : per_class) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, "proxy_anchor_loss_backward: per-class tensors must have ",
+                      "shape (", C, "), got ", t->sizes());
+  }
 }
 
 // Classes per chunk: `forced` when > 0 (tests cross chunk boundaries), else

@@ -38,12 +38,6 @@ void check_labels_in_range(const at::Tensor& labels, int64_t C) {
   }
 }
 
-// The contiguous (rows, cols) view at the start of a flat buffer (mm_out
-// writes it without a copy).
-at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
-  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
 // Row i of a margin-softmax forward tile (columns c0.., `inv` and the target
 // index t relative to c0): cosines in, logits out in place; returns the
 // chunk's log-sum-exp statistics and records the target's cosine when t is
@@ -139,12 +133,6 @@ METRICOPS_SIMD_CLONES void proxy_row_backward(const ProxyAnchorPolicy<scalar_t>&
   for (int64_t i = 0; i < B; ++i) row[i] = policy.grad(row[i] * inv, labels[i] == c, g_pos, g_neg, pos, neg) * inv;
 }
 
-// grad_w[c] −= <grad_w[c], w[c]>·projection[c]·w[c] for the chunk's rows.
-void project_class_grad(at::Tensor& grad_chunk, const at::Tensor& w_chunk, const at::Tensor& projection_chunk) {
-  const at::Tensor k = grad_chunk.mul(w_chunk).sum(1).mul_(projection_chunk);
-  grad_chunk.sub_(w_chunk.mul(k.unsqueeze(1)));
-}
-
 std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels_in,
                                                            const at::Tensor& weight, c10::string_view kind_name,
                                                            double margin, double scale, int64_t class_chunk) {
@@ -198,9 +186,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cpu(
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t B = x.size(0), C = weight.size(0);
-  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B && lse_in.sizes() == grad_loss.sizes(),
-                    "margin_softmax_loss_backward: grad and lse must have shape (", B, "), got ", grad_loss.sizes(),
-                    " and ", lse_in.sizes());
+  check_margin_softmax_backward_inputs(grad_loss, lse_in, B);
   const at::Tensor g = grad_loss.to(x.scalar_type()).contiguous();
   const at::Tensor lse = lse_in.to(x.scalar_type()).contiguous();
   at::Tensor grad_x = at::zeros_like(x);
@@ -281,10 +267,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t B = x.size(0), C = proxies.size(0);
-  for (const at::Tensor* t : {&grad_pos_in, &grad_neg_in, &pos_in, &neg_in}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, "proxy_anchor_loss_backward: per-class tensors must have ",
-                      "shape (", C, "), got ", t->sizes());
-  }
+  check_proxy_anchor_backward_inputs({&grad_pos_in, &grad_neg_in, &pos_in, &neg_in}, C);
   const auto acc = x.scalar_type();
   const at::Tensor g_pos = grad_pos_in.to(acc).contiguous(), g_neg = grad_neg_in.to(acc).contiguous();
   const at::Tensor pos = pos_in.to(acc).contiguous(), neg = neg_in.to(acc).contiguous();

@@ -40,10 +40,6 @@ void tile_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
-at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
-  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
 template <typename acc_t>
 __device__ inline OnlineLse<acc_t> warp_merge(OnlineLse<acc_t> s) {
   for (int offset = 16; offset > 0; offset /= 2) {
@@ -149,11 +145,6 @@ __global__ void proxy_anchor_grad_kernel(acc_t* __restrict__ tile, int64_t n, in
   }
 }
 
-void project_class_grad(at::Tensor& grad_chunk, const at::Tensor& w_chunk, const at::Tensor& projection_chunk) {
-  const at::Tensor k = grad_chunk.mul(w_chunk).sum(1).mul_(projection_chunk);
-  grad_chunk.sub_(w_chunk.mul(k.unsqueeze(1)));
-}
-
 std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_cuda(const at::Tensor& embeddings, const at::Tensor& labels_in,
                                                             const at::Tensor& weight, c10::string_view kind_name,
                                                             double margin, double scale, int64_t class_chunk) {
@@ -205,9 +196,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cuda(
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t B = x.size(0), C = weight.size(0);
-  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B && lse_in.sizes() == grad_loss.sizes(),
-                    "margin_softmax_loss_backward: grad and lse must have shape (", B, "), got ", grad_loss.sizes(),
-                    " and ", lse_in.sizes());
+  check_margin_softmax_backward_inputs(grad_loss, lse_in, B);
   const auto acc = acc_type(x);
   const auto opts = x.options().dtype(acc);
   at::Tensor grad_w = at::empty({C, x.size(1)}, x.options());
@@ -280,10 +269,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t B = x.size(0), C = proxies.size(0);
-  for (const at::Tensor* t : {&grad_pos_in, &grad_neg_in, &pos_in, &neg_in}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, "proxy_anchor_loss_backward: per-class tensors must have ",
-                      "shape (", C, "), got ", t->sizes());
-  }
+  check_proxy_anchor_backward_inputs({&grad_pos_in, &grad_neg_in, &pos_in, &neg_in}, C);
   const auto acc = acc_type(x);
   const auto opts = x.options().dtype(acc);
   at::Tensor grad_p = at::empty({C, x.size(1)}, x.options());

@@ -73,6 +73,8 @@ def _cast_parameter(param: torch.nn.Parameter, embeddings: torch.Tensor) -> None
 
 
 class _MarginSoftmaxLoss(torch.nn.Module):
+    """ArcFace/CosFace plumbing; ``self.margin`` is what the functional takes (ArcFace: radians, as PML keeps it)."""
+
     _kind = ""
 
     def __init__(self, num_classes, embedding_size, margin, scale, distance, reducer, weight_init_func, kwargs):
@@ -89,9 +91,6 @@ class _MarginSoftmaxLoss(torch.nn.Module):
         self.weight_init_func = weight_init_func or torch.nn.init.normal_
         self.weight_init_func(self.W)
 
-    def _margin_radians(self) -> float:
-        return self.margin
-
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         v.check_tensor(embeddings, "embeddings")
         _labels_required(labels)
@@ -99,7 +98,7 @@ class _MarginSoftmaxLoss(torch.nn.Module):
         labels = labels.to(embeddings.device)
         _cast_parameter(self.W, embeddings)
         rows = _class_losses._margin_softmax(
-            embeddings, labels, self.W.t(), self._kind, self._margin_radians(), self.scale, "none"
+            embeddings, labels, self.W.t(), self._kind, self.margin, self.scale, "none"
         )
         if indices_tuple is not None:
             rows = rows * _miner_weights(indices_tuple, labels, rows.dtype)

@@ -217,6 +217,70 @@ SCALE = Table(
     size_keys=("B", "D"),
 )
 
+# The similarity suite (benchmarks/suites/similarity.py). Its table is shown once a full run's JSON holds its
+# rows (runs before the suite existed have none); then every row and contender below is required as elsewhere.
+SIM_GEMM = Cell("x @ x.T (one GEMM, forward only)", ratio=False)
+_SIM_CELLS = (
+    Cell("metricops"),
+    Cell("metricops.pml"),
+    Cell("pytorch-metric-learning"),
+    Cell("reference"),
+    SIM_GEMM,
+)
+SIMILARITY = Table(
+    header=(
+        "similarity loss (forward+backward)",
+        "size",
+        "metricops",
+        "metricops.pml drop-in",
+        "pytorch-metric-learning {pml} / torch",
+        "metricops.reference",
+        "yardstick, not the loss: one GEMM, forward only",
+    ),
+    rows=(
+        Row("SupCon", "supcon_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
+        Row("NT-Xent", "ntxent_loss", {"B": 512, "D": 128}, _SIM_CELLS),
+        Row("NT-Xent", "ntxent_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
+        Row("Multi-Similarity", "multi_similarity_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
+        Row(
+            "Multi-Similarity + its miner (`mining_epsilon=0.1`)",
+            "multi_similarity_loss + miner",
+            {"B": 2048, "D": 128},
+            _SIM_CELLS,
+        ),
+        Row("Circle", "circle_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
+        Row("generalized lifted structure", "generalized_lifted_structure_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
+        *(
+            Row(
+                "lifted structure (PML's; metricops has no functional yet: its drop-in on the engine is the base)",
+                "lifted_structure_loss",
+                {"B": b, "D": 128},
+                (NONE, Cell("metricops.pml", ratio=False), *_SIM_CELLS[2:]),
+            )
+            for b in (256, 2048)
+        ),
+        Row(
+            "InfoNCE, symmetric (CLIP), τ=0.05",
+            "info_nce_loss",
+            {"N": 16384, "D": 256},
+            (
+                Cell("metricops"),
+                NONE,
+                Cell("torch CLIP loss", "torch CLIP loss"),
+                NONE,
+                Cell("q @ k.T (one GEMM, forward only)", ratio=False),
+            ),
+        ),
+    ),
+    size_keys=("B", "N", "D"),
+)
+
+
+def _has_similarity_rows(report: dict) -> bool:
+    ops = {r.op for r in SIMILARITY.rows}
+    return any(r["op"] in ops for r in report["results"])
+
+
 # (label, op, params) of the rows whose metricops time is set against a yardstick in the prose.
 GEMM_YARDSTICK = "x @ x.T (one GEMM, forward only)"
 YARDSTICK_ROWS = (
@@ -406,6 +470,16 @@ def render(report: dict) -> str:
         'Scale (D=128, B/8 classes, forward+backward, time and peak extra memory): `memory="streaming"` vs the '
         "B×B matrix, and the other implementations of the same loss while they fit.",
         render_table(report, SCALE),
+        *(
+            [
+                "Similarity losses (8 embeddings per class; each contender with PML's defaults, the same loss; "
+                "metricops.pml is the drop-in class, metricops the functional op). The last column is no contender: "
+                "one GEMM of the same inputs, for scale.",
+                render_table(report, SIMILARITY),
+            ]
+            if _has_similarity_rows(report)
+            else []
+        ),
         "Where metricops is behind (every row of the run where a contender computing the same thing is faster):",
         "\n".join(others) if others else "- nowhere in this run.",
         'Where `memory="streaming"` (or the matrix path) is the slower of metricops\' own two paths:',

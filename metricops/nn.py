@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _validation as v
@@ -199,6 +201,173 @@ class PairContrastiveLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return _format_args(self, ("margin", "metric", "squared", "reduction"))
+
+
+# ----------------------------------------------------------------------------- similarity losses (issue 15)
+
+MarginRankingLoss = torch.nn.MarginRankingLoss  # torch.nn's, so `nn.MarginRankingLoss` survives the import swap
+
+
+def _similarity_op(name: str):
+    """metricops' functional ``name`` (metricops.similarity), looked up at call time."""
+    import metricops
+
+    fn = getattr(metricops, name, None)
+    if fn is None:
+        raise NotImplementedError(f"metricops.{name} is not available in this build of metricops")
+    return fn
+
+
+class _SimilarityLoss(_LabelledBatchLoss):
+    """``forward(embeddings, labels)`` on a metricops similarity loss; each argument an attribute read at every
+    call (the functional validates it)."""
+
+    _op_name: str
+    _streams_reduction_none = True  # (B,) terms
+
+    def __init__(self, **kwargs):
+        for name in ("temperature", "alpha", "beta", "gamma"):
+            if name in kwargs:
+                v.check_positive_finite(kwargs[name], name)
+        for name in ("base", "m"):
+            if name in kwargs:
+                v.check_number(kwargs[name], name, finite=True)
+        if kwargs.get("mining_epsilon") is not None:
+            v.check_number(kwargs["mining_epsilon"], "mining_epsilon")
+        super().__init__(**kwargs)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _similarity_op(self._op_name)(embeddings, labels, **self._loss_kwargs())
+
+
+class SupConLoss(_SimilarityLoss):
+    """Module form of :func:`metricops.supcon_loss`. ``forward(embeddings, labels)``."""
+
+    _op_name = "supcon_loss"
+    _arg_names = ("temperature", "reduction", "memory")
+
+    def __init__(self, temperature: float = 0.1, reduction: str = "mean_nonzero", memory: str = "auto"):
+        super().__init__(temperature=temperature, reduction=reduction, memory=memory)
+
+
+class NTXentLoss(_SimilarityLoss):
+    """Module form of :func:`metricops.ntxent_loss`. ``forward(embeddings, labels)``."""
+
+    _op_name = "ntxent_loss"
+    _arg_names = ("temperature", "reduction", "memory")
+
+    def __init__(self, temperature: float = 0.07, reduction: str = "mean", memory: str = "auto"):
+        super().__init__(temperature=temperature, reduction=reduction, memory=memory)
+
+
+class MultiSimilarityLoss(_SimilarityLoss):
+    """Module form of :func:`metricops.multi_similarity_loss`. ``forward(embeddings, labels)``."""
+
+    _op_name = "multi_similarity_loss"
+    _arg_names = ("alpha", "beta", "base", "mining_epsilon", "reduction", "memory")
+
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        mining_epsilon: float | None = None,
+        reduction: str = "mean",
+        memory: str = "auto",
+    ):
+        super().__init__(
+            alpha=alpha, beta=beta, base=base, mining_epsilon=mining_epsilon, reduction=reduction, memory=memory
+        )
+
+
+class CircleLoss(_SimilarityLoss):
+    """Module form of :func:`metricops.circle_loss`. ``forward(embeddings, labels)``."""
+
+    _op_name = "circle_loss"
+    _arg_names = ("m", "gamma", "reduction", "memory")
+
+    def __init__(self, m: float = 0.4, gamma: float = 80.0, reduction: str = "mean_nonzero", memory: str = "auto"):
+        super().__init__(m=m, gamma=gamma, reduction=reduction, memory=memory)
+
+
+class _LiftedLoss(_SimilarityLoss):
+    _arg_names = ("pos_margin", "neg_margin", "reduction", "memory")
+
+    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, reduction: str = "mean", memory: str = "auto"):
+        super().__init__(pos_margin=pos_margin, neg_margin=neg_margin, reduction=reduction, memory=memory)
+
+
+class GeneralizedLiftedStructureLoss(_LiftedLoss):
+    """Module form of :func:`metricops.generalized_lifted_structure_loss`. ``forward(embeddings, labels)``."""
+
+    _op_name = "generalized_lifted_structure_loss"
+
+
+class LiftedStructureLoss(_LiftedLoss):
+    """Module form of :func:`metricops.lifted_structure_loss`. ``forward(embeddings, labels)``."""
+
+    _op_name = "lifted_structure_loss"
+
+
+class InfoNCELoss(torch.nn.Module):
+    """Module form of :func:`metricops.info_nce_loss`. ``forward(queries, keys)``.
+
+    ``learn_temperature=True`` holds the logit scale log(1/τ) as the parameter ``logit_scale`` (CLIP's
+    parametrization, initialized from ``temperature``); each call uses τ = exp(−logit_scale), with its exact
+    gradient. CLIP training also clamps the scale (``logit_scale.data.clamp_(0, math.log(100))`` after the
+    optimizer step); that is left to the training loop. ``temperature`` reads (and sets) the current τ.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        symmetric: bool = False,
+        normalize: bool = True,
+        learn_temperature: bool = False,
+        reduction: str = "mean",
+    ):
+        super().__init__()
+        v.check_positive_finite(temperature, "temperature")
+        v.check_flag(symmetric, "symmetric")
+        v.check_flag(normalize, "normalize")
+        v.check_flag(learn_temperature, "learn_temperature")
+        v.check_reduction(reduction)
+        self.symmetric = symmetric
+        self.normalize = normalize
+        self.reduction = reduction
+        self.learn_temperature = learn_temperature
+        if learn_temperature:
+            self.logit_scale = torch.nn.Parameter(torch.tensor(-math.log(float(temperature))))
+        else:
+            self._temperature = temperature
+
+    @property
+    def temperature(self):
+        if self.learn_temperature:
+            return math.exp(-self.logit_scale.item())
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value):
+        if self.learn_temperature:
+            with torch.no_grad():
+                self.logit_scale.fill_(-math.log(v.check_positive_finite(value, "temperature")))
+        else:
+            self._temperature = value
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        temperature = torch.exp(-self.logit_scale) if self.learn_temperature else self._temperature
+        return _similarity_op("info_nce_loss")(
+            queries,
+            keys,
+            temperature=temperature,
+            symmetric=self.symmetric,
+            normalize=self.normalize,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return _format_args(self, ("temperature", "symmetric", "normalize", "learn_temperature", "reduction"))
 
 
 class _ClassParameterLoss(torch.nn.Module):

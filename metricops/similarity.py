@@ -220,6 +220,9 @@ def _multi_similarity_per_anchor(
     pos = torch.nn.functional.softplus(_safe(st[:, LSE_POS], has_pos))
     neg = torch.nn.functional.softplus(_safe(st[:, LSE_NEG], has_neg))
     loss = _safe(pos, has_pos) / alpha + _safe(neg, has_neg) / beta
+    if mining_epsilon is not None:  # PML: a miner output of <= 1 positive and <= 1 negative pair gives 0
+        enough = (st[:, COUNT_POS].sum() > 1) | (st[:, COUNT_NEG].sum() > 1)
+        loss = _safe(loss, enough.expand_as(loss))
     return _out_dtype(loss, embeddings)
 
 
@@ -316,6 +319,62 @@ def generalized_lifted_structure_loss(
         embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin, memory=memory
     )
     return _reduce(per_anchor, reduction)
+
+
+def _lifted_per_anchor(embeddings, labels, *, pos_margin, neg_margin, memory, count_nonzero=False):
+    """(per-anchor sums of PML's LiftedStructureLoss pair terms (B,), positive pairs per anchor (B,), pairs
+    with a term > 0 (0-dim, only when count_nonzero))."""
+    pos_margin = v.check_number(pos_margin, "pos_margin", finite=True)
+    neg_margin = v.check_number(neg_margin, "neg_margin", finite=True)
+    x, _, labels, _ = _prepare_labelled(embeddings, labels, "none", memory)
+    st, _ = _stats(x, None, labels, None, "lifted", (pos_margin, neg_margin), memory=memory)
+    neg_lse = st[:, LSE_NEG]  # L_i = LSE_{n∈N_i}(neg_margin − d_in), -inf without negatives
+    params = torch.stack([neg_lse, torch.ones_like(neg_lse)], 1)
+    pairs, _ = _stats(x, None, labels, None, "lifted_pairs", (pos_margin, 0.0), params=params, memory=memory)
+    # PML: a batch without any positive pair or any negative pair gives 0
+    batch_ok = (st[:, COUNT_POS] > 0).any() & (st[:, COUNT_NEG] > 0).any()
+    per_anchor = _safe(pairs[:, LIN_POS], batch_ok.expand(pairs.shape[0]))
+    nonzero = None
+    if count_nonzero:
+        with torch.no_grad():
+            counted, _ = _stats(
+                x.detach(), None, labels, None, "lifted_pairs", (pos_margin, 1.0), params=params.detach(), memory=memory
+            )
+            nonzero = torch.where(batch_ok, counted[:, LIN_POS].sum(), 0).to(torch.int64)
+    return _out_dtype(per_anchor, embeddings), st[:, COUNT_POS], nonzero
+
+
+def lifted_structure_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    reduction: str = "mean",
+    memory: str = "auto",
+) -> torch.Tensor:
+    """Lifted structure loss as PML's ``LiftedStructureLoss`` computes it (Oh Song et al. 2016).
+
+    On d, the euclidean distance of the L2-normalized embeddings, each ordered positive pair (a, p) gives
+    ``relu(LSE({neg_margin − d_an : n ∈ N_a} ⊎ {neg_margin − d_pn : n ∈ N_p}) + d_ap − pos_margin)² / 2`` (an
+    empty set's LSE counts as 0); a batch without any positive or any negative pair gives 0. ``"mean"``
+    averages over the positive pairs, ``"mean_nonzero"`` over those whose term is > 0, ``"none"`` returns
+    (B,): each anchor's sum over its positive pairs. Streaming: the negatives' LSE per row, then a pass over
+    the pairs with both rows' LSEs; nothing |P|×|N| or B×B is held.
+    """
+    v.check_reduction(reduction)
+    per_anchor, n_pos, nonzero = _lifted_per_anchor(
+        embeddings,
+        labels,
+        pos_margin=pos_margin,
+        neg_margin=neg_margin,
+        memory=memory,
+        count_nonzero=reduction == "mean_nonzero",
+    )
+    if reduction in ("none", "sum"):
+        return _reduce(per_anchor, reduction)
+    count = n_pos.sum().to(torch.int64) if reduction == "mean" else nonzero
+    return mean_of_sum(per_anchor.sum(dtype=accumulation_dtype(per_anchor.dtype)), count, per_anchor.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- InfoNCE

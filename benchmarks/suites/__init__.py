@@ -9,6 +9,7 @@ from .contrastive import contrastive_loss_cases, triplet_margin_loss_cases
 from .distance import pairwise_distance_cases
 from .retrieval import knn_cases
 from .scale import scale_cases
+from .similarity import similarity_cases
 from .triplet import triplet_cases
 
 SUITES = {
@@ -18,5 +19,6 @@ SUITES = {
     "contrastive_loss": contrastive_loss_cases,
     "knn": knn_cases,
     "scale": scale_cases,
+    "similarity": similarity_cases,
     "class_losses": class_losses_cases,
 }

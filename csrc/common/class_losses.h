@@ -102,7 +102,7 @@ struct MarginSoftmaxPolicy {
   // φ(c), the label's cosine after the margin, and dφ/dc in `slope`.
   // ArcFace (as PML): c clamped to [−1, 1] (slope 0 outside), then cos(θ + m)
   // where θ ≤ π − m, else cos θ − m·sin m. CosFace: c − m.
-  C10_HOST_DEVICE acc_t target(acc_t c, acc_t& slope) const {
+  METRICOPS_LSE_INLINE acc_t target(acc_t c, acc_t& slope) const {
     if (kind == MarginKind::CosFace) {
       slope = acc_t(1);
       return c - margin;
@@ -125,14 +125,14 @@ struct MarginSoftmaxPolicy {
   }
 
   // Row i's logit for class c with cosine s (is_target: c == labels[i]).
-  C10_HOST_DEVICE acc_t logit(acc_t s, bool is_target) const {
+  METRICOPS_LSE_INLINE acc_t logit(acc_t s, bool is_target) const {
     acc_t unused;
     return scale * (is_target ? target(s, unused) : s);
   }
 
   // d(loss)/d(S_ic) for a row with upstream gradient g and final log-sum-exp
   // lse: g·scale·(softmax_ic − [c = y_i])·(dφ/dc at the target, else 1).
-  C10_HOST_DEVICE acc_t grad(acc_t s, bool is_target, acc_t g, acc_t lse) const {
+  METRICOPS_LSE_INLINE acc_t grad(acc_t s, bool is_target, acc_t g, acc_t lse) const {
     if (!is_target) return g * scale * lse::lse_exp(scale * s - lse);
     acc_t slope;
     const acc_t z = scale * target(s, slope);
@@ -149,16 +149,17 @@ struct ProxyAnchorPolicy {
   static ProxyAnchorPolicy make(double margin, double alpha) {
     return {static_cast<acc_t>(alpha), static_cast<acc_t>(margin)};
   }
-  C10_HOST_DEVICE acc_t pos_exponent(acc_t s) const { return -alpha * (s - margin); }
-  C10_HOST_DEVICE acc_t neg_exponent(acc_t s) const { return alpha * (s + margin); }
+  METRICOPS_LSE_INLINE acc_t pos_exponent(acc_t s) const { return -alpha * (s - margin); }
+  METRICOPS_LSE_INLINE acc_t neg_exponent(acc_t s) const { return alpha * (s + margin); }
 
-  C10_HOST_DEVICE acc_t exponent(acc_t s, bool is_pos) const { return is_pos ? pos_exponent(s) : neg_exponent(s); }
+  METRICOPS_LSE_INLINE acc_t exponent(acc_t s, bool is_pos) const { return is_pos ? pos_exponent(s) : neg_exponent(s); }
 
   // d(loss)/d(S_ic) given the upstream gradients of the class's two terms:
   // a term t = log(1 + Σ e^z) has dt/dz = e^{z − t} (≤ 1). Branch-free, one
   // exp (lse_stats.h's lse_exp: a polynomial on the host), so the CPU loop
   // calling it vectorizes.
-  C10_HOST_DEVICE acc_t grad(acc_t s, bool is_pos, acc_t g_pos, acc_t g_neg, acc_t pos_term, acc_t neg_term) const {
+  METRICOPS_LSE_INLINE acc_t grad(acc_t s, bool is_pos, acc_t g_pos, acc_t g_neg, acc_t pos_term,
+                                  acc_t neg_term) const {
     const acc_t z = exponent(s, is_pos) - (is_pos ? pos_term : neg_term);
     return (is_pos ? -alpha * g_pos : alpha * g_neg) * lse::lse_exp(z);
   }

@@ -18,6 +18,8 @@
 //
 // A policy is a small struct (see ScaledPolicy) with:
 //   static constexpr bool kLse;        // whether φ's log-sum-exp is needed (else only lin/aux)
+//   static constexpr bool kLin;        // whether lin/aux are (else they are 0 and not summed)
+//   static constexpr bool kDScale;     // whether dphi_dscale is (else 0)
 //   bool keep(s, pos, own, other);     // whether a non-ignored entry counts (the MS miner's mask)
 //   void eval(s, pos, own, other, phi, lin, aux, dphi_dscale);        // forward values
 //   void grad(s, pos, own, other, phi, dphi_ds, dlin_ds);             // backward derivatives
@@ -30,6 +32,21 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+// Forced inlining: the CPU epilogues only vectorise when exp and the
+// policies' functions are inlined into their loops.
+#if defined(__GNUC__) && !defined(__CUDA_ARCH__)
+#define METRICOPS_LSE_INLINE C10_HOST_DEVICE inline __attribute__((always_inline))
+#else
+#define METRICOPS_LSE_INLINE C10_HOST_DEVICE inline
+#endif
+
+// Floating-point compares may not trap here (torch builds with the same
+// flag): without it GCC cannot turn the epilogues' selects into vector blends.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
 
 namespace metricops {
 namespace lse {
@@ -88,12 +105,15 @@ C10_HOST_DEVICE inline T pos_inf() {
 // arguments below -87 flush to 0 (they are always φ - max <= 0 here, so
 // they are negligible next to the max's own term 1). float64 and device: libm.
 C10_HOST_DEVICE inline double lse_exp(double x) { return ::exp(x); }
-C10_HOST_DEVICE inline float lse_exp(float x) {
+METRICOPS_LSE_INLINE float lse_exp(float x) {
 #ifdef __CUDA_ARCH__
   return ::expf(x);
 #else
+  // Written for the vectoriser: selects instead of branches, rounding by the
+  // 1.5·2^23 trick instead of floor (a libm call on baseline x86-64), and the
+  // exponent built with a bit cast.
   const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -102,12 +122,8 @@ C10_HOST_DEVICE inline float lse_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  union {
-    int32_t i;
-    float f;
-  } bits;
-  bits.i = (static_cast<int32_t>(n) + 127) << 23;
-  float y = p * bits.f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float y = p * __builtin_bit_cast(float, e);
   y = x < -87.0f ? 0.0f : y;
   y = x > 88.0f ? pos_inf<float>() : y;
   return x != x ? x : y;
@@ -172,6 +188,33 @@ C10_HOST_DEVICE inline void acc_merge(acc_t* a, const acc_t* b) {
   a[kAccMaxNegS] = b[kAccMaxNegS] > a[kAccMaxNegS] ? b[kAccMaxNegS] : a[kAccMaxNegS];
 }
 
+// Adds one evaluated entry to an accumulator, online (one entry at a time:
+// the CUDA epilogues' per-thread path; the CPU ones work chunk-wise).
+template <typename acc_t>
+C10_HOST_DEVICE inline void acc_add(acc_t* a, bool pos, acc_t s, acc_t phi, acc_t lin, acc_t aux, acc_t dsc, bool lse) {
+  const int mf = pos ? kAccMaxPos : kAccMaxNeg, sf = pos ? kAccSumPos : kAccSumNeg, wf = pos ? kAccWPos : kAccWNeg;
+  if (lse) {
+    if (phi > a[mf]) {
+      const acc_t f = rescale_factor(a[mf], phi);
+      a[sf] = a[sf] * f + acc_t(1);
+      a[wf] = a[wf] * f + dsc;
+      a[mf] = phi;
+    } else {  // a NaN φ lands here and makes the sum NaN
+      const acc_t e = lse_exp(phi - a[mf]);
+      a[sf] += e;
+      a[wf] += e * dsc;
+    }
+  }
+  a[pos ? kAccLinPos : kAccLinNeg] += lin;
+  a[pos ? kAccAuxPos : kAccAuxNeg] += aux;
+  a[pos ? kAccCountPos : kAccCountNeg] += acc_t(1);
+  if (pos) {
+    a[kAccMinPos] = s < a[kAccMinPos] ? s : a[kAccMinPos];
+  } else {
+    a[kAccMaxNegS] = s > a[kAccMaxNegS] ? s : a[kAccMaxNegS];
+  }
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline void acc_finalize(const acc_t* a, acc_t* out) {
   const int fields[2][4] = {{kAccMaxPos, kAccSumPos, kAccWPos, kLsePos}, {kAccMaxNeg, kAccSumNeg, kAccWNeg, kLseNeg}};
@@ -205,8 +248,8 @@ C10_HOST_DEVICE inline void grad_coefficients(const acc_t* stats, const acc_t* g
 
 // dL/ds of one kept entry of a row with coefficients g.
 template <typename Policy, typename acc_t>
-C10_HOST_DEVICE inline acc_t entry_grad(const Policy& p, acc_t s, bool pos, const acc_t* own, const acc_t* other,
-                                        const acc_t* g) {
+METRICOPS_LSE_INLINE acc_t entry_grad(const Policy& p, acc_t s, bool pos, const acc_t* own, const acc_t* other,
+                                      const acc_t* g) {
   acc_t phi, dphi, dlin;
   p.grad(s, pos, own, other, phi, dphi, dlin);
   const acc_t lse = pos ? g[kGLsePos] : g[kGLseNeg];
@@ -223,16 +266,19 @@ C10_HOST_DEVICE inline acc_t entry_grad(const Policy& p, acc_t s, bool pos, cons
 template <typename acc_t>
 struct ScaledPolicy {
   static constexpr bool kLse = true;
+  static constexpr bool kLin = true;
+  static constexpr bool kDScale = true;
   acc_t scale;
-  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
     phi = scale * s;
     lin = phi;
     aux = acc_t(0);
     dphi_dscale = s;
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     phi = scale * s;
     dphi = scale;
     dlin = scale;
@@ -246,19 +292,26 @@ struct ScaledPolicy {
 template <typename acc_t, bool kMined>
 struct MultiSimilarityPolicy {
   static constexpr bool kLse = true;
+  static constexpr bool kLin = false;
+  static constexpr bool kDScale = false;
   acc_t alpha, beta, base, epsilon;
-  C10_HOST_DEVICE bool keep(acc_t s, bool pos, const acc_t* own, const acc_t*) const {
-    if (!kMined) return true;
-    return pos ? !(s - epsilon >= own[1]) : !(s + epsilon <= own[0]);
+  METRICOPS_LSE_INLINE bool keep(acc_t s, bool pos, const acc_t* own, const acc_t*) const {
+    if constexpr (!kMined) {
+      return true;
+    } else {
+      return pos ? !(s - epsilon >= own[1]) : !(s + epsilon <= own[0]);
+    }
   }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
-    phi = pos ? -alpha * (s - base) : beta * (s - base);
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
+    const acc_t coef = pos ? -alpha : beta;  // a select of constants: if-converts
+    phi = coef * (s - base);
     lin = aux = dphi_dscale = acc_t(0);
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
-    phi = pos ? -alpha * (s - base) : beta * (s - base);
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     dphi = pos ? -alpha : beta;
+    phi = dphi * (s - base);
     dlin = acc_t(0);
   }
 };
@@ -268,23 +321,27 @@ struct MultiSimilarityPolicy {
 template <typename acc_t>
 struct CirclePolicy {
   static constexpr bool kLse = true;
+  static constexpr bool kLin = false;
+  static constexpr bool kDScale = false;
   acc_t m, gamma;
-  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  C10_HOST_DEVICE void coeffs(acc_t s, bool pos, acc_t& phi, acc_t& dphi) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE void coeffs(acc_t s, bool pos, acc_t& phi, acc_t& dphi) const {
     const acc_t ap = acc_t(1) + m - s, an = s + m;
     const acc_t a = pos ? (ap > acc_t(0) ? ap : acc_t(0)) : (an > acc_t(0) ? an : acc_t(0));
     dphi = pos ? -gamma * a : gamma * a;
     phi = dphi * (pos ? s - acc_t(1) + m : s - m);
     // NaN in, NaN out (relu of NaN is NaN, as torch.relu)
-    if (s != s) phi = dphi = s;
+    phi = s != s ? s : phi;
+    dphi = s != s ? s : dphi;
   }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
     acc_t dphi;
     coeffs(s, pos, phi, dphi);
     lin = aux = dphi_dscale = acc_t(0);
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     coeffs(s, pos, phi, dphi);
     dlin = acc_t(0);
   }
@@ -297,21 +354,24 @@ struct CirclePolicy {
 template <typename acc_t>
 struct LiftedPolicy {
   static constexpr bool kLse = true;
+  static constexpr bool kLin = false;
+  static constexpr bool kDScale = false;
   acc_t pos_margin, neg_margin, tol;
-  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  C10_HOST_DEVICE void distance(acc_t s, acc_t& d, acc_t& dd_ds) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE void distance(acc_t s, acc_t& d, acc_t& dd_ds) const {
     const acc_t d2 = acc_t(2) - acc_t(2) * s;
     d = d2 > tol ? ::sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
     dd_ds = d2 > tol ? -acc_t(1) / d : acc_t(0);
   }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
     acc_t d, dd;
     distance(s, d, dd);
     phi = pos ? d - pos_margin : neg_margin - d;
     lin = aux = dphi_dscale = acc_t(0);
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi, acc_t& dlin) const {
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     acc_t d, dd;
     distance(s, d, dd);
     phi = pos ? d - pos_margin : neg_margin - d;
@@ -327,22 +387,78 @@ struct LiftedPolicy {
 template <typename acc_t>
 struct NTXentPairsPolicy {
   static constexpr bool kLse = false;
+  static constexpr bool kLin = true;
+  static constexpr bool kDScale = false;
   acc_t scale;
-  C10_HOST_DEVICE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  C10_HOST_DEVICE void eval(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                            acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
     const acc_t u = own[0] - scale * s;
     phi = dphi_dscale = acc_t(0);
     lin = pos ? softplus(u) : acc_t(0);
     aux = pos ? sigmoid(u) : acc_t(0);
-    if (s != s) lin = aux = s;
+    lin = s != s ? s : lin;
+    aux = s != s ? s : aux;
   }
-  C10_HOST_DEVICE void grad(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& dphi,
-                            acc_t& dlin) const {
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
     phi = dphi = acc_t(0);
     dlin = pos ? -scale * sigmoid(own[0] - scale * s) : acc_t(0);
   }
 };
 
+// PML's LiftedStructureLoss, second pass, on d as LiftedPolicy: own/other =
+// (L, w) of the row and of the column (self mode only), L = LSE over the
+// row's negatives of neg_margin - d (first pass; -inf if none). Each
+// positive pair gives r = relu(LA + d - pos_margin), LA = logaddexp(L_own,
+// L_other) (0 when both sets are empty, as PML), and
+//   lin = r²/2 (count_mode: 1 if r > 0), aux = w_other · r · e^{L_own - LA}
+// (with w = 1: d lin / d L_own summed over the row; the backward calls the
+// pass again with w = the rows' upstream gradients for the column side).
+template <typename acc_t>
+struct LiftedPairsPolicy {
+  static constexpr bool kLse = false;
+  static constexpr bool kLin = true;
+  static constexpr bool kDScale = false;
+  acc_t pos_margin, tol;
+  bool count_mode;
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE void terms(acc_t s, const acc_t* own, const acc_t* other, acc_t& r, acc_t& dr_ds,
+                                  acc_t& w_own) const {
+    const acc_t d2 = acc_t(2) - acc_t(2) * s;
+    const acc_t d = d2 > tol ? ::sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
+    const acc_t dd = d2 > tol ? -acc_t(1) / d : acc_t(0);
+    const acc_t li = own[0], lj = other[0];
+    const acc_t m = li > lj ? li : lj;
+    const bool empty = m == neg_inf<acc_t>();
+    const acc_t mm = empty ? acc_t(0) : m;
+    const acc_t la = empty ? acc_t(0) : mm + ::log(::exp(li - mm) + ::exp(lj - mm));
+    const acc_t u = la + d - pos_margin;
+    r = u > acc_t(0) ? u : (u != u ? u : acc_t(0));
+    dr_ds = u > acc_t(0) ? dd : acc_t(0);
+    w_own = empty ? acc_t(0) : ::exp(li - la);
+  }
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t* own, const acc_t* other, acc_t& phi, acc_t& lin,
+                                 acc_t& aux, acc_t& dphi_dscale) const {
+    acc_t r, dr, w_own;
+    terms(s, own, other, r, dr, w_own);
+    phi = dphi_dscale = acc_t(0);
+    const acc_t value = count_mode ? (r > acc_t(0) ? acc_t(1) : acc_t(0)) : acc_t(0.5) * r * r;
+    lin = pos ? value : acc_t(0);
+    aux = pos ? other[1] * r * w_own : acc_t(0);
+  }
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t* own, const acc_t* other, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
+    acc_t r, dr, w_own;
+    terms(s, own, other, r, dr, w_own);
+    phi = dphi = acc_t(0);
+    dlin = pos ? r * dr : acc_t(0);
+  }
+};
+
 }  // namespace lse
 }  // namespace metricops
+
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#pragma GCC pop_options
+#endif

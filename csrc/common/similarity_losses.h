@@ -19,7 +19,7 @@
 namespace metricops {
 namespace lse {
 
-enum class PolicyKind { Scaled, MultiSimilarity, MultiSimilarityMined, Circle, Lifted, NTXentPairs };
+enum class PolicyKind { Scaled, MultiSimilarity, MultiSimilarityMined, Circle, Lifted, NTXentPairs, LiftedPairs };
 
 struct PolicySpec {
   PolicyKind kind;
@@ -35,9 +35,10 @@ inline PolicySpec parse_policy(c10::string_view name) {
   if (name == "circle") return {PolicyKind::Circle, 2, 0, false};
   if (name == "lifted") return {PolicyKind::Lifted, 2, 0, false};
   if (name == "ntxent_pairs") return {PolicyKind::NTXentPairs, 0, 1, true};
+  if (name == "lifted_pairs") return {PolicyKind::LiftedPairs, 2, 2, false};
   TORCH_CHECK_VALUE(false,
                     "policy must be one of 'scaled', 'multi_similarity', 'multi_similarity_mined', 'circle', "
-                    "'lifted', 'ntxent_pairs', got '",
+                    "'lifted', 'ntxent_pairs', 'lifted_pairs', got '",
                     std::string(name), "'");
 }
 
@@ -82,6 +83,8 @@ inline PolicySpec check_lse_inputs(const at::Tensor& x, const c10::optional<at::
   } else {
     TORCH_CHECK_VALUE(!row_params.has_value(), "policy '", std::string(policy), "' takes no row_params");
   }
+  TORCH_CHECK_VALUE(spec.kind != PolicyKind::LiftedPairs || !y.has_value(),
+                    "policy 'lifted_pairs' pairs rows with rows: y must be None");
   TORCH_CHECK_VALUE(scale.dim() == 0, "scale must be a 0-dim tensor, got shape ", scale.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "scale must be floating, got ", scale.scalar_type());
   return spec;
@@ -108,6 +111,10 @@ inline void with_policy(const PolicySpec& spec, c10::ArrayRef<double> a, double 
     }
     case PolicyKind::NTXentPairs:
       return f(NTXentPairsPolicy<acc_t>{static_cast<acc_t>(scale)});
+    case PolicyKind::LiftedPairs: {
+      const acc_t tol = static_cast<acc_t>(2 * dim + 8) * std::numeric_limits<acc_t>::epsilon();
+      return f(LiftedPairsPolicy<acc_t>{static_cast<acc_t>(a[0]), tol, a[1] != 0});
+    }
   }
   TORCH_CHECK(false, "metricops: unknown lse policy");
 }

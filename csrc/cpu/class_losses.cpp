@@ -38,38 +38,49 @@ void check_labels_in_range(const at::Tensor& labels, int64_t C) {
   }
 }
 
+// The row loops below vectorise only if GCC may turn their selects into
+// blends: floating-point compares may not trap here (as in lse_stats.h).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+// Max and sum of exponentials relative to it, of row[0..n), in kSimdLanes
+// lanes (a single running max or sum is a serial chain the compiler does not
+// vectorise). NaN needs no flag: max() skips it, but its exp lands in the sum.
+template <typename scalar_t>
+METRICOPS_LSE_INLINE OnlineLse<scalar_t> row_lse(const scalar_t* row, int64_t n) {
+  constexpr int64_t L = kSimdLanes;
+  scalar_t lanes[L];
+  for (int64_t l = 0; l < L; ++l) lanes[l] = static_cast<scalar_t>(-INFINITY);
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int64_t l = 0; l < L; ++l) lanes[l] = row[j + l] > lanes[l] ? row[j + l] : lanes[l];
+  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] = row[j] > lanes[l] ? row[j] : lanes[l];
+  scalar_t m = static_cast<scalar_t>(-INFINITY);
+  for (int64_t l = 0; l < L; ++l) m = lanes[l] > m ? lanes[l] : m;
+  for (int64_t l = 0; l < L; ++l) lanes[l] = 0;
+  for (j = 0; j + L <= n; j += L)
+    for (int64_t l = 0; l < L; ++l) lanes[l] += lse::lse_exp(row[j + l] - m);
+  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] += lse::lse_exp(row[j] - m);
+  scalar_t sum = 0;
+  for (int64_t l = 0; l < L; ++l) sum += lanes[l];
+  return {m, sum};
+}
+
 // Row i of a margin-softmax forward tile (columns c0.., `inv` and the target
 // index t relative to c0): cosines in, logits out in place; returns the
 // chunk's log-sum-exp statistics and records the target's cosine when t is
-// in the chunk. Loops in kSimdLanes lanes, cloned per ISA (cpu/simd.h).
+// in the chunk. Cloned per ISA (cpu/simd.h).
 template <typename scalar_t>
 METRICOPS_SIMD_CLONES OnlineLse<scalar_t> margin_row_forward(const MarginSoftmaxPolicy<scalar_t>& policy, scalar_t* row,
                                                              const scalar_t* inv, int64_t n, int64_t t,
                                                              scalar_t& target_cos) {
-  constexpr int64_t L = kSimdLanes;
   const bool has_target = t >= 0 && t < n;
   if (has_target) target_cos = row[t] * inv[t];
   for (int64_t j = 0; j < n; ++j) row[j] = policy.logit(row[j] * inv[j], false);
   if (has_target) row[t] = policy.logit(target_cos, true);
-  scalar_t lane_max[L];
-  bool lane_nan[L];
-  for (int64_t l = 0; l < L; ++l) lane_max[l] = static_cast<scalar_t>(-INFINITY), lane_nan[l] = false;
-  int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    for (int64_t l = 0; l < L; ++l) {
-      lane_max[l] = row[j + l] > lane_max[l] ? row[j + l] : lane_max[l];
-      lane_nan[l] |= row[j + l] != row[j + l];  // max() drops NaN; the sum keeps it
-    }
-  }
-  for (int64_t l = 0; j < n; ++j, ++l) {
-    lane_max[l] = row[j] > lane_max[l] ? row[j] : lane_max[l];
-    lane_nan[l] |= row[j] != row[j];
-  }
-  scalar_t m = static_cast<scalar_t>(-INFINITY);
-  bool nan = false;
-  for (int64_t l = 0; l < L; ++l) m = lane_max[l] > m ? lane_max[l] : m, nan |= lane_nan[l];
-  const scalar_t sum = lane_sum<scalar_t>(n, [&](int64_t k) { return lse::lse_exp(row[k] - m); });
-  return {m, nan ? std::numeric_limits<scalar_t>::quiet_NaN() : sum};
+  return row_lse(row, n);
 }
 
 // Row i of a margin-softmax backward tile: cosine·‖w_c‖ in, d(loss)/d(S)/‖w_c‖
@@ -84,46 +95,45 @@ METRICOPS_SIMD_CLONES void margin_row_backward(const MarginSoftmaxPolicy<scalar_
 }
 
 // Class c's row of a ProxyAnchor forward tile (its dot products with every
-// embedding): log(1 + Σ e^z) over its positives and over its negatives. Each
-// side's max starts at the "1 +" term's exponent 0.
+// embedding), turned into exponents in place: log(1 + Σ e^z) over its
+// positives and over its negatives. Each side's max starts at the "1 +"
+// term's exponent 0; NaN reaches the sums through exp.
 template <typename scalar_t>
-METRICOPS_SIMD_CLONES void proxy_row_forward(const ProxyAnchorPolicy<scalar_t>& policy, const scalar_t* row,
-                                             scalar_t inv, const int64_t* labels, int64_t c, int64_t B, scalar_t& pos,
+METRICOPS_SIMD_CLONES void proxy_row_forward(const ProxyAnchorPolicy<scalar_t>& policy, scalar_t* row, scalar_t inv,
+                                             const int64_t* labels, int64_t c, int64_t B, scalar_t& pos,
                                              scalar_t& neg) {
   constexpr int64_t L = kSimdLanes;
+  for (int64_t i = 0; i < B; ++i) row[i] = policy.exponent(row[i] * inv, labels[i] == c);
   scalar_t lane_p[L], lane_n[L];
-  bool lane_nan[L];
-  for (int64_t l = 0; l < L; ++l) lane_p[l] = lane_n[l] = scalar_t(0), lane_nan[l] = false;
+  for (int64_t l = 0; l < L; ++l) lane_p[l] = lane_n[l] = scalar_t(0);
   auto max_step = [&](int64_t i, int64_t l) {
-    const scalar_t cos = row[i] * inv;
     const bool is_pos = labels[i] == c;
-    const scalar_t z = policy.exponent(cos, is_pos);
-    lane_p[l] = is_pos && z > lane_p[l] ? z : lane_p[l];
-    lane_n[l] = !is_pos && z > lane_n[l] ? z : lane_n[l];
-    lane_nan[l] |= cos != cos;
+    lane_p[l] = is_pos && row[i] > lane_p[l] ? row[i] : lane_p[l];
+    lane_n[l] = !is_pos && row[i] > lane_n[l] ? row[i] : lane_n[l];
   };
   int64_t i = 0;
   for (; i + L <= B; i += L)
     for (int64_t l = 0; l < L; ++l) max_step(i + l, l);
   for (int64_t l = 0; i < B; ++i, ++l) max_step(i, l);
   scalar_t max_p = 0, max_n = 0;
-  bool nan = false;
   for (int64_t l = 0; l < L; ++l) {
     max_p = lane_p[l] > max_p ? lane_p[l] : max_p;
     max_n = lane_n[l] > max_n ? lane_n[l] : max_n;
-    nan |= lane_nan[l];
+    lane_p[l] = lane_n[l] = scalar_t(0);
   }
-  const scalar_t sum_p = lane_sum<scalar_t>(B, [&](int64_t k) {
-    const bool is_pos = labels[k] == c;
-    return is_pos ? lse::lse_exp(policy.pos_exponent(row[k] * inv) - max_p) : scalar_t(0);
-  });
-  const scalar_t sum_n = lane_sum<scalar_t>(B, [&](int64_t k) {
-    const bool is_pos = labels[k] == c;
-    return is_pos ? scalar_t(0) : lse::lse_exp(policy.neg_exponent(row[k] * inv) - max_n);
-  });
-  const scalar_t nan_or_0 = nan ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
-  pos = OnlineLse<scalar_t>{max_p, sum_p + std::exp(-max_p) + nan_or_0}.value();
-  neg = OnlineLse<scalar_t>{max_n, sum_n + std::exp(-max_n) + nan_or_0}.value();
+  auto sum_step = [&](int64_t i, int64_t l) {
+    const bool is_pos = labels[i] == c;
+    const scalar_t e = lse::lse_exp(row[i] - (is_pos ? max_p : max_n));
+    lane_p[l] += is_pos ? e : scalar_t(0);
+    lane_n[l] += is_pos ? scalar_t(0) : e;
+  };
+  for (i = 0; i + L <= B; i += L)
+    for (int64_t l = 0; l < L; ++l) sum_step(i + l, l);
+  for (int64_t l = 0; i < B; ++i, ++l) sum_step(i, l);
+  scalar_t sum_p = std::exp(-max_p), sum_n = std::exp(-max_n);  // the "1 +" terms
+  for (int64_t l = 0; l < L; ++l) sum_p += lane_p[l], sum_n += lane_n[l];
+  pos = OnlineLse<scalar_t>{max_p, sum_p}.value();
+  neg = OnlineLse<scalar_t>{max_n, sum_n}.value();
 }
 
 template <typename scalar_t>
@@ -132,6 +142,10 @@ METRICOPS_SIMD_CLONES void proxy_row_backward(const ProxyAnchorPolicy<scalar_t>&
                                               scalar_t g_neg, scalar_t pos, scalar_t neg) {
   for (int64_t i = 0; i < B; ++i) row[i] = policy.grad(row[i] * inv, labels[i] == c, g_pos, g_neg, pos, neg) * inv;
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels_in,
                                                            const at::Tensor& weight, c10::string_view kind_name,
@@ -246,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embed
       const int64_t n = std::min(chunk, C - c0);
       at::Tensor tile = tile_view(buffer, n, B);  // classes × embeddings: a class's row holds all of its terms
       at::mm_out(tile, proxies.narrow(0, c0, n), x.t());
-      const scalar_t* tp = tile.const_data_ptr<scalar_t>();
+      scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(B, 1)), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t c = c0 + r;

@@ -30,10 +30,18 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "common/lse_stats.h"
 #include "cpu/simd.h"
+
+// Floating-point compares may not trap here (torch builds with the same
+// flag): without it GCC cannot turn the epilogues' selects into vector blends.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
 
 namespace metricops {
 namespace cpu {
@@ -83,133 +91,225 @@ inline void tile_shape(const Problem<acc_t>& pr, int64_t& R, int64_t& W) {
 }
 
 // ------------------------------------------------------------ forward epilogues
+//
+// Written as simple loops over small scratch arrays (selects, no branches,
+// lane-split reductions) so that GCC vectorises them in each
+// METRICOPS_SIMD_CLONES clone; the policies' functions inline into them.
 
-// Row i's entries s[0..n) (columns c0..c0+n): merges their statistics into
-// acc. `skip`: the local index of the self pair, or -1.
-template <typename Policy, typename acc_t>
-METRICOPS_SIMD_CLONES void row_forward(const Policy& p, const Problem<acc_t>& pr, const acc_t* s, int64_t n, int64_t i,
-                                       int64_t c0, int64_t skip, acc_t* acc) {
+// Entries per scratch chunk of the row epilogue (L1-resident).
+constexpr int64_t kRowChunk = 512;
+
+template <typename acc_t>
+inline acc_t lane_max(const acc_t* v, int64_t n) {
   constexpr int64_t L = kSimdLanes;
-  const int64_t rk = pr.row_keys[i];
-  const int64_t* ck = pr.col_keys + c0;
-  const acc_t* own = pr.row_params(i);
-  const int64_t P = pr.num_params;
-  const acc_t* other0 = pr.self && pr.params ? pr.params + c0 * P : nullptr;
-  const acc_t ninf = neg_inf<acc_t>(), pinf = pos_inf<acc_t>();
-  acc_t mp[L], mn[L], lp[L], ln[L], ap[L], an[L], cp[L], cn[L], minp[L], maxn[L];
-  for (int64_t l = 0; l < L; ++l) {
-    mp[l] = mn[l] = maxn[l] = ninf;
-    minp[l] = pinf;
-    lp[l] = ln[l] = ap[l] = an[l] = cp[l] = cn[l] = acc_t(0);
-  }
-  auto pass1 = [&](int64_t j, int64_t l) {
-    const bool pos = ck[j] == rk;
-    const acc_t* other = other0 ? other0 + j * P : nullptr;
-    const bool valid = j != skip && p.keep(s[j], pos, own, other);
-    acc_t phi, lin, aux, dsc;
-    p.eval(s[j], pos, own, other, phi, lin, aux, dsc);
-    const bool vp = valid && pos, vn = valid && !pos;
-    const acc_t php = vp ? phi : ninf, phn = vn ? phi : ninf;
-    mp[l] = php > mp[l] ? php : mp[l];
-    mn[l] = phn > mn[l] ? phn : mn[l];
-    lp[l] += vp ? lin : acc_t(0);
-    ln[l] += vn ? lin : acc_t(0);
-    ap[l] += vp ? aux : acc_t(0);
-    an[l] += vn ? aux : acc_t(0);
-    cp[l] += vp ? acc_t(1) : acc_t(0);
-    cn[l] += vn ? acc_t(1) : acc_t(0);
-    const acc_t sp = vp ? s[j] : pinf, sn = vn ? s[j] : ninf;
-    minp[l] = sp < minp[l] ? sp : minp[l];
-    maxn[l] = sn > maxn[l] ? sn : maxn[l];
-  };
+  acc_t lanes[L];
+  for (int64_t l = 0; l < L; ++l) lanes[l] = neg_inf<acc_t>();
   int64_t j = 0;
   for (; j + L <= n; j += L)
-    for (int64_t l = 0; l < L; ++l) pass1(j + l, l);
-  for (int64_t l = 0; j < n; ++j, ++l) pass1(j, l);
-  acc_t tmp = ninf, tmn = ninf;
-  for (int64_t l = 0; l < L; ++l) {
-    tmp = mp[l] > tmp ? mp[l] : tmp;
-    tmn = mn[l] > tmn ? mn[l] : tmn;
-    acc[kAccLinPos] += lp[l];
-    acc[kAccLinNeg] += ln[l];
-    acc[kAccAuxPos] += ap[l];
-    acc[kAccAuxNeg] += an[l];
-    acc[kAccCountPos] += cp[l];
-    acc[kAccCountNeg] += cn[l];
-    acc[kAccMinPos] = minp[l] < acc[kAccMinPos] ? minp[l] : acc[kAccMinPos];
-    acc[kAccMaxNegS] = maxn[l] > acc[kAccMaxNegS] ? maxn[l] : acc[kAccMaxNegS];
-  }
-  if (!Policy::kLse) return;
-  const acc_t refp = raise_max(acc, kAccMaxPos, kAccSumPos, kAccWPos, tmp);
-  const acc_t refn = raise_max(acc, kAccMaxNeg, kAccSumNeg, kAccWNeg, tmn);
-  // cp/cn/lp/ln reused as the lanes of the exp sums and the scale-weighted sums
-  for (int64_t l = 0; l < L; ++l) cp[l] = cn[l] = lp[l] = ln[l] = acc_t(0);
-  auto pass2 = [&](int64_t j, int64_t l) {
+    for (int64_t l = 0; l < L; ++l) lanes[l] = v[j + l] > lanes[l] ? v[j + l] : lanes[l];
+  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] = v[j] > lanes[l] ? v[j] : lanes[l];
+  acc_t m = neg_inf<acc_t>();
+  for (int64_t l = 0; l < L; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+template <typename acc_t>
+inline acc_t lane_min(const acc_t* v, int64_t n) {
+  constexpr int64_t L = kSimdLanes;
+  acc_t lanes[L];
+  for (int64_t l = 0; l < L; ++l) lanes[l] = pos_inf<acc_t>();
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int64_t l = 0; l < L; ++l) lanes[l] = v[j + l] < lanes[l] ? v[j + l] : lanes[l];
+  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] = v[j] < lanes[l] ? v[j] : lanes[l];
+  acc_t m = pos_inf<acc_t>();
+  for (int64_t l = 0; l < L; ++l) m = lanes[l] < m ? lanes[l] : m;
+  return m;
+}
+
+// The reference an exp pass subtracts: the running max, or 0 while a class
+// is still empty (its φ's are all -inf then, and exp(-inf - 0) = 0).
+template <typename acc_t>
+inline acc_t exp_reference(acc_t m) {
+  return m == neg_inf<acc_t>() ? acc_t(0) : m;
+}
+
+// Scratch of one chunk: φ of the kept entries (-inf elsewhere) and their
+// class (1 positive, 0 otherwise: a negative when φ > -inf).
+template <typename acc_t>
+struct ChunkScratch {
+  acc_t ph[kRowChunk], pos[kRowChunk], neg[kRowChunk], sp[kRowChunk], sn[kRowChunk], dsc[kRowChunk];
+  acc_t lp[kRowChunk], ln[kRowChunk], ap[kRowChunk], an[kRowChunk];
+};
+
+// Evaluates entries s[0..n) of one row (keys ck, the row's key rk, the self
+// pair at local index `skip` or -1) into the scratch: a plain loop over the
+// entries, no reductions (those follow in lanes).
+template <typename Policy, typename acc_t>
+inline void eval_chunk(const Policy& p, const acc_t* __restrict__ s, int64_t n, const int64_t* __restrict__ ck,
+                       int64_t rk, int64_t skip, const acc_t* own, const acc_t* other0, int64_t P,
+                       ChunkScratch<acc_t>& __restrict__ t) {
+  const acc_t ninf = neg_inf<acc_t>(), pinf = pos_inf<acc_t>();
+  for (int64_t j = 0; j < n; ++j) {
     const bool pos = ck[j] == rk;
     const acc_t* other = other0 ? other0 + j * P : nullptr;
-    const bool valid = j != skip && p.keep(s[j], pos, own, other);
+    const bool valid = (j != skip) & p.keep(s[j], pos, own, other);
     acc_t phi, lin, aux, dsc;
     p.eval(s[j], pos, own, other, phi, lin, aux, dsc);
-    const acc_t e = lse_exp(phi - (pos ? refp : refn));
-    const bool vp = valid && pos, vn = valid && !pos;
-    cp[l] += vp ? e : acc_t(0);
-    cn[l] += vn ? e : acc_t(0);
-    lp[l] += vp ? e * dsc : acc_t(0);
-    ln[l] += vn ? e * dsc : acc_t(0);
-  };
-  j = 0;
-  for (; j + L <= n; j += L)
-    for (int64_t l = 0; l < L; ++l) pass2(j + l, l);
-  for (int64_t l = 0; j < n; ++j, ++l) pass2(j, l);
-  for (int64_t l = 0; l < L; ++l) {
-    acc[kAccSumPos] += cp[l];
-    acc[kAccSumNeg] += cn[l];
-    acc[kAccWPos] += lp[l];
-    acc[kAccWNeg] += ln[l];
+    const bool vp = valid & pos, vn = valid & !pos;
+    t.ph[j] = valid ? phi : ninf;
+    t.pos[j] = vp ? acc_t(1) : acc_t(0);
+    t.neg[j] = vn ? acc_t(1) : acc_t(0);
+    t.sp[j] = vp ? s[j] : pinf;
+    t.sn[j] = vn ? s[j] : ninf;
+    if (Policy::kDScale) t.dsc[j] = dsc;
+    if (Policy::kLin) {
+      t.lp[j] = vp ? lin : acc_t(0);
+      t.ln[j] = vn ? lin : acc_t(0);
+      t.ap[j] = vp ? aux : acc_t(0);
+      t.an[j] = vn ? aux : acc_t(0);
+    }
   }
 }
 
-// Columns [j0, j1) of a strip (rows r0..r0+rows of S, row stride `ld`):
-// merges each column's statistics (its entries s_ij seen from column j) into
-// col_acc + j * kNumAcc (global column index c0 + j).
+// Row i's entries s[0..n) (columns c0..c0+n): merges their statistics into
+// acc. `skip`: the local index of the self pair, or -1. Per chunk of
+// kRowChunk entries, two fused passes with kSimdLanes partial results each:
+// evaluate (φ, class, maxima, sums), then exp against the raised maxima.
+template <typename Policy, typename acc_t>
+METRICOPS_SIMD_CLONES void row_forward(const Policy& p, const Problem<acc_t>& pr, const acc_t* s_row, int64_t n,
+                                       int64_t i, int64_t c0, int64_t skip_row, acc_t* acc, ChunkScratch<acc_t>& t) {
+  constexpr int64_t L = kSimdLanes;
+  const int64_t P = pr.num_params;
+  const acc_t* own = pr.row_params(i);
+  const int64_t rk = pr.row_keys[i];
+  const acc_t ninf = neg_inf<acc_t>(), pinf = pos_inf<acc_t>();
+  for (int64_t k0 = 0; k0 < n; k0 += kRowChunk) {
+    const int64_t k = std::min(kRowChunk, n - k0);
+    const acc_t* s = s_row + k0;
+    const int64_t* ck = pr.col_keys + c0 + k0;
+    const acc_t* other0 = pr.self && pr.params ? pr.params + (c0 + k0) * P : nullptr;
+    const int64_t skip = skip_row - k0;
+    acc_t mp[L], mn[L], cp[L], cn[L], lp[L], ln[L], ap[L], an[L], minp[L], maxn[L];
+    for (int64_t l = 0; l < L; ++l) {
+      mp[l] = mn[l] = maxn[l] = ninf;
+      minp[l] = pinf;
+      cp[l] = cn[l] = lp[l] = ln[l] = ap[l] = an[l] = acc_t(0);
+    }
+    eval_chunk(p, s, k, ck, rk, skip, own, other0, P, t);
+    // reduce, in lanes
+    auto reduce = [&](int64_t j, int64_t l) {
+      const bool vp = t.pos[j] != acc_t(0), vn = t.neg[j] != acc_t(0);
+      const acc_t php = vp ? t.ph[j] : ninf, phn = vn ? t.ph[j] : ninf;
+      mp[l] = php > mp[l] ? php : mp[l];
+      mn[l] = phn > mn[l] ? phn : mn[l];
+      cp[l] += t.pos[j];
+      cn[l] += t.neg[j];
+      minp[l] = t.sp[j] < minp[l] ? t.sp[j] : minp[l];
+      maxn[l] = t.sn[j] > maxn[l] ? t.sn[j] : maxn[l];
+      if (Policy::kLin) {
+        lp[l] += t.lp[j];
+        ln[l] += t.ln[j];
+        ap[l] += t.ap[j];
+        an[l] += t.an[j];
+      }
+    };
+    int64_t j = 0;
+    for (; j + L <= k; j += L)
+      for (int64_t l = 0; l < L; ++l) reduce(j + l, l);
+    for (int64_t l = 0; j < k; ++j, ++l) reduce(j, l);
+    acc_t tmp = ninf, tmn = ninf;
+    for (int64_t l = 0; l < L; ++l) {
+      tmp = mp[l] > tmp ? mp[l] : tmp;
+      tmn = mn[l] > tmn ? mn[l] : tmn;
+      acc[kAccCountPos] += cp[l];
+      acc[kAccCountNeg] += cn[l];
+      acc[kAccLinPos] += lp[l];
+      acc[kAccLinNeg] += ln[l];
+      acc[kAccAuxPos] += ap[l];
+      acc[kAccAuxNeg] += an[l];
+      acc[kAccMinPos] = minp[l] < acc[kAccMinPos] ? minp[l] : acc[kAccMinPos];
+      acc[kAccMaxNegS] = maxn[l] > acc[kAccMaxNegS] ? maxn[l] : acc[kAccMaxNegS];
+    }
+    if (!Policy::kLse) continue;
+    const acc_t refp = exp_reference(raise_max(acc, kAccMaxPos, kAccSumPos, kAccWPos, tmp));
+    const acc_t refn = exp_reference(raise_max(acc, kAccMaxNeg, kAccSumNeg, kAccWNeg, tmn));
+    for (int64_t l = 0; l < L; ++l) cp[l] = cn[l] = lp[l] = ln[l] = acc_t(0);
+    auto sum = [&](int64_t j, int64_t l) {  // one exp per entry; ph = -inf (not kept) gives 0
+      const bool pos = t.pos[j] != acc_t(0);
+      const acc_t e = lse_exp(t.ph[j] - (pos ? refp : refn));
+      const acc_t ep = pos ? e : acc_t(0), en = pos ? acc_t(0) : e;
+      cp[l] += ep;
+      cn[l] += en;
+      if (Policy::kDScale) {
+        lp[l] += ep * t.dsc[j];
+        ln[l] += en * t.dsc[j];
+      }
+    };
+    j = 0;
+    for (; j + L <= k; j += L)
+      for (int64_t l = 0; l < L; ++l) sum(j + l, l);
+    for (int64_t l = 0; j < k; ++j, ++l) sum(j, l);
+    for (int64_t l = 0; l < L; ++l) {
+      acc[kAccSumPos] += cp[l];
+      acc[kAccSumNeg] += cn[l];
+      acc[kAccWPos] += lp[l];
+      acc[kAccWNeg] += ln[l];
+    }
+  }
+}
+
+// Columns [j0, j1) (j1 - j0 <= kColChunk) of a strip (rows r0..r0+rows of S,
+// row stride `ld`): merges each column's statistics (its entries s_ij seen
+// from column j, which is row j in the self mode) into col_acc (global
+// column index c0 + j). Column-major reductions over row-major scratch.
 template <typename Policy, typename acc_t>
 METRICOPS_SIMD_CLONES void cols_forward(const Policy& p, const Problem<acc_t>& pr, const acc_t* S, int64_t ld,
-                                        int64_t rows, int64_t r0, int64_t c0, int64_t j0, int64_t j1, acc_t* col_acc) {
+                                        int64_t rows, int64_t r0, int64_t c0, int64_t j0, int64_t j1, acc_t* col_acc,
+                                        std::vector<acc_t>& scratch) {
   constexpr int64_t C = kColChunk;
   const int64_t w = j1 - j0;
   const int64_t P = pr.num_params;
   const int64_t* ck = pr.col_keys + c0 + j0;
   const acc_t ninf = neg_inf<acc_t>(), pinf = pos_inf<acc_t>();
-  acc_t mp[C], mn[C], lp[C], ln[C], ap[C], an[C], cp[C], cn[C], minp[C], maxn[C];
-  for (int64_t l = 0; l < w; ++l) {
+  scratch.resize(2 * rows * C);
+  acc_t* php = scratch.data();
+  acc_t* phn = php + rows * C;
+  acc_t mp[C], mn[C], lp[C], ln[C], ap[C], an[C], cp[C], cn[C], minp[C], maxn[C], wp[C], wn[C];
+  for (int64_t l = 0; l < C; ++l) {
     mp[l] = mn[l] = maxn[l] = ninf;
     minp[l] = pinf;
-    lp[l] = ln[l] = ap[l] = an[l] = cp[l] = cn[l] = acc_t(0);
+    lp[l] = ln[l] = ap[l] = an[l] = cp[l] = cn[l] = wp[l] = wn[l] = acc_t(0);
   }
   const acc_t* own0 = pr.self && pr.params ? pr.params + (c0 + j0) * P : nullptr;
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t* s = S + r * ld + j0;
     const int64_t rk = pr.row_keys[r0 + r];
     const acc_t* other = pr.self ? pr.row_params(r0 + r) : nullptr;
+    acc_t* qp = php + r * C;
+    acc_t* qn = phn + r * C;
     for (int64_t l = 0; l < w; ++l) {
       const bool pos = ck[l] == rk;
       const acc_t* own = own0 ? own0 + l * P : nullptr;
       const bool valid = p.keep(s[l], pos, own, other);
       acc_t phi, lin, aux, dsc;
       p.eval(s[l], pos, own, other, phi, lin, aux, dsc);
-      const bool vp = valid && pos, vn = valid && !pos;
-      const acc_t php = vp ? phi : ninf, phn = vn ? phi : ninf;
-      mp[l] = php > mp[l] ? php : mp[l];
-      mn[l] = phn > mn[l] ? phn : mn[l];
-      lp[l] += vp ? lin : acc_t(0);
-      ln[l] += vn ? lin : acc_t(0);
-      ap[l] += vp ? aux : acc_t(0);
-      an[l] += vn ? aux : acc_t(0);
+      const bool vp = valid & pos, vn = valid & !pos;
+      qp[l] = vp ? phi : ninf;
+      qn[l] = vn ? phi : ninf;
+      mp[l] = qp[l] > mp[l] ? qp[l] : mp[l];
+      mn[l] = qn[l] > mn[l] ? qn[l] : mn[l];
       cp[l] += vp ? acc_t(1) : acc_t(0);
       cn[l] += vn ? acc_t(1) : acc_t(0);
       const acc_t sp = vp ? s[l] : pinf, sn = vn ? s[l] : ninf;
       minp[l] = sp < minp[l] ? sp : minp[l];
       maxn[l] = sn > maxn[l] ? sn : maxn[l];
+      if (Policy::kLin) {
+        lp[l] += vp ? lin : acc_t(0);
+        ln[l] += vn ? lin : acc_t(0);
+        ap[l] += vp ? aux : acc_t(0);
+        an[l] += vn ? aux : acc_t(0);
+      }
     }
   }
   for (int64_t l = 0; l < w; ++l) {
@@ -222,69 +322,94 @@ METRICOPS_SIMD_CLONES void cols_forward(const Policy& p, const Problem<acc_t>& p
     a[kAccCountNeg] += cn[l];
     a[kAccMinPos] = minp[l] < a[kAccMinPos] ? minp[l] : a[kAccMinPos];
     a[kAccMaxNegS] = maxn[l] > a[kAccMaxNegS] ? maxn[l] : a[kAccMaxNegS];
-    // references for the exp pass
-    mp[l] = raise_max(a, kAccMaxPos, kAccSumPos, kAccWPos, mp[l]);
-    mn[l] = raise_max(a, kAccMaxNeg, kAccSumNeg, kAccWNeg, mn[l]);
-    cp[l] = cn[l] = lp[l] = ln[l] = acc_t(0);
+    mp[l] = exp_reference(raise_max(a, kAccMaxPos, kAccSumPos, kAccWPos, mp[l]));
+    mn[l] = exp_reference(raise_max(a, kAccMaxNeg, kAccSumNeg, kAccWNeg, mn[l]));
+    cp[l] = cn[l] = acc_t(0);
   }
   if (!Policy::kLse) return;
   for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* qp = php + r * C;
+    const acc_t* qn = phn + r * C;
     const acc_t* s = S + r * ld + j0;
-    const int64_t rk = pr.row_keys[r0 + r];
-    const acc_t* other = pr.self ? pr.row_params(r0 + r) : nullptr;
     for (int64_t l = 0; l < w; ++l) {
-      const bool pos = ck[l] == rk;
-      const acc_t* own = own0 ? own0 + l * P : nullptr;
-      const bool valid = p.keep(s[l], pos, own, other);
-      acc_t phi, lin, aux, dsc;
-      p.eval(s[l], pos, own, other, phi, lin, aux, dsc);
-      const acc_t e = lse_exp(phi - (pos ? mp[l] : mn[l]));
-      const bool vp = valid && pos, vn = valid && !pos;
-      cp[l] += vp ? e : acc_t(0);
-      cn[l] += vn ? e : acc_t(0);
-      lp[l] += vp ? e * dsc : acc_t(0);
-      ln[l] += vn ? e * dsc : acc_t(0);
+      const bool pos = qp[l] != ninf;
+      const acc_t e = lse_exp((pos ? qp[l] : qn[l]) - (pos ? mp[l] : mn[l]));
+      const acc_t ep = pos ? e : acc_t(0), en = pos ? acc_t(0) : e;
+      cp[l] += ep;
+      cn[l] += en;
+      if (Policy::kDScale) {
+        wp[l] += ep * s[l];  // the scaled policy's dφ/dscale is s
+        wn[l] += en * s[l];
+      }
     }
   }
   for (int64_t l = 0; l < w; ++l) {
     acc_t* a = col_acc + (c0 + j0 + l) * kNumAcc;
     a[kAccSumPos] += cp[l];
     a[kAccSumNeg] += cn[l];
-    a[kAccWPos] += lp[l];
-    a[kAccWNeg] += ln[l];
+    a[kAccWPos] += wp[l];
+    a[kAccWNeg] += wn[l];
   }
 }
 
 // ------------------------------------------------------------ backward epilogue
 
+// Backward coefficients, structure of arrays (kNumGrad arrays of n rows or
+// columns): contiguous loads in the column direction of the epilogue.
+template <typename acc_t>
+struct GradCoefficients {
+  const acc_t* data = nullptr;
+  int64_t n = 0;
+  const acc_t* field(int f) const { return data + f * n; }
+};
+
 // Row i's entries s[0..n) (columns c0..) -> G in place: dL/ds_ij from the row's
 // coefficients, plus (for columns j >= col_from) dL/ds seen from column j
-// with the column's coefficients (col_g + j * kNumGrad).
+// with the column's coefficients.
 template <typename Policy, typename acc_t>
 METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& pr, acc_t* s, int64_t n, int64_t i,
-                                        int64_t c0, int64_t skip, const acc_t* row_g, const acc_t* col_g,
-                                        int64_t col_from) {
+                                        int64_t c0, int64_t skip, const GradCoefficients<acc_t>& rg,
+                                        const GradCoefficients<acc_t>& cg, int64_t col_from) {
   const int64_t rk = pr.row_keys[i];
   const int64_t* ck = pr.col_keys + c0;
   const acc_t* own = pr.row_params(i);
   const int64_t P = pr.num_params;
   const acc_t* other0 = pr.self && pr.params ? pr.params + c0 * P : nullptr;
-  const acc_t* g = row_g + i * kNumGrad;
-  if (!col_g) col_from = n;
+  const acc_t lp = rg.field(kGLsePos)[i], ln = rg.field(kGLseNeg)[i];
+  const acc_t gp = rg.field(kGGradLsePos)[i], gn = rg.field(kGGradLseNeg)[i];
+  const acc_t glp = rg.field(kGGradLinPos)[i], gln = rg.field(kGGradLinNeg)[i];
+  if (!cg.data) col_from = n;
   for (int64_t j = 0; j < col_from; ++j) {
     const bool pos = ck[j] == rk;
     const acc_t* other = other0 ? other0 + j * P : nullptr;
-    const bool valid = j != skip && p.keep(s[j], pos, own, other);
-    const acc_t d = entry_grad(p, s[j], pos, own, other, g);
+    const bool valid = (j != skip) & p.keep(s[j], pos, own, other);
+    acc_t phi, dphi, dlin;
+    p.grad(s[j], pos, own, other, phi, dphi, dlin);
+    acc_t d = (pos ? glp : gln) * dlin;
+    if (Policy::kLse) d += (pos ? gp : gn) * lse_exp(phi - (pos ? lp : ln)) * dphi;
     s[j] = valid ? d : acc_t(0);
   }
+  if (col_from >= n) return;
+  const acc_t* clp = cg.field(kGLsePos) + c0;
+  const acc_t* cln = cg.field(kGLseNeg) + c0;
+  const acc_t* cgp = cg.field(kGGradLsePos) + c0;
+  const acc_t* cgn = cg.field(kGGradLseNeg) + c0;
+  const acc_t* cglp = cg.field(kGGradLinPos) + c0;
+  const acc_t* cgln = cg.field(kGGradLinNeg) + c0;
   for (int64_t j = col_from; j < n; ++j) {
     const bool pos = ck[j] == rk;
     const acc_t* other = other0 ? other0 + j * P : nullptr;
     const bool valid = p.keep(s[j], pos, own, other);
     const bool valid_t = p.keep(s[j], pos, other, own);
-    const acc_t d = entry_grad(p, s[j], pos, own, other, g);
-    const acc_t dt = entry_grad(p, s[j], pos, other, own, col_g + (c0 + j) * kNumGrad);
+    acc_t phi, dphi, dlin, phi_t, dphi_t, dlin_t;
+    p.grad(s[j], pos, own, other, phi, dphi, dlin);
+    p.grad(s[j], pos, other, own, phi_t, dphi_t, dlin_t);
+    acc_t d = (pos ? glp : gln) * dlin;
+    acc_t dt = (pos ? cglp[j] : cgln[j]) * dlin_t;
+    if (Policy::kLse) {
+      d += (pos ? gp : gn) * lse_exp(phi - (pos ? lp : ln)) * dphi;
+      dt += (pos ? cgp[j] : cgn[j]) * lse_exp(phi_t - (pos ? clp[j] : cln[j])) * dphi_t;
+    }
     s[j] = (valid ? d : acc_t(0)) + (valid_t ? dt : acc_t(0));
   }
 }
@@ -311,10 +436,11 @@ void forward(const Policy& p, const Problem<acc_t>& pr, acc_t* row_acc, acc_t* c
       at::mm_out(S, pr.x.narrow(0, r0, rows), pr.y.narrow(0, c0, cols).t());
       const acc_t* sp = S.const_data_ptr<acc_t>();
       at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
+        std::unique_ptr<ChunkScratch<acc_t>> scratch(new ChunkScratch<acc_t>);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = r0 + r;
           const int64_t skip = pr.self && i >= c0 && i < c0 + cols ? i - c0 : -1;
-          row_forward(p, pr, sp + r * cols, cols, i, c0, skip, row_acc + i * kNumAcc);
+          row_forward(p, pr, sp + r * cols, cols, i, c0, skip, row_acc + i * kNumAcc, *scratch);
         }
       });
       if (!cols_dir) continue;
@@ -322,27 +448,29 @@ void forward(const Policy& p, const Problem<acc_t>& pr, acc_t* row_acc, acc_t* c
       const int64_t jfirst = pr.self ? std::max<int64_t>(0, r0 + rows - c0) : 0;
       const int64_t nchunks = (cols - jfirst + kColChunk - 1) / kColChunk;
       at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> scratch;
         for (int64_t t = begin; t < end; ++t) {
           const int64_t j0 = jfirst + t * kColChunk, j1 = std::min(cols, j0 + kColChunk);
-          cols_forward(p, pr, sp, cols, rows, r0, c0, j0, j1, cacc);
+          cols_forward(p, pr, sp, cols, rows, r0, c0, j0, j1, cacc, scratch);
         }
       });
     }
   }
 }
 
-// Gradients from the per-row (row_g, (B, kNumGrad)) and, non-self with
-// column statistics, per-column (col_g) coefficients: grad_x (B, D) and, in
+// Gradients from the per-row (row_g) and, non-self with column statistics,
+// per-column (col_g; else empty) coefficients (grad_coefficients, stored as
+// GradCoefficients): grad_x (B, D) and, in
 // the non-self mode, grad_y (M, D) (both zero-initialised by the caller).
 template <typename Policy, typename acc_t>
-void backward(const Policy& p, const Problem<acc_t>& pr, const acc_t* row_g, const acc_t* col_g, at::Tensor& grad_x,
-              at::Tensor* grad_y) {
+void backward(const Policy& p, const Problem<acc_t>& pr, const GradCoefficients<acc_t>& row_g,
+              const GradCoefficients<acc_t>& col_g, at::Tensor& grad_x, at::Tensor* grad_y) {
   const int64_t B = pr.rows(), M = pr.cols();
   if (B == 0 || M == 0) return;
   int64_t R, W;
   tile_shape(pr, R, W);
   at::Tensor buffer = at::empty({R * W}, pr.x.options());
-  const acc_t* cg = pr.self ? row_g : col_g;
+  const GradCoefficients<acc_t>& cg = pr.self ? row_g : col_g;
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t rows = std::min(R, B - r0);
     const at::Tensor x_rows = pr.x.narrow(0, r0, rows);
@@ -388,3 +516,7 @@ void finalize(const acc_t* acc, int64_t n, acc_t* stats) {
 }  // namespace lse_engine
 }  // namespace cpu
 }  // namespace metricops
+
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#pragma GCC pop_options
+#endif

@@ -100,22 +100,27 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_backward_cpu", [&] {
     using acc_t = scalar_t;
     const auto pr = make_problem<acc_t>(in.x, in.y, in.rk, in.ck, in.params, has_col, block_rows, block_cols);
+    // Backward coefficients in structure-of-arrays layout (GradCoefficients).
     const auto coefficients = [](const at::Tensor& stats, const c10::optional<at::Tensor>& grad, int64_t n) {
-      const at::Tensor s = stats.to(stats.scalar_type()).contiguous();
+      const at::Tensor st = stats.contiguous();
       at::Tensor g;
       if (grad.has_value()) g = grad->to(stats.scalar_type()).contiguous();
       std::vector<acc_t> out(n * kNumGrad);
-      const acc_t* sp = s.const_data_ptr<acc_t>();
+      const acc_t* sp = st.const_data_ptr<acc_t>();
       const acc_t* gp = g.defined() ? g.const_data_ptr<acc_t>() : nullptr;
-      for (int64_t i = 0; i < n; ++i)
-        grad_coefficients(sp + i * kNumStats, gp ? gp + i * kNumStats : nullptr, out.data() + i * kNumGrad);
+      acc_t row[kNumGrad];
+      for (int64_t i = 0; i < n; ++i) {
+        grad_coefficients(sp + i * kNumStats, gp ? gp + i * kNumStats : nullptr, row);
+        for (int f = 0; f < kNumGrad; ++f) out[f * n + i] = row[f];
+      }
       return out;
     };
     const std::vector<acc_t> row_g = coefficients(row_stats, grad_row_stats, B);
     const std::vector<acc_t> col_g = has_col ? coefficients(col_stats, grad_col_stats, M) : std::vector<acc_t>();
+    lse_engine::GradCoefficients<acc_t> rg{row_g.data(), B}, cg;
+    if (has_col) cg = {col_g.data(), M};
     with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
-      lse_engine::backward(pol, pr, row_g.data(), has_col ? col_g.data() : nullptr, grad_x,
-                           in.y.has_value() ? &grad_y : nullptr);
+      lse_engine::backward(pol, pr, rg, cg, grad_x, in.y.has_value() ? &grad_y : nullptr);
     });
   });
   return {grad_x, grad_y};

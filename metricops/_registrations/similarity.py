@@ -22,6 +22,7 @@ POLICIES = {
     "circle": (2, 0),
     "lifted": (2, 0),
     "ntxent_pairs": (0, 1),
+    "lifted_pairs": (2, 2),
 }
 
 
@@ -128,6 +129,17 @@ def _backward(ctx, grad_row, grad_col):
     if row_params is not None and needs[4] and grad_row is not None:
         if policy == "ntxent_pairs":  # lin_pos = Σ softplus(m - z): d/dm is aux_pos
             grad_params = (grad_row[:, LIN_POS] * row_stats[:, AUX_POS]).unsqueeze(1).to(row_params.dtype)
+        elif policy == "lifted_pairs":
+            # lin_pos_i = Σ_j r_ij²/2 with LA_ij = logaddexp(L_i, L_j): L_i gets g_i·Σ_j r_ij e^{L_i - LA_ij} from its
+            # own row (aux_pos, w = 1) and Σ_j g_j r_ji e^{L_i - LA_ji} from the rows that pair with it: the same
+            # pass with w = g (r and LA are symmetric).
+            g = grad_row[:, LIN_POS].to(row_params.dtype)
+            weighted = torch.stack([row_params[:, 0], g], 1)
+            again, _ = ops.lse_stats(
+                x, y, row_keys, col_keys, weighted, scale, policy, args, False, block_rows, block_cols
+            )
+            grad_l = g * row_stats[:, AUX_POS] + again[:, AUX_POS]
+            grad_params = torch.stack([grad_l, torch.zeros_like(grad_l)], 1)
         # multi_similarity_mined's thresholds only select pairs: no gradient
     if needs[5]:
         torch._check(policy == "scaled", lambda: f"a scale that requires grad needs policy 'scaled', got {policy!r}")

@@ -15,6 +15,19 @@ def refuse_unsupported(cls_name: str, kwargs: dict) -> None:
         )
 
 
+def check_call(embeddings, labels, indices_tuple):
+    """A loss call's arguments as PML requires them: a tensor, labels or indices, a 3- or 4-tuple of indices."""
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+    if labels is None and indices_tuple is None:
+        raise ValueError("labels and indices_tuple cannot both be None")
+    if indices_tuple is not None and len(indices_tuple) not in (3, 4):
+        raise ValueError(
+            f"indices_tuple must hold 3 tensors (anchors, positives, negatives) or 4 (a1, p, a2, n), "
+            f"got {len(indices_tuple)}"
+        )
+
+
 def set_ref(embeddings, labels, ref_emb, ref_labels):
     """PML's set_ref_emb: without ref_emb the batch is its own reference (same labels object)."""
     if embeddings.dim() != 2 or (ref_emb is not None and ref_emb.dim() != 2):

@@ -18,21 +18,17 @@ from .. import _validation as v
 from ..contrastive import contrastive_loss
 from . import _fused
 from . import reducers as _reducers
-from ._common import all_pairs, all_triplets, refuse_unsupported, set_ref
+from ._common import all_pairs, all_triplets, check_call as _check_call, refuse_unsupported, set_ref
 from ._mined import MinedTriplets
+from ._similarity import (  # noqa: F401 (the similarity losses, re-exported)
+    CircleLoss,
+    GeneralizedLiftedStructureLoss,
+    LiftedStructureLoss,
+    MultiSimilarityLoss,
+    NTXentLoss,
+    SupConLoss,
+)
 from .distances import resolve
-
-
-def _check_call(embeddings, labels, indices_tuple):
-    if not isinstance(embeddings, torch.Tensor):
-        raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
-    if labels is None and indices_tuple is None:
-        raise ValueError("labels and indices_tuple cannot both be None")
-    if indices_tuple is not None and len(indices_tuple) not in (3, 4):
-        raise ValueError(
-            f"indices_tuple must hold 3 tensors (anchors, positives, negatives) or 4 (a1, p, a2, n), "
-            f"got {len(indices_tuple)}"
-        )
 
 
 def _no_terms():

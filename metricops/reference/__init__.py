@@ -9,6 +9,15 @@ from .class_losses import arcface_loss, cosface_loss, proxy_anchor_loss, proxy_a
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from .distance import _row_distance, pairwise_distance
 from .retrieval import knn, retrieval_metrics
+from .similarity import (
+    circle_loss,
+    generalized_lifted_structure_loss,
+    info_nce_loss,
+    lifted_structure_loss,
+    multi_similarity_loss,
+    ntxent_loss,
+    supcon_loss,
+)
 from .triplet import (
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
@@ -23,10 +32,16 @@ __all__ = [
     "arcface_loss",
     "batch_all_triplet_loss",
     "batch_hard_triplet_loss",
+    "circle_loss",
     "contrastive_loss",
+    "generalized_lifted_structure_loss",
+    "info_nce_loss",
     "cosface_loss",
     "knn",
+    "lifted_structure_loss",
     "mine_triplets",
+    "multi_similarity_loss",
+    "ntxent_loss",
     "pair_contrastive_loss",
     "pairwise_distance",
     "proxy_anchor_loss",
@@ -34,6 +49,7 @@ __all__ = [
     "retrieval_metrics",
     "semihard_negatives",
     "semihard_triplet_loss",
+    "supcon_loss",
     "triplet_margin_loss",
     "triplet_statistics",
 ]

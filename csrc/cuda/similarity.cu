@@ -1,0 +1,143 @@
+// CUDA kernels of the log-sum-exp engine's ops (metricops::lse_stats and its
+// backward), on the tile driver of cuda/lse_engine.cuh. float16/bfloat16
+// inputs are converted to float32 once; statistics and gradients are computed
+// in float32 and the gradients returned in the input dtype.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/similarity_losses.h"
+#include "cuda/cuda_helpers.h"
+#include "cuda/lse_engine.cuh"
+
+namespace metricops {
+namespace cuda {
+namespace {
+
+using namespace ::metricops::lse;
+
+at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct Prepared {
+  at::Tensor x, y, rk, ck, params;
+  bool self;
+};
+
+Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
+                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params) {
+  Prepared p;
+  const at::ScalarType acc = acc_type(x);
+  p.x = x.to(acc).contiguous();
+  p.self = !y.has_value();
+  p.y = p.self ? p.x : y->to(acc).contiguous();
+  p.rk = row_keys.to(at::kLong).contiguous();
+  p.ck = col_keys.has_value() ? col_keys->to(at::kLong).contiguous() : p.rk;
+  if (row_params.has_value()) p.params = row_params->to(acc).contiguous();
+  return p;
+}
+
+template <typename acc_t>
+lse_engine::DeviceProblem<acc_t> device_problem(const Prepared& in) {
+  return {in.rk.const_data_ptr<int64_t>(), in.ck.const_data_ptr<int64_t>(),
+          in.params.defined() ? in.params.const_data_ptr<acc_t>() : nullptr,
+          in.params.defined() ? in.params.size(1) : 0, in.self};
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_stats_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in,
+                                                  const at::Tensor& row_keys, const c10::optional<at::Tensor>& col_keys,
+                                                  const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
+                                                  c10::string_view policy, at::ArrayRef<double> args, bool col_stats,
+                                                  int64_t block_rows, int64_t block_cols) {
+  METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
+  const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, col_stats);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params);
+  const int64_t B = in.x.size(0), M = in.y.size(0);
+  at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
+  at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
+  if (B == 0) return {row_out, col_out};
+  const double scale_value = scale.item<double>();
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_cuda", [&] {
+    using acc_t = scalar_t;
+    at::Tensor racc = at::empty({B, kNumAcc}, in.x.options());
+    at::Tensor cacc = at::empty({col_stats ? M : 0, kNumAcc}, in.x.options());
+    lse_engine::acc_init_kernel<<<grid_for(B), kThreads, 0, current_stream()>>>(racc.mutable_data_ptr<acc_t>(), B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (col_stats && M > 0) {
+      lse_engine::acc_init_kernel<<<grid_for(M), kThreads, 0, current_stream()>>>(cacc.mutable_data_ptr<acc_t>(), M);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const auto pr = device_problem<acc_t>(in);
+    with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
+      lse_engine::forward(pol, pr, in.x, in.y, block_rows, block_cols, racc.mutable_data_ptr<acc_t>(),
+                          col_stats ? cacc.mutable_data_ptr<acc_t>() : nullptr);
+    });
+    lse_engine::finalize_kernel<<<grid_for(B), kThreads, 0, current_stream()>>>(racc.const_data_ptr<acc_t>(), B,
+                                                                                row_out.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (col_stats && M > 0) {
+      lse_engine::finalize_kernel<<<grid_for(M), kThreads, 0, current_stream()>>>(cacc.const_data_ptr<acc_t>(), M,
+                                                                                  col_out.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {row_out, col_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
+    const c10::optional<at::Tensor>& grad_row_stats, const c10::optional<at::Tensor>& grad_col_stats,
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
+    const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
+    c10::string_view policy, at::ArrayRef<double> args, const at::Tensor& row_stats, const at::Tensor& col_stats,
+    int64_t block_rows, int64_t block_cols) {
+  METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
+  const bool has_col = col_stats.size(0) > 0;
+  const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params);
+  const int64_t B = in.x.size(0), M = in.y.size(0);
+  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumStats,
+                    "row_stats must have shape (", B, ", ", int(kNumStats), "), got ", row_stats.sizes());
+  TORCH_CHECK_VALUE(!has_col || (col_stats.dim() == 2 && col_stats.size(0) == M), "col_stats must have shape (", M,
+                    ", ", int(kNumStats), "), got ", col_stats.sizes());
+  at::Tensor grad_x = at::zeros_like(in.x);
+  at::Tensor grad_y = in.self ? at::zeros({0, in.x.size(1)}, in.x.options()) : at::zeros_like(in.y);
+  if (B > 0 && M > 0) {
+    const double scale_value = scale.item<double>();
+    AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_backward_cuda", [&] {
+      using acc_t = scalar_t;
+      const auto coefficients = [&](const at::Tensor& stats, const c10::optional<at::Tensor>& grad, int64_t n) {
+        const at::Tensor st = stats.to(in.x.scalar_type()).contiguous();
+        at::Tensor g;
+        if (grad.has_value()) g = grad->to(in.x.scalar_type()).contiguous();
+        at::Tensor out = at::empty({kNumGrad * n}, in.x.options());
+        lse_engine::coefficients_kernel<<<grid_for(n), kThreads, 0, current_stream()>>>(
+            st.const_data_ptr<acc_t>(), g.defined() ? g.const_data_ptr<acc_t>() : nullptr, n,
+            out.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return out;
+      };
+      const at::Tensor rg = coefficients(row_stats, grad_row_stats, B);
+      const at::Tensor cg = has_col ? coefficients(col_stats, grad_col_stats, M) : at::Tensor();
+      const auto pr = device_problem<acc_t>(in);
+      with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
+        lse_engine::backward(pol, pr, in.x, in.y, block_rows, block_cols, rg.const_data_ptr<acc_t>(),
+                             has_col ? cg.const_data_ptr<acc_t>() : nullptr, grad_x, in.self ? nullptr : &grad_y);
+      });
+    });
+  }
+  return {grad_x.to(x_in.scalar_type()), in.self ? grad_y.to(x_in.scalar_type()) : grad_y.to(y_in->scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metricops, CUDA, m) {
+  m.impl("lse_stats", &lse_stats_cuda);
+  m.impl("lse_stats_backward", &lse_stats_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace metricops

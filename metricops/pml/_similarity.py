@@ -1,0 +1,722 @@
+"""pytorch-metric-learning 2.9's similarity losses (the log-sum-exp family) and MultiSimilarityMiner.
+
+Two paths compute PML's value and gradient:
+
+* Native (metricops' streaming engine, nothing B×B held), with the loss's default distance
+  (CosineSimilarity; ``LpDistance()`` for the lifted-structure losses) and integer labels:
+  - every pair of one batch: one call of metricops' functional op (``metricops.supcon_loss`` etc.). The
+    reducer is the op's ``reduction`` (MeanReducer "mean", SumReducer "sum", AvgNonZeroReducer
+    "mean_nonzero"); any other reducer of a per-anchor loss reduces the op's ``reduction="none"`` vector.
+  - a MultiSimilarityLoss given a metricops.pml MultiSimilarityMiner's output mined on these very
+    embeddings: one ``metricops.multi_similarity_loss(mining_epsilon=ε)`` call, without listing the pairs.
+  - ``ref_emb``/``ref_labels`` for the per-anchor losses (SupCon, MS, Circle, GeneralizedLifted): the
+    engine's rows against the reference set's columns (metricops.similarity's per-anchor functions).
+  - LiftedStructureLoss (while metricops has no ``lifted_structure_loss``): each row's LSE over its
+    negatives from the engine, then PML's term per positive pair (listed per class, never via a B×B mask).
+* Listed pairs: everything else (an arbitrary ``indices_tuple``, another distance, NT-Xent or lifted
+  structure with ``ref_emb``, a reducer the op cannot express for a per-pair loss): torch ops over the
+  listed (anchor, other) pairs only, O(#pairs) memory rather than PML's B×R matrices: each pair's
+  similarity or distance by a chunked gather (``_pair_values``), per-row log-sum-exps by segment
+  reductions. PML's rules are followed as it applies them: a pair listed twice counts once for the
+  matrix-based losses (SupCon, MS, Circle, GeneralizedLifted) and each time for the pair-based ones
+  (NT-Xent, Lifted); all index tensors of length ≤ 1 give the zero loss.
+
+PML semantics worth knowing are listed in metricops/reference/similarity.py's docstring.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validation as v
+from . import reducers as _reducers
+from ..distance import pairwise_distance
+from ._common import all_pairs, check_call, refuse_unsupported, set_ref
+from ._mined import MinedSource, MinedTriplets
+from .distances import BaseDistance, CosineSimilarity, LpDistance
+
+# Elements (pairs × D) gathered at once by _pair_values.
+_GATHER_ELEMENTS = 2**22
+# Elements (rows × R) of one block of the miner's similarity matrix.
+_MINER_BLOCK_ELEMENTS = 2**24
+
+
+def _native(name: str):
+    """metricops' functional op ``name``; an error that says so when this build lacks it (no fallback)."""
+    import metricops
+
+    fn = getattr(metricops, name, None)
+    if fn is None:
+        raise NotImplementedError(
+            f"metricops.{name} is not available in this build of metricops; metricops.pml needs it for this call"
+        )
+    return fn
+
+
+# ----------------------------------------------------------------------------- listed pairs
+
+
+class _PairValues(torch.autograd.Function):
+    """s_k = <x[i_k], y[j_k]> (kind "dot"), ‖x[i_k] − y[j_k]‖ ("euclidean", gradient 0 at 0) or its square
+    ("sqeuclidean"), gathered in chunks so that neither pass holds more than a chunk of (pairs, D) rows."""
+
+    @staticmethod
+    def forward(ctx, x, y, i, j, kind):
+        ctx.save_for_backward(x, y, i, j)
+        ctx.kind = kind
+        out = torch.empty(i.shape[0], dtype=x.dtype, device=x.device)
+        step = max(1, _GATHER_ELEMENTS // max(1, x.shape[1]))
+        for start in range(0, i.shape[0], step):
+            xi, yj = x[i[start : start + step]], y[j[start : start + step]]
+            if kind == "dot":
+                val = (xi * yj).sum(dim=1)
+            else:
+                val = ((xi - yj) ** 2).sum(dim=1)
+                if kind == "euclidean":
+                    val = val.sqrt()
+            out[start : start + step] = val
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, i, j = ctx.saved_tensors
+        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        gy = torch.zeros_like(y) if ctx.needs_input_grad[1] else None
+        step = max(1, _GATHER_ELEMENTS // max(1, x.shape[1]))
+        for start in range(0, i.shape[0], step):
+            ii, jj = i[start : start + step], j[start : start + step]
+            g = grad[start : start + step, None]
+            xi, yj = x[ii], y[jj]
+            if ctx.kind == "dot":
+                dxi, dyj = g * yj, g * xi
+            else:
+                diff = xi - yj
+                if ctx.kind == "euclidean":
+                    norm = diff.norm(dim=1, keepdim=True)
+                    g = torch.where(norm > 0, g / torch.where(norm > 0, norm, torch.ones_like(norm)), 0.0)
+                else:
+                    g = 2 * g
+                dxi, dyj = g * diff, -g * diff
+            if gx is not None:
+                gx.index_add_(0, ii, dxi)
+            if gy is not None:
+                gy.index_add_(0, jj, dyj)
+        return gx, gy, None, None, None
+
+
+def _pair_values(distance: BaseDistance, x, y, i, j):
+    """PML's ``distance(x, y)[i, j]`` for the listed pairs only (CosineSimilarity: the cosine similarity)."""
+    if isinstance(distance, CosineSimilarity):
+        x, y = F.normalize(x, p=2, dim=1), F.normalize(y, p=2, dim=1)
+        kind = "dot"
+    else:
+        if distance.normalize_embeddings:
+            x, y = F.normalize(x, p=2, dim=1), F.normalize(y, p=2, dim=1)
+        kind = "euclidean" if distance.power == 1 else "sqeuclidean"
+    return _PairValues.apply(x, y, i, j, kind)
+
+
+def _segment_lse(values, rows, n_rows: int, *, add_one: bool = False, empty: float = 0.0):
+    """Per row, log-sum-exp of the ``values`` whose ``rows`` entry is that row (log(1 + Σ) with
+    ``add_one``); ``empty`` for a row without values (PML: 0)."""
+    neg_inf = torch.full((n_rows,), float("-inf"), dtype=values.dtype, device=values.device)
+    row_max = neg_inf.scatter_reduce(0, rows, values.detach(), reduce="amax", include_self=True)
+    if add_one:
+        row_max = row_max.clamp_min(0)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device)
+    sums = sums.index_add(0, rows, torch.exp(values - shift[rows]))
+    if add_one:
+        sums = sums + torch.exp(-shift)
+    counts = torch.zeros(n_rows, dtype=torch.int64, device=values.device).index_add(0, rows, torch.ones_like(rows))
+    out = torch.log(torch.where(counts > 0, sums, torch.ones_like(sums))) + shift
+    return torch.where(counts > 0, out, torch.full_like(out, empty)), counts
+
+
+def _unique_pairs(a, b, n_cols: int):
+    """The distinct (a, b) pairs (PML's masks: a pair listed twice counts once), in row-major order."""
+    if a.numel() == 0:
+        return a, b
+    key = torch.unique(a * n_cols + b)
+    return key // n_cols, key % n_cols
+
+
+def _no_terms():
+    return {"loss": {"losses": 0, "indices": None, "reduction_type": "already_reduced"}}
+
+
+def _element(losses, n_rows, device):
+    return {"loss": {"losses": losses, "indices": torch.arange(n_rows, device=device), "reduction_type": "element"}}
+
+
+# ----------------------------------------------------------------------------- the losses
+
+
+class _SimilarityLoss(torch.nn.Module):
+    """PML's GenericPairLoss: the pairs (from labels or ``indices_tuple``), PML's loss dict, the reducer."""
+
+    _name: str
+    _native_op: str
+    _pair_based = False  # True: one term per listed positive pair ("pos_pair"); else one per anchor row
+    _per_anchor_op = None  # metricops.similarity's per-anchor function that also takes ref_emb/ref_labels
+    _per_anchor_extra: dict = {}
+
+    def __init__(self, distance, reducer, kwargs, default_reducer=_reducers.MeanReducer, cosine_default=True):
+        super().__init__()
+        refuse_unsupported(f"losses.{self._name}", kwargs)
+        if distance is None:
+            distance = CosineSimilarity() if cosine_default else LpDistance()
+        if not isinstance(distance, BaseDistance):
+            raise NotImplementedError(
+                f"metricops.pml: losses.{self._name}(distance=...) must be metricops.pml.distances.LpDistance or "
+                f"CosineSimilarity, got {type(distance).__module__}.{type(distance).__name__}"
+            )
+        self.distance = distance
+        self.reducer = _reducers.resolve(reducer, ["loss"], default_reducer, f"losses.{self._name}")
+
+    # -- native path
+    def _native_distance(self) -> bool:
+        """Whether the native op computes this loss's distance (its PML default)."""
+        return isinstance(self.distance, CosineSimilarity)
+
+    def _native_reduction(self):
+        """The op's reduction that equals the reducer, "none" when the reducer can reduce the op's per-anchor
+        vector, else None."""
+        r = self.reducer
+        if type(r) is _reducers.MeanReducer:
+            return "mean"
+        if type(r) is _reducers.SumReducer:
+            return "sum"
+        if _reducers.is_avg_nonzero(r):
+            return "mean_nonzero"
+        if self._pair_based or isinstance(r, _reducers.DoNothingReducer):
+            return None
+        return "none"
+
+    def _native_kwargs(self) -> dict:
+        raise NotImplementedError
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        check_call(embeddings, labels, indices_tuple)
+        ref, ref_lab = set_ref(embeddings, labels, ref_emb, ref_labels)
+        if labels is not None:
+            labels = labels.to(embeddings.device)
+        if ref_emb is None and _native_inputs(embeddings, labels):
+            out = self._fast(embeddings, labels, indices_tuple)
+            if out is not None:
+                return out
+        if ref_emb is not None and indices_tuple is None and self._per_anchor_op is not None:
+            out = self._fast_ref(embeddings, labels, ref_emb, ref_labels)
+            if out is not None:
+                return out
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref, ref_lab)
+        return self.reducer(loss_dict, embeddings, labels)
+
+    def _fast(self, embeddings, labels, indices_tuple):
+        """The loss from the native op where it computes exactly this call (every pair of the batch, the
+        default distance, a reducer it expresses), else None."""
+        if indices_tuple is not None or not self._native_distance():
+            return None
+        return self._reduce_native(
+            lambda reduction: _native(self._native_op)(
+                embeddings, labels, reduction=reduction, **self._native_kwargs()
+            ),
+            embeddings,
+            labels,
+        )
+
+    def _fast_ref(self, embeddings, labels, ref_emb, ref_labels):
+        """A per-anchor loss against a separate reference set from the engine (rows: the batch, columns:
+        ref_emb; no pair is excluded, as PML has it when ref_labels is another tensor): O((B + R)·D) memory.
+        None where PML's rules differ (ref_labels being labels itself, at most 2 pairs) or inputs don't fit."""
+        if (
+            ref_labels is None
+            or ref_labels is labels
+            or not self._native_distance()
+            or not _native_inputs(embeddings, labels)
+            or not _native_inputs(ref_emb, ref_labels)
+            or ref_emb.dtype != embeddings.dtype
+            or embeddings.shape[0] * ref_emb.shape[0] <= 2  # PML's "every index tensor of length <= 1" rule
+        ):
+            return None
+        from .. import similarity as _sim
+
+        per_anchor = getattr(_sim, self._per_anchor_op)(
+            embeddings,
+            labels,
+            memory="auto",
+            ref_emb=ref_emb,
+            ref_labels=ref_labels.to(embeddings.device),
+            **self._native_kwargs(),
+            **self._per_anchor_extra,
+        )
+        return self.reducer(_element(per_anchor, embeddings.shape[0], embeddings.device), embeddings, labels)
+
+    def _reduce_native(self, op, embeddings, labels):
+        """``op(reduction)`` reduced as ``self.reducer`` would reduce PML's terms, or None where it cannot be."""
+        reduction = self._native_reduction()
+        if reduction is None:
+            return None
+        out = op(reduction)
+        if reduction != "none":
+            return out
+        return self.reducer(_element(out, embeddings.shape[0], embeddings.device), embeddings, labels)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's loss dict, over the listed pairs only (``ref_emb`` is the batch itself without one)."""
+        if indices_tuple is None:
+            a1, p, a2, n = all_pairs(labels, ref_labels)
+        elif len(indices_tuple) == 3:
+            a, p, n = indices_tuple
+            a1, a2 = a, a
+        else:
+            a1, p, a2, n = indices_tuple
+        a1, p, a2, n = (torch.as_tensor(t, device=embeddings.device).long() for t in (a1, p, a2, n))
+        if all(len(t) <= 1 for t in (a1, p, a2, n)):  # PML's GenericPairLoss returns the zero loss
+            return _no_terms()
+        if not self._pair_based:
+            n_cols = ref_emb.shape[0]
+            a1, p = _unique_pairs(a1, p, n_cols)
+            a2, n = _unique_pairs(a2, n, n_cols)
+            if a1.numel() and a2.numel() and bool(torch.isin(a1 * n_cols + p, a2 * n_cols + n).any()):
+                raise ValueError("indices_tuple: each pair should be either positive or negative, not both")
+        pos = _pair_values(self.distance, embeddings, ref_emb, a1, p)
+        neg = _pair_values(self.distance, embeddings, ref_emb, a2, n)
+        return self._loss_dict(pos, neg, (a1, p, a2, n), embeddings.shape[0])
+
+    def _loss_dict(self, pos, neg, indices, n_rows):
+        raise NotImplementedError
+
+    def _similarity(self, values):
+        """PML's "if dealing with actual distances, use negative distances"."""
+        return values if self.distance.is_inverted else -values
+
+
+def _native_inputs(embeddings, labels) -> bool:
+    return (
+        labels is not None
+        and labels.dtype in (torch.int32, torch.int64)
+        and labels.dim() == 1
+        and embeddings.dtype in (torch.float32, torch.float64)
+        and embeddings.dim() == 2
+    )
+
+
+class SupConLoss(_SimilarityLoss):
+    """``SupConLoss(temperature=0.1, distance=None, reducer=None)``, as pytorch-metric-learning 2.9.
+
+    With z = similarity/τ (−distance/τ for LpDistance), anchor i with a positive gives
+    LSE_{j∈P_i∪N_i} z_ij − mean_{p∈P_i} z_ip, else 0; 0 overall when no positive or no negative pair is
+    listed. Default reducer AvgNonZeroReducer; default distance CosineSimilarity.
+    """
+
+    _name = "SupConLoss"
+    _per_anchor_op = "_supcon_per_anchor"
+    _native_op = "supcon_loss"
+
+    def __init__(self, temperature: float = 0.1, distance=None, reducer=None, **kwargs):
+        super().__init__(distance, reducer, kwargs, default_reducer=_reducers.AvgNonZeroReducer)
+        self.temperature = temperature
+
+    def _native_kwargs(self):
+        return {"temperature": self.temperature}
+
+    def _loss_dict(self, pos, neg, indices, n_rows):
+        a1, _, a2, _ = indices
+        if a1.numel() == 0 or a2.numel() == 0:
+            return _no_terms()
+        z_pos, z_neg = self._similarity(pos) / self.temperature, self._similarity(neg) / self.temperature
+        denominator, _ = _segment_lse(torch.cat([z_pos, z_neg]), torch.cat([a1, a2]), n_rows)
+        n_pos = torch.zeros(n_rows, dtype=torch.int64, device=pos.device).index_add(0, a1, torch.ones_like(a1))
+        sum_pos = torch.zeros(n_rows, dtype=pos.dtype, device=pos.device).index_add(0, a1, z_pos)
+        losses = torch.where(n_pos > 0, denominator - sum_pos / n_pos.clamp_min(1), torch.zeros_like(sum_pos))
+        return _element(losses, n_rows, pos.device)
+
+
+class NTXentLoss(_SimilarityLoss):
+    """``NTXentLoss(temperature=0.07, distance=None, reducer=None)``, as pytorch-metric-learning 2.9.
+
+    One term per listed positive pair (i, p): −log(e^{z_ip} / (e^{z_ip} + Σ e^{z_in})) over the listed
+    negative pairs of anchor i, z = similarity/τ (−distance/τ for LpDistance); MeanReducer averages over
+    the positive pairs. Default distance CosineSimilarity.
+    """
+
+    _name = "NTXentLoss"
+    _native_op = "ntxent_loss"
+    _pair_based = True
+
+    def __init__(self, temperature: float = 0.07, distance=None, reducer=None, **kwargs):
+        super().__init__(distance, reducer, kwargs)
+        self.temperature = temperature
+
+    def _native_kwargs(self):
+        return {"temperature": self.temperature}
+
+    def _loss_dict(self, pos, neg, indices, n_rows):
+        a1, p, a2, _ = indices
+        if a1.numel() == 0 or a2.numel() == 0:
+            return _no_terms()
+        z_pos, z_neg = self._similarity(pos) / self.temperature, self._similarity(neg) / self.temperature
+        neg_lse, _ = _segment_lse(z_neg, a2, n_rows, empty=float("-inf"))
+        losses = torch.logaddexp(z_pos, neg_lse[a1]) - z_pos
+        return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+
+
+class MultiSimilarityLoss(_SimilarityLoss):
+    """``MultiSimilarityLoss(alpha=2, beta=50, base=0.5, distance=None, reducer=None)``, as
+    pytorch-metric-learning 2.9.
+
+    Anchor i: (1/α)·log(1 + Σ_P e^{α·margin(s, base)}) + (1/β)·log(1 + Σ_N e^{β·margin(base, s)}) with PML's
+    ``distance.margin`` (CosineSimilarity: base − s and s − base; LpDistance: d − base and base − d).
+    Given a metricops.pml MultiSimilarityMiner's output on the same embeddings it is one native call.
+    """
+
+    _name = "MultiSimilarityLoss"
+    _per_anchor_op = "_multi_similarity_per_anchor"
+    _per_anchor_extra = {"mining_epsilon": None}
+    _native_op = "multi_similarity_loss"
+
+    def __init__(self, alpha: float = 2, beta: float = 50, base: float = 0.5, distance=None, reducer=None, **kwargs):
+        super().__init__(distance, reducer, kwargs)
+        self.alpha = alpha
+        self.beta = beta
+        self.base = base
+
+    def _native_kwargs(self):
+        return {"alpha": self.alpha, "beta": self.beta, "base": self.base}
+
+    def _fast(self, embeddings, labels, indices_tuple):
+        if indices_tuple is None or not self._native_distance():
+            return super()._fast(embeddings, labels, indices_tuple)
+        if not isinstance(indices_tuple, MinedPairs) or indices_tuple.source is None:
+            return None
+        source, miner_distance = indices_tuple.source, indices_tuple.selection.distance
+        if (
+            not isinstance(miner_distance, CosineSimilarity)
+            or not source.is_unchanged(embeddings)
+            or source.labels.device != embeddings.device
+            or source.labels.dtype not in (torch.int32, torch.int64)
+        ):
+            return None
+        epsilon = indices_tuple.selection.epsilon
+        return self._reduce_native(
+            lambda reduction: _native(self._native_op)(
+                embeddings, source.labels, mining_epsilon=epsilon, reduction=reduction, **self._native_kwargs()
+            ),
+            embeddings,
+            labels,
+        )
+
+    def _loss_dict(self, pos, neg, indices, n_rows):
+        a1, _, a2, _ = indices
+        margin = self.distance.margin
+        pos_term, _ = _segment_lse(self.alpha * margin(pos, self.base), a1, n_rows, add_one=True)
+        neg_term, _ = _segment_lse(self.beta * margin(self.base, neg), a2, n_rows, add_one=True)
+        return _element(pos_term / self.alpha + neg_term / self.beta, n_rows, pos.device)
+
+
+class CircleLoss(_SimilarityLoss):
+    """``CircleLoss(m=0.4, gamma=80, distance=None, reducer=None)``, as pytorch-metric-learning 2.9
+    (CosineSimilarity only, as PML).
+
+    Anchor i with a positive and a negative: softplus(LSE_P(−γ·a_p·(s − 1 + m)) + LSE_N(γ·a_n·(s − m))),
+    a_p = relu(1 + m − s), a_n = relu(s + m) held constant; else 0. Default reducer AvgNonZeroReducer.
+    """
+
+    _name = "CircleLoss"
+    _per_anchor_op = "_circle_per_anchor"
+    _native_op = "circle_loss"
+
+    def __init__(self, m: float = 0.4, gamma: float = 80, distance=None, reducer=None, **kwargs):
+        super().__init__(distance, reducer, kwargs, default_reducer=_reducers.AvgNonZeroReducer)
+        if not isinstance(self.distance, CosineSimilarity):
+            raise ValueError(
+                f"losses.CircleLoss: distance must be CosineSimilarity (as in pytorch-metric-learning), "
+                f"got {type(self.distance).__name__}"
+            )
+        self.m = m
+        self.gamma = gamma
+
+    def _native_kwargs(self):
+        return {"m": self.m, "gamma": self.gamma}
+
+    def _loss_dict(self, pos, neg, indices, n_rows):
+        a1, _, a2, _ = indices
+        m, gamma = self.m, self.gamma
+        pos_logits = -gamma * F.relu(1 + m - pos.detach()) * (pos - (1 - m))
+        neg_logits = gamma * F.relu(neg.detach() + m) * (neg - m)
+        lse_pos, n_pos = _segment_lse(pos_logits, a1, n_rows)
+        lse_neg, n_neg = _segment_lse(neg_logits, a2, n_rows)
+        valid = (n_pos > 0) & (n_neg > 0)
+        losses = torch.where(valid, F.softplus(lse_pos + lse_neg), torch.zeros_like(lse_pos))
+        return _element(losses, n_rows, pos.device)
+
+
+class _LiftedBase(_SimilarityLoss):
+    def __init__(self, neg_margin, pos_margin, distance, reducer, kwargs):
+        super().__init__(distance, reducer, kwargs, cosine_default=False)
+        self.neg_margin = neg_margin
+        self.pos_margin = pos_margin
+
+    def _native_distance(self):
+        d = self.distance
+        return isinstance(d, LpDistance) and d.normalize_embeddings and d.power == 1
+
+    def _native_kwargs(self):
+        return {"pos_margin": self.pos_margin, "neg_margin": self.neg_margin}
+
+
+class GeneralizedLiftedStructureLoss(_LiftedBase):
+    """``GeneralizedLiftedStructureLoss(neg_margin=1, pos_margin=0, distance=None, reducer=None)``, as
+    pytorch-metric-learning 2.9.
+
+    Anchor i: relu(LSE_P(margin(d, pos_margin)) + LSE_N(margin(neg_margin, d))), an empty set's LSE counting
+    as 0. Default distance ``LpDistance()`` (euclidean on normalized embeddings).
+    """
+
+    _name = "GeneralizedLiftedStructureLoss"
+    _per_anchor_op = "_generalized_lifted_per_anchor"
+    _native_op = "generalized_lifted_structure_loss"
+
+    def __init__(self, neg_margin: float = 1, pos_margin: float = 0, distance=None, reducer=None, **kwargs):
+        super().__init__(neg_margin, pos_margin, distance, reducer, kwargs)
+
+    def _loss_dict(self, pos, neg, indices, n_rows):
+        a1, _, a2, _ = indices
+        margin = self.distance.margin
+        pos_lse, _ = _segment_lse(margin(pos, self.pos_margin), a1, n_rows)
+        neg_lse, _ = _segment_lse(margin(self.neg_margin, neg), a2, n_rows)
+        return _element(F.relu(pos_lse + neg_lse), n_rows, pos.device)
+
+
+class LiftedStructureLoss(_LiftedBase):
+    """``LiftedStructureLoss(neg_margin=1, pos_margin=0, distance=None, reducer=None)``, as
+    pytorch-metric-learning 2.9.
+
+    One term per listed positive pair (a, p): relu(LSE(margin(neg_margin, d)) + margin(d_ap, pos_margin))² / 2,
+    the LSE over the listed negative pairs whose anchor is a or p (p read as a row index, as PML does also
+    with ``ref_emb``; 0 when there are none). Default distance ``LpDistance()``.
+    """
+
+    _name = "LiftedStructureLoss"
+    _native_op = "lifted_structure_loss"
+    _pair_based = True
+
+    def __init__(self, neg_margin: float = 1, pos_margin: float = 0, distance=None, reducer=None, **kwargs):
+        super().__init__(neg_margin, pos_margin, distance, reducer, kwargs)
+
+    def _fast(self, embeddings, labels, indices_tuple):
+        if indices_tuple is not None or not self._native_distance():
+            return None
+        import metricops
+
+        if hasattr(metricops, self._native_op):
+            return super()._fast(embeddings, labels, indices_tuple)
+        # PML's per-pair terms from the engine's row statistics: exact for every reducer
+        return self.reducer(self._engine_loss_dict(embeddings, labels), embeddings, labels)
+
+    def _engine_loss_dict(self, embeddings, labels):
+        """PML's per-pair loss dict from the streaming engine: each row's LSE of neg_margin − d over its
+        negatives (metricops' lse_stats, nothing B×B), then d_ap for the positive pairs only (O(#positive
+        pairs) memory; the pairs of each class are listed without a B×B mask)."""
+        from .. import similarity as _sim
+        from .._registrations.similarity import COUNT_NEG, LSE_NEG
+
+        x = _sim._prepare_labelled(embeddings, labels, "none", "auto")[0]
+        st, _ = _sim._stats(x, None, labels, None, "lifted", (float(self.pos_margin), float(self.neg_margin)))
+        a1, p = _positive_pairs(labels)
+        if a1.numel() == 0 or not bool((st[:, COUNT_NEG] > 0).any()):
+            return _no_terms()
+        has_neg = st[:, COUNT_NEG] > 0
+        row_lse = torch.where(has_neg, st[:, LSE_NEG], torch.zeros_like(st[:, LSE_NEG])).to(embeddings.dtype)
+        lse = _logaddexp_of_rows(row_lse, has_neg, a1, p)
+        d_ap = _pair_values(self.distance, embeddings, embeddings, a1, p)
+        losses = F.relu(lse + d_ap - self.pos_margin) ** 2 / 2
+        return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+
+    def _loss_dict(self, pos, neg, indices, n_rows):
+        a1, p, a2, _ = indices
+        if a1.numel() == 0 or a2.numel() == 0:
+            return _no_terms()
+        margin = self.distance.margin
+        row_lse, counts = _segment_lse(margin(self.neg_margin, neg), a2, n_rows)
+        # negatives of the anchor's row, and of row p (a row index also with ref_emb, as PML reads it)
+        lse = _logaddexp_of_rows(row_lse, counts > 0, a1, p)
+        losses = F.relu(lse + margin(pos, self.pos_margin)) ** 2 / 2
+        return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+
+
+def _logaddexp_of_rows(row_lse, has, a, p):
+    """Per pair, the LSE over the union of rows a and p's sets (row p only when it is another row of the batch:
+    PML's mask is an "or"); 0 when both are empty. ``row_lse`` holds 0 (not −inf) for empty rows, so no
+    gradient is NaN."""
+    n_rows = row_lse.shape[0]
+    p_row = torch.where((p < n_rows) & (p != a), p, torch.zeros_like(p))
+    has_a = has[a]
+    has_p = has[p_row] & (p < n_rows) & (p != a)
+    la, lp = row_lse[a], row_lse[p_row]
+    both = torch.logaddexp(la, lp)
+    zero = torch.zeros_like(la)
+    return torch.where(has_a & has_p, both, torch.where(has_a, la, torch.where(has_p, lp, zero)))
+
+
+def _positive_pairs(labels):
+    """Every (i, j), i ≠ j, with labels[i] == labels[j], in row-major order (as ``torch.where`` on PML's
+    mask), from the sorted labels: O(#pairs) memory, never a B×B mask."""
+    b = labels.shape[0]
+    order = torch.argsort(labels, stable=True)
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    size = counts.repeat_interleave(counts)  # class size of each sorted element
+    start = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    anchor = torch.arange(b, device=labels.device).repeat_interleave(size)
+    first = torch.cumsum(size, 0) - size
+    partner = (
+        start.repeat_interleave(size)
+        + torch.arange(anchor.numel(), device=labels.device)
+        - first.repeat_interleave(size)
+    )
+    keep = anchor != partner
+    a, p = order[anchor[keep]], order[partner[keep]]
+    key = torch.argsort(a * b + p)
+    return a[key], p[key]
+
+
+# ----------------------------------------------------------------------------- the miner
+
+
+class MultiSimilaritySelection:
+    """A MultiSimilarityMiner's rule, frozen at the call: ``epsilon`` and the miner's ``distance``."""
+
+    def __init__(self, epsilon: float, distance: BaseDistance):
+        self.epsilon = epsilon
+        self.distance = distance
+
+
+class MinedPairs(MinedTriplets):
+    """``(a1, p, a2, n)``: the MultiSimilarityMiner's pairs as int64 tensors, mined on first look (see
+    ``MinedTriplets``); a metricops.pml MultiSimilarityLoss on the same embeddings never looks."""
+
+    def __len__(self):
+        return 4
+
+
+def _mine_pairs(distance: BaseDistance, epsilon: float, x, labels, ref, ref_labels, self_labels: bool, self_emb: bool):
+    """PML's MultiSimilarityMiner on (B, R) in row blocks: positive (i, j) kept if
+    s_ij − ε < max over i's negatives (distances: d_ij + ε > min), negative kept if s_ij + ε > min over i's
+    positives (d_ij − ε < max). Pairs in row-major order (PML orders each row by similarity).
+
+    ``self_labels``: (i, i) is no positive pair (PML: ``ref_labels is labels``); ``self_emb``: (i, i) is
+    no candidate at all (PML: ``embeddings is ref_emb``).
+    """
+    empty = torch.empty(0, dtype=torch.int64, device=x.device)
+    if x.shape[0] == 0 or ref.shape[0] == 0:
+        return empty, empty.clone(), empty.clone(), empty.clone()
+    block = max(1, _MINER_BLOCK_ELEMENTS // ref.shape[0])
+    inf = float("inf")
+    found_pos, found_neg, any_pos, any_neg = [], [], False, False
+    cosine = isinstance(distance, CosineSimilarity)
+    if cosine:  # PML's own arithmetic: normalized rows, one matrix product
+        x, ref = F.normalize(x, dim=1), F.normalize(ref, dim=1)
+    for start in range(0, x.shape[0], block):
+        rows = torch.arange(start, min(start + block, x.shape[0]), device=x.device)
+        local = torch.arange(len(rows), device=x.device)
+        if cosine:
+            mat = x[rows] @ ref.T
+        else:
+            metric = "euclidean" if distance.power == 1 else "sqeuclidean"
+            mat = pairwise_distance(x[rows], ref, metric=metric, normalize=distance.normalize_embeddings)
+        matches = labels[rows, None] == ref_labels[None, :]
+        diffs = ~matches
+        if self_labels:
+            matches[local, rows] = False
+        any_pos |= bool(matches.any())
+        any_neg |= bool(diffs.any())
+        # PML sorts the positives among the entries not listed as negatives and vice versa; (i, i) is
+        # ignored by both only when the reference is the batch itself.
+        pos_cand, neg_cand = ~diffs, ~matches
+        if self_emb:
+            pos_cand[local, rows] = False
+            neg_cand[local, rows] = False
+        if distance.is_inverted:
+            hardest_neg = mat.masked_fill(~neg_cand, -inf).amax(dim=1, keepdim=True)
+            hardest_pos = mat.masked_fill(~pos_cand, inf).amin(dim=1, keepdim=True)
+            keep_pos = pos_cand & (mat - epsilon < hardest_neg)
+            keep_neg = neg_cand & (mat + epsilon > hardest_pos)
+        else:
+            hardest_neg = mat.masked_fill(~neg_cand, inf).amin(dim=1, keepdim=True)
+            hardest_pos = mat.masked_fill(~pos_cand, -inf).amax(dim=1, keepdim=True)
+            keep_pos = pos_cand & (mat + epsilon > hardest_neg)
+            keep_neg = neg_cand & (mat - epsilon < hardest_pos)
+        r, c = torch.where(keep_pos)
+        found_pos.append((rows[r], c))
+        r, c = torch.where(keep_neg)
+        found_neg.append((rows[r], c))
+    if not any_pos or not any_neg:
+        return empty, empty.clone(), empty.clone(), empty.clone()
+    a1, p = (torch.cat(t) for t in zip(*found_pos))
+    a2, n = (torch.cat(t) for t in zip(*found_neg))
+    return a1, p, a2, n
+
+
+class MultiSimilarityMiner(torch.nn.Module):
+    """``MultiSimilarityMiner(epsilon=0.1, distance=None)``, as pytorch-metric-learning 2.9.
+
+    Returns ``(a1, p, a2, n)`` int64 index tensors: positive pairs (a1, p) whose similarity is below the
+    anchor's hardest negative's + ε, negative pairs (a2, n) above the anchor's hardest positive's − ε (for
+    an LpDistance, the same with distances and the inequalities flipped). Nothing when the batch has no
+    positive or no negative pair. Computed in row blocks (O(block·R) memory). Within a batch the result is
+    a ``MinedPairs``, mined when first looked at; a metricops.pml MultiSimilarityLoss given it on the same
+    embeddings computes its value natively without the pairs. Within each anchor the pairs are in
+    column order (PML's are in order of similarity); as sets they are PML's.
+    """
+
+    def __init__(self, epsilon: float = 0.1, distance=None, **kwargs):
+        super().__init__()
+        refuse_unsupported("miners.MultiSimilarityMiner", kwargs)
+        if distance is None:
+            distance = CosineSimilarity()
+        if not isinstance(distance, BaseDistance):
+            raise NotImplementedError(
+                "metricops.pml: miners.MultiSimilarityMiner(distance=...) must be metricops.pml.distances."
+                f"LpDistance or CosineSimilarity, got {type(distance).__module__}.{type(distance).__name__}"
+            )
+        self.epsilon = v.check_number(epsilon, "epsilon")
+        self.distance = distance
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        v.check_tensor(embeddings, "embeddings")
+        v.check_tensor(labels, "labels")
+        set_ref(embeddings, labels, ref_emb, ref_labels)
+        epsilon, distance = float(self.epsilon), self.distance
+        # PML's set_ref_emb: without ref_emb the batch is its own reference, with its own labels object
+        self_emb = ref_emb is None or ref_emb is embeddings
+        self_labels = ref_emb is None or ref_labels is None or ref_labels is labels
+        labels = labels.to(embeddings.device)
+        if self_emb and self_labels:
+            source = MinedSource(embeddings, labels)
+            selection = MultiSimilaritySelection(epsilon, distance)
+            values = source.values
+            return MinedPairs(
+                lambda: _mine_pairs(distance, epsilon, values, source.labels, values, source.labels, True, True),
+                selection,
+                source,
+            )
+        if ref_labels is None:
+            raise ValueError("ref_labels must be given with ref_emb (one label per ref_emb row)")
+        ref_labels = ref_labels.to(embeddings.device)
+        with torch.no_grad():
+            return _mine_pairs(
+                distance, epsilon, embeddings.detach(), labels, ref_emb.detach(), ref_labels, self_labels, self_emb
+            )
+
+
+__all__ = [
+    "CircleLoss",
+    "GeneralizedLiftedStructureLoss",
+    "LiftedStructureLoss",
+    "MultiSimilarityLoss",
+    "MultiSimilarityMiner",
+    "NTXentLoss",
+    "SupConLoss",
+]

@@ -1,0 +1,389 @@
+"""The log-sum-exp engine's losses (metricops/similarity.py) against metricops.reference (float64), PML itself,
+torch's cross-entropy, and their own properties: tiles, edge cases, gradcheck, opcheck, torch.compile, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metricops
+from metricops import reference as ref
+from metricops import similarity as sim
+from metricops._ops import ops
+from common import assert_close, cpu_and_cuda
+
+# name -> (metricops function, reference function, keyword arguments (non-default where it matters))
+LOSSES = {
+    "supcon": (metricops.supcon_loss, ref.supcon_loss, {"temperature": 0.3}),
+    "ntxent": (metricops.ntxent_loss, ref.ntxent_loss, {"temperature": 0.2}),
+    "multi_similarity": (metricops.multi_similarity_loss, ref.multi_similarity_loss, {"alpha": 2.0, "beta": 10.0}),
+    "multi_similarity_mined": (
+        metricops.multi_similarity_loss,
+        ref.multi_similarity_loss,
+        {"beta": 10.0, "mining_epsilon": 0.1},
+    ),
+    "circle": (metricops.circle_loss, ref.circle_loss, {"gamma": 8.0}),
+    "generalized_lifted": (
+        metricops.generalized_lifted_structure_loss,
+        ref.generalized_lifted_structure_loss,
+        {"neg_margin": 1.2},
+    ),
+    "lifted": (metricops.lifted_structure_loss, ref.lifted_structure_loss, {"neg_margin": 1.2, "pos_margin": 0.1}),
+}
+REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
+# tile shapes forced through similarity._FORCED_TILE: ragged, single entries, wider than tall, one big tile
+TILES = (None, (3, 5), (1, 1), (4, 9), (64, 64))
+
+
+@pytest.fixture
+def force_tile(monkeypatch):
+    def force(tile):
+        monkeypatch.setattr(sim, "_FORCED_TILE", tile)
+
+    return force
+
+
+def _labels(kind: str, b: int, device="cpu"):
+    g = torch.Generator().manual_seed(b)
+    if kind == "classes":  # a few classes, some anchors alone in theirs (no positive)
+        labels = torch.randint(0, max(b // 3, 1), (b,), generator=g)
+        labels[: min(2, b)] = torch.tensor([100, 101][: min(2, b)])
+    elif kind == "distinct":
+        labels = torch.arange(b)
+    elif kind == "same":
+        labels = torch.zeros(b, dtype=torch.int64)
+    else:
+        raise ValueError(kind)
+    return labels.to(device)
+
+
+def _data(b=17, d=6, dtype=torch.float64, device="cpu", seed=0, duplicate=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=dtype)
+    if duplicate and b > 3:
+        x[3] = x[1]  # an exact duplicate (same label below in "classes"? not necessarily: both cases are fine)
+    return x.to(device).requires_grad_()
+
+
+def _value_and_grad(fn, x, labels, **kw):
+    x = x.detach().clone().requires_grad_()
+    loss = fn(x, labels, **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), x, allow_unused=True)
+    return loss.detach(), (torch.zeros_like(x) if grad is None else grad)
+
+
+# ------------------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("labels_kind", ["classes", "distinct", "same"])
+def test_parity_with_reference(device, name, labels_kind, force_tile):
+    fn, ref_fn, kw = LOSSES[name]
+    x = _data(device=device, duplicate=labels_kind == "classes")
+    labels = _labels(labels_kind, x.shape[0], device)
+    for reduction in REDUCTIONS:
+        expected, expected_grad = _value_and_grad(ref_fn, x, labels, reduction=reduction, **kw)
+        for tile in TILES:
+            force_tile(tile)
+            for memory in ("auto", "matrix", "streaming"):
+                got, grad = _value_and_grad(fn, x, labels, reduction=reduction, memory=memory, **kw)
+                assert_close(got, expected)
+                assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("b", [0, 1, 2])
+def test_tiny_batches(name, b):
+    fn, ref_fn, kw = LOSSES[name]
+    x = _data(b=b)
+    labels = torch.zeros(b, dtype=torch.int64)
+    for reduction in REDUCTIONS:
+        got, grad = _value_and_grad(fn, x, labels, reduction=reduction, **kw)
+        expected, expected_grad = _value_and_grad(ref_fn, x, labels, reduction=reduction, **kw)
+        assert_close(got, expected)
+        assert_close(grad, expected_grad)
+        loss = fn(x, labels, reduction=reduction, **kw)
+        assert loss.requires_grad  # attached to the graph even with no term
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_float32_close_to_float64(name):
+    fn, _, kw = LOSSES[name]
+    x = _data(b=40, d=16, seed=3)
+    labels = _labels("classes", 40)
+    v64, g64 = _value_and_grad(fn, x, labels, **kw)
+    v32, g32 = _value_and_grad(fn, x.detach().float(), labels, **kw)
+    assert v32.dtype == torch.float32
+    torch.testing.assert_close(v32.double(), v64, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g32.double(), g64, atol=1e-4, rtol=1e-3)
+
+
+def test_duplicate_rows_have_finite_gradients():
+    x = torch.randn(6, 4, dtype=torch.float64)
+    x[1] = x[0]
+    x[2] = x[0]
+    labels = torch.tensor([0, 0, 1, 1, 2, 0])
+    for name, (fn, ref_fn, kw) in LOSSES.items():
+        value, grad = _value_and_grad(fn, x, labels, **kw)
+        expected, _ = _value_and_grad(ref_fn, x, labels, **kw)
+        assert_close(value, expected)
+        assert torch.isfinite(grad).all(), name
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_nan_in_nan_out(name):
+    fn, _, kw = LOSSES[name]
+    x = _data(b=9).detach()
+    x[2, 1] = float("nan")
+    labels = _labels("classes", 9)
+    labels[2] = labels[4]  # the NaN row has a positive
+    assert torch.isnan(fn(x, labels, reduction="sum", **kw))
+
+
+# ------------------------------------------------------------------------------------------------- outside oracles
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("normalize", [True, False])
+def test_info_nce_equals_cross_entropy(device, normalize, force_tile):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(7, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    k = torch.randn(11, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()  # 4 extra negatives
+    for tile in (None, (2, 3), (1, 1)):
+        force_tile(tile)
+        for reduction in ("mean", "sum", "none"):
+            got = metricops.info_nce_loss(q, k, temperature=0.3, normalize=normalize, reduction=reduction)
+            qq, kk = (F.normalize(q), F.normalize(k)) if normalize else (q, k)
+            expected = F.cross_entropy(qq @ kk.T / 0.3, torch.arange(7, device=device), reduction=reduction)
+            assert_close(got, expected)
+            g1 = torch.autograd.grad(got.sum(), (q, k))
+            g2 = torch.autograd.grad(expected.sum(), (q, k))
+            for a, b in zip(g1, g2):
+                assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_info_nce_symmetric_is_clip(device, force_tile):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(9, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    k = torch.randn(9, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    target = torch.arange(9, device=device)
+    for tile in (None, (2, 4)):
+        force_tile(tile)
+        got = metricops.info_nce_loss(q, k, temperature=0.07, symmetric=True)
+        logits = F.normalize(q) @ F.normalize(k).T / 0.07
+        expected = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        assert_close(got, expected)
+        for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(expected, (q, k))):
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_learnable_temperature_gradient(symmetric):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(8 if symmetric else 12, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    got = metricops.info_nce_loss(q, k, temperature=tau, symmetric=symmetric)
+    expected = ref.info_nce_loss(q, k, temperature=tau, symmetric=symmetric)
+    assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got, (q, k, tau)), torch.autograd.grad(expected, (q, k, tau))):
+        assert_close(a, b)
+    # CLIP's parametrization: τ = exp(-logit_scale)
+    logit_scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    got = metricops.info_nce_loss(q, k, temperature=torch.exp(-logit_scale), symmetric=symmetric)
+    expected = ref.info_nce_loss(q, k, temperature=torch.exp(-logit_scale), symmetric=symmetric)
+    assert_close(torch.autograd.grad(got, logit_scale)[0], torch.autograd.grad(expected, logit_scale)[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_against_pytorch_metric_learning(seed):
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 6, (32,), generator=g)
+    cases = [
+        (metricops.supcon_loss, {}, lambda e, y: pml_losses.SupConLoss()(e, y)),
+        (metricops.ntxent_loss, {}, lambda e, y: pml_losses.NTXentLoss()(e, y)),
+        (metricops.multi_similarity_loss, {}, lambda e, y: pml_losses.MultiSimilarityLoss()(e, y)),
+        (
+            metricops.multi_similarity_loss,
+            {"mining_epsilon": 0.1},
+            lambda e, y: pml_losses.MultiSimilarityLoss()(e, y, pml_miners.MultiSimilarityMiner(0.1)(e, y)),
+        ),
+        (metricops.circle_loss, {}, lambda e, y: pml_losses.CircleLoss()(e, y)),
+        (
+            metricops.generalized_lifted_structure_loss,
+            {},
+            lambda e, y: pml_losses.GeneralizedLiftedStructureLoss()(e, y),
+        ),
+        (metricops.lifted_structure_loss, {}, lambda e, y: pml_losses.LiftedStructureLoss()(e, y)),
+    ]
+    for fn, kw, pml in cases:
+        got, grad = _value_and_grad(fn, x, labels, **kw)
+        expected, expected_grad = _value_and_grad(pml, x, labels)
+        torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-9, rtol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------- autograd, ops
+
+
+# Circle's gradient holds a_p and a_n constant (the paper, PML): it is not the derivative gradcheck measures;
+# its gradient is pinned against the reference and PML above.
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "circle"])
+def test_gradcheck(name, force_tile):
+    fn, _, kw = LOSSES[name]
+    x = _data(b=7, d=3, seed=5)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3])
+    for tile in (None, (2, 3)):
+        force_tile(tile)
+        for reduction in ("mean", "none"):
+            assert torch.autograd.gradcheck(lambda e: fn(e, labels, reduction=reduction, **kw), (x,))
+
+
+def test_gradcheck_info_nce():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, t: metricops.info_nce_loss(a, b, temperature=t, symmetric=True), (q, k, tau)
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b: metricops.info_nce_loss(a, b, normalize=False, reduction="none"), (q, k)
+    )
+
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(6)
+    x = F.normalize(torch.randn(9, 4, generator=g, dtype=torch.float64), dim=1)
+    y = F.normalize(torch.randn(11, 4, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 4])
+    scale = torch.tensor(3.0, dtype=torch.float64)
+    params2 = torch.stack([torch.full((9,), -0.5, dtype=torch.float64), torch.full((9,), 0.5, dtype=torch.float64)], 1)
+    lifted = torch.stack([torch.linspace(-1, 1, 9, dtype=torch.float64), torch.ones(9, dtype=torch.float64)], 1)
+    return [
+        (x, None, labels, None, None, scale, "scaled", [], False, 0, 0),
+        (x, None, labels, None, None, scale, "multi_similarity", [2.0, 10.0, 0.5], False, 2, 3),
+        (x, None, labels, None, params2, scale, "multi_similarity_mined", [2.0, 10.0, 0.5, 0.1], False, 3, 3),
+        (x, None, labels, None, None, scale, "circle", [0.4, 8.0], False, 0, 0),
+        (x, None, labels, None, None, scale, "lifted", [0.0, 1.0], False, 4, 5),
+        (x, None, labels, None, params2[:, :1].contiguous(), scale, "ntxent_pairs", [], False, 0, 0),
+        (x, None, labels, None, lifted, scale, "lifted_pairs", [0.1, 0.0], False, 2, 2),
+        (x, y, torch.arange(9), torch.arange(11), None, scale, "scaled", [], True, 4, 3),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck(case):
+    args = _opcheck_cases()[case]
+    x = args[0].clone().requires_grad_()
+    y = None if args[1] is None else args[1].clone().requires_grad_()
+    args = (x, y) + args[2:]
+    torch.library.opcheck(ops.lse_stats.default, args)
+    rows, cols = ops.lse_stats(*args)
+    grad_rows = torch.randn_like(rows)
+    grad_cols = torch.randn_like(cols) if cols.shape[0] else None
+    x, y = x.detach(), None if y is None else y.detach()
+    backward_args = (grad_rows, grad_cols, x, y) + args[2:8] + (rows.detach(), cols.detach()) + args[9:]
+    torch.library.opcheck(ops.lse_stats_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_compile_fullgraph(name):
+    fn, _, kw = LOSSES[name]
+    x = _data(b=12, d=5, seed=7)
+    labels = _labels("classes", 12)
+    compiled = torch.compile(lambda e, y: fn(e, y, **kw), fullgraph=True, backend="aot_eager")
+    value, grad = _value_and_grad(compiled, x, labels)
+    expected, expected_grad = _value_and_grad(fn, x, labels, **kw)
+    assert_close(value, expected)
+    assert_close(grad, expected_grad)
+
+
+def test_compile_fullgraph_info_nce_learnable_temperature():
+    q = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    f = lambda a, b, t: metricops.info_nce_loss(a, b, temperature=t, symmetric=True)  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, tau)
+    expected = f(q, k, tau)
+    assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got, (q, k, tau)), torch.autograd.grad(expected, (q, k, tau))):
+        assert_close(a, b)
+
+
+def test_double_backward_is_refused():
+    x = _data(b=6)
+    loss = metricops.supcon_loss(x, _labels("classes", 6))
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature(bad):
+    x, labels = _data(b=4), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="temperature"):
+        metricops.supcon_loss(x, labels, temperature=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        metricops.ntxent_loss(x, labels, temperature=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        metricops.info_nce_loss(x, x, temperature=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        metricops.info_nce_loss(x, x, temperature=torch.tensor(bad))
+
+
+def test_bad_arguments():
+    x, labels = _data(b=4), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="symmetric"):
+        metricops.info_nce_loss(x, torch.randn(6, 6, dtype=torch.float64), symmetric=True)
+    with pytest.raises(ValueError, match="keys"):
+        metricops.info_nce_loss(x, torch.randn(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="keys"):
+        metricops.info_nce_loss(x, torch.randn(3, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="labels"):
+        metricops.supcon_loss(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="memory"):
+        metricops.circle_loss(x, labels, memory="tiles")
+    with pytest.raises(ValueError, match="reduction"):
+        metricops.multi_similarity_loss(x, labels, reduction="avg")
+    with pytest.raises(ValueError, match="reduction"):
+        metricops.info_nce_loss(x, x, reduction="mean_nonzero")
+    with pytest.raises(ValueError, match="alpha"):
+        metricops.multi_similarity_loss(x, labels, alpha=0.0)
+    with pytest.raises(ValueError, match="gamma"):
+        metricops.circle_loss(x, labels, gamma=float("nan"))
+    with pytest.raises(ValueError, match="mining_epsilon"):
+        metricops.multi_similarity_loss(x, labels, mining_epsilon=float("nan"))
+    with pytest.raises(TypeError, match="labels"):
+        metricops.ntxent_loss(x, labels.float())
+    with pytest.raises(ValueError, match="temperature"):
+        metricops.info_nce_loss(x, x, temperature=torch.tensor([0.1, 0.2]))
+    with pytest.raises(TypeError, match="embeddings"):
+        metricops.lifted_structure_loss(x.to(torch.int64), labels)
+
+
+def test_native_op_checks_name_the_argument():
+    x = F.normalize(torch.randn(5, 3, dtype=torch.float64), dim=1)
+    labels = torch.arange(5)
+    scale = torch.tensor(1.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="policy"):
+        ops.lse_stats(x, None, labels, None, None, scale, "nope", [], False, 0, 0)
+    with pytest.raises(ValueError, match="row_keys"):
+        ops.lse_stats(x, None, labels[:3], None, None, scale, "scaled", [], False, 0, 0)
+    with pytest.raises(ValueError, match="y must have the same number of columns"):
+        ops.lse_stats(
+            x, torch.randn(4, 2, dtype=torch.float64), labels, torch.arange(4), None, scale, "scaled", [], False, 0, 0
+        )
+    with pytest.raises(ValueError, match="row_params"):
+        ops.lse_stats(x, None, labels, None, None, scale, "ntxent_pairs", [], False, 0, 0)
+    with pytest.raises(ValueError, match="args"):
+        ops.lse_stats(x, None, labels, None, None, scale, "circle", [0.4], False, 0, 0)

@@ -204,6 +204,32 @@ TORCH_LIBRARY(metricops, m) {
       "lse_stats_backward(Tensor? grad_row_stats, Tensor? grad_col_stats, Tensor x, Tensor? y, Tensor row_keys, "
       "Tensor? col_keys, Tensor? row_params, Tensor scale, str policy, float[] args, Tensor row_stats, "
       "Tensor col_stats, int block_rows, int block_cols) -> (Tensor grad_x, Tensor grad_y)");
+
+  // Losses with learnable class parameters (metricops/class_losses.py), chunked
+  // over classes: S = embeddings · normalize(weight)ᵀ is computed one tile of
+  // class_chunk classes at a time (class_chunk <= 0 picks it per device) and
+  // never held whole. `embeddings` are used as given (the Python side
+  // normalizes them); weight/proxies are (C, D), normalized row-wise inside.
+  // Labels must be in [0, C). Statistics are in the accumulation dtype
+  // (float32 for float16/bfloat16).
+  // ArcFace/CosFace (kind 'arcface' | 'cosface'): per-row cross-entropy of
+  // scale·logits with the label's logit after the margin, and the row's
+  // log-sum-exp of the logits (what the backward needs).
+  m.def(
+      "margin_softmax_loss(Tensor embeddings, Tensor labels, Tensor weight, str kind, float margin, float scale, "
+      "int class_chunk=0) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "margin_softmax_loss_backward(Tensor grad_loss, Tensor embeddings, Tensor labels, Tensor weight, Tensor lse, "
+      "str kind, float margin, float scale, int class_chunk=0) -> (Tensor grad_embeddings, Tensor grad_weight)");
+  // ProxyAnchor: per class c, pos[c] = log(1 + Σ_{y_i = c} e^{−α(S_ic − δ)}) and
+  // neg[c] = log(1 + Σ_{y_i != c} e^{α(S_ic + δ)}) (0 over an empty set).
+  m.def(
+      "proxy_anchor_loss(Tensor embeddings, Tensor labels, Tensor proxies, float margin, float alpha, "
+      "int class_chunk=0) -> (Tensor pos, Tensor neg)");
+  m.def(
+      "proxy_anchor_loss_backward(Tensor grad_pos, Tensor grad_neg, Tensor embeddings, Tensor labels, "
+      "Tensor proxies, Tensor pos, Tensor neg, float margin, float alpha, int class_chunk=0) "
+      "-> (Tensor grad_embeddings, Tensor grad_proxies)");
 }
 
 }  // namespace metricops

@@ -27,6 +27,7 @@ from .similarity import (
     ntxent_loss,
     supcon_loss,
 )
+from .class_losses import arcface_loss, cosface_loss, proxy_anchor_loss
 from . import retrieval  # noqa: F401
 from . import nn  # noqa: F401
 from . import distributed  # noqa: F401  (torch.distributed is already imported by torch)
@@ -52,6 +53,9 @@ __all__ = [
     "lifted_structure_loss",
     "info_nce_loss",
     "retrieval_metrics",
+    "arcface_loss",
+    "cosface_loss",
+    "proxy_anchor_loss",
     "retrieval",
     "distributed",
     "build_info",

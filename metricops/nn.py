@@ -10,6 +10,7 @@ from . import _memory
 from . import _validation as v
 from . import similarity as _similarity
 from . import triplet as _triplet
+from . import class_losses as _class_losses
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from .distance import pairwise_distance
 
@@ -344,3 +345,78 @@ class InfoNCELoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return _format_args(self, ("temperature", "symmetric", "normalize", "learn_temperature", "reduction"))
+
+
+class _ClassParameterLoss(torch.nn.Module):
+    """Shared plumbing of the losses holding (C, D) class parameters: ``forward(embeddings, labels)``.
+
+    The hyper-parameters are plain attributes read at every forward (the functional validates them);
+    the class parameters are the module's only state (``state_dict``).
+    """
+
+    _arg_names: tuple = ()
+
+    def _check_sizes(self, num_classes, embedding_size):
+        v.check_int(num_classes, "num_classes", min_value=1)
+        v.check_int(embedding_size, "embedding_size", min_value=1)
+
+    def extra_repr(self) -> str:
+        c, d = self._class_parameter().shape
+        return f"num_classes={c}, embedding_size={d}, " + _format_args(self, self._arg_names)
+
+
+class ArcFaceLoss(_ClassParameterLoss):
+    """Module form of :func:`metricops.arcface_loss`, holding ``weight`` (C, D) (``nn.Linear``'s layout),
+    initialised N(0, 1) as pytorch-metric-learning's ``W``. ``margin`` in radians."""
+
+    _arg_names = ("margin", "scale")
+    _kind = "arcface"
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.5, scale: float = 64.0):
+        super().__init__()
+        self._check_sizes(num_classes, embedding_size)
+        _class_losses._check_margin_softmax_args(self._kind, margin, scale)
+        self.margin = margin
+        self.scale = scale
+        self.weight = torch.nn.Parameter(torch.empty(num_classes, embedding_size))
+        torch.nn.init.normal_(self.weight)
+
+    def _class_parameter(self):
+        return self.weight
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _class_losses.arcface_loss(embeddings, labels, self.weight, margin=self.margin, scale=self.scale)
+
+
+class CosFaceLoss(ArcFaceLoss):
+    """Module form of :func:`metricops.cosface_loss`, holding ``weight`` (C, D), initialised N(0, 1)."""
+
+    _kind = "cosface"
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64.0):
+        super().__init__(num_classes, embedding_size, margin=margin, scale=scale)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _class_losses.cosface_loss(embeddings, labels, self.weight, margin=self.margin, scale=self.scale)
+
+
+class ProxyAnchorLoss(_ClassParameterLoss):
+    """Module form of :func:`metricops.proxy_anchor_loss`, holding ``proxies`` (C, D), initialised as
+    pytorch-metric-learning's (kaiming_normal_, mode="fan_out")."""
+
+    _arg_names = ("margin", "alpha")
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.1, alpha: float = 32.0):
+        super().__init__()
+        self._check_sizes(num_classes, embedding_size)
+        _class_losses._check_proxy_anchor_args(margin, alpha)
+        self.margin = margin
+        self.alpha = alpha
+        self.proxies = torch.nn.Parameter(torch.empty(num_classes, embedding_size))
+        torch.nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+
+    def _class_parameter(self):
+        return self.proxies
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _class_losses.proxy_anchor_loss(embeddings, labels, self.proxies, margin=self.margin, alpha=self.alpha)

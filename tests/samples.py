@@ -201,6 +201,23 @@ SAMPLES: dict[str, Callable[..., list[SampleInput]]] = {
         ),
         SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], True, 2, 2)),
     ],
+    # Class-parameter losses: weight/proxies x2 (C = B classes; pair labels arange(B) // 2 are in range).
+    # (kind, margin, scale[, class chunk]); their values are checked against metricops.reference in
+    # tests/test_class_losses.py.
+    "margin_softmax_loss": lambda x, x2, x3: (
+        [
+            SampleInput((x, pair_labels(x), x2, "arcface", 0.5, 4.0)),
+            SampleInput((x, pair_labels(x), x2, "cosface", 0.35, 4.0, 2)),
+        ]
+        if len(x)
+        else []
+    ),
+    # (margin, alpha[, class chunk])
+    "proxy_anchor_loss": lambda x, x2, x3: (
+        [SampleInput((x, pair_labels(x), x2, 0.1, 4.0)), SampleInput((x, pair_labels(x), x2, 0.1, 4.0, 2))]
+        if len(x)
+        else []
+    ),
     # (pos_margin, neg_margin, metric, squared, reduction)
     "contrastive_loss": lambda x, x2, x3: [
         _labelled(x, _ref_contrastive, 0.0, 1.0, "euclidean", False, "mean"),

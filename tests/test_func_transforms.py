@@ -82,6 +82,23 @@ CASES = {
         lambda a, b, c: metricops.info_nce_loss(a, b, temperature=2.0, symmetric=True, normalize=False),
         "lse_stats",
     ),
+    # Class-parameter losses (labels < 3: weight/proxies are b's first 3 rows). The public functions normalize
+    # the embeddings first (l2_normalize meets the tangent); the direct op calls normalize with torch.
+    "arcface": (lambda a, b, c: metricops.arcface_loss(a, LABELS, b[:3], scale=4.0), "l2_normalize"),
+    "proxy_anchor": (lambda a, b, c: metricops.proxy_anchor_loss(a, LABELS, b[:3], alpha=4.0), "l2_normalize"),
+    "margin_softmax_op": (
+        lambda a, b, c: torch.ops.metricops.margin_softmax_loss(
+            torch.nn.functional.normalize(a), LABELS, b[:3], "cosface", 0.3, 4.0, 2
+        )[0].sum(),
+        "margin_softmax_loss",
+    ),
+    "proxy_anchor_op": (
+        lambda a, b, c: sum(
+            t.pow(2).sum()
+            for t in torch.ops.metricops.proxy_anchor_loss(torch.nn.functional.normalize(a), LABELS, b[:3], 0.1, 4.0, 2)
+        ),
+        "proxy_anchor_loss",
+    ),
 }
 ARGNUMS = (0, 1, 2)
 

@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_FILES = (
     "losses/test_triplet_margin_loss.py",
     "losses/test_contrastive_loss.py",
+    "losses/test_proxy_anchor_loss.py",
+    "losses/test_arcface_loss.py",
+    "losses/test_cosface_loss.py",
     "miners/test_batch_hard_miner.py",
     "miners/test_triplet_margin_miner.py",
     "losses/test_ntxent_loss.py",

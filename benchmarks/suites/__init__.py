@@ -4,6 +4,7 @@
 "tiny" (the smallest sizes, for the CLI's own test; any truthy value is quick).
 """
 
+from .class_losses import class_losses_cases
 from .contrastive import contrastive_loss_cases, triplet_margin_loss_cases
 from .distance import pairwise_distance_cases
 from .retrieval import knn_cases
@@ -19,4 +20,5 @@ SUITES = {
     "knn": knn_cases,
     "scale": scale_cases,
     "similarity": similarity_cases,
+    "class_losses": class_losses_cases,
 }

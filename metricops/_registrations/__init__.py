@@ -16,6 +16,7 @@ from . import triplet  # noqa: F401
 from . import contrastive  # noqa: F401
 from . import retrieval  # noqa: F401
 from . import similarity  # noqa: F401
+from . import class_losses  # noqa: F401
 from . import autocast  # noqa: F401
 from ._autograd import register_backward_op
 from ._common import backward_op_names, forward_of

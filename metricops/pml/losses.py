@@ -234,3 +234,10 @@ class TripletMarginLoss(torch.nn.Module):
         violation = dist.margin(ap, an) + self.margin
         losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
         return {"loss": {"losses": losses, "indices": (a, p, n), "reduction_type": "triplet"}}
+
+
+# The losses with class parameters live in their own module; their public home is this one.
+from ._class_losses import ArcFaceLoss, CosFaceLoss, ProxyAnchorLoss  # noqa: E402
+
+for _cls in (ArcFaceLoss, CosFaceLoss, ProxyAnchorLoss):
+    _cls.__module__ = __name__

@@ -223,6 +223,29 @@ class MultipleReducers(BaseReducer):
         return torch.stack(sub_losses).sum()
 
 
+class DivisorReducer(BaseReducer):
+    """The sum of the terms over the loss dict entry's ``"divisor"`` (a number or a 0-dim tensor; the zero
+    loss when it is 0), as PML's DivisorReducer (ProxyAnchorLoss's default)."""
+
+    def forward(self, loss_dict, embeddings, labels):
+        if len(loss_dict) != 1:
+            return super().forward(loss_dict, embeddings, labels)  # the same refusal as every reducer
+        (info,) = loss_dict.values()
+        losses = info["losses"]
+        if info["reduction_type"] == "already_reduced" or (not torch.is_tensor(losses) and losses == 0):
+            return super().forward(loss_dict, embeddings, labels)
+        if "divisor" not in info:
+            raise ValueError("reducers.DivisorReducer needs a 'divisor' in the loss dict entry")
+        _check_sizes(losses, info["indices"], info["reduction_type"])
+        divisor = torch.as_tensor(info["divisor"], device=losses.device)
+        total = losses.sum(dtype=accumulation_dtype(losses.dtype))
+        # where, not a branch on the value: no host sync (torch.compile-friendly).
+        nonzero = divisor != 0
+        safe_divisor = torch.where(nonzero, divisor, torch.ones_like(divisor)).to(total.dtype)
+        out = torch.where(nonzero, total / safe_divisor, zero_loss(embeddings).to(total.dtype))
+        return out.to(losses.dtype)
+
+
 def resolve(reducer, sub_loss_names, default: Callable[[], BaseReducer], cls_name: str) -> BaseReducer:
     """PML's set_reducer: one (deep-copied) reducer per sub-loss, summed by MultipleReducers."""
     if reducer is not None and not isinstance(reducer, BaseReducer):
@@ -247,4 +270,5 @@ __all__ = [
     "DoNothingReducer",
     "PerAnchorReducer",
     "MultipleReducers",
+    "DivisorReducer",
 ]

@@ -5,6 +5,7 @@ checked against these in float64. One module per op family; a new family adds
 its module here and re-exports its public functions below.
 """
 
+from .class_losses import arcface_loss, cosface_loss, proxy_anchor_loss, proxy_anchor_terms
 from .contrastive import contrastive_loss, pair_contrastive_loss, triplet_margin_loss
 from .distance import _row_distance, pairwise_distance
 from .retrieval import knn, retrieval_metrics
@@ -28,12 +29,14 @@ from .triplet import (
 
 __all__ = [
     "_row_distance",
+    "arcface_loss",
     "batch_all_triplet_loss",
     "batch_hard_triplet_loss",
     "circle_loss",
     "contrastive_loss",
     "generalized_lifted_structure_loss",
     "info_nce_loss",
+    "cosface_loss",
     "knn",
     "lifted_structure_loss",
     "mine_triplets",
@@ -41,6 +44,8 @@ __all__ = [
     "ntxent_loss",
     "pair_contrastive_loss",
     "pairwise_distance",
+    "proxy_anchor_loss",
+    "proxy_anchor_terms",
     "retrieval_metrics",
     "semihard_negatives",
     "semihard_triplet_loss",

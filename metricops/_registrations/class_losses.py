@@ -1,0 +1,106 @@
+"""Fake kernels and autograd formulas for the class-parameter losses (ArcFace/CosFace, ProxyAnchor)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._ops import ops
+from .._reduction import accumulation_dtype
+from ._autograd import register_autograd
+from ._common import LIB, check_embeddings, check_labels, check_same_device_dtype, contiguous_like
+
+
+def _check_class_inputs(x, labels, weight, weight_name):
+    """The fake-kernel twin of common/class_losses.h's check_class_loss_inputs: same wording."""
+    check_embeddings(x, "embeddings")
+    check_labels(labels, x)
+    torch._check_value(
+        weight.dim() == 2,
+        lambda: f"{weight_name} must be a 2-D tensor of shape (C, D), got {weight.dim()}-D tensor of shape "
+        f"{tuple(weight.shape)}",
+    )
+    check_same_device_dtype(x, "embeddings", weight, weight_name)
+    torch._check_value(
+        weight.shape[1] == x.shape[1],
+        lambda: f"{weight_name} must have the same embedding size D as embeddings ({x.shape[1]}), got shape "
+        f"{tuple(weight.shape)}",
+    )
+    torch._check_value(
+        weight.shape[0] >= 1,
+        lambda: f"{weight_name} must hold at least one class (C >= 1), got shape {tuple(weight.shape)}",
+    )
+
+
+def _weight_grad_like(weight):
+    """The kernels return the class gradient as a contiguous (C, D) tensor, whatever weight's strides."""
+    return contiguous_like(weight)
+
+
+# --------------------------------------------------------------------------
+# margin_softmax_loss (ArcFace, CosFace)
+# --------------------------------------------------------------------------
+
+
+@torch.library.register_fake(LIB + "margin_softmax_loss")
+def _margin_softmax_loss_fake(x, labels, weight, kind, margin, scale, class_chunk=0):
+    _check_class_inputs(x, labels, weight, "weight")
+    torch._check_value(kind in ("arcface", "cosface"), lambda: f"kind must be 'arcface' or 'cosface', got '{kind}'")
+    acc = accumulation_dtype(x.dtype)
+    return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((x.shape[0],), dtype=acc)
+
+
+@torch.library.register_fake(LIB + "margin_softmax_loss_backward")
+def _margin_softmax_loss_backward_fake(grad, x, labels, weight, lse, kind, margin, scale, class_chunk=0):
+    return contiguous_like(x), _weight_grad_like(weight)
+
+
+def _margin_softmax_setup_context(ctx, inputs, output):
+    x, labels, weight, kind, margin, scale, class_chunk = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.args = (kind, margin, scale, class_chunk)
+    ctx.save_for_backward(x, labels, weight, lse)
+
+
+def _margin_softmax_backward(ctx, grad_loss, _grad_lse):
+    x, labels, weight, lse = ctx.saved_tensors
+    grad_x, grad_w = ops.margin_softmax_loss_backward(grad_loss, x, labels, weight, lse, *ctx.args)
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None), None, (grad_w if needs[2] else None), None, None, None, None
+
+
+register_autograd("margin_softmax_loss", _margin_softmax_backward, _margin_softmax_setup_context)
+
+
+# --------------------------------------------------------------------------
+# proxy_anchor_loss
+# --------------------------------------------------------------------------
+
+
+@torch.library.register_fake(LIB + "proxy_anchor_loss")
+def _proxy_anchor_loss_fake(x, labels, proxies, margin, alpha, class_chunk=0):
+    _check_class_inputs(x, labels, proxies, "proxies")
+    acc = accumulation_dtype(x.dtype)
+    return x.new_empty((proxies.shape[0],), dtype=acc), x.new_empty((proxies.shape[0],), dtype=acc)
+
+
+@torch.library.register_fake(LIB + "proxy_anchor_loss_backward")
+def _proxy_anchor_loss_backward_fake(grad_pos, grad_neg, x, labels, proxies, pos, neg, margin, alpha, class_chunk=0):
+    return contiguous_like(x), _weight_grad_like(proxies)
+
+
+def _proxy_anchor_setup_context(ctx, inputs, output):
+    x, labels, proxies, margin, alpha, class_chunk = inputs
+    pos, neg = output
+    ctx.args = (margin, alpha, class_chunk)
+    ctx.save_for_backward(x, labels, proxies, pos, neg)
+
+
+def _proxy_anchor_backward(ctx, grad_pos, grad_neg):
+    x, labels, proxies, pos, neg = ctx.saved_tensors
+    grad_x, grad_p = ops.proxy_anchor_loss_backward(grad_pos, grad_neg, x, labels, proxies, pos, neg, *ctx.args)
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None), None, (grad_p if needs[2] else None), None, None, None
+
+
+register_autograd("proxy_anchor_loss", _proxy_anchor_backward, _proxy_anchor_setup_context)

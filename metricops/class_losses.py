@@ -1,0 +1,157 @@
+"""Losses with learnable class parameters: ArcFace, CosFace, ProxyAnchor.
+
+Each runs on the native ops ``metricops::margin_softmax_loss`` / ``metricops::proxy_anchor_loss``, which compute
+the cosine matrix S = normalize(embeddings) · normalize(weight)ᵀ class chunk by class chunk (one GEMM tile and a
+fused epilogue each, with an online log-sum-exp across chunks) and never hold the B×C matrix: C = 10⁶ classes
+run in O(B·chunk + (B + C)·D) extra memory. The backward ops recompute each tile and give exact gradients to the
+embeddings and to the class parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validation as v
+from ._ops import ops
+from ._reduction import accumulation_dtype, loss_dtype
+from .distance import _l2_normalize
+
+# Classes per chunk; 0 lets the op choose per device. Tests set it small to cross chunk boundaries.
+_CLASS_CHUNK = 0
+
+_MARGIN_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_class_inputs(embeddings, labels, weight, weight_name):
+    """Shapes, dtypes and devices; labels in [0, C) (a host sync, so eager mode only: under torch.compile the
+    kernels check on CPU, and on CUDA a row with an out-of-range label gets a NaN loss)."""
+    v.check_embeddings(embeddings, "embeddings")
+    v.check_labels(labels, embeddings)
+    v.check_tensor(weight, weight_name)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{weight_name} must be a 2-D tensor of shape (C, D), got {weight.dim()}-D tensor of shape "
+            f"{tuple(weight.shape)}"
+        )
+    v.check_same_device_dtype(embeddings, "embeddings", weight, weight_name)
+    v.check_same_dim(embeddings, "embeddings", weight, weight_name)
+    num_classes = weight.shape[0]
+    if num_classes < 1:
+        raise ValueError(f"{weight_name} must hold at least one class (C >= 1), got shape {tuple(weight.shape)}")
+    if not torch.compiler.is_compiling() and labels.device.type != "meta" and labels.numel() > 0:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"labels must be class indices in [0, C) with C={num_classes} (the rows of {weight_name}), got {bad}"
+            )
+
+
+def _check_margin_softmax_args(kind, margin, scale):
+    """(margin, scale) as floats: ArcFace's margin in [0, π) radians, CosFace's finite; scale > 0, finite."""
+    if kind == "arcface":
+        margin = v.check_number(margin, "margin")
+        if not 0 <= margin < math.pi:
+            raise ValueError(f"margin must be in [0, π) radians for ArcFace, got {margin}")
+    else:
+        margin = v.check_number(margin, "margin", finite=True)
+    return margin, v.check_positive_finite(scale, "scale")
+
+
+def _check_proxy_anchor_args(margin, alpha):
+    return v.check_number(margin, "margin", finite=True), v.check_positive_finite(alpha, "alpha")
+
+
+def _margin_softmax(embeddings, labels, weight, kind, margin, scale, reduction):
+    _check_class_inputs(embeddings, labels, weight, "weight")
+    margin, scale = _check_margin_softmax_args(kind, margin, scale)
+    v.check_reduction(reduction, _MARGIN_REDUCTIONS)
+    x = _l2_normalize(embeddings)
+    rows, _ = ops.margin_softmax_loss(x, labels, weight, kind, margin, scale, _CLASS_CHUNK)
+    out_dtype = loss_dtype(embeddings)
+    if reduction == "none":
+        return rows.to(out_dtype)
+    total = rows.sum(dtype=accumulation_dtype(rows.dtype))
+    if reduction == "mean":
+        total = total / max(rows.shape[0], 1)  # B = 0: 0, attached to the graph
+    return total.to(out_dtype)
+
+
+def arcface_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    margin: float = 0.5,
+    scale: float = 64.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """ArcFace (additive angular margin, Deng et al. 2019): cross-entropy of ``scale·logits``.
+
+    Args:
+        embeddings: ``(B, D)``; L2-normalized inside (F.normalize, differentiably).
+        labels: ``(B,)`` int32/int64 class indices in ``[0, C)``.
+        weight: ``(C, D)``, the ``nn.Linear`` layout (pytorch-metric-learning's ``W`` is its transpose);
+            its rows are L2-normalized inside.
+        margin: ``m`` in radians, in ``[0, π)`` (0.5 rad is PML's default of 28.6°).
+        scale: ``s > 0``.
+        reduction: ``"mean"`` (over the B rows; 0 for B = 0), ``"sum"`` or ``"none"`` (``(B,)``).
+
+    With cos θ_ic = cos(x_i, w_c), the logits of row i are cos θ_ic, except the label's, which becomes
+    cos(θ + m) where θ ≤ π − m and cos θ − m·sin m beyond (monotone, as PML). The slope of cos(θ + m) uses
+    max(sin θ, 1e-6), so exactly parallel targets get a finite gradient. Gradients reach ``embeddings`` and
+    ``weight``. Never holds the B×C matrix (classes in chunks, online log-sum-exp).
+    """
+    return _margin_softmax(embeddings, labels, weight, "arcface", margin, scale, reduction)
+
+
+def cosface_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    margin: float = 0.35,
+    scale: float = 64.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """CosFace (large margin cosine loss, Wang et al. 2018): as :func:`arcface_loss`, with the label's logit
+    cos θ − m (``margin`` any finite number)."""
+    return _margin_softmax(embeddings, labels, weight, "cosface", margin, scale, reduction)
+
+
+def _proxy_anchor_terms(embeddings, labels, proxies, margin, alpha):
+    """Validated per-class terms ``(pos (C,), neg (C,), present (C,) bool)``, in the accumulation dtype."""
+    _check_class_inputs(embeddings, labels, proxies, "proxies")
+    margin, alpha = _check_proxy_anchor_args(margin, alpha)
+    x = _l2_normalize(embeddings)
+    pos, neg = ops.proxy_anchor_loss(x, labels, proxies, margin, alpha, _CLASS_CHUNK)
+    present = torch.zeros(proxies.shape[0], dtype=torch.bool, device=proxies.device)
+    present = present.index_fill(0, labels.long(), True)
+    return pos, neg, present
+
+
+def proxy_anchor_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    *,
+    margin: float = 0.1,
+    alpha: float = 32.0,
+) -> torch.Tensor:
+    """Proxy-Anchor loss (Kim et al. 2020; PML ``ProxyAnchorLoss``).
+
+    Args:
+        embeddings: ``(B, D)``; labels ``(B,)`` class indices in ``[0, C)``; proxies ``(C, D)``.
+        margin: δ (finite); alpha: α > 0.
+
+    With S = cos(embeddings, proxies) (both L2-normalized inside), returns
+    ``(1/|C⁺|)·Σ_{c∈C⁺} log(1 + Σ_{i: y_i = c} e^{−α(S_ic − δ)}) + (1/C)·Σ_c log(1 + Σ_{i: y_i ≠ c} e^{α(S_ic + δ)})``,
+    C⁺ the classes present in the batch (the first mean is 0 when none is). A 0-dim tensor; gradients reach
+    ``embeddings`` and ``proxies``. Classes are processed in chunks, each with all B rows: never B×C at once.
+    """
+    pos, neg, present = _proxy_anchor_terms(embeddings, labels, proxies, margin, alpha)
+    num_present = present.sum().clamp_min(1).to(pos.dtype)
+    loss = pos.sum() / num_present + neg.sum() / proxies.shape[0]
+    return loss.to(loss_dtype(embeddings))

@@ -1,0 +1,274 @@
+"""ArcFace, CosFace and ProxyAnchor on the native chunked ops, against metricops.reference (float64).
+
+The reference itself is checked against pytorch-metric-learning 2.9 and by hand in
+test_class_losses_reference.py. Forced small class chunks (metricops.class_losses._CLASS_CHUNK) cross the
+chunk boundaries the online log-sum-exp merges over.
+"""
+
+import math
+
+import pytest
+import torch
+
+import metricops
+import metricops.class_losses as class_losses
+from common import cpu_and_cuda
+from metricops import reference
+from metricops.reference.class_losses import cosine_matrix
+
+ops = torch.ops.metricops
+LOSSES = {
+    "arcface": (metricops.arcface_loss, reference.arcface_loss, dict(margin=0.4, scale=8.0)),
+    "cosface": (metricops.cosface_loss, reference.cosface_loss, dict(margin=0.3, scale=8.0)),
+    "proxy_anchor": (metricops.proxy_anchor_loss, reference.proxy_anchor_loss, dict(margin=0.1, alpha=6.0)),
+}
+
+
+@pytest.fixture
+def chunk(monkeypatch):
+    def set_chunk(n):
+        monkeypatch.setattr(class_losses, "_CLASS_CHUNK", n)
+
+    return set_chunk
+
+
+def _inputs(B, C, D, device="cpu", dtype=torch.float64, seed=0, num_labels=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=dtype).to(device)
+    w = torch.randn(C, D, generator=g, dtype=dtype).to(device)
+    labels = torch.randint(0, num_labels or C, (B,), generator=g).to(device)
+    return x, labels, w
+
+
+def _value_and_grads(fn, x, labels, w, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    loss = fn(x, labels, w, **kw)
+    gx, gw = torch.autograd.grad(loss.sum(), (x, w))
+    return loss.detach(), gx, gw
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("class_chunk", [0, 1, 3, 64])
+def test_matches_reference_float64(device, name, class_chunk, chunk):
+    chunk(class_chunk)
+    ours, ref, kw = LOSSES[name]
+    x, labels, w = _inputs(20, 11, 5, device, num_labels=8)  # classes 8..10 are absent from the batch
+    got = _value_and_grads(ours, x, labels, w, **kw)
+    expected = _value_and_grads(ref, x, labels, w, **kw)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("name", ["arcface", "cosface"])
+def test_reduction_none_and_sum(device, name, chunk):
+    chunk(4)
+    ours, ref, kw = LOSSES[name]
+    x, labels, w = _inputs(9, 10, 3, device)
+    for reduction in ("none", "sum"):
+        got = _value_and_grads(ours, x, labels, w, reduction=reduction, **kw)
+        expected = _value_and_grads(ref, x, labels, w, reduction=reduction, **kw)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_float32_matches_float64_reference(device, chunk):
+    chunk(7)
+    for name, (ours, ref, kw) in LOSSES.items():
+        x, labels, w = _inputs(32, 40, 16, device, dtype=torch.float32)
+        got = _value_and_grads(ours, x, labels, w, **kw)
+        expected = _value_and_grads(ref, x.double(), labels, w.double(), **kw)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_gradcheck(name, chunk):
+    chunk(2)
+    ours, _, kw = LOSSES[name]
+    x, labels, w = _inputs(6, 5, 3, num_labels=4)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    torch.autograd.gradcheck(lambda x, w: ours(x, labels, w, **kw), (x, w))
+
+
+def test_arcface_gradcheck_past_the_threshold(chunk):
+    # Targets with θ > π − m (the cos θ − m·sin m branch): each label's weight points away from its embedding.
+    chunk(2)
+    x, _, w = _inputs(4, 5, 3, seed=5)
+    labels = torch.tensor([2, 0, 4, 1])
+    w = w.clone()
+    for i in range(4):
+        w[labels[i]] = -x[i] + 0.05 * torch.randn(3, dtype=torch.float64)
+    cos_t = cosine_matrix(x, w).gather(1, labels[:, None])
+    assert (cos_t < -math.cos(1.0)).all()  # margin 1.0: every target past the threshold
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    torch.autograd.gradcheck(lambda x, w: metricops.arcface_loss(x, labels, w, margin=1.0, scale=4.0), (x, w))
+
+
+def test_opcheck():
+    x, labels, w = _inputs(7, 5, 4)
+    xn = torch.nn.functional.normalize(x).requires_grad_(True)
+    w.requires_grad_(True)
+    for kind in ("arcface", "cosface"):
+        for class_chunk in (0, 2):
+            torch.library.opcheck(ops.margin_softmax_loss.default, (xn, labels, w, kind, 0.5, 4.0, class_chunk))
+    for class_chunk in (0, 2):
+        torch.library.opcheck(ops.proxy_anchor_loss.default, (xn, labels, w, 0.1, 4.0, class_chunk))
+    loss, lse = ops.margin_softmax_loss(xn.detach(), labels, w.detach(), "arcface", 0.5, 4.0, 2)
+    torch.library.opcheck(
+        ops.margin_softmax_loss_backward.default,
+        (torch.randn_like(loss), xn.detach(), labels, w.detach(), lse, "arcface", 0.5, 4.0, 2),
+    )
+    pos, neg = ops.proxy_anchor_loss(xn.detach(), labels, w.detach(), 0.1, 4.0, 2)
+    torch.library.opcheck(
+        ops.proxy_anchor_loss_backward.default,
+        (torch.randn_like(pos), torch.randn_like(neg), xn.detach(), labels, w.detach(), pos, neg, 0.1, 4.0, 2),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_compile_fullgraph(name):
+    ours, _, kw = LOSSES[name]
+    x, labels, w = _inputs(10, 6, 4, dtype=torch.float32)
+    eager = _value_and_grads(ours, x, labels, w, **kw)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, labels, w: ours(x, labels, w, **kw), fullgraph=True, backend="aot_eager")
+    got = _value_and_grads(compiled, x, labels, w)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_one_class_and_empty_batch(device, name):
+    ours, ref, kw = LOSSES[name]
+    x, labels, w = _inputs(5, 1, 3, device)  # C = 1: every label is 0
+    for a, b in zip(_value_and_grads(ours, x, labels, w, **kw), _value_and_grads(ref, x, labels, w, **kw)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    x0 = torch.zeros(0, 3, dtype=torch.float64, device=device)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    loss, gx, gw = _value_and_grads(ours, x0, empty, w, **kw)
+    assert loss.item() == 0.0 and gx.shape == (0, 3) and (gw == 0).all()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_duplicate_labels_and_transposed_weight(device, name, chunk):
+    # Every row has the same label; the weight is a transposed view, as PML's W (D, C) gives it.
+    chunk(3)
+    ours, ref, kw = LOSSES[name]
+    x, _, w = _inputs(8, 7, 4, device)
+    labels = torch.full((8,), 5, device=device, dtype=torch.int32)
+    w_t = w.T.contiguous().T
+    got = _value_and_grads(ours, x, labels, w_t, **kw)
+    expected = _value_and_grads(ref, x, labels, w, **kw)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_nan_in_gives_nan_out(device, chunk):
+    chunk(2)
+    x, labels, w = _inputs(6, 5, 3, device)
+    x_nan = x.clone()
+    x_nan[2, 1] = float("nan")
+    rows = metricops.arcface_loss(x_nan, labels, w, reduction="none")
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4, 5]]).all()
+    assert torch.isnan(metricops.cosface_loss(x_nan, labels, w))
+    assert torch.isnan(metricops.proxy_anchor_loss(x_nan, labels, w))
+    w_nan = w.clone()
+    w_nan[4, 0] = float("nan")  # a class every row's log-sum-exp and every proxy term's gradient sees
+    assert torch.isnan(metricops.arcface_loss(x, labels, w_nan, reduction="none")).all()
+    assert torch.isnan(metricops.proxy_anchor_loss(x, labels, w_nan))
+
+
+def test_bad_inputs_name_the_argument():
+    x, labels, w = _inputs(4, 3, 5)
+    for fn in (metricops.arcface_loss, metricops.cosface_loss, metricops.proxy_anchor_loss):
+        wname = "proxies" if fn is metricops.proxy_anchor_loss else "weight"
+        with pytest.raises(ValueError, match=r"labels must be class indices in \[0, C\) with C=3"):
+            fn(x, torch.tensor([0, 1, 3, 0]), w)
+        with pytest.raises(ValueError, match=r"labels must be class indices"):
+            fn(x, torch.tensor([0, -1, 2, 0]), w)
+        with pytest.raises(ValueError, match=rf"{wname} must have the same embedding size D as embeddings \(5\)"):
+            fn(x, labels, torch.randn(3, 4, dtype=torch.float64))
+        with pytest.raises(ValueError, match=rf"{wname} must be a 2-D tensor of shape \(C, D\)"):
+            fn(x, labels, torch.randn(15, dtype=torch.float64))
+        with pytest.raises(ValueError, match=rf"{wname} must hold at least one class"):
+            fn(x, labels, torch.randn(0, 5, dtype=torch.float64))
+        with pytest.raises(TypeError, match=rf"{wname} must have the same dtype as embeddings"):
+            fn(x, labels, w.float())
+        with pytest.raises(ValueError, match=rf"{wname} must be on the same device as embeddings"):
+            fn(x, labels, w.to("meta"))
+        with pytest.raises(TypeError, match=r"labels must be int32 or int64"):
+            fn(x, labels.float(), w)
+        with pytest.raises(TypeError, match=r"embeddings must be float32 or float64"):
+            fn(x.to(torch.int64), labels, w)
+    for bad in (-0.1, math.pi, 4.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"margin must"):
+            metricops.arcface_loss(x, labels, w, margin=bad)
+    for fn in (metricops.arcface_loss, metricops.cosface_loss):
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=r"scale must"):
+                fn(x, labels, w, scale=bad)
+        with pytest.raises(ValueError, match=r"reduction must be one of 'mean', 'sum', 'none'"):
+            fn(x, labels, w, reduction="mean_nonzero")
+    with pytest.raises(ValueError, match=r"margin must"):
+        metricops.cosface_loss(x, labels, w, margin=float("nan"))
+    for bad in (0.0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match=r"alpha must"):
+            metricops.proxy_anchor_loss(x, labels, w, alpha=bad)
+    with pytest.raises(ValueError, match=r"margin must"):
+        metricops.proxy_anchor_loss(x, labels, w, margin=float("inf"))
+
+
+def test_direct_op_calls_are_checked_in_cpp():
+    x, labels, w = _inputs(4, 3, 5)
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, C\) with C=3"):
+        ops.margin_softmax_loss(x, torch.tensor([0, 1, 7, 0]), w, "arcface", 0.5, 64.0)
+    with pytest.raises(ValueError, match=r"labels must be class indices"):
+        ops.proxy_anchor_loss(x, torch.tensor([0, 1, -2, 0]), w, 0.1, 32.0)
+    with pytest.raises(ValueError, match=r"margin must be in \[0, π\) radians for ArcFace"):
+        ops.margin_softmax_loss(x, labels, w, "arcface", 3.5, 64.0)
+    with pytest.raises(ValueError, match=r"scale must be a finite number > 0"):
+        ops.margin_softmax_loss(x, labels, w, "cosface", 0.3, 0.0)
+    with pytest.raises(ValueError, match=r"kind must be 'arcface' or 'cosface'"):
+        ops.margin_softmax_loss(x, labels, w, "sphereface", 0.3, 1.0)
+    with pytest.raises(ValueError, match=r"weight must have the same embedding size D"):
+        ops.margin_softmax_loss(x, labels, w[:, :2], "arcface", 0.5, 64.0)
+    with pytest.raises(ValueError, match=r"alpha must be a finite number > 0"):
+        ops.proxy_anchor_loss(x, labels, w, 0.1, -1.0)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_large_logits_stay_finite(device, chunk):
+    # scale 64 and near-parallel targets: logits ~64 would overflow exp without the running max.
+    chunk(3)
+    x, labels, w = _inputs(12, 9, 4, device)
+    w = w.clone()
+    w[labels] = x * 3.0 + 1e-3  # each row's label points (almost) at it
+    for fn, ref in ((metricops.arcface_loss, reference.arcface_loss), (metricops.cosface_loss, reference.cosface_loss)):
+        got = _value_and_grads(fn, x, labels, w, scale=64.0)
+        expected = _value_and_grads(ref, x, labels, w, scale=64.0)
+        assert all(torch.isfinite(t).all() for t in got)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_cpu_autocast_runs_in_float32():
+    x, labels, w = _inputs(8, 6, 4, dtype=torch.float32)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        arc = metricops.arcface_loss(xb, labels, wb, scale=8.0)
+        proxy = metricops.proxy_anchor_loss(xb, labels, wb, alpha=6.0)
+    assert arc.dtype == proxy.dtype == torch.float32
+    for got, ref in (
+        (arc, reference.arcface_loss(xb.double(), labels, wb.double(), scale=8.0)),
+        (proxy, reference.proxy_anchor_loss(xb.double(), labels, wb.double(), alpha=6.0)),
+    ):
+        assert abs(got.item() - ref.item()) <= 1e-4 * (1 + abs(ref.item()))

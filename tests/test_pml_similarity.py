@@ -336,3 +336,19 @@ def test_bad_calls():
         )
     with pytest.raises(ValueError, match="epsilon"):
         miners.MultiSimilarityMiner(float("nan"))
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "LiftedStructureLoss"])
+def test_dense_row_blocks_match_pml(name, monkeypatch):
+    """Every pair with another distance or a reference set: PML's matrix in row blocks (here 1-3 rows each,
+    recomputed in the backward), the same values and gradients."""
+    from metricops.pml import _similarity
+
+    monkeypatch.setattr(_similarity, "_DENSE_BLOCK_ELEMENTS", 20)
+    emb, labels = _batch(13, 5, 4, 3)
+    ref, ref_labels = _batch(9, 5, 4, 4)
+    for dist_name in LOSSES[name][1]:
+        for reducer_name in ("default", "threshold"):
+            ours, theirs = _make(name, dist_name, reducer_name)
+            _run(ours, theirs, emb, labels)
+            _run(ours, theirs, emb, labels, ref_emb=ref, ref_labels=ref_labels)

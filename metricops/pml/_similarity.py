@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .. import _validation as v
 from . import reducers as _reducers
@@ -38,6 +39,8 @@ from .distances import BaseDistance, CosineSimilarity, LpDistance
 
 # Elements (pairs × D) gathered at once by _pair_values.
 _GATHER_ELEMENTS = 2**22
+# Elements (rows × R) of one block of PML's matrix on the dense path.
+_DENSE_BLOCK_ELEMENTS = 2**20
 # Elements (rows × R) of one block of the miner's similarity matrix.
 _MINER_BLOCK_ELEMENTS = 2**24
 
@@ -161,6 +164,8 @@ class _SimilarityLoss(torch.nn.Module):
     _pair_based = False  # True: one term per listed positive pair ("pos_pair"); else one per anchor row
     _per_anchor_op = None  # metricops.similarity's per-anchor function that also takes ref_emb/ref_labels
     _per_anchor_extra: dict = {}
+    _needs_pos_and_neg = False  # the loss is 0 unless some positive and some negative pair is listed
+    _row_decomposable = True  # each term needs its anchor's row only (so rows can be taken in blocks)
 
     def __init__(self, distance, reducer, kwargs, default_reducer=_reducers.MeanReducer, cosine_default=True):
         super().__init__()
@@ -265,6 +270,8 @@ class _SimilarityLoss(torch.nn.Module):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML's loss dict, over the listed pairs only (``ref_emb`` is the batch itself without one)."""
+        if indices_tuple is None and self._row_decomposable:
+            return self._dense_blocks(embeddings, labels, ref_emb, ref_labels)
         if indices_tuple is None:
             a1, p, a2, n = all_pairs(labels, ref_labels)
         elif len(indices_tuple) == 3:
@@ -285,8 +292,66 @@ class _SimilarityLoss(torch.nn.Module):
         neg = _pair_values(self.distance, embeddings, ref_emb, a2, n)
         return self._loss_dict(pos, neg, (a1, p, a2, n), embeddings.shape[0])
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
+        """PML's loss terms from the listed pairs' values: (n_rows,) per anchor, or one per positive pair."""
         raise NotImplementedError
+
+    def _loss_dict(self, pos, neg, indices, n_rows):
+        a1, p, a2, _ = indices
+        if self._needs_pos_and_neg and (a1.numel() == 0 or a2.numel() == 0):
+            return _no_terms()  # PML's "if len(a1) > 0 and len(a2) > 0" (SupCon: any positive and negative)
+        terms = self._terms(pos, neg, indices, n_rows)
+        if self._pair_based:
+            return {"loss": {"losses": terms, "indices": (a1, p), "reduction_type": "pos_pair"}}
+        return _element(terms, n_rows, pos.device)
+
+    def _dense_blocks(self, embeddings, labels, ref_emb, ref_labels):
+        """Every pair of the batch (from labels) where the native op does not apply (another distance, a
+        reference set, a reducer the op cannot express): PML's matrix in row blocks, one GEMM or cdist each,
+        each block recomputed in the backward (checkpoint), so at most one block × R is held. Only for
+        losses whose terms need their anchor's row alone."""
+        self_ref = ref_labels is None or ref_labels is labels  # PML leaves out (i, i) only then
+        ref_lab = labels if ref_labels is None else ref_labels
+        b, r = embeddings.shape[0], ref_emb.shape[0]
+        step = max(1, _DENSE_BLOCK_ELEMENTS // max(1, r))
+        blocks, n_pos, n_neg = [], 0, 0
+        for start in range(0, b, step):
+            rows = torch.arange(start, min(start + step, b), device=embeddings.device)
+            same = labels[rows, None] == ref_lab[None, :]
+            matches = same.clone()
+            if self_ref:
+                matches[torch.arange(len(rows), device=rows.device), rows] = False
+            a1, p = torch.where(matches)
+            a2, n = torch.where(~same)
+            blocks.append((rows, (a1, p, a2, n)))
+            n_pos, n_neg = n_pos + a1.numel(), n_neg + a2.numel()
+        if n_pos <= 1 and n_neg <= 1:  # PML's GenericPairLoss returns the zero loss
+            return _no_terms()
+        if self._needs_pos_and_neg and (n_pos == 0 or n_neg == 0):
+            return _no_terms()
+        terms, anchors, others = [], [], []
+        for rows, (a1, p, a2, n) in blocks:
+
+            def block_terms(x, y, rows=rows, idx=(a1, p, a2, n)):
+                mat = self._matrix(x[rows], y)
+                return self._terms(mat[idx[0], idx[1]], mat[idx[2], idx[3]], idx, len(rows))
+
+            terms.append(checkpoint(block_terms, embeddings, ref_emb, use_reentrant=False))
+            anchors.append(rows[a1])
+            others.append(p)
+        terms = torch.cat(terms)
+        if self._pair_based:
+            indices = (torch.cat(anchors), torch.cat(others))
+            return {"loss": {"losses": terms, "indices": indices, "reduction_type": "pos_pair"}}
+        return _element(terms, b, embeddings.device)
+
+    def _matrix(self, x, y):
+        """PML's ``distance(x, y)``: the cosine similarity as PML computes it (normalized rows, one GEMM), or
+        metricops' exact pairwise distance."""
+        if isinstance(self.distance, CosineSimilarity):
+            return F.normalize(x, p=2, dim=1) @ F.normalize(y, p=2, dim=1).T
+        metric = "euclidean" if self.distance.power == 1 else "sqeuclidean"
+        return pairwise_distance(x, y, metric=metric, normalize=self.distance.normalize_embeddings)
 
     def _similarity(self, values):
         """PML's "if dealing with actual distances, use negative distances"."""
@@ -312,6 +377,7 @@ class SupConLoss(_SimilarityLoss):
     """
 
     _name = "SupConLoss"
+    _needs_pos_and_neg = True
     _per_anchor_op = "_supcon_per_anchor"
     _native_op = "supcon_loss"
 
@@ -322,16 +388,13 @@ class SupConLoss(_SimilarityLoss):
     def _native_kwargs(self):
         return {"temperature": self.temperature}
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
         a1, _, a2, _ = indices
-        if a1.numel() == 0 or a2.numel() == 0:
-            return _no_terms()
         z_pos, z_neg = self._similarity(pos) / self.temperature, self._similarity(neg) / self.temperature
         denominator, _ = _segment_lse(torch.cat([z_pos, z_neg]), torch.cat([a1, a2]), n_rows)
         n_pos = torch.zeros(n_rows, dtype=torch.int64, device=pos.device).index_add(0, a1, torch.ones_like(a1))
         sum_pos = torch.zeros(n_rows, dtype=pos.dtype, device=pos.device).index_add(0, a1, z_pos)
-        losses = torch.where(n_pos > 0, denominator - sum_pos / n_pos.clamp_min(1), torch.zeros_like(sum_pos))
-        return _element(losses, n_rows, pos.device)
+        return torch.where(n_pos > 0, denominator - sum_pos / n_pos.clamp_min(1), torch.zeros_like(sum_pos))
 
 
 class NTXentLoss(_SimilarityLoss):
@@ -343,6 +406,7 @@ class NTXentLoss(_SimilarityLoss):
     """
 
     _name = "NTXentLoss"
+    _needs_pos_and_neg = True
     _native_op = "ntxent_loss"
     _pair_based = True
 
@@ -353,14 +417,11 @@ class NTXentLoss(_SimilarityLoss):
     def _native_kwargs(self):
         return {"temperature": self.temperature}
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
-        a1, p, a2, _ = indices
-        if a1.numel() == 0 or a2.numel() == 0:
-            return _no_terms()
+    def _terms(self, pos, neg, indices, n_rows):
+        a1, _, a2, _ = indices
         z_pos, z_neg = self._similarity(pos) / self.temperature, self._similarity(neg) / self.temperature
         neg_lse, _ = _segment_lse(z_neg, a2, n_rows, empty=float("-inf"))
-        losses = torch.logaddexp(z_pos, neg_lse[a1]) - z_pos
-        return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+        return torch.logaddexp(z_pos, neg_lse[a1]) - z_pos
 
 
 class MultiSimilarityLoss(_SimilarityLoss):
@@ -408,12 +469,12 @@ class MultiSimilarityLoss(_SimilarityLoss):
             labels,
         )
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
         a1, _, a2, _ = indices
         margin = self.distance.margin
         pos_term, _ = _segment_lse(self.alpha * margin(pos, self.base), a1, n_rows, add_one=True)
         neg_term, _ = _segment_lse(self.beta * margin(self.base, neg), a2, n_rows, add_one=True)
-        return _element(pos_term / self.alpha + neg_term / self.beta, n_rows, pos.device)
+        return pos_term / self.alpha + neg_term / self.beta
 
 
 class CircleLoss(_SimilarityLoss):
@@ -441,7 +502,7 @@ class CircleLoss(_SimilarityLoss):
     def _native_kwargs(self):
         return {"m": self.m, "gamma": self.gamma}
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
         a1, _, a2, _ = indices
         m, gamma = self.m, self.gamma
         pos_logits = -gamma * F.relu(1 + m - pos.detach()) * (pos - (1 - m))
@@ -449,8 +510,7 @@ class CircleLoss(_SimilarityLoss):
         lse_pos, n_pos = _segment_lse(pos_logits, a1, n_rows)
         lse_neg, n_neg = _segment_lse(neg_logits, a2, n_rows)
         valid = (n_pos > 0) & (n_neg > 0)
-        losses = torch.where(valid, F.softplus(lse_pos + lse_neg), torch.zeros_like(lse_pos))
-        return _element(losses, n_rows, pos.device)
+        return torch.where(valid, F.softplus(lse_pos + lse_neg), torch.zeros_like(lse_pos))
 
 
 class _LiftedBase(_SimilarityLoss):
@@ -482,12 +542,12 @@ class GeneralizedLiftedStructureLoss(_LiftedBase):
     def __init__(self, neg_margin: float = 1, pos_margin: float = 0, distance=None, reducer=None, **kwargs):
         super().__init__(neg_margin, pos_margin, distance, reducer, kwargs)
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
         a1, _, a2, _ = indices
         margin = self.distance.margin
         pos_lse, _ = _segment_lse(margin(pos, self.pos_margin), a1, n_rows)
         neg_lse, _ = _segment_lse(margin(self.neg_margin, neg), a2, n_rows)
-        return _element(F.relu(pos_lse + neg_lse), n_rows, pos.device)
+        return F.relu(pos_lse + neg_lse)
 
 
 class LiftedStructureLoss(_LiftedBase):
@@ -500,6 +560,8 @@ class LiftedStructureLoss(_LiftedBase):
     """
 
     _name = "LiftedStructureLoss"
+    _needs_pos_and_neg = True
+    _row_decomposable = False  # a pair's term also needs row p's negatives
     _native_op = "lifted_structure_loss"
     _pair_based = True
 
@@ -535,16 +597,13 @@ class LiftedStructureLoss(_LiftedBase):
         losses = F.relu(lse + d_ap - self.pos_margin) ** 2 / 2
         return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
         a1, p, a2, _ = indices
-        if a1.numel() == 0 or a2.numel() == 0:
-            return _no_terms()
         margin = self.distance.margin
         row_lse, counts = _segment_lse(margin(self.neg_margin, neg), a2, n_rows)
         # negatives of the anchor's row, and of row p (a row index also with ref_emb, as PML reads it)
         lse = _logaddexp_of_rows(row_lse, counts > 0, a1, p)
-        losses = F.relu(lse + margin(pos, self.pos_margin)) ** 2 / 2
-        return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+        return F.relu(lse + margin(pos, self.pos_margin)) ** 2 / 2
 
 
 def _logaddexp_of_rows(row_lse, has, a, p):

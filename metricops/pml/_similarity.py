@@ -13,13 +13,17 @@ Two paths compute PML's value and gradient:
     engine's rows against the reference set's columns (metricops.similarity's per-anchor functions).
   - LiftedStructureLoss (while metricops has no ``lifted_structure_loss``): each row's LSE over its
     negatives from the engine, then PML's term per positive pair (listed per class, never via a B×B mask).
-* Listed pairs: everything else (an arbitrary ``indices_tuple``, another distance, NT-Xent or lifted
-  structure with ``ref_emb``, a reducer the op cannot express for a per-pair loss): torch ops over the
-  listed (anchor, other) pairs only, O(#pairs) memory rather than PML's B×R matrices: each pair's
-  similarity or distance by a chunked gather (``_pair_values``), per-row log-sum-exps by segment
-  reductions. PML's rules are followed as it applies them: a pair listed twice counts once for the
-  matrix-based losses (SupCon, MS, Circle, GeneralizedLifted) and each time for the pair-based ones
-  (NT-Xent, Lifted); all index tensors of length ≤ 1 give the zero loss.
+* Every pair of the batch otherwise (another distance, NT-Xent or lifted structure with ``ref_emb``, a
+  reducer the op cannot express for a per-pair loss): PML's matrix in row blocks (``_dense_blocks``),
+  one GEMM or metricops.pairwise_distance per block, each block checkpointed (recomputed in the backward),
+  so one block × R is held at a time.
+* Listed pairs (an ``indices_tuple``): torch ops over the listed (anchor, other) pairs only, O(#pairs)
+  memory rather than PML's B×R matrices: each pair's similarity or distance by a chunked gather
+  (``_pair_values``), per-row log-sum-exps by segment reductions.
+
+PML's rules are followed as it applies them: a pair listed twice counts once for the matrix-based losses
+(SupCon, MS, Circle, GeneralizedLifted) and each time for the pair-based ones (NT-Xent, Lifted); all index
+tensors of length ≤ 1 give the zero loss.
 
 PML semantics worth knowing are listed in metricops/reference/similarity.py's docstring.
 """
@@ -145,6 +149,28 @@ def _unique_pairs(a, b, n_cols: int):
     return key // n_cols, key % n_cols
 
 
+def _pair_blocks(labels, ref_labels, n_cols: int):
+    """All pairs from labels in row blocks: [(rows, (a1, p, a2, n) with a1/a2 local to the block)], and the
+    numbers of positive and negative pairs. (i, i) is no pair when the reference labels are the batch's own
+    (PML: ``ref_labels is labels``)."""
+    self_ref = ref_labels is None or ref_labels is labels
+    ref_lab = labels if ref_labels is None else ref_labels
+    b = labels.shape[0]
+    step = max(1, _DENSE_BLOCK_ELEMENTS // max(1, n_cols))
+    blocks, n_pos, n_neg = [], 0, 0
+    for start in range(0, b, step):
+        rows = torch.arange(start, min(start + step, b), device=labels.device)
+        same = labels[rows, None] == ref_lab[None, :]
+        matches = same.clone()
+        if self_ref:
+            matches[torch.arange(len(rows), device=rows.device), rows] = False
+        a1, p = torch.where(matches)
+        a2, n = torch.where(~same)
+        blocks.append((rows, (a1, p, a2, n)))
+        n_pos, n_neg = n_pos + a1.numel(), n_neg + a2.numel()
+    return blocks, n_pos, n_neg
+
+
 def _no_terms():
     return {"loss": {"losses": 0, "indices": None, "reduction_type": "already_reduced"}}
 
@@ -165,7 +191,6 @@ class _SimilarityLoss(torch.nn.Module):
     _per_anchor_op = None  # metricops.similarity's per-anchor function that also takes ref_emb/ref_labels
     _per_anchor_extra: dict = {}
     _needs_pos_and_neg = False  # the loss is 0 unless some positive and some negative pair is listed
-    _row_decomposable = True  # each term needs its anchor's row only (so rows can be taken in blocks)
 
     def __init__(self, distance, reducer, kwargs, default_reducer=_reducers.MeanReducer, cosine_default=True):
         super().__init__()
@@ -270,7 +295,7 @@ class _SimilarityLoss(torch.nn.Module):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML's loss dict, over the listed pairs only (``ref_emb`` is the batch itself without one)."""
-        if indices_tuple is None and self._row_decomposable:
+        if indices_tuple is None:
             return self._dense_blocks(embeddings, labels, ref_emb, ref_labels)
         if indices_tuple is None:
             a1, p, a2, n = all_pairs(labels, ref_labels)
@@ -308,42 +333,28 @@ class _SimilarityLoss(torch.nn.Module):
     def _dense_blocks(self, embeddings, labels, ref_emb, ref_labels):
         """Every pair of the batch (from labels) where the native op does not apply (another distance, a
         reference set, a reducer the op cannot express): PML's matrix in row blocks, one GEMM or cdist each,
-        each block recomputed in the backward (checkpoint), so at most one block × R is held. Only for
-        losses whose terms need their anchor's row alone."""
-        self_ref = ref_labels is None or ref_labels is labels  # PML leaves out (i, i) only then
-        ref_lab = labels if ref_labels is None else ref_labels
-        b, r = embeddings.shape[0], ref_emb.shape[0]
-        step = max(1, _DENSE_BLOCK_ELEMENTS // max(1, r))
-        blocks, n_pos, n_neg = [], 0, 0
-        for start in range(0, b, step):
-            rows = torch.arange(start, min(start + step, b), device=embeddings.device)
-            same = labels[rows, None] == ref_lab[None, :]
-            matches = same.clone()
-            if self_ref:
-                matches[torch.arange(len(rows), device=rows.device), rows] = False
-            a1, p = torch.where(matches)
-            a2, n = torch.where(~same)
-            blocks.append((rows, (a1, p, a2, n)))
-            n_pos, n_neg = n_pos + a1.numel(), n_neg + a2.numel()
+        each block recomputed in the backward (checkpoint), so at most one block × R is held."""
+        blocks, n_pos, n_neg = _pair_blocks(labels, ref_labels, ref_emb.shape[0])
         if n_pos <= 1 and n_neg <= 1:  # PML's GenericPairLoss returns the zero loss
             return _no_terms()
         if self._needs_pos_and_neg and (n_pos == 0 or n_neg == 0):
             return _no_terms()
-        terms, anchors, others = [], [], []
-        for rows, (a1, p, a2, n) in blocks:
+        terms = []
+        for rows, idx in blocks:
 
-            def block_terms(x, y, rows=rows, idx=(a1, p, a2, n)):
+            def block_terms(x, y, rows=rows, idx=idx):
                 mat = self._matrix(x[rows], y)
                 return self._terms(mat[idx[0], idx[1]], mat[idx[2], idx[3]], idx, len(rows))
 
             terms.append(checkpoint(block_terms, embeddings, ref_emb, use_reentrant=False))
-            anchors.append(rows[a1])
-            others.append(p)
-        terms = torch.cat(terms)
+        return self._dense_dict(torch.cat(terms), blocks, embeddings)
+
+    def _dense_dict(self, terms, blocks, embeddings):
         if self._pair_based:
-            indices = (torch.cat(anchors), torch.cat(others))
-            return {"loss": {"losses": terms, "indices": indices, "reduction_type": "pos_pair"}}
-        return _element(terms, b, embeddings.device)
+            anchors = torch.cat([rows[idx[0]] for rows, idx in blocks])
+            others = torch.cat([idx[1] for _, idx in blocks])
+            return {"loss": {"losses": terms, "indices": (anchors, others), "reduction_type": "pos_pair"}}
+        return _element(terms, embeddings.shape[0], embeddings.device)
 
     def _matrix(self, x, y):
         """PML's ``distance(x, y)``: the cosine similarity as PML computes it (normalized rows, one GEMM), or
@@ -561,7 +572,6 @@ class LiftedStructureLoss(_LiftedBase):
 
     _name = "LiftedStructureLoss"
     _needs_pos_and_neg = True
-    _row_decomposable = False  # a pair's term also needs row p's negatives
     _native_op = "lifted_structure_loss"
     _pair_based = True
 
@@ -596,6 +606,34 @@ class LiftedStructureLoss(_LiftedBase):
         d_ap = _pair_values(self.distance, embeddings, embeddings, a1, p)
         losses = F.relu(lse + d_ap - self.pos_margin) ** 2 / 2
         return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+
+    def _dense_blocks(self, embeddings, labels, ref_emb, ref_labels):
+        """Two passes over the row blocks (a pair's term also needs row p's negatives): each row's LSE over its
+        negatives, then each positive pair's term; both checkpointed per block."""
+        blocks, n_pos, n_neg = _pair_blocks(labels, ref_labels, ref_emb.shape[0])
+        if (n_pos <= 1 and n_neg <= 1) or n_pos == 0 or n_neg == 0:
+            return _no_terms()
+        margin = self.distance.margin
+        row_lse, has = [], []
+        for rows, idx in blocks:
+
+            def block_lse(x, y, rows=rows, idx=idx):
+                mat = self._matrix(x[rows], y)
+                return _segment_lse(margin(self.neg_margin, mat[idx[2], idx[3]]), idx[2], len(rows))[0]
+
+            row_lse.append(checkpoint(block_lse, embeddings, ref_emb, use_reentrant=False))
+            has.append(torch.zeros(len(rows), dtype=torch.bool, device=rows.device).index_fill(0, idx[2], True))
+        row_lse, has = torch.cat(row_lse), torch.cat(has)
+        terms = []
+        for rows, idx in blocks:
+
+            def block_terms(x, y, row_lse, rows=rows, idx=idx):
+                d_ap = self._matrix(x[rows], y)[idx[0], idx[1]]
+                lse = _logaddexp_of_rows(row_lse, has, rows[idx[0]], idx[1])
+                return F.relu(lse + margin(d_ap, self.pos_margin)) ** 2 / 2
+
+            terms.append(checkpoint(block_terms, embeddings, ref_emb, row_lse, use_reentrant=False))
+        return self._dense_dict(torch.cat(terms), blocks, embeddings)
 
     def _terms(self, pos, neg, indices, n_rows):
         a1, p, a2, _ = indices

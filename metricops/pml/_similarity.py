@@ -379,7 +379,21 @@ def _native_inputs(embeddings, labels) -> bool:
     )
 
 
-class SupConLoss(_SimilarityLoss):
+class _TemperatureLoss(_SimilarityLoss):
+    """A loss on z = similarity/τ (−distance/τ for an LpDistance)."""
+
+    def __init__(self, temperature, distance, reducer, kwargs, **defaults):
+        super().__init__(distance, reducer, kwargs, **defaults)
+        self.temperature = temperature
+
+    def _native_kwargs(self):
+        return {"temperature": self.temperature}
+
+    def _logits(self, pos, neg):
+        return self._similarity(pos) / self.temperature, self._similarity(neg) / self.temperature
+
+
+class SupConLoss(_TemperatureLoss):
     """``SupConLoss(temperature=0.1, distance=None, reducer=None)``, as pytorch-metric-learning 2.9.
 
     With z = similarity/τ (−distance/τ for LpDistance), anchor i with a positive gives
@@ -393,22 +407,18 @@ class SupConLoss(_SimilarityLoss):
     _native_op = "supcon_loss"
 
     def __init__(self, temperature: float = 0.1, distance=None, reducer=None, **kwargs):
-        super().__init__(distance, reducer, kwargs, default_reducer=_reducers.AvgNonZeroReducer)
-        self.temperature = temperature
-
-    def _native_kwargs(self):
-        return {"temperature": self.temperature}
+        super().__init__(temperature, distance, reducer, kwargs, default_reducer=_reducers.AvgNonZeroReducer)
 
     def _terms(self, pos, neg, indices, n_rows):
         a1, _, a2, _ = indices
-        z_pos, z_neg = self._similarity(pos) / self.temperature, self._similarity(neg) / self.temperature
+        z_pos, z_neg = self._logits(pos, neg)
         denominator, _ = _segment_lse(torch.cat([z_pos, z_neg]), torch.cat([a1, a2]), n_rows)
         n_pos = torch.zeros(n_rows, dtype=torch.int64, device=pos.device).index_add(0, a1, torch.ones_like(a1))
         sum_pos = torch.zeros(n_rows, dtype=pos.dtype, device=pos.device).index_add(0, a1, z_pos)
         return torch.where(n_pos > 0, denominator - sum_pos / n_pos.clamp_min(1), torch.zeros_like(sum_pos))
 
 
-class NTXentLoss(_SimilarityLoss):
+class NTXentLoss(_TemperatureLoss):
     """``NTXentLoss(temperature=0.07, distance=None, reducer=None)``, as pytorch-metric-learning 2.9.
 
     One term per listed positive pair (i, p): −log(e^{z_ip} / (e^{z_ip} + Σ e^{z_in})) over the listed
@@ -422,15 +432,11 @@ class NTXentLoss(_SimilarityLoss):
     _pair_based = True
 
     def __init__(self, temperature: float = 0.07, distance=None, reducer=None, **kwargs):
-        super().__init__(distance, reducer, kwargs)
-        self.temperature = temperature
-
-    def _native_kwargs(self):
-        return {"temperature": self.temperature}
+        super().__init__(temperature, distance, reducer, kwargs)
 
     def _terms(self, pos, neg, indices, n_rows):
         a1, _, a2, _ = indices
-        z_pos, z_neg = self._similarity(pos) / self.temperature, self._similarity(neg) / self.temperature
+        z_pos, z_neg = self._logits(pos, neg)
         neg_lse, _ = _segment_lse(z_neg, a2, n_rows, empty=float("-inf"))
         return torch.logaddexp(z_pos, neg_lse[a1]) - z_pos
 

@@ -130,7 +130,7 @@ def test_all_pairs_every_distance_and_reducer(name, reducer_name, native_ops):
         pytest.skip("PML 2.9 fails here itself: its lifted-structure pair terms are (P, 1), which its reducer rejects")
     for dist_name in LOSSES[name][1]:
         for shape in SHAPES:
-            for seed in range(2):
+            for seed in range(2 if reducer_name == "default" else 1):
                 emb, labels = _batch(*shape, seed=10 * seed + shape[0])
                 ours, theirs = _make(name, dist_name, reducer_name)
                 _run(ours, theirs, emb, labels)
@@ -175,7 +175,9 @@ def test_indices_tuple_and_ref_emb(name, native_ops):
         for seed in range(2):
             emb, labels = _batch(12, 5, 3, seed)
             ref, ref_labels = _batch(9, 5, 3, seed + 50)
-            for reducer_name in ("default", "per_anchor")[: 1 if name == "LiftedStructureLoss" else 2]:
+            # PerAnchorReducer on one seed (PML's own fails on its lifted-structure terms)
+            reducers = ("default", "per_anchor") if seed == 0 and name != "LiftedStructureLoss" else ("default",)
+            for reducer_name in reducers:
                 ours, theirs = _make(name, dist_name, reducer_name)
                 for idx in _indices_cases(12, 12, seed):
                     _run(ours, theirs, emb, labels, indices=(idx, idx))
@@ -329,3 +331,19 @@ def test_bad_calls():
         )
     with pytest.raises(ValueError, match="epsilon"):
         miners.MultiSimilarityMiner(float("nan"))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_dense_row_blocks_match_pml(name, monkeypatch):
+    """Every pair with another distance or a reference set: PML's matrix in row blocks (here 1-3 rows each,
+    recomputed in the backward), the same values and gradients."""
+    from metricops.pml import _similarity
+
+    monkeypatch.setattr(_similarity, "_DENSE_BLOCK_ELEMENTS", 20)
+    emb, labels = _batch(13, 5, 4, 3)
+    ref, ref_labels = _batch(9, 5, 4, 4)
+    for dist_name in LOSSES[name][1]:
+        for reducer_name in ("default", "threshold"):
+            ours, theirs = _make(name, dist_name, reducer_name)
+            _run(ours, theirs, emb, labels)
+            _run(ours, theirs, emb, labels, ref_emb=ref, ref_labels=ref_labels)

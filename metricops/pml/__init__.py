@@ -9,6 +9,9 @@ same import from ``pytorch_metric_learning`` for:
   reducer=None)``
 * ``miners``: ``BatchHardMiner``, ``TripletMarginMiner`` (on ``metricops.mine_triplets``; also with
   ``ref_emb``/``ref_labels``).
+* ``losses.SupConLoss``, ``NTXentLoss``, ``MultiSimilarityLoss``, ``CircleLoss``,
+  ``GeneralizedLiftedStructureLoss``, ``LiftedStructureLoss`` and ``miners.MultiSimilarityMiner`` (on the
+  streaming similarity engine; see ``_similarity``).
 * ``reducers``: ``MeanReducer``, ``SumReducer``, ``AvgNonZeroReducer``, ``ThresholdReducer``,
   ``DoNothingReducer``, ``PerAnchorReducer``, ``MultipleReducers``.
 

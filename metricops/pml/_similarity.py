@@ -13,13 +13,17 @@ Two paths compute PML's value and gradient:
     engine's rows against the reference set's columns (metricops.similarity's per-anchor functions).
   - LiftedStructureLoss (while metricops has no ``lifted_structure_loss``): each row's LSE over its
     negatives from the engine, then PML's term per positive pair (listed per class, never via a B×B mask).
-* Listed pairs: everything else (an arbitrary ``indices_tuple``, another distance, NT-Xent or lifted
-  structure with ``ref_emb``, a reducer the op cannot express for a per-pair loss): torch ops over the
-  listed (anchor, other) pairs only, O(#pairs) memory rather than PML's B×R matrices: each pair's
-  similarity or distance by a chunked gather (``_pair_values``), per-row log-sum-exps by segment
-  reductions. PML's rules are followed as it applies them: a pair listed twice counts once for the
-  matrix-based losses (SupCon, MS, Circle, GeneralizedLifted) and each time for the pair-based ones
-  (NT-Xent, Lifted); all index tensors of length ≤ 1 give the zero loss.
+* Every pair of the batch otherwise (another distance, NT-Xent or lifted structure with ``ref_emb``, a
+  reducer the op cannot express for a per-pair loss): PML's matrix in row blocks (``_dense_blocks``),
+  one GEMM or metricops.pairwise_distance per block, each block checkpointed (recomputed in the backward),
+  so one block × R is held at a time.
+* Listed pairs (an ``indices_tuple``): torch ops over the listed (anchor, other) pairs only, O(#pairs)
+  memory rather than PML's B×R matrices: each pair's similarity or distance by a chunked gather
+  (``_pair_values``), per-row log-sum-exps by segment reductions.
+
+PML's rules are followed as it applies them: a pair listed twice counts once for the matrix-based losses
+(SupCon, MS, Circle, GeneralizedLifted) and each time for the pair-based ones (NT-Xent, Lifted); all index
+tensors of length ≤ 1 give the zero loss.
 
 PML semantics worth knowing are listed in metricops/reference/similarity.py's docstring.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .. import _validation as v
 from . import reducers as _reducers
@@ -38,6 +43,8 @@ from .distances import BaseDistance, CosineSimilarity, LpDistance
 
 # Elements (pairs × D) gathered at once by _pair_values.
 _GATHER_ELEMENTS = 2**22
+# Elements (rows × R) of one block of PML's matrix on the dense path.
+_DENSE_BLOCK_ELEMENTS = 2**20
 # Elements (rows × R) of one block of the miner's similarity matrix.
 _MINER_BLOCK_ELEMENTS = 2**24
 
@@ -142,6 +149,28 @@ def _unique_pairs(a, b, n_cols: int):
     return key // n_cols, key % n_cols
 
 
+def _pair_blocks(labels, ref_labels, n_cols: int):
+    """All pairs from labels in row blocks: [(rows, (a1, p, a2, n) with a1/a2 local to the block)], and the
+    numbers of positive and negative pairs. (i, i) is no pair when the reference labels are the batch's own
+    (PML: ``ref_labels is labels``)."""
+    self_ref = ref_labels is None or ref_labels is labels
+    ref_lab = labels if ref_labels is None else ref_labels
+    b = labels.shape[0]
+    step = max(1, _DENSE_BLOCK_ELEMENTS // max(1, n_cols))
+    blocks, n_pos, n_neg = [], 0, 0
+    for start in range(0, b, step):
+        rows = torch.arange(start, min(start + step, b), device=labels.device)
+        same = labels[rows, None] == ref_lab[None, :]
+        matches = same.clone()
+        if self_ref:
+            matches[torch.arange(len(rows), device=rows.device), rows] = False
+        a1, p = torch.where(matches)
+        a2, n = torch.where(~same)
+        blocks.append((rows, (a1, p, a2, n)))
+        n_pos, n_neg = n_pos + a1.numel(), n_neg + a2.numel()
+    return blocks, n_pos, n_neg
+
+
 def _no_terms():
     return {"loss": {"losses": 0, "indices": None, "reduction_type": "already_reduced"}}
 
@@ -161,6 +190,7 @@ class _SimilarityLoss(torch.nn.Module):
     _pair_based = False  # True: one term per listed positive pair ("pos_pair"); else one per anchor row
     _per_anchor_op = None  # metricops.similarity's per-anchor function that also takes ref_emb/ref_labels
     _per_anchor_extra: dict = {}
+    _needs_pos_and_neg = False  # the loss is 0 unless some positive and some negative pair is listed
 
     def __init__(self, distance, reducer, kwargs, default_reducer=_reducers.MeanReducer, cosine_default=True):
         super().__init__()
@@ -266,6 +296,8 @@ class _SimilarityLoss(torch.nn.Module):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML's loss dict, over the listed pairs only (``ref_emb`` is the batch itself without one)."""
         if indices_tuple is None:
+            return self._dense_blocks(embeddings, labels, ref_emb, ref_labels)
+        if indices_tuple is None:
             a1, p, a2, n = all_pairs(labels, ref_labels)
         elif len(indices_tuple) == 3:
             a, p, n = indices_tuple
@@ -285,8 +317,52 @@ class _SimilarityLoss(torch.nn.Module):
         neg = _pair_values(self.distance, embeddings, ref_emb, a2, n)
         return self._loss_dict(pos, neg, (a1, p, a2, n), embeddings.shape[0])
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
+        """PML's loss terms from the listed pairs' values: (n_rows,) per anchor, or one per positive pair."""
         raise NotImplementedError
+
+    def _loss_dict(self, pos, neg, indices, n_rows):
+        a1, p, a2, _ = indices
+        if self._needs_pos_and_neg and (a1.numel() == 0 or a2.numel() == 0):
+            return _no_terms()  # PML's "if len(a1) > 0 and len(a2) > 0" (SupCon: any positive and negative)
+        terms = self._terms(pos, neg, indices, n_rows)
+        if self._pair_based:
+            return {"loss": {"losses": terms, "indices": (a1, p), "reduction_type": "pos_pair"}}
+        return _element(terms, n_rows, pos.device)
+
+    def _dense_blocks(self, embeddings, labels, ref_emb, ref_labels):
+        """Every pair of the batch (from labels) where the native op does not apply (another distance, a
+        reference set, a reducer the op cannot express): PML's matrix in row blocks, one GEMM or cdist each,
+        each block recomputed in the backward (checkpoint), so at most one block × R is held."""
+        blocks, n_pos, n_neg = _pair_blocks(labels, ref_labels, ref_emb.shape[0])
+        if n_pos <= 1 and n_neg <= 1:  # PML's GenericPairLoss returns the zero loss
+            return _no_terms()
+        if self._needs_pos_and_neg and (n_pos == 0 or n_neg == 0):
+            return _no_terms()
+        terms = []
+        for rows, idx in blocks:
+
+            def block_terms(x, y, rows=rows, idx=idx):
+                mat = self._matrix(x[rows], y)
+                return self._terms(mat[idx[0], idx[1]], mat[idx[2], idx[3]], idx, len(rows))
+
+            terms.append(checkpoint(block_terms, embeddings, ref_emb, use_reentrant=False))
+        return self._dense_dict(torch.cat(terms), blocks, embeddings)
+
+    def _dense_dict(self, terms, blocks, embeddings):
+        if self._pair_based:
+            anchors = torch.cat([rows[idx[0]] for rows, idx in blocks])
+            others = torch.cat([idx[1] for _, idx in blocks])
+            return {"loss": {"losses": terms, "indices": (anchors, others), "reduction_type": "pos_pair"}}
+        return _element(terms, embeddings.shape[0], embeddings.device)
+
+    def _matrix(self, x, y):
+        """PML's ``distance(x, y)``: the cosine similarity as PML computes it (normalized rows, one GEMM), or
+        metricops' exact pairwise distance."""
+        if isinstance(self.distance, CosineSimilarity):
+            return F.normalize(x, p=2, dim=1) @ F.normalize(y, p=2, dim=1).T
+        metric = "euclidean" if self.distance.power == 1 else "sqeuclidean"
+        return pairwise_distance(x, y, metric=metric, normalize=self.distance.normalize_embeddings)
 
     def _similarity(self, values):
         """PML's "if dealing with actual distances, use negative distances"."""
@@ -303,7 +379,21 @@ def _native_inputs(embeddings, labels) -> bool:
     )
 
 
-class SupConLoss(_SimilarityLoss):
+class _TemperatureLoss(_SimilarityLoss):
+    """A loss on z = similarity/τ (−distance/τ for an LpDistance)."""
+
+    def __init__(self, temperature, distance, reducer, kwargs, **defaults):
+        super().__init__(distance, reducer, kwargs, **defaults)
+        self.temperature = temperature
+
+    def _native_kwargs(self):
+        return {"temperature": self.temperature}
+
+    def _logits(self, pos, neg):
+        return self._similarity(pos) / self.temperature, self._similarity(neg) / self.temperature
+
+
+class SupConLoss(_TemperatureLoss):
     """``SupConLoss(temperature=0.1, distance=None, reducer=None)``, as pytorch-metric-learning 2.9.
 
     With z = similarity/τ (−distance/τ for LpDistance), anchor i with a positive gives
@@ -312,29 +402,23 @@ class SupConLoss(_SimilarityLoss):
     """
 
     _name = "SupConLoss"
+    _needs_pos_and_neg = True
     _per_anchor_op = "_supcon_per_anchor"
     _native_op = "supcon_loss"
 
     def __init__(self, temperature: float = 0.1, distance=None, reducer=None, **kwargs):
-        super().__init__(distance, reducer, kwargs, default_reducer=_reducers.AvgNonZeroReducer)
-        self.temperature = temperature
+        super().__init__(temperature, distance, reducer, kwargs, default_reducer=_reducers.AvgNonZeroReducer)
 
-    def _native_kwargs(self):
-        return {"temperature": self.temperature}
-
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
         a1, _, a2, _ = indices
-        if a1.numel() == 0 or a2.numel() == 0:
-            return _no_terms()
-        z_pos, z_neg = self._similarity(pos) / self.temperature, self._similarity(neg) / self.temperature
+        z_pos, z_neg = self._logits(pos, neg)
         denominator, _ = _segment_lse(torch.cat([z_pos, z_neg]), torch.cat([a1, a2]), n_rows)
         n_pos = torch.zeros(n_rows, dtype=torch.int64, device=pos.device).index_add(0, a1, torch.ones_like(a1))
         sum_pos = torch.zeros(n_rows, dtype=pos.dtype, device=pos.device).index_add(0, a1, z_pos)
-        losses = torch.where(n_pos > 0, denominator - sum_pos / n_pos.clamp_min(1), torch.zeros_like(sum_pos))
-        return _element(losses, n_rows, pos.device)
+        return torch.where(n_pos > 0, denominator - sum_pos / n_pos.clamp_min(1), torch.zeros_like(sum_pos))
 
 
-class NTXentLoss(_SimilarityLoss):
+class NTXentLoss(_TemperatureLoss):
     """``NTXentLoss(temperature=0.07, distance=None, reducer=None)``, as pytorch-metric-learning 2.9.
 
     One term per listed positive pair (i, p): −log(e^{z_ip} / (e^{z_ip} + Σ e^{z_in})) over the listed
@@ -343,24 +427,18 @@ class NTXentLoss(_SimilarityLoss):
     """
 
     _name = "NTXentLoss"
+    _needs_pos_and_neg = True
     _native_op = "ntxent_loss"
     _pair_based = True
 
     def __init__(self, temperature: float = 0.07, distance=None, reducer=None, **kwargs):
-        super().__init__(distance, reducer, kwargs)
-        self.temperature = temperature
+        super().__init__(temperature, distance, reducer, kwargs)
 
-    def _native_kwargs(self):
-        return {"temperature": self.temperature}
-
-    def _loss_dict(self, pos, neg, indices, n_rows):
-        a1, p, a2, _ = indices
-        if a1.numel() == 0 or a2.numel() == 0:
-            return _no_terms()
-        z_pos, z_neg = self._similarity(pos) / self.temperature, self._similarity(neg) / self.temperature
+    def _terms(self, pos, neg, indices, n_rows):
+        a1, _, a2, _ = indices
+        z_pos, z_neg = self._logits(pos, neg)
         neg_lse, _ = _segment_lse(z_neg, a2, n_rows, empty=float("-inf"))
-        losses = torch.logaddexp(z_pos, neg_lse[a1]) - z_pos
-        return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+        return torch.logaddexp(z_pos, neg_lse[a1]) - z_pos
 
 
 class MultiSimilarityLoss(_SimilarityLoss):
@@ -408,12 +486,12 @@ class MultiSimilarityLoss(_SimilarityLoss):
             labels,
         )
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
         a1, _, a2, _ = indices
         margin = self.distance.margin
         pos_term, _ = _segment_lse(self.alpha * margin(pos, self.base), a1, n_rows, add_one=True)
         neg_term, _ = _segment_lse(self.beta * margin(self.base, neg), a2, n_rows, add_one=True)
-        return _element(pos_term / self.alpha + neg_term / self.beta, n_rows, pos.device)
+        return pos_term / self.alpha + neg_term / self.beta
 
 
 class CircleLoss(_SimilarityLoss):
@@ -441,7 +519,7 @@ class CircleLoss(_SimilarityLoss):
     def _native_kwargs(self):
         return {"m": self.m, "gamma": self.gamma}
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
         a1, _, a2, _ = indices
         m, gamma = self.m, self.gamma
         pos_logits = -gamma * F.relu(1 + m - pos.detach()) * (pos - (1 - m))
@@ -449,8 +527,7 @@ class CircleLoss(_SimilarityLoss):
         lse_pos, n_pos = _segment_lse(pos_logits, a1, n_rows)
         lse_neg, n_neg = _segment_lse(neg_logits, a2, n_rows)
         valid = (n_pos > 0) & (n_neg > 0)
-        losses = torch.where(valid, F.softplus(lse_pos + lse_neg), torch.zeros_like(lse_pos))
-        return _element(losses, n_rows, pos.device)
+        return torch.where(valid, F.softplus(lse_pos + lse_neg), torch.zeros_like(lse_pos))
 
 
 class _LiftedBase(_SimilarityLoss):
@@ -482,12 +559,12 @@ class GeneralizedLiftedStructureLoss(_LiftedBase):
     def __init__(self, neg_margin: float = 1, pos_margin: float = 0, distance=None, reducer=None, **kwargs):
         super().__init__(neg_margin, pos_margin, distance, reducer, kwargs)
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
+    def _terms(self, pos, neg, indices, n_rows):
         a1, _, a2, _ = indices
         margin = self.distance.margin
         pos_lse, _ = _segment_lse(margin(pos, self.pos_margin), a1, n_rows)
         neg_lse, _ = _segment_lse(margin(self.neg_margin, neg), a2, n_rows)
-        return _element(F.relu(pos_lse + neg_lse), n_rows, pos.device)
+        return F.relu(pos_lse + neg_lse)
 
 
 class LiftedStructureLoss(_LiftedBase):
@@ -500,6 +577,7 @@ class LiftedStructureLoss(_LiftedBase):
     """
 
     _name = "LiftedStructureLoss"
+    _needs_pos_and_neg = True
     _native_op = "lifted_structure_loss"
     _pair_based = True
 
@@ -537,16 +615,41 @@ class LiftedStructureLoss(_LiftedBase):
         losses = F.relu(lse + d_ap - self.pos_margin) ** 2 / 2
         return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
 
-    def _loss_dict(self, pos, neg, indices, n_rows):
-        a1, p, a2, _ = indices
-        if a1.numel() == 0 or a2.numel() == 0:
+    def _dense_blocks(self, embeddings, labels, ref_emb, ref_labels):
+        """Two passes over the row blocks (a pair's term also needs row p's negatives): each row's LSE over its
+        negatives, then each positive pair's term; both checkpointed per block."""
+        blocks, n_pos, n_neg = _pair_blocks(labels, ref_labels, ref_emb.shape[0])
+        if (n_pos <= 1 and n_neg <= 1) or n_pos == 0 or n_neg == 0:
             return _no_terms()
+        margin = self.distance.margin
+        row_lse, has = [], []
+        for rows, idx in blocks:
+
+            def block_lse(x, y, rows=rows, idx=idx):
+                mat = self._matrix(x[rows], y)
+                return _segment_lse(margin(self.neg_margin, mat[idx[2], idx[3]]), idx[2], len(rows))[0]
+
+            row_lse.append(checkpoint(block_lse, embeddings, ref_emb, use_reentrant=False))
+            has.append(torch.zeros(len(rows), dtype=torch.bool, device=rows.device).index_fill(0, idx[2], True))
+        row_lse, has = torch.cat(row_lse), torch.cat(has)
+        terms = []
+        for rows, idx in blocks:
+
+            def block_terms(x, y, row_lse, rows=rows, idx=idx):
+                d_ap = self._matrix(x[rows], y)[idx[0], idx[1]]
+                lse = _logaddexp_of_rows(row_lse, has, rows[idx[0]], idx[1])
+                return F.relu(lse + margin(d_ap, self.pos_margin)) ** 2 / 2
+
+            terms.append(checkpoint(block_terms, embeddings, ref_emb, row_lse, use_reentrant=False))
+        return self._dense_dict(torch.cat(terms), blocks, embeddings)
+
+    def _terms(self, pos, neg, indices, n_rows):
+        a1, p, a2, _ = indices
         margin = self.distance.margin
         row_lse, counts = _segment_lse(margin(self.neg_margin, neg), a2, n_rows)
         # negatives of the anchor's row, and of row p (a row index also with ref_emb, as PML reads it)
         lse = _logaddexp_of_rows(row_lse, counts > 0, a1, p)
-        losses = F.relu(lse + margin(pos, self.pos_margin)) ** 2 / 2
-        return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+        return F.relu(lse + margin(pos, self.pos_margin)) ** 2 / 2
 
 
 def _logaddexp_of_rows(row_lse, has, a, p):

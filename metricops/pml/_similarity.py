@@ -1,4 +1,4 @@
-"""pytorch-metric-learning 2.9's similarity losses (the log-sum-exp family) and MultiSimilarityMiner.
+"""pytorch-metric-learning 2.9's similarity losses (the log-sum-exp family); the miner is in _ms_miner.py.
 
 Two paths compute PML's value and gradient:
 
@@ -11,8 +11,9 @@ Two paths compute PML's value and gradient:
     embeddings: one ``metricops.multi_similarity_loss(mining_epsilon=ε)`` call, without listing the pairs.
   - ``ref_emb``/``ref_labels`` for the per-anchor losses (SupCon, MS, Circle, GeneralizedLifted): the
     engine's rows against the reference set's columns (metricops.similarity's per-anchor functions).
-  - LiftedStructureLoss (while metricops has no ``lifted_structure_loss``): each row's LSE over its
-    negatives from the engine, then PML's term per positive pair (listed per class, never via a B×B mask).
+  - LiftedStructureLoss with a reducer ``metricops.lifted_structure_loss`` does not compute: each row's LSE
+    over its negatives from the engine, then PML's term per positive pair (listed per class, never via a
+    B×B mask).
 * Every pair of the batch otherwise (another distance, NT-Xent or lifted structure with ``ref_emb``, a
   reducer the op cannot express for a per-pair loss): PML's matrix in row blocks (``_dense_blocks``),
   one GEMM or metricops.pairwise_distance per block, each block checkpointed (recomputed in the backward),
@@ -34,152 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .. import _validation as v
 from . import reducers as _reducers
 from ..distance import pairwise_distance
 from ._common import all_pairs, check_call, refuse_unsupported, set_ref
-from ._mined import MinedSource, MinedTriplets
 from .distances import BaseDistance, CosineSimilarity, LpDistance
 
-# Elements (pairs × D) gathered at once by _pair_values.
-_GATHER_ELEMENTS = 2**22
-# Elements (rows × R) of one block of PML's matrix on the dense path.
-_DENSE_BLOCK_ELEMENTS = 2**20
-# Elements (rows × R) of one block of the miner's similarity matrix.
-_MINER_BLOCK_ELEMENTS = 2**24
+from ._listed_pairs import _pair_values, _segment_lse, _unique_pairs, _pair_blocks, _no_terms, _element
+from ._ms_miner import MinedPairs
 
 
 def _native(name: str):
-    """metricops' functional op ``name``; an error that says so when this build lacks it (no fallback)."""
+    """metricops' functional op ``name`` (imported at call time: metricops imports this package)."""
     import metricops
 
-    fn = getattr(metricops, name, None)
-    if fn is None:
-        raise NotImplementedError(
-            f"metricops.{name} is not available in this build of metricops; metricops.pml needs it for this call"
-        )
-    return fn
-
-
-# ----------------------------------------------------------------------------- listed pairs
-
-
-class _PairValues(torch.autograd.Function):
-    """s_k = <x[i_k], y[j_k]> (kind "dot"), ‖x[i_k] − y[j_k]‖ ("euclidean", gradient 0 at 0) or its square
-    ("sqeuclidean"), gathered in chunks so that neither pass holds more than a chunk of (pairs, D) rows."""
-
-    @staticmethod
-    def forward(ctx, x, y, i, j, kind):
-        ctx.save_for_backward(x, y, i, j)
-        ctx.kind = kind
-        out = torch.empty(i.shape[0], dtype=x.dtype, device=x.device)
-        step = max(1, _GATHER_ELEMENTS // max(1, x.shape[1]))
-        for start in range(0, i.shape[0], step):
-            xi, yj = x[i[start : start + step]], y[j[start : start + step]]
-            if kind == "dot":
-                val = (xi * yj).sum(dim=1)
-            else:
-                val = ((xi - yj) ** 2).sum(dim=1)
-                if kind == "euclidean":
-                    val = val.sqrt()
-            out[start : start + step] = val
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, y, i, j = ctx.saved_tensors
-        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        gy = torch.zeros_like(y) if ctx.needs_input_grad[1] else None
-        step = max(1, _GATHER_ELEMENTS // max(1, x.shape[1]))
-        for start in range(0, i.shape[0], step):
-            ii, jj = i[start : start + step], j[start : start + step]
-            g = grad[start : start + step, None]
-            xi, yj = x[ii], y[jj]
-            if ctx.kind == "dot":
-                dxi, dyj = g * yj, g * xi
-            else:
-                diff = xi - yj
-                if ctx.kind == "euclidean":
-                    norm = diff.norm(dim=1, keepdim=True)
-                    g = torch.where(norm > 0, g / torch.where(norm > 0, norm, torch.ones_like(norm)), 0.0)
-                else:
-                    g = 2 * g
-                dxi, dyj = g * diff, -g * diff
-            if gx is not None:
-                gx.index_add_(0, ii, dxi)
-            if gy is not None:
-                gy.index_add_(0, jj, dyj)
-        return gx, gy, None, None, None
-
-
-def _pair_values(distance: BaseDistance, x, y, i, j):
-    """PML's ``distance(x, y)[i, j]`` for the listed pairs only (CosineSimilarity: the cosine similarity)."""
-    if isinstance(distance, CosineSimilarity):
-        x, y = F.normalize(x, p=2, dim=1), F.normalize(y, p=2, dim=1)
-        kind = "dot"
-    else:
-        if distance.normalize_embeddings:
-            x, y = F.normalize(x, p=2, dim=1), F.normalize(y, p=2, dim=1)
-        kind = "euclidean" if distance.power == 1 else "sqeuclidean"
-    return _PairValues.apply(x, y, i, j, kind)
-
-
-def _segment_lse(values, rows, n_rows: int, *, add_one: bool = False, empty: float = 0.0):
-    """Per row, log-sum-exp of the ``values`` whose ``rows`` entry is that row (log(1 + Σ) with
-    ``add_one``); ``empty`` for a row without values (PML: 0)."""
-    neg_inf = torch.full((n_rows,), float("-inf"), dtype=values.dtype, device=values.device)
-    row_max = neg_inf.scatter_reduce(0, rows, values.detach(), reduce="amax", include_self=True)
-    if add_one:
-        row_max = row_max.clamp_min(0)
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device)
-    sums = sums.index_add(0, rows, torch.exp(values - shift[rows]))
-    if add_one:
-        sums = sums + torch.exp(-shift)
-    counts = torch.zeros(n_rows, dtype=torch.int64, device=values.device).index_add(0, rows, torch.ones_like(rows))
-    out = torch.log(torch.where(counts > 0, sums, torch.ones_like(sums))) + shift
-    return torch.where(counts > 0, out, torch.full_like(out, empty)), counts
-
-
-def _unique_pairs(a, b, n_cols: int):
-    """The distinct (a, b) pairs (PML's masks: a pair listed twice counts once), in row-major order."""
-    if a.numel() == 0:
-        return a, b
-    key = torch.unique(a * n_cols + b)
-    return key // n_cols, key % n_cols
-
-
-def _pair_blocks(labels, ref_labels, n_cols: int):
-    """All pairs from labels in row blocks: [(rows, (a1, p, a2, n) with a1/a2 local to the block)], and the
-    numbers of positive and negative pairs. (i, i) is no pair when the reference labels are the batch's own
-    (PML: ``ref_labels is labels``)."""
-    self_ref = ref_labels is None or ref_labels is labels
-    ref_lab = labels if ref_labels is None else ref_labels
-    b = labels.shape[0]
-    step = max(1, _DENSE_BLOCK_ELEMENTS // max(1, n_cols))
-    blocks, n_pos, n_neg = [], 0, 0
-    for start in range(0, b, step):
-        rows = torch.arange(start, min(start + step, b), device=labels.device)
-        same = labels[rows, None] == ref_lab[None, :]
-        matches = same.clone()
-        if self_ref:
-            matches[torch.arange(len(rows), device=rows.device), rows] = False
-        a1, p = torch.where(matches)
-        a2, n = torch.where(~same)
-        blocks.append((rows, (a1, p, a2, n)))
-        n_pos, n_neg = n_pos + a1.numel(), n_neg + a2.numel()
-    return blocks, n_pos, n_neg
-
-
-def _no_terms():
-    return {"loss": {"losses": 0, "indices": None, "reduction_type": "already_reduced"}}
-
-
-def _element(losses, n_rows, device):
-    return {"loss": {"losses": losses, "indices": torch.arange(n_rows, device=device), "reduction_type": "element"}}
-
-
-# ----------------------------------------------------------------------------- the losses
+    return getattr(metricops, name)
 
 
 class _SimilarityLoss(torch.nn.Module):
@@ -687,141 +556,11 @@ def _positive_pairs(labels):
     return a[key], p[key]
 
 
-# ----------------------------------------------------------------------------- the miner
-
-
-class MultiSimilaritySelection:
-    """A MultiSimilarityMiner's rule, frozen at the call: ``epsilon`` and the miner's ``distance``."""
-
-    def __init__(self, epsilon: float, distance: BaseDistance):
-        self.epsilon = epsilon
-        self.distance = distance
-
-
-class MinedPairs(MinedTriplets):
-    """``(a1, p, a2, n)``: the MultiSimilarityMiner's pairs as int64 tensors, mined on first look (see
-    ``MinedTriplets``); a metricops.pml MultiSimilarityLoss on the same embeddings never looks."""
-
-    def __len__(self):
-        return 4
-
-
-def _mine_pairs(distance: BaseDistance, epsilon: float, x, labels, ref, ref_labels, self_labels: bool, self_emb: bool):
-    """PML's MultiSimilarityMiner on (B, R) in row blocks: positive (i, j) kept if
-    s_ij − ε < max over i's negatives (distances: d_ij + ε > min), negative kept if s_ij + ε > min over i's
-    positives (d_ij − ε < max). Pairs in row-major order (PML orders each row by similarity).
-
-    ``self_labels``: (i, i) is no positive pair (PML: ``ref_labels is labels``); ``self_emb``: (i, i) is
-    no candidate at all (PML: ``embeddings is ref_emb``).
-    """
-    empty = torch.empty(0, dtype=torch.int64, device=x.device)
-    if x.shape[0] == 0 or ref.shape[0] == 0:
-        return empty, empty.clone(), empty.clone(), empty.clone()
-    block = max(1, _MINER_BLOCK_ELEMENTS // ref.shape[0])
-    inf = float("inf")
-    found_pos, found_neg, any_pos, any_neg = [], [], False, False
-    cosine = isinstance(distance, CosineSimilarity)
-    if cosine:  # PML's own arithmetic: normalized rows, one matrix product
-        x, ref = F.normalize(x, dim=1), F.normalize(ref, dim=1)
-    for start in range(0, x.shape[0], block):
-        rows = torch.arange(start, min(start + block, x.shape[0]), device=x.device)
-        local = torch.arange(len(rows), device=x.device)
-        if cosine:
-            mat = x[rows] @ ref.T
-        else:
-            metric = "euclidean" if distance.power == 1 else "sqeuclidean"
-            mat = pairwise_distance(x[rows], ref, metric=metric, normalize=distance.normalize_embeddings)
-        matches = labels[rows, None] == ref_labels[None, :]
-        diffs = ~matches
-        if self_labels:
-            matches[local, rows] = False
-        any_pos |= bool(matches.any())
-        any_neg |= bool(diffs.any())
-        # PML sorts the positives among the entries not listed as negatives and vice versa; (i, i) is
-        # ignored by both only when the reference is the batch itself.
-        pos_cand, neg_cand = ~diffs, ~matches
-        if self_emb:
-            pos_cand[local, rows] = False
-            neg_cand[local, rows] = False
-        if distance.is_inverted:
-            hardest_neg = mat.masked_fill(~neg_cand, -inf).amax(dim=1, keepdim=True)
-            hardest_pos = mat.masked_fill(~pos_cand, inf).amin(dim=1, keepdim=True)
-            keep_pos = pos_cand & (mat - epsilon < hardest_neg)
-            keep_neg = neg_cand & (mat + epsilon > hardest_pos)
-        else:
-            hardest_neg = mat.masked_fill(~neg_cand, inf).amin(dim=1, keepdim=True)
-            hardest_pos = mat.masked_fill(~pos_cand, -inf).amax(dim=1, keepdim=True)
-            keep_pos = pos_cand & (mat + epsilon > hardest_neg)
-            keep_neg = neg_cand & (mat - epsilon < hardest_pos)
-        r, c = torch.where(keep_pos)
-        found_pos.append((rows[r], c))
-        r, c = torch.where(keep_neg)
-        found_neg.append((rows[r], c))
-    if not any_pos or not any_neg:
-        return empty, empty.clone(), empty.clone(), empty.clone()
-    a1, p = (torch.cat(t) for t in zip(*found_pos))
-    a2, n = (torch.cat(t) for t in zip(*found_neg))
-    return a1, p, a2, n
-
-
-class MultiSimilarityMiner(torch.nn.Module):
-    """``MultiSimilarityMiner(epsilon=0.1, distance=None)``, as pytorch-metric-learning 2.9.
-
-    Returns ``(a1, p, a2, n)`` int64 index tensors: positive pairs (a1, p) whose similarity is below the
-    anchor's hardest negative's + ε, negative pairs (a2, n) above the anchor's hardest positive's − ε (for
-    an LpDistance, the same with distances and the inequalities flipped). Nothing when the batch has no
-    positive or no negative pair. Computed in row blocks (O(block·R) memory). Within a batch the result is
-    a ``MinedPairs``, mined when first looked at; a metricops.pml MultiSimilarityLoss given it on the same
-    embeddings computes its value natively without the pairs. Within each anchor the pairs are in
-    column order (PML's are in order of similarity); as sets they are PML's.
-    """
-
-    def __init__(self, epsilon: float = 0.1, distance=None, **kwargs):
-        super().__init__()
-        refuse_unsupported("miners.MultiSimilarityMiner", kwargs)
-        if distance is None:
-            distance = CosineSimilarity()
-        if not isinstance(distance, BaseDistance):
-            raise NotImplementedError(
-                "metricops.pml: miners.MultiSimilarityMiner(distance=...) must be metricops.pml.distances."
-                f"LpDistance or CosineSimilarity, got {type(distance).__module__}.{type(distance).__name__}"
-            )
-        self.epsilon = v.check_number(epsilon, "epsilon")
-        self.distance = distance
-
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
-        v.check_tensor(embeddings, "embeddings")
-        v.check_tensor(labels, "labels")
-        set_ref(embeddings, labels, ref_emb, ref_labels)
-        epsilon, distance = float(self.epsilon), self.distance
-        # PML's set_ref_emb: without ref_emb the batch is its own reference, with its own labels object
-        self_emb = ref_emb is None or ref_emb is embeddings
-        self_labels = ref_emb is None or ref_labels is None or ref_labels is labels
-        labels = labels.to(embeddings.device)
-        if self_emb and self_labels:
-            source = MinedSource(embeddings, labels)
-            selection = MultiSimilaritySelection(epsilon, distance)
-            values = source.values
-            return MinedPairs(
-                lambda: _mine_pairs(distance, epsilon, values, source.labels, values, source.labels, True, True),
-                selection,
-                source,
-            )
-        if ref_labels is None:
-            raise ValueError("ref_labels must be given with ref_emb (one label per ref_emb row)")
-        ref_labels = ref_labels.to(embeddings.device)
-        with torch.no_grad():
-            return _mine_pairs(
-                distance, epsilon, embeddings.detach(), labels, ref_emb.detach(), ref_labels, self_labels, self_emb
-            )
-
-
 __all__ = [
     "CircleLoss",
     "GeneralizedLiftedStructureLoss",
     "LiftedStructureLoss",
     "MultiSimilarityLoss",
-    "MultiSimilarityMiner",
     "NTXentLoss",
     "SupConLoss",
 ]

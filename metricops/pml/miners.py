@@ -21,7 +21,7 @@ from ..triplet import mine_triplets
 from ._common import matches_and_diffs, refuse_unsupported
 from ._fused import batch_hard_indices
 from ._mined import MinedSource, MinedTriplets, TripletSelection
-from ._similarity import MultiSimilarityMiner  # noqa: F401 (re-exported)
+from ._ms_miner import MultiSimilarityMiner  # noqa: F401 (re-exported)
 from .distances import resolve
 
 TRIPLET_TYPES = ("all", "hard", "semihard", "easy")

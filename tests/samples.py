@@ -134,6 +134,21 @@ def _ref_knn(queries, database, k, metric, chunk_size=0):
 # ---------------------------------------------------------------- the table
 
 
+def _unit(x):
+    """x's rows scaled to unit norm, in x's layout (the class-loss ops take normalized embeddings); integer
+    x (bad input for the ops) as it is."""
+    return x / x.norm(dim=1, keepdim=True) if x.is_floating_point() else x
+
+
+def _ref_margin_softmax(x, labels, weight, kind, margin, scale, class_chunk=0):
+    loss = reference.arcface_loss if kind == "arcface" else reference.cosface_loss
+    return (loss(x, labels, weight, margin=margin, scale=scale, reduction="none"),)
+
+
+def _ref_proxy_anchor(x, labels, proxies, margin, alpha, class_chunk=0):
+    return reference.proxy_anchor_terms(x, labels, proxies, margin=margin, alpha=alpha)[:2]
+
+
 def _scale(x):
     return torch.tensor(2.0, dtype=x.dtype, device=x.device)
 
@@ -206,15 +221,18 @@ SAMPLES: dict[str, Callable[..., list[SampleInput]]] = {
     # tests/test_class_losses.py.
     "margin_softmax_loss": lambda x, x2, x3: (
         [
-            SampleInput((x, pair_labels(x), x2, "arcface", 0.5, 4.0)),
-            SampleInput((x, pair_labels(x), x2, "cosface", 0.35, 4.0, 2)),
+            SampleInput((_unit(x), pair_labels(x), x2, "arcface", 0.5, 4.0), _ref_margin_softmax),
+            SampleInput((_unit(x), pair_labels(x), x2, "cosface", 0.35, 4.0, 2), _ref_margin_softmax),
         ]
         if len(x)
         else []
     ),
     # (margin, alpha[, class chunk])
     "proxy_anchor_loss": lambda x, x2, x3: (
-        [SampleInput((x, pair_labels(x), x2, 0.1, 4.0)), SampleInput((x, pair_labels(x), x2, 0.1, 4.0, 2))]
+        [
+            SampleInput((_unit(x), pair_labels(x), x2, 0.1, 4.0), _ref_proxy_anchor),
+            SampleInput((_unit(x), pair_labels(x), x2, 0.1, 4.0, 2), _ref_proxy_anchor),
+        ]
         if len(x)
         else []
     ),

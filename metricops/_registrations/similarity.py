@@ -64,6 +64,7 @@ def _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col
     else:
         torch._check_value(row_params is None, lambda: f"policy {policy!r} takes no row_params")
     torch._check_value(scale.dim() == 0, lambda: f"scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
+    torch._check_type(scale.dtype.is_floating_point, lambda: f"scale must be floating, got {scale.dtype}")
 
 
 @torch.library.register_fake(LIB + "lse_stats")

@@ -115,28 +115,30 @@ def triplet_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
             )
         cases.append(Case("semihard_triplet_loss", "forward+backward", dict(params), c, inputs=inputs))
 
-        # PML's semi-hard pipeline (every semi-hard triplet, mean over the non-zero terms): its drop-in against it.
+        # PML's miner pipelines (every mined triplet, mean over the non-zero terms): the drop-in against PML.
+        # Semi-hard at every size; "all" and "hard" (each a different interval of m) at D=128.
         if pml is not None and pml_ok:
             distances, losses, miners = pml
             from metricops.pml import losses as mo_losses, miners as mo_miners
 
-            c = {}
-            for name, lib_miners, lib_losses in (
-                ("metricops.pml", mo_miners, mo_losses),
-                ("pytorch-metric-learning", miners, losses),
-            ):
-                sh_miner = lib_miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
-                sh_loss = lib_losses.TripletMarginLoss(margin=0.2)
-                c[name] = _fwd_bwd(lambda e, labels, f=sh_loss, m=sh_miner: f(e, labels, m(e, labels)), x, labels)
-            cases.append(
-                Case(
-                    "pml.TripletMarginMiner(semihard)+TripletMarginLoss",
-                    "forward+backward",
-                    dict(params),
-                    c,
-                    inputs=inputs,
+            for kind in ("semihard", "all", "hard") if params["D"] == 128 else ("semihard",):
+                c = {}
+                for name, lib_miners, lib_losses in (
+                    ("metricops.pml", mo_miners, mo_losses),
+                    ("pytorch-metric-learning", miners, losses),
+                ):
+                    miner = lib_miners.TripletMarginMiner(margin=0.2, type_of_triplets=kind)
+                    loss = lib_losses.TripletMarginLoss(margin=0.2)
+                    c[name] = _fwd_bwd(lambda e, labels, f=loss, m=miner: f(e, labels, m(e, labels)), x, labels)
+                cases.append(
+                    Case(
+                        f"pml.TripletMarginMiner({kind})+TripletMarginLoss",
+                        "forward+backward",
+                        dict(params),
+                        c,
+                        inputs=inputs,
+                    )
                 )
-            )
 
         # Batch-all, mean over the non-zero terms (PML's TripletMarginLoss without a miner).
         c = {

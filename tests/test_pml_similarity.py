@@ -337,9 +337,8 @@ def test_bad_calls():
 def test_dense_row_blocks_match_pml(name, monkeypatch):
     """Every pair with another distance or a reference set: PML's matrix in row blocks (here 1-3 rows each,
     recomputed in the backward), the same values and gradients."""
-    from metricops.pml import _listed_pairs, _similarity
+    from metricops.pml import _listed_pairs
 
-    monkeypatch.setattr(_similarity, "_DENSE_BLOCK_ELEMENTS", 20)
     monkeypatch.setattr(_listed_pairs, "_DENSE_BLOCK_ELEMENTS", 20)
     emb, labels = _batch(13, 5, 4, 3)
     ref, ref_labels = _batch(9, 5, 4, 4)

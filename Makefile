@@ -29,7 +29,7 @@ info: build
 	$(PY) -m metricops.info
 
 # C++/CUDA sources for clang-format (the repo's .clang-format).
-CSRC := $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+CSRC := $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
 lint: venv
 	$(PY) -m ruff check .

@@ -25,6 +25,33 @@ from .harness import format_table, measure_case_memory, time_case, to_json
 from .suites import SUITES
 
 
+def _case_key(row: dict) -> tuple:
+    return row["op"], row["mode"], json.dumps(row["params"], sort_keys=True)
+
+
+def merge_reports(json_path: str, new: dict) -> dict:
+    """`new` merged into the report at json_path: its rows replace rows of the same case and join the others.
+    Ratios are within a case (contenders timed side by side in one run), so two runs on the same machine and
+    software combine; anything else is refused rather than mixed."""
+    with open(json_path) as f:
+        old = json.load(f)
+    same = ("device", "cpu", "threads", "torch", "python", "metricops", "libraries")
+    differing = [k for k in same if old["environment"].get(k) != new["environment"].get(k)]
+    if differing or old.get("run", {}).get("size") != new["run"]["size"]:
+        raise SystemExit(f"--merge: {json_path} comes from another environment or size ({differing or 'size'})")
+    replaced = {_case_key(r) for r in new["results"]}
+    runs = old["run"].get("runs", [dict(old["run"], time=old["environment"].get("time"))])
+    merged = dict(new)
+    merged["results"] = [r for r in old["results"] if _case_key(r) not in replaced] + new["results"]
+    merged["run"] = dict(
+        new["run"],
+        ops=list(dict.fromkeys(old["run"].get("ops", []) + new["run"]["ops"])),
+        seconds=round(sum(r.get("seconds", 0) for r in runs) + new["run"]["seconds"], 1),
+        runs=runs + [dict(new["run"], time=new["environment"].get("time"))],
+    )
+    return merged
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument(
@@ -45,6 +72,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add this run's cases to the existing JSON instead of replacing it (a case measured again replaces its "
+        "old row); refused unless both runs share the environment (device, torch, threads, libraries) and size",
+    )
     args = parser.parse_args(argv)
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -83,6 +116,8 @@ def main(argv=None) -> int:
         "memory": not args.no_memory,
         "seconds": round(time.time() - t0, 1),
     }
+    if args.merge:
+        report = merge_reports(json_path, report)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)

@@ -44,6 +44,7 @@ class Cell:
     contender: str  # the contender's name in the JSON
     label: str = ""  # shown in the cell, where the column header does not name the contender
     ratio: bool = True  # show "(r×)", the contender's time / metricops' time
+    memory_beyond: str = ""  # a param (bytes) subtracted from the peak memory shown: memory beyond it
 
 
 # A column entry: a Cell, or fixed text ("—": the suite has no such contender at this size).
@@ -108,6 +109,15 @@ LOSSES = Table(
             "pml.TripletMarginMiner(semihard)+TripletMarginLoss",
             {"B": 1024, "D": 128},
             (Cell("metricops.pml"), Cell("pytorch-metric-learning"), NONE, NONE),
+        ),
+        *(
+            Row(
+                f"PML's {kind} `TripletMarginMiner` + `TripletMarginLoss`, metricops.pml drop-in",
+                f"pml.TripletMarginMiner({kind})+TripletMarginLoss",
+                {"B": 1024, "D": 128},
+                (Cell("metricops.pml"), Cell("pytorch-metric-learning"), NONE, NONE),
+            )
+            for kind in ("all", "hard")
         ),
         Row(
             "batch-all triplet",
@@ -260,6 +270,12 @@ SIMILARITY = Table(
             for b in (256, 2048)
         ),
         Row(
+            "SupCon, 65536 embeddings (the others hold 16 GiB matrices)",
+            "supcon_loss",
+            {"B": 65536, "D": 128},
+            (Cell("metricops"), NONE, NONE, NONE, NONE),
+        ),
+        Row(
             "InfoNCE, symmetric (CLIP), τ=0.05",
             "info_nce_loss",
             {"N": 16384, "D": 256},
@@ -271,6 +287,12 @@ SIMILARITY = Table(
                 Cell("q @ k.T (one GEMM, forward only)", ratio=False),
             ),
         ),
+        Row(
+            "InfoNCE, symmetric (CLIP), 65536 pairs",
+            "info_nce_loss",
+            {"N": 65536, "D": 128},
+            (Cell("metricops"), NONE, NONE, NONE, NONE),
+        ),
     ),
     size_keys=("B", "N", "D"),
 )
@@ -278,6 +300,55 @@ SIMILARITY = Table(
 
 def _has_similarity_rows(report: dict) -> bool:
     ops = {r.op for r in SIMILARITY.rows}
+    return any(r["op"] in ops for r in report["results"])
+
+
+# The class-parameter suite (benchmarks/suites/class_losses.py), shown once a full run holds its rows. Memory is
+# the peak beyond the gradients of the embeddings and the class parameters, which every contender writes.
+def _class_cell(name: str, label: str = "") -> Cell:
+    return Cell(name, label, memory_beyond="grad_bytes")
+
+
+CLASS_LOSSES = Table(
+    header=(
+        "class-parameter loss (forward+backward)",
+        "size",
+        "metricops",
+        "pytorch-metric-learning {pml}",
+        "plain torch",
+    ),
+    rows=(
+        *(
+            Row(
+                label,
+                f"{kind}_loss",
+                {"B": b, "D": 512, "C": c},
+                (
+                    _class_cell("metricops"),
+                    _class_cell("pytorch-metric-learning"),
+                    _class_cell("plain torch (B×C logits)", "normalize, F.linear, margin, cross-entropy"),
+                ),
+            )
+            for kind, label in (("arcface", "ArcFace (m=0.5, s=64)"), ("cosface", "CosFace (m=0.35, s=64)"))
+            for b, c in ((512, 100_000), (256, 1_000_000))
+        ),
+        Row(
+            "ProxyAnchor (margin 0.1, α=32)",
+            "proxy_anchor_loss",
+            {"B": 1024, "D": 128, "C": 1000},
+            (
+                _class_cell("metricops"),
+                _class_cell("pytorch-metric-learning"),
+                _class_cell("reference (plain torch)", "metricops.reference"),
+            ),
+        ),
+    ),
+    size_keys=("B", "D", "C"),
+)
+
+
+def _has_class_loss_rows(report: dict) -> bool:
+    ops = {r.op for r in CLASS_LOSSES.rows}
     return any(r["op"] in ops for r in report["results"])
 
 
@@ -376,7 +447,10 @@ def render_cell(row: dict, entry: Entry, *, is_base: bool) -> str:
     if entry.label:
         notes.append(entry.label)
     text = fmt_time(t) + (f" ({', '.join(notes)})" if notes else "")
-    mem = fmt_bytes(row.get("peak_bytes", {}).get(name))
+    peak = row.get("peak_bytes", {}).get(name)
+    if peak is not None and entry.memory_beyond:
+        peak = max(0, peak - row["params"][entry.memory_beyond])
+    mem = fmt_bytes(peak)
     return f"{text}, {mem}" if mem else text
 
 
@@ -478,6 +552,16 @@ def render(report: dict) -> str:
                 render_table(report, SIMILARITY),
             ]
             if _has_similarity_rows(report)
+            else []
+        ),
+        *(
+            [
+                "Losses with learnable class parameters (labels uniform over C classes; PML's defaults otherwise). "
+                "Memory is the peak beyond the gradients of the embeddings and of the weight or proxies, which "
+                "every contender writes ((B + C)·D floats: 196 MiB at C=10⁵, 1.9 GiB at C=10⁶).",
+                render_table(report, CLASS_LOSSES),
+            ]
+            if _has_class_loss_rows(report)
             else []
         ),
         "Where metricops is behind (every row of the run where a contender computing the same thing is faster):",

@@ -42,12 +42,13 @@ std::string build_info() {
 //    block of all B rows for the triplet ops, a bounded device default for
 //    contrastive_loss_streaming. Only direct torch.ops calls pass <= 0 to the
 //    streaming ops.
-//  * normalize (distances of F.normalize(x), eps 1e-12): only batch_hard_triplet
-//    and its backward take it: the CPU kernels fuse it (no normalised copy;
-//    F.normalize's backward applied row by row in the assembly), the CUDA
-//    kernels compose l2_normalize / l2_normalize_backward around themselves in
-//    C++. Every other op's normalize=True is composed in Python (l2_normalize
-//    before the op, autograd through it).
+//  * normalize (distances of F.normalize(x), eps 1e-12): batch_hard_triplet,
+//    lse_stats and their backwards take it. batch_hard's CPU kernels fuse it
+//    (no normalised copy; F.normalize's backward applied row by row in the
+//    assembly), its CUDA kernels compose l2_normalize / l2_normalize_backward
+//    around themselves in C++; lse_stats folds it into its GEMM tiles on both
+//    (its schema says how). Every other op's normalize=True is composed in
+//    Python (l2_normalize before the op, autograd through it).
 TORCH_LIBRARY(metricops, m) {
   // "cpu|cuda|archs=8.0;9.0": which backends this binary was compiled with.
   m.def("_build_info() -> str", &build_info);
@@ -192,18 +193,20 @@ TORCH_LIBRARY(metricops, m) {
   // dLSE_pos/dscale, dLSE_neg/dscale, aux_pos, aux_neg. col_stats: the same per column of y when
   // col_stats (y required), else (0, 12). Gradients flow through columns 0-3 only (the backward);
   // the others are piecewise constant or are used by the caller's own formulas. block_rows/block_cols
-  // <= 0 pick the device's tiles; > 0 force them (tests cross tile boundaries with them). Never holds
-  // more than one block_rows × block_cols tile of S.
+  // <= 0 pick the device's tiles; > 0 force them (tests cross tile boundaries with them). normalize:
+  // S is the cosine similarity of F.normalize(x) and F.normalize(y) (eps 1e-12), gradients to the raw
+  // x and y: each GEMM tile of x yᵀ is scaled by the rows' inverse norms, so no normalized copy is
+  // made. Never holds more than one block_rows × block_cols tile of S.
   m.def(
       "lse_stats(Tensor x, Tensor? y, Tensor row_keys, Tensor? col_keys, Tensor? row_params, Tensor scale, "
-      "str policy, float[] args, bool col_stats, int block_rows, int block_cols) -> (Tensor row_stats, "
-      "Tensor col_stats)");
+      "str policy, float[] args, bool normalize, bool col_stats, int block_rows, int block_cols) -> "
+      "(Tensor row_stats, Tensor col_stats)");
   // Gradients of lse_stats w.r.t. x and y (y: (0, D) when y is None) from the gradients of its
   // statistics' columns 0-3 (None: zero), recomputing S tile by tile.
   m.def(
       "lse_stats_backward(Tensor? grad_row_stats, Tensor? grad_col_stats, Tensor x, Tensor? y, Tensor row_keys, "
-      "Tensor? col_keys, Tensor? row_params, Tensor scale, str policy, float[] args, Tensor row_stats, "
-      "Tensor col_stats, int block_rows, int block_cols) -> (Tensor grad_x, Tensor grad_y)");
+      "Tensor? col_keys, Tensor? row_params, Tensor scale, str policy, float[] args, bool normalize, "
+      "Tensor row_stats, Tensor col_stats, int block_rows, int block_cols) -> (Tensor grad_x, Tensor grad_y)");
 
   // Losses with learnable class parameters (metricops/class_losses.py), chunked
   // over classes: S = embeddings · normalize(weight)ᵀ is computed one tile of

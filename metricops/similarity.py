@@ -26,7 +26,6 @@ from ._registrations.similarity import (
     MAX_NEG,
     MIN_POS,
 )
-from .distance import _l2_normalize
 
 # Tests set this to (rows, cols) to force every engine call to tiles of that shape, so that tile boundaries
 # fall where a test wants them; None in normal use.
@@ -67,7 +66,7 @@ def _prepare_labelled(embeddings, labels, reduction, memory, ref_emb=None, ref_l
     v.check_labels(labels, embeddings)
     v.check_reduction(reduction)
     v.check_memory(memory)
-    x = _l2_normalize(embeddings)
+    x = embeddings  # normalized inside the engine (_stats), without a normalized copy
     if ref_emb is None:
         if ref_labels is not None:
             raise ValueError("ref_labels needs ref_emb")
@@ -78,17 +77,29 @@ def _prepare_labelled(embeddings, labels, reduction, memory, ref_emb=None, ref_l
     if ref_labels is None:
         raise ValueError("ref_labels is required with ref_emb")
     v.check_labels(ref_labels, ref_emb, "ref_labels", "ref_emb")
-    return x, _l2_normalize(ref_emb), labels, ref_labels
+    return x, ref_emb, labels, ref_labels
 
 
 def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, memory="auto", col_stats=False):
+    """The engine's statistics on the cosine similarities of x's (and y's) rows: the op normalizes them itself."""
     rows = x.shape[0]
     cols = rows if y is None else y.shape[0]
     block_rows, block_cols = _tile(memory, rows, cols)
     if not isinstance(scale, torch.Tensor):
         scale = _scale_tensor(scale, x)
     return ops.lse_stats(
-        x, y, labels, ref_labels, params, scale, policy, [float(a) for a in args], col_stats, block_rows, block_cols
+        x,
+        y,
+        labels,
+        ref_labels,
+        params,
+        scale,
+        policy,
+        [float(a) for a in args],
+        True,
+        col_stats,
+        block_rows,
+        block_cols,
     )
 
 
@@ -416,8 +427,9 @@ def info_nce_loss(
     (CLIP; needs M == N) averages it with the same loss from keys to queries. ``temperature``: a float or a
     0-dim tensor; a tensor that requires grad (a learnable logit scale) gets its exact gradient.
     ``reduction``: ``"mean"``, ``"sum"``, ``"none"`` ((N,): each query's term, averaged with its key's when
-    symmetric). Never holds the N×M matrix: tiles of S are recomputed in the backward (extra memory
-    O((N + M)·D) plus one tile).
+    symmetric). Never holds the N×M matrix, nor normalized copies of the inputs: the tiles of S are scaled by the
+    rows' inverse norms and recomputed in the backward (extra memory O(N + M) plus one tile, besides the
+    inputs' gradients).
     """
     v.check_embeddings(queries, "queries")
     v.check_embeddings(keys, "keys")
@@ -432,12 +444,13 @@ def info_nce_loss(
     if symmetric and m != n:
         raise ValueError(f"symmetric=True needs as many keys as queries (M == N={n}), got M={m}")
     scale = _check_temperature(temperature, queries)
-    q = _l2_normalize(queries) if normalize else queries
-    k = _l2_normalize(keys) if normalize else keys
     row_keys = torch.arange(n, device=queries.device)
     col_keys = torch.arange(m, device=queries.device)
     block_rows, block_cols = _tile("streaming", n, m)
-    rows, cols = ops.lse_stats(q, k, row_keys, col_keys, None, scale, "scaled", [], symmetric, block_rows, block_cols)
+    # normalize: the op scales its tiles by the rows' inverse norms (no normalized copies of q and k)
+    rows, cols = ops.lse_stats(
+        queries, keys, row_keys, col_keys, None, scale, "scaled", [], normalize, symmetric, block_rows, block_cols
+    )
     # cross-entropy: LSE over all keys − the positive's logit (lin_pos = z_ii)
     loss = torch.logaddexp(rows[:, LSE_POS], rows[:, LSE_NEG]) - rows[:, LIN_POS]
     if symmetric:

@@ -207,14 +207,15 @@ SAMPLES: dict[str, Callable[..., list[SampleInput]]] = {
         SampleInput((x[:, :1] * x[:, :1].mT, pair_labels(x), 0.0, True, 0.2, True), _ref_interval_weights),
         SampleInput((x[:, :1] - x[:, :1].mT, pair_labels(x), 0.0, False, 0.05, False), _ref_interval_weights),
     ],
-    # The log-sum-exp engine: (x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats, block_rows,
-    # block_cols). Its losses are checked against metricops.reference in tests/test_similarity.py.
+    # The log-sum-exp engine: (x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats,
+    # block_rows, block_cols). Its losses are checked against metricops.reference in tests/test_similarity.py.
     "lse_stats": lambda x, x2, x3: [
-        SampleInput((x, None, pair_labels(x), None, None, _scale(x), "scaled", [], False, 0, 0)),
+        SampleInput((x, None, pair_labels(x), None, None, _scale(x), "scaled", [], False, False, 0, 0)),
         SampleInput(
-            (x, None, pair_labels(x), None, None, _scale(x), "multi_similarity", [2.0, 10.0, 0.5], False, 2, 3)
+            (x, None, pair_labels(x), None, None, _scale(x), "multi_similarity", [2.0, 10.0, 0.5], True, False, 2, 3)
         ),
-        SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], True, 2, 2)),
+        SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], False, True, 2, 2)),
+        SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], True, True, 2, 2)),
     ],
     # Class-parameter losses: weight/proxies x2 (C = B classes; pair labels arange(B) // 2 are in range).
     # (kind, margin, scale[, class chunk]); their values are checked against metricops.reference in

@@ -71,13 +71,14 @@ CASES = {
         lambda a, b, c: metricops.triplet_margin_loss(a, b, c, margin=2.0, squared=True),
         "triplet_margin_loss",
     ),
-    "supcon": (lambda a, b, c: metricops.supcon_loss(a, LABELS, temperature=0.5), "l2_normalize"),
-    "ntxent": (lambda a, b, c: metricops.ntxent_loss(a, LABELS, temperature=0.5), "l2_normalize"),
+    # The labelled similarity losses normalize inside their op (lse_stats' normalize=True).
+    "supcon": (lambda a, b, c: metricops.supcon_loss(a, LABELS, temperature=0.5), "lse_stats"),
+    "ntxent": (lambda a, b, c: metricops.ntxent_loss(a, LABELS, temperature=0.5), "lse_stats"),
     "multi_similarity_mined": (
         lambda a, b, c: metricops.multi_similarity_loss(a, LABELS, beta=10.0, mining_epsilon=0.5),
-        "l2_normalize",  # the labelled losses normalize first
+        "lse_stats",
     ),
-    "lifted_structure": (lambda a, b, c: metricops.lifted_structure_loss(a, LABELS, neg_margin=1.5), "l2_normalize"),
+    "lifted_structure": (lambda a, b, c: metricops.lifted_structure_loss(a, LABELS, neg_margin=1.5), "lse_stats"),
     "info_nce_symmetric": (
         lambda a, b, c: metricops.info_nce_loss(a, b, temperature=2.0, symmetric=True, normalize=False),
         "lse_stats",

@@ -157,7 +157,7 @@ def test_generator_prints_each_ratio_from_the_json_with_its_contender():
     assert knn in block
     assert "| B=1024, D=512 | 10.0 ms, 1 MiB | 30.0 ms (3.0×, BatchHardMiner + TripletMarginLoss)" in block
     assert "| pytorch-metric-learning 2.9.0 |" in block
-    assert _check_ratios_match_times(block) == 18  # every ratio cell of the loss and knn tables
+    assert _check_ratios_match_times(block) == 20  # every ratio cell of the loss and knn tables
     # The faster contender is listed; the yardstick (one GEMM, 30 ms vs metricops' 10 ms) never is.
     _, behind = block.split("Where metricops is behind", 1)
     assert "metricops takes 1.23× the time of faiss IndexFlatL2 (10.0 ms vs 8.10 ms)." in behind
@@ -223,3 +223,25 @@ def test_write_then_check_round_trip(tmp_path):
     text = readme.read_text()
     assert text.startswith("# x\n\nintro\n\n") and text.endswith(f"{rt.END}\n\n## next\n")
     assert "99×" not in text
+
+
+def test_class_loss_table_shows_the_memory_beyond_the_parameter_gradients():
+    report = _fake_report()
+    assert "class-parameter loss" not in rt.render(report)  # a run without the suite shows no such table
+    for spec in rt.CLASS_LOSSES.rows:
+        names = [e.contender for e in spec.entries if isinstance(e, rt.Cell)]
+        report["results"].append(
+            {
+                "op": spec.op,
+                "mode": spec.mode,
+                "params": dict(spec.params, dtype="float32", grad_bytes=2**20),
+                "seconds": {n: 0.01 * (1 + 2 * i) for i, n in enumerate(names)},
+                "errors": {},
+                "peak_bytes": {n: 2**20 * (2 + i) for i, n in enumerate(names)},
+                "agreement": {n: {"agrees": True, "value_rel_err": 0.0, "grad_rel_err": 0.0} for n in names[1:]},
+                "yardsticks": [],
+            }
+        )
+    block = rt.render(report)
+    assert "| ArcFace (m=0.5, s=64) | B=512, D=512, C=100000 | 10.0 ms, 1 MiB | 30.0 ms (3.0×), 2 MiB |" in block
+    assert "| ProxyAnchor (margin 0.1, α=32) | B=1024, D=128, C=1000 | 10.0 ms, 1 MiB |" in block

@@ -261,23 +261,28 @@ def _opcheck_cases():
     g = torch.Generator().manual_seed(6)
     x = F.normalize(torch.randn(9, 4, generator=g, dtype=torch.float64), dim=1)
     y = F.normalize(torch.randn(11, 4, generator=g, dtype=torch.float64), dim=1)
+    raw_x = 3 * torch.randn(9, 4, generator=g, dtype=torch.float64)
+    raw_y = 0.5 * torch.randn(11, 4, generator=g, dtype=torch.float64)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 4])
     scale = torch.tensor(3.0, dtype=torch.float64)
     params2 = torch.stack([torch.full((9,), -0.5, dtype=torch.float64), torch.full((9,), 0.5, dtype=torch.float64)], 1)
     lifted = torch.stack([torch.linspace(-1, 1, 9, dtype=torch.float64), torch.ones(9, dtype=torch.float64)], 1)
+    # (x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats, block_rows, block_cols)
     return [
-        (x, None, labels, None, None, scale, "scaled", [], False, 0, 0),
-        (x, None, labels, None, None, scale, "multi_similarity", [2.0, 10.0, 0.5], False, 2, 3),
-        (x, None, labels, None, params2, scale, "multi_similarity_mined", [2.0, 10.0, 0.5, 0.1], False, 3, 3),
-        (x, None, labels, None, None, scale, "circle", [0.4, 8.0], False, 0, 0),
-        (x, None, labels, None, None, scale, "lifted", [0.0, 1.0], False, 4, 5),
-        (x, None, labels, None, params2[:, :1].contiguous(), scale, "ntxent_pairs", [], False, 0, 0),
-        (x, None, labels, None, lifted, scale, "lifted_pairs", [0.1, 0.0], False, 2, 2),
-        (x, y, torch.arange(9), torch.arange(11), None, scale, "scaled", [], True, 4, 3),
+        (x, None, labels, None, None, scale, "scaled", [], False, False, 0, 0),
+        (x, None, labels, None, None, scale, "multi_similarity", [2.0, 10.0, 0.5], False, False, 2, 3),
+        (x, None, labels, None, params2, scale, "multi_similarity_mined", [2.0, 10.0, 0.5, 0.1], False, False, 3, 3),
+        (x, None, labels, None, None, scale, "circle", [0.4, 8.0], False, False, 0, 0),
+        (x, None, labels, None, None, scale, "lifted", [0.0, 1.0], False, False, 4, 5),
+        (x, None, labels, None, params2[:, :1].contiguous(), scale, "ntxent_pairs", [], False, False, 0, 0),
+        (x, None, labels, None, lifted, scale, "lifted_pairs", [0.1, 0.0], False, False, 2, 2),
+        (x, y, torch.arange(9), torch.arange(11), None, scale, "scaled", [], False, True, 4, 3),
+        (raw_x, None, labels, None, None, scale, "circle", [0.4, 8.0], True, False, 2, 3),
+        (raw_x, raw_y, torch.arange(9), torch.arange(11), None, scale, "scaled", [], True, True, 4, 3),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(case):
     args = _opcheck_cases()[case]
     x = args[0].clone().requires_grad_()
@@ -288,7 +293,7 @@ def test_opcheck(case):
     grad_rows = torch.randn_like(rows)
     grad_cols = torch.randn_like(cols) if cols.shape[0] else None
     x, y = x.detach(), None if y is None else y.detach()
-    backward_args = (grad_rows, grad_cols, x, y) + args[2:8] + (rows.detach(), cols.detach()) + args[9:]
+    backward_args = (grad_rows, grad_cols, x, y) + args[2:9] + (rows.detach(), cols.detach()) + args[10:]
     torch.library.opcheck(ops.lse_stats_backward.default, backward_args)
 
 
@@ -371,19 +376,73 @@ def test_bad_arguments():
         metricops.lifted_structure_loss(x.to(torch.int64), labels)
 
 
+@pytest.mark.parametrize("policy,args", [("scaled", []), ("circle", [0.4, 8.0]), ("lifted", [0.1, 1.0])])
+@pytest.mark.parametrize("with_y", [False, True])
+def test_normalize_folded_into_tiles_equals_f_normalize_first(policy, args, with_y):
+    """normalize=True scales each raw GEMM tile by the rows' inverse norms and applies F.normalize's Jacobian to
+    the accumulated gradient: against F.normalize then normalize=False (torch's autograd through F.normalize), with
+    rows of every norm: large, small, exactly zero, and below eps (F.normalize's clamp active: no projection)."""
+    if policy == "lifted" and with_y:
+        pytest.skip("the lifted policy's callers pair rows with rows")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(10, 4, generator=g, dtype=torch.float64) * torch.logspace(-3, 2, 10, dtype=torch.float64)[:, None]
+    x[3] = 0.0
+    x[7] = torch.tensor([3e-13, -1e-13, 2e-13, 0.0], dtype=torch.float64)  # norm < 1e-12
+    y = torch.randn(7, 4, generator=g, dtype=torch.float64) * 5 if with_y else None
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 4, 4])
+    col_keys = torch.tensor([0, 1, 2, 3, 4, 5, 0]) if with_y else None
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    for tile in ((0, 0), (3, 4)):
+        fused_in = [x.clone().requires_grad_(), None if y is None else y.clone().requires_grad_()]
+        plain_in = [x.clone().requires_grad_(), None if y is None else y.clone().requires_grad_()]
+
+        def stats(inputs, normalize):
+            a, b = inputs
+            if not normalize:
+                a, b = F.normalize(a, dim=1), None if b is None else F.normalize(b, dim=1)
+            return ops.lse_stats(a, b, labels, col_keys, None, scale, policy, args, normalize, with_y, *tile)
+
+        fused, plain = stats(fused_in, True), stats(plain_in, False)
+        for got, want in zip(fused, plain):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        weights = torch.randn(fused[0].shape, generator=g, dtype=torch.float64)
+        weights[:, 4:] = 0  # gradients flow through columns 0-3 only
+
+        def picked(st):
+            rows = torch.where(torch.isfinite(st[0]), st[0] * weights, 0).sum()
+            return rows + (torch.where(torch.isfinite(st[1]), st[1], 0)[:, :4].sum() if with_y else 0)
+
+        grads_fused = torch.autograd.grad(picked(fused), [t for t in fused_in if t is not None])
+        grads_plain = torch.autograd.grad(picked(plain), [t for t in plain_in if t is not None])
+        for got, want in zip(grads_fused, grads_plain):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        assert torch.count_nonzero(grads_fused[0][7]) > 0  # the clamped row's gradient is the plain g/eps
+
+
 def test_native_op_checks_name_the_argument():
     x = F.normalize(torch.randn(5, 3, dtype=torch.float64), dim=1)
     labels = torch.arange(5)
     scale = torch.tensor(1.0, dtype=torch.float64)
     with pytest.raises(ValueError, match="policy"):
-        ops.lse_stats(x, None, labels, None, None, scale, "nope", [], False, 0, 0)
+        ops.lse_stats(x, None, labels, None, None, scale, "nope", [], False, False, 0, 0)
     with pytest.raises(ValueError, match="row_keys"):
-        ops.lse_stats(x, None, labels[:3], None, None, scale, "scaled", [], False, 0, 0)
+        ops.lse_stats(x, None, labels[:3], None, None, scale, "scaled", [], False, False, 0, 0)
     with pytest.raises(ValueError, match="y must have the same number of columns"):
         ops.lse_stats(
-            x, torch.randn(4, 2, dtype=torch.float64), labels, torch.arange(4), None, scale, "scaled", [], False, 0, 0
+            x,
+            torch.randn(4, 2, dtype=torch.float64),
+            labels,
+            torch.arange(4),
+            None,
+            scale,
+            "scaled",
+            [],
+            False,
+            False,
+            0,
+            0,
         )
     with pytest.raises(ValueError, match="row_params"):
-        ops.lse_stats(x, None, labels, None, None, scale, "ntxent_pairs", [], False, 0, 0)
+        ops.lse_stats(x, None, labels, None, None, scale, "ntxent_pairs", [], False, False, 0, 0)
     with pytest.raises(ValueError, match="args"):
-        ops.lse_stats(x, None, labels, None, None, scale, "circle", [0.4], False, 0, 0)
+        ops.lse_stats(x, None, labels, None, None, scale, "circle", [0.4], False, False, 0, 0)

@@ -44,10 +44,13 @@ def _skip(reason: str):
 
 
 def _fwd_bwd(loss_fn: Callable, x, labels, param, transpose_grad: bool = False) -> Callable[[], tuple]:
+    """loss_fn(x, labels, param): the class parameters are passed in, never read from an enclosing loop's variable
+    (a closure would see the last size's tensor: one run timed every size's loss on the largest weight)."""
+
     def run():
         x.grad = None
         param.grad = None
-        loss = loss_fn(x, labels)
+        loss = loss_fn(x, labels, param)
         loss.backward()
         return loss.detach(), x.grad, (param.grad.T if transpose_grad else param.grad)
 
@@ -65,7 +68,8 @@ def _pml_losses():
 
 def class_losses_cases(device: str, quick: bool, dtype=torch.float32) -> List[Case]:
     if quick == "tiny":
-        margin_sizes, proxy_sizes = [(32, 16, 8)], [(32, 8, 16)]  # labels repeat: the clustered check
+        # labels repeat: the clustered check; two sizes each, so a contender bound to the wrong size disagrees
+        margin_sizes, proxy_sizes = [(32, 16, 8), (24, 16, 5)], [(32, 8, 16), (40, 12, 8)]
     elif quick:
         margin_sizes, proxy_sizes = [(256, 128, 10_000)], [(1024, 1000, 128)]
     else:
@@ -82,11 +86,11 @@ def class_losses_cases(device: str, quick: bool, dtype=torch.float32) -> List[Ca
         for kind, margin in (("arcface", 0.5), ("cosface", 0.35)):
             fn = metricops.arcface_loss if kind == "arcface" else metricops.cosface_loss
             contenders = {
-                "metricops": _fwd_bwd(lambda t, y, fn=fn, m=margin: fn(t, y, weight, margin=m), x, labels, weight),
+                "metricops": _fwd_bwd(lambda t, y, w, fn=fn, m=margin: fn(t, y, w, margin=m), x, labels, weight),
                 "plain torch (B×C logits)": _skip("skipped: holds several B×C matrices")
                 if too_big
                 else _fwd_bwd(
-                    lambda t, y, k=kind, m=margin: plain_torch_margin_softmax(t, y, weight, k, m, 64.0),
+                    lambda t, y, w, k=kind, m=margin: plain_torch_margin_softmax(t, y, w, k, m, 64.0),
                     x,
                     labels,
                     weight,
@@ -100,7 +104,9 @@ def class_losses_cases(device: str, quick: bool, dtype=torch.float32) -> List[Ca
                 pml_margin = math.degrees(margin) if kind == "arcface" else margin
                 pml_loss = cls(num_classes=C, embedding_size=D, margin=pml_margin, scale=64).to(device)
                 pml_loss.W = torch.nn.Parameter(weight.detach().T.clone())
-                contenders["pytorch-metric-learning"] = _fwd_bwd(pml_loss, x, labels, pml_loss.W, transpose_grad=True)
+                contenders["pytorch-metric-learning"] = _fwd_bwd(
+                    lambda t, y, w, f=pml_loss: f(t, y), x, labels, pml_loss.W, transpose_grad=True
+                )
             params = {"B": B, "D": D, "C": C, "dtype": str(dtype).replace("torch.", ""), "grad_bytes": grad_bytes}
             inputs = {"embeddings": x, "labels": labels, "weight": weight}
             cases.append(Case(f"{kind}_loss", "forward+backward", params, contenders, inputs=inputs))
@@ -110,16 +116,16 @@ def class_losses_cases(device: str, quick: bool, dtype=torch.float32) -> List[Ca
         proxies = (torch.randn(C, D, generator=gen, dtype=dtype) * math.sqrt(2 / C)).to(device).requires_grad_()
         labels = torch.randint(0, C, (B,), generator=gen).to(device)
         contenders = {
-            "metricops": _fwd_bwd(lambda t, y: metricops.proxy_anchor_loss(t, y, proxies), x, labels, proxies),
+            "metricops": _fwd_bwd(lambda t, y, p: metricops.proxy_anchor_loss(t, y, p), x, labels, proxies),
             "reference (plain torch)": _fwd_bwd(
-                lambda t, y: metricops.reference.proxy_anchor_loss(t, y, proxies), x, labels, proxies
+                lambda t, y, p: metricops.reference.proxy_anchor_loss(t, y, p), x, labels, proxies
             ),
         }
         if pml is not None:
             pml_loss = pml.ProxyAnchorLoss(C, D).to(device)
             del pml_loss.proxies  # PML reads its attribute: our leaf in its place
             pml_loss.proxies = proxies
-            contenders["pytorch-metric-learning"] = _fwd_bwd(pml_loss, x, labels, proxies)
+            contenders["pytorch-metric-learning"] = _fwd_bwd(lambda t, y, p, f=pml_loss: f(t, y), x, labels, proxies)
         params = {"B": B, "D": D, "C": C, "dtype": str(dtype).replace("torch.", ""), "grad_bytes": (B + C) * D * 4}
         inputs = {"embeddings": x, "labels": labels, "proxies": proxies}
         cases.append(Case("proxy_anchor_loss", "forward+backward", params, contenders, inputs=inputs))

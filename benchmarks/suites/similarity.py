@@ -167,4 +167,31 @@ def similarity_cases(device: str, quick, dtype=torch.float32) -> List[Case]:
             "info_nce_loss", "forward+backward", params, contenders, (CLIP_YARDSTICK,), inputs={"queries": q, "keys": k}
         )
     )
+    if not quick:
+        cases += _large_batch_cases(device, dtype)
     return cases
+
+
+def _large_batch_cases(device: str, dtype) -> List[Case]:
+    """SupCon and CLIP's InfoNCE at 65536 rows, D=128: metricops alone (every other implementation here holds
+    65536² matrices, 16 GiB each), for its time and its peak memory (the issue's bound: under 1 GiB)."""
+    B, D = 65536, 128
+    x, labels = _batch(B, D, device, dtype, seed=B + D)
+    supcon = Case(
+        "supcon_loss",
+        "forward+backward",
+        {"B": B, "D": D, "classes": B // 8, "dtype": str(dtype).replace("torch.", "")},
+        {"metricops": _fwd_bwd(lambda e, lab: metricops.supcon_loss(e, lab), x, labels)},
+        inputs={"embeddings": x, "labels": labels},
+    )
+    gen = torch.Generator().manual_seed(B + D + 1)
+    q = torch.randn(B, D, generator=gen, dtype=dtype).to(device).requires_grad_()
+    k = torch.randn(B, D, generator=gen, dtype=dtype).to(device).requires_grad_()
+    clip = Case(
+        "info_nce_loss",
+        "forward+backward",
+        {"N": B, "D": D, "dtype": str(dtype).replace("torch.", ""), "symmetric": True},
+        {"metricops": _fwd_bwd(lambda a, b: metricops.info_nce_loss(a, b, temperature=0.05, symmetric=True), q, k)},
+        inputs={"queries": q, "keys": k},
+    )
+    return [supcon, clip]

@@ -13,8 +13,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/linalg_vector_norm.h>
-#include <ATen/ops/where.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
@@ -28,11 +26,10 @@
 
 #include "common/checks.h"
 #include "common/lse_stats.h"
+#include "common/normalize.h"
 
 namespace metricops {
 
-// F.normalize's eps, for the class parameters' rows.
-constexpr double kClassNormEps = 1e-12;
 // sin θ is taken as at least this in the slope of cos(θ + m), never in its
 // value: at exactly parallel vectors the slope is otherwise infinite and the
 // gradient NaN (metricops/reference/class_losses.py: ARCFACE_MIN_SINE).
@@ -165,34 +162,10 @@ struct ProxyAnchorPolicy {
   }
 };
 
-// The class rows' gradient through F.normalize: with A_c = Σ_i G_ic x_i / max(n, eps)
-// (n = ‖w_c‖), d/dw_c = A_c − k·w_c, k = <A_c, w_c>/n² when n ≥ eps, else 0 (the
-// clamp is active and F.normalize's Jacobian is I/eps). This is the factor 1/n².
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t class_norm_projection(acc_t norm) {
-  return norm >= static_cast<acc_t>(kClassNormEps) ? acc_t(1) / (norm * norm) : acc_t(0);
-}
-
-// Per class, in `acc` (C,): 1/max(‖w_c‖, eps) (NaN for a NaN row) and the
-// projection factor above. ATen ops, so CPU and CUDA share them.
-inline std::pair<at::Tensor, at::Tensor> class_norm_factors(const at::Tensor& weight, at::ScalarType acc) {
-  const at::Tensor norm = at::linalg_vector_norm(weight, 2, {1}, false, acc);
-  const at::Tensor inv_norm = norm.clamp_min(kClassNormEps).reciprocal();  // clamp_min keeps NaN
-  const at::Tensor projection = at::where(norm.ge(kClassNormEps), norm.square().reciprocal(), 0.0);
-  return {inv_norm, projection};
-}
-
 // The contiguous (rows, cols) view at the start of a flat tile buffer (mm_out
 // writes it without a copy).
 inline at::Tensor tile_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
-// grad[c] −= <grad[c], w[c]>·projection[c]·w[c] for a chunk of class rows:
-// the rest of F.normalize's backward (see class_norm_projection).
-inline void project_class_grad(at::Tensor& grad_chunk, const at::Tensor& w_chunk, const at::Tensor& projection_chunk) {
-  const at::Tensor k = grad_chunk.mul(w_chunk).sum(1).mul_(projection_chunk);
-  grad_chunk.sub_(w_chunk.mul(k.unsqueeze(1)));
 }
 
 inline void check_margin_softmax_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& lse, int64_t B) {

@@ -6,10 +6,14 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/where.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <utility>
 
 #include "common/checks.h"
 
@@ -34,6 +38,28 @@ C10_HOST_DEVICE inline void normalize_grad_coefficients(acc_t norm, acc_t g_dot_
     a = acc_t(1) / eps;
     b = acc_t(0);
   }
+}
+
+// The same rule with the normalization folded into a GEMM: the GEMM takes the
+// raw rows and its output is scaled by 1/max(n, eps) per row (the class
+// losses' weight and proxies, the LSE engine's normalize=True), so no
+// normalized copy is made. Per row, in `acc`: that inverse norm (NaN for a
+// NaN row) and the projection factor k = 1/n² when n >= eps, else 0 (the clamp
+// is active: the Jacobian is I/eps). ATen ops, so CPU and CUDA share them.
+inline std::pair<at::Tensor, at::Tensor> folded_norm_factors(const at::Tensor& rows, at::ScalarType acc) {
+  const at::Tensor norm = at::linalg_vector_norm(rows, 2, {1}, false, acc);
+  const at::Tensor inv_norm = norm.clamp_min(kNormalizeEps).reciprocal();  // clamp_min keeps NaN
+  const at::Tensor projection = at::where(norm.ge(kNormalizeEps), norm.square().reciprocal(), 0.0);
+  return {inv_norm, projection};
+}
+
+// The rest of F.normalize's backward for rows whose gradient was accumulated
+// as h_r = Σ G·(other rows) / max(n_r, eps): grad_r −= <h_r, w_r>·k_r·w_r, in
+// place (bmm and addcmul: no temporary the size of grad).
+inline void project_folded_norm_grad(at::Tensor& grad, const at::Tensor& rows, const at::Tensor& projection) {
+  if (grad.size(0) == 0) return;
+  const at::Tensor k = at::bmm(grad.unsqueeze(1), rows.unsqueeze(2)).view({-1}).mul_(projection);
+  grad.addcmul_(rows, k.unsqueeze(1), -1);
 }
 
 inline void check_normalize_inputs(const at::Tensor& x, double eps) {

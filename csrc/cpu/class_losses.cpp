@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_cpu(const at::Tensor& emb
   at::Tensor lse = at::empty({B}, x.options());
   if (B == 0) return {loss, lse};
   const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
-  const at::Tensor inv_norm = class_norm_factors(weight, x.scalar_type()).first;
+  const at::Tensor inv_norm = folded_norm_factors(weight, x.scalar_type()).first;
   at::Tensor buffer = at::empty({B * chunk}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_margin_softmax_loss_cpu", [&] {
     using Lse = OnlineLse<scalar_t>;
@@ -208,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cpu(
   if (B == 0) return {grad_x, grad_w.zero_()};
   check_labels_in_range(labels, C);
   const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
-  const auto factors = class_norm_factors(weight, x.scalar_type());
+  const auto factors = folded_norm_factors(weight, x.scalar_type());
   at::Tensor buffer = at::empty({B * chunk}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_margin_softmax_loss_backward_cpu", [&] {
     const auto policy = MarginSoftmaxPolicy<scalar_t>::make(kind, margin, scale);
@@ -230,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cpu(
       grad_x.addmm_(tile, w_chunk);
       at::Tensor grad_chunk = grad_w.narrow(0, c0, n);
       at::mm_out(grad_chunk, tile.t(), x);
-      project_class_grad(grad_chunk, w_chunk, factors.second.narrow(0, c0, n));
+      project_folded_norm_grad(grad_chunk, w_chunk, factors.second.narrow(0, c0, n));
     }
   });
   return {grad_x, grad_w};
@@ -248,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embed
   at::Tensor pos = at::empty({C}, x.options());
   at::Tensor neg = at::empty({C}, x.options());
   const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
-  const at::Tensor inv_norm = class_norm_factors(proxies, x.scalar_type()).first;
+  const at::Tensor inv_norm = folded_norm_factors(proxies, x.scalar_type()).first;
   at::Tensor buffer = at::empty({std::max<int64_t>(B, 1) * chunk}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_proxy_anchor_loss_cpu", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
@@ -290,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
   if (B == 0) return {grad_x, grad_p.zero_()};
   check_labels_in_range(labels, C);
   const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
-  const auto factors = class_norm_factors(proxies, acc);
+  const auto factors = folded_norm_factors(proxies, acc);
   at::Tensor buffer = at::empty({B * chunk}, x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "metricops_proxy_anchor_loss_backward_cpu", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
@@ -312,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
       });
       at::Tensor grad_chunk = grad_p.narrow(0, c0, n);
       at::mm_out(grad_chunk, tile, x);
-      project_class_grad(grad_chunk, p_chunk, factors.second.narrow(0, c0, n));
+      project_folded_norm_grad(grad_chunk, p_chunk, factors.second.narrow(0, c0, n));
       grad_x.addmm_(tile.t(), p_chunk);
     }
   });

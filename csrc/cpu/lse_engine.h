@@ -69,6 +69,11 @@ struct Problem {
   bool col_stats = false;  // non-self mode: also accumulate per-column statistics
   int64_t block_rows = 0;  // <= 0: the defaults
   int64_t block_cols = 0;
+  // normalize=True: S = x̂ ŷᵀ from the raw rows, each GEMM tile scaled by
+  // 1/den_i · 1/den_j (den = max(||row||, eps), F.normalize's), so no
+  // normalized copy of x or y is made; nullptr: S = x yᵀ.
+  const acc_t* row_inv_norm = nullptr;  // (B,)
+  const acc_t* col_inv_norm = nullptr;  // (M,); row_inv_norm in the self mode
 
   int64_t rows() const { return x.size(0); }
   int64_t cols() const { return y.size(0); }
@@ -88,6 +93,18 @@ inline void tile_shape(const Problem<acc_t>& pr, int64_t& R, int64_t& W) {
   W = std::min(W, M);
   R = std::max<int64_t>(R, 1);
   W = std::max<int64_t>(W, 1);
+}
+
+// normalize=True: row i of a raw GEMM tile (columns c0..c0+n) scaled in
+// place to cosine similarities, s_ij = (x_i·y_j) / (den_i den_j). In the
+// backward the same scaling turns dL/ds into the coefficients of the raw rows.
+template <typename acc_t>
+METRICOPS_SIMD_CLONES void scale_tile_row(const Problem<acc_t>& pr, acc_t* __restrict__ s, int64_t n, int64_t i,
+                                          int64_t c0) {
+  if (!pr.row_inv_norm) return;
+  const acc_t ri = pr.row_inv_norm[i];
+  const acc_t* __restrict__ rc = pr.col_inv_norm + c0;
+  for (int64_t j = 0; j < n; ++j) s[j] *= ri * rc[j];
 }
 
 // ------------------------------------------------------------ forward epilogues
@@ -434,12 +451,13 @@ void forward(const Policy& p, const Problem<acc_t>& pr, acc_t* row_acc, acc_t* c
       const int64_t cols = std::min(W, M - c0);
       at::Tensor S = buffer.narrow(0, 0, rows * cols).view({rows, cols});
       at::mm_out(S, pr.x.narrow(0, r0, rows), pr.y.narrow(0, c0, cols).t());
-      const acc_t* sp = S.const_data_ptr<acc_t>();
+      acc_t* sp = S.mutable_data_ptr<acc_t>();
       at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
         std::unique_ptr<ChunkScratch<acc_t>> scratch(new ChunkScratch<acc_t>);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = r0 + r;
           const int64_t skip = pr.self && i >= c0 && i < c0 + cols ? i - c0 : -1;
+          scale_tile_row(pr, sp + r * cols, cols, i, c0);  // the column pass below reads the scaled tile
           row_forward(p, pr, sp + r * cols, cols, i, c0, skip, row_acc + i * kNumAcc, *scratch);
         }
       });
@@ -484,7 +502,9 @@ void backward(const Policy& p, const Problem<acc_t>& pr, const GradCoefficients<
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = r0 + r;
           const int64_t skip = pr.self && i >= c0 && i < c0 + cols ? i - c0 : -1;
+          scale_tile_row(pr, sp + r * cols, cols, i, c0);  // s from the raw product
           row_backward(p, pr, sp + r * cols, cols, i, c0, skip, row_g, cg, col_from);
+          scale_tile_row(pr, sp + r * cols, cols, i, c0);  // dL/ds -> coefficients of the raw rows
         }
       });
       const at::Tensor y_cols = pr.y.narrow(0, c0, cols);

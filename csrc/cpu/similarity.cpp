@@ -9,8 +9,10 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
+#include "common/normalize.h"
 #include "common/similarity_losses.h"
 #include "cpu/lse_engine.h"
 
@@ -20,10 +22,17 @@ namespace {
 
 using namespace ::metricops::lse;
 
+struct Prepared {
+  at::Tensor x, rk, ck, params;
+  c10::optional<at::Tensor> y;
+  // normalize=True only: (1/max(||row||, eps), projection factor) per row (common/normalize.h)
+  std::pair<at::Tensor, at::Tensor> x_norms, y_norms;
+};
+
 template <typename acc_t>
-lse_engine::Problem<acc_t> make_problem(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& rk,
-                                        const at::Tensor& ck, const at::Tensor& params, bool col_stats,
-                                        int64_t block_rows, int64_t block_cols) {
+lse_engine::Problem<acc_t> make_problem(const Prepared& in, bool col_stats, int64_t block_rows, int64_t block_cols) {
+  const at::Tensor &x = in.x, &rk = in.rk, &ck = in.ck, &params = in.params;
+  const c10::optional<at::Tensor>& y = in.y;
   lse_engine::Problem<acc_t> pr;
   pr.x = x;
   pr.self = !y.has_value();
@@ -35,39 +44,43 @@ lse_engine::Problem<acc_t> make_problem(const at::Tensor& x, const c10::optional
   pr.col_stats = col_stats;
   pr.block_rows = block_rows;
   pr.block_cols = block_cols;
+  if (in.x_norms.first.defined()) {
+    pr.row_inv_norm = in.x_norms.first.const_data_ptr<acc_t>();
+    pr.col_inv_norm = pr.self ? pr.row_inv_norm : in.y_norms.first.const_data_ptr<acc_t>();
+  }
   return pr;
 }
 
-struct Prepared {
-  at::Tensor x, rk, ck, params;
-  c10::optional<at::Tensor> y;
-};
-
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
-                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params) {
+                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params,
+                 bool normalize) {
   Prepared p;
   p.x = x.contiguous();
   if (y.has_value()) p.y = y->contiguous();
   p.rk = row_keys.to(at::kLong).contiguous();
   p.ck = col_keys.has_value() ? col_keys->to(at::kLong).contiguous() : p.rk;
   if (row_params.has_value()) p.params = row_params->contiguous();
+  if (normalize) {
+    p.x_norms = folded_norm_factors(p.x, p.x.scalar_type());
+    if (p.y.has_value()) p.y_norms = folded_norm_factors(*p.y, p.y->scalar_type());
+  }
   return p;
 }
 
 std::tuple<at::Tensor, at::Tensor> lse_stats_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in,
                                                  const at::Tensor& row_keys, const c10::optional<at::Tensor>& col_keys,
                                                  const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
-                                                 c10::string_view policy, at::ArrayRef<double> args, bool col_stats,
-                                                 int64_t block_rows, int64_t block_cols) {
+                                                 c10::string_view policy, at::ArrayRef<double> args, bool normalize,
+                                                 bool col_stats, int64_t block_rows, int64_t block_cols) {
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, col_stats);
-  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
   const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
   at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
   at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
   const double scale_value = scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_cpu", [&] {
     using acc_t = scalar_t;
-    const auto pr = make_problem<acc_t>(in.x, in.y, in.rk, in.ck, in.params, col_stats, block_rows, block_cols);
+    const auto pr = make_problem<acc_t>(in, col_stats, block_rows, block_cols);
     std::vector<acc_t> racc(B * kNumAcc), cacc(col_stats ? M * kNumAcc : 0);
     for (int64_t i = 0; i < B; ++i) acc_init(racc.data() + i * kNumAcc);
     for (int64_t j = 0; j < static_cast<int64_t>(cacc.size()) / kNumAcc; ++j) acc_init(cacc.data() + j * kNumAcc);
@@ -84,11 +97,11 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
     const c10::optional<at::Tensor>& grad_row_stats, const c10::optional<at::Tensor>& grad_col_stats,
     const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
     const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
-    c10::string_view policy, at::ArrayRef<double> args, const at::Tensor& row_stats, const at::Tensor& col_stats,
-    int64_t block_rows, int64_t block_cols) {
+    c10::string_view policy, at::ArrayRef<double> args, bool normalize, const at::Tensor& row_stats,
+    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols) {
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
-  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
   const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumStats,
                     "row_stats must have shape (", B, ", ", int(kNumStats), "), got ", row_stats.sizes());
@@ -99,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
   const double scale_value = scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_backward_cpu", [&] {
     using acc_t = scalar_t;
-    const auto pr = make_problem<acc_t>(in.x, in.y, in.rk, in.ck, in.params, has_col, block_rows, block_cols);
+    const auto pr = make_problem<acc_t>(in, has_col, block_rows, block_cols);
     // Backward coefficients in structure-of-arrays layout (GradCoefficients).
     const auto coefficients = [](const at::Tensor& stats, const c10::optional<at::Tensor>& grad, int64_t n) {
       const at::Tensor st = stats.contiguous();
@@ -123,6 +136,10 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
       lse_engine::backward(pol, pr, rg, cg, grad_x, in.y.has_value() ? &grad_y : nullptr);
     });
   });
+  if (normalize) {
+    project_folded_norm_grad(grad_x, in.x, in.x_norms.second);
+    if (in.y.has_value()) project_folded_norm_grad(grad_y, *in.y, in.y_norms.second);
+  }
   return {grad_x, grad_y};
 }
 

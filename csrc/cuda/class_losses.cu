@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_cuda(const at::Tensor& em
   at::Tensor loss = at::empty({B}, opts), lse = at::empty({B}, opts);
   if (B == 0) return {loss, lse};
   const int64_t chunk = class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
-  const at::Tensor inv_norm = class_norm_factors(weight, acc).first;
+  const at::Tensor inv_norm = folded_norm_factors(weight, acc).first;
   at::Tensor run_max = at::full({B}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor run_sum = at::zeros({B}, opts);
   at::Tensor target_cos = at::full({B}, std::numeric_limits<double>::quiet_NaN(), opts);  // NaN until found
@@ -205,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cuda(
   const at::Tensor x_acc = x.to(acc);
   at::Tensor grad_x = at::zeros({B, x.size(1)}, opts);
   const int64_t chunk = class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
-  const auto factors = class_norm_factors(weight, acc);
+  const auto factors = folded_norm_factors(weight, acc);
   at::Tensor buffer = at::empty({B * chunk}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "metricops_margin_softmax_loss_backward_cuda", [&] {
     const auto policy = MarginSoftmaxPolicy<scalar_t>::make(kind, margin, scale);
@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cuda(
       const at::Tensor w_acc = w_chunk.to(acc);
       grad_x.addmm_(tile, w_acc);
       at::Tensor grad_chunk = at::mm(tile.t(), x_acc);
-      project_class_grad(grad_chunk, w_acc, factors.second.narrow(0, c0, n));
+      project_folded_norm_grad(grad_chunk, w_acc, factors.second.narrow(0, c0, n));
       grad_w.narrow(0, c0, n).copy_(grad_chunk);
     }
   });
@@ -242,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cuda(const at::Tensor& embe
   at::Tensor pos = at::zeros({C}, opts), neg = at::zeros({C}, opts);
   if (B == 0) return {pos, neg};  // log(1 + empty sum) = 0
   const int64_t chunk = class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
-  const at::Tensor inv_norm = class_norm_factors(proxies, acc).first;
+  const at::Tensor inv_norm = folded_norm_factors(proxies, acc).first;
   at::Tensor buffer = at::empty({B * chunk}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "metricops_proxy_anchor_loss_cuda", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
   const at::Tensor x_acc = x.to(acc);
   at::Tensor grad_x = at::zeros({B, x.size(1)}, opts);
   const int64_t chunk = class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
-  const auto factors = class_norm_factors(proxies, acc);
+  const auto factors = folded_norm_factors(proxies, acc);
   at::Tensor buffer = at::empty({B * chunk}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "metricops_proxy_anchor_loss_backward_cuda", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
@@ -295,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const at::Tensor p_acc = p_chunk.to(acc);
       at::Tensor grad_chunk = at::mm(tile, x_acc);
-      project_class_grad(grad_chunk, p_acc, factors.second.narrow(0, c0, n));
+      project_folded_norm_grad(grad_chunk, p_acc, factors.second.narrow(0, c0, n));
       grad_p.narrow(0, c0, n).copy_(grad_chunk);
       grad_x.addmm_(tile.t(), p_acc);
     }

@@ -39,6 +39,13 @@ struct DeviceProblem {
   const acc_t* params;  // (B, num_params) or nullptr
   int64_t num_params;
   bool self;
+  // normalize=True: 1/max(||row||, eps) of x's rows (B,) and y's (M,; the same
+  // in the self mode), by which each raw entry of x yᵀ is scaled; else nullptr.
+  const acc_t* row_inv_norm;
+  const acc_t* col_inv_norm;
+  C10_DEVICE acc_t entry_scale(int64_t i, int64_t col) const {
+    return row_inv_norm ? row_inv_norm[i] * col_inv_norm[col] : acc_t(1);
+  }
   C10_DEVICE const acc_t* row_params(int64_t i) const { return params ? params + i * num_params : nullptr; }
   C10_DEVICE const acc_t* col_params(int64_t j) const { return self && params ? params + j * num_params : nullptr; }
 };
@@ -88,7 +95,7 @@ __global__ void rows_forward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc
     for (int64_t j = lane; j < cols; j += 32) {
       const int64_t col = c0 + j;
       if (pr.self && col == i) continue;
-      const acc_t s = S[r * cols + j];
+      const acc_t s = S[r * cols + j] * pr.entry_scale(i, col);
       const bool pos = pr.col_keys[col] == rk;
       const acc_t* other = pr.col_params(col);
       if (!p.keep(s, pos, own, other)) continue;
@@ -117,7 +124,7 @@ __global__ void cols_forward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc
     acc_t a[kNumAcc];
     acc_init(a);
     for (int64_t r = 0; r < rows; ++r) {
-      const acc_t s = S[r * cols + j];
+      const acc_t s = S[r * cols + j] * pr.entry_scale(r0 + r, col);
       const bool pos = pr.row_keys[r0 + r] == ck;
       const acc_t* other = pr.self ? pr.row_params(r0 + r) : nullptr;
       if (!p.keep(s, pos, own, other)) continue;
@@ -151,14 +158,15 @@ __global__ void backward_kernel(Policy p, DeviceProblem<acc_t> pr, acc_t* __rest
   METRICOPS_CUDA_KERNEL_LOOP(e, rows * cols) {
     const int64_t r = e / cols, j = e % cols;
     const int64_t i = r0 + r, col = c0 + j;
-    const acc_t s = S[e];
+    const acc_t scale = pr.entry_scale(i, col);  // normalize: s from the raw product, dL/ds to raw rows
+    const acc_t s = S[e] * scale;
     const bool pos = pr.row_keys[i] == pr.col_keys[col];
     const acc_t* own = pr.row_params(i);
     const acc_t* other = pr.col_params(col);
     acc_t out = acc_t(0);
     if (!(pr.self && col == i) && p.keep(s, pos, own, other)) out = direction_grad(p, s, pos, own, other, rg, nrows, i);
     if (cg && j >= col_from && p.keep(s, pos, other, own)) out += direction_grad(p, s, pos, other, own, cg, ncols, col);
-    S[e] = out;
+    S[e] = out * scale;
   }
 }
 

@@ -10,7 +10,9 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 
+#include "common/normalize.h"
 #include "common/similarity_losses.h"
 #include "cuda/cuda_helpers.h"
 #include "cuda/lse_engine.cuh"
@@ -26,10 +28,13 @@ at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDo
 struct Prepared {
   at::Tensor x, y, rk, ck, params;
   bool self;
+  // normalize=True only: (1/max(||row||, eps), projection factor) per row (common/normalize.h)
+  std::pair<at::Tensor, at::Tensor> x_norms, y_norms;
 };
 
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
-                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params) {
+                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params,
+                 bool normalize) {
   Prepared p;
   const at::ScalarType acc = acc_type(x);
   p.x = x.to(acc).contiguous();
@@ -38,24 +43,33 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   p.rk = row_keys.to(at::kLong).contiguous();
   p.ck = col_keys.has_value() ? col_keys->to(at::kLong).contiguous() : p.rk;
   if (row_params.has_value()) p.params = row_params->to(acc).contiguous();
+  if (normalize) {
+    p.x_norms = folded_norm_factors(p.x, acc);
+    p.y_norms = p.self ? p.x_norms : folded_norm_factors(p.y, acc);
+  }
   return p;
 }
 
 template <typename acc_t>
 lse_engine::DeviceProblem<acc_t> device_problem(const Prepared& in) {
-  return {in.rk.const_data_ptr<int64_t>(), in.ck.const_data_ptr<int64_t>(),
+  const bool normalize = in.x_norms.first.defined();
+  return {in.rk.const_data_ptr<int64_t>(),
+          in.ck.const_data_ptr<int64_t>(),
           in.params.defined() ? in.params.const_data_ptr<acc_t>() : nullptr,
-          in.params.defined() ? in.params.size(1) : 0, in.self};
+          in.params.defined() ? in.params.size(1) : 0,
+          in.self,
+          normalize ? in.x_norms.first.const_data_ptr<acc_t>() : nullptr,
+          normalize ? in.y_norms.first.const_data_ptr<acc_t>() : nullptr};
 }
 
 std::tuple<at::Tensor, at::Tensor> lse_stats_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in,
                                                   const at::Tensor& row_keys, const c10::optional<at::Tensor>& col_keys,
                                                   const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
-                                                  c10::string_view policy, at::ArrayRef<double> args, bool col_stats,
-                                                  int64_t block_rows, int64_t block_cols) {
+                                                  c10::string_view policy, at::ArrayRef<double> args, bool normalize,
+                                                  bool col_stats, int64_t block_rows, int64_t block_cols) {
   METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, col_stats);
-  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
   const int64_t B = in.x.size(0), M = in.y.size(0);
   at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
   at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
@@ -92,12 +106,12 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
     const c10::optional<at::Tensor>& grad_row_stats, const c10::optional<at::Tensor>& grad_col_stats,
     const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
     const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
-    c10::string_view policy, at::ArrayRef<double> args, const at::Tensor& row_stats, const at::Tensor& col_stats,
-    int64_t block_rows, int64_t block_cols) {
+    c10::string_view policy, at::ArrayRef<double> args, bool normalize, const at::Tensor& row_stats,
+    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols) {
   METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
-  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
   const int64_t B = in.x.size(0), M = in.y.size(0);
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumStats,
                     "row_stats must have shape (", B, ", ", int(kNumStats), "), got ", row_stats.sizes());
@@ -127,6 +141,10 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
         lse_engine::backward(pol, pr, in.x, in.y, block_rows, block_cols, rg.const_data_ptr<acc_t>(),
                              has_col ? cg.const_data_ptr<acc_t>() : nullptr, grad_x, in.self ? nullptr : &grad_y);
       });
+      if (normalize) {
+        project_folded_norm_grad(grad_x, in.x, in.x_norms.second);
+        if (!in.self) project_folded_norm_grad(grad_y, in.y, in.y_norms.second);
+      }
     });
   }
   return {grad_x.to(x_in.scalar_type()), in.self ? grad_y.to(x_in.scalar_type()) : grad_y.to(y_in->scalar_type())};

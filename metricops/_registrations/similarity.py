@@ -68,7 +68,9 @@ def _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col
 
 
 @torch.library.register_fake(LIB + "lse_stats")
-def _lse_stats_fake(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats, block_rows, block_cols):
+def _lse_stats_fake(
+    x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats, block_rows, block_cols
+):
     _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats)
     acc = accumulation_dtype(x.dtype)
     m = y.shape[0] if y is not None else x.shape[0]
@@ -77,7 +79,21 @@ def _lse_stats_fake(x, y, row_keys, col_keys, row_params, scale, policy, args, c
 
 @torch.library.register_fake(LIB + "lse_stats_backward")
 def _lse_stats_backward_fake(
-    grad_row, grad_col, x, y, row_keys, col_keys, row_params, scale, policy, args, row_stats, col_stats, br, bc
+    grad_row,
+    grad_col,
+    x,
+    y,
+    row_keys,
+    col_keys,
+    row_params,
+    scale,
+    policy,
+    args,
+    normalize,
+    row_stats,
+    col_stats,
+    br,
+    bc,
 ):
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     gy = torch.empty_like(y, memory_format=torch.contiguous_format) if y is not None else x.new_empty((0, x.shape[1]))
@@ -86,11 +102,11 @@ def _lse_stats_backward_fake(
 
 def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats, block_rows, block_cols = inputs
+    x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats, block_rows, block_cols = inputs
     row_stats, col_stats_out = output
     ctx.mark_non_differentiable()  # all four columns 0-3 carry gradients; the others are used as constants
     ctx.save_for_backward(x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats_out)
-    ctx.args = (policy, args, block_rows, block_cols)
+    ctx.args = (policy, args, normalize, block_rows, block_cols)
 
 
 def _scale_grad(grad, stats, scale):
@@ -105,11 +121,11 @@ def _scale_grad(grad, stats, scale):
 
 def _backward(ctx, grad_row, grad_col):
     x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats = ctx.saved_tensors
-    policy, args, block_rows, block_cols = ctx.args
+    policy, args, normalize, block_rows, block_cols = ctx.args
     needs = ctx.needs_input_grad
     grad_x = grad_y = grad_params = grad_scale = None
     if grad_row is None and grad_col is None:
-        return (None,) * 11
+        return (None,) * 12
     if needs[0] or (y is not None and needs[1]):
         grad_x, grad_y = ops.lse_stats_backward(
             grad_row,
@@ -122,6 +138,7 @@ def _backward(ctx, grad_row, grad_col):
             scale,
             policy,
             args,
+            normalize,
             row_stats,
             col_stats,
             block_rows,
@@ -139,7 +156,7 @@ def _backward(ctx, grad_row, grad_col):
             g = grad_row[:, LIN_POS].to(row_params.dtype)
             weighted = torch.stack([row_params[:, 0], g], 1)
             again, _ = ops.lse_stats(
-                x, y, row_keys, col_keys, weighted, scale, policy, args, False, block_rows, block_cols
+                x, y, row_keys, col_keys, weighted, scale, policy, args, normalize, False, block_rows, block_cols
             )
             grad_l = g * row_stats[:, AUX_POS] + again[:, AUX_POS]
             grad_params = torch.stack([grad_l, torch.zeros_like(grad_l)], 1)
@@ -154,7 +171,7 @@ def _backward(ctx, grad_row, grad_col):
             if p is not None
         ]
         grad_scale = sum(parts).to(scale.dtype) if parts else None
-    return grad_x, grad_y, None, None, grad_params, grad_scale, None, None, None, None, None
+    return grad_x, grad_y, None, None, grad_params, grad_scale, None, None, None, None, None, None
 
 
 register_autograd("lse_stats", _backward, _setup_context)

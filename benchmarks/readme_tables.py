@@ -44,7 +44,6 @@ class Cell:
     contender: str  # the contender's name in the JSON
     label: str = ""  # shown in the cell, where the column header does not name the contender
     ratio: bool = True  # show "(r×)", the contender's time / metricops' time
-    memory_beyond: str = ""  # a param (bytes) subtracted from the peak memory shown: memory beyond it
 
 
 # A column entry: a Cell, or fixed text ("—": the suite has no such contender at this size).
@@ -261,12 +260,7 @@ SIMILARITY = Table(
         Row("Circle", "circle_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
         Row("generalized lifted structure", "generalized_lifted_structure_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
         *(
-            Row(
-                "lifted structure (PML's; metricops has no functional yet: its drop-in on the engine is the base)",
-                "lifted_structure_loss",
-                {"B": b, "D": 128},
-                (NONE, Cell("metricops.pml", ratio=False), *_SIM_CELLS[2:]),
-            )
+            Row("lifted structure (PML's)", "lifted_structure_loss", {"B": b, "D": 128}, _SIM_CELLS)
             for b in (256, 2048)
         ),
         Row(
@@ -303,12 +297,7 @@ def _has_similarity_rows(report: dict) -> bool:
     return any(r["op"] in ops for r in report["results"])
 
 
-# The class-parameter suite (benchmarks/suites/class_losses.py), shown once a full run holds its rows. Memory is
-# the peak beyond the gradients of the embeddings and the class parameters, which every contender writes.
-def _class_cell(name: str, label: str = "") -> Cell:
-    return Cell(name, label, memory_beyond="grad_bytes")
-
-
+# The class-parameter suite (benchmarks/suites/class_losses.py), shown once a full run holds its rows.
 CLASS_LOSSES = Table(
     header=(
         "class-parameter loss (forward+backward)",
@@ -324,9 +313,9 @@ CLASS_LOSSES = Table(
                 f"{kind}_loss",
                 {"B": b, "D": 512, "C": c},
                 (
-                    _class_cell("metricops"),
-                    _class_cell("pytorch-metric-learning"),
-                    _class_cell("plain torch (B×C logits)", "normalize, F.linear, margin, cross-entropy"),
+                    Cell("metricops"),
+                    Cell("pytorch-metric-learning"),
+                    Cell("plain torch (B×C logits)", "normalize, F.linear, margin, cross-entropy"),
                 ),
             )
             for kind, label in (("arcface", "ArcFace (m=0.5, s=64)"), ("cosface", "CosFace (m=0.35, s=64)"))
@@ -337,9 +326,9 @@ CLASS_LOSSES = Table(
             "proxy_anchor_loss",
             {"B": 1024, "D": 128, "C": 1000},
             (
-                _class_cell("metricops"),
-                _class_cell("pytorch-metric-learning"),
-                _class_cell("reference (plain torch)", "metricops.reference"),
+                Cell("metricops"),
+                Cell("pytorch-metric-learning"),
+                Cell("reference (plain torch)", "metricops.reference"),
             ),
         ),
     ),
@@ -447,10 +436,7 @@ def render_cell(row: dict, entry: Entry, *, is_base: bool) -> str:
     if entry.label:
         notes.append(entry.label)
     text = fmt_time(t) + (f" ({', '.join(notes)})" if notes else "")
-    peak = row.get("peak_bytes", {}).get(name)
-    if peak is not None and entry.memory_beyond:
-        peak = max(0, peak - row["params"][entry.memory_beyond])
-    mem = fmt_bytes(peak)
+    mem = fmt_bytes(row.get("peak_bytes", {}).get(name))
     return f"{text}, {mem}" if mem else text
 
 
@@ -557,8 +543,9 @@ def render(report: dict) -> str:
         *(
             [
                 "Losses with learnable class parameters (labels uniform over C classes; PML's defaults otherwise). "
-                "Memory is the peak beyond the gradients of the embeddings and of the weight or proxies, which "
-                "every contender writes ((B + C)·D floats: 196 MiB at C=10⁵, 1.9 GiB at C=10⁶).",
+                "As everywhere here, each call first drops the previous call's gradients and then writes new ones, so "
+                "the memory shown is beyond the gradients of the embeddings and of the weight or proxies "
+                "((B + C)·D floats: 196 MiB at C=10⁵, 1.9 GiB at C=10⁶).",
                 render_table(report, CLASS_LOSSES),
             ]
             if _has_class_loss_rows(report)
@@ -566,7 +553,8 @@ def render(report: dict) -> str:
         ),
         "Where metricops is behind (every row of the run where a contender computing the same thing is faster):",
         "\n".join(others) if others else "- nowhere in this run.",
-        'Where `memory="streaming"` (or the matrix path) is the slower of metricops\' own two paths:',
+        'Where one of metricops\' own paths is the slower (`memory="streaming"` vs the matrix path; the functional '
+        "op vs its metricops.pml drop-in, the same engine):",
         "\n".join(own) if own else "- nowhere in this run.",
     ]
     return "\n\n".join(parts) + "\n"

@@ -134,7 +134,7 @@ def similarity_cases(device: str, quick, dtype=torch.float32) -> List[Case]:
     contenders["reference"] = _fwd_bwd(
         lambda e, lab: reference.multi_similarity_loss(e, lab, mining_epsilon=eps), x, labels
     )
-    contenders[GEMM_YARDSTICK] = lambda: x.detach() @ x.detach().T
+    contenders[GEMM_YARDSTICK] = lambda x=x: x.detach() @ x.detach().T
     params = {"B": B, "D": D, "classes": B // 8, "dtype": str(dtype).replace("torch.", ""), "epsilon": eps}
     cases.append(
         Case(
@@ -159,7 +159,7 @@ def similarity_cases(device: str, quick, dtype=torch.float32) -> List[Case]:
             if 6 * N * N * 4 > 4 * _MATRIX_BYTES_LIMIT
             else _fwd_bwd(clip_loss, q, k)
         ),
-        CLIP_YARDSTICK: lambda: q.detach() @ k.detach().T,
+        CLIP_YARDSTICK: lambda q=q, k=k: q.detach() @ k.detach().T,
     }
     params = {"N": N, "D": D, "dtype": str(dtype).replace("torch.", ""), "symmetric": True}
     cases.append(

@@ -226,12 +226,17 @@ TORCH_LIBRARY(metricops, m) {
       "str kind, float margin, float scale, int class_chunk=0) -> (Tensor grad_embeddings, Tensor grad_weight)");
   // ProxyAnchor: per class c, pos[c] = log(1 + Σ_{y_i = c} e^{−α(S_ic − δ)}) and
   // neg[c] = log(1 + Σ_{y_i != c} e^{α(S_ic + δ)}) (0 over an empty set).
+  // save_tile=True: all C classes in one tile, returned as `tile` (C, B), the
+  // dot products proxies·embeddingsᵀ in the accumulation dtype, so that the
+  // backward skips recomputing them (one GEMM of four); the caller asks for
+  // it only when C·B is small. Otherwise `tile` is (0, B) and the backward
+  // recomputes each chunk.
   m.def(
       "proxy_anchor_loss(Tensor embeddings, Tensor labels, Tensor proxies, float margin, float alpha, "
-      "int class_chunk=0) -> (Tensor pos, Tensor neg)");
+      "int class_chunk=0, bool save_tile=False) -> (Tensor pos, Tensor neg, Tensor tile)");
   m.def(
       "proxy_anchor_loss_backward(Tensor grad_pos, Tensor grad_neg, Tensor embeddings, Tensor labels, "
-      "Tensor proxies, Tensor pos, Tensor neg, float margin, float alpha, int class_chunk=0) "
+      "Tensor proxies, Tensor pos, Tensor neg, Tensor tile, float margin, float alpha, int class_chunk=0) "
       "-> (Tensor grad_embeddings, Tensor grad_proxies)");
 }
 

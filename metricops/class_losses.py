@@ -3,8 +3,8 @@
 Each runs on the native ops ``metricops::margin_softmax_loss`` / ``metricops::proxy_anchor_loss``, which compute
 the cosine matrix S = normalize(embeddings) · normalize(weight)ᵀ class chunk by class chunk (one GEMM tile and a
 fused epilogue each, with an online log-sum-exp across chunks) and never hold the B×C matrix: C = 10⁶ classes
-run in O(B·chunk + (B + C)·D) extra memory. The backward ops recompute each tile and give exact gradients to the
-embeddings and to the class parameters.
+run in O(B·chunk + (B + C)·D) extra memory. The backward ops recompute each tile (ProxyAnchor keeps its tile
+instead when C·B is small) and give exact gradients to the embeddings and to the class parameters.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from .distance import _l2_normalize
 
 # Classes per chunk; 0 lets the op choose per device. Tests set it small to cross chunk boundaries.
 _CLASS_CHUNK = 0
+# ProxyAnchor keeps its (C, B) dot products for the backward (one GEMM of four saved) up to this many entries
+# (16 MiB in float32); beyond, the backward recomputes them chunk by chunk.
+_PROXY_SAVED_TILE_ENTRIES = 1 << 22
 
 _MARGIN_REDUCTIONS = ("mean", "sum", "none")
 
@@ -126,7 +129,13 @@ def _proxy_anchor_terms(embeddings, labels, proxies, margin, alpha):
     _check_class_inputs(embeddings, labels, proxies, "proxies")
     margin, alpha = _check_proxy_anchor_args(margin, alpha)
     x = _l2_normalize(embeddings)
-    pos, neg = ops.proxy_anchor_loss(x, labels, proxies, margin, alpha, _CLASS_CHUNK)
+    save_tile = (
+        _CLASS_CHUNK == 0
+        and proxies.shape[0] * x.shape[0] <= _PROXY_SAVED_TILE_ENTRIES
+        and torch.is_grad_enabled()
+        and (x.requires_grad or proxies.requires_grad)
+    )
+    pos, neg, _ = ops.proxy_anchor_loss(x, labels, proxies, margin, alpha, _CLASS_CHUNK, save_tile)
     present = torch.zeros(proxies.shape[0], dtype=torch.bool, device=proxies.device)
     present = present.index_fill(0, labels.long(), True)
     return pos, neg, present
@@ -149,7 +158,9 @@ def proxy_anchor_loss(
     With S = cos(embeddings, proxies) (both L2-normalized inside), returns
     ``(1/|C⁺|)·Σ_{c∈C⁺} log(1 + Σ_{i: y_i = c} e^{−α(S_ic − δ)}) + (1/C)·Σ_c log(1 + Σ_{i: y_i ≠ c} e^{α(S_ic + δ)})``,
     C⁺ the classes present in the batch (the first mean is 0 when none is). A 0-dim tensor; gradients reach
-    ``embeddings`` and ``proxies``. Classes are processed in chunks, each with all B rows: never B×C at once.
+    ``embeddings`` and ``proxies``. Classes are processed in chunks, each with all B rows: never B×C at once,
+    except that when C·B ≤ 4M entries and a gradient is needed, the forward keeps its (C, B) dot products
+    (≤ 16 MiB in float32) for the backward, which then skips recomputing them.
     """
     pos, neg, present = _proxy_anchor_terms(embeddings, labels, proxies, margin, alpha)
     num_present = present.sum().clamp_min(1).to(pos.dtype)

@@ -124,11 +124,12 @@ def test_opcheck():
         ops.margin_softmax_loss_backward.default,
         (torch.randn_like(loss), xn.detach(), labels, w.detach(), lse, "arcface", 0.5, 4.0, 2),
     )
-    pos, neg = ops.proxy_anchor_loss(xn.detach(), labels, w.detach(), 0.1, 4.0, 2)
-    torch.library.opcheck(
-        ops.proxy_anchor_loss_backward.default,
-        (torch.randn_like(pos), torch.randn_like(neg), xn.detach(), labels, w.detach(), pos, neg, 0.1, 4.0, 2),
-    )
+    for save_tile in (False, True):
+        pos, neg, tile = ops.proxy_anchor_loss(xn.detach(), labels, w.detach(), 0.1, 4.0, 0, save_tile)
+        torch.library.opcheck(
+            ops.proxy_anchor_loss_backward.default,
+            (torch.randn_like(pos), torch.randn_like(neg), xn.detach(), labels, w.detach(), pos, neg, tile, 0.1, 4.0),
+        )
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -225,6 +226,48 @@ def test_bad_inputs_name_the_argument():
             metricops.proxy_anchor_loss(x, labels, w, alpha=bad)
     with pytest.raises(ValueError, match=r"margin must"):
         metricops.proxy_anchor_loss(x, labels, w, margin=float("inf"))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_proxy_anchor_saved_tile_equals_recomputing(device, dtype, monkeypatch):
+    """The forward's saved (C, B) dot products give the backward exactly what recomputing them does, and the
+    public loss saves them only when a gradient is needed and C·B is under the threshold."""
+    x, labels, w = _inputs(13, 9, 6, device, dtype, num_labels=7)
+    xn = torch.nn.functional.normalize(x)
+    pos, neg, tile = ops.proxy_anchor_loss(xn, labels, w, 0.1, 6.0, 0, True)
+    pos2, neg2, none = ops.proxy_anchor_loss(xn, labels, w, 0.1, 6.0, 0, False)
+    assert tile.shape == (9, 13) and none.shape == (0, 13)
+    torch.testing.assert_close(tile, w @ xn.T)  # the raw dot products (the proxies are normalized inside)
+    assert torch.equal(pos, pos2) and torch.equal(neg, neg2)
+    g_pos, g_neg = torch.randn_like(pos), torch.randn_like(neg)
+    for chunk in (0, 2):  # the backward may walk the saved tile in other chunks than the forward's one
+        saved = ops.proxy_anchor_loss_backward(g_pos, g_neg, xn, labels, w, pos, neg, tile, 0.1, 6.0, chunk)
+        again = ops.proxy_anchor_loss_backward(g_pos, g_neg, xn, labels, w, pos, neg, none, 0.1, 6.0, chunk)
+        for a, b in zip(saved, again):
+            # the same formula on dot products from differently shaped GEMMs: equal up to their rounding
+            torch.testing.assert_close(a, b, **({} if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)))
+
+    calls = []
+
+    class SpyOps:  # records save_tile, the last argument
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def proxy_anchor_loss(self, *args):
+            calls.append(args[-1])
+            return ops.proxy_anchor_loss(*args)
+
+    monkeypatch.setattr(class_losses, "ops", SpyOps())
+    leaf = x.clone().requires_grad_(True)
+    metricops.proxy_anchor_loss(leaf, labels, w).backward()
+    with torch.no_grad():
+        metricops.proxy_anchor_loss(leaf, labels, w)
+    monkeypatch.setattr(class_losses, "_PROXY_SAVED_TILE_ENTRIES", 9 * 13 - 1)
+    metricops.proxy_anchor_loss(leaf, labels, w)
+    assert calls == [True, False, False]
+    with pytest.raises(ValueError, match=r"tile must have shape \(9, 13\) \(saved by the forward\) or \(0, 13\)"):
+        ops.proxy_anchor_loss_backward(g_pos, g_neg, xn, labels, w, pos, neg, tile[:4], 0.1, 6.0)
 
 
 def test_direct_op_calls_are_checked_in_cpp():

@@ -181,6 +181,21 @@ inline void check_proxy_anchor_backward_inputs(std::initializer_list<const at::T
   }
 }
 
+// The forward's saved tile, as the backward receives it: (C, B) in the
+// accumulation dtype (used instead of recomputing the dot products), or
+// (0, B) (recompute). Returns whether it is a saved tile.
+inline bool check_proxy_anchor_saved_tile(const at::Tensor& tile, const at::Tensor& embeddings, int64_t C,
+                                          at::ScalarType acc) {
+  const int64_t B = embeddings.size(0);
+  TORCH_CHECK_VALUE(tile.dim() == 2 && tile.size(1) == B && (tile.size(0) == C || tile.size(0) == 0),
+                    "proxy_anchor_loss_backward: tile must have shape (", C, ", ", B, ") (saved by the forward) or (0, ",
+                    B, "), got ", tile.sizes());
+  TORCH_CHECK_VALUE(tile.scalar_type() == acc && tile.device() == embeddings.device(),
+                    "proxy_anchor_loss_backward: tile must be ", acc, " on ", embeddings.device(), ", got ",
+                    tile.scalar_type(), " on ", tile.device());
+  return tile.size(0) == C && B > 0;
+}
+
 // Classes per chunk: `forced` when > 0 (tests cross chunk boundaries), else
 // the chunk whose B×chunk tile of `element_size`-byte entries fills
 // budget_bytes; at least 1, at most C.

@@ -1,8 +1,9 @@
 // Losses with learnable class parameters on CPU, chunked over classes: each
 // chunk is one GEMM tile (at::mm, B × chunk) and an epilogue calling the
 // policies of common/class_losses.h. Nothing B×C is held: extra memory is
-// O(B·chunk + B + C) beyond the outputs. The backward recomputes each tile,
-// turns it into d(loss)/d(S) in place, and applies it with two GEMMs
+// O(B·chunk + B + C) beyond the outputs. The backward recomputes each tile
+// (ProxyAnchor: or reads the forward's saved one, when the caller asked for
+// it), turns it into d(loss)/d(S), and applies it with two GEMMs
 // (dX += G·Wc, dWc = Gᵀ·X), then projects dWc through the rows' normalization.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -95,21 +96,22 @@ METRICOPS_SIMD_CLONES void margin_row_backward(const MarginSoftmaxPolicy<scalar_
 }
 
 // Class c's row of a ProxyAnchor forward tile (its dot products with every
-// embedding), turned into exponents in place: log(1 + Σ e^z) over its
-// positives and over its negatives. Each side's max starts at the "1 +"
-// term's exponent 0; NaN reaches the sums through exp.
+// embedding, read only: the tile may be the saved output): log(1 + Σ e^z)
+// over its positives and over its negatives. Each side's max starts at the
+// "1 +" term's exponent 0; NaN reaches the sums through exp. The exponents are
+// recomputed in the second pass (an FMA) rather than stored.
 template <typename scalar_t>
-METRICOPS_SIMD_CLONES void proxy_row_forward(const ProxyAnchorPolicy<scalar_t>& policy, scalar_t* row, scalar_t inv,
-                                             const int64_t* labels, int64_t c, int64_t B, scalar_t& pos,
+METRICOPS_SIMD_CLONES void proxy_row_forward(const ProxyAnchorPolicy<scalar_t>& policy, const scalar_t* row,
+                                             scalar_t inv, const int64_t* labels, int64_t c, int64_t B, scalar_t& pos,
                                              scalar_t& neg) {
   constexpr int64_t L = kSimdLanes;
-  for (int64_t i = 0; i < B; ++i) row[i] = policy.exponent(row[i] * inv, labels[i] == c);
   scalar_t lane_p[L], lane_n[L];
   for (int64_t l = 0; l < L; ++l) lane_p[l] = lane_n[l] = scalar_t(0);
   auto max_step = [&](int64_t i, int64_t l) {
     const bool is_pos = labels[i] == c;
-    lane_p[l] = is_pos && row[i] > lane_p[l] ? row[i] : lane_p[l];
-    lane_n[l] = !is_pos && row[i] > lane_n[l] ? row[i] : lane_n[l];
+    const scalar_t z = policy.exponent(row[i] * inv, is_pos);
+    lane_p[l] = is_pos && z > lane_p[l] ? z : lane_p[l];
+    lane_n[l] = !is_pos && z > lane_n[l] ? z : lane_n[l];
   };
   int64_t i = 0;
   for (; i + L <= B; i += L)
@@ -123,7 +125,8 @@ METRICOPS_SIMD_CLONES void proxy_row_forward(const ProxyAnchorPolicy<scalar_t>& 
   }
   auto sum_step = [&](int64_t i, int64_t l) {
     const bool is_pos = labels[i] == c;
-    const scalar_t e = lse::lse_exp(row[i] - (is_pos ? max_p : max_n));
+    const scalar_t z = policy.exponent(row[i] * inv, is_pos);
+    const scalar_t e = lse::lse_exp(z - (is_pos ? max_p : max_n));
     lane_p[l] += is_pos ? e : scalar_t(0);
     lane_n[l] += is_pos ? scalar_t(0) : e;
   };
@@ -136,11 +139,13 @@ METRICOPS_SIMD_CLONES void proxy_row_forward(const ProxyAnchorPolicy<scalar_t>& 
   neg = OnlineLse<scalar_t>{max_n, sum_n}.value();
 }
 
+// d(loss)/d(dot) of class c's row: from `dots` (the recomputed chunk, then
+// out == dots, or the forward's saved tile) into `out`.
 template <typename scalar_t>
-METRICOPS_SIMD_CLONES void proxy_row_backward(const ProxyAnchorPolicy<scalar_t>& policy, scalar_t* row, scalar_t inv,
-                                              const int64_t* labels, int64_t c, int64_t B, scalar_t g_pos,
-                                              scalar_t g_neg, scalar_t pos, scalar_t neg) {
-  for (int64_t i = 0; i < B; ++i) row[i] = policy.grad(row[i] * inv, labels[i] == c, g_pos, g_neg, pos, neg) * inv;
+METRICOPS_SIMD_CLONES void proxy_row_backward(const ProxyAnchorPolicy<scalar_t>& policy, const scalar_t* dots,
+                                              scalar_t* out, scalar_t inv, const int64_t* labels, int64_t c, int64_t B,
+                                              scalar_t g_pos, scalar_t g_neg, scalar_t pos, scalar_t neg) {
+  for (int64_t i = 0; i < B; ++i) out[i] = policy.grad(dots[i] * inv, labels[i] == c, g_pos, g_neg, pos, neg) * inv;
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -236,9 +241,11 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cpu(
   return {grad_x, grad_w};
 }
 
-std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels_in,
-                                                         const at::Tensor& proxies, double margin, double alpha,
-                                                         int64_t class_chunk) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embeddings,
+                                                                     const at::Tensor& labels_in,
+                                                                     const at::Tensor& proxies, double margin,
+                                                                     double alpha, int64_t class_chunk,
+                                                                     bool save_tile) {
   check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
   check_proxy_anchor_args(margin, alpha);
   const at::Tensor x = embeddings.contiguous();
@@ -247,9 +254,11 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embed
   check_labels_in_range(labels, C);
   at::Tensor pos = at::empty({C}, x.options());
   at::Tensor neg = at::empty({C}, x.options());
-  const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
+  // save_tile: one chunk of all C classes, written straight into the returned tile
+  const int64_t chunk = save_tile ? C : class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
   const at::Tensor inv_norm = folded_norm_factors(proxies, x.scalar_type()).first;
-  at::Tensor buffer = at::empty({std::max<int64_t>(B, 1) * chunk}, x.options());
+  at::Tensor saved = at::empty({save_tile ? C : 0, B}, x.options());
+  at::Tensor buffer = save_tile ? saved.view({-1}) : at::empty({std::max<int64_t>(B, 1) * chunk}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_proxy_anchor_loss_cpu", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
     const int64_t* lab = labels.const_data_ptr<int64_t>();
@@ -260,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embed
       const int64_t n = std::min(chunk, C - c0);
       at::Tensor tile = tile_view(buffer, n, B);  // classes × embeddings: a class's row holds all of its terms
       at::mm_out(tile, proxies.narrow(0, c0, n), x.t());
-      scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
+      const scalar_t* tp = tile.const_data_ptr<scalar_t>();
       at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(B, 1)), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t c = c0 + r;
@@ -269,13 +278,13 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embed
       });
     }
   });
-  return {pos, neg};
+  return {pos, neg, saved};
 }
 
 std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
     const at::Tensor& grad_pos_in, const at::Tensor& grad_neg_in, const at::Tensor& embeddings,
     const at::Tensor& labels_in, const at::Tensor& proxies, const at::Tensor& pos_in, const at::Tensor& neg_in,
-    double margin, double alpha, int64_t class_chunk) {
+    const at::Tensor& saved_tile, double margin, double alpha, int64_t class_chunk) {
   check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
   check_proxy_anchor_args(margin, alpha);
   const at::Tensor x = embeddings.contiguous();
@@ -283,6 +292,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
   const int64_t B = x.size(0), C = proxies.size(0);
   check_proxy_anchor_backward_inputs({&grad_pos_in, &grad_neg_in, &pos_in, &neg_in}, C);
   const auto acc = x.scalar_type();
+  const bool use_saved = check_proxy_anchor_saved_tile(saved_tile, x, C, acc);
   const at::Tensor g_pos = grad_pos_in.to(acc).contiguous(), g_neg = grad_neg_in.to(acc).contiguous();
   const at::Tensor pos = pos_in.to(acc).contiguous(), neg = neg_in.to(acc).contiguous();
   at::Tensor grad_x = at::zeros_like(x);
@@ -291,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
   check_labels_in_range(labels, C);
   const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
   const auto factors = folded_norm_factors(proxies, acc);
+  const at::Tensor saved = use_saved ? saved_tile.contiguous() : saved_tile;
   at::Tensor buffer = at::empty({B * chunk}, x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "metricops_proxy_anchor_loss_backward_cpu", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
@@ -302,12 +313,13 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
       const int64_t n = std::min(chunk, C - c0);
       const at::Tensor p_chunk = proxies.narrow(0, c0, n);
       at::Tensor tile = tile_view(buffer, n, B);
-      at::mm_out(tile, p_chunk, x.t());
+      if (!use_saved) at::mm_out(tile, p_chunk, x.t());
       scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
+      const scalar_t* dots = use_saved ? saved.const_data_ptr<scalar_t>() + c0 * B : tp;
       at::parallel_for(0, n, std::max<int64_t>(1, 4096 / B), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t c = c0 + r;
-          proxy_row_backward(policy, tp + r * B, inv[c], lab, c, B, gpp[c], gnp[c], pp[c], np[c]);
+          proxy_row_backward(policy, dots + r * B, tp + r * B, inv[c], lab, c, B, gpp[c], gnp[c], pp[c], np[c]);
         }
       });
       at::Tensor grad_chunk = grad_p.narrow(0, c0, n);

@@ -132,8 +132,10 @@ __global__ void proxy_anchor_forward_kernel(const acc_t* __restrict__ tile, int6
   }
 }
 
+// d(loss)/d(dot) of an (n, B) chunk: from `dots` (the recomputed chunk, then
+// dots == tile, or the forward's saved tile) into `tile`: may alias.
 template <typename acc_t>
-__global__ void proxy_anchor_grad_kernel(acc_t* __restrict__ tile, int64_t n, int64_t B, int64_t c0,
+__global__ void proxy_anchor_grad_kernel(const acc_t* dots, acc_t* tile, int64_t n, int64_t B, int64_t c0,
                                          const acc_t* __restrict__ inv_norm, const int64_t* __restrict__ labels,
                                          const acc_t* __restrict__ grad_pos, const acc_t* __restrict__ grad_neg,
                                          const acc_t* __restrict__ pos, const acc_t* __restrict__ neg,
@@ -141,7 +143,7 @@ __global__ void proxy_anchor_grad_kernel(acc_t* __restrict__ tile, int64_t n, in
   METRICOPS_CUDA_KERNEL_LOOP(k, n * B) {
     const int64_t c = c0 + k / B, i = k % B;
     const acc_t inv = inv_norm[c];
-    tile[k] = policy.grad(tile[k] * inv, labels[i] == c, grad_pos[c], grad_neg[c], pos[c], neg[c]) * inv;
+    tile[k] = policy.grad(dots[k] * inv, labels[i] == c, grad_pos[c], grad_neg[c], pos[c], neg[c]) * inv;
   }
 }
 
@@ -228,9 +230,11 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cuda(
   return {grad_x.to(x.scalar_type()), grad_w};
 }
 
-std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cuda(const at::Tensor& embeddings, const at::Tensor& labels_in,
-                                                          const at::Tensor& proxies, double margin, double alpha,
-                                                          int64_t class_chunk) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cuda(const at::Tensor& embeddings,
+                                                                      const at::Tensor& labels_in,
+                                                                      const at::Tensor& proxies, double margin,
+                                                                      double alpha, int64_t class_chunk,
+                                                                      bool save_tile) {
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
   check_proxy_anchor_args(margin, alpha);
@@ -240,10 +244,13 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cuda(const at::Tensor& embe
   const auto acc = acc_type(x);
   const auto opts = x.options().dtype(acc);
   at::Tensor pos = at::zeros({C}, opts), neg = at::zeros({C}, opts);
-  if (B == 0) return {pos, neg};  // log(1 + empty sum) = 0
-  const int64_t chunk = class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
+  // save_tile: one chunk of all C classes, written straight into the returned tile
+  at::Tensor saved = at::empty({save_tile ? C : 0, B}, opts);
+  if (B == 0) return {pos, neg, saved};  // log(1 + empty sum) = 0
+  const int64_t chunk =
+      save_tile ? C : class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
   const at::Tensor inv_norm = folded_norm_factors(proxies, acc).first;
-  at::Tensor buffer = at::empty({B * chunk}, opts);
+  at::Tensor buffer = save_tile ? saved.view({-1}) : at::empty({B * chunk}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "metricops_proxy_anchor_loss_cuda", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
     for (int64_t c0 = 0; c0 < C; c0 += chunk) {
@@ -256,13 +263,13 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_cuda(const at::Tensor& embe
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {pos, neg};
+  return {pos, neg, saved};
 }
 
 std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
     const at::Tensor& grad_pos_in, const at::Tensor& grad_neg_in, const at::Tensor& embeddings,
     const at::Tensor& labels_in, const at::Tensor& proxies, const at::Tensor& pos_in, const at::Tensor& neg_in,
-    double margin, double alpha, int64_t class_chunk) {
+    const at::Tensor& saved_tile, double margin, double alpha, int64_t class_chunk) {
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
   check_proxy_anchor_args(margin, alpha);
@@ -271,11 +278,13 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
   const int64_t B = x.size(0), C = proxies.size(0);
   check_proxy_anchor_backward_inputs({&grad_pos_in, &grad_neg_in, &pos_in, &neg_in}, C);
   const auto acc = acc_type(x);
+  const bool use_saved = check_proxy_anchor_saved_tile(saved_tile, x, C, acc);
   const auto opts = x.options().dtype(acc);
   at::Tensor grad_p = at::empty({C, x.size(1)}, x.options());
   if (B == 0) return {at::zeros_like(x), grad_p.zero_()};
   const at::Tensor g_pos = grad_pos_in.to(acc).contiguous(), g_neg = grad_neg_in.to(acc).contiguous();
   const at::Tensor pos = pos_in.to(acc).contiguous(), neg = neg_in.to(acc).contiguous();
+  const at::Tensor saved = use_saved ? saved_tile.contiguous() : saved_tile;
   const at::Tensor x_acc = x.to(acc);
   at::Tensor grad_x = at::zeros({B, x.size(1)}, opts);
   const int64_t chunk = class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
@@ -287,11 +296,13 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
       const int64_t n = std::min(chunk, C - c0);
       const at::Tensor p_chunk = proxies.narrow(0, c0, n);
       at::Tensor tile = tile_view(buffer, n, B);
-      tile_mm(tile, p_chunk, x.t());
+      if (!use_saved) tile_mm(tile, p_chunk, x.t());
+      scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
+      const scalar_t* dots = use_saved ? saved.const_data_ptr<scalar_t>() + c0 * B : tp;
       proxy_anchor_grad_kernel<scalar_t><<<grid_for(n * B), kThreads, 0, current_stream()>>>(
-          tile.mutable_data_ptr<scalar_t>(), n, B, c0, factors.first.const_data_ptr<scalar_t>(),
-          labels.const_data_ptr<int64_t>(), g_pos.const_data_ptr<scalar_t>(), g_neg.const_data_ptr<scalar_t>(),
-          pos.const_data_ptr<scalar_t>(), neg.const_data_ptr<scalar_t>(), policy);
+          dots, tp, n, B, c0, factors.first.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
+          g_pos.const_data_ptr<scalar_t>(), g_neg.const_data_ptr<scalar_t>(), pos.const_data_ptr<scalar_t>(),
+          neg.const_data_ptr<scalar_t>(), policy);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const at::Tensor p_acc = p_chunk.to(acc);
       at::Tensor grad_chunk = at::mm(tile, x_acc);

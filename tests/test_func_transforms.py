@@ -96,7 +96,9 @@ CASES = {
     "proxy_anchor_op": (
         lambda a, b, c: sum(
             t.pow(2).sum()
-            for t in torch.ops.metricops.proxy_anchor_loss(torch.nn.functional.normalize(a), LABELS, b[:3], 0.1, 4.0, 2)[:2]
+            for t in torch.ops.metricops.proxy_anchor_loss(
+                torch.nn.functional.normalize(a), LABELS, b[:3], 0.1, 4.0, 2
+            )[:2]
         ),
         "proxy_anchor_loss",
     ),

@@ -188,8 +188,8 @@ inline bool check_proxy_anchor_saved_tile(const at::Tensor& tile, const at::Tens
                                           at::ScalarType acc) {
   const int64_t B = embeddings.size(0);
   TORCH_CHECK_VALUE(tile.dim() == 2 && tile.size(1) == B && (tile.size(0) == C || tile.size(0) == 0),
-                    "proxy_anchor_loss_backward: tile must have shape (", C, ", ", B, ") (saved by the forward) or (0, ",
-                    B, "), got ", tile.sizes());
+                    "proxy_anchor_loss_backward: tile must have shape (", C, ", ", B,
+                    ") (saved by the forward) or (0, ", B, "), got ", tile.sizes());
   TORCH_CHECK_VALUE(tile.scalar_type() == acc && tile.device() == embeddings.device(),
                     "proxy_anchor_loss_backward: tile must be ", acc, " on ", embeddings.device(), ", got ",
                     tile.scalar_type(), " on ", tile.device());

@@ -247,8 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cuda(const at::
   // save_tile: one chunk of all C classes, written straight into the returned tile
   at::Tensor saved = at::empty({save_tile ? C : 0, B}, opts);
   if (B == 0) return {pos, neg, saved};  // log(1 + empty sum) = 0
-  const int64_t chunk =
-      save_tile ? C : class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
+  const int64_t chunk = save_tile ? C : class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
   const at::Tensor inv_norm = folded_norm_factors(proxies, acc).first;
   at::Tensor buffer = save_tile ? saved.view({-1}) : at::empty({B * chunk}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "metricops_proxy_anchor_loss_cuda", [&] {

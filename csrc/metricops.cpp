@@ -196,23 +196,17 @@ TORCH_LIBRARY(metricops, m) {
   // <= 0 pick the device's tiles; > 0 force them (tests cross tile boundaries with them). normalize:
   // S is the cosine similarity of F.normalize(x) and F.normalize(y) (eps 1e-12), gradients to the raw
   // x and y: each GEMM tile of x yᵀ is scaled by the rows' inverse norms, so no normalized copy is
-  // made. Without save_tiles, never holds more than one block_rows × block_cols tile of S, and
-  // `tiles` is empty. save_tiles=True keeps every tile the forward computes, one after another in
-  // `tiles` (1-D, x's dtype; B·M entries, or in the self mode the upper strips, Σ rows·(B − r0)
-  // over the strips), so that the backward reads them instead of recomputing them (one GEMM
-  // fewer); the caller asks for it only when that is small.
+  // made. Never holds more than one block_rows × block_cols tile of S.
   m.def(
       "lse_stats(Tensor x, Tensor? y, Tensor row_keys, Tensor? col_keys, Tensor? row_params, Tensor scale, "
-      "str policy, float[] args, bool normalize, bool col_stats, int block_rows, int block_cols, "
-      "bool save_tiles=False) -> (Tensor row_stats, Tensor col_stats, Tensor tiles)");
+      "str policy, float[] args, bool normalize, bool col_stats, int block_rows, int block_cols) -> "
+      "(Tensor row_stats, Tensor col_stats)");
   // Gradients of lse_stats w.r.t. x and y (y: (0, D) when y is None) from the gradients of its
-  // statistics' columns 0-3 (None: zero), recomputing S tile by tile, or reading the forward's
-  // `tiles` (same inputs and tiles) when given and not empty.
+  // statistics' columns 0-3 (None: zero), recomputing S tile by tile.
   m.def(
       "lse_stats_backward(Tensor? grad_row_stats, Tensor? grad_col_stats, Tensor x, Tensor? y, Tensor row_keys, "
       "Tensor? col_keys, Tensor? row_params, Tensor scale, str policy, float[] args, bool normalize, "
-      "Tensor row_stats, Tensor col_stats, int block_rows, int block_cols, Tensor? tiles=None) -> "
-      "(Tensor grad_x, Tensor grad_y)");
+      "Tensor row_stats, Tensor col_stats, int block_rows, int block_cols) -> (Tensor grad_x, Tensor grad_y)");
 
   // Losses with learnable class parameters (metricops/class_losses.py), chunked
   // over classes: S = embeddings · normalize(weight)ᵀ is computed one tile of

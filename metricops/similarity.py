@@ -4,12 +4,9 @@ the paired-view InfoNCE/CLIP loss, on one streaming log-sum-exp engine.
 Every loss here is a function of a few per-anchor statistics of S, the cosine-similarity matrix of the
 L2-normalized embeddings: for the positives and the negatives of each anchor, a log-sum-exp of a loss-specific
 φ(s), plain sums, counts, and the hardest similarities. The native op ``metricops::lse_stats`` computes them in
-tiles of S (one GEMM per tile, then a fused epilogue); its backward recomputes each tile and applies dL/dS with
-two GEMMs, as FlashAttention does. ``memory="streaming"`` never holds the B×B matrix (one tile at a time).
-``"matrix"`` uses one tile covering S and keeps it for the backward, which then skips recomputing it (one GEMM
-fewer). ``"auto"`` (the default) uses the device's tiles and, on CPU, keeps them for the backward while they
-hold at most 8M entries (32 MiB in float32: B up to about 4096 on a labelled batch), else streams. Results are
-the same.
+tiles of S (one GEMM per tile, then a fused epilogue) and never holds the B×B (or N×M) matrix; its backward
+recomputes each tile and applies dL/dS with two GEMMs, as FlashAttention does. ``memory="matrix"`` uses one
+tile covering S, ``"streaming"`` and ``"auto"`` the device's tiles (results are the same).
 """
 
 from __future__ import annotations
@@ -28,15 +25,11 @@ from ._registrations.similarity import (
     LSE_POS,
     MAX_NEG,
     MIN_POS,
-    saved_tile_entries,
 )
 
 # Tests set this to (rows, cols) to force every engine call to tiles of that shape, so that tile boundaries
 # fall where a test wants them; None in normal use.
 _FORCED_TILE = None
-# memory="auto" keeps the forward's tiles of S for the backward up to this many entries (32 MiB in float32;
-# B = 2048 on a labelled batch is about 2.1M): the backward then skips recomputing them.
-_AUTO_SAVED_TILE_ENTRIES = 1 << 23
 
 
 def _tile(memory: str, rows: int, cols: int):
@@ -87,21 +80,6 @@ def _prepare_labelled(embeddings, labels, reduction, memory, ref_emb=None, ref_l
     return x, ref_emb, labels, ref_labels
 
 
-def _save_tiles(memory, x, y, rows, cols, block_rows):
-    """Whether the forward keeps its tiles of S for the backward (saving the backward one GEMM): "matrix" when a
-    gradient is needed; "auto" too when they are at most _AUTO_SAVED_TILE_ENTRIES (CPU only: a GPU recomputes a
-    tile faster than it reads it back); never "streaming"."""
-    if memory == "streaming" or not torch.is_grad_enabled():
-        return False
-    if not (x.requires_grad or (y is not None and y.requires_grad)):
-        return False
-    if memory == "matrix":
-        return True
-    if x.device.type != "cpu":
-        return False
-    return saved_tile_entries(rows, cols, y is None, block_rows, x.device.type) <= _AUTO_SAVED_TILE_ENTRIES
-
-
 def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, memory="auto", col_stats=False):
     """The engine's statistics on the cosine similarities of x's (and y's) rows: the op normalizes them itself."""
     rows = x.shape[0]
@@ -109,7 +87,7 @@ def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, me
     block_rows, block_cols = _tile(memory, rows, cols)
     if not isinstance(scale, torch.Tensor):
         scale = _scale_tensor(scale, x)
-    row_stats, col_stats_out, _ = ops.lse_stats(
+    return ops.lse_stats(
         x,
         y,
         labels,
@@ -122,9 +100,7 @@ def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, me
         col_stats,
         block_rows,
         block_cols,
-        _save_tiles(memory, x, y, rows, cols, block_rows),
     )
-    return row_stats, col_stats_out
 
 
 def _safe(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -169,7 +145,7 @@ def supcon_loss(
     positive give 0; as in PML, a batch without any positive or any negative pair gives 0.
 
     ``reduction``: ``"mean_nonzero"`` (PML's default, the mean over the anchors whose loss is > 0), ``"mean"``
-    (over all B anchors), ``"sum"``, ``"none"`` (B,). ``memory``: see the module docstring (``"streaming"`` never holds B×B).
+    (over all B anchors), ``"sum"``, ``"none"`` (B,). ``memory``: ``"auto"``/``"streaming"`` never hold B×B.
     """
     v.check_reduction(reduction)
     return _reduce(_supcon_per_anchor(embeddings, labels, temperature=temperature, memory=memory), reduction)
@@ -472,7 +448,7 @@ def info_nce_loss(
     col_keys = torch.arange(m, device=queries.device)
     block_rows, block_cols = _tile("streaming", n, m)
     # normalize: the op scales its tiles by the rows' inverse norms (no normalized copies of q and k)
-    rows, cols, _ = ops.lse_stats(
+    rows, cols = ops.lse_stats(
         queries, keys, row_keys, col_keys, None, scale, "scaled", [], normalize, symmetric, block_rows, block_cols
     )
     # cross-entropy: LSE over all keys − the positive's logit (lin_pos = z_ii)

@@ -91,72 +91,6 @@ def test_parity_with_reference(device, name, labels_kind, force_tile):
                 assert_close(grad, expected_grad)
 
 
-def test_which_calls_keep_their_tiles(monkeypatch):
-    """save_tiles as documented: "matrix" with a gradient, "auto" with a gradient up to the threshold (CPU),
-    never "streaming" nor without a gradient; the saved count is the kernel's."""
-    calls = []
-
-    class SpyOps:
-        def __getattr__(self, name):
-            return getattr(ops, name)
-
-        def lse_stats(self, *args):
-            out = ops.lse_stats(*args)
-            calls.append((args[-1], out[2].numel()))
-            return out
-
-    monkeypatch.setattr(sim, "ops", SpyOps())
-    x, labels = _data(b=10), _labels("classes", 10)
-    for memory in ("auto", "matrix", "streaming"):
-        metricops.supcon_loss(x, labels, memory=memory).backward()
-        with torch.no_grad():
-            metricops.supcon_loss(x, labels, memory=memory)
-    # B = 10 < 256 rows: one strip, all 10 × 10 entries are kept
-    monkeypatch.setattr(sim, "_AUTO_SAVED_TILE_ENTRIES", 99)
-    metricops.supcon_loss(x, labels).backward()
-    monkeypatch.setattr(sim, "_AUTO_SAVED_TILE_ENTRIES", 100)
-    metricops.supcon_loss(x, labels).backward()
-    expected = [(True, 100), (False, 0), (True, 100), (False, 0), (False, 0), (False, 0), (False, 0), (True, 100)]
-    assert calls == expected
-
-
-def test_saved_tile_count_closed_form_matches_the_kernel():
-    """The fake kernel's closed form for the self mode's upper strips, against the kernel, ragged strips included;
-    and a backward given tiles of another problem refuses them."""
-    from metricops._registrations.similarity import saved_tile_entries
-
-    scale = torch.tensor(1.0, dtype=torch.float64)
-    for b in (1, 2, 5, 17, 64, 257, 600):
-        x = torch.randn(b, 3, dtype=torch.float64)
-        for block_rows in (0, 1, 3, 7, 256, 1000):
-            _, _, tiles = ops.lse_stats(
-                x, None, torch.arange(b), None, None, scale, "scaled", [], False, False, block_rows, 0, True
-            )
-            assert tiles.numel() == saved_tile_entries(b, b, True, block_rows, "cpu"), (b, block_rows)
-    rows, cols, tiles = ops.lse_stats(
-        x, None, torch.arange(600), None, None, scale, "scaled", [], False, False, 7, 0, True
-    )
-    with pytest.raises(ValueError, match="tiles must be the forward's saved tiles: a 1-D Double tensor of"):
-        ops.lse_stats_backward(
-            torch.ones_like(rows),
-            None,
-            x,
-            None,
-            torch.arange(600),
-            None,
-            None,
-            scale,
-            "scaled",
-            [],
-            False,
-            rows,
-            cols,
-            3,
-            0,
-            tiles,
-        )
-
-
 @pytest.mark.parametrize("name", list(LOSSES))
 @pytest.mark.parametrize("b", [0, 1, 2])
 def test_tiny_batches(name, b):
@@ -348,23 +282,19 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("save_tiles", [False, True])
 @pytest.mark.parametrize("case", range(10))
-def test_opcheck(case, save_tiles):
-    """Forward and backward ops; with save_tiles the fake kernel's tile count (a closed form) must match the
-    kernel's over ragged strips, and the backward reads the saved tiles."""
+def test_opcheck(case):
     args = _opcheck_cases()[case]
     x = args[0].clone().requires_grad_()
     y = None if args[1] is None else args[1].clone().requires_grad_()
-    args = (x, y) + args[2:] + (save_tiles,)
+    args = (x, y) + args[2:]
     torch.library.opcheck(ops.lse_stats.default, args)
-    rows, cols, tiles = ops.lse_stats(*args)
-    assert (tiles.numel() > 0) == save_tiles
+    rows, cols = ops.lse_stats(*args)
     grad_rows = torch.randn_like(rows)
     grad_cols = torch.randn_like(cols) if cols.shape[0] else None
     x, y = x.detach(), None if y is None else y.detach()
-    backward_args = (grad_rows, grad_cols, x, y) + args[2:9] + (rows.detach(), cols.detach()) + args[10:12]
-    torch.library.opcheck(ops.lse_stats_backward.default, backward_args + (tiles,))
+    backward_args = (grad_rows, grad_cols, x, y) + args[2:9] + (rows.detach(), cols.detach()) + args[10:]
+    torch.library.opcheck(ops.lse_stats_backward.default, backward_args)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

@@ -120,18 +120,4 @@ inline void with_policy(const PolicySpec& spec, c10::ArrayRef<double> a, double 
 }
 
 }  // namespace lse
-
-// The forward's saved tiles as lse_stats_backward receives them: None or empty
-// (recompute), or exactly the forward's `entries` in x's dtype (undefined
-// result: recompute).
-inline at::Tensor checked_saved_tiles(const c10::optional<at::Tensor>& tiles, int64_t entries, const at::Tensor& x) {
-  if (!tiles.has_value() || tiles->numel() == 0) return at::Tensor();
-  TORCH_CHECK_VALUE(tiles->dim() == 1 && tiles->numel() == entries && tiles->scalar_type() == x.scalar_type() &&
-                        tiles->device() == x.device(),
-                    "lse_stats_backward: tiles must be the forward's saved tiles: a 1-D ", x.scalar_type(),
-                    " tensor of ", entries, " entries on ", x.device(), " for these inputs and tiles, got shape ",
-                    tiles->sizes(), " ", tiles->scalar_type(), " on ", tiles->device());
-  return tiles->contiguous();
-}
-
 }  // namespace metricops

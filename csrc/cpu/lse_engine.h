@@ -380,14 +380,13 @@ struct GradCoefficients {
   const acc_t* field(int f) const { return data + f * n; }
 };
 
-// Row i's entries s_in[0..n) (columns c0..) -> G in s_out (may be s_in):
-// dL/ds_ij from the row's coefficients, plus (for columns j >= col_from)
-// dL/ds seen from column j with the column's coefficients.
+// Row i's entries s[0..n) (columns c0..) -> G in place: dL/ds_ij from the row's
+// coefficients, plus (for columns j >= col_from) dL/ds seen from column j
+// with the column's coefficients.
 template <typename Policy, typename acc_t>
-METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& pr, const acc_t* s_in, acc_t* s_out,
-                                        int64_t n, int64_t i, int64_t c0, int64_t skip,
-                                        const GradCoefficients<acc_t>& rg, const GradCoefficients<acc_t>& cg,
-                                        int64_t col_from) {
+METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& pr, acc_t* s, int64_t n, int64_t i,
+                                        int64_t c0, int64_t skip, const GradCoefficients<acc_t>& rg,
+                                        const GradCoefficients<acc_t>& cg, int64_t col_from) {
   const int64_t rk = pr.row_keys[i];
   const int64_t* ck = pr.col_keys + c0;
   const acc_t* own = pr.row_params(i);
@@ -398,15 +397,14 @@ METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& p
   const acc_t glp = rg.field(kGGradLinPos)[i], gln = rg.field(kGGradLinNeg)[i];
   if (!cg.data) col_from = n;
   for (int64_t j = 0; j < col_from; ++j) {
-    const acc_t s = s_in[j];
     const bool pos = ck[j] == rk;
     const acc_t* other = other0 ? other0 + j * P : nullptr;
-    const bool valid = (j != skip) & p.keep(s, pos, own, other);
+    const bool valid = (j != skip) & p.keep(s[j], pos, own, other);
     acc_t phi, dphi, dlin;
-    p.grad(s, pos, own, other, phi, dphi, dlin);
+    p.grad(s[j], pos, own, other, phi, dphi, dlin);
     acc_t d = (pos ? glp : gln) * dlin;
     if (Policy::kLse) d += (pos ? gp : gn) * lse_exp(phi - (pos ? lp : ln)) * dphi;
-    s_out[j] = valid ? d : acc_t(0);
+    s[j] = valid ? d : acc_t(0);
   }
   if (col_from >= n) return;
   const acc_t* clp = cg.field(kGLsePos) + c0;
@@ -416,82 +414,42 @@ METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& p
   const acc_t* cglp = cg.field(kGGradLinPos) + c0;
   const acc_t* cgln = cg.field(kGGradLinNeg) + c0;
   for (int64_t j = col_from; j < n; ++j) {
-    const acc_t s = s_in[j];
     const bool pos = ck[j] == rk;
     const acc_t* other = other0 ? other0 + j * P : nullptr;
-    const bool valid = p.keep(s, pos, own, other);
-    const bool valid_t = p.keep(s, pos, other, own);
+    const bool valid = p.keep(s[j], pos, own, other);
+    const bool valid_t = p.keep(s[j], pos, other, own);
     acc_t phi, dphi, dlin, phi_t, dphi_t, dlin_t;
-    p.grad(s, pos, own, other, phi, dphi, dlin);
-    p.grad(s, pos, other, own, phi_t, dphi_t, dlin_t);
+    p.grad(s[j], pos, own, other, phi, dphi, dlin);
+    p.grad(s[j], pos, other, own, phi_t, dphi_t, dlin_t);
     acc_t d = (pos ? glp : gln) * dlin;
     acc_t dt = (pos ? cglp[j] : cgln[j]) * dlin_t;
     if (Policy::kLse) {
       d += (pos ? gp : gn) * lse_exp(phi - (pos ? lp : ln)) * dphi;
       dt += (pos ? cgp[j] : cgn[j]) * lse_exp(phi_t - (pos ? clp[j] : cln[j])) * dphi_t;
     }
-    s_out[j] = (valid ? d : acc_t(0)) + (valid_t ? dt : acc_t(0));
+    s[j] = (valid ? d : acc_t(0)) + (valid_t ? dt : acc_t(0));
   }
-}
-
-// The self mode's diagonal block (n × n at the start of rows of stride ld):
-// both orders of each pair are row-direction entries, so G += Gᵀ, in place
-// (row i owns the pairs j > i: no two tasks touch the same entry).
-template <typename acc_t>
-void symmetrize_block(acc_t* G, int64_t ld, int64_t n) {
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t* gi = G + i * ld;
-      gi[i] += gi[i];
-      for (int64_t j = i + 1; j < n; ++j) {
-        const acc_t both = gi[j] + G[j * ld + i];
-        gi[j] = both;
-        G[j * ld + i] = both;
-      }
-    }
-  });
 }
 
 // ------------------------------------------------------------ drivers
 
-// Entries of all the tiles a forward computes, in order: B·M, or in the self
-// mode the upper strips, Σ_strips rows·(B − r0) (the chunk width does not
-// matter). metricops/_registrations/similarity.py's fake kernel has the same
-// formula.
-template <typename acc_t>
-int64_t saved_tile_entries(const Problem<acc_t>& pr) {
-  const int64_t B = pr.rows(), M = pr.cols();
-  if (B == 0 || M == 0) return 0;
-  if (!pr.self) return B * M;
-  int64_t R, W, total = 0;
-  tile_shape(pr, R, W);
-  for (int64_t r0 = 0; r0 < B; r0 += R) total += std::min(R, B - r0) * (M - r0);
-  return total;
-}
-
 // Accumulates the statistics of every row (row_acc, (B, kNumAcc), initialised
 // by acc_init) and, with pr.col_stats in the non-self mode, of every column
-// (col_acc, (M, kNumAcc)). `saved` defined (saved_tile_entries long): every
-// tile of S (scaled when normalizing) is kept there, one after another, for
-// the backward; else one buffer is reused.
+// (col_acc, (M, kNumAcc)).
 template <typename Policy, typename acc_t>
-void forward(const Policy& p, const Problem<acc_t>& pr, acc_t* row_acc, acc_t* col_acc,
-             const at::Tensor& saved = at::Tensor()) {
+void forward(const Policy& p, const Problem<acc_t>& pr, acc_t* row_acc, acc_t* col_acc) {
   const int64_t B = pr.rows(), M = pr.cols();
   if (B == 0 || M == 0) return;
   int64_t R, W;
   tile_shape(pr, R, W);
-  const bool keep = saved.defined();
-  at::Tensor buffer = keep ? saved : at::empty({R * W}, pr.x.options());
-  int64_t offset = 0;
+  at::Tensor buffer = at::empty({R * W}, pr.x.options());
   const bool cols_dir = pr.self || (pr.col_stats && col_acc);
   acc_t* cacc = pr.self ? row_acc : col_acc;
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t rows = std::min(R, B - r0);
     for (int64_t c0 = pr.self ? r0 : 0; c0 < M; c0 += W) {
       const int64_t cols = std::min(W, M - c0);
-      at::Tensor S = buffer.narrow(0, offset, rows * cols).view({rows, cols});
-      if (keep) offset += rows * cols;
+      at::Tensor S = buffer.narrow(0, 0, rows * cols).view({rows, cols});
       at::mm_out(S, pr.x.narrow(0, r0, rows), pr.y.narrow(0, c0, cols).t());
       acc_t* sp = S.mutable_data_ptr<acc_t>();
       at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
@@ -522,19 +480,14 @@ void forward(const Policy& p, const Problem<acc_t>& pr, acc_t* row_acc, acc_t* c
 // per-column (col_g; else empty) coefficients (grad_coefficients, stored as
 // GradCoefficients): grad_x (B, D) and, in
 // the non-self mode, grad_y (M, D) (both zero-initialised by the caller).
-// `saved`: the forward's tiles (same problem and tiles), read instead of
-// recomputing each one (a GEMM and the normalization's scaling); or undefined.
 template <typename Policy, typename acc_t>
 void backward(const Policy& p, const Problem<acc_t>& pr, const GradCoefficients<acc_t>& row_g,
-              const GradCoefficients<acc_t>& col_g, at::Tensor& grad_x, at::Tensor* grad_y,
-              const at::Tensor& saved = at::Tensor()) {
+              const GradCoefficients<acc_t>& col_g, at::Tensor& grad_x, at::Tensor* grad_y) {
   const int64_t B = pr.rows(), M = pr.cols();
   if (B == 0 || M == 0) return;
   int64_t R, W;
   tile_shape(pr, R, W);
   at::Tensor buffer = at::empty({R * W}, pr.x.options());
-  const acc_t* saved_ptr = saved.defined() ? saved.const_data_ptr<acc_t>() : nullptr;
-  int64_t offset = 0;
   const GradCoefficients<acc_t>& cg = pr.self ? row_g : col_g;
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t rows = std::min(R, B - r0);
@@ -542,27 +495,24 @@ void backward(const Policy& p, const Problem<acc_t>& pr, const GradCoefficients<
     for (int64_t c0 = pr.self ? r0 : 0; c0 < M; c0 += W) {
       const int64_t cols = std::min(W, M - c0);
       at::Tensor S = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+      at::mm_out(S, x_rows, pr.y.narrow(0, c0, cols).t());
       acc_t* sp = S.mutable_data_ptr<acc_t>();
-      const acc_t* s_in = sp;
-      if (saved_ptr) {
-        s_in = saved_ptr + offset;  // already scaled
-        offset += rows * cols;
-      } else {
-        at::mm_out(S, x_rows, pr.y.narrow(0, c0, cols).t());
-      }
       const int64_t col_from = pr.self ? std::max<int64_t>(0, r0 + rows - c0) : 0;
       at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = r0 + r;
           const int64_t skip = pr.self && i >= c0 && i < c0 + cols ? i - c0 : -1;
-          if (!saved_ptr) scale_tile_row(pr, sp + r * cols, cols, i, c0);  // s from the raw product
-          row_backward(p, pr, s_in + r * cols, sp + r * cols, cols, i, c0, skip, row_g, cg, col_from);
+          scale_tile_row(pr, sp + r * cols, cols, i, c0);  // s from the raw product
+          row_backward(p, pr, sp + r * cols, cols, i, c0, skip, row_g, cg, col_from);
           scale_tile_row(pr, sp + r * cols, cols, i, c0);  // dL/ds -> coefficients of the raw rows
         }
       });
       const at::Tensor y_cols = pr.y.narrow(0, c0, cols);
       if (pr.self) {
-        if (col_from > 0) symmetrize_block(sp, cols, col_from);
+        if (col_from > 0) {  // diagonal block: both orders of each pair are row-direction entries
+          at::Tensor diag = S.narrow(1, 0, col_from);
+          diag.add_(diag.t().clone());
+        }
         at::Tensor gx_rows = grad_x.narrow(0, r0, rows);
         gx_rows.addmm_(S, y_cols);
         if (col_from < cols) {

@@ -67,32 +67,30 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cpu(
-    const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
-    const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
-    c10::string_view policy, at::ArrayRef<double> args, bool normalize, bool col_stats, int64_t block_rows,
-    int64_t block_cols, bool save_tiles) {
+std::tuple<at::Tensor, at::Tensor> lse_stats_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in,
+                                                 const at::Tensor& row_keys, const c10::optional<at::Tensor>& col_keys,
+                                                 const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
+                                                 c10::string_view policy, at::ArrayRef<double> args, bool normalize,
+                                                 bool col_stats, int64_t block_rows, int64_t block_cols) {
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, col_stats);
   const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
   const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
   at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
   at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
-  at::Tensor tiles;
   const double scale_value = scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_cpu", [&] {
     using acc_t = scalar_t;
     const auto pr = make_problem<acc_t>(in, col_stats, block_rows, block_cols);
-    tiles = at::empty({save_tiles ? lse_engine::saved_tile_entries(pr) : 0}, in.x.options());
     std::vector<acc_t> racc(B * kNumAcc), cacc(col_stats ? M * kNumAcc : 0);
     for (int64_t i = 0; i < B; ++i) acc_init(racc.data() + i * kNumAcc);
     for (int64_t j = 0; j < static_cast<int64_t>(cacc.size()) / kNumAcc; ++j) acc_init(cacc.data() + j * kNumAcc);
     with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
-      lse_engine::forward(pol, pr, racc.data(), col_stats ? cacc.data() : nullptr, save_tiles ? tiles : at::Tensor());
+      lse_engine::forward(pol, pr, racc.data(), col_stats ? cacc.data() : nullptr);
     });
     lse_engine::finalize(racc.data(), B, row_out.mutable_data_ptr<acc_t>());
     if (col_stats) lse_engine::finalize(cacc.data(), M, col_out.mutable_data_ptr<acc_t>());
   });
-  return {row_out, col_out, tiles};
+  return {row_out, col_out};
 }
 
 std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
@@ -100,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
     const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
     c10::string_view policy, at::ArrayRef<double> args, bool normalize, const at::Tensor& row_stats,
-    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols, const c10::optional<at::Tensor>& tiles) {
+    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols) {
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
   const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
@@ -134,9 +132,8 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
     const std::vector<acc_t> col_g = has_col ? coefficients(col_stats, grad_col_stats, M) : std::vector<acc_t>();
     lse_engine::GradCoefficients<acc_t> rg{row_g.data(), B}, cg;
     if (has_col) cg = {col_g.data(), M};
-    const at::Tensor saved = checked_saved_tiles(tiles, lse_engine::saved_tile_entries(pr), in.x);
     with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
-      lse_engine::backward(pol, pr, rg, cg, grad_x, in.y.has_value() ? &grad_y : nullptr, saved);
+      lse_engine::backward(pol, pr, rg, cg, grad_x, in.y.has_value() ? &grad_y : nullptr);
     });
   });
   if (normalize) {

@@ -151,16 +151,15 @@ __device__ inline acc_t direction_grad(const Policy& p, acc_t s, bool pos, const
 // S -> dL/dS in place over a strip chunk: the row direction from the rows'
 // coefficients (rg, SoA over B rows), plus, for columns j >= col_from, the
 // column direction from the columns' coefficients (cg, SoA over ncols).
-// S_in: the recomputed chunk (then S_in == S) or the forward's saved one.
 template <typename Policy, typename acc_t>
-__global__ void backward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc_t* S_in, acc_t* S, int64_t rows,
-                                int64_t cols, int64_t r0, int64_t c0, const acc_t* __restrict__ rg, int64_t nrows,
+__global__ void backward_kernel(Policy p, DeviceProblem<acc_t> pr, acc_t* __restrict__ S, int64_t rows, int64_t cols,
+                                int64_t r0, int64_t c0, const acc_t* __restrict__ rg, int64_t nrows,
                                 const acc_t* __restrict__ cg, int64_t ncols, int64_t col_from) {
   METRICOPS_CUDA_KERNEL_LOOP(e, rows * cols) {
     const int64_t r = e / cols, j = e % cols;
     const int64_t i = r0 + r, col = c0 + j;
     const acc_t scale = pr.entry_scale(i, col);  // normalize: s from the raw product, dL/ds to raw rows
-    const acc_t s = S_in[e] * scale;
+    const acc_t s = S[e] * scale;
     const bool pos = pr.row_keys[i] == pr.col_keys[col];
     const acc_t* own = pr.row_params(i);
     const acc_t* other = pr.col_params(col);
@@ -171,39 +170,22 @@ __global__ void backward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc_t* 
   }
 }
 
-// Entries of all the tiles a forward computes (the CPU driver's
-// saved_tile_entries: B·M, or in the self mode Σ_strips rows·(B − r0)).
-inline int64_t saved_tile_entries(int64_t B, int64_t M, bool self, int64_t block_rows, int64_t block_cols) {
-  if (B == 0 || M == 0) return 0;
-  if (!self) return B * M;
-  int64_t R, W, total = 0;
-  tile_shape(B, M, self, block_rows, block_cols, R, W);
-  for (int64_t r0 = 0; r0 < B; r0 += R) total += std::min(R, B - r0) * (M - r0);
-  return total;
-}
-
 // Forward: row_acc (B, kNumAcc) and, non-self with col_acc, column
-// accumulators (M, kNumAcc), both acc_init'ed by the caller. `saved` defined
-// (saved_tile_entries long): every raw tile is kept there, in order, for the
-// backward.
+// accumulators (M, kNumAcc), both acc_init'ed by the caller.
 template <typename Policy, typename acc_t>
 void forward(const Policy& p, const DeviceProblem<acc_t>& pr, const at::Tensor& x, const at::Tensor& y,
-             int64_t block_rows, int64_t block_cols, acc_t* row_acc, acc_t* col_acc,
-             const at::Tensor& saved = at::Tensor()) {
+             int64_t block_rows, int64_t block_cols, acc_t* row_acc, acc_t* col_acc) {
   const int64_t B = x.size(0), M = y.size(0);
   if (B == 0 || M == 0) return;
   int64_t R, W;
   tile_shape(B, M, pr.self, block_rows, block_cols, R, W);
-  const bool keep = saved.defined();
-  at::Tensor buffer = keep ? saved : at::empty({R * W}, x.options());
-  int64_t offset = 0;
+  at::Tensor buffer = at::empty({R * W}, x.options());
   acc_t* cacc = pr.self ? row_acc : col_acc;
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t rows = std::min(R, B - r0);
     for (int64_t c0 = pr.self ? r0 : 0; c0 < M; c0 += W) {
       const int64_t cols = std::min(W, M - c0);
-      at::Tensor S = buffer.narrow(0, offset, rows * cols).view({rows, cols});
-      if (keep) offset += rows * cols;
+      at::Tensor S = buffer.narrow(0, 0, rows * cols).view({rows, cols});
       at::mm_out(S, x.narrow(0, r0, rows), y.narrow(0, c0, cols).t());
       const acc_t* sp = S.const_data_ptr<acc_t>();
       rows_forward_kernel<<<grid_for(rows, kThreads / 32), kThreads, 0, current_stream()>>>(p, pr, sp, rows, cols, r0,
@@ -219,19 +201,16 @@ void forward(const Policy& p, const DeviceProblem<acc_t>& pr, const at::Tensor& 
   }
 }
 
-// Backward: grad_x (B, D) and, non-self, grad_y (M, D) (zero-initialised, acc
-// dtype). `saved`: the forward's raw tiles, read instead of recomputing them.
+// Backward: grad_x (B, D) and, non-self, grad_y (M, D) (zero-initialised, acc dtype).
 template <typename Policy, typename acc_t>
 void backward(const Policy& p, const DeviceProblem<acc_t>& pr, const at::Tensor& x, const at::Tensor& y,
               int64_t block_rows, int64_t block_cols, const acc_t* rg, const acc_t* cg, at::Tensor& grad_x,
-              at::Tensor* grad_y, const at::Tensor& saved = at::Tensor()) {
+              at::Tensor* grad_y) {
   const int64_t B = x.size(0), M = y.size(0);
   if (B == 0 || M == 0) return;
   int64_t R, W;
   tile_shape(B, M, pr.self, block_rows, block_cols, R, W);
   at::Tensor buffer = at::empty({R * W}, x.options());
-  const acc_t* saved_ptr = saved.defined() ? saved.const_data_ptr<acc_t>() : nullptr;
-  int64_t offset = 0;
   const acc_t* col_g = pr.self ? rg : cg;
   const int64_t ncols = pr.self ? B : M;
   for (int64_t r0 = 0; r0 < B; r0 += R) {
@@ -240,17 +219,10 @@ void backward(const Policy& p, const DeviceProblem<acc_t>& pr, const at::Tensor&
     for (int64_t c0 = pr.self ? r0 : 0; c0 < M; c0 += W) {
       const int64_t cols = std::min(W, M - c0);
       at::Tensor S = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-      acc_t* sp = S.mutable_data_ptr<acc_t>();
-      const acc_t* s_in = sp;
-      if (saved_ptr) {
-        s_in = saved_ptr + offset;
-        offset += rows * cols;
-      } else {
-        at::mm_out(S, x_rows, y.narrow(0, c0, cols).t());
-      }
+      at::mm_out(S, x_rows, y.narrow(0, c0, cols).t());
       const int64_t col_from = pr.self ? std::max<int64_t>(0, r0 + rows - c0) : 0;
-      backward_kernel<<<grid_for(rows * cols), kThreads, 0, current_stream()>>>(p, pr, s_in, sp, rows, cols, r0, c0, rg,
-                                                                                B, col_g, ncols, col_from);
+      backward_kernel<<<grid_for(rows * cols), kThreads, 0, current_stream()>>>(
+          p, pr, S.mutable_data_ptr<acc_t>(), rows, cols, r0, c0, rg, B, col_g, ncols, col_from);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const at::Tensor y_cols = y.narrow(0, c0, cols);
       if (pr.self) {

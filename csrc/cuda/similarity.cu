@@ -62,20 +62,18 @@ lse_engine::DeviceProblem<acc_t> device_problem(const Prepared& in) {
           normalize ? in.y_norms.first.const_data_ptr<acc_t>() : nullptr};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
-    const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
-    const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
-    c10::string_view policy, at::ArrayRef<double> args, bool normalize, bool col_stats, int64_t block_rows,
-    int64_t block_cols, bool save_tiles) {
+std::tuple<at::Tensor, at::Tensor> lse_stats_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in,
+                                                  const at::Tensor& row_keys, const c10::optional<at::Tensor>& col_keys,
+                                                  const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
+                                                  c10::string_view policy, at::ArrayRef<double> args, bool normalize,
+                                                  bool col_stats, int64_t block_rows, int64_t block_cols) {
   METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, col_stats);
   const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
   const int64_t B = in.x.size(0), M = in.y.size(0);
   at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
   at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
-  at::Tensor tiles = at::empty({save_tiles ? lse_engine::saved_tile_entries(B, M, in.self, block_rows, block_cols) : 0},
-                               in.x.options());
-  if (B == 0) return {row_out, col_out, tiles};
+  if (B == 0) return {row_out, col_out};
   const double scale_value = scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_cuda", [&] {
     using acc_t = scalar_t;
@@ -90,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
     const auto pr = device_problem<acc_t>(in);
     with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
       lse_engine::forward(pol, pr, in.x, in.y, block_rows, block_cols, racc.mutable_data_ptr<acc_t>(),
-                          col_stats ? cacc.mutable_data_ptr<acc_t>() : nullptr, save_tiles ? tiles : at::Tensor());
+                          col_stats ? cacc.mutable_data_ptr<acc_t>() : nullptr);
     });
     lse_engine::finalize_kernel<<<grid_for(B), kThreads, 0, current_stream()>>>(racc.const_data_ptr<acc_t>(), B,
                                                                                 row_out.mutable_data_ptr<acc_t>());
@@ -101,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {row_out, col_out, tiles};
+  return {row_out, col_out};
 }
 
 std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
@@ -109,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
     const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
     c10::string_view policy, at::ArrayRef<double> args, bool normalize, const at::Tensor& row_stats,
-    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols, const c10::optional<at::Tensor>& tiles) {
+    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols) {
   METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
@@ -139,12 +137,9 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
       const at::Tensor rg = coefficients(row_stats, grad_row_stats, B);
       const at::Tensor cg = has_col ? coefficients(col_stats, grad_col_stats, M) : at::Tensor();
       const auto pr = device_problem<acc_t>(in);
-      const at::Tensor saved =
-          checked_saved_tiles(tiles, lse_engine::saved_tile_entries(B, M, in.self, block_rows, block_cols), in.x);
       with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
         lse_engine::backward(pol, pr, in.x, in.y, block_rows, block_cols, rg.const_data_ptr<acc_t>(),
-                             has_col ? cg.const_data_ptr<acc_t>() : nullptr, grad_x, in.self ? nullptr : &grad_y,
-                             saved);
+                             has_col ? cg.const_data_ptr<acc_t>() : nullptr, grad_x, in.self ? nullptr : &grad_y);
       });
       if (normalize) {
         project_folded_norm_grad(grad_x, in.x, in.x_norms.second);

@@ -67,50 +67,14 @@ def _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col
     torch._check_type(scale.dtype.is_floating_point, lambda: f"scale must be floating, got {scale.dtype}")
 
 
-# The drivers' default strip rows (cpu/lse_engine.h, cuda/lse_engine.cuh kDefaultBlockRows): the self mode's saved
-# tiles cover the upper strips, so their size depends on them.
-_DEFAULT_BLOCK_ROWS = {"cpu": 256, "cuda": 1024}
-
-
-def saved_tile_entries(rows, cols, self_mode, block_rows, device_type):
-    """Entries of the tiles lse_stats(save_tiles=True) keeps: rows·cols, or in the self mode the upper strips
-    Σ_strips strip_rows·(B − r0) (closed form; works on symbolic sizes)."""
-    if rows == 0 or cols == 0:
-        return 0
-    if not self_mode:
-        return rows * cols
-    r = block_rows if block_rows > 0 else _DEFAULT_BLOCK_ROWS.get(device_type, 256)
-    r = torch.sym_min(r, rows)
-    n = (rows + r - 1) // r  # strips; the last has rows - (n - 1)·r rows
-    last = rows - (n - 1) * r
-    return r * n * rows - r * r * n * (n - 1) // 2 - (r - last) * (rows - (n - 1) * r)
-
-
 @torch.library.register_fake(LIB + "lse_stats")
 def _lse_stats_fake(
-    x,
-    y,
-    row_keys,
-    col_keys,
-    row_params,
-    scale,
-    policy,
-    args,
-    normalize,
-    col_stats,
-    block_rows,
-    block_cols,
-    save_tiles=False,
+    x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats, block_rows, block_cols
 ):
     _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats)
     acc = accumulation_dtype(x.dtype)
     m = y.shape[0] if y is not None else x.shape[0]
-    entries = saved_tile_entries(x.shape[0], m, y is None, block_rows, x.device.type) if save_tiles else 0
-    return (
-        x.new_empty((x.shape[0], NUM_STATS), dtype=acc),
-        x.new_empty((m if col_stats else 0, NUM_STATS), dtype=acc),
-        x.new_empty((entries,), dtype=acc),
-    )
+    return x.new_empty((x.shape[0], NUM_STATS), dtype=acc), x.new_empty((m if col_stats else 0, NUM_STATS), dtype=acc)
 
 
 @torch.library.register_fake(LIB + "lse_stats_backward")
@@ -130,7 +94,6 @@ def _lse_stats_backward_fake(
     col_stats,
     br,
     bc,
-    tiles=None,
 ):
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     gy = torch.empty_like(y, memory_format=torch.contiguous_format) if y is not None else x.new_empty((0, x.shape[1]))
@@ -139,13 +102,10 @@ def _lse_stats_backward_fake(
 
 def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats, block_rows, block_cols = inputs[
-        :12
-    ]
-    row_stats, col_stats_out, tiles = output
-    # the statistics' columns 0-3 carry gradients, the others are used as constants; the tiles none
-    ctx.mark_non_differentiable(tiles)
-    ctx.save_for_backward(x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats_out, tiles)
+    x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats, block_rows, block_cols = inputs
+    row_stats, col_stats_out = output
+    ctx.mark_non_differentiable()  # all four columns 0-3 carry gradients; the others are used as constants
+    ctx.save_for_backward(x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats_out)
     ctx.args = (policy, args, normalize, block_rows, block_cols)
 
 
@@ -159,13 +119,13 @@ def _scale_grad(grad, stats, scale):
     return part.sum() + lin.sum() / scale.to(stats.dtype)
 
 
-def _backward(ctx, grad_row, grad_col, _grad_tiles):
-    x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats, tiles = ctx.saved_tensors
+def _backward(ctx, grad_row, grad_col):
+    x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats = ctx.saved_tensors
     policy, args, normalize, block_rows, block_cols = ctx.args
     needs = ctx.needs_input_grad
     grad_x = grad_y = grad_params = grad_scale = None
     if grad_row is None and grad_col is None:
-        return (None,) * 13
+        return (None,) * 12
     if needs[0] or (y is not None and needs[1]):
         grad_x, grad_y = ops.lse_stats_backward(
             grad_row,
@@ -183,7 +143,6 @@ def _backward(ctx, grad_row, grad_col, _grad_tiles):
             col_stats,
             block_rows,
             block_cols,
-            tiles,
         )
         if y is None:
             grad_y = None
@@ -196,7 +155,7 @@ def _backward(ctx, grad_row, grad_col, _grad_tiles):
             # pass with w = g (r and LA are symmetric).
             g = grad_row[:, LIN_POS].to(row_params.dtype)
             weighted = torch.stack([row_params[:, 0], g], 1)
-            again, _, _ = ops.lse_stats(
+            again, _ = ops.lse_stats(
                 x, y, row_keys, col_keys, weighted, scale, policy, args, normalize, False, block_rows, block_cols
             )
             grad_l = g * row_stats[:, AUX_POS] + again[:, AUX_POS]
@@ -212,7 +171,7 @@ def _backward(ctx, grad_row, grad_col, _grad_tiles):
             if p is not None
         ]
         grad_scale = sum(parts).to(scale.dtype) if parts else None
-    return grad_x, grad_y, None, None, grad_params, grad_scale, None, None, None, None, None, None, None
+    return grad_x, grad_y, None, None, grad_params, grad_scale, None, None, None, None, None, None
 
 
 register_autograd("lse_stats", _backward, _setup_context)

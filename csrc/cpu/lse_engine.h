@@ -431,6 +431,24 @@ METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& p
   }
 }
 
+// The self mode's diagonal block (n × n at the start of rows of stride ld):
+// both orders of each pair are row-direction entries, so G += Gᵀ, in place
+// (row i owns the pairs j > i: no two tasks touch the same entry).
+template <typename acc_t>
+void symmetrize_block(acc_t* G, int64_t ld, int64_t n) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t* gi = G + i * ld;
+      gi[i] += gi[i];
+      for (int64_t j = i + 1; j < n; ++j) {
+        const acc_t both = gi[j] + G[j * ld + i];
+        gi[j] = both;
+        G[j * ld + i] = both;
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------------ drivers
 
 // Accumulates the statistics of every row (row_acc, (B, kNumAcc), initialised
@@ -509,10 +527,7 @@ void backward(const Policy& p, const Problem<acc_t>& pr, const GradCoefficients<
       });
       const at::Tensor y_cols = pr.y.narrow(0, c0, cols);
       if (pr.self) {
-        if (col_from > 0) {  // diagonal block: both orders of each pair are row-direction entries
-          at::Tensor diag = S.narrow(1, 0, col_from);
-          diag.add_(diag.t().clone());
-        }
+        if (col_from > 0) symmetrize_block(sp, cols, col_from);
         at::Tensor gx_rows = grad_x.narrow(0, r0, rows);
         gx_rows.addmm_(S, y_cols);
         if (col_from < cols) {

@@ -63,21 +63,26 @@ def _fwd_bwd(loss_fn, x, labels):
     return go
 
 
-def _with_path(path, fn):
-    """fn under METRICOPS_CUDA_TRIPLET_PATH=path (the CUDA kernels read it at each call)."""
+def _with_env(name, value, fn):
+    """fn under the environment variable name=value (the CUDA kernels read it at each call)."""
 
     def go():
-        old = os.environ.get("METRICOPS_CUDA_TRIPLET_PATH")
-        os.environ["METRICOPS_CUDA_TRIPLET_PATH"] = path
+        old = os.environ.get(name)
+        os.environ[name] = value
         try:
             return fn()
         finally:
             if old is None:
-                os.environ.pop("METRICOPS_CUDA_TRIPLET_PATH")
+                os.environ.pop(name)
             else:
-                os.environ["METRICOPS_CUDA_TRIPLET_PATH"] = old
+                os.environ[name] = old
 
     return go
+
+
+def _with_path(path, fn):
+    """fn under METRICOPS_CUDA_TRIPLET_PATH=path."""
+    return _with_env("METRICOPS_CUDA_TRIPLET_PATH", path, fn)
 
 
 def cases(device, tiny):
@@ -133,6 +138,34 @@ def cases(device, tiny):
             "contrastive matrix",
             dict(B=mid, D=D, dtype=str(dtype)),
             _fwd_bwd(lambda t, lab: metricops.contrastive_loss(t, lab, memory="matrix"), xh, labels_h),
+        )
+    # The backwards that sum norm terms over rows and columns, on both METRICOPS_CUDA_COLUMN_SUMS paths: "serial"
+    # (an M×N buffer of them for the pairwise distance; one thread per column for the contrastive matrix) and
+    # "chunked" (cuda/reductions.cuh). Equal "value"s across the paths are the comparison of results.
+    x, labels = batch(mid)
+    for path in ("serial", "chunked"):
+        params = dict(B=mid, D=D, column_sums=path)
+        yield (
+            "pairwise_distance self backward",
+            params,
+            _with_env(
+                "METRICOPS_CUDA_COLUMN_SUMS",
+                path,
+                _fwd_bwd(lambda t, lab: metricops.pairwise_distance(t).sum(), x, labels),
+            ),
+        )
+        yield (
+            "contrastive_loss none backward",
+            params,
+            _with_env(
+                "METRICOPS_CUDA_COLUMN_SUMS",
+                path,
+                _fwd_bwd(
+                    lambda t, lab: metricops.contrastive_loss(t, lab, reduction="none", memory="matrix").sum(),
+                    x,
+                    labels,
+                ),
+            ),
         )
 
 

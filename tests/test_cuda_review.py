@@ -426,3 +426,57 @@ def test_triplet_path_setting_is_checked(monkeypatch):
     x = torch.randn(8, 3, device="cuda")
     with pytest.raises(ValueError, match="METRICOPS_CUDA_TRIPLET_PATH must be 'sort' or 'scan'"):
         metricops.triplet_statistics(x, torch.zeros(8, dtype=torch.int64, device="cuda"))
+
+
+def _column_sum_cases(device):
+    g = torch.Generator().manual_seed(11)
+    # more rows than one chunk of reductions.cuh (kColumnSumRows = 128), a ragged last chunk, N != M
+    for m, n in ((300, 70), (129, 129), (5, 3)):
+        x = torch.randn(m, 6, generator=g, dtype=torch.float64).to(device)
+        y = torch.randn(n, 6, generator=g, dtype=torch.float64).to(device)
+        labels = torch.randint(0, 4, (m,), generator=g).to(device)
+        yield x, y, labels
+
+
+def _norm_term_backwards(x, y, labels, metric, dtype):
+    """Gradients of the two backwards that reduce norm terms over rows and columns: pairwise distance (self and
+    two-set) and the contrastive matrix (reduction="none")."""
+    out = []
+    for other in (None, y):
+        xr = x.to(dtype).requires_grad_()
+        yr = None if other is None else other.to(dtype).requires_grad_()
+        d = metricops.pairwise_distance(xr, yr, metric=metric)
+        w = torch.linspace(-1, 1, d.numel(), dtype=torch.float64).view_as(d).to(d)
+        leaves = (xr,) if yr is None else (xr, yr)
+        out.extend(torch.autograd.grad((d * w).sum(), leaves))
+    xr = x.to(dtype).requires_grad_()
+    loss = metricops.contrastive_loss(xr, labels, metric=metric, reduction="none", memory="matrix")
+    w = torch.linspace(-1, 1, loss.numel(), dtype=torch.float64).view_as(loss).to(loss)
+    out.extend(torch.autograd.grad((loss * w).sum(), xr))
+    return out
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_chunked_column_sums_match_serial(monkeypatch, metric, dtype):
+    """METRICOPS_CUDA_COLUMN_SUMS=chunked (no B×B buffer of norm terms, row chunks for the column sums) gives the
+    serial path's gradients, and the CPU's."""
+    for x, y, labels in _column_sum_cases("cuda"):
+        results = {}
+        for path in ("serial", "chunked"):
+            monkeypatch.setenv("METRICOPS_CUDA_COLUMN_SUMS", path)
+            results[path] = _norm_term_backwards(x, y, labels, metric, dtype)
+        cpu = _norm_term_backwards(x.cpu(), y.cpu(), labels.cpu(), metric, torch.float64)
+        tol = {} if dtype != torch.float16 else dict(rtol=2e-2, atol=2e-2)
+        for chunked, serial, expected in zip(results["chunked"], results["serial"], cpu):
+            assert_close(chunked, serial, **tol)
+            assert_close(chunked.double().cpu(), expected, **tol)
+
+
+@pytest.mark.needs_cuda
+def test_column_sums_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("METRICOPS_CUDA_COLUMN_SUMS", "fast")
+    x = torch.randn(8, 3, device="cuda", requires_grad=True)
+    with pytest.raises(ValueError, match="METRICOPS_CUDA_COLUMN_SUMS must be 'serial' or 'chunked'"):
+        metricops.pairwise_distance(x).sum().backward()

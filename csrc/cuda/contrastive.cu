@@ -13,6 +13,7 @@
 #include "common/dispatch.h"
 #include "cuda/cuda_helpers.h"
 #include "cuda/distance.h"
+#include "cuda/reductions.cuh"
 
 namespace metricops {
 namespace cuda {
@@ -133,7 +134,8 @@ __global__ void contrastive_none_row_sums_kernel(const scalar_t* __restrict__ gr
 }
 
 // Column sums of P (one thread per column: consecutive threads read
-// consecutive columns of a row, so the loads stay coalesced).
+// consecutive columns of a row, so the loads stay coalesced). The "serial"
+// path of METRICOPS_CUDA_COLUMN_SUMS; "chunked" runs cuda/reductions.cuh.
 template <typename scalar_t, typename acc_t, Metric kMetric, bool kSquared>
 __global__ void contrastive_none_col_sums_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ dist,
                                                  const acc_t* __restrict__ aux, const int64_t* __restrict__ labels,
@@ -152,6 +154,26 @@ __global__ void contrastive_none_col_sums_kernel(const scalar_t* __restrict__ gr
     out[j] = ps;
   }
 }
+
+// P_ij of the "none" backward (0 on the diagonal), for the chunked row and
+// column sums of cuda/reductions.cuh.
+template <typename scalar_t, typename acc_t, Metric kMetric, bool kSquared>
+struct ContrastiveNormTerm {
+  const scalar_t* grad;
+  const scalar_t* dist;
+  const acc_t* aux;
+  const int64_t* labels;
+  int64_t N;
+  acc_t pos_margin, neg_margin;
+  __device__ acc_t operator()(int64_t i, int64_t j) const {
+    if (i == j) return acc_t(0);
+    const int64_t idx = i * N + j;
+    acc_t w, p;
+    pair_weights<acc_t, kMetric, kSquared>(static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]),
+                                           labels[i] == labels[j], aux[i], aux[j], pos_margin, neg_margin, w, p);
+    return p;
+  }
+};
 
 struct ContrastiveKernels {
   static at::Tensor row_aux(const at::Tensor& x, Metric metric) { return row_aux_acc_cuda(x, metric); }
@@ -213,6 +235,18 @@ struct ContrastiveKernels {
               grad.const_data_ptr<scalar_t>(), dist.const_data_ptr<scalar_t>(), aux.const_data_ptr<acc_t>(),
               labels.const_data_ptr<int64_t>(), N, pm, nm, W.mutable_data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (chunked_column_sums()) {
+            const ContrastiveNormTerm<scalar_t, acc_t, kMetric, kSquared> term{grad.const_data_ptr<scalar_t>(),
+                                                                               dist.const_data_ptr<scalar_t>(),
+                                                                               aux.const_data_ptr<acc_t>(),
+                                                                               labels.const_data_ptr<int64_t>(),
+                                                                               N,
+                                                                               pm,
+                                                                               nm};
+            row_sums = ::metricops::cuda::row_sums<acc_t>(N, N, term, row_coef.options());
+            col_sums = ::metricops::cuda::column_sums<acc_t>(N, N, term, row_coef.options());
+            return;
+          }
           contrastive_none_row_sums_kernel<scalar_t, acc_t, kMetric, kSquared>
               <<<block_rows_grid(N), kThreads, 0, current_stream()>>>(
                   grad.const_data_ptr<scalar_t>(), dist.const_data_ptr<scalar_t>(), aux.const_data_ptr<acc_t>(),

@@ -12,6 +12,7 @@
 #include "common/pairwise_distance_impl.h"
 #include "cuda/cuda_helpers.h"
 #include "cuda/distance.h"
+#include "cuda/reductions.cuh"
 
 namespace metricops {
 namespace cuda {
@@ -74,7 +75,7 @@ __global__ void grad_weights_kernel(const scalar_t* __restrict__ grad, const sca
     distance_grad_weights<acc_t>(kMetric, static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), x_aux[i],
                                  y_aux[j], w, p);
     cross[idx] = static_cast<scalar_t>(w);
-    norm_term[idx] = p;
+    if (norm_term) norm_term[idx] = p;
   }
 }
 
@@ -90,9 +91,28 @@ __global__ void grad_weights_self_kernel(const scalar_t* __restrict__ grad, cons
                                  w_ij, p_ij);
     distance_grad_weights<acc_t>(kMetric, g_ji, d_ji, aux[j], aux[i], w_ji, p_ji);
     cross[idx] = static_cast<scalar_t>(w_ij + w_ji);
-    norm_term[idx] = p_ij;
+    if (norm_term) norm_term[idx] = p_ij;
   });
 }
+
+// The norm term p_ij of distance_grad_weights, for the chunked row and column
+// sums of cuda/reductions.cuh (METRICOPS_CUDA_COLUMN_SUMS=chunked: no M×N
+// buffer of them).
+template <typename scalar_t, typename acc_t, Metric kMetric>
+struct PairwiseNormTerm {
+  const scalar_t* grad;
+  const scalar_t* dist;
+  const acc_t* x_aux;
+  const acc_t* y_aux;
+  int64_t N;
+  __device__ acc_t operator()(int64_t i, int64_t j) const {
+    const int64_t idx = i * N + j;
+    acc_t w, p;
+    distance_grad_weights<acc_t>(kMetric, static_cast<acc_t>(grad[idx]), static_cast<acc_t>(dist[idx]), x_aux[i],
+                                 y_aux[j], w, p);
+    return p;
+  }
+};
 
 struct PairwiseKernels {
   static at::Tensor row_aux(const at::Tensor& x_in, Metric metric) {
@@ -144,8 +164,12 @@ struct PairwiseKernels {
     const int64_t M = grad.size(0), N = grad.size(1);
     GradCoefficients c;
     c.cross = at::empty({M, N}, grad.options());
-    // The norm terms are reduced by ATen (deterministic, no atomics).
-    at::Tensor norm_term = at::empty({M, N}, grad.options().dtype(acc_dtype(grad)));
+    const auto acc_options = grad.options().dtype(acc_dtype(grad));
+    // The norm terms: "serial" writes them to an M×N buffer that ATen reduces
+    // (deterministic, no atomics); "chunked" sums them on the fly.
+    const bool chunked = chunked_column_sums();
+    at::Tensor norm_term = chunked ? at::Tensor() : at::empty({M, N}, acc_options);
+    at::Tensor row_sum, col_sum;
     METRICOPS_DISPATCH_CUDA_FLOATS(grad.scalar_type(), "metricops_distance_grad_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
@@ -154,18 +178,28 @@ struct PairwiseKernels {
           const dim3 grid(static_cast<unsigned int>(ceil_div(N, kTile)), static_cast<unsigned int>(ceil_div(M, kTile)));
           grad_weights_self_kernel<scalar_t, acc_t, kMetric><<<grid, block, 0, current_stream()>>>(
               grad.const_data_ptr<scalar_t>(), dist.const_data_ptr<scalar_t>(), x_aux.const_data_ptr<acc_t>(), N,
-              c.cross.mutable_data_ptr<scalar_t>(), norm_term.mutable_data_ptr<acc_t>());
+              c.cross.mutable_data_ptr<scalar_t>(), chunked ? nullptr : norm_term.mutable_data_ptr<acc_t>());
         } else {
           grad_weights_kernel<scalar_t, acc_t, kMetric><<<grid_for(M * N), kThreads, 0, current_stream()>>>(
               grad.const_data_ptr<scalar_t>(), dist.const_data_ptr<scalar_t>(), x_aux.const_data_ptr<acc_t>(),
               y_aux.const_data_ptr<acc_t>(), M, N, c.cross.mutable_data_ptr<scalar_t>(),
-              norm_term.mutable_data_ptr<acc_t>());
+              chunked ? nullptr : norm_term.mutable_data_ptr<acc_t>());
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (chunked) {
+          const PairwiseNormTerm<scalar_t, acc_t, kMetric> term{
+              grad.const_data_ptr<scalar_t>(), dist.const_data_ptr<scalar_t>(), x_aux.const_data_ptr<acc_t>(),
+              y_aux.const_data_ptr<acc_t>(), N};
+          row_sum = row_sums<acc_t>(M, N, term, acc_options);
+          col_sum = column_sums<acc_t>(M, N, term, acc_options);
+        }
       });
     });
-    c.row_coef = norm_term.sum(1);
-    at::Tensor col_sum = norm_term.sum(0);
+    if (!chunked) {
+      row_sum = norm_term.sum(1);
+      col_sum = norm_term.sum(0);
+    }
+    c.row_coef = row_sum;
     if (self) {
       c.row_coef.add_(col_sum);
     } else {

@@ -5,12 +5,13 @@
 #   2. wheels from .whl/ if present (pytorch-metric-learning for the comparison tests)
 #   3. build the extension for sm_90 only, MAX_JOBS=16
 #   4. the CUDA test cases (pytest -m needs_cuda)  -> pytest-cuda.xml (junit), output in gpu-check.log;
-#      the triplet ones again on the scan path (METRICOPS_CUDA_TRIPLET_PATH=scan), the distance, contrastive
-#      and triplet ones on the chunked row/column sums (METRICOPS_CUDA_COLUMN_SUMS=chunked)
+#      the triplet ones again on the scan path (METRICOPS_CUDA_TRIPLET_PATH=scan), the distance, contrastive,
+#      triplet and retrieval ones on the review's other new kernels (METRICOPS_CUDA_COLUMN_SUMS=chunked,
+#      METRICOPS_CUDA_SEMIHARD_COEFFICIENTS=warp, METRICOPS_CUDA_KNN_INSERT=warp)
 #   5. compute-sanitizer memcheck and racecheck on scripts/gpu_smoke.py (every op once, small sizes)
 #                                                   -> sanitizer-memcheck.log, sanitizer-racecheck.log
-#   6. the review benchmarks (scripts/gpu_review_bench.py), sort and scan paths, serial and chunked column
-#      sums side by side -> review-bench.json
+#   6. the review benchmarks (scripts/gpu_review_bench.py), each old and new kernel side by side
+#      -> review-bench.json
 #   7. the quick benchmark suite (python -m benchmarks --quick) -> bench-cuda.json, bench-cuda.png
 #   8. summary.json: each step's status, seconds and log tail
 # Results go to $GPU_CHECK_OUT, else $OUT (the device tool's folder that comes back), else build/gpu-check:
@@ -103,9 +104,12 @@ else
   # The triplet tests again on the sort-free scan path (METRICOPS_CUDA_TRIPLET_PATH=scan; output in the log).
   step cuda-tests-scan 60 env METRICOPS_CUDA_TRIPLET_PATH=scan "$PYTHON" -m pytest tests/test_triplet.py \
     tests/test_streaming.py tests/test_streaming_blocks.py tests/test_cuda_review.py -p no:cacheprovider -q -m needs_cuda
-  # The backwards with row and column sums again on the chunked path (METRICOPS_CUDA_COLUMN_SUMS=chunked).
-  step cuda-tests-chunked 60 env METRICOPS_CUDA_COLUMN_SUMS=chunked "$PYTHON" -m pytest tests/test_pairwise_distance.py \
-    tests/test_contrastive.py tests/test_triplet.py -p no:cacheprovider -q -m needs_cuda
+  # The review's new kernels, each selected by its own variable, on the tests that reach them: chunked row and
+  # column sums (distance, contrastive, triplet backwards), the warp-per-row semi-hard coefficients, the
+  # warp-cooperative knn insertion.
+  step cuda-tests-review-paths 75 env METRICOPS_CUDA_COLUMN_SUMS=chunked METRICOPS_CUDA_SEMIHARD_COEFFICIENTS=warp \
+    METRICOPS_CUDA_KNN_INSERT=warp "$PYTHON" -m pytest tests/test_pairwise_distance.py tests/test_contrastive.py \
+    tests/test_triplet.py tests/test_retrieval.py -p no:cacheprovider -q -m needs_cuda
 fi
 
 # 5. compute-sanitizer on the reduced suite, on metricops' own kernels (kernel names holding "metricops";

@@ -139,9 +139,12 @@ def cases(device, tiny):
             dict(B=mid, D=D, dtype=str(dtype)),
             _fwd_bwd(lambda t, lab: metricops.contrastive_loss(t, lab, memory="matrix"), xh, labels_h),
         )
-    # The backwards that sum norm terms over rows and columns, on both METRICOPS_CUDA_COLUMN_SUMS paths: "serial"
-    # (an M×N buffer of them for the pairwise distance; one thread per column for the contrastive matrix) and
-    # "chunked" (cuda/reductions.cuh). Equal "value"s across the paths are the comparison of results.
+    # The review's other new kernels, old and new side by side (equal "value"s across them are the comparison
+    # of results): the backwards that sum norm terms over rows and columns (METRICOPS_CUDA_COLUMN_SUMS: "serial"
+    # writes an M×N buffer of them for the pairwise distance and sums the contrastive matrix's columns one
+    # thread each; "chunked" is cuda/reductions.cuh), the semi-hard matrix backward's coefficients
+    # (METRICOPS_CUDA_SEMIHARD_COEFFICIENTS thread|warp) and the knn top-k insertion (METRICOPS_CUDA_KNN_INSERT
+    # lane|warp, k = 100: mAP@100's).
     x, labels = batch(mid)
     for path in ("serial", "chunked"):
         params = dict(B=mid, D=D, column_sums=path)
@@ -165,6 +168,28 @@ def cases(device, tiny):
                     x,
                     labels,
                 ),
+            ),
+        )
+    for how in ("thread", "warp"):
+        yield (
+            "semihard_triplet_loss matrix",
+            dict(B=mid, D=D, coefficients=how),
+            _with_env(
+                "METRICOPS_CUDA_SEMIHARD_COEFFICIENTS",
+                how,
+                _fwd_bwd(lambda t, lab: metricops.semihard_triplet_loss(t, lab, memory="matrix"), x, labels),
+            ),
+        )
+    queries, _ = batch(mid)
+    database, _ = batch(big)
+    for how in ("lane", "warp"):
+        yield (
+            "knn k=100",
+            dict(Q=mid, N=big, D=D, insert=how),
+            _with_env(
+                "METRICOPS_CUDA_KNN_INSERT",
+                how,
+                lambda: metricops.knn(queries, database, k=min(100, database.shape[0]))[0].float().sum(),
             ),
         )
 

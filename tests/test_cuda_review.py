@@ -480,3 +480,59 @@ def test_column_sums_setting_is_checked(monkeypatch):
     x = torch.randn(8, 3, device="cuda", requires_grad=True)
     with pytest.raises(ValueError, match="METRICOPS_CUDA_COLUMN_SUMS must be 'serial' or 'chunked'"):
         metricops.pairwise_distance(x).sum().backward()
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("k", [1, 5, 32, 33, 100])
+def test_knn_warp_insert_matches_lane_insert(monkeypatch, k):
+    """METRICOPS_CUDA_KNN_INSERT=warp (ballot-counted slot, chunked shifts) builds exactly the lane-0 top-k lists:
+    ties (duplicated database rows), NaN rows, the self search, chunk boundaries."""
+    g = torch.Generator().manual_seed(k)
+    db = torch.randn(300, 8, generator=g)
+    db[10:20] = db[0]  # ties: equal distances, ordered by index
+    db[5] = float("nan")
+    q = torch.randn(40, 8, generator=g)
+    q[3] = db[0]
+    for metric in ("euclidean", "cosine"):
+        for database, chunk in ((db, 0), (db, 64), (None, 0)):
+            queries = db if database is None else q
+            out = {}
+            for how in ("lane", "warp"):
+                monkeypatch.setenv("METRICOPS_CUDA_KNN_INSERT", how)
+                d, i = metricops.knn(
+                    queries.cuda(), None if database is None else database.cuda(), k=k, metric=metric, _chunk_size=chunk
+                )
+                out[how] = (d.cpu(), i.cpu())
+            assert torch.equal(out["warp"][1], out["lane"][1]), (metric, chunk, database is None)
+            assert torch.equal(out["warp"][0].nan_to_num(-1.0), out["lane"][0].nan_to_num(-1.0))
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_semihard_warp_coefficients_match_thread(monkeypatch, dtype):
+    """METRICOPS_CUDA_SEMIHARD_COEFFICIENTS=warp gives the thread-per-row kernel's gradient bit for bit (the same
+    additions in the same order for every entry)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(150, 7, generator=g).to("cuda", dtype)
+    labels = torch.randint(0, 9, (150,), generator=g).cuda()
+    grads = {}
+    for how in ("thread", "warp"):
+        monkeypatch.setenv("METRICOPS_CUDA_SEMIHARD_COEFFICIENTS", how)
+        xr = x.detach().requires_grad_()
+        losses = metricops.semihard_triplet_loss(xr, labels, margin=0.3, reduction="none", memory="matrix")
+        w = torch.linspace(-1, 1, losses.numel(), device="cuda").view_as(losses).to(losses.dtype)
+        (grads[how],) = torch.autograd.grad((losses * w).sum(), xr)
+    assert torch.equal(grads["warp"], grads["thread"])
+
+
+@pytest.mark.needs_cuda
+def test_review_path_settings_are_checked(monkeypatch):
+    x = torch.randn(8, 3, device="cuda", requires_grad=True)
+    labels = torch.arange(8, device="cuda") // 2
+    monkeypatch.setenv("METRICOPS_CUDA_KNN_INSERT", "fast")
+    with pytest.raises(ValueError, match="METRICOPS_CUDA_KNN_INSERT must be 'lane' or 'warp'"):
+        metricops.knn(x.detach(), k=2)
+    monkeypatch.delenv("METRICOPS_CUDA_KNN_INSERT")
+    monkeypatch.setenv("METRICOPS_CUDA_SEMIHARD_COEFFICIENTS", "fast")
+    with pytest.raises(ValueError, match="METRICOPS_CUDA_SEMIHARD_COEFFICIENTS must be 'thread' or 'warp'"):
+        metricops.semihard_triplet_loss(x, labels, memory="matrix").backward()

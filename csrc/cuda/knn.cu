@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -30,6 +32,54 @@ namespace {
 constexpr int64_t kQueryBlock = 2048;
 constexpr int64_t kDatabaseChunk = 8192;
 
+// Warp-cooperative knn_insert (every lane calls it with the same candidate):
+// the same sorted list as lane 0 running common/knn.h's knn_insert, in
+// O(k/32) steps instead of O(k) serial shifts. The slot is the number of
+// entries ordered before the candidate (dist_index_less is a strict total
+// order on distinct indices: the serial scan stops at the same slot), counted
+// by ballots; the entries from there move up one slot, the top chunk first,
+// every lane reading its entry before any lane of the chunk writes.
+template <typename acc_t>
+__device__ __forceinline__ void knn_insert_warp(acc_t* td, int64_t* ti, int64_t k, acc_t d, int64_t idx, int lane) {
+  if (!dist_index_less(d, idx, td[k - 1], ti[k - 1])) return;  // the same entry for every lane: uniform
+  int64_t pos = 0;
+  for (int64_t c0 = 0; c0 < k; c0 += kWarp) {
+    const int64_t p = c0 + lane;
+    pos += __popc(__ballot_sync(0xffffffffu, p < k && dist_index_less(td[p], ti[p], d, idx)));
+  }
+  for (int64_t c0 = k >= 2 ? ((k - 2) / kWarp) * kWarp : -1; c0 >= 0 && c0 + kWarp > pos; c0 -= kWarp) {
+    const int64_t p = c0 + lane;
+    const bool moves = p >= pos && p < k - 1;
+    acc_t v = acc_t(0);
+    int64_t vi = 0;
+    if (moves) {
+      v = td[p];
+      vi = ti[p];
+    }
+    __syncwarp();
+    if (moves) {
+      td[p + 1] = v;
+      ti[p + 1] = vi;
+    }
+    __syncwarp();
+  }
+  if (lane == 0) {
+    td[pos] = d;
+    ti[pos] = idx;
+  }
+  __syncwarp();
+}
+
+// METRICOPS_CUDA_KNN_INSERT: "lane" (lane 0 inserts, O(k) a candidate; the
+// default until a GPU run has compared both: `make gpu-check` does) or
+// "warp" (knn_insert_warp).
+bool knn_insert_by_warp() {
+  const char* env = std::getenv("METRICOPS_CUDA_KNN_INSERT");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "lane") == 0) return false;
+  if (std::strcmp(env, "warp") == 0) return true;
+  TORCH_CHECK_VALUE(false, "METRICOPS_CUDA_KNN_INSERT must be 'lane' or 'warp', got '", env, "'");
+}
+
 // dot: (rows, cols) contiguous Gram block of queries q0.. against database
 // rows n0..; top_d/top_i: (Q, k) running top-k, sorted by dist_index_less.
 // Every warp-level branch below depends only on the row or on a ballot, so
@@ -40,8 +90,8 @@ template <typename scalar_t, typename acc_t, Metric kMetric>
 __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, int64_t cols,
                                  const acc_t* __restrict__ q_aux, const acc_t* __restrict__ db_aux,
                                  const scalar_t* __restrict__ q, const scalar_t* __restrict__ db, int64_t dim,
-                                 acc_t tol, int64_t q0, int64_t n0, bool self, int64_t k, acc_t* top_d,
-                                 int64_t* top_i) {
+                                 acc_t tol, int64_t q0, int64_t n0, bool self, int64_t k, bool warp_insert,
+                                 acc_t* top_d, int64_t* top_i) {
   const int lane = threadIdx.x % 32;
   const int64_t warps_per_block = blockDim.x / 32;
   for (int64_t r = blockIdx.x * warps_per_block + threadIdx.x / 32; r < rows;
@@ -69,8 +119,12 @@ __global__ void knn_chunk_kernel(const acc_t* __restrict__ dot, int64_t rows, in
         const int src = __ffs(mask) - 1;
         mask &= mask - 1u;
         const acc_t cd = __shfl_sync(0xffffffffu, d, src);
-        if (lane == 0) knn_insert<acc_t>(td, ti, k, cd, n0 + j0 + src);  // re-checks against the new k-th
-        __syncwarp();                                                    // lane 0's writes are visible to the warp
+        if (warp_insert) {  // uniform: a kernel argument
+          knn_insert_warp<acc_t>(td, ti, k, cd, n0 + j0 + src, lane);
+        } else if (lane == 0) {
+          knn_insert<acc_t>(td, ti, k, cd, n0 + j0 + src);  // re-checks against the new k-th
+        }
+        __syncwarp();  // the inserting lanes' writes are visible to the warp
         kth_d = td[k - 1];
         kth_i = ti[k - 1];
         __syncwarp();  // every lane has read before lane 0 writes again
@@ -94,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std
   if (Q == 0) return {top_d.to(q.scalar_type()), top_i};
   const int64_t qb_size = chunk_size > 0 ? chunk_size : kQueryBlock;
   const int64_t nb_size = chunk_size > 0 ? chunk_size : kDatabaseChunk;
+  const bool warp_insert = knn_insert_by_warp();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "metricops_knn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -110,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const std
           knn_chunk_kernel<scalar_t, acc_t, kMetric><<<grid_for(qb, warps_per_block), kThreads, 0, current_stream()>>>(
               dot.const_data_ptr<acc_t>(), qb, nb, q_aux.const_data_ptr<acc_t>(), db_aux.const_data_ptr<acc_t>(),
               q.const_data_ptr<scalar_t>(), db.const_data_ptr<scalar_t>(), q.size(1), gram_tolerance<acc_t>(q.size(1)),
-              q0, n0, self, k, top_d.mutable_data_ptr<acc_t>(), top_i.mutable_data_ptr<int64_t>());
+              q0, n0, self, k, warp_insert, top_d.mutable_data_ptr<acc_t>(), top_i.mutable_data_ptr<int64_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }

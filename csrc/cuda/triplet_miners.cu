@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -58,6 +60,54 @@ __global__ void semihard_coefficients_kernel(int64_t rows, int64_t B, const T* g
   }
 }
 
+// The same coefficients with one warp per row: the warp reads 32 consecutive
+// (loss, negative, gradient) entries of its row at once (coalesced, where
+// one thread per row reads B uncoalesced columns and only B threads run),
+// adds each positive's gradient in its own lane (positions are distinct),
+// and lane 0 applies the negatives' subtractions in column order, as the
+// thread-per-row kernel does: for the forward's outputs (positives and
+// chosen negatives are disjoint columns) the result is bitwise the same.
+// METRICOPS_CUDA_SEMIHARD_COEFFICIENTS selects "thread" (the default until a
+// GPU run has compared both: `make gpu-check` does) or "warp".
+template <typename T, typename acc_t>
+__global__ void semihard_coefficients_warp_kernel(int64_t rows, int64_t B, const T* grad_losses, const T* losses,
+                                                  const int64_t* negative, acc_t* coef) {
+  const int lane = threadIdx.x % kWarp;
+  METRICOPS_WARP_ROW_LOOP(a, rows) {
+    for (int64_t p0 = 0; p0 < B; p0 += kWarp) {
+      const int64_t p = p0 + lane;
+      int64_t n = -1;
+      acc_t g = acc_t(0);
+      bool has = false;
+      if (p < B) {
+        const int64_t idx = a * B + p;
+        n = negative[idx];
+        has = n < B && semihard_term_has_gradient(n, static_cast<acc_t>(losses[idx]));  // n >= B: foreign
+        if (has) {
+          g = static_cast<acc_t>(grad_losses[idx]);
+          coef[idx] += g;
+        }
+      }
+      unsigned int mask = __ballot_sync(0xffffffffu, has);
+      while (mask != 0u) {  // in column order
+        const int src = __ffs(mask) - 1;
+        mask &= mask - 1u;
+        const int64_t ns = __shfl_sync(0xffffffffu, n, src);
+        const acc_t gs = __shfl_sync(0xffffffffu, g, src);
+        if (lane == 0) coef[a * B + ns] -= gs;
+      }
+      __syncwarp();
+    }
+  }
+}
+
+bool semihard_coefficients_by_warp() {
+  const char* env = std::getenv("METRICOPS_CUDA_SEMIHARD_COEFFICIENTS");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "thread") == 0) return false;
+  if (std::strcmp(env, "warp") == 0) return true;
+  TORCH_CHECK_VALUE(false, "METRICOPS_CUDA_SEMIHARD_COEFFICIENTS must be 'thread' or 'warp', got '", env, "'");
+}
+
 // The streaming backward's blocks have few rows but one gradient per row
 // (that of the row's sum), so the coefficients are integer counts times it:
 // one thread per (row, positive), integer atomics (order-independent, so
@@ -78,9 +128,15 @@ at::Tensor semihard_triplet_backward_cuda(const at::Tensor& grad_losses, const s
     const at::Tensor losses = losses_in.contiguous(), negative = negative_in.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "metricops_semihard_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      semihard_coefficients_kernel<scalar_t, acc_t><<<grid_for(B), kThreads, 0, current_stream()>>>(
-          B, B, g.const_data_ptr<scalar_t>(), losses.const_data_ptr<scalar_t>(), negative.const_data_ptr<int64_t>(),
-          coef.mutable_data_ptr<acc_t>());
+      if (semihard_coefficients_by_warp()) {
+        semihard_coefficients_warp_kernel<scalar_t, acc_t><<<warp_rows_grid(B), kThreads, 0, current_stream()>>>(
+            B, B, g.const_data_ptr<scalar_t>(), losses.const_data_ptr<scalar_t>(), negative.const_data_ptr<int64_t>(),
+            coef.mutable_data_ptr<acc_t>());
+      } else {
+        semihard_coefficients_kernel<scalar_t, acc_t><<<grid_for(B), kThreads, 0, current_stream()>>>(
+            B, B, g.const_data_ptr<scalar_t>(), losses.const_data_ptr<scalar_t>(), negative.const_data_ptr<int64_t>(),
+            coef.mutable_data_ptr<acc_t>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -95,7 +95,12 @@ def interleaved_times(
 ) -> Dict[str, List[float]]:
     """Seconds per call of each run, taking turns round-robin (one call each per round), so that
     machine noise hits every contender alike; after one untimed call each unless `warm_up` is False
-    (the caller has just run them). benchmarks/harness.py times its contenders with it too."""
+    (the caller has just run them). benchmarks/harness.py times its contenders with it too.
+
+    Each round starts one contender later than the previous one, so that no contender always runs right
+    after the same other one: a call that follows one with large allocations pays for the pages the
+    allocator handed back (measured: the same op timed 1.4× slower when always first after pytorch-metric-
+    learning and a GEMM than when it ran second)."""
     if warm_up:
         for fn in runs.values():
             fn()
@@ -103,8 +108,10 @@ def interleaved_times(
     samples: Dict[str, List[float]] = {name: [] for name in runs}
     start = time.perf_counter()
     rounds = 0
+    order = list(runs.items())
     while runs and rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        for name, fn in runs.items():
+        shift = rounds % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             _sync(device)
             t0 = time.perf_counter()
             fn()

@@ -231,13 +231,16 @@ TORCH_LIBRARY(metricops, m) {
   // backward skips recomputing them (one GEMM of four); the caller asks for
   // it only when C·B is small. Otherwise `tile` is (0, B) and the backward
   // recomputes each chunk.
+  // normalize=True: the embeddings are raw and normalized inside like the
+  // proxies (each tile entry scaled by both rows' inverse norms, gradients to
+  // the raw rows; no normalized copy), else they are used as given.
   m.def(
       "proxy_anchor_loss(Tensor embeddings, Tensor labels, Tensor proxies, float margin, float alpha, "
-      "int class_chunk=0, bool save_tile=False) -> (Tensor pos, Tensor neg, Tensor tile)");
+      "int class_chunk=0, bool save_tile=False, bool normalize=False) -> (Tensor pos, Tensor neg, Tensor tile)");
   m.def(
       "proxy_anchor_loss_backward(Tensor grad_pos, Tensor grad_neg, Tensor embeddings, Tensor labels, "
-      "Tensor proxies, Tensor pos, Tensor neg, Tensor tile, float margin, float alpha, int class_chunk=0) "
-      "-> (Tensor grad_embeddings, Tensor grad_proxies)");
+      "Tensor proxies, Tensor pos, Tensor neg, Tensor tile, float margin, float alpha, int class_chunk=0, "
+      "bool normalize=False) -> (Tensor grad_embeddings, Tensor grad_proxies)");
 }
 
 }  // namespace metricops

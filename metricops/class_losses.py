@@ -128,14 +128,14 @@ def _proxy_anchor_terms(embeddings, labels, proxies, margin, alpha):
     """Validated per-class terms ``(pos (C,), neg (C,), present (C,) bool)``, in the accumulation dtype."""
     _check_class_inputs(embeddings, labels, proxies, "proxies")
     margin, alpha = _check_proxy_anchor_args(margin, alpha)
-    x = _l2_normalize(embeddings)
+    x = embeddings  # normalized inside the op (each tile entry scaled by its rows' inverse norms, no copy)
     save_tile = (
         _CLASS_CHUNK == 0
         and proxies.shape[0] * x.shape[0] <= _PROXY_SAVED_TILE_ENTRIES
         and torch.is_grad_enabled()
         and (x.requires_grad or proxies.requires_grad)
     )
-    pos, neg, _ = ops.proxy_anchor_loss(x, labels, proxies, margin, alpha, _CLASS_CHUNK, save_tile)
+    pos, neg, _ = ops.proxy_anchor_loss(x, labels, proxies, margin, alpha, _CLASS_CHUNK, save_tile, True)
     present = torch.zeros(proxies.shape[0], dtype=torch.bool, device=proxies.device)
     present = present.index_fill(0, labels.long(), True)
     return pos, neg, present

@@ -145,7 +145,8 @@ def _ref_margin_softmax(x, labels, weight, kind, margin, scale, class_chunk=0):
     return (loss(x, labels, weight, margin=margin, scale=scale, reduction="none"),)
 
 
-def _ref_proxy_anchor(x, labels, proxies, margin, alpha, class_chunk=0, save_tile=False):
+def _ref_proxy_anchor(x, labels, proxies, margin, alpha, class_chunk=0, save_tile=False, normalize=False):
+    # the reference normalizes the embeddings itself: the op's normalize=False takes them already unit
     return reference.proxy_anchor_terms(x, labels, proxies, margin=margin, alpha=alpha)[:2]
 
 
@@ -235,6 +236,9 @@ SAMPLES: dict[str, Callable[..., list[SampleInput]]] = {
             SampleInput((_unit(x), pair_labels(x), x2, 0.1, 4.0, 2), _ref_proxy_anchor),
             # the forward keeps its (C, B) dot products; the backward reads them instead of a GEMM
             SampleInput((_unit(x), pair_labels(x), x2, 0.1, 4.0, 0, True), _ref_proxy_anchor),
+            # raw embeddings normalized inside (their tile entries scaled by their inverse norms)
+            SampleInput((x, pair_labels(x), x2, 0.1, 4.0, 2, False, True), _ref_proxy_anchor),
+            SampleInput((x, pair_labels(x), x2, 0.1, 4.0, 0, True, True), _ref_proxy_anchor),
         ]
         if len(x)
         else []

@@ -250,12 +250,12 @@ def test_proxy_anchor_saved_tile_equals_recomputing(device, dtype, monkeypatch):
 
     calls = []
 
-    class SpyOps:  # records save_tile, the last argument
+    class SpyOps:  # records save_tile (after class_chunk)
         def __getattr__(self, name):
             return getattr(ops, name)
 
         def proxy_anchor_loss(self, *args):
-            calls.append(args[-1])
+            calls.append(args[6])
             return ops.proxy_anchor_loss(*args)
 
     monkeypatch.setattr(class_losses, "ops", SpyOps())
@@ -268,6 +268,33 @@ def test_proxy_anchor_saved_tile_equals_recomputing(device, dtype, monkeypatch):
     assert calls == [True, False, False]
     with pytest.raises(ValueError, match=r"tile must have shape \(9, 13\) \(saved by the forward\) or \(0, 13\)"):
         ops.proxy_anchor_loss_backward(g_pos, g_neg, xn, labels, w, pos, neg, tile[:4], 0.1, 6.0)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_proxy_anchor_normalize_inside_equals_f_normalize_first(device):
+    """normalize=True (raw embeddings, each tile entry scaled by both rows' inverse norms) against F.normalize
+    followed by the op, values and both gradients through torch's autograd; rows of norm 1e-3 to 1e2, an exactly
+    zero row and one below F.normalize's eps (the clamp active)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64) * torch.logspace(-3, 2, 9, dtype=torch.float64)[:, None]
+    x[4] = 0.0
+    x[7] = torch.tensor([3e-13, -1e-13, 2e-13, 0.0, 1e-13], dtype=torch.float64)
+    x = x.to(device)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64).to(device)
+    labels = torch.tensor([0, 1, 1, 2, 3, 3, 0, 5, 2]).to(device)
+    for save_tile, chunk in ((False, 0), (False, 2), (True, 0)):
+        a, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        b, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+        inside = ops.proxy_anchor_loss(a, labels, wa, 0.1, 6.0, chunk, save_tile, True)
+        first = ops.proxy_anchor_loss(torch.nn.functional.normalize(b), labels, wb, 0.1, 6.0, chunk, save_tile)
+        for got, want in zip(inside[:2], first[:2]):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        weights = torch.randn(2, 6, generator=g, dtype=torch.float64).to(device)
+        grads_inside = torch.autograd.grad((inside[0] * weights[0]).sum() + (inside[1] * weights[1]).sum(), (a, wa))
+        grads_first = torch.autograd.grad((first[0] * weights[0]).sum() + (first[1] * weights[1]).sum(), (b, wb))
+        for got, want in zip(grads_inside, grads_first):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        assert torch.count_nonzero(grads_inside[0][7]) > 0  # the clamped row: F.normalize's g/eps
 
 
 def test_direct_op_calls_are_checked_in_cpp():

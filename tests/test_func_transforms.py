@@ -83,10 +83,10 @@ CASES = {
         lambda a, b, c: metricops.info_nce_loss(a, b, temperature=2.0, symmetric=True, normalize=False),
         "lse_stats",
     ),
-    # Class-parameter losses (labels < 3: weight/proxies are b's first 3 rows). The public functions normalize
-    # the embeddings first (l2_normalize meets the tangent); the direct op calls normalize with torch.
+    # Class-parameter losses (labels < 3: weight/proxies are b's first 3 rows). ArcFace normalizes the embeddings
+    # first (l2_normalize meets the tangent), ProxyAnchor inside its op; the direct op calls normalize with torch.
     "arcface": (lambda a, b, c: metricops.arcface_loss(a, LABELS, b[:3], scale=4.0), "l2_normalize"),
-    "proxy_anchor": (lambda a, b, c: metricops.proxy_anchor_loss(a, LABELS, b[:3], alpha=4.0), "l2_normalize"),
+    "proxy_anchor": (lambda a, b, c: metricops.proxy_anchor_loss(a, LABELS, b[:3], alpha=4.0), "proxy_anchor_loss"),
     "margin_softmax_op": (
         lambda a, b, c: torch.ops.metricops.margin_softmax_loss(
             torch.nn.functional.normalize(a), LABELS, b[:3], "cosface", 0.3, 4.0, 2

@@ -16,6 +16,7 @@
 
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/class_losses.h"
@@ -100,16 +101,18 @@ METRICOPS_SIMD_CLONES void margin_row_backward(const MarginSoftmaxPolicy<scalar_
 // over its positives and over its negatives. Each side's max starts at the
 // "1 +" term's exponent 0; NaN reaches the sums through exp. The exponents are
 // recomputed in the second pass (an FMA) rather than stored.
+// inv_x: the embeddings' inverse norms (normalize=True), or nullptr.
 template <typename scalar_t>
 METRICOPS_SIMD_CLONES void proxy_row_forward(const ProxyAnchorPolicy<scalar_t>& policy, const scalar_t* row,
-                                             scalar_t inv, const int64_t* labels, int64_t c, int64_t B, scalar_t& pos,
-                                             scalar_t& neg) {
+                                             scalar_t inv, const scalar_t* inv_x, const int64_t* labels, int64_t c,
+                                             int64_t B, scalar_t& pos, scalar_t& neg) {
   constexpr int64_t L = kSimdLanes;
   scalar_t lane_p[L], lane_n[L];
   for (int64_t l = 0; l < L; ++l) lane_p[l] = lane_n[l] = scalar_t(0);
+  auto cosine = [&](int64_t i) { return inv_x ? row[i] * inv * inv_x[i] : row[i] * inv; };
   auto max_step = [&](int64_t i, int64_t l) {
     const bool is_pos = labels[i] == c;
-    const scalar_t z = policy.exponent(row[i] * inv, is_pos);
+    const scalar_t z = policy.exponent(cosine(i), is_pos);
     lane_p[l] = is_pos && z > lane_p[l] ? z : lane_p[l];
     lane_n[l] = !is_pos && z > lane_n[l] ? z : lane_n[l];
   };
@@ -125,7 +128,7 @@ METRICOPS_SIMD_CLONES void proxy_row_forward(const ProxyAnchorPolicy<scalar_t>& 
   }
   auto sum_step = [&](int64_t i, int64_t l) {
     const bool is_pos = labels[i] == c;
-    const scalar_t z = policy.exponent(row[i] * inv, is_pos);
+    const scalar_t z = policy.exponent(cosine(i), is_pos);
     const scalar_t e = lse::lse_exp(z - (is_pos ? max_p : max_n));
     lane_p[l] += is_pos ? e : scalar_t(0);
     lane_n[l] += is_pos ? scalar_t(0) : e;
@@ -141,11 +144,20 @@ METRICOPS_SIMD_CLONES void proxy_row_forward(const ProxyAnchorPolicy<scalar_t>& 
 
 // d(loss)/d(dot) of class c's row: from `dots` (the recomputed chunk, then
 // out == dots, or the forward's saved tile) into `out`.
+// With inv_x (normalize=True) each entry's scale is inv · inv_x[i], both ways.
 template <typename scalar_t>
 METRICOPS_SIMD_CLONES void proxy_row_backward(const ProxyAnchorPolicy<scalar_t>& policy, const scalar_t* dots,
-                                              scalar_t* out, scalar_t inv, const int64_t* labels, int64_t c, int64_t B,
-                                              scalar_t g_pos, scalar_t g_neg, scalar_t pos, scalar_t neg) {
-  for (int64_t i = 0; i < B; ++i) out[i] = policy.grad(dots[i] * inv, labels[i] == c, g_pos, g_neg, pos, neg) * inv;
+                                              scalar_t* out, scalar_t inv, const scalar_t* inv_x, const int64_t* labels,
+                                              int64_t c, int64_t B, scalar_t g_pos, scalar_t g_neg, scalar_t pos,
+                                              scalar_t neg) {
+  if (inv_x) {
+    for (int64_t i = 0; i < B; ++i) {
+      const scalar_t scale = inv * inv_x[i];
+      out[i] = policy.grad(dots[i] * scale, labels[i] == c, g_pos, g_neg, pos, neg) * scale;
+    }
+  } else {
+    for (int64_t i = 0; i < B; ++i) out[i] = policy.grad(dots[i] * inv, labels[i] == c, g_pos, g_neg, pos, neg) * inv;
+  }
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -244,8 +256,8 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embeddings,
                                                                      const at::Tensor& labels_in,
                                                                      const at::Tensor& proxies, double margin,
-                                                                     double alpha, int64_t class_chunk,
-                                                                     bool save_tile) {
+                                                                     double alpha, int64_t class_chunk, bool save_tile,
+                                                                     bool normalize) {
   check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
   check_proxy_anchor_args(margin, alpha);
   const at::Tensor x = embeddings.contiguous();
@@ -257,12 +269,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::T
   // save_tile: one chunk of all C classes, written straight into the returned tile
   const int64_t chunk = save_tile ? C : class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
   const at::Tensor inv_norm = folded_norm_factors(proxies, x.scalar_type()).first;
+  const at::Tensor x_inv_norm = normalize ? folded_norm_factors(x, x.scalar_type()).first : at::Tensor();
   at::Tensor saved = at::empty({save_tile ? C : 0, B}, x.options());
   at::Tensor buffer = save_tile ? saved.view({-1}) : at::empty({std::max<int64_t>(B, 1) * chunk}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_proxy_anchor_loss_cpu", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     const scalar_t* inv = inv_norm.const_data_ptr<scalar_t>();
+    const scalar_t* inv_x = normalize ? x_inv_norm.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* pp = pos.mutable_data_ptr<scalar_t>();
     scalar_t* np = neg.mutable_data_ptr<scalar_t>();
     for (int64_t c0 = 0; c0 < C; c0 += chunk) {
@@ -273,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::T
       at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(B, 1)), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t c = c0 + r;
-          proxy_row_forward(policy, tp + r * B, inv[c], lab, c, B, pp[c], np[c]);
+          proxy_row_forward(policy, tp + r * B, inv[c], inv_x, lab, c, B, pp[c], np[c]);
         }
       });
     }
@@ -284,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::T
 std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
     const at::Tensor& grad_pos_in, const at::Tensor& grad_neg_in, const at::Tensor& embeddings,
     const at::Tensor& labels_in, const at::Tensor& proxies, const at::Tensor& pos_in, const at::Tensor& neg_in,
-    const at::Tensor& saved_tile, double margin, double alpha, int64_t class_chunk) {
+    const at::Tensor& saved_tile, double margin, double alpha, int64_t class_chunk, bool normalize) {
   check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
   check_proxy_anchor_args(margin, alpha);
   const at::Tensor x = embeddings.contiguous();
@@ -301,12 +315,14 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
   check_labels_in_range(labels, C);
   const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
   const auto factors = folded_norm_factors(proxies, acc);
+  const auto x_factors = normalize ? folded_norm_factors(x, acc) : std::pair<at::Tensor, at::Tensor>();
   const at::Tensor saved = use_saved ? saved_tile.contiguous() : saved_tile;
   at::Tensor buffer = at::empty({B * chunk}, x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "metricops_proxy_anchor_loss_backward_cpu", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     const scalar_t* inv = factors.first.const_data_ptr<scalar_t>();
+    const scalar_t* inv_x = normalize ? x_factors.first.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t *gpp = g_pos.const_data_ptr<scalar_t>(), *gnp = g_neg.const_data_ptr<scalar_t>();
     const scalar_t *pp = pos.const_data_ptr<scalar_t>(), *np = neg.const_data_ptr<scalar_t>();
     for (int64_t c0 = 0; c0 < C; c0 += chunk) {
@@ -319,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
       at::parallel_for(0, n, std::max<int64_t>(1, 4096 / B), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t c = c0 + r;
-          proxy_row_backward(policy, dots + r * B, tp + r * B, inv[c], lab, c, B, gpp[c], gnp[c], pp[c], np[c]);
+          proxy_row_backward(policy, dots + r * B, tp + r * B, inv[c], inv_x, lab, c, B, gpp[c], gnp[c], pp[c], np[c]);
         }
       });
       at::Tensor grad_chunk = grad_p.narrow(0, c0, n);
@@ -328,6 +344,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
       grad_x.addmm_(tile.t(), p_chunk);
     }
   });
+  if (normalize) project_folded_norm_grad(grad_x, x, x_factors.second);
   return {grad_x, grad_p};
 }
 

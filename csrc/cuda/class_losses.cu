@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <limits>
 #include <tuple>
+#include <utility>
 
 #include "common/class_losses.h"
 #include "cuda/cuda_helpers.h"
@@ -103,17 +104,18 @@ __global__ void margin_softmax_grad_kernel(acc_t* __restrict__ tile, int64_t B, 
 
 // One warp per class row of the (n, B) tile: its positive and negative terms.
 template <typename acc_t>
+// inv_x: the embeddings' inverse norms (normalize=True), or nullptr.
 __global__ void proxy_anchor_forward_kernel(const acc_t* __restrict__ tile, int64_t n, int64_t B, int64_t c0,
-                                            const acc_t* __restrict__ inv_norm, const int64_t* __restrict__ labels,
-                                            ProxyAnchorPolicy<acc_t> policy, acc_t* __restrict__ pos,
-                                            acc_t* __restrict__ neg) {
+                                            const acc_t* __restrict__ inv_norm, const acc_t* __restrict__ inv_x,
+                                            const int64_t* __restrict__ labels, ProxyAnchorPolicy<acc_t> policy,
+                                            acc_t* __restrict__ pos, acc_t* __restrict__ neg) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = blockDim.x / 32;
   for (int64_t r = blockIdx.x * warps + threadIdx.x / 32; r < n; r += static_cast<int64_t>(gridDim.x) * warps) {
     const int64_t c = c0 + r;
     OnlineLse<acc_t> p = OnlineLse<acc_t>::empty(), q = OnlineLse<acc_t>::empty();
     for (int64_t i = lane; i < B; i += 32) {
-      const acc_t cos = tile[r * B + i] * inv_norm[c];
+      const acc_t cos = tile[r * B + i] * inv_norm[c] * (inv_x ? inv_x[i] : acc_t(1));
       if (labels[i] == c) {
         p.add(policy.pos_exponent(cos));
       } else {
@@ -136,13 +138,13 @@ __global__ void proxy_anchor_forward_kernel(const acc_t* __restrict__ tile, int6
 // dots == tile, or the forward's saved tile) into `tile`: may alias.
 template <typename acc_t>
 __global__ void proxy_anchor_grad_kernel(const acc_t* dots, acc_t* tile, int64_t n, int64_t B, int64_t c0,
-                                         const acc_t* __restrict__ inv_norm, const int64_t* __restrict__ labels,
-                                         const acc_t* __restrict__ grad_pos, const acc_t* __restrict__ grad_neg,
-                                         const acc_t* __restrict__ pos, const acc_t* __restrict__ neg,
-                                         ProxyAnchorPolicy<acc_t> policy) {
+                                         const acc_t* __restrict__ inv_norm, const acc_t* __restrict__ inv_x,
+                                         const int64_t* __restrict__ labels, const acc_t* __restrict__ grad_pos,
+                                         const acc_t* __restrict__ grad_neg, const acc_t* __restrict__ pos,
+                                         const acc_t* __restrict__ neg, ProxyAnchorPolicy<acc_t> policy) {
   METRICOPS_CUDA_KERNEL_LOOP(k, n * B) {
     const int64_t c = c0 + k / B, i = k % B;
-    const acc_t inv = inv_norm[c];
+    const acc_t inv = inv_norm[c] * (inv_x ? inv_x[i] : acc_t(1));
     tile[k] = policy.grad(dots[k] * inv, labels[i] == c, grad_pos[c], grad_neg[c], pos[c], neg[c]) * inv;
   }
 }
@@ -233,8 +235,8 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cuda(const at::Tensor& embeddings,
                                                                       const at::Tensor& labels_in,
                                                                       const at::Tensor& proxies, double margin,
-                                                                      double alpha, int64_t class_chunk,
-                                                                      bool save_tile) {
+                                                                      double alpha, int64_t class_chunk, bool save_tile,
+                                                                      bool normalize) {
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
   check_proxy_anchor_args(margin, alpha);
@@ -249,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cuda(const at::
   if (B == 0) return {pos, neg, saved};  // log(1 + empty sum) = 0
   const int64_t chunk = save_tile ? C : class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
   const at::Tensor inv_norm = folded_norm_factors(proxies, acc).first;
+  const at::Tensor x_inv_norm = normalize ? folded_norm_factors(x, acc).first : at::Tensor();
   at::Tensor buffer = save_tile ? saved.view({-1}) : at::empty({B * chunk}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "metricops_proxy_anchor_loss_cuda", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
@@ -258,7 +261,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cuda(const at::
       tile_mm(tile, proxies.narrow(0, c0, n), x.t());
       proxy_anchor_forward_kernel<scalar_t><<<grid_for(n, kThreads / 32), kThreads, 0, current_stream()>>>(
           tile.const_data_ptr<scalar_t>(), n, B, c0, inv_norm.const_data_ptr<scalar_t>(),
-          labels.const_data_ptr<int64_t>(), policy, pos.mutable_data_ptr<scalar_t>(), neg.mutable_data_ptr<scalar_t>());
+          normalize ? x_inv_norm.const_data_ptr<scalar_t>() : nullptr, labels.const_data_ptr<int64_t>(), policy,
+          pos.mutable_data_ptr<scalar_t>(), neg.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -268,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cuda(const at::
 std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
     const at::Tensor& grad_pos_in, const at::Tensor& grad_neg_in, const at::Tensor& embeddings,
     const at::Tensor& labels_in, const at::Tensor& proxies, const at::Tensor& pos_in, const at::Tensor& neg_in,
-    const at::Tensor& saved_tile, double margin, double alpha, int64_t class_chunk) {
+    const at::Tensor& saved_tile, double margin, double alpha, int64_t class_chunk, bool normalize) {
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
   check_proxy_anchor_args(margin, alpha);
@@ -288,6 +292,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
   at::Tensor grad_x = at::zeros({B, x.size(1)}, opts);
   const int64_t chunk = class_chunk_size(class_chunk, B, C, at::elementSize(acc), kCudaClassTileBytes);
   const auto factors = folded_norm_factors(proxies, acc);
+  const auto x_factors = normalize ? folded_norm_factors(x, acc) : std::pair<at::Tensor, at::Tensor>();
   at::Tensor buffer = at::empty({B * chunk}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "metricops_proxy_anchor_loss_backward_cuda", [&] {
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
@@ -299,7 +304,8 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
       scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
       const scalar_t* dots = use_saved ? saved.const_data_ptr<scalar_t>() + c0 * B : tp;
       proxy_anchor_grad_kernel<scalar_t><<<grid_for(n * B), kThreads, 0, current_stream()>>>(
-          dots, tp, n, B, c0, factors.first.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
+          dots, tp, n, B, c0, factors.first.const_data_ptr<scalar_t>(),
+          normalize ? x_factors.first.const_data_ptr<scalar_t>() : nullptr, labels.const_data_ptr<int64_t>(),
           g_pos.const_data_ptr<scalar_t>(), g_neg.const_data_ptr<scalar_t>(), pos.const_data_ptr<scalar_t>(),
           neg.const_data_ptr<scalar_t>(), policy);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -310,6 +316,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
       grad_x.addmm_(tile.t(), p_acc);
     }
   });
+  if (normalize) project_folded_norm_grad(grad_x, x_acc, x_factors.second);
   return {grad_x.to(x.scalar_type()), grad_p};
 }
 

@@ -78,7 +78,7 @@ register_autograd("margin_softmax_loss", _margin_softmax_backward, _margin_softm
 
 
 @torch.library.register_fake(LIB + "proxy_anchor_loss")
-def _proxy_anchor_loss_fake(x, labels, proxies, margin, alpha, class_chunk=0, save_tile=False):
+def _proxy_anchor_loss_fake(x, labels, proxies, margin, alpha, class_chunk=0, save_tile=False, normalize=False):
     _check_class_inputs(x, labels, proxies, "proxies")
     acc = accumulation_dtype(x.dtype)
     C = proxies.shape[0]
@@ -88,29 +88,29 @@ def _proxy_anchor_loss_fake(x, labels, proxies, margin, alpha, class_chunk=0, sa
 
 @torch.library.register_fake(LIB + "proxy_anchor_loss_backward")
 def _proxy_anchor_loss_backward_fake(
-    grad_pos, grad_neg, x, labels, proxies, pos, neg, tile, margin, alpha, class_chunk=0
+    grad_pos, grad_neg, x, labels, proxies, pos, neg, tile, margin, alpha, class_chunk=0, normalize=False
 ):
     return contiguous_like(x), _weight_grad_like(proxies)
 
 
 def _proxy_anchor_setup_context(ctx, inputs, output):
-    x, labels, proxies, margin, alpha, class_chunk, save_tile = inputs
+    x, labels, proxies, margin, alpha, class_chunk, save_tile, normalize = inputs
     pos, neg, tile = output
     ctx.mark_non_differentiable(tile)  # the dot products, saved for the backward only
     ctx.set_materialize_grads(False)  # else autograd fills a (C, B) zero gradient for the tile on every backward
-    ctx.args = (margin, alpha, class_chunk)
+    ctx.args = (margin, alpha, class_chunk, normalize)
     ctx.save_for_backward(x, labels, proxies, pos, neg, tile)
 
 
 def _proxy_anchor_backward(ctx, grad_pos, grad_neg, _grad_tile):
     x, labels, proxies, pos, neg, tile = ctx.saved_tensors
     if grad_pos is None and grad_neg is None:
-        return (None,) * 7
+        return (None,) * 8
     grad_pos = torch.zeros_like(pos) if grad_pos is None else grad_pos
     grad_neg = torch.zeros_like(neg) if grad_neg is None else grad_neg
     grad_x, grad_p = ops.proxy_anchor_loss_backward(grad_pos, grad_neg, x, labels, proxies, pos, neg, tile, *ctx.args)
     needs = ctx.needs_input_grad
-    return (grad_x if needs[0] else None), None, (grad_p if needs[2] else None), None, None, None, None
+    return (grad_x if needs[0] else None), None, (grad_p if needs[2] else None), None, None, None, None, None
 
 
 register_autograd("proxy_anchor_loss", _proxy_anchor_backward, _proxy_anchor_setup_context)

@@ -7,9 +7,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace metricops {
 namespace cuda {
@@ -30,6 +33,17 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 // capturing a CUDA graph (a sync there fails the capture).
 inline bool may_sync_now() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
+
+// A kernel path chosen by an environment variable, read at each call (tests
+// and `make gpu-check` switch it in-process): false for `old_path` (also when
+// unset or empty: the default until a GPU run has compared the two), true for
+// `new_path`, any other value refused naming the variable.
+inline bool env_selects_new_path(const char* variable, const char* old_path, const char* new_path) {
+  const char* env = std::getenv(variable);
+  if (env == nullptr || *env == '\0' || std::strcmp(env, old_path) == 0) return false;
+  if (std::strcmp(env, new_path) == 0) return true;
+  TORCH_CHECK_VALUE(false, variable, " must be '", old_path, "' or '", new_path, "', got '", env, "'");
 }
 
 constexpr int kWarp = 32;

@@ -13,8 +13,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -73,12 +71,7 @@ __device__ __forceinline__ void knn_insert_warp(acc_t* td, int64_t* ti, int64_t 
 // METRICOPS_CUDA_KNN_INSERT: "lane" (lane 0 inserts, O(k) a candidate; the
 // default until a GPU run has compared both: `make gpu-check` does) or
 // "warp" (knn_insert_warp).
-bool knn_insert_by_warp() {
-  const char* env = std::getenv("METRICOPS_CUDA_KNN_INSERT");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "lane") == 0) return false;
-  if (std::strcmp(env, "warp") == 0) return true;
-  TORCH_CHECK_VALUE(false, "METRICOPS_CUDA_KNN_INSERT must be 'lane' or 'warp', got '", env, "'");
-}
+bool knn_insert_by_warp() { return env_selects_new_path("METRICOPS_CUDA_KNN_INSERT", "lane", "warp"); }
 
 // dot: (rows, cols) contiguous Gram block of queries q0.. against database
 // rows n0..; top_d/top_i: (Q, k) running top-k, sorted by dist_index_less.

@@ -17,9 +17,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "cuda/cuda_helpers.h"
 
 namespace metricops {
@@ -27,12 +24,7 @@ namespace cuda {
 
 constexpr int64_t kColumnSumRows = 128;
 
-inline bool chunked_column_sums() {
-  const char* env = std::getenv("METRICOPS_CUDA_COLUMN_SUMS");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "serial") == 0) return false;
-  if (std::strcmp(env, "chunked") == 0) return true;
-  TORCH_CHECK_VALUE(false, "METRICOPS_CUDA_COLUMN_SUMS must be 'serial' or 'chunked', got '", env, "'");
-}
+inline bool chunked_column_sums() { return env_selects_new_path("METRICOPS_CUDA_COLUMN_SUMS", "serial", "chunked"); }
 
 // out[i] = Σ_j f(i, j): one block per row (grid-stride over rows), block_sum.
 template <typename acc_t, typename EntryFn>

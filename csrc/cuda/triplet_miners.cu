@@ -15,8 +15,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -102,10 +100,7 @@ __global__ void semihard_coefficients_warp_kernel(int64_t rows, int64_t B, const
 }
 
 bool semihard_coefficients_by_warp() {
-  const char* env = std::getenv("METRICOPS_CUDA_SEMIHARD_COEFFICIENTS");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "thread") == 0) return false;
-  if (std::strcmp(env, "warp") == 0) return true;
-  TORCH_CHECK_VALUE(false, "METRICOPS_CUDA_SEMIHARD_COEFFICIENTS must be 'thread' or 'warp', got '", env, "'");
+  return env_selects_new_path("METRICOPS_CUDA_SEMIHARD_COEFFICIENTS", "thread", "warp");
 }
 
 // The streaming backward's blocks have few rows but one gradient per row

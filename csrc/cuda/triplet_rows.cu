@@ -18,8 +18,6 @@
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -89,10 +87,7 @@ LabelledRows labelled_rows(const at::Tensor& x, const at::Tensor& aux, const at:
 enum class TripletPath { Sort, Scan };
 
 TripletPath triplet_path() {
-  const char* env = std::getenv("METRICOPS_CUDA_TRIPLET_PATH");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "sort") == 0) return TripletPath::Sort;
-  if (std::strcmp(env, "scan") == 0) return TripletPath::Scan;
-  TORCH_CHECK_VALUE(false, "METRICOPS_CUDA_TRIPLET_PATH must be 'sort' or 'scan', got '", env, "'");
+  return env_selects_new_path("METRICOPS_CUDA_TRIPLET_PATH", "sort", "scan") ? TripletPath::Scan : TripletPath::Sort;
 }
 
 constexpr unsigned kFullMask = 0xffffffffu;

@@ -241,6 +241,16 @@ TORCH_LIBRARY(metricops, m) {
       "proxy_anchor_loss_backward(Tensor grad_pos, Tensor grad_neg, Tensor embeddings, Tensor labels, "
       "Tensor proxies, Tensor pos, Tensor neg, Tensor tile, float margin, float alpha, int class_chunk=0, "
       "bool normalize=False) -> (Tensor grad_embeddings, Tensor grad_proxies)");
+  // ProxyAnchor reduced as the loss defines it, Σ_c pos[c] / max(|C⁺|, 1) +
+  // Σ_c neg[c] / C (C⁺: the classes with a label in the batch), a 0-dim
+  // tensor, with pos and neg as above. with_grad=True: the same pass also
+  // returns the loss's gradients for an upstream gradient of 1 (each class's
+  // derivatives are known once its row of the tile is reduced), so the
+  // backward only scales them; else both are (0, D).
+  m.def(
+      "proxy_anchor_loss_and_grad(Tensor embeddings, Tensor labels, Tensor proxies, float margin, float alpha, "
+      "int class_chunk=0, bool normalize=False, bool with_grad=False) -> (Tensor loss, Tensor pos, Tensor neg, "
+      "Tensor grad_embeddings, Tensor grad_proxies)");
 }
 
 }  // namespace metricops

@@ -158,11 +158,14 @@ def proxy_anchor_loss(
     With S = cos(embeddings, proxies) (both L2-normalized inside), returns
     ``(1/|C⁺|)·Σ_{c∈C⁺} log(1 + Σ_{i: y_i = c} e^{−α(S_ic − δ)}) + (1/C)·Σ_c log(1 + Σ_{i: y_i ≠ c} e^{α(S_ic + δ)})``,
     C⁺ the classes present in the batch (the first mean is 0 when none is). A 0-dim tensor; gradients reach
-    ``embeddings`` and ``proxies``. Classes are processed in chunks, each with all B rows: never B×C at once,
-    except that when C·B ≤ 4M entries and a gradient is needed, the forward keeps its (C, B) dot products
-    (≤ 16 MiB in float32) for the backward, which then skips recomputing them.
+    ``embeddings`` and ``proxies``. Classes are processed in chunks, each with all B rows, never B×C at once.
+    When a gradient will be needed, each chunk's derivatives are computed as soon as its rows are reduced, in the
+    forward's pass (the backward only scales them by the upstream gradient): three GEMMs in all, no tile kept.
     """
-    pos, neg, present = _proxy_anchor_terms(embeddings, labels, proxies, margin, alpha)
-    num_present = present.sum().clamp_min(1).to(pos.dtype)
-    loss = pos.sum() / num_present + neg.sum() / proxies.shape[0]
+    _check_class_inputs(embeddings, labels, proxies, "proxies")
+    margin, alpha = _check_proxy_anchor_args(margin, alpha)
+    # The gradient is computed in the forward's pass, when one will be asked for (the op records its node in
+    # the same cases; if it ever records one without, its backward recomputes the gradient instead).
+    with_grad = torch.is_grad_enabled() and (embeddings.requires_grad or proxies.requires_grad)
+    loss = ops.proxy_anchor_loss_and_grad(embeddings, labels, proxies, margin, alpha, _CLASS_CHUNK, True, with_grad)[0]
     return loss.to(loss_dtype(embeddings))

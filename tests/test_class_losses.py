@@ -258,16 +258,101 @@ def test_proxy_anchor_saved_tile_equals_recomputing(device, dtype, monkeypatch):
             calls.append(args[6])
             return ops.proxy_anchor_loss(*args)
 
+    # the per-class terms (metricops.pml's ProxyAnchorLoss, whose reducer is the user's) keep the tile
     monkeypatch.setattr(class_losses, "ops", SpyOps())
     leaf = x.clone().requires_grad_(True)
-    metricops.proxy_anchor_loss(leaf, labels, w).backward()
+    terms = class_losses._proxy_anchor_terms
+    terms(leaf, labels, w, 0.1, 6.0)[0].sum().backward()
     with torch.no_grad():
-        metricops.proxy_anchor_loss(leaf, labels, w)
+        terms(leaf, labels, w, 0.1, 6.0)
     monkeypatch.setattr(class_losses, "_PROXY_SAVED_TILE_ENTRIES", 9 * 13 - 1)
-    metricops.proxy_anchor_loss(leaf, labels, w)
+    terms(leaf, labels, w, 0.1, 6.0)
     assert calls == [True, False, False]
     with pytest.raises(ValueError, match=r"tile must have shape \(9, 13\) \(saved by the forward\) or \(0, 13\)"):
         ops.proxy_anchor_loss_backward(g_pos, g_neg, xn, labels, w, pos, neg, tile[:4], 0.1, 6.0)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_proxy_anchor_gradient_from_the_forward_pass_equals_the_backward_op(device, dtype, monkeypatch):
+    """proxy_anchor_loss_and_grad (each class's derivatives taken as soon as its row is reduced) against the
+    per-class op and its backward op with ProxyAnchor's weights 1/|C⁺| and 1/C; chunks of 1, 4 and all classes,
+    raw embeddings normalized inside and unit ones used as given; classes 7 and 8 absent."""
+    x, labels, w = _inputs(13, 9, 6, device, dtype, num_labels=7)
+    tol = {} if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    num_present = float(labels.unique().numel())
+    for normalize in (True, False):
+        xs = x if normalize else torch.nn.functional.normalize(x)
+        for chunk in (0, 1, 4):
+            loss, pos, neg, grad_x, grad_w = ops.proxy_anchor_loss_and_grad(
+                xs, labels, w, 0.1, 6.0, chunk, normalize, True
+            )
+            pos2, neg2, tile = ops.proxy_anchor_loss(xs, labels, w, 0.1, 6.0, chunk, False, normalize)
+            torch.testing.assert_close(pos, pos2, **tol)
+            torch.testing.assert_close(neg, neg2, **tol)
+            torch.testing.assert_close(loss, pos2.sum() / num_present + neg2.sum() / 9, **tol)
+            g_pos, g_neg = torch.full_like(pos, 1 / num_present), torch.full_like(neg, 1 / 9)
+            expected = ops.proxy_anchor_loss_backward(
+                g_pos, g_neg, xs, labels, w, pos2, neg2, tile, 0.1, 6.0, chunk, normalize
+            )
+            torch.testing.assert_close(grad_x, expected[0], **tol)
+            torch.testing.assert_close(grad_w, expected[1], **tol)
+            without = ops.proxy_anchor_loss_and_grad(xs, labels, w, 0.1, 6.0, chunk, normalize, False)
+            assert without[3].shape == (0, 6) and without[4].shape == (0, 6)
+            for a, b in zip(without[:3], (loss, pos, neg)):
+                assert torch.equal(a, b)
+
+    # the public loss asks for the gradient exactly when autograd will record the op
+    calls = []
+
+    class SpyOps:  # records with_grad (the last argument)
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def proxy_anchor_loss_and_grad(self, *args):
+            calls.append(args[7])
+            return ops.proxy_anchor_loss_and_grad(*args)
+
+    monkeypatch.setattr(class_losses, "ops", SpyOps())
+    leaf = x.clone().requires_grad_(True)
+    metricops.proxy_anchor_loss(leaf, labels, w).backward()
+    metricops.proxy_anchor_loss(x, labels, w.clone().requires_grad_(True))
+    with torch.no_grad():
+        metricops.proxy_anchor_loss(leaf, labels, w)
+    metricops.proxy_anchor_loss(x, labels, w)
+    assert calls == [True, True, False, False]
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_proxy_anchor_backward_without_the_forward_gradient(device):
+    """The backward recomputes when the forward did not take the gradient (with_grad=False yet recorded), when
+    the per-class terms are differentiated too, and under create_graph, where a second derivative is refused
+    (never the zeros that scaling the forward's gradient as a constant would give)."""
+    x, labels, w = _inputs(11, 7, 5, device, num_labels=5)
+    leaves = lambda: (x.clone().requires_grad_(True), w.clone().requires_grad_(True))  # noqa: E731
+    a, wa = leaves()
+    expected = torch.autograd.grad(ops.proxy_anchor_loss_and_grad(a, labels, wa, 0.1, 6.0, 0, True, True)[0], (a, wa))
+    a, wa = leaves()
+    got = torch.autograd.grad(ops.proxy_anchor_loss_and_grad(a, labels, wa, 0.1, 6.0, 0, True, False)[0], (a, wa))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+    # loss and per-class terms together: the per-class op's gradient of the same sum
+    a, wa = leaves()
+    loss, pos, neg = ops.proxy_anchor_loss_and_grad(a, labels, wa, 0.1, 6.0, 2, True, True)[:3]
+    got = torch.autograd.grad(3 * loss + pos[1] - 2 * neg[4], (a, wa))
+    a, wa = leaves()
+    e_loss = reference.proxy_anchor_loss(a, labels, wa, margin=0.1, alpha=6.0)
+    e_pos, e_neg = reference.proxy_anchor_terms(a, labels, wa, margin=0.1, alpha=6.0)[:2]
+    expected = torch.autograd.grad(3 * e_loss + e_pos[1] - 2 * e_neg[4], (a, wa))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+    # create_graph: the same gradient, through the backward op, which refuses to be differentiated
+    a, wa = leaves()
+    (grad_x,) = torch.autograd.grad(metricops.proxy_anchor_loss(a, labels, wa), (a,), create_graph=True)
+    a2, wa2 = leaves()
+    torch.testing.assert_close(grad_x, torch.autograd.grad(metricops.proxy_anchor_loss(a2, labels, wa2), (a2,))[0])
+    with pytest.raises(RuntimeError, match="double backward of proxy_anchor_loss is not supported"):
+        grad_x.pow(2).sum().backward()
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

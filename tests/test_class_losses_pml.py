@@ -80,6 +80,35 @@ def test_proxy_anchor_matches_pml_with_absent_classes(kw):
     _assert_same(ours, theirs, *_data(num_labels=4))  # classes 4..8 are absent
 
 
+def test_proxy_anchor_reducer_replaced_after_construction_matches_pml(monkeypatch):
+    """PML's default reducer takes the loss with its gradient from the forward's pass (one op call); a reducer
+    set after construction is read at the call and reduces the per-class terms, as PML's does."""
+    ours, theirs = _pair("ProxyAnchorLoss")
+    x, labels = _data(num_labels=6)
+    calls = []
+    fused = metricops.class_losses.ops.proxy_anchor_loss_and_grad
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.metricops, name)
+
+        def proxy_anchor_loss_and_grad(self, *args):
+            calls.append(args)
+            return fused(*args)
+
+    monkeypatch.setattr(metricops.class_losses, "ops", Spy())
+    _assert_same(ours, theirs, x, labels)
+    assert len(calls) == 1
+    ours.reducer = mo_reducers.MultipleReducers(
+        {"pos_loss": mo_reducers.MeanReducer(), "neg_loss": mo_reducers.DivisorReducer()}
+    )
+    theirs.reducer = pml_reducers.MultipleReducers(
+        {"pos_loss": pml_reducers.MeanReducer(), "neg_loss": pml_reducers.DivisorReducer()}
+    )
+    _assert_same(ours, theirs, x, labels)
+    assert len(calls) == 1
+
+
 def test_proxy_anchor_with_lp_distance_matches_pml():
     ours, theirs = _pair(
         "ProxyAnchorLoss", ours={"distance": mo_distances.LpDistance()}, pml={"distance": pml_distances.LpDistance()}

@@ -86,7 +86,10 @@ CASES = {
     # Class-parameter losses (labels < 3: weight/proxies are b's first 3 rows). ArcFace normalizes the embeddings
     # first (l2_normalize meets the tangent), ProxyAnchor inside its op; the direct op calls normalize with torch.
     "arcface": (lambda a, b, c: metricops.arcface_loss(a, LABELS, b[:3], scale=4.0), "l2_normalize"),
-    "proxy_anchor": (lambda a, b, c: metricops.proxy_anchor_loss(a, LABELS, b[:3], alpha=4.0), "proxy_anchor_loss"),
+    "proxy_anchor": (
+        lambda a, b, c: metricops.proxy_anchor_loss(a, LABELS, b[:3], alpha=4.0),
+        "proxy_anchor_loss_and_grad",
+    ),
     "margin_softmax_op": (
         lambda a, b, c: torch.ops.metricops.margin_softmax_loss(
             torch.nn.functional.normalize(a), LABELS, b[:3], "cosface", 0.3, 4.0, 2

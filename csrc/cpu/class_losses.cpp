@@ -348,6 +348,84 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cpu(
   return {grad_x, grad_p};
 }
 
+// Number of classes holding at least one label (the positive term's divisor);
+// labels already checked to be in [0, C).
+int64_t count_present_classes(const int64_t* labels, int64_t B, int64_t C) {
+  std::vector<char> seen(C, 0);
+  int64_t count = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    count += seen[labels[i]] == 0;
+    seen[labels[i]] = 1;
+  }
+  return count;
+}
+
+// ProxyAnchor's reduced loss Σ pos/max(|C⁺|, 1) + Σ neg/C and, with_grad, its
+// gradients for an upstream gradient of 1. A chunk's rows hold all B terms
+// of their classes, so each row's derivatives are known as soon as its two
+// terms are: they are written over the dot products while the row is still
+// in cache, and the chunk's two GEMMs follow. Three GEMMs in all (the
+// forward+backward pair takes four, or three and a kept (C, B) tile), and
+// the backward only scales the result.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_and_grad_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels_in, const at::Tensor& proxies, double margin, double alpha,
+    int64_t class_chunk, bool normalize, bool with_grad) {
+  check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
+  check_proxy_anchor_args(margin, alpha);
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t B = x.size(0), C = proxies.size(0), D = x.size(1);
+  check_labels_in_range(labels, C);
+  at::Tensor pos = at::empty({C}, x.options());
+  at::Tensor neg = at::empty({C}, x.options());
+  at::Tensor loss = at::empty({}, x.options());
+  at::Tensor grad_x = at::zeros({with_grad ? B : 0, D}, x.options());
+  at::Tensor grad_p = at::zeros({with_grad ? C : 0, D}, x.options());
+  const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
+  const auto factors = folded_norm_factors(proxies, x.scalar_type());
+  const auto x_factors = normalize ? folded_norm_factors(x, x.scalar_type()) : std::pair<at::Tensor, at::Tensor>();
+  at::Tensor buffer = at::empty({std::max<int64_t>(B, 1) * chunk}, x.options());
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  const int64_t num_present = count_present_classes(lab, B, C);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metricops_proxy_anchor_loss_and_grad_cpu", [&] {
+    const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
+    const scalar_t* inv = factors.first.const_data_ptr<scalar_t>();
+    const scalar_t* inv_x = normalize ? x_factors.first.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t g_pos = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(num_present, 1));
+    const scalar_t g_neg = scalar_t(1) / static_cast<scalar_t>(C);
+    scalar_t* pp = pos.mutable_data_ptr<scalar_t>();
+    scalar_t* np = neg.mutable_data_ptr<scalar_t>();
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t n = std::min(chunk, C - c0);
+      const at::Tensor p_chunk = proxies.narrow(0, c0, n);
+      at::Tensor tile = tile_view(buffer, n, B);
+      at::mm_out(tile, p_chunk, x.t());
+      scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(B, 1)), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t c = c0 + r;
+          proxy_row_forward(policy, tp + r * B, inv[c], inv_x, lab, c, B, pp[c], np[c]);
+          if (with_grad) {
+            proxy_row_backward(policy, tp + r * B, tp + r * B, inv[c], inv_x, lab, c, B, g_pos, g_neg, pp[c], np[c]);
+          }
+        }
+      });
+      if (with_grad && B > 0) {
+        at::Tensor grad_chunk = grad_p.narrow(0, c0, n);
+        at::mm_out(grad_chunk, tile, x);
+        project_folded_norm_grad(grad_chunk, p_chunk, factors.second.narrow(0, c0, n));
+        grad_x.addmm_(tile.t(), p_chunk);
+      }
+    }
+    // the per-class terms summed in double: the result does not depend on how the classes were chunked
+    double sum_pos = 0, sum_neg = 0;
+    for (int64_t c = 0; c < C; ++c) sum_pos += pp[c], sum_neg += np[c];
+    loss.fill_(sum_pos / static_cast<double>(std::max<int64_t>(num_present, 1)) + sum_neg / static_cast<double>(C));
+  });
+  if (with_grad && normalize) project_folded_norm_grad(grad_x, x, x_factors.second);
+  return {loss, pos, neg, grad_x, grad_p};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metricops, CPU, m) {
@@ -355,6 +433,7 @@ TORCH_LIBRARY_IMPL(metricops, CPU, m) {
   m.impl("margin_softmax_loss_backward", &margin_softmax_loss_backward_cpu);
   m.impl("proxy_anchor_loss", &proxy_anchor_loss_cpu);
   m.impl("proxy_anchor_loss_backward", &proxy_anchor_loss_backward_cpu);
+  m.impl("proxy_anchor_loss_and_grad", &proxy_anchor_loss_and_grad_cpu);
 }
 
 }  // namespace cpu

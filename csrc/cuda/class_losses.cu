@@ -29,6 +29,9 @@ namespace {
 
 // Tile budget: B × chunk float32 entries in 256 MiB.
 constexpr int64_t kCudaClassTileBytes = int64_t{256} << 20;
+// proxy_anchor_loss_and_grad keeps the forward's (C, B) tile for the gradient
+// up to this many entries (64 MiB in float32), else recomputes it by chunks.
+constexpr int64_t kCudaSavedTileEntries = int64_t{1} << 24;
 
 at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -320,6 +323,35 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
   return {grad_x.to(x.scalar_type()), grad_p};
 }
 
+// ProxyAnchor's reduced loss and (with_grad) its gradient for an upstream
+// gradient of 1, as on CPU. Here the two ops above run back to back (the
+// forward keeping its tile when C·B is small): on a GPU the tile's round trip
+// through memory is cheap next to the GEMMs, and the kernels stay the tested
+// ones. Everything stays on the device: no host sync for the class count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_and_grad_cuda(
+    const at::Tensor& embeddings, const at::Tensor& labels_in, const at::Tensor& proxies, double margin, double alpha,
+    int64_t class_chunk, bool normalize, bool with_grad) {
+  METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
+  check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
+  const int64_t B = embeddings.size(0), C = proxies.size(0), D = embeddings.size(1);
+  const bool save_tile = with_grad && class_chunk == 0 && B * C <= kCudaSavedTileEntries;
+  auto [pos, neg, tile] =
+      proxy_anchor_loss_cuda(embeddings, labels_in, proxies, margin, alpha, class_chunk, save_tile, normalize);
+  // present classes: an out-of-range label (no positive anywhere) lands in the extra slot C
+  const at::Tensor labels = labels_in.to(at::kLong);
+  const at::Tensor slot = labels.masked_fill(labels.lt(0).logical_or(labels.ge(C)), C);
+  const at::Tensor present = at::zeros({C + 1}, pos.options()).index_fill_(0, slot, 1).narrow(0, 0, C);
+  const at::Tensor g_pos = present.sum().clamp_min(1).reciprocal();
+  const at::Tensor loss = pos.sum().mul(g_pos).add(neg.sum().div(static_cast<double>(C)));
+  if (!with_grad) {
+    return {loss, pos, neg, embeddings.new_empty({0, D}), embeddings.new_empty({0, D})};
+  }
+  const at::Tensor g_neg = at::full({C}, 1.0 / static_cast<double>(C), pos.options());
+  auto [grad_x, grad_p] = proxy_anchor_loss_backward_cuda(g_pos.expand({C}), g_neg, embeddings, labels_in, proxies, pos,
+                                                          neg, tile, margin, alpha, class_chunk, normalize);
+  return {loss, pos, neg, grad_x, grad_p};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metricops, CUDA, m) {
@@ -327,6 +359,7 @@ TORCH_LIBRARY_IMPL(metricops, CUDA, m) {
   m.impl("margin_softmax_loss_backward", &margin_softmax_loss_backward_cuda);
   m.impl("proxy_anchor_loss", &proxy_anchor_loss_cuda);
   m.impl("proxy_anchor_loss_backward", &proxy_anchor_loss_backward_cuda);
+  m.impl("proxy_anchor_loss_and_grad", &proxy_anchor_loss_and_grad_cuda);
 }
 
 }  // namespace cuda

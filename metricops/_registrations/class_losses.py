@@ -114,3 +114,58 @@ def _proxy_anchor_backward(ctx, grad_pos, grad_neg, _grad_tile):
 
 
 register_autograd("proxy_anchor_loss", _proxy_anchor_backward, _proxy_anchor_setup_context)
+
+
+# --------------------------------------------------------------------------
+# proxy_anchor_loss_and_grad (the reduced loss, its gradient from the same pass)
+# --------------------------------------------------------------------------
+
+
+@torch.library.register_fake(LIB + "proxy_anchor_loss_and_grad")
+def _proxy_anchor_loss_and_grad_fake(
+    x, labels, proxies, margin, alpha, class_chunk=0, normalize=False, with_grad=False
+):
+    _check_class_inputs(x, labels, proxies, "proxies")
+    acc = accumulation_dtype(x.dtype)
+    C, D = proxies.shape
+    grad_x = x.new_empty((x.shape[0] if with_grad else 0, D))
+    grad_p = x.new_empty((C if with_grad else 0, D))
+    return x.new_empty((), dtype=acc), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc), grad_x, grad_p
+
+
+def _proxy_anchor_and_grad_setup_context(ctx, inputs, output):
+    x, labels, proxies, margin, alpha, class_chunk, normalize, with_grad = inputs
+    _loss, pos, neg, grad_x, grad_p = output
+    ctx.mark_non_differentiable(grad_x, grad_p)  # the loss's gradient, for this backward only
+    ctx.set_materialize_grads(False)  # else autograd fills zero gradients for the outputs not used
+    ctx.args = (margin, alpha, class_chunk, normalize)
+    ctx.with_grad = with_grad
+    ctx.save_for_backward(x, labels, proxies, pos, neg, grad_x, grad_p)
+
+
+def _proxy_anchor_and_grad_backward(ctx, grad_loss, grad_pos, grad_neg, _grad_x, _grad_p):
+    x, labels, proxies, pos, neg, grad_x, grad_p = ctx.saved_tensors
+    if grad_loss is None and grad_pos is None and grad_neg is None:
+        return (None,) * 8
+    # The forward's gradients, scaled, when only the loss is differentiated and this backward is not itself
+    # differentiated (create_graph, nested torch.func.grad): scaling constants would silently give a zero second
+    # derivative, where the backward op below refuses it.
+    if ctx.with_grad and grad_pos is None and grad_neg is None and not torch.is_grad_enabled():
+        grad_x, grad_p = grad_x * grad_loss.to(grad_x.dtype), grad_p * grad_loss.to(grad_p.dtype)
+    else:  # one backward pass recomputing the dot products, with every class's two upstream gradients
+        C = proxies.shape[0]
+        grad_pos = torch.zeros_like(pos) if grad_pos is None else grad_pos
+        grad_neg = torch.zeros_like(neg) if grad_neg is None else grad_neg
+        if grad_loss is not None:
+            present = torch.zeros(C, dtype=torch.bool, device=labels.device).index_fill(0, labels.long(), True)
+            grad_pos = grad_pos + grad_loss / present.sum().clamp_min(1).to(grad_loss.dtype)
+            grad_neg = grad_neg + grad_loss / C
+        no_tile = pos.new_empty((0, x.shape[0]))
+        grad_x, grad_p = ops.proxy_anchor_loss_backward(
+            grad_pos, grad_neg, x, labels, proxies, pos, neg, no_tile, *ctx.args
+        )
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None), None, (grad_p if needs[2] else None), None, None, None, None, None
+
+
+register_autograd("proxy_anchor_loss_and_grad", _proxy_anchor_and_grad_backward, _proxy_anchor_and_grad_setup_context)

@@ -198,6 +198,12 @@ class ProxyAnchorLoss(torch.nn.Module):
         _ref_not_supported(ref_emb, ref_labels)
         labels = labels.to(embeddings.device)
         _cast_parameter(self.proxies, embeddings)
+        if isinstance(self.distance, CosineSimilarity) and indices_tuple is None and self._reduces_as_pml_default():
+            # Σ pos / |C⁺| + Σ neg / C: the loss with its gradient from the forward's pass (no per-class outputs)
+            loss = _class_losses.proxy_anchor_loss(
+                embeddings, labels, self.proxies, margin=self.margin, alpha=self.alpha
+            )
+            return loss.to(embeddings.dtype)
         if isinstance(self.distance, CosineSimilarity) and indices_tuple is None:
             pos, neg, present = _class_losses._proxy_anchor_terms(
                 embeddings, labels, self.proxies, self.margin, self.alpha
@@ -211,6 +217,16 @@ class ProxyAnchorLoss(torch.nn.Module):
             "neg_loss": {"losses": neg, "indices": indices, "reduction_type": "element", "divisor": self.num_classes},
         }
         return self.reducer(loss_dict, embeddings, labels)
+
+    def _reduces_as_pml_default(self):
+        """Whether the reducer is PML's default for this loss, DivisorReducer on each term (read at each call:
+        the attribute may be replaced after construction)."""
+        reducer = self.reducer
+        return (
+            type(reducer) is _reducers.MultipleReducers
+            and set(reducer.reducers) == {"pos_loss", "neg_loss"}
+            and all(type(r) is _reducers.DivisorReducer for r in reducer.reducers.values())
+        )
 
     def _terms_on_the_matrix(self, embeddings, labels, indices_tuple):
         """PML's compute_loss on the (B, C) matrix, for what the native op does not cover (see module doc)."""

@@ -246,7 +246,8 @@ TORCH_LIBRARY(metricops, m) {
   // tensor, with pos and neg as above. with_grad=True: the same pass also
   // returns the loss's gradients for an upstream gradient of 1 (each class's
   // derivatives are known once its row of the tile is reduced), so the
-  // backward only scales them; else both are (0, D).
+  // backward only scales them (in place: a caller must not keep them across
+  // a backward through this op); else both are (0, D).
   m.def(
       "proxy_anchor_loss_and_grad(Tensor embeddings, Tensor labels, Tensor proxies, float margin, float alpha, "
       "int class_chunk=0, bool normalize=False, bool with_grad=False) -> (Tensor loss, Tensor pos, Tensor neg, "

@@ -346,6 +346,13 @@ def test_proxy_anchor_backward_without_the_forward_gradient(device):
     expected = torch.autograd.grad(3 * e_loss + e_pos[1] - 2 * e_neg[4], (a, wa))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+    # a retained graph: the first backward hands over the forward's gradients, the second recomputes them
+    a, wa = leaves()
+    loss = metricops.proxy_anchor_loss(a, labels, wa)
+    first = [g.clone() for g in torch.autograd.grad(loss, (a, wa), retain_graph=True)]
+    second = torch.autograd.grad(2 * loss, (a, wa))
+    for g1, g2 in zip(first, second):
+        torch.testing.assert_close(g2, 2 * g1, rtol=1e-12, atol=1e-13)
     # create_graph: the same gradient, through the backward op, which refuses to be differentiated
     a, wa = leaves()
     (grad_x,) = torch.autograd.grad(metricops.proxy_anchor_loss(a, labels, wa), (a,), create_graph=True)

@@ -139,19 +139,27 @@ def _proxy_anchor_and_grad_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad_x, grad_p)  # the loss's gradient, for this backward only
     ctx.set_materialize_grads(False)  # else autograd fills zero gradients for the outputs not used
     ctx.args = (margin, alpha, class_chunk, normalize)
-    ctx.with_grad = with_grad
-    ctx.save_for_backward(x, labels, proxies, pos, neg, grad_x, grad_p)
+    # Held on ctx, not saved: the first backward scales them in place and hands them over (no second (C, D)
+    # copy at C = 10⁶), then drops them; a retained graph's later backward recomputes. Non-differentiable, they
+    # have no grad_fn, so ctx holding them makes no reference cycle.
+    ctx.forward_grads = (grad_x, grad_p) if with_grad else None
+    ctx.save_for_backward(x, labels, proxies, pos, neg)
 
 
 def _proxy_anchor_and_grad_backward(ctx, grad_loss, grad_pos, grad_neg, _grad_x, _grad_p):
-    x, labels, proxies, pos, neg, grad_x, grad_p = ctx.saved_tensors
+    x, labels, proxies, pos, neg = ctx.saved_tensors
     if grad_loss is None and grad_pos is None and grad_neg is None:
         return (None,) * 8
     # The forward's gradients, scaled, when only the loss is differentiated and this backward is not itself
     # differentiated (create_graph, nested torch.func.grad): scaling constants would silently give a zero second
     # derivative, where the backward op below refuses it.
-    if ctx.with_grad and grad_pos is None and grad_neg is None and not torch.is_grad_enabled():
-        grad_x, grad_p = grad_x * grad_loss.to(grad_x.dtype), grad_p * grad_loss.to(grad_p.dtype)
+    if ctx.forward_grads is not None and grad_pos is None and grad_neg is None and not torch.is_grad_enabled():
+        grad_x, grad_p = ctx.forward_grads
+        ctx.forward_grads = None
+        if torch.compiler.is_compiling():  # traced: out of place (AOTAutograd would copy a mutated input back)
+            grad_x, grad_p = grad_x * grad_loss.to(grad_x.dtype), grad_p * grad_loss.to(grad_p.dtype)
+        else:
+            grad_x, grad_p = grad_x.mul_(grad_loss.to(grad_x.dtype)), grad_p.mul_(grad_loss.to(grad_p.dtype))
     else:  # one backward pass recomputing the dot products, with every class's two upstream gradients
         C = proxies.shape[0]
         grad_pos = torch.zeros_like(pos) if grad_pos is None else grad_pos

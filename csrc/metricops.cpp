@@ -243,15 +243,16 @@ TORCH_LIBRARY(metricops, m) {
       "bool normalize=False) -> (Tensor grad_embeddings, Tensor grad_proxies)");
   // ProxyAnchor reduced as the loss defines it, Σ_c pos[c] / max(|C⁺|, 1) +
   // Σ_c neg[c] / C (C⁺: the classes with a label in the batch), a 0-dim
-  // tensor, with pos and neg as above. with_grad=True: the same pass also
-  // returns the loss's gradients for an upstream gradient of 1 (each class's
-  // derivatives are known once its row of the tile is reduced), so the
-  // backward only scales them (in place: a caller must not keep them across
-  // a backward through this op); else both are (0, D).
+  // tensor, with pos and neg as above. grad_embeddings / grad_proxies: the
+  // same pass also returns that gradient of the loss for an upstream gradient
+  // of 1 (each class's derivatives are known once its row of the tile is
+  // reduced), so the backward only scales it (in place: a caller must not
+  // keep it across a backward through this op); a gradient not asked for is
+  // (0, D) and its GEMM is skipped.
   m.def(
       "proxy_anchor_loss_and_grad(Tensor embeddings, Tensor labels, Tensor proxies, float margin, float alpha, "
-      "int class_chunk=0, bool normalize=False, bool with_grad=False) -> (Tensor loss, Tensor pos, Tensor neg, "
-      "Tensor grad_embeddings, Tensor grad_proxies)");
+      "int class_chunk=0, bool normalize=False, bool grad_embeddings=False, bool grad_proxies=False) -> (Tensor loss, "
+      "Tensor pos, Tensor neg, Tensor grad_embeddings, Tensor grad_proxies)");
 }
 
 }  // namespace metricops

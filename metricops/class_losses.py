@@ -166,6 +166,7 @@ def proxy_anchor_loss(
     margin, alpha = _check_proxy_anchor_args(margin, alpha)
     # The gradient is computed in the forward's pass, when one will be asked for (the op records its node in
     # the same cases; if it ever records one without, its backward recomputes the gradient instead).
-    with_grad = torch.is_grad_enabled() and (embeddings.requires_grad or proxies.requires_grad)
-    loss = ops.proxy_anchor_loss_and_grad(embeddings, labels, proxies, margin, alpha, _CLASS_CHUNK, True, with_grad)[0]
+    grad_mode = torch.is_grad_enabled()
+    grads = (grad_mode and embeddings.requires_grad, grad_mode and proxies.requires_grad)
+    loss = ops.proxy_anchor_loss_and_grad(embeddings, labels, proxies, margin, alpha, _CLASS_CHUNK, True, *grads)[0]
     return loss.to(loss_dtype(embeddings))

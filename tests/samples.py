@@ -150,13 +150,15 @@ def _ref_proxy_anchor(x, labels, proxies, margin, alpha, class_chunk=0, save_til
     return reference.proxy_anchor_terms(x, labels, proxies, margin=margin, alpha=alpha)[:2]
 
 
-def _ref_proxy_anchor_and_grad(x, labels, proxies, margin, alpha, class_chunk=0, normalize=False, with_grad=False):
-    """(loss, pos, neg) and, for normalize=True with_grad=True, the gradients of the reference loss (autograd)."""
+def _ref_proxy_anchor_and_grad(
+    x, labels, proxies, margin, alpha, class_chunk=0, normalize=False, grad_embeddings=False, grad_proxies=False
+):
+    """(loss, pos, neg) and, for normalize=True with both gradients, the gradients of the reference loss."""
     with torch.enable_grad():
         xr, pr = x.detach().requires_grad_(), proxies.detach().requires_grad_()
         loss = reference.proxy_anchor_loss(xr, labels, pr, margin=margin, alpha=alpha)
         pos, neg = reference.proxy_anchor_terms(xr, labels, pr, margin=margin, alpha=alpha)[:2]
-        if not (normalize and with_grad):  # normalize=False: the op takes x as unit, the reference normalizes it
+        if not (normalize and grad_embeddings and grad_proxies):  # normalize=False: the op takes x as unit
             return loss.detach(), pos.detach(), neg.detach()
         return (loss.detach(), pos.detach(), neg.detach(), *torch.autograd.grad(loss, (xr, pr)))
 
@@ -254,16 +256,19 @@ SAMPLES: dict[str, Callable[..., list[SampleInput]]] = {
         if len(x)
         else []
     ),
-    # (margin, alpha, class chunk, normalize, with_grad)
+    # (margin, alpha, class chunk, normalize, grad_embeddings, grad_proxies)
     "proxy_anchor_loss_and_grad": lambda x, x2, x3: (
         [
-            # the gradient computed in the forward's pass: one chunk, then chunks of 2 classes
-            SampleInput((x, pair_labels(x), x2, 0.1, 4.0, 0, True, True), _ref_proxy_anchor_and_grad),
-            SampleInput((x, pair_labels(x), x2, 0.1, 4.0, 2, True, True), _ref_proxy_anchor_and_grad),
+            # the gradients computed in the forward's pass: one chunk, then chunks of 2 classes
+            SampleInput((x, pair_labels(x), x2, 0.1, 4.0, 0, True, True, True), _ref_proxy_anchor_and_grad),
+            SampleInput((x, pair_labels(x), x2, 0.1, 4.0, 2, True, True, True), _ref_proxy_anchor_and_grad),
+            # one gradient only (the other's GEMM skipped); a backward needing the other recomputes both
+            SampleInput((x, pair_labels(x), x2, 0.1, 4.0, 3, True, True, False), _ref_proxy_anchor_and_grad),
+            SampleInput((x, pair_labels(x), x2, 0.1, 4.0, 0, True, False, True), _ref_proxy_anchor_and_grad),
             # no gradient in the forward: a backward (gradcheck's) recomputes it with proxy_anchor_loss_backward
-            SampleInput((x, pair_labels(x), x2, -0.2, 3.0, 2, True, False), _ref_proxy_anchor_and_grad),
+            SampleInput((x, pair_labels(x), x2, -0.2, 3.0, 2, True, False, False), _ref_proxy_anchor_and_grad),
             # unit embeddings used as given
-            SampleInput((_unit(x), pair_labels(x), x2, 0.1, 4.0, 0, False, True), _ref_proxy_anchor_and_grad),
+            SampleInput((_unit(x), pair_labels(x), x2, 0.1, 4.0, 0, False, True, True), _ref_proxy_anchor_and_grad),
         ]
         if len(x)
         else []

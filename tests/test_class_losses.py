@@ -285,7 +285,7 @@ def test_proxy_anchor_gradient_from_the_forward_pass_equals_the_backward_op(devi
         xs = x if normalize else torch.nn.functional.normalize(x)
         for chunk in (0, 1, 4):
             loss, pos, neg, grad_x, grad_w = ops.proxy_anchor_loss_and_grad(
-                xs, labels, w, 0.1, 6.0, chunk, normalize, True
+                xs, labels, w, 0.1, 6.0, chunk, normalize, True, True
             )
             pos2, neg2, tile = ops.proxy_anchor_loss(xs, labels, w, 0.1, 6.0, chunk, False, normalize)
             torch.testing.assert_close(pos, pos2, **tol)
@@ -297,20 +297,25 @@ def test_proxy_anchor_gradient_from_the_forward_pass_equals_the_backward_op(devi
             )
             torch.testing.assert_close(grad_x, expected[0], **tol)
             torch.testing.assert_close(grad_w, expected[1], **tol)
-            without = ops.proxy_anchor_loss_and_grad(xs, labels, w, 0.1, 6.0, chunk, normalize, False)
-            assert without[3].shape == (0, 6) and without[4].shape == (0, 6)
-            for a, b in zip(without[:3], (loss, pos, neg)):
-                assert torch.equal(a, b)
+            for want_x, want_w in ((False, False), (True, False), (False, True)):
+                part = ops.proxy_anchor_loss_and_grad(xs, labels, w, 0.1, 6.0, chunk, normalize, want_x, want_w)
+                for a, b in zip(part[:3], (loss, pos, neg)):
+                    assert torch.equal(a, b)
+                for got, want, full in ((part[3], want_x, grad_x), (part[4], want_w, grad_w)):
+                    if want:
+                        torch.testing.assert_close(got, full, **tol)  # one GEMM fewer, the same gradient
+                    else:
+                        assert got.shape == (0, 6)
 
     # the public loss asks for the gradient exactly when autograd will record the op
     calls = []
 
-    class SpyOps:  # records with_grad (the last argument)
+    class SpyOps:  # records (grad_embeddings, grad_proxies), the last two arguments
         def __getattr__(self, name):
             return getattr(ops, name)
 
         def proxy_anchor_loss_and_grad(self, *args):
-            calls.append(args[7])
+            calls.append(args[7:])
             return ops.proxy_anchor_loss_and_grad(*args)
 
     monkeypatch.setattr(class_losses, "ops", SpyOps())
@@ -320,25 +325,31 @@ def test_proxy_anchor_gradient_from_the_forward_pass_equals_the_backward_op(devi
     with torch.no_grad():
         metricops.proxy_anchor_loss(leaf, labels, w)
     metricops.proxy_anchor_loss(x, labels, w)
-    assert calls == [True, True, False, False]
+    assert calls == [(True, False), (False, True), (False, False), (False, False)]
+    both = (x.clone().requires_grad_(True), w.clone().requires_grad_(True))
+    metricops.proxy_anchor_loss(*both[:1], labels, both[1]).backward()
+    assert calls[-1] == (True, True)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_proxy_anchor_backward_without_the_forward_gradient(device):
-    """The backward recomputes when the forward did not take the gradient (with_grad=False yet recorded), when
+    """The backward recomputes when the forward did not take the gradients it needs (yet was recorded), when
     the per-class terms are differentiated too, and under create_graph, where a second derivative is refused
     (never the zeros that scaling the forward's gradient as a constant would give)."""
     x, labels, w = _inputs(11, 7, 5, device, num_labels=5)
     leaves = lambda: (x.clone().requires_grad_(True), w.clone().requires_grad_(True))  # noqa: E731
     a, wa = leaves()
-    expected = torch.autograd.grad(ops.proxy_anchor_loss_and_grad(a, labels, wa, 0.1, 6.0, 0, True, True)[0], (a, wa))
-    a, wa = leaves()
-    got = torch.autograd.grad(ops.proxy_anchor_loss_and_grad(a, labels, wa, 0.1, 6.0, 0, True, False)[0], (a, wa))
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+    expected = torch.autograd.grad(
+        ops.proxy_anchor_loss_and_grad(a, labels, wa, 0.1, 6.0, 0, True, True, True)[0], (a, wa)
+    )
+    for flags in ((False, False), (True, False), (False, True)):
+        a, wa = leaves()
+        got = torch.autograd.grad(ops.proxy_anchor_loss_and_grad(a, labels, wa, 0.1, 6.0, 0, True, *flags)[0], (a, wa))
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
     # loss and per-class terms together: the per-class op's gradient of the same sum
     a, wa = leaves()
-    loss, pos, neg = ops.proxy_anchor_loss_and_grad(a, labels, wa, 0.1, 6.0, 2, True, True)[:3]
+    loss, pos, neg = ops.proxy_anchor_loss_and_grad(a, labels, wa, 0.1, 6.0, 2, True, True, True)[:3]
     got = torch.autograd.grad(3 * loss + pos[1] - 2 * neg[4], (a, wa))
     a, wa = leaves()
     e_loss = reference.proxy_anchor_loss(a, labels, wa, margin=0.1, alpha=6.0)

@@ -360,8 +360,8 @@ int64_t count_present_classes(const int64_t* labels, int64_t B, int64_t C) {
   return count;
 }
 
-// ProxyAnchor's reduced loss Σ pos/max(|C⁺|, 1) + Σ neg/C and, with_grad, its
-// gradients for an upstream gradient of 1. A chunk's rows hold all B terms
+// ProxyAnchor's reduced loss Σ pos/max(|C⁺|, 1) + Σ neg/C and the gradients
+// asked for, for an upstream gradient of 1. A chunk's rows hold all B terms
 // of their classes, so each row's derivatives are known as soon as its two
 // terms are: they are written over the dot products while the row is still
 // in cache, and the chunk's two GEMMs follow. Three GEMMs in all (the
@@ -369,7 +369,7 @@ int64_t count_present_classes(const int64_t* labels, int64_t B, int64_t C) {
 // the backward only scales the result.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_and_grad_cpu(
     const at::Tensor& embeddings, const at::Tensor& labels_in, const at::Tensor& proxies, double margin, double alpha,
-    int64_t class_chunk, bool normalize, bool with_grad) {
+    int64_t class_chunk, bool normalize, bool want_grad_x, bool want_grad_p) {
   check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
   check_proxy_anchor_args(margin, alpha);
   const at::Tensor x = embeddings.contiguous();
@@ -379,8 +379,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anc
   at::Tensor pos = at::empty({C}, x.options());
   at::Tensor neg = at::empty({C}, x.options());
   at::Tensor loss = at::empty({}, x.options());
-  at::Tensor grad_x = at::zeros({with_grad ? B : 0, D}, x.options());
-  at::Tensor grad_p = at::zeros({with_grad ? C : 0, D}, x.options());
+  const bool with_grad = want_grad_x || want_grad_p;
+  at::Tensor grad_x = at::zeros({want_grad_x ? B : 0, D}, x.options());
+  at::Tensor grad_p = at::zeros({want_grad_p ? C : 0, D}, x.options());
   const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
   const auto factors = folded_norm_factors(proxies, x.scalar_type());
   const auto x_factors = normalize ? folded_norm_factors(x, x.scalar_type()) : std::pair<at::Tensor, at::Tensor>();
@@ -410,19 +411,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anc
           }
         }
       });
-      if (with_grad && B > 0) {
+      if (want_grad_p && B > 0) {
         at::Tensor grad_chunk = grad_p.narrow(0, c0, n);
         at::mm_out(grad_chunk, tile, x);
         project_folded_norm_grad(grad_chunk, p_chunk, factors.second.narrow(0, c0, n));
-        grad_x.addmm_(tile.t(), p_chunk);
       }
+      if (want_grad_x && B > 0) grad_x.addmm_(tile.t(), p_chunk);
     }
     // the per-class terms summed in double: the result does not depend on how the classes were chunked
     double sum_pos = 0, sum_neg = 0;
     for (int64_t c = 0; c < C; ++c) sum_pos += pp[c], sum_neg += np[c];
     loss.fill_(sum_pos / static_cast<double>(std::max<int64_t>(num_present, 1)) + sum_neg / static_cast<double>(C));
   });
-  if (with_grad && normalize) project_folded_norm_grad(grad_x, x, x_factors.second);
+  if (want_grad_x && normalize) project_folded_norm_grad(grad_x, x, x_factors.second);
   return {loss, pos, neg, grad_x, grad_p};
 }
 

@@ -323,17 +323,18 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_loss_backward_cuda(
   return {grad_x.to(x.scalar_type()), grad_p};
 }
 
-// ProxyAnchor's reduced loss and (with_grad) its gradient for an upstream
+// ProxyAnchor's reduced loss and the gradients asked for, for an upstream
 // gradient of 1, as on CPU. Here the two ops above run back to back (the
 // forward keeping its tile when C·B is small): on a GPU the tile's round trip
 // through memory is cheap next to the GEMMs, and the kernels stay the tested
 // ones. Everything stays on the device: no host sync for the class count.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_and_grad_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels_in, const at::Tensor& proxies, double margin, double alpha,
-    int64_t class_chunk, bool normalize, bool with_grad) {
+    int64_t class_chunk, bool normalize, bool want_grad_x, bool want_grad_p) {
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   check_class_loss_inputs(embeddings, labels_in, proxies, "proxies");
   const int64_t B = embeddings.size(0), C = proxies.size(0), D = embeddings.size(1);
+  const bool with_grad = want_grad_x || want_grad_p;
   const bool save_tile = with_grad && class_chunk == 0 && B * C <= kCudaSavedTileEntries;
   auto [pos, neg, tile] =
       proxy_anchor_loss_cuda(embeddings, labels_in, proxies, margin, alpha, class_chunk, save_tile, normalize);
@@ -349,7 +350,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anc
   const at::Tensor g_neg = at::full({C}, 1.0 / static_cast<double>(C), pos.options());
   auto [grad_x, grad_p] = proxy_anchor_loss_backward_cuda(g_pos.expand({C}), g_neg, embeddings, labels_in, proxies, pos,
                                                           neg, tile, margin, alpha, class_chunk, normalize);
-  return {loss, pos, neg, grad_x, grad_p};
+  // the backward op computes both; one not asked for is returned empty, as the schema says
+  return {loss, pos, neg, want_grad_x ? grad_x : embeddings.new_empty({0, D}),
+          want_grad_p ? grad_p : embeddings.new_empty({0, D})};
 }
 
 }  // namespace

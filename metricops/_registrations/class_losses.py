@@ -123,18 +123,18 @@ register_autograd("proxy_anchor_loss", _proxy_anchor_backward, _proxy_anchor_set
 
 @torch.library.register_fake(LIB + "proxy_anchor_loss_and_grad")
 def _proxy_anchor_loss_and_grad_fake(
-    x, labels, proxies, margin, alpha, class_chunk=0, normalize=False, with_grad=False
+    x, labels, proxies, margin, alpha, class_chunk=0, normalize=False, grad_embeddings=False, grad_proxies=False
 ):
     _check_class_inputs(x, labels, proxies, "proxies")
     acc = accumulation_dtype(x.dtype)
     C, D = proxies.shape
-    grad_x = x.new_empty((x.shape[0] if with_grad else 0, D))
-    grad_p = x.new_empty((C if with_grad else 0, D))
+    grad_x = x.new_empty((x.shape[0] if grad_embeddings else 0, D))
+    grad_p = x.new_empty((C if grad_proxies else 0, D))
     return x.new_empty((), dtype=acc), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc), grad_x, grad_p
 
 
 def _proxy_anchor_and_grad_setup_context(ctx, inputs, output):
-    x, labels, proxies, margin, alpha, class_chunk, normalize, with_grad = inputs
+    x, labels, proxies, margin, alpha, class_chunk, normalize, want_grad_x, want_grad_p = inputs
     _loss, pos, neg, grad_x, grad_p = output
     ctx.mark_non_differentiable(grad_x, grad_p)  # the loss's gradient, for this backward only
     ctx.set_materialize_grads(False)  # else autograd fills zero gradients for the outputs not used
@@ -142,24 +142,27 @@ def _proxy_anchor_and_grad_setup_context(ctx, inputs, output):
     # Held on ctx, not saved: the first backward scales them in place and hands them over (no second (C, D)
     # copy at C = 10⁶), then drops them; a retained graph's later backward recomputes. Non-differentiable, they
     # have no grad_fn, so ctx holding them makes no reference cycle.
-    ctx.forward_grads = (grad_x, grad_p) if with_grad else None
+    ctx.forward_grads = (grad_x if want_grad_x else None, grad_p if want_grad_p else None)
     ctx.save_for_backward(x, labels, proxies, pos, neg)
 
 
 def _proxy_anchor_and_grad_backward(ctx, grad_loss, grad_pos, grad_neg, _grad_x, _grad_p):
     x, labels, proxies, pos, neg = ctx.saved_tensors
+    needs = ctx.needs_input_grad
     if grad_loss is None and grad_pos is None and grad_neg is None:
-        return (None,) * 8
-    # The forward's gradients, scaled, when only the loss is differentiated and this backward is not itself
-    # differentiated (create_graph, nested torch.func.grad): scaling constants would silently give a zero second
-    # derivative, where the backward op below refuses it.
-    if ctx.forward_grads is not None and grad_pos is None and grad_neg is None and not torch.is_grad_enabled():
-        grad_x, grad_p = ctx.forward_grads
-        ctx.forward_grads = None
-        if torch.compiler.is_compiling():  # traced: out of place (AOTAutograd would copy a mutated input back)
-            grad_x, grad_p = grad_x * grad_loss.to(grad_x.dtype), grad_p * grad_loss.to(grad_p.dtype)
-        else:
-            grad_x, grad_p = grad_x.mul_(grad_loss.to(grad_x.dtype)), grad_p.mul_(grad_loss.to(grad_p.dtype))
+        return (None,) * 9
+    # The forward's gradients, scaled, when they are the ones needed, only the loss is differentiated and this
+    # backward is not itself differentiated (create_graph, nested torch.func.grad): scaling constants would
+    # silently give a zero second derivative, where the backward op below refuses it.
+    forward_x, forward_p = ctx.forward_grads
+    have_all = (forward_x is not None or not needs[0]) and (forward_p is not None or not needs[2])
+    if have_all and grad_pos is None and grad_neg is None and not torch.is_grad_enabled():
+        ctx.forward_grads = (None, None)  # handed over: a retained graph's next backward recomputes
+        traced = torch.compiler.is_compiling()  # traced: out of place (AOTAutograd would copy a mutated input back)
+        grad_x, grad_p = (
+            None if g is None else (g * grad_loss.to(g.dtype) if traced else g.mul_(grad_loss.to(g.dtype)))
+            for g in (forward_x, forward_p)
+        )
     else:  # one backward pass recomputing the dot products, with every class's two upstream gradients
         C = proxies.shape[0]
         grad_pos = torch.zeros_like(pos) if grad_pos is None else grad_pos
@@ -172,8 +175,7 @@ def _proxy_anchor_and_grad_backward(ctx, grad_loss, grad_pos, grad_neg, _grad_x,
         grad_x, grad_p = ops.proxy_anchor_loss_backward(
             grad_pos, grad_neg, x, labels, proxies, pos, neg, no_tile, *ctx.args
         )
-    needs = ctx.needs_input_grad
-    return (grad_x if needs[0] else None), None, (grad_p if needs[2] else None), None, None, None, None, None
+    return (grad_x if needs[0] else None), None, (grad_p if needs[2] else None), *(None,) * 6
 
 
 register_autograd("proxy_anchor_loss_and_grad", _proxy_anchor_and_grad_backward, _proxy_anchor_and_grad_setup_context)

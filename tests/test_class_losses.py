@@ -151,6 +151,9 @@ def test_one_class_and_empty_batch(device, name):
     x, labels, w = _inputs(5, 1, 3, device)  # C = 1: every label is 0
     for a, b in zip(_value_and_grads(ours, x, labels, w, **kw), _value_and_grads(ref, x, labels, w, **kw)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    x1, labels1, w4 = _inputs(1, 4, 3, device)  # one row: its class present, the three others absent
+    for a, b in zip(_value_and_grads(ours, x1, labels1, w4, **kw), _value_and_grads(ref, x1, labels1, w4, **kw)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     x0 = torch.zeros(0, 3, dtype=torch.float64, device=device)
     empty = torch.zeros(0, dtype=torch.long, device=device)
     loss, gx, gw = _value_and_grads(ours, x0, empty, w, **kw)

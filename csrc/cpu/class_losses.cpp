@@ -253,6 +253,34 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cpu(
   return {grad_x, grad_w};
 }
 
+// ProxyAnchor's forward over class chunks, shared by both ops: one (n × B)
+// GEMM tile per chunk (classes × embeddings: a class's row holds all of its
+// terms), each row reduced to its two terms. With `grad` (the upstream
+// gradients {g_pos, g_neg} of every class's terms), each row's derivatives
+// are then written over it while it is in cache, and on_tile(tile, c0, n)
+// applies them.
+template <typename scalar_t, typename OnTile>
+void proxy_anchor_chunks(const ProxyAnchorPolicy<scalar_t>& policy, const at::Tensor& x, const at::Tensor& proxies,
+                         const int64_t* lab, const scalar_t* inv, const scalar_t* inv_x, at::Tensor& buffer,
+                         int64_t chunk, scalar_t* pp, scalar_t* np, const scalar_t* grad, const OnTile& on_tile) {
+  const int64_t B = x.size(0), C = proxies.size(0);
+  for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+    const int64_t n = std::min(chunk, C - c0);
+    at::Tensor tile = tile_view(buffer, n, B);
+    at::mm_out(tile, proxies.narrow(0, c0, n), x.t());
+    scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(B, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t c = c0 + r;
+        proxy_row_forward(policy, tp + r * B, inv[c], inv_x, lab, c, B, pp[c], np[c]);
+        if (grad)
+          proxy_row_backward(policy, tp + r * B, tp + r * B, inv[c], inv_x, lab, c, B, grad[0], grad[1], pp[c], np[c]);
+      }
+    });
+    on_tile(tile, c0, n);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::Tensor& embeddings,
                                                                      const at::Tensor& labels_in,
                                                                      const at::Tensor& proxies, double margin,
@@ -277,20 +305,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_anchor_loss_cpu(const at::T
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     const scalar_t* inv = inv_norm.const_data_ptr<scalar_t>();
     const scalar_t* inv_x = normalize ? x_inv_norm.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* pp = pos.mutable_data_ptr<scalar_t>();
-    scalar_t* np = neg.mutable_data_ptr<scalar_t>();
-    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
-      const int64_t n = std::min(chunk, C - c0);
-      at::Tensor tile = tile_view(buffer, n, B);  // classes × embeddings: a class's row holds all of its terms
-      at::mm_out(tile, proxies.narrow(0, c0, n), x.t());
-      const scalar_t* tp = tile.const_data_ptr<scalar_t>();
-      at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(B, 1)), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t c = c0 + r;
-          proxy_row_forward(policy, tp + r * B, inv[c], inv_x, lab, c, B, pp[c], np[c]);
-        }
-      });
-    }
+    proxy_anchor_chunks<scalar_t>(policy, x, proxies, lab, inv, inv_x, buffer, chunk, pos.mutable_data_ptr<scalar_t>(),
+                                  neg.mutable_data_ptr<scalar_t>(), nullptr,
+                                  [](const at::Tensor&, int64_t, int64_t) {});
   });
   return {pos, neg, saved};
 }
@@ -379,7 +396,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anc
   at::Tensor pos = at::empty({C}, x.options());
   at::Tensor neg = at::empty({C}, x.options());
   at::Tensor loss = at::empty({}, x.options());
-  const bool with_grad = want_grad_x || want_grad_p;
   at::Tensor grad_x = at::zeros({want_grad_x ? B : 0, D}, x.options());
   at::Tensor grad_p = at::zeros({want_grad_p ? C : 0, D}, x.options());
   const int64_t chunk = class_chunk_size(class_chunk, B, C, x.element_size(), kCpuClassTileBytes);
@@ -392,32 +408,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anc
     const auto policy = ProxyAnchorPolicy<scalar_t>::make(margin, alpha);
     const scalar_t* inv = factors.first.const_data_ptr<scalar_t>();
     const scalar_t* inv_x = normalize ? x_factors.first.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t g_pos = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(num_present, 1));
-    const scalar_t g_neg = scalar_t(1) / static_cast<scalar_t>(C);
+    // both terms of every class weigh 1/|C⁺| and 1/C in the loss
+    const scalar_t weights[2] = {scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(num_present, 1)),
+                                 scalar_t(1) / static_cast<scalar_t>(C)};
     scalar_t* pp = pos.mutable_data_ptr<scalar_t>();
     scalar_t* np = neg.mutable_data_ptr<scalar_t>();
-    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
-      const int64_t n = std::min(chunk, C - c0);
+    auto apply_gradient = [&](const at::Tensor& tile, int64_t c0, int64_t n) {
+      if (B == 0) return;
       const at::Tensor p_chunk = proxies.narrow(0, c0, n);
-      at::Tensor tile = tile_view(buffer, n, B);
-      at::mm_out(tile, p_chunk, x.t());
-      scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(B, 1)), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t c = c0 + r;
-          proxy_row_forward(policy, tp + r * B, inv[c], inv_x, lab, c, B, pp[c], np[c]);
-          if (with_grad) {
-            proxy_row_backward(policy, tp + r * B, tp + r * B, inv[c], inv_x, lab, c, B, g_pos, g_neg, pp[c], np[c]);
-          }
-        }
-      });
-      if (want_grad_p && B > 0) {
+      if (want_grad_p) {
         at::Tensor grad_chunk = grad_p.narrow(0, c0, n);
         at::mm_out(grad_chunk, tile, x);
         project_folded_norm_grad(grad_chunk, p_chunk, factors.second.narrow(0, c0, n));
       }
-      if (want_grad_x && B > 0) grad_x.addmm_(tile.t(), p_chunk);
-    }
+      if (want_grad_x) grad_x.addmm_(tile.t(), p_chunk);
+    };
+    proxy_anchor_chunks<scalar_t>(policy, x, proxies, lab, inv, inv_x, buffer, chunk, pp, np,
+                                  want_grad_x || want_grad_p ? weights : nullptr, apply_gradient);
     // the per-class terms summed in double: the result does not depend on how the classes were chunked
     double sum_pos = 0, sum_neg = 0;
     for (int64_t c = 0; c < C; ++c) sum_pos += pp[c], sum_neg += np[c];

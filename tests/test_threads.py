@@ -4,8 +4,10 @@ the same results as the same calls run serially (4 threads, each with its own in
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
 import metricops
+from metricops import reference as ref
 
 
 def _work(seed):
@@ -59,3 +61,48 @@ def test_concurrent_calls_with_one_intra_op_thread():
         torch.set_num_threads(prev)
     for s, c in zip(serial, concurrent):
         assert _same(s, c)
+
+
+def _with_threads(n, fn):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_triangle_rows_split_across_threads():
+    """The self mode's triangular loops hand out rows in pairs (i, n - 1 - i) (csrc/cpu/triangle.h): at sizes where
+    they split into several tasks, with an odd count, every row is done exactly once (values against torch and the
+    reference), and the result does not depend on the thread count."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(301, 8, generator=g, dtype=torch.float64)
+    for metric in ("euclidean", "cosine"):
+
+        def dist(metric=metric):
+            return metricops.pairwise_distance(x, metric=metric)
+
+        one, two = _with_threads(1, dist), _with_threads(2, dist)
+        assert torch.equal(one, two)
+        assert torch.equal(two, two.T)
+        # the difference form (torch.cdist's Gram form leaves ~1e-8 on its diagonal)
+        want = (
+            (x[:, None] - x[None]).norm(dim=-1)
+            if metric == "euclidean"
+            else 1 - F.normalize(x, dim=1) @ F.normalize(x, dim=1).T
+        )
+        torch.testing.assert_close(two, want, rtol=1e-12, atol=1e-12)
+    # the engine's diagonal blocks (128 rows by default, 64 pairs in tasks of 8)
+    labels = torch.randint(0, 40, (301,), generator=g)
+    for loss, reference in ((metricops.supcon_loss, ref.supcon_loss), (metricops.circle_loss, ref.circle_loss)):
+
+        def grad(loss=loss):
+            xg = x.clone().requires_grad_()
+            return torch.autograd.grad(loss(xg, labels), xg)[0]
+
+        one, two = _with_threads(1, grad), _with_threads(2, grad)
+        assert torch.equal(one, two)
+        xr = x.clone().requires_grad_()
+        (want,) = torch.autograd.grad(reference(xr, labels), xr)
+        torch.testing.assert_close(two, want, rtol=1e-10, atol=1e-12)

@@ -35,6 +35,7 @@
 
 #include "common/lse_stats.h"
 #include "cpu/simd.h"
+#include "cpu/triangle.h"
 
 // Floating-point compares may not trap here (torch builds with the same
 // flag): without it GCC cannot turn the epilogues' selects into vector blends.
@@ -437,18 +438,17 @@ METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& p
 
 // The self mode's diagonal block (n × n at the start of rows of stride ld):
 // both orders of each pair are row-direction entries, so G += Gᵀ, in place
-// (row i owns the pairs j > i: no two tasks touch the same entry).
+// (row i owns the pairs j > i: no two tasks touch the same entry; rows go out
+// in pairs of equal work, cpu/triangle.h).
 template <typename acc_t>
 void symmetrize_block(acc_t* G, int64_t ld, int64_t n) {
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t* gi = G + i * ld;
-      gi[i] += gi[i];
-      for (int64_t j = i + 1; j < n; ++j) {
-        const acc_t both = gi[j] + G[j * ld + i];
-        gi[j] = both;
-        G[j * ld + i] = both;
-      }
+  parallel_for_triangle_rows(n, 8, [&](int64_t i) {
+    acc_t* gi = G + i * ld;
+    gi[i] += gi[i];
+    for (int64_t j = i + 1; j < n; ++j) {
+      const acc_t both = gi[j] + G[j * ld + i];
+      gi[j] = both;
+      G[j * ld + i] = both;
     }
   });
 }

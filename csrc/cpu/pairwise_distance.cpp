@@ -13,6 +13,7 @@
 
 #include "common/dispatch.h"
 #include "common/pairwise_distance_impl.h"
+#include "cpu/triangle.h"
 #include "cpu/distance_rows.h"
 #include "cpu/simd.h"
 
@@ -40,14 +41,12 @@ template <typename scalar_t>
 void mirror_upper_triangle(scalar_t* out, int64_t N) {
   constexpr int64_t kTile = 64;
   const int64_t tiles = (N + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t ti = t0; ti < t1; ++ti) {
-      const int64_t i0 = ti * kTile, i1 = std::min(N, i0 + kTile);
-      for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
-        const int64_t j1 = std::min(N, j0 + kTile);
-        for (int64_t i = i0; i < i1; ++i) {
-          for (int64_t j = j0; j < std::min(j1, i); ++j) out[i * N + j] = out[j * N + i];
-        }
+  parallel_for_triangle_rows(tiles, 1, [&](int64_t ti) {  // tile row ti fills ti + 1 tiles
+    const int64_t i0 = ti * kTile, i1 = std::min(N, i0 + kTile);
+    for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+      const int64_t j1 = std::min(N, j0 + kTile);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < std::min(j1, i); ++j) out[i * N + j] = out[j * N + i];
       }
     }
   });
@@ -74,7 +73,8 @@ struct PairwiseKernels {
       const scalar_t tol = gram_tolerance<scalar_t>(dim);
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       METRICOPS_DISPATCH_METRIC(metric, kMetric, [&] {
-        at::parallel_for(0, M, rows_grain(self ? N / 2 + 1 : N), [&](int64_t begin, int64_t end) {
+        // self: row i computes N - i entries, so its rows go out in pairs of equal work (cpu/triangle.h)
+        const auto rows_in = [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
             const int64_t j0 = self ? i : 0;
             const ExactRows<scalar_t> rows{xp + i * dim, scalar_t(1), yp, nullptr, dim, tol};
@@ -90,8 +90,13 @@ struct PairwiseKernels {
                                                                     scalar_t(1), xp + i * dim, scalar_t(1), dim, tol));
             }
           }
-        });
-        if (self) mirror_upper_triangle(op, N);
+        };
+        if (self) {
+          parallel_for_triangle_rows(M, std::max<int64_t>(1, rows_grain(N) / 2), [&](int64_t i) { rows_in(i, i + 1); });
+          mirror_upper_triangle(op, N);
+        } else {
+          at::parallel_for(0, M, rows_grain(N), rows_in);
+        }
       });
     });
   }

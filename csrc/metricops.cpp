@@ -196,17 +196,23 @@ TORCH_LIBRARY(metricops, m) {
   // <= 0 pick the device's tiles; > 0 force them (tests cross tile boundaries with them). normalize:
   // S is the cosine similarity of F.normalize(x) and F.normalize(y) (eps 1e-12), gradients to the raw
   // x and y: each GEMM tile of x yᵀ is scaled by the rows' inverse norms, so no normalized copy is
-  // made. Never holds more than one block_rows × block_cols tile of S.
+  // made. save_tiles=False: never holds more than one block_rows × block_cols tile of S, and `tiles`
+  // is (0,). save_tiles=True (CPU; needs block_rows > 0): every tile is kept, packed strip by strip
+  // of block_rows rows (in the self mode each strip from its first row's column on: the upper
+  // triangle, Σ rows·(M - r0) entries; else B·M), as `tiles` in the statistics' dtype, so that the
+  // backward reads S instead of recomputing it.
   m.def(
       "lse_stats(Tensor x, Tensor? y, Tensor row_keys, Tensor? col_keys, Tensor? row_params, Tensor scale, "
-      "str policy, float[] args, bool normalize, bool col_stats, int block_rows, int block_cols) -> "
-      "(Tensor row_stats, Tensor col_stats)");
+      "str policy, float[] args, bool normalize, bool col_stats, int block_rows, int block_cols, "
+      "bool save_tiles=False) -> (Tensor row_stats, Tensor col_stats, Tensor tiles)");
   // Gradients of lse_stats w.r.t. x and y (y: (0, D) when y is None) from the gradients of its
-  // statistics' columns 0-3 (None: zero), recomputing S tile by tile.
+  // statistics' columns 0-3 (None: zero), recomputing S tile by tile, or reading it from the
+  // forward's `tiles` (same tiles: the same block_rows/block_cols) when given and not empty.
   m.def(
       "lse_stats_backward(Tensor? grad_row_stats, Tensor? grad_col_stats, Tensor x, Tensor? y, Tensor row_keys, "
       "Tensor? col_keys, Tensor? row_params, Tensor scale, str policy, float[] args, bool normalize, "
-      "Tensor row_stats, Tensor col_stats, int block_rows, int block_cols) -> (Tensor grad_x, Tensor grad_y)");
+      "Tensor row_stats, Tensor col_stats, int block_rows, int block_cols, Tensor? tiles=None) -> "
+      "(Tensor grad_x, Tensor grad_y)");
 
   // Losses with learnable class parameters (metricops/class_losses.py), chunked
   // over classes: S = embeddings · normalize(weight)ᵀ is computed one tile of

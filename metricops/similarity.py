@@ -4,15 +4,17 @@ the paired-view InfoNCE/CLIP loss, on one streaming log-sum-exp engine.
 Every loss here is a function of a few per-anchor statistics of S, the cosine-similarity matrix of the
 L2-normalized embeddings: for the positives and the negatives of each anchor, a log-sum-exp of a loss-specific
 φ(s), plain sums, counts, and the hardest similarities. The native op ``metricops::lse_stats`` computes them in
-tiles of S (one GEMM per tile, then a fused epilogue) and never holds the B×B (or N×M) matrix; its backward
-recomputes each tile and applies dL/dS with two GEMMs, as FlashAttention does. ``memory="matrix"`` uses one
-tile covering S, ``"streaming"`` and ``"auto"`` the device's tiles (results are the same).
+tiles of S (one GEMM per tile, then a fused epilogue); its backward applies dL/dS tile by tile with two GEMMs.
+``memory="streaming"`` never holds the B×B (or N×M) matrix: the backward recomputes each tile, as FlashAttention
+does. ``"matrix"``, and ``"auto"`` below 4096² entries, keep the forward's tiles for the backward on CPU when a
+gradient will be needed (the upper triangle with the self pairs), which skips their GEMMs. Results are the same.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import _memory
 from . import _validation as v
 from ._ops import ops
 from ._reduction import accumulation_dtype, mean_of_sum
@@ -32,14 +34,27 @@ from ._registrations.similarity import (
 _FORCED_TILE = None
 
 
-def _tile(memory: str, rows: int, cols: int):
-    """(block_rows, block_cols) of an engine call: 0 picks the device's tiles; "matrix" one tile of S."""
+# The strips of saved tiles: the CPU engine's default (csrc/cpu/lse_engine.h kDefaultBlockRows); a saving call
+# passes them explicitly, since the saved tiles' size depends on them.
+_SAVED_TILE_ROWS = 128
+
+
+def _tile(memory: str, x: torch.Tensor, y, grad_needed: bool):
+    """(block_rows, block_cols, save_tiles) of an engine call. The tiles are the device's (0) unless a test forces
+    them (``_FORCED_TILE``: (rows, cols) or (rows, cols, save_tiles)). save_tiles keeps S's tiles from the forward
+    for the backward (CPU, when a gradient will be needed): with ``memory="matrix"``, and with ``"auto"`` below the
+    memory rule's size (metricops._memory: a 4096² float32 matrix); ``"streaming"`` never holds them."""
     v.check_memory(memory)
     if _FORCED_TILE is not None:
-        return _FORCED_TILE
-    if memory == "matrix":
-        return max(rows, 1), max(cols, 1)
-    return 0, 0
+        return (*_FORCED_TILE, False)[:3]
+    rows = x.shape[0]
+    cols = rows if y is None else y.shape[0]
+    save = (
+        grad_needed
+        and x.device.type == "cpu"
+        and (memory == "matrix" or (memory == "auto" and rows * cols < _memory.AUTO_STREAM_MIN_B**2))
+    )
+    return (_SAVED_TILE_ROWS, 0, True) if save else (0, 0, False)
 
 
 def _scale_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
@@ -82,12 +97,11 @@ def _prepare_labelled(embeddings, labels, reduction, memory, ref_emb=None, ref_l
 
 def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, memory="auto", col_stats=False):
     """The engine's statistics on the cosine similarities of x's (and y's) rows: the op normalizes them itself."""
-    rows = x.shape[0]
-    cols = rows if y is None else y.shape[0]
-    block_rows, block_cols = _tile(memory, rows, cols)
+    grad_needed = torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad))
+    block_rows, block_cols, save_tiles = _tile(memory, x, y, grad_needed)
     if not isinstance(scale, torch.Tensor):
         scale = _scale_tensor(scale, x)
-    return ops.lse_stats(
+    rows, cols, _ = ops.lse_stats(
         x,
         y,
         labels,
@@ -100,7 +114,9 @@ def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, me
         col_stats,
         block_rows,
         block_cols,
+        save_tiles,
     )
+    return rows, cols
 
 
 def _safe(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -145,7 +161,8 @@ def supcon_loss(
     positive give 0; as in PML, a batch without any positive or any negative pair gives 0.
 
     ``reduction``: ``"mean_nonzero"`` (PML's default, the mean over the anchors whose loss is > 0), ``"mean"``
-    (over all B anchors), ``"sum"``, ``"none"`` (B,). ``memory``: ``"auto"``/``"streaming"`` never hold B×B.
+    (over all B anchors), ``"sum"``, ``"none"`` (B,). ``memory``: ``"streaming"`` never holds B×B; ``"auto"``
+    (below 4096² entries) and ``"matrix"`` keep S's upper triangle for the backward (module docstring).
     """
     v.check_reduction(reduction)
     return _reduce(_supcon_per_anchor(embeddings, labels, temperature=temperature, memory=memory), reduction)
@@ -446,9 +463,9 @@ def info_nce_loss(
     scale = _check_temperature(temperature, queries)
     row_keys = torch.arange(n, device=queries.device)
     col_keys = torch.arange(m, device=queries.device)
-    block_rows, block_cols = _tile("streaming", n, m)
+    block_rows, block_cols, _ = _tile("streaming", queries, keys, False)
     # normalize: the op scales its tiles by the rows' inverse norms (no normalized copies of q and k)
-    rows, cols = ops.lse_stats(
+    rows, cols, _ = ops.lse_stats(
         queries, keys, row_keys, col_keys, None, scale, "scaled", [], normalize, symmetric, block_rows, block_cols
     )
     # cross-entropy: LSE over all keys − the positive's logit (lin_pos = z_ii)

@@ -222,7 +222,8 @@ SAMPLES: dict[str, Callable[..., list[SampleInput]]] = {
         SampleInput((x[:, :1] - x[:, :1].mT, pair_labels(x), 0.0, False, 0.05, False), _ref_interval_weights),
     ],
     # The log-sum-exp engine: (x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats,
-    # block_rows, block_cols). Its losses are checked against metricops.reference in tests/test_similarity.py.
+    # block_rows, block_cols[, save_tiles]). Its losses are checked against metricops.reference in
+    # tests/test_similarity.py.
     "lse_stats": lambda x, x2, x3: [
         SampleInput((x, None, pair_labels(x), None, None, _scale(x), "scaled", [], False, False, 0, 0)),
         SampleInput(
@@ -230,7 +231,32 @@ SAMPLES: dict[str, Callable[..., list[SampleInput]]] = {
         ),
         SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], False, True, 2, 2)),
         SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], True, True, 2, 2)),
-    ],
+    ]
+    # the forward's tiles kept for the backward (CPU only: CUDA refuses save_tiles)
+    + (
+        [
+            SampleInput(
+                (
+                    x,
+                    None,
+                    pair_labels(x),
+                    None,
+                    None,
+                    _scale(x),
+                    "multi_similarity",
+                    [2.0, 10.0, 0.5],
+                    True,
+                    False,
+                    4,
+                    3,
+                    True,
+                )
+            ),
+            SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], True, True, 2, 2, True)),
+        ]
+        if x.device.type == "cpu"
+        else []
+    ),
     # Class-parameter losses: weight/proxies x2 (C = B classes; pair labels arange(B) // 2 are in range).
     # (kind, margin, scale[, class chunk]); their values are checked against metricops.reference in
     # tests/test_class_losses.py.

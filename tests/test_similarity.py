@@ -31,7 +31,8 @@ LOSSES = {
 }
 REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
 # tile shapes forced through similarity._FORCED_TILE: ragged, single entries, wider than tall, one big tile
-TILES = (None, (3, 5), (1, 1), (4, 9), (64, 64))
+# (and with the forward's tiles saved for the backward)
+TILES = (None, (3, 5), (1, 1), (4, 9), (64, 64), (3, 5, True), (1, 1, True), (64, 64, True))
 
 
 @pytest.fixture
@@ -279,22 +280,110 @@ def _opcheck_cases():
         (x, y, torch.arange(9), torch.arange(11), None, scale, "scaled", [], False, True, 4, 3),
         (raw_x, None, labels, None, None, scale, "circle", [0.4, 8.0], True, False, 2, 3),
         (raw_x, raw_y, torch.arange(9), torch.arange(11), None, scale, "scaled", [], True, True, 4, 3),
+        # the forward's tiles saved for the backward (save_tiles)
+        (raw_x, None, labels, None, None, scale, "lifted", [0.0, 1.0], True, False, 4, 5, True),
+        (raw_x, raw_y, torch.arange(9), torch.arange(11), None, scale, "scaled", [], True, True, 2, 3, True),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case):
     args = _opcheck_cases()[case]
     x = args[0].clone().requires_grad_()
     y = None if args[1] is None else args[1].clone().requires_grad_()
     args = (x, y) + args[2:]
     torch.library.opcheck(ops.lse_stats.default, args)
-    rows, cols = ops.lse_stats(*args)
+    rows, cols, tiles = ops.lse_stats(*args)
+    assert tiles.numel() > 0 if len(args) > 12 and args[12] else tiles.numel() == 0
     grad_rows = torch.randn_like(rows)
     grad_cols = torch.randn_like(cols) if cols.shape[0] else None
     x, y = x.detach(), None if y is None else y.detach()
-    backward_args = (grad_rows, grad_cols, x, y) + args[2:9] + (rows.detach(), cols.detach()) + args[10:]
+    backward_args = (grad_rows, grad_cols, x, y) + args[2:9] + (rows.detach(), cols.detach()) + args[10:12]
     torch.library.opcheck(ops.lse_stats_backward.default, backward_args)
+    if tiles.numel():
+        torch.library.opcheck(ops.lse_stats_backward.default, backward_args + (tiles,))
+
+
+def _packed_upper_strips(s: torch.Tensor, rows: int, self_mode: bool) -> torch.Tensor:
+    """S's tiles as save_tiles keeps them: strip by strip of `rows` rows, from the strip's first row's column on in
+    the self mode (the upper triangle), whole rows otherwise (row-major within a strip when it is one chunk)."""
+    b = s.shape[0]
+    return torch.cat([s[r0 : r0 + rows, (r0 if self_mode else 0) :].reshape(-1) for r0 in range(0, b, rows)])
+
+
+@pytest.mark.parametrize("with_y", [False, True])
+@pytest.mark.parametrize(
+    "policy, args", [("scaled", []), ("multi_similarity", [2.0, 10.0, 0.5]), ("lifted", [0.0, 1.0])]
+)
+def test_saved_tiles_are_s_and_give_the_recomputed_gradient(policy, args, with_y):
+    """save_tiles keeps S's tiles (packed as documented, the sizes a ragged last strip gives) and the backward that
+    reads them returns exactly the gradient of the one that recomputes them, unchanged by a second backward (a
+    retained graph reads the same tiles again)."""
+    if policy == "lifted" and with_y:
+        pytest.skip("the lifted policy's callers pair rows with rows")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(7, 5, generator=g, dtype=torch.float64) if with_y else None
+    labels = torch.randint(0, 4, (11,), generator=g)
+    col_keys = torch.randint(0, 4, (7,), generator=g) if with_y else None
+    scale = torch.tensor(3.0, dtype=torch.float64)
+    weights = torch.randn(11, 12, generator=g, dtype=torch.float64)
+    weights[:, 4:] = 0
+    for block_rows, block_cols in ((4, 0), (3, 2), (128, 0)):
+        grads = []
+        for save in (False, True):
+            a = x.clone().requires_grad_()
+            b = None if y is None else y.clone().requires_grad_()
+            rows, _, tiles = ops.lse_stats(
+                a, b, labels, col_keys, None, scale, policy, args, True, False, block_rows, block_cols, save
+            )
+            if save:
+                s = F.normalize(x, dim=1) @ F.normalize(x if y is None else y, dim=1).T
+                if block_cols == 0:  # one chunk per strip: its packed layout is the strips'
+                    torch.testing.assert_close(
+                        tiles, _packed_upper_strips(s, block_rows, y is None), rtol=0, atol=1e-14
+                    )
+                strips = range(0, 11, min(block_rows, 11))
+                m = s.shape[1]
+                assert tiles.numel() == sum(min(block_rows, 11 - r0) * (m - (r0 if y is None else 0)) for r0 in strips)
+            total = torch.where(torch.isfinite(rows), rows * weights, 0).sum()
+            inputs = [t for t in (a, b) if t is not None]
+            first = torch.autograd.grad(total, inputs, retain_graph=True)
+            second = torch.autograd.grad(total, inputs)
+            for u, v in zip(first, second):
+                assert torch.equal(u, v)
+            grads.append(first)
+        for recomputed, read in zip(*grads):
+            assert torch.equal(recomputed, read), (block_rows, block_cols)
+
+
+def test_saved_tiles_bad_input():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    labels = torch.arange(6) % 3
+    scale = torch.tensor(1.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="save_tiles=True needs block_rows > 0"):
+        ops.lse_stats(x, None, labels, None, None, scale, "scaled", [], True, False, 0, 0, True)
+    rows, cols, tiles = ops.lse_stats(x, None, labels, None, None, scale, "scaled", [], True, False, 4, 0, True)
+    common = (x, None, labels, None, None, scale, "scaled", [], True, rows, cols)
+    with pytest.raises(ValueError, match=r"tiles must be the forward's saved tiles, shape \(28,\)"):
+        ops.lse_stats_backward(torch.ones_like(rows), None, *common, 4, 0, tiles[:-1])
+    with pytest.raises(ValueError, match=r"tiles must be the forward's saved tiles"):  # other strips: another size
+        ops.lse_stats_backward(torch.ones_like(rows), None, *common, 2, 0, tiles)
+    with pytest.raises(ValueError, match="tiles must have dtype"):
+        ops.lse_stats_backward(torch.ones_like(rows), None, *common, 4, 0, tiles.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_save_tiles_refused_on_cuda():
+    x = torch.randn(6, 3, device="cuda")
+    labels = torch.arange(6, device="cuda") % 3
+    scale = torch.tensor(1.0, device="cuda")
+    with pytest.raises(RuntimeError, match="save_tiles=True is not implemented on CUDA"):
+        ops.lse_stats(x, None, labels, None, None, scale, "scaled", [], True, False, 4, 0, True)
+    # the public losses never ask for it there, and their values and gradients do not depend on it
+    xg = x.clone().requires_grad_()
+    metricops.supcon_loss(xg, labels, memory="matrix").backward()
+    assert torch.isfinite(xg.grad).all()
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -446,3 +535,37 @@ def test_native_op_checks_name_the_argument():
         ops.lse_stats(x, None, labels, None, None, scale, "ntxent_pairs", [], False, False, 0, 0)
     with pytest.raises(ValueError, match="args"):
         ops.lse_stats(x, None, labels, None, None, scale, "circle", [0.4], False, False, 0, 0)
+
+
+def test_losses_save_tiles_only_when_a_backward_will_read_them(monkeypatch):
+    """The labelled losses ask the engine to keep S's tiles on CPU with memory="matrix" and "auto" (small B), and
+    only when a gradient will be needed; "streaming" never does (its promise: nothing B×B)."""
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            op = getattr(ops, name)
+            if name != "lse_stats":
+                return op
+
+            def record(*args):
+                calls.append(args[12] if len(args) > 12 else False)
+                return op(*args)
+
+            return record
+
+    monkeypatch.setattr(sim, "ops", Recording())
+    x = torch.randn(12, 4, dtype=torch.float64)
+    labels = torch.arange(12) % 4
+
+    def saved(memory, requires_grad=True, grad_mode=True):
+        calls.clear()
+        with torch.set_grad_enabled(grad_mode):
+            metricops.supcon_loss(x.clone().requires_grad_(requires_grad), labels, memory=memory)
+        return calls
+
+    assert saved("auto") == [True]
+    assert saved("matrix") == [True]
+    assert saved("streaming") == [False]
+    assert saved("auto", requires_grad=False) == [False]
+    assert saved("auto", grad_mode=False) == [False]

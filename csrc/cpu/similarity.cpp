@@ -67,16 +67,23 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> lse_stats_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in,
-                                                 const at::Tensor& row_keys, const c10::optional<at::Tensor>& col_keys,
-                                                 const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
-                                                 c10::string_view policy, at::ArrayRef<double> args, bool normalize,
-                                                 bool col_stats, int64_t block_rows, int64_t block_cols) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cpu(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
+    const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
+    c10::string_view policy, at::ArrayRef<double> args, bool normalize, bool col_stats, int64_t block_rows,
+    int64_t block_cols, bool save_tiles) {
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, col_stats);
+  TORCH_CHECK_VALUE(
+      !save_tiles || block_rows > 0,
+      "save_tiles=True needs block_rows > 0 (the saved tiles' size depends on it), got block_rows=", block_rows);
   const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
   const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
   at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
   at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
+  at::Tensor tiles = at::empty(
+      {save_tiles ? lse_engine::saved_tiles_size(B, M, !in.y.has_value(), std::min(block_rows, std::max<int64_t>(B, 1)))
+                  : 0},
+      in.x.options());
   const double scale_value = scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_cpu", [&] {
     using acc_t = scalar_t;
@@ -85,12 +92,12 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_cpu(const at::Tensor& x_in, const c
     for (int64_t i = 0; i < B; ++i) acc_init(racc.data() + i * kNumAcc);
     for (int64_t j = 0; j < static_cast<int64_t>(cacc.size()) / kNumAcc; ++j) acc_init(cacc.data() + j * kNumAcc);
     with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
-      lse_engine::forward(pol, pr, racc.data(), col_stats ? cacc.data() : nullptr);
+      lse_engine::forward(pol, pr, racc.data(), col_stats ? cacc.data() : nullptr, save_tiles ? &tiles : nullptr);
     });
     lse_engine::finalize(racc.data(), B, row_out.mutable_data_ptr<acc_t>());
     if (col_stats) lse_engine::finalize(cacc.data(), M, col_out.mutable_data_ptr<acc_t>());
   });
-  return {row_out, col_out};
+  return {row_out, col_out, tiles};
 }
 
 std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
@@ -98,11 +105,24 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
     const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
     c10::string_view policy, at::ArrayRef<double> args, bool normalize, const at::Tensor& row_stats,
-    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols) {
+    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols, const c10::optional<at::Tensor>& tiles_in) {
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
   const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
   const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
+  // The forward's saved tiles, if any: their size is fixed by the tiles (block_rows), so a mismatch means
+  // they came from another call.
+  at::Tensor tiles;
+  if (tiles_in.has_value() && tiles_in->numel() > 0) {
+    TORCH_CHECK_VALUE(block_rows > 0, "tiles need block_rows > 0 (the forward's), got block_rows=", block_rows);
+    const int64_t expected =
+        lse_engine::saved_tiles_size(B, M, !in.y.has_value(), std::min(block_rows, std::max<int64_t>(B, 1)));
+    TORCH_CHECK_VALUE(tiles_in->dim() == 1 && tiles_in->numel() == expected,
+                      "tiles must be the forward's saved tiles, shape (", expected, ",), got ", tiles_in->sizes());
+    TORCH_CHECK_VALUE(tiles_in->scalar_type() == in.x.scalar_type(), "tiles must have dtype ", in.x.scalar_type(),
+                      ", got ", tiles_in->scalar_type());
+    tiles = tiles_in->contiguous();
+  }
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumStats,
                     "row_stats must have shape (", B, ", ", int(kNumStats), "), got ", row_stats.sizes());
   TORCH_CHECK_VALUE(!has_col || (col_stats.dim() == 2 && col_stats.size(0) == M), "col_stats must have shape (", M,
@@ -133,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
     lse_engine::GradCoefficients<acc_t> rg{row_g.data(), B}, cg;
     if (has_col) cg = {col_g.data(), M};
     with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
-      lse_engine::backward(pol, pr, rg, cg, grad_x, in.y.has_value() ? &grad_y : nullptr);
+      lse_engine::backward(pol, pr, rg, cg, grad_x, in.y.has_value() ? &grad_y : nullptr,
+                           tiles.defined() ? &tiles : nullptr);
     });
   });
   if (normalize) {

@@ -62,18 +62,22 @@ lse_engine::DeviceProblem<acc_t> device_problem(const Prepared& in) {
           normalize ? in.y_norms.first.const_data_ptr<acc_t>() : nullptr};
 }
 
-std::tuple<at::Tensor, at::Tensor> lse_stats_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in,
-                                                  const at::Tensor& row_keys, const c10::optional<at::Tensor>& col_keys,
-                                                  const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
-                                                  c10::string_view policy, at::ArrayRef<double> args, bool normalize,
-                                                  bool col_stats, int64_t block_rows, int64_t block_cols) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
+    const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
+    c10::string_view policy, at::ArrayRef<double> args, bool normalize, bool col_stats, int64_t block_rows,
+    int64_t block_cols, bool save_tiles) {
   METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, col_stats);
+  TORCH_CHECK(!save_tiles,
+              "lse_stats: save_tiles=True is not implemented on CUDA (its backward recomputes the tiles); "
+              "pass save_tiles=False");
   const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
   const int64_t B = in.x.size(0), M = in.y.size(0);
   at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
   at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
-  if (B == 0) return {row_out, col_out};
+  at::Tensor no_tiles = at::empty({0}, in.x.options());
+  if (B == 0) return {row_out, col_out, no_tiles};
   const double scale_value = scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_cuda", [&] {
     using acc_t = scalar_t;
@@ -99,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_cuda(const at::Tensor& x_in, const 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {row_out, col_out};
+  return {row_out, col_out, no_tiles};
 }
 
 std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
@@ -107,8 +111,10 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
     const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
     c10::string_view policy, at::ArrayRef<double> args, bool normalize, const at::Tensor& row_stats,
-    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols) {
+    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols, const c10::optional<at::Tensor>& tiles) {
   METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
+  TORCH_CHECK(!tiles.has_value() || tiles->numel() == 0,
+              "lse_stats_backward: saved tiles are not implemented on CUDA (it recomputes them); pass tiles=None");
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
   const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);

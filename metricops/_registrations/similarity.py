@@ -67,14 +67,50 @@ def _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col
     torch._check_type(scale.dtype.is_floating_point, lambda: f"scale must be floating, got {scale.dtype}")
 
 
+def saved_tiles_size(b, m, self_mode: bool, block_rows: int):
+    """Entries of lse_stats' saved tiles (csrc/cpu/lse_engine.h saved_tiles_size): strips of R rows, each from its
+    first row's column on in the self mode (Σ rows·(M − r0), the upper triangle), else B·M. Closed form, so that it
+    also holds for a symbolic B under torch.compile."""
+    if not self_mode:
+        return b * m
+    r = block_rows if block_rows < b else b  # the strips' rows (min(block_rows, B); B itself when smaller)
+    if b == 0:
+        return 0
+    full = b // r  # strips of r rows, then one of `rest` rows
+    rest = b - full * r
+    return r * full * m - r * r * (full * (full - 1) // 2) + rest * (m - full * r)
+
+
 @torch.library.register_fake(LIB + "lse_stats")
 def _lse_stats_fake(
-    x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats, block_rows, block_cols
+    x,
+    y,
+    row_keys,
+    col_keys,
+    row_params,
+    scale,
+    policy,
+    args,
+    normalize,
+    col_stats,
+    block_rows,
+    block_cols,
+    save_tiles=False,
 ):
     _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats)
+    torch._check_value(
+        not save_tiles or block_rows > 0,
+        lambda: f"save_tiles=True needs block_rows > 0 (the saved tiles' size depends on it), got block_rows={block_rows}",
+    )
     acc = accumulation_dtype(x.dtype)
-    m = y.shape[0] if y is not None else x.shape[0]
-    return x.new_empty((x.shape[0], NUM_STATS), dtype=acc), x.new_empty((m if col_stats else 0, NUM_STATS), dtype=acc)
+    b = x.shape[0]
+    m = y.shape[0] if y is not None else b
+    tiles = saved_tiles_size(b, m, y is None, block_rows) if save_tiles else 0
+    return (
+        x.new_empty((b, NUM_STATS), dtype=acc),
+        x.new_empty((m if col_stats else 0, NUM_STATS), dtype=acc),
+        x.new_empty((tiles,), dtype=acc),
+    )
 
 
 @torch.library.register_fake(LIB + "lse_stats_backward")
@@ -94,6 +130,7 @@ def _lse_stats_backward_fake(
     col_stats,
     br,
     bc,
+    tiles=None,
 ):
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     gy = torch.empty_like(y, memory_format=torch.contiguous_format) if y is not None else x.new_empty((0, x.shape[1]))
@@ -102,10 +139,14 @@ def _lse_stats_backward_fake(
 
 def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats, block_rows, block_cols = inputs
-    row_stats, col_stats_out = output
-    ctx.mark_non_differentiable()  # all four columns 0-3 carry gradients; the others are used as constants
-    ctx.save_for_backward(x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats_out)
+    x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats, block_rows, block_cols = inputs[
+        :12
+    ]
+    row_stats, col_stats_out, tiles = output
+    # columns 0-3 of the statistics carry gradients, the others are used as constants; the tiles are S itself,
+    # kept for the backward only
+    ctx.mark_non_differentiable(tiles)
+    ctx.save_for_backward(x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats_out, tiles)
     ctx.args = (policy, args, normalize, block_rows, block_cols)
 
 
@@ -119,13 +160,13 @@ def _scale_grad(grad, stats, scale):
     return part.sum() + lin.sum() / scale.to(stats.dtype)
 
 
-def _backward(ctx, grad_row, grad_col):
-    x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats = ctx.saved_tensors
+def _backward(ctx, grad_row, grad_col, _grad_tiles):
+    x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats, tiles = ctx.saved_tensors
     policy, args, normalize, block_rows, block_cols = ctx.args
     needs = ctx.needs_input_grad
     grad_x = grad_y = grad_params = grad_scale = None
     if grad_row is None and grad_col is None:
-        return (None,) * 12
+        return (None,) * 13
     if needs[0] or (y is not None and needs[1]):
         grad_x, grad_y = ops.lse_stats_backward(
             grad_row,
@@ -143,6 +184,7 @@ def _backward(ctx, grad_row, grad_col):
             col_stats,
             block_rows,
             block_cols,
+            tiles if tiles.numel() > 0 else None,
         )
         if y is None:
             grad_y = None
@@ -155,7 +197,7 @@ def _backward(ctx, grad_row, grad_col):
             # pass with w = g (r and LA are symmetric).
             g = grad_row[:, LIN_POS].to(row_params.dtype)
             weighted = torch.stack([row_params[:, 0], g], 1)
-            again, _ = ops.lse_stats(
+            again, _, _ = ops.lse_stats(
                 x, y, row_keys, col_keys, weighted, scale, policy, args, normalize, False, block_rows, block_cols
             )
             grad_l = g * row_stats[:, AUX_POS] + again[:, AUX_POS]
@@ -171,7 +213,7 @@ def _backward(ctx, grad_row, grad_col):
             if p is not None
         ]
         grad_scale = sum(parts).to(scale.dtype) if parts else None
-    return grad_x, grad_y, None, None, grad_params, grad_scale, None, None, None, None, None, None
+    return grad_x, grad_y, None, None, grad_params, grad_scale, None, None, None, None, None, None, None
 
 
 register_autograd("lse_stats", _backward, _setup_context)

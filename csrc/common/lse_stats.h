@@ -130,6 +130,17 @@ METRICOPS_LSE_INLINE float lse_exp(float x) {
 #endif
 }
 
+// sqrt, float for float (::sqrt widens a float to double, and std::sqrt is an
+// out-of-line call in this build): vectorises on the host.
+C10_HOST_DEVICE inline double lse_sqrt(double x) { return ::sqrt(x); }
+METRICOPS_LSE_INLINE float lse_sqrt(float x) {
+#ifdef __CUDA_ARCH__
+  return ::sqrtf(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T softplus(T x) {
   // log(1 + e^x), stable on both sides; softplus(-inf) = 0.
@@ -360,7 +371,7 @@ struct LiftedPolicy {
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
   METRICOPS_LSE_INLINE void distance(acc_t s, acc_t& d, acc_t& dd_ds) const {
     const acc_t d2 = acc_t(2) - acc_t(2) * s;
-    d = d2 > tol ? ::sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
+    d = d2 > tol ? lse_sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
     dd_ds = d2 > tol ? -acc_t(1) / d : acc_t(0);
   }
   METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,

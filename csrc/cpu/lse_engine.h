@@ -108,8 +108,9 @@ inline void tile_shape(const Problem<acc_t>& pr, int64_t& R, int64_t& W) {
 // by strip (R rows), its columns from the strip's first row on in the self
 // mode (the upper triangle), all M otherwise. metricops/_registrations/
 // similarity.py repeats it for the fake kernel.
-inline int64_t saved_tiles_size(int64_t B, int64_t M, bool self, int64_t R) {
+inline int64_t saved_tiles_size(int64_t B, int64_t M, bool self, int64_t block_rows) {
   if (!self) return B * M;
+  const int64_t R = std::max<int64_t>(1, std::min(block_rows, B));  // the strips' rows, as tile_shape
   int64_t total = 0;
   for (int64_t r0 = 0; r0 < B; r0 += R) total += std::min(R, B - r0) * (M - r0);
   return total;

@@ -80,10 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cpu(
   const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
   at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
   at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
-  at::Tensor tiles = at::empty(
-      {save_tiles ? lse_engine::saved_tiles_size(B, M, !in.y.has_value(), std::min(block_rows, std::max<int64_t>(B, 1)))
-                  : 0},
-      in.x.options());
+  at::Tensor tiles =
+      at::empty({save_tiles ? lse_engine::saved_tiles_size(B, M, !in.y.has_value(), block_rows) : 0}, in.x.options());
   const double scale_value = scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_cpu", [&] {
     using acc_t = scalar_t;
@@ -115,8 +113,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
   at::Tensor tiles;
   if (tiles_in.has_value() && tiles_in->numel() > 0) {
     TORCH_CHECK_VALUE(block_rows > 0, "tiles need block_rows > 0 (the forward's), got block_rows=", block_rows);
-    const int64_t expected =
-        lse_engine::saved_tiles_size(B, M, !in.y.has_value(), std::min(block_rows, std::max<int64_t>(B, 1)));
+    const int64_t expected = lse_engine::saved_tiles_size(B, M, !in.y.has_value(), block_rows);
     TORCH_CHECK_VALUE(tiles_in->dim() == 1 && tiles_in->numel() == expected,
                       "tiles must be the forward's saved tiles, shape (", expected, ",), got ", tiles_in->sizes());
     TORCH_CHECK_VALUE(tiles_in->scalar_type() == in.x.scalar_type(), "tiles must have dtype ", in.x.scalar_type(),

@@ -15,6 +15,9 @@ venv: $(STAMP)
 $(STAMP): requirements-dev.txt
 	@echo "== setting up $(VENV): installing the pinned dependencies (requirements-dev.txt), among them"
 	@echo "   torch 2.14.1, the CUDA build (~5.7 GB with its CUDA libraries): ~2-3 min on a fast connection"
+	@# Fail in a second with the reason, not minutes into pip with ENOSPC: measured peak 6.1 GiB for the venv.
+	@$(PYTHON) -c 'import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
+	  sys.exit(None if free >= 7 else f"make venv: the pinned dependencies need ~7 GiB of free disk here (torch'"'"'s CUDA build and its CUDA libraries take 6.1 GiB at peak); only {free:.1f} GiB is free")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)

@@ -184,12 +184,14 @@ TORCH_LIBRARY(metricops, m) {
   // negative. `policy` names φ_pos/φ_neg and the per-entry sums ("scaled": φ = scale·s, lin = scale·s;
   // "multi_similarity" args (alpha, beta, base): φ_pos = -alpha(s - base), φ_neg = beta(s - base);
   // "multi_similarity_mined" args (alpha, beta, base, epsilon), row_params (B, 2) = (min positive s,
-  // max negative s): only the pairs PML's MultiSimilarityMiner keeps count; "circle" args (m, gamma);
+  // max negative s): only the pairs PML's MultiSimilarityMiner keeps count; "similarity_range": only
+  // the counts and those two thresholds (no exp; the miner's first pass); "circle" args (m, gamma);
   // "lifted" args (pos_margin, neg_margin) on d = sqrt(2 - 2s): φ_pos = d - pos_margin,
   // φ_neg = neg_margin - d; "ntxent_pairs" row_params (B, 1) = m_i: each positive gives
   // lin = softplus(m_i - scale·s), aux = sigmoid(m_i - scale·s)). scale: a 0-dim tensor.
   // row_stats (B, 12), in float64 for float64 inputs and float32 otherwise, columns: LSE_pos, LSE_neg
-  // (-inf when empty), lin_pos, lin_neg, count_pos, count_neg, min positive s, max negative s,
+  // (-inf when empty), lin_pos, lin_neg, count_pos, count_neg, min positive s, max negative s (these
+  // two from "similarity_range" only, +inf / -inf from the other policies),
   // dLSE_pos/dscale, dLSE_neg/dscale, aux_pos, aux_neg. col_stats: the same per column of y when
   // col_stats (y required), else (0, 12). Gradients flow through columns 0-3 only (the backward);
   // the others are piecewise constant or are used by the caller's own formulas. block_rows/block_cols

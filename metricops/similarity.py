@@ -225,13 +225,7 @@ def _multi_similarity_per_anchor(
         eps = v.check_number(mining_epsilon, "mining_epsilon", finite=True)
         with torch.no_grad():  # the miner's thresholds select pairs; they carry no gradient
             first, _ = _stats(
-                x.detach(),
-                None if y is None else y.detach(),
-                labels,
-                ref_labels,
-                "multi_similarity",
-                (alpha, beta, base),
-                memory=memory,
+                x.detach(), None if y is None else y.detach(), labels, ref_labels, "similarity_range", memory=memory
             )
         thresholds = first[:, MIN_POS : MAX_NEG + 1].contiguous()
         st, _ = _stats(

@@ -283,10 +283,11 @@ def _opcheck_cases():
         # the forward's tiles saved for the backward (save_tiles)
         (raw_x, None, labels, None, None, scale, "lifted", [0.0, 1.0], True, False, 4, 5, True),
         (raw_x, raw_y, torch.arange(9), torch.arange(11), None, scale, "scaled", [], True, True, 2, 3, True),
+        (raw_x, raw_y, labels, torch.arange(11) % 5, None, scale, "similarity_range", [], True, True, 4, 3),
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck(case):
     args = _opcheck_cases()[case]
     x = args[0].clone().requires_grad_()
@@ -506,6 +507,51 @@ def test_normalize_folded_into_tiles_equals_f_normalize_first(policy, args, with
         for got, want in zip(grads_fused, grads_plain):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
         assert torch.count_nonzero(grads_fused[0][7]) > 0  # the clamped row's gradient is the plain g/eps
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("with_y", [False, True])
+def test_similarity_range_is_the_masked_min_and_max(device, with_y):
+    """The MS miner's thresholds ("similarity_range"): per row the min similarity over its positives and the max
+    over its negatives (the self pair excluded), against torch's masked amin/amax, across tiles, with duplicated
+    rows (ties), an anchor with no positive (+inf) and one with no negative (-inf); per column with y. The other
+    policies leave both fields at +inf / -inf (they skip that work)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 5, generator=g, dtype=torch.float64)
+    x[4] = x[2]  # a duplicated row: ties
+    labels = torch.tensor([7, 0, 0, 1, 0, 2, 2, 1, 1, 3, 3, 3, 3])  # row 0 alone in its class
+    y = torch.randn(6, 5, generator=g, dtype=torch.float64) if with_y else None
+    col_keys = torch.tensor([0, 1, 1, 9, 9, 9]) if with_y else None
+    if not with_y:
+        labels[9:] = 0  # with every other row in class 0 ... rows 1, 2, 4 still have negatives
+    x, labels = x.to(device), labels.to(device)
+    y = None if y is None else y.to(device)
+    col_keys = None if col_keys is None else col_keys.to(device)
+    keys = labels if y is None else col_keys
+    s = F.normalize(x, dim=1) @ F.normalize(x if y is None else y, dim=1).T
+    pos = labels[:, None] == keys[None, :]
+    valid = torch.ones_like(pos)
+    if y is None:
+        valid.fill_diagonal_(False)
+    inf = torch.tensor(float("inf"), dtype=s.dtype, device=device)
+    want_min = torch.where(pos & valid, s, inf).amin(1)
+    want_max = torch.where(~pos & valid, s, -inf).amax(1)
+    scale = torch.tensor(1.0, dtype=torch.float64, device=device)
+    for tile in ((0, 0), (3, 4), (1, 1)):
+        rows, cols, _ = ops.lse_stats(x, y, labels, col_keys, None, scale, "similarity_range", [], True, with_y, *tile)
+        torch.testing.assert_close(rows[:, sim.MIN_POS], want_min, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rows[:, sim.MAX_NEG], want_max, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rows[:, sim.COUNT_POS], (pos & valid).sum(1).double())
+        if with_y:
+            torch.testing.assert_close(cols[:, sim.MIN_POS], torch.where(pos, s, inf).amin(0), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(cols[:, sim.MAX_NEG], torch.where(~pos, s, -inf).amax(0), rtol=1e-12, atol=1e-12)
+    assert (rows[:, sim.LSE_POS] == -inf).all() and (rows[:, sim.LSE_NEG] == -inf).all()  # no exp in this pass
+    if not with_y:
+        assert want_min[0] == inf and want_max[1:9].isfinite().all()
+    rows, _, _ = ops.lse_stats(
+        x, y, labels, col_keys, None, scale, "multi_similarity", [2.0, 10.0, 0.5], True, with_y, 0, 0
+    )
+    assert (rows[:, sim.MIN_POS] == inf).all() and (rows[:, sim.MAX_NEG] == -inf).all()
 
 
 def test_native_op_checks_name_the_argument():

@@ -11,7 +11,7 @@
 //   lin_c  = Σ_{j∈c} lin_c(s_ij)                  (plain sums)
 //   aux_c  = Σ_{j∈c} aux_c(s_ij)
 //   E_c    = Σ_{j∈c} softmax_c(φ)_j · ∂φ_c/∂scale (d LSE_c / d scale)
-//   count_c, min_{pos} s, max_{neg} s            (the MS miner's thresholds)
+//   count_c, min_{pos} s, max_{neg} s            (the MS miner's thresholds; kMinMax policies only)
 // A loss combines the finished statistics (metricops/similarity.py) and the
 // backward turns each recomputed S entry into dL/ds from the row's statistics
 // and the incoming gradients of LSE_c and lin_c.
@@ -20,11 +20,17 @@
 //   static constexpr bool kLse;        // whether φ's log-sum-exp is needed (else only lin/aux)
 //   static constexpr bool kLin;        // whether lin/aux are (else they are 0 and not summed)
 //   static constexpr bool kDScale;     // whether dphi_dscale is (else 0)
+//   static constexpr bool kAux;        // whether aux is (else 0; the CPU epilogues skip its sums)
+//   static constexpr bool kMinMax;     // whether min_pos s / max_neg s are kept (else +inf / -inf):
+//                                      // only the MS miner's first pass reads them, and the CPU
+//                                      // epilogues spend ~5-10% of their time on them
+//   static constexpr bool kPositivesOnly;  // negatives give nothing (no φ, lin 0, aux 0, kLse false):
+//                                      // the CPU epilogues evaluate only the positives (a few per row)
 //   bool keep(s, pos, own, other);     // whether a non-ignored entry counts (the MS miner's mask)
 //   void eval(s, pos, own, other, phi, lin, aux, dphi_dscale);        // forward values
 //   void grad(s, pos, own, other, phi, dphi_ds, dlin_ds);             // backward derivatives
-// `own`: the row's parameters (row_params + i * P, nullptr when none), `other`:
-// the column's (only in the self mode, where columns are rows; else nullptr).
+// `own`: the row's parameters (a ParamView of row_params' row i; empty when none), `other`:
+// the column's (only in the self mode, where columns are rows; else empty).
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -202,7 +208,8 @@ C10_HOST_DEVICE inline void acc_merge(acc_t* a, const acc_t* b) {
 // Adds one evaluated entry to an accumulator, online (one entry at a time:
 // the CUDA epilogues' per-thread path; the CPU ones work chunk-wise).
 template <typename acc_t>
-C10_HOST_DEVICE inline void acc_add(acc_t* a, bool pos, acc_t s, acc_t phi, acc_t lin, acc_t aux, acc_t dsc, bool lse) {
+C10_HOST_DEVICE inline void acc_add(acc_t* a, bool pos, acc_t s, acc_t phi, acc_t lin, acc_t aux, acc_t dsc, bool lse,
+                                    bool minmax) {
   const int mf = pos ? kAccMaxPos : kAccMaxNeg, sf = pos ? kAccSumPos : kAccSumNeg, wf = pos ? kAccWPos : kAccWNeg;
   if (lse) {
     if (phi > a[mf]) {
@@ -219,6 +226,7 @@ C10_HOST_DEVICE inline void acc_add(acc_t* a, bool pos, acc_t s, acc_t phi, acc_
   a[pos ? kAccLinPos : kAccLinNeg] += lin;
   a[pos ? kAccAuxPos : kAccAuxNeg] += aux;
   a[pos ? kAccCountPos : kAccCountNeg] += acc_t(1);
+  if (!minmax) return;
   if (pos) {
     a[kAccMinPos] = s < a[kAccMinPos] ? s : a[kAccMinPos];
   } else {
@@ -257,19 +265,18 @@ C10_HOST_DEVICE inline void grad_coefficients(const acc_t* stats, const acc_t* g
   g[kGGradLinNeg] = grad_stats ? grad_stats[kLinNeg] : acc_t(0);
 }
 
-// dL/ds of one kept entry of a row with coefficients g.
-template <typename Policy, typename acc_t>
-METRICOPS_LSE_INLINE acc_t entry_grad(const Policy& p, acc_t s, bool pos, const acc_t* own, const acc_t* other,
-                                      const acc_t* g) {
-  acc_t phi, dphi, dlin;
-  p.grad(s, pos, own, other, phi, dphi, dlin);
-  const acc_t lse = pos ? g[kGLsePos] : g[kGLseNeg];
-  const acc_t g_lse = pos ? g[kGGradLsePos] : g[kGGradLseNeg];
-  const acc_t g_lin = pos ? g[kGGradLinPos] : g[kGGradLinNeg];
-  acc_t out = g_lin * dlin;
-  if (Policy::kLse) out += g_lse * lse_exp(phi - lse) * dphi;
-  return out;
-}
+// A row's or column's policy parameters, element k at p[offset + k * stride]: rows
+// read theirs from the (B, P) row_params (stride 1); the CPU epilogues read
+// the columns' from a transposed (P, B) copy (stride B), so that their loops
+// over columns load each parameter contiguously and vectorise.
+template <typename acc_t>
+struct ParamView {
+  const acc_t* p = nullptr;  // nullptr: no parameters (a policy without any never reads them)
+  int64_t stride = 1;
+  int64_t offset = 0;  // kept apart from p: no pointer arithmetic on a null p
+  METRICOPS_LSE_INLINE acc_t operator[](int64_t k) const { return p[offset + k * stride]; }
+  METRICOPS_LSE_INLINE ParamView moved(int64_t j) const { return {p, stride, offset + j}; }
+};
 
 // ---------------------------------------------------------------- policies
 
@@ -279,16 +286,19 @@ struct ScaledPolicy {
   static constexpr bool kLse = true;
   static constexpr bool kLin = true;
   static constexpr bool kDScale = true;
+  static constexpr bool kAux = false;
+  static constexpr bool kMinMax = false;
+  static constexpr bool kPositivesOnly = false;
   acc_t scale;
-  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                                 acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& lin,
+                                 acc_t& aux, acc_t& dphi_dscale) const {
     phi = scale * s;
     lin = phi;
     aux = acc_t(0);
     dphi_dscale = s;
   }
-  METRICOPS_LSE_INLINE void grad(acc_t s, bool, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& dphi,
                                  acc_t& dlin) const {
     phi = scale * s;
     dphi = scale;
@@ -305,25 +315,53 @@ struct MultiSimilarityPolicy {
   static constexpr bool kLse = true;
   static constexpr bool kLin = false;
   static constexpr bool kDScale = false;
+  static constexpr bool kAux = false;
+  static constexpr bool kMinMax = false;
+  static constexpr bool kPositivesOnly = false;
   acc_t alpha, beta, base, epsilon;
-  METRICOPS_LSE_INLINE bool keep(acc_t s, bool pos, const acc_t* own, const acc_t*) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t>) const {
     if constexpr (!kMined) {
       return true;
     } else {
-      return pos ? !(s - epsilon >= own[1]) : !(s + epsilon <= own[0]);
+      // both thresholds loaded, the two tests combined bitwise: a ternary here left GCC's vectoriser out of
+      // the CPU backward ("control flow in loop": scalar code, 3x the unmined loss's time)
+      const acc_t min_pos = own[0], max_neg = own[1];
+      return (pos & !(s - epsilon >= max_neg)) | (!pos & !(s + epsilon <= min_pos));
     }
   }
-  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                                 acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& lin,
+                                 acc_t& aux, acc_t& dphi_dscale) const {
     const acc_t coef = pos ? -alpha : beta;  // a select of constants: if-converts
     phi = coef * (s - base);
     lin = aux = dphi_dscale = acc_t(0);
   }
-  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& dphi,
                                  acc_t& dlin) const {
     dphi = pos ? -alpha : beta;
     phi = dphi * (s - base);
     dlin = acc_t(0);
+  }
+};
+
+// The MS miner's first pass: only each row's min positive s and max negative
+// s (kMinMax), the thresholds of the second pass's multi_similarity_mined;
+// no exp, no sums beyond the counts. Piecewise constant: no gradient.
+template <typename acc_t>
+struct SimilarityRangePolicy {
+  static constexpr bool kLse = false;
+  static constexpr bool kLin = false;
+  static constexpr bool kDScale = false;
+  static constexpr bool kAux = false;
+  static constexpr bool kMinMax = true;
+  static constexpr bool kPositivesOnly = false;
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
+  METRICOPS_LSE_INLINE void eval(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& lin, acc_t& aux,
+                                 acc_t& dphi_dscale) const {
+    phi = lin = aux = dphi_dscale = acc_t(0);
+  }
+  METRICOPS_LSE_INLINE void grad(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& dphi,
+                                 acc_t& dlin) const {
+    phi = dphi = dlin = acc_t(0);
   }
 };
 
@@ -334,8 +372,11 @@ struct CirclePolicy {
   static constexpr bool kLse = true;
   static constexpr bool kLin = false;
   static constexpr bool kDScale = false;
+  static constexpr bool kAux = false;
+  static constexpr bool kMinMax = false;
+  static constexpr bool kPositivesOnly = false;
   acc_t m, gamma;
-  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void coeffs(acc_t s, bool pos, acc_t& phi, acc_t& dphi) const {
     const acc_t ap = acc_t(1) + m - s, an = s + m;
     const acc_t a = pos ? (ap > acc_t(0) ? ap : acc_t(0)) : (an > acc_t(0) ? an : acc_t(0));
@@ -345,13 +386,13 @@ struct CirclePolicy {
     phi = s != s ? s : phi;
     dphi = s != s ? s : dphi;
   }
-  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                                 acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& lin,
+                                 acc_t& aux, acc_t& dphi_dscale) const {
     acc_t dphi;
     coeffs(s, pos, phi, dphi);
     lin = aux = dphi_dscale = acc_t(0);
   }
-  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& dphi,
                                  acc_t& dlin) const {
     coeffs(s, pos, phi, dphi);
     dlin = acc_t(0);
@@ -367,21 +408,24 @@ struct LiftedPolicy {
   static constexpr bool kLse = true;
   static constexpr bool kLin = false;
   static constexpr bool kDScale = false;
+  static constexpr bool kAux = false;
+  static constexpr bool kMinMax = false;
+  static constexpr bool kPositivesOnly = false;
   acc_t pos_margin, neg_margin, tol;
-  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void distance(acc_t s, acc_t& d, acc_t& dd_ds) const {
     const acc_t d2 = acc_t(2) - acc_t(2) * s;
     d = d2 > tol ? lse_sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
     dd_ds = d2 > tol ? -acc_t(1) / d : acc_t(0);
   }
-  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                                 acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& lin,
+                                 acc_t& aux, acc_t& dphi_dscale) const {
     acc_t d, dd;
     distance(s, d, dd);
     phi = pos ? d - pos_margin : neg_margin - d;
     lin = aux = dphi_dscale = acc_t(0);
   }
-  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t*, const acc_t*, acc_t& phi, acc_t& dphi,
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& dphi,
                                  acc_t& dlin) const {
     acc_t d, dd;
     distance(s, d, dd);
@@ -400,18 +444,21 @@ struct NTXentPairsPolicy {
   static constexpr bool kLse = false;
   static constexpr bool kLin = true;
   static constexpr bool kDScale = false;
+  static constexpr bool kAux = true;
+  static constexpr bool kMinMax = false;
+  static constexpr bool kPositivesOnly = true;
   acc_t scale;
-  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& lin, acc_t& aux,
-                                 acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t>, acc_t& phi, acc_t& lin,
+                                 acc_t& aux, acc_t& dphi_dscale) const {
     const acc_t u = own[0] - scale * s;
     phi = dphi_dscale = acc_t(0);
     lin = pos ? softplus(u) : acc_t(0);
     aux = pos ? sigmoid(u) : acc_t(0);
-    lin = s != s ? s : lin;
-    aux = s != s ? s : aux;
+    lin = pos && s != s ? s : lin;  // NaN in, NaN out, for the positives: negatives give nothing
+    aux = pos && s != s ? s : aux;
   }
-  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t* own, const acc_t*, acc_t& phi, acc_t& dphi,
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t>, acc_t& phi, acc_t& dphi,
                                  acc_t& dlin) const {
     phi = dphi = acc_t(0);
     dlin = pos ? -scale * sigmoid(own[0] - scale * s) : acc_t(0);
@@ -431,10 +478,13 @@ struct LiftedPairsPolicy {
   static constexpr bool kLse = false;
   static constexpr bool kLin = true;
   static constexpr bool kDScale = false;
+  static constexpr bool kAux = true;
+  static constexpr bool kMinMax = false;
+  static constexpr bool kPositivesOnly = true;
   acc_t pos_margin, tol;
   bool count_mode;
-  METRICOPS_LSE_INLINE bool keep(acc_t, bool, const acc_t*, const acc_t*) const { return true; }
-  METRICOPS_LSE_INLINE void terms(acc_t s, const acc_t* own, const acc_t* other, acc_t& r, acc_t& dr_ds,
+  METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
+  METRICOPS_LSE_INLINE void terms(acc_t s, ParamView<acc_t> own, ParamView<acc_t> other, acc_t& r, acc_t& dr_ds,
                                   acc_t& w_own) const {
     const acc_t d2 = acc_t(2) - acc_t(2) * s;
     const acc_t d = d2 > tol ? ::sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
@@ -449,8 +499,8 @@ struct LiftedPairsPolicy {
     dr_ds = u > acc_t(0) ? dd : acc_t(0);
     w_own = empty ? acc_t(0) : ::exp(li - la);
   }
-  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, const acc_t* own, const acc_t* other, acc_t& phi, acc_t& lin,
-                                 acc_t& aux, acc_t& dphi_dscale) const {
+  METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t> other, acc_t& phi,
+                                 acc_t& lin, acc_t& aux, acc_t& dphi_dscale) const {
     acc_t r, dr, w_own;
     terms(s, own, other, r, dr, w_own);
     phi = dphi_dscale = acc_t(0);
@@ -458,8 +508,8 @@ struct LiftedPairsPolicy {
     lin = pos ? value : acc_t(0);
     aux = pos ? other[1] * r * w_own : acc_t(0);
   }
-  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, const acc_t* own, const acc_t* other, acc_t& phi, acc_t& dphi,
-                                 acc_t& dlin) const {
+  METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t> other, acc_t& phi,
+                                 acc_t& dphi, acc_t& dlin) const {
     acc_t r, dr, w_own;
     terms(s, own, other, r, dr, w_own);
     phi = dphi = acc_t(0);

@@ -19,7 +19,16 @@
 namespace metricops {
 namespace lse {
 
-enum class PolicyKind { Scaled, MultiSimilarity, MultiSimilarityMined, Circle, Lifted, NTXentPairs, LiftedPairs };
+enum class PolicyKind {
+  Scaled,
+  MultiSimilarity,
+  MultiSimilarityMined,
+  SimilarityRange,
+  Circle,
+  Lifted,
+  NTXentPairs,
+  LiftedPairs
+};
 
 struct PolicySpec {
   PolicyKind kind;
@@ -32,6 +41,7 @@ inline PolicySpec parse_policy(c10::string_view name) {
   if (name == "scaled") return {PolicyKind::Scaled, 0, 0, true};
   if (name == "multi_similarity") return {PolicyKind::MultiSimilarity, 3, 0, false};
   if (name == "multi_similarity_mined") return {PolicyKind::MultiSimilarityMined, 4, 2, false};
+  if (name == "similarity_range") return {PolicyKind::SimilarityRange, 0, 0, false};
   if (name == "circle") return {PolicyKind::Circle, 2, 0, false};
   if (name == "lifted") return {PolicyKind::Lifted, 2, 0, false};
   if (name == "ntxent_pairs") return {PolicyKind::NTXentPairs, 0, 1, true};
@@ -103,6 +113,8 @@ inline void with_policy(const PolicySpec& spec, c10::ArrayRef<double> a, double 
     case PolicyKind::MultiSimilarityMined:
       return f(MultiSimilarityPolicy<acc_t, true>{static_cast<acc_t>(a[0]), static_cast<acc_t>(a[1]),
                                                   static_cast<acc_t>(a[2]), static_cast<acc_t>(a[3])});
+    case PolicyKind::SimilarityRange:
+      return f(SimilarityRangePolicy<acc_t>{});
     case PolicyKind::Circle:
       return f(CirclePolicy<acc_t>{static_cast<acc_t>(a[0]), static_cast<acc_t>(a[1])});
     case PolicyKind::Lifted: {

@@ -66,6 +66,9 @@ constexpr int64_t kDefaultTileEntries = int64_t{1} << 20;
 // Columns per task of the column-direction epilogue.
 constexpr int64_t kColChunk = 64;
 
+// The most row parameters a policy takes (lifted_pairs and multi_similarity_mined: 2).
+constexpr int64_t kMaxParams = 2;
+
 template <typename acc_t>
 struct Problem {
   at::Tensor x;  // (B, D) contiguous, acc_t
@@ -74,6 +77,7 @@ struct Problem {
   const int64_t* row_keys = nullptr;  // (B,)
   const int64_t* col_keys = nullptr;  // (M,); row_keys in the self mode
   const acc_t* params = nullptr;      // (B, num_params) row parameters, or nullptr
+  const acc_t* params_t = nullptr;    // the same transposed, (num_params, B): the columns' (self mode)
   int64_t num_params = 0;
   bool col_stats = false;  // non-self mode: also accumulate per-column statistics
   int64_t block_rows = 0;  // <= 0: the defaults
@@ -86,8 +90,9 @@ struct Problem {
 
   int64_t rows() const { return x.size(0); }
   int64_t cols() const { return y.size(0); }
-  const acc_t* row_params(int64_t i) const { return params ? params + i * num_params : nullptr; }
-  const acc_t* col_params(int64_t j) const { return self && params ? params + j * num_params : nullptr; }
+  ParamView<acc_t> row_params(int64_t i) const { return {params, 1, params ? i * num_params : 0}; }
+  // columns j, j + 1, ...: element j' - j of the view's base (self mode; else empty)
+  ParamView<acc_t> col_params(int64_t j) const { return {self ? params_t : nullptr, rows(), j}; }
 };
 
 // (strip rows, chunk columns) for a problem: block_rows/block_cols when > 0,
@@ -184,19 +189,46 @@ struct ChunkScratch {
 // pair at local index `skip` or -1) into the scratch: a plain loop over the
 // entries, no reductions (those follow in lanes).
 // kColumn: the entries are seen from their columns (the column direction of
-// the self mode): `own` is then entry j's column's parameters (own0 + j·P)
-// and `other` the row's (fixed); else `own` is the row's and other0 + j·P the
+// the self mode): `own` is then entry j's column's parameters (varying0 moved by j)
+// and `other` the row's (fixed); else `own` is the row's and varying0 moved by j the
 // column's.
 template <typename Policy, typename acc_t, bool kColumn = false>
 inline void eval_chunk(const Policy& p, const acc_t* __restrict__ s, int64_t n, const int64_t* __restrict__ ck,
-                       int64_t rk, int64_t skip, const acc_t* fixed, const acc_t* varying0, int64_t P,
+                       int64_t rk, int64_t skip, ParamView<acc_t> fixed, ParamView<acc_t> varying0,
                        ChunkScratch<acc_t>& __restrict__ t) {
   const acc_t ninf = neg_inf<acc_t>(), pinf = pos_inf<acc_t>();
+  if constexpr (Policy::kPositivesOnly) {
+    static_assert(!Policy::kLse && !Policy::kMinMax && !Policy::kDScale, "a positives-only policy sums lin/aux");
+    // Negatives give nothing: a dense pass for the classes and the counts, then the policy (libm-heavy: NT-Xent's
+    // softplus, lifted structure's sqrt/log/exp) on the few positives only. B = 2048, 8 per class: ~7 of 2047.
+    for (int64_t j = 0; j < n; ++j) {
+      const bool pos = ck[j] == rk, valid = j != skip;
+      t.ph[j] = ninf;
+      t.pos[j] = valid & pos ? acc_t(1) : acc_t(0);
+      t.neg[j] = valid & !pos ? acc_t(1) : acc_t(0);
+      t.lp[j] = t.ln[j] = t.ap[j] = t.an[j] = acc_t(0);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      if (t.pos[j] == acc_t(0)) continue;
+      const ParamView<acc_t> varying = varying0.moved(j);
+      const ParamView<acc_t> own = kColumn ? varying : fixed;
+      const ParamView<acc_t> other = kColumn ? fixed : varying;
+      if (!p.keep(s[j], true, own, other)) {
+        t.pos[j] = acc_t(0);
+        continue;
+      }
+      acc_t phi, lin, aux, dsc;
+      p.eval(s[j], true, own, other, phi, lin, aux, dsc);
+      t.lp[j] = lin;
+      t.ap[j] = aux;
+    }
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) {
     const bool pos = ck[j] == rk;
-    const acc_t* varying = varying0 ? varying0 + j * P : nullptr;
-    const acc_t* own = kColumn ? varying : fixed;
-    const acc_t* other = kColumn ? fixed : varying;
+    const ParamView<acc_t> varying = varying0.moved(j);
+    const ParamView<acc_t> own = kColumn ? varying : fixed;
+    const ParamView<acc_t> other = kColumn ? fixed : varying;
     const bool valid = (j != skip) & p.keep(s[j], pos, own, other);
     acc_t phi, lin, aux, dsc;
     p.eval(s[j], pos, own, other, phi, lin, aux, dsc);
@@ -204,12 +236,16 @@ inline void eval_chunk(const Policy& p, const acc_t* __restrict__ s, int64_t n, 
     t.ph[j] = valid ? phi : ninf;
     t.pos[j] = vp ? acc_t(1) : acc_t(0);
     t.neg[j] = vn ? acc_t(1) : acc_t(0);
-    t.sp[j] = vp ? s[j] : pinf;
-    t.sn[j] = vn ? s[j] : ninf;
+    if (Policy::kMinMax) {
+      t.sp[j] = vp ? s[j] : pinf;
+      t.sn[j] = vn ? s[j] : ninf;
+    }
     if (Policy::kDScale) t.dsc[j] = dsc;
     if (Policy::kLin) {
       t.lp[j] = vp ? lin : acc_t(0);
       t.ln[j] = vn ? lin : acc_t(0);
+    }
+    if (Policy::kAux) {
       t.ap[j] = vp ? aux : acc_t(0);
       t.an[j] = vn ? aux : acc_t(0);
     }
@@ -224,15 +260,14 @@ template <typename Policy, typename acc_t>
 METRICOPS_SIMD_CLONES void row_forward(const Policy& p, const Problem<acc_t>& pr, const acc_t* s_row, int64_t n,
                                        int64_t i, int64_t c0, int64_t skip_row, acc_t* acc, ChunkScratch<acc_t>& t) {
   constexpr int64_t L = kSimdLanes;
-  const int64_t P = pr.num_params;
-  const acc_t* own = pr.row_params(i);
+  const ParamView<acc_t> own = pr.row_params(i);
   const int64_t rk = pr.row_keys[i];
   const acc_t ninf = neg_inf<acc_t>(), pinf = pos_inf<acc_t>();
   for (int64_t k0 = 0; k0 < n; k0 += kRowChunk) {
     const int64_t k = std::min(kRowChunk, n - k0);
     const acc_t* s = s_row + k0;
     const int64_t* ck = pr.col_keys + c0 + k0;
-    const acc_t* other0 = pr.self && pr.params ? pr.params + (c0 + k0) * P : nullptr;
+    const ParamView<acc_t> other0 = pr.col_params(c0 + k0);
     const int64_t skip = skip_row - k0;
     acc_t mp[L], mn[L], cp[L], cn[L], lp[L], ln[L], ap[L], an[L], minp[L], maxn[L];
     for (int64_t l = 0; l < L; ++l) {
@@ -240,7 +275,7 @@ METRICOPS_SIMD_CLONES void row_forward(const Policy& p, const Problem<acc_t>& pr
       minp[l] = pinf;
       cp[l] = cn[l] = lp[l] = ln[l] = ap[l] = an[l] = acc_t(0);
     }
-    eval_chunk(p, s, k, ck, rk, skip, own, other0, P, t);
+    eval_chunk(p, s, k, ck, rk, skip, own, other0, t);
     // reduce, in lanes
     auto reduce = [&](int64_t j, int64_t l) {
       const bool vp = t.pos[j] != acc_t(0), vn = t.neg[j] != acc_t(0);
@@ -249,11 +284,15 @@ METRICOPS_SIMD_CLONES void row_forward(const Policy& p, const Problem<acc_t>& pr
       mn[l] = phn > mn[l] ? phn : mn[l];
       cp[l] += t.pos[j];
       cn[l] += t.neg[j];
-      minp[l] = t.sp[j] < minp[l] ? t.sp[j] : minp[l];
-      maxn[l] = t.sn[j] > maxn[l] ? t.sn[j] : maxn[l];
+      if (Policy::kMinMax) {
+        minp[l] = t.sp[j] < minp[l] ? t.sp[j] : minp[l];
+        maxn[l] = t.sn[j] > maxn[l] ? t.sn[j] : maxn[l];
+      }
       if (Policy::kLin) {
         lp[l] += t.lp[j];
         ln[l] += t.ln[j];
+      }
+      if (Policy::kAux) {
         ap[l] += t.ap[j];
         an[l] += t.an[j];
       }
@@ -314,7 +353,6 @@ METRICOPS_SIMD_CLONES void cols_forward(const Policy& p, const Problem<acc_t>& p
   constexpr int64_t C = kColChunk;
   static_assert(C <= kRowChunk, "a column chunk's row of entries fits the evaluation scratch");
   const int64_t w = j1 - j0;
-  const int64_t P = pr.num_params;
   const int64_t* ck = pr.col_keys + c0 + j0;
   const acc_t ninf = neg_inf<acc_t>(), pinf = pos_inf<acc_t>();
   scratch.resize(2 * rows * C);
@@ -326,16 +364,16 @@ METRICOPS_SIMD_CLONES void cols_forward(const Policy& p, const Problem<acc_t>& p
     minp[l] = pinf;
     lp[l] = ln[l] = ap[l] = an[l] = cp[l] = cn[l] = wp[l] = wn[l] = acc_t(0);
   }
-  const acc_t* own0 = pr.self && pr.params ? pr.params + (c0 + j0) * P : nullptr;
+  const ParamView<acc_t> own0 = pr.col_params(c0 + j0);
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t* s = S + r * ld + j0;
     const int64_t rk = pr.row_keys[r0 + r];
-    const acc_t* other = pr.self ? pr.row_params(r0 + r) : nullptr;
+    const ParamView<acc_t> other = pr.self ? pr.row_params(r0 + r) : ParamView<acc_t>{};
     acc_t* qp = php + r * C;
     acc_t* qn = phn + r * C;
     // Evaluate as the row direction does (a plain loop into scratch), then merge column-wise: one fused loop
     // left GCC's vectoriser out for policies with more selects (Circle: scalar code, 3x the row direction's time).
-    eval_chunk<Policy, acc_t, true>(p, s, w, ck, rk, -1, other, own0, P, t);
+    eval_chunk<Policy, acc_t, true>(p, s, w, ck, rk, -1, other, own0, t);
     for (int64_t l = 0; l < w; ++l) {
       const bool vp = t.pos[l] != acc_t(0), vn = t.neg[l] != acc_t(0);
       qp[l] = vp ? t.ph[l] : ninf;
@@ -344,11 +382,15 @@ METRICOPS_SIMD_CLONES void cols_forward(const Policy& p, const Problem<acc_t>& p
       mn[l] = qn[l] > mn[l] ? qn[l] : mn[l];
       cp[l] += t.pos[l];
       cn[l] += t.neg[l];
-      minp[l] = t.sp[l] < minp[l] ? t.sp[l] : minp[l];
-      maxn[l] = t.sn[l] > maxn[l] ? t.sn[l] : maxn[l];
+      if (Policy::kMinMax) {
+        minp[l] = t.sp[l] < minp[l] ? t.sp[l] : minp[l];
+        maxn[l] = t.sn[l] > maxn[l] ? t.sn[l] : maxn[l];
+      }
       if (Policy::kLin) {
         lp[l] += t.lp[l];
         ln[l] += t.ln[l];
+      }
+      if (Policy::kAux) {
         ap[l] += t.ap[l];
         an[l] += t.an[l];
       }
@@ -412,40 +454,66 @@ template <typename Policy, typename acc_t>
 METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& pr, const acc_t* s, acc_t* g, int64_t n,
                                         int64_t i, int64_t c0, int64_t skip, const GradCoefficients<acc_t>& rg,
                                         const GradCoefficients<acc_t>& cg, int64_t col_from) {
+  // Locals and __restrict__ inputs: g may alias s only (same index), and without them GCC needs more
+  // run-time alias checks than it allows and leaves the loops scalar (the mined MS policy: ~3x slower).
+  const Policy pol = p;
   const int64_t rk = pr.row_keys[i];
-  const int64_t* ck = pr.col_keys + c0;
-  const acc_t* own = pr.row_params(i);
-  const int64_t P = pr.num_params;
-  const acc_t* other0 = pr.self && pr.params ? pr.params + c0 * P : nullptr;
+  const int64_t* __restrict__ ck = pr.col_keys + c0;
+  acc_t own_values[kMaxParams] = {};
+  for (int64_t k = 0; k < pr.num_params; ++k) own_values[k] = pr.row_params(i)[k];
+  const ParamView<acc_t> own{own_values, 1, 0};
+  const ParamView<acc_t> other0 = pr.col_params(c0);
   const acc_t lp = rg.field(kGLsePos)[i], ln = rg.field(kGLseNeg)[i];
   const acc_t gp = rg.field(kGGradLsePos)[i], gn = rg.field(kGGradLseNeg)[i];
   const acc_t glp = rg.field(kGGradLinPos)[i], gln = rg.field(kGGradLinNeg)[i];
   if (!cg.data) col_from = n;
+  if constexpr (Policy::kPositivesOnly) {  // negatives give nothing (eval_chunk): the policy on positives only
+    const acc_t* __restrict__ cglp = cg.data ? cg.field(kGGradLinPos) + c0 : nullptr;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t sj = s[j];
+      if (ck[j] != rk) {
+        g[j] = acc_t(0);
+        continue;
+      }
+      const ParamView<acc_t> other = other0.moved(j);
+      acc_t phi, dphi, dlin, out = acc_t(0);
+      if (j != skip && pol.keep(sj, true, own, other)) {
+        pol.grad(sj, true, own, other, phi, dphi, dlin);
+        out = glp * dlin;
+      }
+      if (j >= col_from && pol.keep(sj, true, other, own)) {
+        pol.grad(sj, true, other, own, phi, dphi, dlin);
+        out += cglp[j] * dlin;
+      }
+      g[j] = out;
+    }
+    return;
+  }
   for (int64_t j = 0; j < col_from; ++j) {
     const bool pos = ck[j] == rk;
-    const acc_t* other = other0 ? other0 + j * P : nullptr;
-    const bool valid = (j != skip) & p.keep(s[j], pos, own, other);
+    const ParamView<acc_t> other = other0.moved(j);
+    const bool valid = (j != skip) & pol.keep(s[j], pos, own, other);
     acc_t phi, dphi, dlin;
-    p.grad(s[j], pos, own, other, phi, dphi, dlin);
+    pol.grad(s[j], pos, own, other, phi, dphi, dlin);
     acc_t d = (pos ? glp : gln) * dlin;
     if (Policy::kLse) d += (pos ? gp : gn) * lse_exp(phi - (pos ? lp : ln)) * dphi;
     g[j] = valid ? d : acc_t(0);
   }
   if (col_from >= n) return;
-  const acc_t* clp = cg.field(kGLsePos) + c0;
-  const acc_t* cln = cg.field(kGLseNeg) + c0;
-  const acc_t* cgp = cg.field(kGGradLsePos) + c0;
-  const acc_t* cgn = cg.field(kGGradLseNeg) + c0;
-  const acc_t* cglp = cg.field(kGGradLinPos) + c0;
-  const acc_t* cgln = cg.field(kGGradLinNeg) + c0;
+  const acc_t* __restrict__ clp = cg.field(kGLsePos) + c0;
+  const acc_t* __restrict__ cln = cg.field(kGLseNeg) + c0;
+  const acc_t* __restrict__ cgp = cg.field(kGGradLsePos) + c0;
+  const acc_t* __restrict__ cgn = cg.field(kGGradLseNeg) + c0;
+  const acc_t* __restrict__ cglp = cg.field(kGGradLinPos) + c0;
+  const acc_t* __restrict__ cgln = cg.field(kGGradLinNeg) + c0;
   for (int64_t j = col_from; j < n; ++j) {
     const bool pos = ck[j] == rk;
-    const acc_t* other = other0 ? other0 + j * P : nullptr;
-    const bool valid = p.keep(s[j], pos, own, other);
-    const bool valid_t = p.keep(s[j], pos, other, own);
+    const ParamView<acc_t> other = other0.moved(j);
+    const bool valid = pol.keep(s[j], pos, own, other);
+    const bool valid_t = pol.keep(s[j], pos, other, own);
     acc_t phi, dphi, dlin, phi_t, dphi_t, dlin_t;
-    p.grad(s[j], pos, own, other, phi, dphi, dlin);
-    p.grad(s[j], pos, other, own, phi_t, dphi_t, dlin_t);
+    pol.grad(s[j], pos, own, other, phi, dphi, dlin);
+    pol.grad(s[j], pos, other, own, phi_t, dphi_t, dlin_t);
     acc_t d = (pos ? glp : gln) * dlin;
     acc_t dt = (pos ? cglp[j] : cgln[j]) * dlin_t;
     if (Policy::kLse) {

@@ -46,8 +46,8 @@ struct DeviceProblem {
   C10_DEVICE acc_t entry_scale(int64_t i, int64_t col) const {
     return row_inv_norm ? row_inv_norm[i] * col_inv_norm[col] : acc_t(1);
   }
-  C10_DEVICE const acc_t* row_params(int64_t i) const { return params ? params + i * num_params : nullptr; }
-  C10_DEVICE const acc_t* col_params(int64_t j) const { return self && params ? params + j * num_params : nullptr; }
+  C10_DEVICE ParamView<acc_t> row_params(int64_t i) const { return {params, 1, i * num_params}; }
+  C10_DEVICE ParamView<acc_t> col_params(int64_t j) const { return {self ? params : nullptr, 1, j * num_params}; }
 };
 
 inline void tile_shape(int64_t B, int64_t M, bool self, int64_t block_rows, int64_t block_cols, int64_t& R,
@@ -89,7 +89,7 @@ __global__ void rows_forward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc
   for (int64_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += static_cast<int64_t>(gridDim.x) * warps) {
     const int64_t i = r0 + r;
     const int64_t rk = pr.row_keys[i];
-    const acc_t* own = pr.row_params(i);
+    const ParamView<acc_t> own = pr.row_params(i);
     acc_t a[kNumAcc];
     acc_init(a);
     for (int64_t j = lane; j < cols; j += 32) {
@@ -97,11 +97,11 @@ __global__ void rows_forward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc
       if (pr.self && col == i) continue;
       const acc_t s = S[r * cols + j] * pr.entry_scale(i, col);
       const bool pos = pr.col_keys[col] == rk;
-      const acc_t* other = pr.col_params(col);
+      const ParamView<acc_t> other = pr.col_params(col);
       if (!p.keep(s, pos, own, other)) continue;
       acc_t phi, lin, aux, dsc;
       p.eval(s, pos, own, other, phi, lin, aux, dsc);
-      acc_add(a, pos, s, phi, lin, aux, dsc, Policy::kLse);
+      acc_add(a, pos, s, phi, lin, aux, dsc, Policy::kLse, Policy::kMinMax);
     }
     for (int offset = 16; offset > 0; offset /= 2) {
       acc_t b[kNumAcc];
@@ -120,24 +120,24 @@ __global__ void cols_forward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc
   METRICOPS_CUDA_KERNEL_LOOP(t, cols - jfirst) {
     const int64_t j = jfirst + t, col = c0 + j;
     const int64_t ck = pr.col_keys[col];
-    const acc_t* own = pr.col_params(col);
+    const ParamView<acc_t> own = pr.col_params(col);
     acc_t a[kNumAcc];
     acc_init(a);
     for (int64_t r = 0; r < rows; ++r) {
       const acc_t s = S[r * cols + j] * pr.entry_scale(r0 + r, col);
       const bool pos = pr.row_keys[r0 + r] == ck;
-      const acc_t* other = pr.self ? pr.row_params(r0 + r) : nullptr;
+      const ParamView<acc_t> other = pr.self ? pr.row_params(r0 + r) : ParamView<acc_t>{};
       if (!p.keep(s, pos, own, other)) continue;
       acc_t phi, lin, aux, dsc;
       p.eval(s, pos, own, other, phi, lin, aux, dsc);
-      acc_add(a, pos, s, phi, lin, aux, dsc, Policy::kLse);
+      acc_add(a, pos, s, phi, lin, aux, dsc, Policy::kLse, Policy::kMinMax);
     }
     acc_merge(col_acc + col * kNumAcc, a);
   }
 }
 
 template <typename Policy, typename acc_t>
-__device__ inline acc_t direction_grad(const Policy& p, acc_t s, bool pos, const acc_t* own, const acc_t* other,
+__device__ inline acc_t direction_grad(const Policy& p, acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t> other,
                                        const acc_t* g, int64_t n, int64_t k) {
   acc_t phi, dphi, dlin;
   p.grad(s, pos, own, other, phi, dphi, dlin);
@@ -161,8 +161,8 @@ __global__ void backward_kernel(Policy p, DeviceProblem<acc_t> pr, acc_t* __rest
     const acc_t scale = pr.entry_scale(i, col);  // normalize: s from the raw product, dL/ds to raw rows
     const acc_t s = S[e] * scale;
     const bool pos = pr.row_keys[i] == pr.col_keys[col];
-    const acc_t* own = pr.row_params(i);
-    const acc_t* other = pr.col_params(col);
+    const ParamView<acc_t> own = pr.row_params(i);
+    const ParamView<acc_t> other = pr.col_params(col);
     acc_t out = acc_t(0);
     if (!(pr.self && col == i) && p.keep(s, pos, own, other)) out = direction_grad(p, s, pos, own, other, rg, nrows, i);
     if (cg && j >= col_from && p.keep(s, pos, other, own)) out += direction_grad(p, s, pos, other, own, cg, ncols, col);

@@ -19,6 +19,7 @@ POLICIES = {
     "scaled": (0, 0),
     "multi_similarity": (3, 0),
     "multi_similarity_mined": (4, 2),
+    "similarity_range": (0, 0),
     "circle": (2, 0),
     "lifted": (2, 0),
     "ntxent_pairs": (0, 1),

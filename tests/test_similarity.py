@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import metricops
 from metricops import reference as ref
 from metricops import similarity as sim
+from metricops._registrations import similarity as stat
 from metricops._ops import ops
 from common import assert_close, cpu_and_cuda
 
@@ -552,6 +553,34 @@ def test_similarity_range_is_the_masked_min_and_max(device, with_y):
         x, y, labels, col_keys, None, scale, "multi_similarity", [2.0, 10.0, 0.5], True, with_y, 0, 0
     )
     assert (rows[:, sim.MIN_POS] == inf).all() and (rows[:, sim.MAX_NEG] == -inf).all()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_positives_only_policy_against_torch_with_a_nan_row(device):
+    """ntxent_pairs gives each positive lin = softplus(m_i - scale·s) and aux = sigmoid(m_i - scale·s), and the
+    negatives nothing: on the CPU only the positives are evaluated. Against torch, across tiles and in both
+    directions (a NaN row makes its own and its positives' sums NaN, and nobody's negative sums)."""
+    g = torch.Generator().manual_seed(9)
+    x = F.normalize(torch.randn(10, 4, generator=g, dtype=torch.float64), dim=1)
+    x[6] = float("nan")
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 4, 4])  # row 7 alone: no positive
+    m = torch.randn(10, 1, generator=g, dtype=torch.float64)
+    scale = torch.tensor(2.5, dtype=torch.float64)
+    u = m - scale * (x @ x.T)
+    pos = (labels[:, None] == labels[None, :]) & ~torch.eye(10, dtype=torch.bool)
+    zero = torch.zeros((), dtype=torch.float64)
+    want_lin = torch.where(pos, F.softplus(u), zero).sum(1)
+    want_aux = torch.where(pos, torch.sigmoid(u), zero).sum(1)
+    assert want_lin[[5, 6]].isnan().all() and want_lin[[0, 1, 2, 3, 4, 7, 8, 9]].isfinite().all()
+    x, labels, m, scale = x.to(device), labels.to(device), m.to(device), scale.to(device)
+    for tile in ((0, 0), (3, 4), (1, 1), (4, 3)):
+        rows, _, _ = ops.lse_stats(x, None, labels, None, m, scale, "ntxent_pairs", [], False, False, *tile)
+        rows = rows.cpu()
+        torch.testing.assert_close(rows[:, sim.LIN_POS], want_lin, rtol=1e-12, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(rows[:, sim.AUX_POS], want_aux, rtol=1e-12, atol=1e-12, equal_nan=True)
+        assert (rows[:, stat.LIN_NEG] == 0).all() and (rows[:, stat.AUX_NEG] == 0).all()
+        torch.testing.assert_close(rows[:, sim.COUNT_POS], pos.sum(1).double())
+        torch.testing.assert_close(rows[:, sim.COUNT_NEG], (~pos).sum(1).double() - 1)
 
 
 def test_native_op_checks_name_the_argument():

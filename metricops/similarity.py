@@ -39,6 +39,11 @@ _FORCED_TILE = None
 _SAVED_TILE_ROWS = 128
 
 
+# Policies whose negatives give nothing: the CPU engine evaluates their positive pairs alone, as dot products,
+# when those are at most 1/16 of the entries and no tiles are kept (csrc/cpu/lse_engine.h).
+_POSITIVES_ONLY = ("ntxent_pairs", "lifted_pairs")
+
+
 def _tile(memory: str, x: torch.Tensor, y, grad_needed: bool):
     """(block_rows, block_cols, save_tiles) of an engine call. The tiles are the device's (0) unless a test forces
     them (``_FORCED_TILE``: (rows, cols) or (rows, cols, save_tiles)). save_tiles keeps S's tiles from the forward
@@ -98,7 +103,8 @@ def _prepare_labelled(embeddings, labels, reduction, memory, ref_emb=None, ref_l
 def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, memory="auto", col_stats=False):
     """The engine's statistics on the cosine similarities of x's (and y's) rows: the op normalizes them itself."""
     grad_needed = torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad))
-    block_rows, block_cols, save_tiles = _tile(memory, x, y, grad_needed)
+    # The pair passes read a few entries per row: the CPU computes those alone (no tiles) unless asked to keep S
+    block_rows, block_cols, save_tiles = _tile(memory, x, y, grad_needed and policy not in _POSITIVES_ONLY)
     if not isinstance(scale, torch.Tensor):
         scale = _scale_tensor(scale, x)
     rows, cols, _ = ops.lse_stats(

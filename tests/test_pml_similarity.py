@@ -347,3 +347,23 @@ def test_dense_row_blocks_match_pml(name, monkeypatch):
             ours, theirs = _make(name, dist_name, reducer_name)
             _run(ours, theirs, emb, labels)
             _run(ours, theirs, emb, labels, ref_emb=ref, ref_labels=ref_labels)
+
+
+@pytest.mark.parametrize("name", ["NTXentLoss", "LiftedStructureLoss"])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_pair_losses_on_the_sparse_positive_path_match_pml(name, with_ref, native_ops):
+    """Few positives per row (here 2-3 of 48, under 1/16 of the entries): the CPU engine evaluates NT-Xent's and
+    lifted structure's pair passes on the positive pairs alone, as dot products (forward and backward, ref_emb's
+    gradient summed per column). Against PML itself, values and gradients, with duplicated rows (zero distance)."""
+    if name == "LiftedStructureLoss" and with_ref:
+        pytest.skip("the engine's lifted_pairs pass pairs rows with rows: with ref_emb the drop-in lists pairs instead")
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(48, 8, generator=g, dtype=torch.float64)
+    labels = torch.randperm(48, generator=g) // 3  # 16 classes of 3
+    labels[labels == 15] = 14  # one class of 6
+    emb[7] = emb[labels.tolist().index(int(labels[7]))]  # a duplicated row of its own class
+    call = {}
+    if with_ref:
+        call = {"ref_emb": torch.randn(40, 8, generator=g, dtype=torch.float64), "ref_labels": torch.arange(40) // 2}
+    ours, theirs = getattr(losses, name)(), getattr(pml_losses, name)()
+    _run(ours, theirs, emb, labels, **call)

@@ -583,6 +583,30 @@ def test_positives_only_policy_against_torch_with_a_nan_row(device):
         torch.testing.assert_close(rows[:, sim.COUNT_NEG], (~pos).sum(1).double() - 1)
 
 
+@pytest.mark.parametrize("name", ["ntxent", "lifted"])
+def test_pair_passes_sparse_and_dense_agree_and_gradcheck(name, force_tile):
+    """With few positives per row and no tiles kept, the CPU engine runs the pair pass (ntxent_pairs,
+    lifted_pairs) on the positive pairs alone; with the tiles kept it runs the dense tile loop. Both against
+    the reference, and gradcheck through the sparse path."""
+    fn, ref_fn, kw = LOSSES[name]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    labels = torch.randperm(40, generator=g) // 2  # 40 positive pairs of 1560 entries: sparse
+    want = ref_fn(x, labels, **kw)
+    results = []
+    for tile in (None, (8, 16, True)):  # sparse; dense with the tiles kept
+        force_tile(tile)
+        xr = x.clone().requires_grad_()
+        out = fn(xr, labels, **kw)
+        (grad,) = torch.autograd.grad(out, xr)
+        results.append((out.detach(), grad))
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-9, atol=1e-12)
+    force_tile(None)
+    xs = x[:24].clone().requires_grad_()
+    torch.autograd.gradcheck(lambda t: fn(t, labels[:24], **kw), (xs,))
+
+
 def test_native_op_checks_name_the_argument():
     x = F.normalize(torch.randn(5, 3, dtype=torch.float64), dim=1)
     labels = torch.arange(5)
@@ -641,6 +665,9 @@ def test_losses_save_tiles_only_when_a_backward_will_read_them(monkeypatch):
 
     assert saved("auto") == [True]
     assert saved("matrix") == [True]
+    calls.clear()
+    metricops.ntxent_loss(x.clone().requires_grad_(), labels)
+    assert calls == [True, False]  # the pair pass reads a few entries per row: no tiles
     assert saved("streaming") == [False]
     assert saved("auto", requires_grad=False) == [False]
     assert saved("auto", grad_mode=False) == [False]

@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "common/lse_stats.h"
@@ -543,6 +544,132 @@ void symmetrize_block(acc_t* G, int64_t ld, int64_t n) {
 
 // ------------------------------------------------------------ drivers
 
+// ------------------------------------------------------------ positives-only policies: sparse
+//
+// NT-Xent's and lifted structure's pair passes (kPositivesOnly) read only the entries of a row's own class:
+// a few per row (7 of 2047 at B = 2048, 8 per class). Their similarities are then dot products and their
+// gradients scaled row sums; no GEMM tile. Used when the positive pairs are at most 1/16 of the entries and
+// the forward keeps no tiles; both ways compute the same sums (up to rounding order).
+
+// Indices 0..n-1 sorted by (key, index), and the sorted keys: a key's positions are one run.
+struct KeyGroups {
+  std::vector<int64_t> order, keys;
+  KeyGroups(const int64_t* k, int64_t n) : order(n), keys(n) {
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return k[a] < k[b]; });
+    for (int64_t i = 0; i < n; ++i) keys[i] = k[order[i]];
+  }
+  // [first, last) of key's run in order
+  std::pair<int64_t, int64_t> run(int64_t key) const {
+    const auto r = std::equal_range(keys.begin(), keys.end(), key);
+    return {r.first - keys.begin(), r.second - keys.begin()};
+  }
+};
+
+// Positive pairs (i, j) of the problem (the self pairs excluded), from the groups of the column keys.
+template <typename acc_t>
+int64_t count_positive_pairs(const Problem<acc_t>& pr, const KeyGroups& cols) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < pr.rows(); ++i) {
+    const auto r = cols.run(pr.row_keys[i]);
+    total += r.second - r.first - (pr.self ? 1 : 0);
+  }
+  return total;
+}
+
+template <typename acc_t>
+bool use_sparse_positives(const Problem<acc_t>& pr, const KeyGroups& cols) {
+  return count_positive_pairs(pr, cols) * 16 <= pr.rows() * pr.cols();
+}
+
+// s_ij as the tiles have it: x_i · y_j, scaled by both inverse norms when normalize=True.
+template <typename acc_t>
+acc_t pair_similarity(const Problem<acc_t>& pr, int64_t i, int64_t j) {
+  const int64_t D = pr.x.size(1);
+  const acc_t dot =
+      dot_product(pr.x.template const_data_ptr<acc_t>() + i * D, pr.y.template const_data_ptr<acc_t>() + j * D, D);
+  return pr.row_inv_norm ? dot * pr.row_inv_norm[i] * pr.col_inv_norm[j] : dot;
+}
+
+// forward() for a positives-only policy: each row's lin/aux sums over its positives, its counts.
+template <typename Policy, typename acc_t>
+void sparse_positives_forward(const Policy& p, const Problem<acc_t>& pr, const KeyGroups& cols, acc_t* row_acc) {
+  const int64_t M = pr.cols();
+  at::parallel_for(0, pr.rows(), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t* a = row_acc + i * kNumAcc;
+      const ParamView<acc_t> own = pr.row_params(i);
+      const auto run = cols.run(pr.row_keys[i]);
+      a[kAccCountNeg] += static_cast<acc_t>(M - (run.second - run.first));
+      for (int64_t t = run.first; t < run.second; ++t) {
+        const int64_t j = cols.order[t];
+        if (pr.self && j == i) continue;
+        const ParamView<acc_t> other = pr.self ? pr.row_params(j) : ParamView<acc_t>{};
+        const acc_t s = pair_similarity(pr, i, j);
+        if (!p.keep(s, true, own, other)) continue;
+        acc_t phi, lin, aux, dsc;
+        p.eval(s, true, own, other, phi, lin, aux, dsc);
+        a[kAccLinPos] += lin;
+        a[kAccAuxPos] += aux;
+        a[kAccCountPos] += acc_t(1);
+      }
+    }
+  });
+}
+
+// dL/ds of the positive entry (i, j) from row i's coefficients (0 where the policy drops it).
+template <typename Policy, typename acc_t>
+acc_t positive_entry_grad(const Policy& p, acc_t s, ParamView<acc_t> own, ParamView<acc_t> other, acc_t g_lin) {
+  if (!p.keep(s, true, own, other)) return acc_t(0);
+  acc_t phi, dphi, dlin;
+  p.grad(s, true, own, other, phi, dphi, dlin);
+  return g_lin * dlin;
+}
+
+// backward() for a positive-only policy: grad_x_i += Σ_j G_ij·y_j (self: G_ij from both rows' statistics),
+// grad_y_j += Σ_i G_ij·x_i, each row (column) summed by one task in a fixed order.
+template <typename Policy, typename acc_t>
+void sparse_positives_backward(const Policy& p, const Problem<acc_t>& pr, const KeyGroups& cols,
+                               const GradCoefficients<acc_t>& row_g, at::Tensor& grad_x, at::Tensor* grad_y) {
+  const int64_t D = pr.x.size(1);
+  const acc_t* X = pr.x.template const_data_ptr<acc_t>();
+  const acc_t* Y = pr.y.template const_data_ptr<acc_t>();
+  const acc_t* glin = row_g.field(kGGradLinPos);
+  const auto scaled = [&](acc_t d, int64_t i, int64_t j) {
+    return pr.row_inv_norm ? d * pr.row_inv_norm[i] * pr.col_inv_norm[j] : d;
+  };
+  acc_t* GX = grad_x.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, pr.rows(), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const ParamView<acc_t> own = pr.row_params(i);
+      const auto run = cols.run(pr.row_keys[i]);
+      for (int64_t t = run.first; t < run.second; ++t) {
+        const int64_t j = cols.order[t];
+        if (pr.self && j == i) continue;
+        const ParamView<acc_t> other = pr.self ? pr.row_params(j) : ParamView<acc_t>{};
+        const acc_t s = pair_similarity(pr, i, j);
+        acc_t d = positive_entry_grad(p, s, own, other, glin[i]);
+        if (pr.self) d += positive_entry_grad(p, s, other, own, glin[j]);  // s_ji = s_ij, seen from row j
+        subtract_scaled_row(Y + j * D, -scaled(d, i, j), D, GX + i * D);
+      }
+    }
+  });
+  if (pr.self || !grad_y) return;
+  const KeyGroups rows(pr.row_keys, pr.rows());
+  acc_t* GY = grad_y->mutable_data_ptr<acc_t>();
+  at::parallel_for(0, pr.cols(), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const auto run = rows.run(pr.col_keys[j]);
+      for (int64_t t = run.first; t < run.second; ++t) {
+        const int64_t i = rows.order[t];
+        const acc_t s = pair_similarity(pr, i, j);
+        const acc_t d = positive_entry_grad(p, s, pr.row_params(i), ParamView<acc_t>{}, glin[i]);
+        subtract_scaled_row(X + i * D, -scaled(d, i, j), D, GY + j * D);
+      }
+    }
+  });
+}
+
 // Accumulates the statistics of every row (row_acc, (B, kNumAcc), initialised
 // by acc_init) and, with pr.col_stats in the non-self mode, of every column
 // (col_acc, (M, kNumAcc)). saved (optional, saved_tiles_size entries): the
@@ -553,6 +680,11 @@ template <typename Policy, typename acc_t>
 void forward(const Policy& p, const Problem<acc_t>& pr, acc_t* row_acc, acc_t* col_acc, at::Tensor* saved = nullptr) {
   const int64_t B = pr.rows(), M = pr.cols();
   if (B == 0 || M == 0) return;
+  if constexpr (Policy::kPositivesOnly) {
+    TORCH_INTERNAL_ASSERT(!pr.col_stats, "positives-only policies take row_params: no column statistics");
+    const KeyGroups cols(pr.col_keys, M);
+    if (!saved && use_sparse_positives(pr, cols)) return sparse_positives_forward(p, pr, cols, row_acc);
+  }
   int64_t R, W;
   tile_shape(pr, R, W);
   at::Tensor buffer = saved ? *saved : at::empty({R * W}, pr.x.options());
@@ -606,6 +738,10 @@ void backward(const Policy& p, const Problem<acc_t>& pr, const GradCoefficients<
               const at::Tensor* saved = nullptr) {
   const int64_t B = pr.rows(), M = pr.cols();
   if (B == 0 || M == 0) return;
+  if constexpr (Policy::kPositivesOnly) {
+    const KeyGroups cols(pr.col_keys, M);
+    if (!saved && use_sparse_positives(pr, cols)) return sparse_positives_backward(p, pr, cols, row_g, grad_x, grad_y);
+  }
   int64_t R, W;
   tile_shape(pr, R, W);
   at::Tensor buffer = at::empty({R * W}, pr.x.options());

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -97,10 +98,12 @@ def interleaved_times(
     machine noise hits every contender alike; after one untimed call each unless `warm_up` is False
     (the caller has just run them). benchmarks/harness.py times its contenders with it too.
 
-    Each round starts one contender later than the previous one, so that no contender always runs right
-    after the same other one: a call that follows one with large allocations pays for the pages the
+    Each round runs the contenders in its own order (a fixed-seed shuffle), so that no contender always runs
+    right after the same other one: a call that follows one with large allocations pays for the pages the
     allocator handed back (measured: the same op timed 1.4× slower when always first after pytorch-metric-
-    learning and a GEMM than when it ran second)."""
+    learning and a GEMM than when it ran second). Rotating the order is not enough: it keeps each contender's
+    predecessor but once a round (the functional NT-Xent, always after the reference's 150 MiB and a GEMM,
+    timed 1.2-1.4× its own drop-in, which it equals alone)."""
     if warm_up:
         for fn in runs.values():
             fn()
@@ -109,9 +112,11 @@ def interleaved_times(
     start = time.perf_counter()
     rounds = 0
     order = list(runs.items())
+    shuffle = random.Random(0).shuffle
     while runs and rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        shift = rounds % len(order)
-        for name, fn in order[shift:] + order[:shift]:
+        this_round = order[:]
+        shuffle(this_round)
+        for name, fn in this_round:
             _sync(device)
             t0 = time.perf_counter()
             fn()

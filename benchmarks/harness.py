@@ -1,8 +1,9 @@
 """Timing harness: contenders for one case are timed interleaved, in one run.
 
 Machines here are noisy, so every contender of a case is timed in the same
-round-robin loop (one call of each per round) and the median per contender is
-reported; ratios are against the first contender (metricops).
+interleaved loop (one call of each per round, each round in its own seeded
+order) and the median per contender is reported; ratios are against the first
+contender (metricops).
 
 A ratio means something only if both sides do the same work, so each
 contender returns its output (forward+backward: the loss value, then the

@@ -519,7 +519,8 @@ def render(report: dict) -> str:
     parts = [
         f"Measured with `make bench` on {env.get('device', '?')} ({env.get('cpu', '?')}, {env.get('threads', '?')} "
         f"threads), torch {env.get('torch', '?')}, float32, one run on {env.get('time', '?')[:10]}: contenders "
-        "interleaved round-robin, medians; peak extra memory of one call. Full numbers: "
+        "interleaved (one call each per round, each round in its own order), medians; peak extra memory of one "
+        "call. Full numbers: "
         "`benchmarks/results/cpu-latest.json` and `cpu-latest.png`. \"×\" = the contender's time / metricops' time, "
         "for the same computation: every contender's loss value and gradients (or distances) are checked against "
         "metricops' in each run. Labelled batches have B/8 classes; losses run forward+backward with "

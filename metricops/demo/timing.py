@@ -94,7 +94,7 @@ def interleaved_times(
     max_rounds: int = 200,
     warm_up: bool = True,
 ) -> Dict[str, List[float]]:
-    """Seconds per call of each run, taking turns round-robin (one call each per round), so that
+    """Seconds per call of each run, taking turns (one call each per round), so that
     machine noise hits every contender alike; after one untimed call each unless `warm_up` is False
     (the caller has just run them). benchmarks/harness.py times its contenders with it too.
 

@@ -77,8 +77,9 @@ struct Problem {
   bool self = false;
   const int64_t* row_keys = nullptr;  // (B,)
   const int64_t* col_keys = nullptr;  // (M,); row_keys in the self mode
-  const acc_t* params = nullptr;      // (B, num_params) row parameters, or nullptr
-  const acc_t* params_t = nullptr;    // the same transposed, (num_params, B): the columns' (self mode)
+  // Row parameters stored transposed, (num_params, B), or nullptr: parameter k of row i at
+  // params_t[k·B + i], so that the loops over columns (the self mode's other rows) load them contiguously.
+  const acc_t* params_t = nullptr;
   int64_t num_params = 0;
   bool col_stats = false;  // non-self mode: also accumulate per-column statistics
   int64_t block_rows = 0;  // <= 0: the defaults
@@ -91,8 +92,8 @@ struct Problem {
 
   int64_t rows() const { return x.size(0); }
   int64_t cols() const { return y.size(0); }
-  ParamView<acc_t> row_params(int64_t i) const { return {params, 1, params ? i * num_params : 0}; }
-  // columns j, j + 1, ...: element j' - j of the view's base (self mode; else empty)
+  ParamView<acc_t> row_params(int64_t i) const { return {params_t, rows(), i}; }
+  // the columns' (rows of x in the self mode; none otherwise); moved(j') reads column j + j'
   ParamView<acc_t> col_params(int64_t j) const { return {self ? params_t : nullptr, rows(), j}; }
 };
 
@@ -582,13 +583,20 @@ bool use_sparse_positives(const Problem<acc_t>& pr, const KeyGroups& cols) {
   return count_positive_pairs(pr, cols) * 16 <= pr.rows() * pr.cols();
 }
 
-// s_ij as the tiles have it: x_i · y_j, scaled by both inverse norms when normalize=True.
+// normalize=True: the factor 1/(den_i den_j) between the raw product x_i · y_j and s_ij, and between
+// dL/ds_ij and the raw rows' coefficient (scale_tile_row's, for one entry); 1 otherwise.
+template <typename acc_t>
+acc_t entry_scale(const Problem<acc_t>& pr, int64_t i, int64_t j) {
+  return pr.row_inv_norm ? pr.row_inv_norm[i] * pr.col_inv_norm[j] : acc_t(1);
+}
+
+// s_ij as the tiles have it.
 template <typename acc_t>
 acc_t pair_similarity(const Problem<acc_t>& pr, int64_t i, int64_t j) {
   const int64_t D = pr.x.size(1);
   const acc_t dot =
       dot_product(pr.x.template const_data_ptr<acc_t>() + i * D, pr.y.template const_data_ptr<acc_t>() + j * D, D);
-  return pr.row_inv_norm ? dot * pr.row_inv_norm[i] * pr.col_inv_norm[j] : dot;
+  return dot * entry_scale(pr, i, j);
 }
 
 // forward() for a positives-only policy: each row's lin/aux sums over its positives, its counts.
@@ -635,9 +643,6 @@ void sparse_positives_backward(const Policy& p, const Problem<acc_t>& pr, const 
   const acc_t* X = pr.x.template const_data_ptr<acc_t>();
   const acc_t* Y = pr.y.template const_data_ptr<acc_t>();
   const acc_t* glin = row_g.field(kGGradLinPos);
-  const auto scaled = [&](acc_t d, int64_t i, int64_t j) {
-    return pr.row_inv_norm ? d * pr.row_inv_norm[i] * pr.col_inv_norm[j] : d;
-  };
   acc_t* GX = grad_x.mutable_data_ptr<acc_t>();
   at::parallel_for(0, pr.rows(), 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -650,7 +655,7 @@ void sparse_positives_backward(const Policy& p, const Problem<acc_t>& pr, const 
         const acc_t s = pair_similarity(pr, i, j);
         acc_t d = positive_entry_grad(p, s, own, other, glin[i]);
         if (pr.self) d += positive_entry_grad(p, s, other, own, glin[j]);  // s_ji = s_ij, seen from row j
-        subtract_scaled_row(Y + j * D, -scaled(d, i, j), D, GX + i * D);
+        subtract_scaled_row(Y + j * D, -d * entry_scale(pr, i, j), D, GX + i * D);
       }
     }
   });
@@ -664,7 +669,7 @@ void sparse_positives_backward(const Policy& p, const Problem<acc_t>& pr, const 
         const int64_t i = rows.order[t];
         const acc_t s = pair_similarity(pr, i, j);
         const acc_t d = positive_entry_grad(p, s, pr.row_params(i), ParamView<acc_t>{}, glin[i]);
-        subtract_scaled_row(X + i * D, -scaled(d, i, j), D, GY + j * D);
+        subtract_scaled_row(X + i * D, -d * entry_scale(pr, i, j), D, GY + j * D);
       }
     }
   });

@@ -23,7 +23,7 @@ namespace {
 using namespace ::metricops::lse;
 
 struct Prepared {
-  at::Tensor x, rk, ck, params, params_t;  // params_t: params transposed, (P, B) contiguous
+  at::Tensor x, rk, ck, params_t;  // params_t: row_params transposed, (P, B) contiguous
   c10::optional<at::Tensor> y;
   // normalize=True only: (1/max(||row||, eps), projection factor) per row (common/normalize.h)
   std::pair<at::Tensor, at::Tensor> x_norms, y_norms;
@@ -31,7 +31,7 @@ struct Prepared {
 
 template <typename acc_t>
 lse_engine::Problem<acc_t> make_problem(const Prepared& in, bool col_stats, int64_t block_rows, int64_t block_cols) {
-  const at::Tensor &x = in.x, &rk = in.rk, &ck = in.ck, &params = in.params;
+  const at::Tensor &x = in.x, &rk = in.rk, &ck = in.ck, &params_t = in.params_t;
   const c10::optional<at::Tensor>& y = in.y;
   lse_engine::Problem<acc_t> pr;
   pr.x = x;
@@ -39,9 +39,8 @@ lse_engine::Problem<acc_t> make_problem(const Prepared& in, bool col_stats, int6
   pr.y = pr.self ? x : *y;
   pr.row_keys = rk.const_data_ptr<int64_t>();
   pr.col_keys = ck.const_data_ptr<int64_t>();
-  pr.params = params.defined() ? params.const_data_ptr<acc_t>() : nullptr;
-  pr.params_t = params.defined() ? in.params_t.const_data_ptr<acc_t>() : nullptr;
-  pr.num_params = params.defined() ? params.size(1) : 0;
+  pr.params_t = params_t.defined() ? params_t.const_data_ptr<acc_t>() : nullptr;
+  pr.num_params = params_t.defined() ? params_t.size(0) : 0;
   TORCH_INTERNAL_ASSERT(pr.num_params <= lse_engine::kMaxParams);
   pr.col_stats = col_stats;
   pr.block_rows = block_rows;
@@ -61,10 +60,7 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   if (y.has_value()) p.y = y->contiguous();
   p.rk = row_keys.to(at::kLong).contiguous();
   p.ck = col_keys.has_value() ? col_keys->to(at::kLong).contiguous() : p.rk;
-  if (row_params.has_value()) {
-    p.params = row_params->contiguous();
-    p.params_t = row_params->t().contiguous();
-  }
+  if (row_params.has_value()) p.params_t = row_params->t().contiguous();
   if (normalize) {
     p.x_norms = folded_norm_factors(p.x, p.x.scalar_type());
     if (p.y.has_value()) p.y_norms = folded_norm_factors(*p.y, p.y->scalar_type());

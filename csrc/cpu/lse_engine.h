@@ -66,6 +66,8 @@ constexpr int64_t kDefaultBlockRows = 128;
 constexpr int64_t kDefaultTileEntries = int64_t{1} << 20;
 // Columns per task of the column-direction epilogue.
 constexpr int64_t kColChunk = 64;
+// Rows ahead the column direction prefetches.
+constexpr int64_t kColPrefetchRows = 4;
 
 // The most row parameters a policy takes (lifted_pairs and multi_similarity_mined: 2).
 constexpr int64_t kMaxParams = 2;
@@ -369,6 +371,12 @@ METRICOPS_SIMD_CLONES void cols_forward(const Policy& p, const Problem<acc_t>& p
   const ParamView<acc_t> own0 = pr.col_params(c0 + j0);
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t* s = S + r * ld + j0;
+    // The rows are ld apart (a page or more): no hardware prefetcher follows them, and each row's few
+    // lines would be a cache miss; ask for those of a row a few ahead.
+    if (r + kColPrefetchRows < rows) {
+      const char* ahead = reinterpret_cast<const char*>(s + kColPrefetchRows * ld);
+      for (int64_t b = 0; b < w * static_cast<int64_t>(sizeof(acc_t)); b += 64) __builtin_prefetch(ahead + b);
+    }
     const int64_t rk = pr.row_keys[r0 + r];
     const ParamView<acc_t> other = pr.self ? pr.row_params(r0 + r) : ParamView<acc_t>{};
     acc_t* qp = php + r * C;

@@ -18,6 +18,7 @@ from metricops.pml import distances, losses, miners
 X = torch.randn(4, 3)
 L = torch.tensor([0, 0, 1, 1])
 Y = torch.tensor([1, 0, 1, 0])
+W = torch.randn(3, 3)  # class weights / proxies for L's classes
 NAN, INF = float("nan"), float("inf")
 bh = metricops.batch_hard_triplet_loss
 sh = metricops.semihard_triplet_loss
@@ -388,6 +389,30 @@ REALS = [
     ("pml_tml_margin", lambda m: losses.TripletMarginLoss(margin=m)(X, L), 0.25),
     ("pml_cl_margin", lambda m: losses.ContrastiveLoss(neg_margin=m)(X, L), 0.25),
     ("pml_miner_margin", lambda m: miners.TripletMarginMiner(margin=m)(X, L)[0], 0.25),
+    # the similarity losses (metricops/similarity.py) and their modules / drop-ins
+    ("supcon_temperature", lambda t: metricops.supcon_loss(X, L, temperature=t), 0.25),
+    ("ntxent_temperature", lambda t: metricops.ntxent_loss(X, L, temperature=t), 0.25),
+    ("ms_alpha", lambda a: metricops.multi_similarity_loss(X, L, alpha=a), 2.0),
+    ("ms_beta", lambda b: metricops.multi_similarity_loss(X, L, beta=b), 50.0),
+    ("ms_base", lambda b: metricops.multi_similarity_loss(X, L, base=b), 0.5),
+    ("ms_mining_epsilon", lambda e: metricops.multi_similarity_loss(X, L, mining_epsilon=e), 0.125),
+    ("circle_m", lambda m: metricops.circle_loss(X, L, m=m), 0.375),
+    ("circle_gamma", lambda g: metricops.circle_loss(X, L, gamma=g), 80.0),
+    ("gls_pos_margin", lambda m: metricops.generalized_lifted_structure_loss(X, L, pos_margin=m), 0.25),
+    ("gls_neg_margin", lambda m: metricops.generalized_lifted_structure_loss(X, L, neg_margin=m), 1.0),
+    ("ls_neg_margin", lambda m: metricops.lifted_structure_loss(X, L, neg_margin=m), 1.0),
+    ("info_nce_temperature", lambda t: metricops.info_nce_loss(X, X.flip(0), temperature=t), 0.25),
+    ("nn_info_nce_temperature", lambda t: mnn.InfoNCELoss(temperature=t)(X, X.flip(0)), 0.25),
+    ("pml_supcon_temperature", lambda t: losses.SupConLoss(temperature=t)(X, L), 0.25),
+    ("pml_ms_alpha", lambda a: losses.MultiSimilarityLoss(alpha=a)(X, L), 2.0),
+    ("pml_circle_gamma", lambda g: losses.CircleLoss(gamma=g)(X, L), 80.0),
+    ("pml_ms_miner_epsilon", lambda e: miners.MultiSimilarityMiner(epsilon=e)(X, L)[0], 0.125),
+    # the class-parameter losses (metricops/class_losses.py)
+    ("arcface_margin", lambda m: metricops.arcface_loss(X, L, W, margin=m), 0.5),
+    ("arcface_scale", lambda s: metricops.arcface_loss(X, L, W, scale=s), 64.0),
+    ("cosface_margin", lambda m: metricops.cosface_loss(X, L, W, margin=m), 0.375),
+    ("proxy_anchor_margin", lambda m: metricops.proxy_anchor_loss(X, L, W, margin=m), 0.125),
+    ("proxy_anchor_alpha", lambda a: metricops.proxy_anchor_loss(X, L, W, alpha=a), 32.0),
 ]
 INTEGERS = [
     ("knn_k", lambda k: metricops.knn(X, k=k)[1], 2),

@@ -23,6 +23,14 @@ def _x():
 
 
 LABELS = torch.arange(96) % 7
+LABELS288 = torch.arange(288) % 37
+WEIGHT = torch.randn(7, 24, generator=torch.Generator().manual_seed(5))
+
+
+def _rows288(x):
+    """288 rows made from the 96 of x (so its gradient flows back), none equal."""
+    return torch.cat([x, 0.5 * x.flip(0), x.roll(3, 1)])
+
 
 CASES = {
     "pairwise_distance": lambda x: metricops.pairwise_distance(x),
@@ -42,6 +50,19 @@ CASES = {
     "mine_triplets": lambda x: torch.stack(metricops.mine_triplets(x, LABELS, strategy="semihard")),
     "knn": lambda x: metricops.knn(x, k=9, _chunk_size=17),
     "knn_db": lambda x: metricops.knn(x[:10], x, k=5, metric="cosine"),
+    # the log-sum-exp engine on 288 rows: three strips of its 128-row CPU tiles, with row and column passes
+    "supcon": lambda x: metricops.supcon_loss(_rows288(x), LABELS288),
+    "supcon_streaming": lambda x: metricops.supcon_loss(_rows288(x), LABELS288, memory="streaming"),
+    "ntxent": lambda x: metricops.ntxent_loss(_rows288(x), LABELS288),
+    "multi_similarity_mined": lambda x: metricops.multi_similarity_loss(_rows288(x), LABELS288, mining_epsilon=0.1),
+    "circle_none": lambda x: metricops.circle_loss(_rows288(x), LABELS288, reduction="none"),
+    "generalized_lifted": lambda x: metricops.generalized_lifted_structure_loss(_rows288(x), LABELS288),
+    "lifted_structure": lambda x: metricops.lifted_structure_loss(_rows288(x), LABELS288),
+    "info_nce_symmetric": lambda x: metricops.info_nce_loss(_rows288(x), _rows288(x).roll(5, 1), symmetric=True),
+    # class-parameter losses (the gradient checked is the embeddings')
+    "arcface": lambda x: metricops.arcface_loss(x, LABELS, WEIGHT),
+    "cosface_none": lambda x: metricops.cosface_loss(x, LABELS, WEIGHT, reduction="none"),
+    "proxy_anchor": lambda x: metricops.proxy_anchor_loss(x, LABELS, WEIGHT),
 }
 
 

@@ -17,7 +17,7 @@ import torch
 from . import _memory
 from . import _validation as v
 from ._ops import ops
-from ._reduction import accumulation_dtype, mean_of_sum
+from ._reduction import accumulation_dtype, loss_dtype, mean_of_sum
 from ._registrations.similarity import (
     AUX_POS,  # noqa: F401  (re-exported for metricops.pml)
     COUNT_NEG,
@@ -131,7 +131,8 @@ def _safe(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def _out_dtype(stats_terms: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    return stats_terms.to(embeddings.dtype) if embeddings.dtype != torch.float64 else stats_terms
+    """Per-anchor terms in the loss's dtype: the embeddings', or float32 under autocast (loss_dtype)."""
+    return stats_terms.to(loss_dtype(embeddings))
 
 
 # ---------------------------------------------------------------------------------------------------- SupCon

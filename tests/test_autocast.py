@@ -34,7 +34,23 @@ CASES = {
     ),
     "triplet_margin": lambda m, x, y: m.triplet_margin_loss(*_split3(x), margin=1.0),
     "pairwise_distance": lambda m, x, y: m.pairwise_distance(x[:10], x[10:]).sum(),
+    # the similarity losses (log-sum-exp engine) and the class-parameter losses
+    "supcon": lambda m, x, y: m.supcon_loss(x, y, temperature=0.5),
+    "ntxent": lambda m, x, y: m.ntxent_loss(x, y, temperature=0.5),
+    "multi_similarity_mined": lambda m, x, y: m.multi_similarity_loss(x, y, mining_epsilon=0.5),
+    "circle": lambda m, x, y: m.circle_loss(x, y, gamma=16.0),
+    "generalized_lifted": lambda m, x, y: m.generalized_lifted_structure_loss(x, y),
+    "lifted_structure": lambda m, x, y: m.lifted_structure_loss(x, y),
+    "info_nce_symmetric": lambda m, x, y: m.info_nce_loss(x[:12], x[12:24], symmetric=True, temperature=0.5),
+    "arcface": lambda m, x, y: m.arcface_loss(x, y, _class_weight(x), scale=8.0),
+    "proxy_anchor": lambda m, x, y: m.proxy_anchor_loss(x, y, _class_weight(x), alpha=8.0),
 }
+
+
+def _class_weight(x):
+    """Fixed (4, D) class weights / proxies for the 4 labels of _data, in float32 (float64 for the reference)."""
+    w = torch.randn(4, x.shape[1], generator=torch.Generator().manual_seed(9))
+    return w.to(x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _autocast_dtypes(device):

@@ -43,7 +43,10 @@ def _check_class_inputs(embeddings, labels, weight, weight_name):
     num_classes = weight.shape[0]
     if num_classes < 1:
         raise ValueError(f"{weight_name} must hold at least one class (C >= 1), got shape {tuple(weight.shape)}")
-    if not torch.compiler.is_compiling() and labels.device.type != "meta" and labels.numel() > 0:
+    # Reading the labels syncs with the device: not while compiling or capturing a CUDA graph, where the
+    # kernels' own handling stands (CPU: the same check; CUDA: labels are never used as an index).
+    capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing and labels.device.type != "meta" and labels.numel() > 0:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi

@@ -17,7 +17,22 @@ LOSSES = {
     "batch_all": lambda e, labels: metricops.batch_all_triplet_loss(e, labels, normalize=True),
     "contrastive": lambda e, labels: metricops.contrastive_loss(e, labels, neg_margin=2.0, squared=True),
     "triplet_margin": lambda e, labels: metricops.triplet_margin_loss(e, e.roll(1, 0), e.roll(2, 0), margin=0.5),
+    # the log-sum-exp engine's losses
+    "supcon": lambda e, labels: metricops.supcon_loss(e, labels, temperature=0.5),
+    "ntxent_streaming": lambda e, labels: metricops.ntxent_loss(e, labels, memory="streaming"),
+    "multi_similarity_mined": lambda e, labels: metricops.multi_similarity_loss(e, labels, mining_epsilon=0.5),
+    "circle": lambda e, labels: metricops.circle_loss(e, labels, gamma=16.0),
+    "lifted_structure": lambda e, labels: metricops.lifted_structure_loss(e, labels),
+    "info_nce_symmetric": lambda e, labels: metricops.info_nce_loss(e, e.roll(1, 1), symmetric=True),
+    # class-parameter losses, with fixed class weights for the 4 labels
+    "arcface": lambda e, labels: metricops.arcface_loss(e, labels, _class_weight(e), scale=8.0),
+    "proxy_anchor": lambda e, labels: metricops.proxy_anchor_loss(e, labels, _class_weight(e), alpha=8.0),
 }
+
+
+def _class_weight(e):
+    """(4, D) class weights made without a generator (traceable): rows of the identity, plus a constant."""
+    return torch.eye(4, e.shape[1], device=e.device, dtype=e.dtype) + 0.1
 
 
 def _train(model, loss_fn, data, labels, steps=3):

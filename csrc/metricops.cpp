@@ -187,7 +187,9 @@ TORCH_LIBRARY(metricops, m) {
   // max negative s): only the pairs PML's MultiSimilarityMiner keeps count; "similarity_range": only
   // the counts and those two thresholds (no exp; the miner's first pass); "circle" args (m, gamma);
   // "lifted" args (pos_margin, neg_margin) on d = sqrt(2 - 2s): φ_pos = d - pos_margin,
-  // φ_neg = neg_margin - d; "ntxent_pairs" row_params (B, 1) = m_i: each positive gives
+  // φ_neg = neg_margin - d (normalize=False: for unit rows; normalize=True: d = ||x̂_i - x̂_j|| for every row, s_ij
+  // + o_i + o_j with o = (1 - ||x̂||²)/2, nonzero only for rows of norm < eps, which F.normalize leaves shorter
+  // than 1; their o is held constant in the backward); "ntxent_pairs" row_params (B, 1) = m_i: each positive gives
   // lin = softplus(m_i - scale·s), aux = sigmoid(m_i - scale·s)). scale: a 0-dim tensor.
   // row_stats (B, 12), in float64 for float64 inputs and float32 otherwise, columns: LSE_pos, LSE_neg
   // (-inf when empty), lin_pos, lin_neg, count_pos, count_neg, min positive s, max negative s (these

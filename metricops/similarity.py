@@ -339,7 +339,9 @@ def generalized_lifted_structure_loss(
 ) -> torch.Tensor:
     """Generalized lifted structure loss (Hermans et al. 2017, p. 4; PML ``GeneralizedLiftedStructureLoss``).
 
-    On d, the euclidean distance of the L2-normalized embeddings: each anchor gives
+    On d, the euclidean distance of the L2-normalized embeddings (F.normalize's: a zero row stays 0, at distance 1
+    from the others; a row of norm below 1e-12 gets the exact value, and a gradient that leaves out the term
+    through its own norm), each anchor gives
     ``relu(LSE_{p∈P_i}(d_ip − pos_margin) + LSE_{n∈N_i}(neg_margin − d_in))``, an empty set's LSE counting as 0;
     ``"mean"`` averages over all B anchors. Duplicated rows are at distance exactly 0 (gradient 0, never inf).
     """
@@ -384,7 +386,8 @@ def lifted_structure_loss(
 ) -> torch.Tensor:
     """Lifted structure loss as PML's ``LiftedStructureLoss`` computes it (Oh Song et al. 2016).
 
-    On d, the euclidean distance of the L2-normalized embeddings, each ordered positive pair (a, p) gives
+    On d, the euclidean distance of the L2-normalized embeddings (zero and tiny rows: as in
+    ``generalized_lifted_structure_loss``), each ordered positive pair (a, p) gives
     ``relu(LSE({neg_margin − d_an : n ∈ N_a} ⊎ {neg_margin − d_pn : n ∈ N_p}) + d_ap − pos_margin)² / 2`` (an
     empty set's LSE counts as 0); a batch without any positive or any negative pair gives 0. ``"mean"``
     averages over the positive pairs, ``"mean_nonzero"`` over those whose term is > 0, ``"none"`` returns

@@ -367,3 +367,16 @@ def test_pair_losses_on_the_sparse_positive_path_match_pml(name, with_ref, nativ
         call = {"ref_emb": torch.randn(40, 8, generator=g, dtype=torch.float64), "ref_labels": torch.arange(40) // 2}
     ours, theirs = getattr(losses, name)(), getattr(pml_losses, name)()
     _run(ours, theirs, emb, labels, **call)
+
+
+@pytest.mark.parametrize("name", ["GeneralizedLiftedStructureLoss", "LiftedStructureLoss"])
+def test_lifted_losses_with_zero_rows_match_pml(name):
+    """F.normalize leaves a zero row at 0, at distance 1 from every unit row (and 0 from another zero row), not
+    sqrt(2 - 2s) = sqrt(2): the engine's distance policies add each row's offset (1 - ||x̂||²)/2 to s. Values and
+    gradients against PML itself (which takes torch.cdist of the normalized rows), two zero rows in one class."""
+    emb, labels = _batch(14, 6, 4, seed=11)
+    emb[2] = 0
+    emb[labels.tolist().index(int(labels[2]), 3)] = 0  # another zero row, in row 2's class
+    emb[9] = 0
+    ours, theirs = getattr(losses, name)(), getattr(pml_losses, name)()
+    _run(ours, theirs, emb, labels)

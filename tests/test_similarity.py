@@ -477,8 +477,11 @@ def test_normalize_folded_into_tiles_equals_f_normalize_first(policy, args, with
         pytest.skip("the lifted policy's callers pair rows with rows")
     g = torch.Generator().manual_seed(11)
     x = torch.randn(10, 4, generator=g, dtype=torch.float64) * torch.logspace(-3, 2, 10, dtype=torch.float64)[:, None]
-    x[3] = 0.0
-    x[7] = torch.tensor([3e-13, -1e-13, 2e-13, 0.0], dtype=torch.float64)  # norm < 1e-12
+    if policy != "lifted":
+        # (The lifted policy reads d² = 2 - 2s: for unit rows with normalize=False; with normalize=True it adds the
+        # offsets of rows F.normalize leaves shorter, test_lifted_losses_with_zero_and_tiny_rows.)
+        x[3] = 0.0
+        x[7] = torch.tensor([3e-13, -1e-13, 2e-13, 0.0], dtype=torch.float64)  # norm < 1e-12
     y = torch.randn(7, 4, generator=g, dtype=torch.float64) * 5 if with_y else None
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 4, 4])
     col_keys = torch.tensor([0, 1, 2, 3, 4, 5, 0]) if with_y else None
@@ -671,3 +674,31 @@ def test_losses_save_tiles_only_when_a_backward_will_read_them(monkeypatch):
     assert saved("streaming") == [False]
     assert saved("auto", requires_grad=False) == [False]
     assert saved("auto", grad_mode=False) == [False]
+
+
+@pytest.mark.parametrize("name", ["generalized_lifted_structure_loss", "lifted_structure_loss"])
+def test_lifted_losses_with_zero_and_tiny_rows(name):
+    """The lifted losses read d = ||x̂_i - x̂_j|| with x̂ = F.normalize(x): a zero row stays 0 (distance 1 from a unit
+    row), a row of norm n < eps (1e-12) becomes x/eps (norm n/eps). Values match the reference with both; the
+    gradients too with zero rows; with a tiny row every other row's gradient matches, while the tiny row's own
+    leaves out the term through its norm (documented: its gradient is of order 1/eps anyway)."""
+    g = torch.Generator().manual_seed(4)
+    ours, theirs = getattr(metricops, name), getattr(ref, name)
+    # 20 rows in 6 classes: the tiles; 64 rows in pairs: lifted structure's pair pass on the positives alone
+    for b_rows, labels in ((20, torch.arange(20) % 6), (64, torch.arange(64) // 2)):
+        x = torch.randn(b_rows, 5, generator=g, dtype=torch.float64)
+        x[2] = 0
+        x[8] = x[14] = 0  # 8 and 14 share a class either way: two zero rows at distance 0
+        for memory in ("matrix", "streaming"):
+            a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+            got, want = ours(a, labels, memory=memory), theirs(b, labels)
+            assert_close(got, want, atol=1e-12, rtol=1e-10)
+            assert_close(torch.autograd.grad(got, a)[0], torch.autograd.grad(want, b)[0], atol=1e-6, rtol=1e-10)
+    x, labels = x[:20], torch.arange(20) % 6
+    x[5] = 3e-14 * x[5]  # a tiny row
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = ours(a, labels), theirs(b, labels)
+    assert_close(got, want, atol=1e-12, rtol=1e-10)
+    ga, gb = torch.autograd.grad(got, a)[0], torch.autograd.grad(want, b)[0]
+    others = torch.arange(20) != 5
+    assert_close(ga[others], gb[others], atol=1e-6, rtol=1e-10)

@@ -52,6 +52,12 @@ inline PolicySpec parse_policy(c10::string_view name) {
                     std::string(name), "'");
 }
 
+// The policies on d = sqrt(2 - 2s) (self mode): with normalize=True they need the rows' distance offsets
+// (common/normalize.h normalized_distance_offsets) where a row's norm is below eps.
+inline bool uses_distance(const PolicySpec& spec) {
+  return spec.kind == PolicyKind::Lifted || spec.kind == PolicyKind::LiftedPairs;
+}
+
 // Checks the engine ops' arguments; returns the policy.
 inline PolicySpec check_lse_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
                                    const c10::optional<at::Tensor>& col_keys,

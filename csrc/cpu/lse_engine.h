@@ -91,6 +91,11 @@ struct Problem {
   // normalized copy of x or y is made; nullptr: S = x yᵀ.
   const acc_t* row_inv_norm = nullptr;  // (B,)
   const acc_t* col_inv_norm = nullptr;  // (M,); row_inv_norm in the self mode
+  // The lifted policies (self mode, normalize=True) read d² = 2 - 2s, which holds for unit rows only;
+  // F.normalize leaves a row of norm n < eps at norm n/eps (a zero row at 0). With q_i = ||x̂_i||²,
+  // d² = q_i + q_j - 2 s_ij = 2 - 2(s_ij + o_i + o_j) for o = (1 - q)/2: each entry of the tiles the
+  // policy reads is s + o_i + o_j (o = 0 for every row of norm >= eps). nullptr: no offsets.
+  const acc_t* row_offset = nullptr;  // (B,)
 
   int64_t rows() const { return x.size(0); }
   int64_t cols() const { return y.size(0); }
@@ -135,6 +140,19 @@ METRICOPS_SIMD_CLONES void scale_tile_row(const Problem<acc_t>& pr, acc_t* __res
   const acc_t ri = pr.row_inv_norm[i];
   const acc_t* __restrict__ rc = pr.col_inv_norm + c0;
   for (int64_t j = 0; j < n; ++j) s[j] *= ri * rc[j];
+}
+
+// Row i of a raw GEMM tile -> the entries the policy reads: scale_tile_row, then the rows' offsets
+// (Problem::row_offset) where the problem has them. (The gradient dL/ds is scaled only: the offsets do not
+// depend on the rows, except through q for a row of norm below eps, whose share of the gradient is left out.)
+template <typename acc_t>
+METRICOPS_SIMD_CLONES void similarity_tile_row(const Problem<acc_t>& pr, acc_t* __restrict__ s, int64_t n, int64_t i,
+                                               int64_t c0) {
+  scale_tile_row(pr, s, n, i, c0);
+  if (!pr.row_offset) return;
+  const acc_t oi = pr.row_offset[i];
+  const acc_t* __restrict__ oc = pr.row_offset + c0;  // self mode: the columns are rows
+  for (int64_t j = 0; j < n; ++j) s[j] += oi + oc[j];
 }
 
 // ------------------------------------------------------------ forward epilogues
@@ -598,13 +616,13 @@ acc_t entry_scale(const Problem<acc_t>& pr, int64_t i, int64_t j) {
   return pr.row_inv_norm ? pr.row_inv_norm[i] * pr.col_inv_norm[j] : acc_t(1);
 }
 
-// s_ij as the tiles have it.
+// s_ij as the tiles have it (similarity_tile_row).
 template <typename acc_t>
 acc_t pair_similarity(const Problem<acc_t>& pr, int64_t i, int64_t j) {
   const int64_t D = pr.x.size(1);
   const acc_t dot =
       dot_product(pr.x.template const_data_ptr<acc_t>() + i * D, pr.y.template const_data_ptr<acc_t>() + j * D, D);
-  return dot * entry_scale(pr, i, j);
+  return dot * entry_scale(pr, i, j) + (pr.row_offset ? pr.row_offset[i] + pr.row_offset[j] : acc_t(0));
 }
 
 // forward() for a positives-only policy: each row's lin/aux sums over its positives, its counts.
@@ -717,7 +735,7 @@ void forward(const Policy& p, const Problem<acc_t>& pr, acc_t* row_acc, acc_t* c
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = r0 + r;
           const int64_t skip = pr.self && i >= c0 && i < c0 + cols ? i - c0 : -1;
-          scale_tile_row(pr, sp + r * cols, cols, i, c0);  // the column pass below reads the scaled tile
+          similarity_tile_row(pr, sp + r * cols, cols, i, c0);  // the column pass below reads it too
           row_forward(p, pr, sp + r * cols, cols, i, c0, skip, row_acc + i * kNumAcc, *scratch);
         }
       });
@@ -779,7 +797,7 @@ void backward(const Policy& p, const Problem<acc_t>& pr, const GradCoefficients<
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = r0 + r;
           const int64_t skip = pr.self && i >= c0 && i < c0 + cols ? i - c0 : -1;
-          if (!saved) scale_tile_row(pr, sp + r * cols, cols, i, c0);  // s from the raw product
+          if (!saved) similarity_tile_row(pr, sp + r * cols, cols, i, c0);  // s from the raw product
           row_backward(p, pr, similarities + r * cols, sp + r * cols, cols, i, c0, skip, row_g, cg, col_from);
           scale_tile_row(pr, sp + r * cols, cols, i, c0);  // dL/ds -> coefficients of the raw rows
         }

@@ -27,6 +27,7 @@ struct Prepared {
   c10::optional<at::Tensor> y;
   // normalize=True only: (1/max(||row||, eps), projection factor) per row (common/normalize.h)
   std::pair<at::Tensor, at::Tensor> x_norms, y_norms;
+  at::Tensor offsets;  // a distance policy with normalize=True (self mode): Problem::row_offset
 };
 
 template <typename acc_t>
@@ -49,12 +50,13 @@ lse_engine::Problem<acc_t> make_problem(const Prepared& in, bool col_stats, int6
     pr.row_inv_norm = in.x_norms.first.const_data_ptr<acc_t>();
     pr.col_inv_norm = pr.self ? pr.row_inv_norm : in.y_norms.first.const_data_ptr<acc_t>();
   }
+  if (in.offsets.defined()) pr.row_offset = in.offsets.const_data_ptr<acc_t>();
   return pr;
 }
 
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
-                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params,
-                 bool normalize) {
+                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, bool normalize,
+                 const PolicySpec& spec) {
   Prepared p;
   p.x = x.contiguous();
   if (y.has_value()) p.y = y->contiguous();
@@ -64,6 +66,7 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   if (normalize) {
     p.x_norms = folded_norm_factors(p.x, p.x.scalar_type());
     if (p.y.has_value()) p.y_norms = folded_norm_factors(*p.y, p.y->scalar_type());
+    if (uses_distance(spec)) p.offsets = normalized_distance_offsets(p.x, p.x.scalar_type());
   }
   return p;
 }
@@ -77,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cpu(
   TORCH_CHECK_VALUE(
       !save_tiles || block_rows > 0,
       "save_tiles=True needs block_rows > 0 (the saved tiles' size depends on it), got block_rows=", block_rows);
-  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize, spec);
   const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
   at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
   at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
@@ -107,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
     const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols, const c10::optional<at::Tensor>& tiles_in) {
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
-  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize, spec);
   const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
   // The forward's saved tiles, if any: their size is fixed by the tiles (block_rows), so a mismatch means
   // they came from another call.

@@ -43,8 +43,16 @@ struct DeviceProblem {
   // in the self mode), by which each raw entry of x yᵀ is scaled; else nullptr.
   const acc_t* row_inv_norm;
   const acc_t* col_inv_norm;
+  // a distance policy with normalize=True (self mode), else nullptr: (1 - ||x̂||²)/2 per row, added to
+  // each s_ij for both rows (see cpu/lse_engine.h Problem::row_offset)
+  const acc_t* row_offset;
   C10_DEVICE acc_t entry_scale(int64_t i, int64_t col) const {
     return row_inv_norm ? row_inv_norm[i] * col_inv_norm[col] : acc_t(1);
+  }
+  // s_ij from the raw product x_i · y_col
+  C10_DEVICE acc_t similarity(acc_t raw, int64_t i, int64_t col) const {
+    const acc_t s = raw * entry_scale(i, col);
+    return row_offset ? s + (row_offset[i] + row_offset[col]) : s;
   }
   C10_DEVICE ParamView<acc_t> row_params(int64_t i) const { return {params, 1, i * num_params}; }
   C10_DEVICE ParamView<acc_t> col_params(int64_t j) const { return {self ? params : nullptr, 1, j * num_params}; }
@@ -95,7 +103,7 @@ __global__ void rows_forward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc
     for (int64_t j = lane; j < cols; j += 32) {
       const int64_t col = c0 + j;
       if (pr.self && col == i) continue;
-      const acc_t s = S[r * cols + j] * pr.entry_scale(i, col);
+      const acc_t s = pr.similarity(S[r * cols + j], i, col);
       const bool pos = pr.col_keys[col] == rk;
       const ParamView<acc_t> other = pr.col_params(col);
       if (!p.keep(s, pos, own, other)) continue;
@@ -124,7 +132,7 @@ __global__ void cols_forward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc
     acc_t a[kNumAcc];
     acc_init(a);
     for (int64_t r = 0; r < rows; ++r) {
-      const acc_t s = S[r * cols + j] * pr.entry_scale(r0 + r, col);
+      const acc_t s = pr.similarity(S[r * cols + j], r0 + r, col);
       const bool pos = pr.row_keys[r0 + r] == ck;
       const ParamView<acc_t> other = pr.self ? pr.row_params(r0 + r) : ParamView<acc_t>{};
       if (!p.keep(s, pos, own, other)) continue;
@@ -158,8 +166,8 @@ __global__ void backward_kernel(Policy p, DeviceProblem<acc_t> pr, acc_t* __rest
   METRICOPS_CUDA_KERNEL_LOOP(e, rows * cols) {
     const int64_t r = e / cols, j = e % cols;
     const int64_t i = r0 + r, col = c0 + j;
-    const acc_t scale = pr.entry_scale(i, col);  // normalize: s from the raw product, dL/ds to raw rows
-    const acc_t s = S[e] * scale;
+    const acc_t scale = pr.entry_scale(i, col);  // normalize: dL/ds to the raw rows
+    const acc_t s = pr.similarity(S[e], i, col);
     const bool pos = pr.row_keys[i] == pr.col_keys[col];
     const ParamView<acc_t> own = pr.row_params(i);
     const ParamView<acc_t> other = pr.col_params(col);

@@ -30,11 +30,12 @@ struct Prepared {
   bool self;
   // normalize=True only: (1/max(||row||, eps), projection factor) per row (common/normalize.h)
   std::pair<at::Tensor, at::Tensor> x_norms, y_norms;
+  at::Tensor offsets;  // a distance policy with normalize=True (self mode): DeviceProblem::row_offset
 };
 
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
-                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params,
-                 bool normalize) {
+                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, bool normalize,
+                 const PolicySpec& spec) {
   Prepared p;
   const at::ScalarType acc = acc_type(x);
   p.x = x.to(acc).contiguous();
@@ -46,6 +47,7 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   if (normalize) {
     p.x_norms = folded_norm_factors(p.x, acc);
     p.y_norms = p.self ? p.x_norms : folded_norm_factors(p.y, acc);
+    if (uses_distance(spec)) p.offsets = normalized_distance_offsets(p.x, acc);
   }
   return p;
 }
@@ -59,7 +61,8 @@ lse_engine::DeviceProblem<acc_t> device_problem(const Prepared& in) {
           in.params.defined() ? in.params.size(1) : 0,
           in.self,
           normalize ? in.x_norms.first.const_data_ptr<acc_t>() : nullptr,
-          normalize ? in.y_norms.first.const_data_ptr<acc_t>() : nullptr};
+          normalize ? in.y_norms.first.const_data_ptr<acc_t>() : nullptr,
+          in.offsets.defined() ? in.offsets.const_data_ptr<acc_t>() : nullptr};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
@@ -72,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
   TORCH_CHECK(!save_tiles,
               "lse_stats: save_tiles=True is not implemented on CUDA (its backward recomputes the tiles); "
               "pass save_tiles=False");
-  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize, spec);
   const int64_t B = in.x.size(0), M = in.y.size(0);
   at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
   at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
@@ -117,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
               "lse_stats_backward: saved tiles are not implemented on CUDA (it recomputes them); pass tiles=None");
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
-  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize, spec);
   const int64_t B = in.x.size(0), M = in.y.size(0);
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumStats,
                     "row_stats must have shape (", B, ", ", int(kNumStats), "), got ", row_stats.sizes());

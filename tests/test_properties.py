@@ -411,3 +411,51 @@ def test_similarity_losses_match_reference(name, batch, reduction, memory):
         g_ref = torch.zeros_like(ref64) if g_ref is None else g_ref
         atol = TOL[x.dtype]["atol"] * (1 + g_ref.abs().max().item())
         torch.testing.assert_close(g.double(), g_ref, atol=atol, rtol=TOL[x.dtype]["rtol"])
+
+
+# The class-parameter losses: name -> f(module, x, labels, weight, reduction) (ProxyAnchor has no reduction).
+CLASS_LOSSES = {
+    "arcface": lambda m, x, y, w, r: m.arcface_loss(x, y, w, margin=0.3, scale=6.0, reduction=r),
+    "cosface": lambda m, x, y, w, r: m.cosface_loss(x, y, w, margin=0.2, scale=6.0, reduction=r),
+    "proxy_anchor": lambda m, x, y, w, r: m.proxy_anchor_loss(x, y, w, margin=0.1, alpha=6.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLASS_LOSSES))
+@given(batch=batches(), classes=st.integers(1, 6), reduction=st.sampled_from(["mean", "sum", "none"]), data=st.data())
+def test_class_losses_match_reference(name, batch, classes, reduction, data):
+    """ArcFace, CosFace and ProxyAnchor against the float64 reference on hypothesis batches: labels folded into
+    [0, C) (classes without a row included), weights random or with a zero row; values always, gradients of both
+    inputs on random normal coordinates, away from ArcFace's infinite slopes at sin θ = 0."""
+    x, labels = batch
+    labels = labels.remainder(classes).to(torch.int64)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    w = torch.randn(classes, x.shape[1], generator=g, dtype=torch.float64)
+    zero_class = data.draw(st.booleans())
+    if zero_class:
+        w[0] = 0  # a zero class weight: F.normalize leaves it at 0
+    fn = CLASS_LOSSES[name]
+    ours = [x.clone().requires_grad_(), w.to(x.dtype).requires_grad_()]
+    ref64 = [x.double().requires_grad_(), w.to(x.dtype).double().requires_grad_()]
+    got = fn(metricops, ours[0], labels, ours[1], reduction)
+    want = fn(reference, ref64[0], labels, ref64[1], reduction)
+    torch.testing.assert_close(got.double(), want, **TOL[x.dtype])
+    smooth = not _integer_coordinates(x) and x.numel() > 0
+    if x.dtype == torch.float32:  # as for the similarity losses: F.normalize's 1/||x|| on short rows
+        smooth = smooth and bool((x.norm(dim=1) >= 0.1).all())
+    if name == "arcface" and smooth:  # cos(θ + m) has an infinite slope in cos θ at θ = 0 and θ = π (sin θ = 0)
+        cos = F.normalize(x.double(), dim=1) @ F.normalize(w, dim=1).T
+        smooth = bool((cos.abs() < 1 - KINK[x.dtype]).all())
+    if smooth and got.requires_grad:
+        weights = torch.linspace(0.5, 1.5, got.numel(), dtype=got.dtype).reshape(got.shape)
+        grads = torch.autograd.grad((got * weights).sum(), ours, allow_unused=True)
+        grads_ref = torch.autograd.grad((want * weights.double()).sum(), ref64, allow_unused=True)
+        for k, (a, b, leaf) in enumerate(zip(grads, grads_ref, ours)):
+            a = torch.zeros_like(leaf) if a is None else a
+            b = torch.zeros_like(leaf, dtype=torch.float64) if b is None else b
+            if k == 1 and zero_class:  # its Jacobian is I/eps (1e12): rounding there is not compared
+                a, b = a[1:], b[1:]
+            if b.numel() == 0:
+                continue
+            atol = TOL[x.dtype]["atol"] * (1 + b.abs().max().item())
+            torch.testing.assert_close(a.double(), b, atol=atol, rtol=TOL[x.dtype]["rtol"])

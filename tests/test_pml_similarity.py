@@ -380,3 +380,15 @@ def test_lifted_losses_with_zero_rows_match_pml(name):
     emb[9] = 0
     ours, theirs = getattr(losses, name)(), getattr(pml_losses, name)()
     _run(ours, theirs, emb, labels)
+
+
+def test_generalized_lifted_with_zero_rows_in_ref_emb_matches_pml():
+    """With ref_emb the distance offsets come from each side's own rows (more columns than rows here, zero rows
+    on both sides), against PML itself."""
+    emb, labels = _batch(6, 4, 3, seed=12)
+    emb[1] = 0
+    g = torch.Generator().manual_seed(13)
+    ref_emb, ref_labels = torch.randn(15, 4, generator=g, dtype=torch.float64), torch.arange(15) % 3
+    ref_emb[[0, 7, 13]] = 0
+    ours, theirs = losses.GeneralizedLiftedStructureLoss(), pml_losses.GeneralizedLiftedStructureLoss()
+    _run(ours, theirs, emb, labels, ref_emb=ref_emb, ref_labels=ref_labels)

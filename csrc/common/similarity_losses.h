@@ -52,7 +52,7 @@ inline PolicySpec parse_policy(c10::string_view name) {
                     std::string(name), "'");
 }
 
-// The policies on d = sqrt(2 - 2s) (self mode): with normalize=True they need the rows' distance offsets
+// The policies on d = sqrt(2 - 2s): with normalize=True they need the rows' distance offsets
 // (common/normalize.h normalized_distance_offsets) where a row's norm is below eps.
 inline bool uses_distance(const PolicySpec& spec) {
   return spec.kind == PolicyKind::Lifted || spec.kind == PolicyKind::LiftedPairs;

@@ -91,11 +91,12 @@ struct Problem {
   // normalized copy of x or y is made; nullptr: S = x yᵀ.
   const acc_t* row_inv_norm = nullptr;  // (B,)
   const acc_t* col_inv_norm = nullptr;  // (M,); row_inv_norm in the self mode
-  // The lifted policies (self mode, normalize=True) read d² = 2 - 2s, which holds for unit rows only;
-  // F.normalize leaves a row of norm n < eps at norm n/eps (a zero row at 0). With q_i = ||x̂_i||²,
-  // d² = q_i + q_j - 2 s_ij = 2 - 2(s_ij + o_i + o_j) for o = (1 - q)/2: each entry of the tiles the
-  // policy reads is s + o_i + o_j (o = 0 for every row of norm >= eps). nullptr: no offsets.
+  // The lifted policies (normalize=True) read d² = 2 - 2s, which holds for unit rows only; F.normalize
+  // leaves a row of norm n < eps at norm n/eps (a zero row at 0). With q = ||x̂||², d² = q_i + q_j - 2 s_ij
+  // = 2 - 2(s_ij + o_i + o_j) for o = (1 - q)/2: each entry of the tiles the policy reads is
+  // s + o_i + o_j (o = 0 for every row of norm >= eps). nullptr: no offsets (both or neither are set).
   const acc_t* row_offset = nullptr;  // (B,)
+  const acc_t* col_offset = nullptr;  // (M,); row_offset in the self mode
 
   int64_t rows() const { return x.size(0); }
   int64_t cols() const { return y.size(0); }
@@ -151,7 +152,7 @@ METRICOPS_SIMD_CLONES void similarity_tile_row(const Problem<acc_t>& pr, acc_t* 
   scale_tile_row(pr, s, n, i, c0);
   if (!pr.row_offset) return;
   const acc_t oi = pr.row_offset[i];
-  const acc_t* __restrict__ oc = pr.row_offset + c0;  // self mode: the columns are rows
+  const acc_t* __restrict__ oc = pr.col_offset + c0;
   for (int64_t j = 0; j < n; ++j) s[j] += oi + oc[j];
 }
 
@@ -622,7 +623,7 @@ acc_t pair_similarity(const Problem<acc_t>& pr, int64_t i, int64_t j) {
   const int64_t D = pr.x.size(1);
   const acc_t dot =
       dot_product(pr.x.template const_data_ptr<acc_t>() + i * D, pr.y.template const_data_ptr<acc_t>() + j * D, D);
-  return dot * entry_scale(pr, i, j) + (pr.row_offset ? pr.row_offset[i] + pr.row_offset[j] : acc_t(0));
+  return dot * entry_scale(pr, i, j) + (pr.row_offset ? pr.row_offset[i] + pr.col_offset[j] : acc_t(0));
 }
 
 // forward() for a positives-only policy: each row's lin/aux sums over its positives, its counts.

@@ -27,7 +27,7 @@ struct Prepared {
   c10::optional<at::Tensor> y;
   // normalize=True only: (1/max(||row||, eps), projection factor) per row (common/normalize.h)
   std::pair<at::Tensor, at::Tensor> x_norms, y_norms;
-  at::Tensor offsets;  // a distance policy with normalize=True (self mode): Problem::row_offset
+  at::Tensor x_offsets, y_offsets;  // a distance policy with normalize=True: Problem::row_offset/col_offset
 };
 
 template <typename acc_t>
@@ -50,7 +50,10 @@ lse_engine::Problem<acc_t> make_problem(const Prepared& in, bool col_stats, int6
     pr.row_inv_norm = in.x_norms.first.const_data_ptr<acc_t>();
     pr.col_inv_norm = pr.self ? pr.row_inv_norm : in.y_norms.first.const_data_ptr<acc_t>();
   }
-  if (in.offsets.defined()) pr.row_offset = in.offsets.const_data_ptr<acc_t>();
+  if (in.x_offsets.defined()) {
+    pr.row_offset = in.x_offsets.const_data_ptr<acc_t>();
+    pr.col_offset = pr.self ? pr.row_offset : in.y_offsets.const_data_ptr<acc_t>();
+  }
   return pr;
 }
 
@@ -66,7 +69,10 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   if (normalize) {
     p.x_norms = folded_norm_factors(p.x, p.x.scalar_type());
     if (p.y.has_value()) p.y_norms = folded_norm_factors(*p.y, p.y->scalar_type());
-    if (uses_distance(spec)) p.offsets = normalized_distance_offsets(p.x, p.x.scalar_type());
+    if (uses_distance(spec)) {
+      p.x_offsets = normalized_distance_offsets(p.x, p.x.scalar_type());
+      if (p.y.has_value()) p.y_offsets = normalized_distance_offsets(*p.y, p.y->scalar_type());
+    }
   }
   return p;
 }

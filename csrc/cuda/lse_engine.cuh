@@ -43,16 +43,17 @@ struct DeviceProblem {
   // in the self mode), by which each raw entry of x yᵀ is scaled; else nullptr.
   const acc_t* row_inv_norm;
   const acc_t* col_inv_norm;
-  // a distance policy with normalize=True (self mode), else nullptr: (1 - ||x̂||²)/2 per row, added to
-  // each s_ij for both rows (see cpu/lse_engine.h Problem::row_offset)
+  // a distance policy with normalize=True, else both nullptr: (1 - ||x̂||²)/2 per row of x and of y,
+  // added to each s_ij (see cpu/lse_engine.h Problem::row_offset)
   const acc_t* row_offset;
+  const acc_t* col_offset;
   C10_DEVICE acc_t entry_scale(int64_t i, int64_t col) const {
     return row_inv_norm ? row_inv_norm[i] * col_inv_norm[col] : acc_t(1);
   }
   // s_ij from the raw product x_i · y_col
   C10_DEVICE acc_t similarity(acc_t raw, int64_t i, int64_t col) const {
     const acc_t s = raw * entry_scale(i, col);
-    return row_offset ? s + (row_offset[i] + row_offset[col]) : s;
+    return row_offset ? s + (row_offset[i] + col_offset[col]) : s;
   }
   C10_DEVICE ParamView<acc_t> row_params(int64_t i) const { return {params, 1, i * num_params}; }
   C10_DEVICE ParamView<acc_t> col_params(int64_t j) const { return {self ? params : nullptr, 1, j * num_params}; }

@@ -30,7 +30,7 @@ struct Prepared {
   bool self;
   // normalize=True only: (1/max(||row||, eps), projection factor) per row (common/normalize.h)
   std::pair<at::Tensor, at::Tensor> x_norms, y_norms;
-  at::Tensor offsets;  // a distance policy with normalize=True (self mode): DeviceProblem::row_offset
+  at::Tensor x_offsets, y_offsets;  // a distance policy with normalize=True: DeviceProblem::row/col_offset
 };
 
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
@@ -47,7 +47,10 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   if (normalize) {
     p.x_norms = folded_norm_factors(p.x, acc);
     p.y_norms = p.self ? p.x_norms : folded_norm_factors(p.y, acc);
-    if (uses_distance(spec)) p.offsets = normalized_distance_offsets(p.x, acc);
+    if (uses_distance(spec)) {
+      p.x_offsets = normalized_distance_offsets(p.x, acc);
+      p.y_offsets = p.self ? p.x_offsets : normalized_distance_offsets(p.y, acc);
+    }
   }
   return p;
 }
@@ -62,7 +65,8 @@ lse_engine::DeviceProblem<acc_t> device_problem(const Prepared& in) {
           in.self,
           normalize ? in.x_norms.first.const_data_ptr<acc_t>() : nullptr,
           normalize ? in.y_norms.first.const_data_ptr<acc_t>() : nullptr,
-          in.offsets.defined() ? in.offsets.const_data_ptr<acc_t>() : nullptr};
+          in.x_offsets.defined() ? in.x_offsets.const_data_ptr<acc_t>() : nullptr,
+          in.y_offsets.defined() ? in.y_offsets.const_data_ptr<acc_t>() : nullptr};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(

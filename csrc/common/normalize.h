@@ -47,21 +47,21 @@ C10_HOST_DEVICE inline void normalize_grad_coefficients(acc_t norm, acc_t g_dot_
 // normalized copy is made. Per row, in `acc`: that inverse norm (NaN for a
 // NaN row) and the projection factor k = 1/n² when n >= eps, else 0 (the clamp
 // is active: the Jacobian is I/eps). ATen ops, so CPU and CUDA share them.
-inline std::pair<at::Tensor, at::Tensor> folded_norm_factors(const at::Tensor& rows, at::ScalarType acc) {
+//
+// distance_offsets (optional), from the same norms: o = (1 - ||x̂||²)/2 per row for x̂ = F.normalize(row),
+// 0 for a row of norm >= eps (x̂ is a unit vector, exactly 0 here), (1 - (n/eps)²)/2 below (1/2 for a zero
+// row), NaN for a NaN row. The lifted policies add o_i + o_j to s_ij so that 2 - 2s is the squared distance
+// of x̂_i and x̂_j for every row (the LSE engine's Problem::row_offset).
+inline std::pair<at::Tensor, at::Tensor> folded_norm_factors(const at::Tensor& rows, at::ScalarType acc,
+                                                             at::Tensor* distance_offsets = nullptr) {
   const at::Tensor norm = at::linalg_vector_norm(rows, 2, {1}, false, acc);
   const at::Tensor inv_norm = norm.clamp_min(kNormalizeEps).reciprocal();  // clamp_min keeps NaN
   const at::Tensor projection = at::where(norm.ge(kNormalizeEps), norm.square().reciprocal(), 0.0);
+  if (distance_offsets) {
+    const at::Tensor q = norm.div(kNormalizeEps).square();  // ||x̂||² below eps
+    *distance_offsets = at::where(norm.ge(kNormalizeEps), at::zeros_like(norm), q.neg().add(1).mul(0.5));
+  }
   return {inv_norm, projection};
-}
-
-// Per row o = (1 - ||x̂||²)/2 for x̂ = F.normalize(row): 0 for a row of norm >= eps (x̂ is a unit vector,
-// exactly 0 here), (1 - (n/eps)²)/2 below (1/2 for a zero row), NaN for a NaN row. The lifted policies add
-// o_i + o_j to s_ij so that 2 - 2s is the squared distance of x̂_i and x̂_j for every row (the LSE engine's
-// Problem::row_offset).
-inline at::Tensor normalized_distance_offsets(const at::Tensor& rows, at::ScalarType acc) {
-  const at::Tensor norm = at::linalg_vector_norm(rows, 2, {1}, false, acc);
-  const at::Tensor q = norm.div(kNormalizeEps).square();  // ||x̂||² below eps
-  return at::where(norm.ge(kNormalizeEps), at::zeros_like(norm), q.neg().add(1).mul(0.5));
 }
 
 // The rest of F.normalize's backward for rows whose gradient was accumulated

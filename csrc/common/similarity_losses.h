@@ -53,7 +53,7 @@ inline PolicySpec parse_policy(c10::string_view name) {
 }
 
 // The policies on d = sqrt(2 - 2s): with normalize=True they need the rows' distance offsets
-// (common/normalize.h normalized_distance_offsets) where a row's norm is below eps.
+// (common/normalize.h folded_norm_factors' distance_offsets) where a row's norm is below eps.
 inline bool uses_distance(const PolicySpec& spec) {
   return spec.kind == PolicyKind::Lifted || spec.kind == PolicyKind::LiftedPairs;
 }

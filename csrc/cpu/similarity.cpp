@@ -67,12 +67,9 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   p.ck = col_keys.has_value() ? col_keys->to(at::kLong).contiguous() : p.rk;
   if (row_params.has_value()) p.params_t = row_params->t().contiguous();
   if (normalize) {
-    p.x_norms = folded_norm_factors(p.x, p.x.scalar_type());
-    if (p.y.has_value()) p.y_norms = folded_norm_factors(*p.y, p.y->scalar_type());
-    if (uses_distance(spec)) {
-      p.x_offsets = normalized_distance_offsets(p.x, p.x.scalar_type());
-      if (p.y.has_value()) p.y_offsets = normalized_distance_offsets(*p.y, p.y->scalar_type());
-    }
+    const bool offsets = uses_distance(spec);
+    p.x_norms = folded_norm_factors(p.x, p.x.scalar_type(), offsets ? &p.x_offsets : nullptr);
+    if (p.y.has_value()) p.y_norms = folded_norm_factors(*p.y, p.y->scalar_type(), offsets ? &p.y_offsets : nullptr);
   }
   return p;
 }

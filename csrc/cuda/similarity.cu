@@ -45,12 +45,10 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   p.ck = col_keys.has_value() ? col_keys->to(at::kLong).contiguous() : p.rk;
   if (row_params.has_value()) p.params = row_params->to(acc).contiguous();
   if (normalize) {
-    p.x_norms = folded_norm_factors(p.x, acc);
-    p.y_norms = p.self ? p.x_norms : folded_norm_factors(p.y, acc);
-    if (uses_distance(spec)) {
-      p.x_offsets = normalized_distance_offsets(p.x, acc);
-      p.y_offsets = p.self ? p.x_offsets : normalized_distance_offsets(p.y, acc);
-    }
+    const bool offsets = uses_distance(spec);
+    p.x_norms = folded_norm_factors(p.x, acc, offsets ? &p.x_offsets : nullptr);
+    p.y_norms = p.self ? p.x_norms : folded_norm_factors(p.y, acc, offsets ? &p.y_offsets : nullptr);
+    if (p.self) p.y_offsets = p.x_offsets;
   }
   return p;
 }

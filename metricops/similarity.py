@@ -130,6 +130,12 @@ def _safe(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, t, torch.zeros_like(t))
 
 
+def _log1p_exp(t: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^t), exactly: F.softplus returns t itself above its threshold (20), off by up to e^-20 (MS's
+    LSE over the negatives reaches 25 at β = 50, where PML's log(1 + Σ) is exact)."""
+    return torch.logaddexp(t, torch.zeros_like(t))
+
+
 def _out_dtype(stats_terms: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
     """Per-anchor terms in the loss's dtype: the embeddings', or float32 under autocast (loss_dtype)."""
     return stats_terms.to(loss_dtype(embeddings))
@@ -246,8 +252,8 @@ def _multi_similarity_per_anchor(
             memory=memory,
         )
     has_pos, has_neg = st[:, COUNT_POS] > 0, st[:, COUNT_NEG] > 0
-    pos = torch.nn.functional.softplus(_safe(st[:, LSE_POS], has_pos))
-    neg = torch.nn.functional.softplus(_safe(st[:, LSE_NEG], has_neg))
+    pos = _log1p_exp(_safe(st[:, LSE_POS], has_pos))
+    neg = _log1p_exp(_safe(st[:, LSE_NEG], has_neg))
     loss = _safe(pos, has_pos) / alpha + _safe(neg, has_neg) / beta
     if mining_epsilon is not None:  # PML: a miner output of <= 1 positive and <= 1 negative pair gives 0
         enough = (st[:, COUNT_POS].sum() > 1) | (st[:, COUNT_NEG].sum() > 1)

@@ -183,3 +183,23 @@ def test_nn_modules_refuse_bad_arguments():
         mnn.ProxyAnchorLoss(C, D, alpha=-1.0)
     with pytest.raises(ValueError, match="num_classes must be >= 1"):
         mnn.ProxyAnchorLoss(0, D)
+
+
+def test_proxy_anchor_log1p_is_exact_above_softplus_threshold():
+    """log(1 + Σ e^z) with Σ e^z > e^20: F.softplus returns its argument there (off by up to e^-20 ≈ 2e-9), PML's
+    logsumexp(add_one=True) does not. Rows near their proxies at α = 32 push the negatives' sum past e^20; the
+    reference and the native loss must both equal PML to float64 precision."""
+    from metricops import reference
+
+    g = torch.Generator().manual_seed(3)
+    proxies = torch.randn(C, D, generator=g, dtype=DT)
+    labels = torch.arange(B) % C
+    x = proxies[(labels + 1) % C] + 0.01 * torch.randn(B, D, generator=g, dtype=DT)  # each row at another proxy
+    pml = pml_losses.ProxyAnchorLoss(num_classes=C, embedding_size=D).to(DT)
+    with torch.no_grad():
+        pml.proxies.copy_(proxies)
+    want = pml(x, labels)
+    z = 32.0 * (torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(proxies, dim=1).T + 0.1)
+    assert torch.logsumexp(z, 0).max() > 21  # the regime where the thresholded softplus is off
+    for got in (reference.proxy_anchor_loss(x, labels, proxies), metricops.proxy_anchor_loss(x, labels, proxies)):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=0)

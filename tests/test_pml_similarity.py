@@ -392,3 +392,15 @@ def test_generalized_lifted_with_zero_rows_in_ref_emb_matches_pml():
     ref_emb[[0, 7, 13]] = 0
     ours, theirs = losses.GeneralizedLiftedStructureLoss(), pml_losses.GeneralizedLiftedStructureLoss()
     _run(ours, theirs, emb, labels, ref_emb=ref_emb, ref_labels=ref_labels)
+
+
+def test_multi_similarity_log1p_is_exact_above_softplus_threshold():
+    """MS's (1/β)·log(1 + Σ_n e^{β(s - base)}) with the negatives' LSE above 20 (β = 50, base = 0.5: s near 1):
+    F.softplus would return its argument there, off by up to e^-20; PML's logsumexp(add_one=True) is exact."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64).repeat_interleave(3, 0)
+    x = x + 1e-3 * torch.randn(12, 6, generator=g, dtype=torch.float64)  # near-duplicates across classes
+    labels = torch.arange(12)  # every other row a negative: four of them at s ≈ 1 (LSE ≈ 25 + log 2)
+    want = pml_losses.MultiSimilarityLoss()(x, labels)
+    for got in (metricops.multi_similarity_loss(x, labels), metricops.pml.losses.MultiSimilarityLoss()(x, labels)):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=0)

@@ -80,7 +80,8 @@ def _log1p_sum_exp(z: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tenso
     """log(1 + Σ_{keep} e^z) along dim, stably (0 where nothing is kept)."""
     z = z.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(z, dim=dim)
-    return F.softplus(lse).where(keep.any(dim), torch.zeros_like(lse))  # softplus(lse) = log(1 + e^lse)
+    # log(1 + e^lse), exactly (F.softplus is lse itself above 20, as PML's logsumexp(add_one=True) is not)
+    return torch.logaddexp(lse, torch.zeros_like(lse)).where(keep.any(dim), torch.zeros_like(lse))
 
 
 def proxy_anchor_terms(embeddings, labels, proxies, *, margin=0.1, alpha=32.0):

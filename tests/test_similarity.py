@@ -702,3 +702,56 @@ def test_lifted_losses_with_zero_and_tiny_rows(name):
     ga, gb = torch.autograd.grad(got, a)[0], torch.autograd.grad(want, b)[0]
     others = torch.arange(20) != 5
     assert_close(ga[others], gb[others], atol=1e-6, rtol=1e-10)
+
+
+def _fixed_reference_case(case: str, dtype):
+    """(our loss, the reference's, inputs) for test_fixed_reference_and_its_fallback."""
+    g = torch.Generator().manual_seed(7)
+    x = F.normalize(torch.randn(48, 6, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.arange(48) // 4
+    noise = 0.05 * torch.randn(48, 6, generator=g, dtype=torch.float64)
+    if case == "info_nce_column_falls_back":
+        # key 0's negatives (queries 1..) all point away from it: its column sum at τ = 0.02 is e^-95 of the bound
+        q = x.clone()
+        q[1:] = -x[0] + 0.2 * noise[1:]
+        k = q + noise
+        k[0] = q[0]
+        kw = {"temperature": 0.02, "symmetric": True}
+        return (
+            lambda a, b: metricops.info_nce_loss(a, b, **kw),
+            lambda a, b: ref.info_nce_loss(a, b, **kw),
+            (q.to(dtype), k.to(dtype)),
+        )
+    if case == "supcon_falls_back":
+        x[1:4] = -x[0] + noise[1:4]  # anchor 0's positives point away from it: at τ = 0.02 its sum is ~e^-95
+    if case == "ms_falls_back":
+        x[4:] = -x[0] + 6 * noise[4:]  # anchor 0's negatives all at s < -0.5: MS's (β = 50) sum is ~e^-75
+    name, kw = ("multi_similarity_loss", {}) if case.startswith("ms") else ("supcon_loss", {"temperature": 0.02})
+    ours, theirs = getattr(metricops, name), getattr(ref, name)
+    return (lambda a: ours(a, labels, **kw), lambda a: theirs(a, labels, **kw), (x.to(dtype),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "case", ["supcon_passes", "supcon_falls_back", "ms_passes", "ms_falls_back", "info_nce_column_falls_back"]
+)
+@pytest.mark.parametrize("tile", [None, (5, 7), (5, 7, True)])
+def test_fixed_reference_and_its_fallback(case, dtype, tile, force_tile):
+    """With normalized rows and a bounded φ, the CPU engine takes each exp against its class's upper bound of φ
+    (one exp per entry, for its row and its column). A row (or column) whose largest φ lies ~70 below that bound
+    would lose its sum to underflow: the engine checks every sum and then redoes the call with running maxima.
+    SupCon at τ = 0.02 and MS at β = 50 span 100 (both are tried); values and gradients against the reference."""
+    force_tile(tile)
+    ours, theirs, inputs = _fixed_reference_case(case, dtype)
+    mine = [t.clone().requires_grad_() for t in inputs]
+    want_inputs = [t.double().clone().requires_grad_() for t in inputs]
+    got, want = ours(*mine), theirs(*want_inputs)
+    got_grads = torch.autograd.grad(got, mine)
+    want_grads = torch.autograd.grad(want, want_inputs)
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 2e-5}
+    assert torch.isfinite(want) and want > 0.1
+    assert_close(got.double(), want, **tol)
+    for a, b in zip(got_grads, want_grads):
+        scale = b.abs().max()
+        assert scale > 0
+        assert_close(a.double() / scale, b / scale, **tol)

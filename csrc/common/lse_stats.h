@@ -26,6 +26,10 @@
 //                                      // epilogues spend ~5-10% of their time on them
 //   static constexpr bool kPositivesOnly;  // negatives give nothing (no φ, lin 0, aux 0, kLse false):
 //                                      // the CPU epilogues evaluate only the positives (a few per row)
+//   static constexpr bool kBounded;    // φ has known bounds over s in [-1, 1] (normalized rows), given by
+//                                      // phi_bounds(pos, lo, hi); a policy with it defines that method: the
+//                                      // CPU engine may then take exps against a fixed reference
+//                                      // (cpu/lse_engine.h, the fixed-reference epilogues)
 //   bool keep(s, pos, own, other);     // whether a non-ignored entry counts (the MS miner's mask)
 //   void eval(s, pos, own, other, phi, lin, aux, dphi_dscale);        // forward values
 //   void grad(s, pos, own, other, phi, dphi_ds, dlin_ds);             // backward derivatives
@@ -289,7 +293,12 @@ struct ScaledPolicy {
   static constexpr bool kAux = false;
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = false;
+  static constexpr bool kBounded = true;
   acc_t scale;
+  METRICOPS_LSE_INLINE void phi_bounds(bool, acc_t& lo, acc_t& hi) const {
+    hi = scale < acc_t(0) ? -scale : scale;
+    lo = -hi;
+  }
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& lin,
                                  acc_t& aux, acc_t& dphi_dscale) const {
@@ -318,7 +327,14 @@ struct MultiSimilarityPolicy {
   static constexpr bool kAux = false;
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = false;
+  static constexpr bool kBounded = !kMined;
   acc_t alpha, beta, base, epsilon;
+  // linear in s: its values at s = -1 and 1
+  METRICOPS_LSE_INLINE void phi_bounds(bool pos, acc_t& lo, acc_t& hi) const {
+    const acc_t coef = pos ? -alpha : beta, a = coef * (acc_t(-1) - base), b = coef * (acc_t(1) - base);
+    lo = a < b ? a : b;
+    hi = a < b ? b : a;
+  }
   METRICOPS_LSE_INLINE bool keep(acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t>) const {
     if constexpr (!kMined) {
       return true;
@@ -354,6 +370,7 @@ struct SimilarityRangePolicy {
   static constexpr bool kAux = false;
   static constexpr bool kMinMax = true;
   static constexpr bool kPositivesOnly = false;
+  static constexpr bool kBounded = false;
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void eval(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& lin, acc_t& aux,
                                  acc_t& dphi_dscale) const {
@@ -375,6 +392,7 @@ struct CirclePolicy {
   static constexpr bool kAux = false;
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = false;
+  static constexpr bool kBounded = false;
   acc_t m, gamma;
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void coeffs(acc_t s, bool pos, acc_t& phi, acc_t& dphi) const {
@@ -411,7 +429,13 @@ struct LiftedPolicy {
   static constexpr bool kAux = false;
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = false;
+  static constexpr bool kBounded = true;
   acc_t pos_margin, neg_margin, tol;
+  // d = sqrt(2 - 2s) in [0, 2]
+  METRICOPS_LSE_INLINE void phi_bounds(bool pos, acc_t& lo, acc_t& hi) const {
+    lo = pos ? -pos_margin : neg_margin - acc_t(2);
+    hi = pos ? acc_t(2) - pos_margin : neg_margin;
+  }
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void distance(acc_t s, acc_t& d, acc_t& dd_ds) const {
     const acc_t d2 = acc_t(2) - acc_t(2) * s;
@@ -447,6 +471,7 @@ struct NTXentPairsPolicy {
   static constexpr bool kAux = true;
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = true;
+  static constexpr bool kBounded = false;
   acc_t scale;
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t>, acc_t& phi, acc_t& lin,
@@ -481,6 +506,7 @@ struct LiftedPairsPolicy {
   static constexpr bool kAux = true;
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = true;
+  static constexpr bool kBounded = false;
   acc_t pos_margin, tol;
   bool count_mode;
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }

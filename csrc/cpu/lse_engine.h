@@ -707,7 +707,7 @@ METRICOPS_SIMD_CLONES void shared_block_forward(const Policy& p, const Problem<a
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
     acc_t* __restrict__ s = S + r * ld + j0;
-    similarity_tile_row(pr, s, w, i, c0 + j0);  // kept so (saved tiles hold s)
+    similarity_tile_row(pr, s, w, i, c0 + j0);  // in place: saved tiles hold s
     const int64_t rk = pr.row_keys[i];
     const int64_t skip = pr.self && i >= c0 + j0 && i < c0 + j1 ? i - (c0 + j0) : -1;
     acc_t lanes[N][L];

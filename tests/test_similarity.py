@@ -755,3 +755,27 @@ def test_fixed_reference_and_its_fallback(case, dtype, tile, force_tile):
         scale = b.abs().max()
         assert scale > 0
         assert_close(a.double() / scale, b / scale, **tol)
+
+
+def test_fixed_reference_backward_falls_back_where_a_coefficient_would_overflow():
+    """The fixed-reference backward scales each entry's exp(φ - hi) by a = g·exp(hi - LSE): with a row ~60 below
+    its bound (still exact in the forward) and a large upstream gradient, a overflows float32 although every
+    dL/ds is finite. The backward then takes the running-max path: gradients match the reference."""
+    g = torch.Generator().manual_seed(11)
+    q = F.normalize(torch.randn(48, 6, generator=g, dtype=torch.float64), dim=1)
+    # every key at s = -0.26 from query 0, whose LSE over them is then ~59 below the bound 50 (τ = 0.02); the
+    # other queries are their own keys, so every other sum is near its bound (the forward keeps the fixed reference)
+    u = q[0]
+    r = torch.randn(48, 6, generator=g, dtype=torch.float64)
+    v = F.normalize(r - (r @ u)[:, None] * u, dim=1)  # orthogonal to query 0
+    k = v * (1 - 0.26**2) ** 0.5 - 0.26 * u
+    q = torch.cat([q[:1], k[1:]])
+    scale = 1e14  # a = scale·e^59 > float32's max (3.4e38); each dL/ds stays below ~1e16
+    mine = [t.float().clone().requires_grad_() for t in (q, k)]
+    theirs = [t.clone().requires_grad_() for t in (q, k)]
+    got = metricops.info_nce_loss(*mine, temperature=0.02, reduction="sum") * scale
+    want = ref.info_nce_loss(*theirs, temperature=0.02, reduction="sum") * scale
+    assert_close(got.double(), want, rtol=1e-5, atol=0)
+    for a, b in zip(torch.autograd.grad(got, mine), torch.autograd.grad(want, theirs)):
+        assert torch.isfinite(a).all()
+        assert_close(a.double() / b.abs().max(), b / b.abs().max(), rtol=1e-5, atol=1e-5)

@@ -724,23 +724,37 @@ def _fixed_reference_case(case: str, dtype):
         )
     if case == "supcon_falls_back":
         x[1:4] = -x[0] + noise[1:4]  # anchor 0's positives point away from it: at τ = 0.02 its sum is ~e^-95
-    if case == "ms_falls_back":
+    if case in ("ms_falls_back", "ms_mined_falls_back"):
         x[4:] = -x[0] + 6 * noise[4:]  # anchor 0's negatives all at s < -0.5: MS's (β = 50) sum is ~e^-75
+    if case == "ms_mined_falls_back":
+        x[1:4] = -x[0] + noise[1:4]  # its positives too: the miner keeps those negatives (s + 0.1 > min positive)
     name, kw = ("multi_similarity_loss", {}) if case.startswith("ms") else ("supcon_loss", {"temperature": 0.02})
+    if case.startswith("ms_mined"):
+        kw = {"mining_epsilon": 0.1}
     ours, theirs = getattr(metricops, name), getattr(ref, name)
     return (lambda a: ours(a, labels, **kw), lambda a: theirs(a, labels, **kw), (x.to(dtype),))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
-    "case", ["supcon_passes", "supcon_falls_back", "ms_passes", "ms_falls_back", "info_nce_column_falls_back"]
+    "case",
+    [
+        "supcon_passes",
+        "supcon_falls_back",
+        "ms_passes",
+        "ms_falls_back",
+        "ms_mined_passes",
+        "ms_mined_falls_back",
+        "info_nce_column_falls_back",
+    ],
 )
 @pytest.mark.parametrize("tile", [None, (5, 7), (5, 7, True)])
 def test_fixed_reference_and_its_fallback(case, dtype, tile, force_tile):
     """With normalized rows and a bounded φ, the CPU engine takes each exp against its class's upper bound of φ
     (one exp per entry, for its row and its column). A row (or column) whose largest φ lies ~70 below that bound
     would lose its sum to underflow: the engine checks every sum and then redoes the call with running maxima.
-    SupCon at τ = 0.02 and MS at β = 50 span 100 (both are tried); values and gradients against the reference."""
+    SupCon at τ = 0.02 and MS at β = 50 span 100 (both are tried; the mined MS with each row's thresholds, read
+    from the row and from the column); values and gradients against the reference."""
     force_tile(tile)
     ours, theirs, inputs = _fixed_reference_case(case, dtype)
     mine = [t.clone().requires_grad_() for t in inputs]

@@ -30,6 +30,8 @@
 //                                      // phi_bounds(pos, lo, hi); a policy with it defines that method: the
 //                                      // CPU engine may then take exps against a fixed reference
 //                                      // (cpu/lse_engine.h, the fixed-reference epilogues)
+//   static constexpr bool kParamsOnlyInKeep;  // eval and grad ignore own/other (only keep reads them): the
+//                                      // fixed-reference epilogues then evaluate an entry once for both views
 //   bool keep(s, pos, own, other);     // whether a non-ignored entry counts (the MS miner's mask)
 //   void eval(s, pos, own, other, phi, lin, aux, dphi_dscale);        // forward values
 //   void grad(s, pos, own, other, phi, dphi_ds, dlin_ds);             // backward derivatives
@@ -294,6 +296,7 @@ struct ScaledPolicy {
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = false;
   static constexpr bool kBounded = true;
+  static constexpr bool kParamsOnlyInKeep = true;
   acc_t scale;
   METRICOPS_LSE_INLINE void phi_bounds(bool, acc_t& lo, acc_t& hi) const {
     hi = scale < acc_t(0) ? -scale : scale;
@@ -327,7 +330,8 @@ struct MultiSimilarityPolicy {
   static constexpr bool kAux = false;
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = false;
-  static constexpr bool kBounded = !kMined;
+  static constexpr bool kBounded = true;
+  static constexpr bool kParamsOnlyInKeep = true;
   acc_t alpha, beta, base, epsilon;
   // linear in s: its values at s = -1 and 1
   METRICOPS_LSE_INLINE void phi_bounds(bool pos, acc_t& lo, acc_t& hi) const {
@@ -371,6 +375,7 @@ struct SimilarityRangePolicy {
   static constexpr bool kMinMax = true;
   static constexpr bool kPositivesOnly = false;
   static constexpr bool kBounded = false;
+  static constexpr bool kParamsOnlyInKeep = true;
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void eval(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& lin, acc_t& aux,
                                  acc_t& dphi_dscale) const {
@@ -393,6 +398,7 @@ struct CirclePolicy {
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = false;
   static constexpr bool kBounded = false;
+  static constexpr bool kParamsOnlyInKeep = true;
   acc_t m, gamma;
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void coeffs(acc_t s, bool pos, acc_t& phi, acc_t& dphi) const {
@@ -430,6 +436,7 @@ struct LiftedPolicy {
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = false;
   static constexpr bool kBounded = true;
+  static constexpr bool kParamsOnlyInKeep = true;
   acc_t pos_margin, neg_margin, tol;
   // d = sqrt(2 - 2s) in [0, 2]
   METRICOPS_LSE_INLINE void phi_bounds(bool pos, acc_t& lo, acc_t& hi) const {
@@ -472,6 +479,7 @@ struct NTXentPairsPolicy {
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = true;
   static constexpr bool kBounded = false;
+  static constexpr bool kParamsOnlyInKeep = false;
   acc_t scale;
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t>, acc_t& phi, acc_t& lin,
@@ -507,6 +515,7 @@ struct LiftedPairsPolicy {
   static constexpr bool kMinMax = false;
   static constexpr bool kPositivesOnly = true;
   static constexpr bool kBounded = false;
+  static constexpr bool kParamsOnlyInKeep = false;
   acc_t pos_margin, tol;
   bool count_mode;
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }

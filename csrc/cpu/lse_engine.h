@@ -107,6 +107,16 @@ struct Problem {
   ParamView<acc_t> col_params(int64_t j) const { return {self ? params_t : nullptr, rows(), j}; }
 };
 
+// Row i's parameters copied into `values` (kMaxParams), as a view of them (none without parameters): the
+// fixed-reference loops read locals, which GCC keeps in registers.
+template <typename acc_t>
+inline ParamView<acc_t> local_params(const Problem<acc_t>& pr, int64_t i, acc_t* values) {
+  if (!pr.params_t) return {};
+  const ParamView<acc_t> view = pr.row_params(i);
+  for (int64_t k = 0; k < pr.num_params; ++k) values[k] = view[k];
+  return {values, 1, 0};
+}
+
 // (strip rows, chunk columns) for a problem: block_rows/block_cols when > 0,
 // else the defaults; at least 1, and in the self mode chunk columns >= strip
 // rows (the diagonal block must sit in a strip's first chunk).
@@ -579,8 +589,9 @@ void symmetrize_block(acc_t* G, int64_t ld, int64_t n) {
 // When φ has known bounds (Policy::kBounded: rows normalized, so s in [-1, 1]) that span at most
 // kSharedMaxRange, every row and column can take exp(φ - hi_c) against its class's upper bound hi_c instead:
 // one evaluation and one exp per entry, added to its row's and its column's sums in one pass, no max pass.
-// The backward's dL/ds then takes one exp per entry instead of two. B = 2048, D = 128, 2 threads, alternating
-// runs: forward+backward of SupCon 12.0 -> 10.9 ms, MS 12.5 -> 10.7, GeneralizedLifted 13.1 -> 11.0, the
+// Row parameters that only keep() reads (the MS miner's thresholds) are tested once from the row and once
+// from the column. The backward's dL/ds then takes one exp per entry instead of two. B = 2048, D = 128, 2 threads,
+// alternating runs: forward+backward of SupCon 12.0 -> 10.9 ms, MS 12.5 -> 10.7, GeneralizedLifted 13.1 -> 11.0, the
 // CLIP loss at N = 4096, D = 256 155 -> 139 ms.
 // Exact unless a sum falls so low that its terms flushed to 0 (φ - hi_c < -87: lse_exp) would show: the
 // forward checks every sum against e^kSharedMinLogSum per term (flushed terms then stay below 1e-7 of it) and
@@ -673,8 +684,8 @@ bool shared_reference(const Policy& p, const Problem<acc_t>& pr, SharedReference
   if constexpr (!shared_reference_policy<Policy>()) {
     return false;
   } else {
-    // bounds hold for normalized rows only; row parameters (keep()) are the general epilogues' business
-    if (!pr.row_inv_norm || pr.num_params != 0) return false;
+    // bounds hold for normalized rows only; parameters that φ reads are the general epilogues' business
+    if (!pr.row_inv_norm || (pr.num_params != 0 && !Policy::kParamsOnlyInKeep)) return false;
     acc_t lo_pos, hi_pos, lo_neg, hi_neg;
     p.phi_bounds(true, lo_pos, hi_pos);
     p.phi_bounds(false, lo_neg, hi_neg);
@@ -699,6 +710,7 @@ METRICOPS_SIMD_CLONES void shared_block_forward(const Policy& p, const Problem<a
   const int64_t w = j1 - j0;
   const int64_t* __restrict__ ck = pr.col_keys + c0 + j0;
   const ParamView<acc_t> none{};
+  const ParamView<acc_t> col_params0 = pr.col_params(c0 + j0);
   const acc_t ref_pos = ref.pos, ref_neg = ref.neg;
   acc_t col[N][C];  // the block's column sums, field-major
   if (kColumns)
@@ -710,33 +722,43 @@ METRICOPS_SIMD_CLONES void shared_block_forward(const Policy& p, const Problem<a
     similarity_tile_row(pr, s, w, i, c0 + j0);  // in place: saved tiles hold s
     const int64_t rk = pr.row_keys[i];
     const int64_t skip = pr.self && i >= c0 + j0 && i < c0 + j1 ? i - (c0 + j0) : -1;
+    acc_t row_values[kMaxParams] = {};
+    const ParamView<acc_t> row_params = local_params(pr, i, row_values);
     acc_t lanes[N][L];
     for (int f = 0; f < N; ++f)
       for (int64_t l = 0; l < L; ++l) lanes[f][l] = acc_t(0);
     auto entry = [&](int64_t j, int64_t l) {
       const bool pos = ck[j] == rk;
-      const bool valid = (j != skip) & pol.keep(s[j], pos, none, none);
+      const ParamView<acc_t> col_params = col_params0.moved(j);
       acc_t phi, lin, aux, dsc;
-      pol.eval(s[j], pos, none, none, phi, lin, aux, dsc);
+      pol.eval(s[j], pos, none, none, phi, lin, aux, dsc);  // the same from the row and from the column
       const acc_t e = lse_exp(phi - (pos ? ref_pos : ref_neg));
-      const bool vp = valid & pos, vn = valid & !pos;
+      // the entry's terms where `valid` (seen from its row, or from its column)
+      auto terms = [&](bool valid, acc_t* v) {
+        const bool vp = valid & pos, vn = valid & !pos;
+        v[0] = vp ? e : acc_t(0);
+        v[1] = vn ? e : acc_t(0);
+        v[2] = Policy::kDScale ? v[0] * dsc : acc_t(0);
+        v[3] = Policy::kDScale ? v[1] * dsc : acc_t(0);
+        v[4] = Policy::kLin && vp ? lin : acc_t(0);
+        v[5] = Policy::kLin && vn ? lin : acc_t(0);
+        v[6] = Policy::kAux && vp ? aux : acc_t(0);
+        v[7] = Policy::kAux && vn ? aux : acc_t(0);
+        v[8] = vp ? acc_t(1) : acc_t(0);
+        v[9] = vn ? acc_t(1) : acc_t(0);
+      };
+      auto used = [](int f) {
+        return !(((f == 2 || f == 3) && !Policy::kDScale) || ((f == 4 || f == 5) && !Policy::kLin) ||
+                 ((f == 6 || f == 7) && !Policy::kAux));
+      };
       acc_t v[N];
-      v[0] = vp ? e : acc_t(0);
-      v[1] = vn ? e : acc_t(0);
-      v[2] = Policy::kDScale ? v[0] * dsc : acc_t(0);
-      v[3] = Policy::kDScale ? v[1] * dsc : acc_t(0);
-      v[4] = Policy::kLin && vp ? lin : acc_t(0);
-      v[5] = Policy::kLin && vn ? lin : acc_t(0);
-      v[6] = Policy::kAux && vp ? aux : acc_t(0);
-      v[7] = Policy::kAux && vn ? aux : acc_t(0);
-      v[8] = vp ? acc_t(1) : acc_t(0);
-      v[9] = vn ? acc_t(1) : acc_t(0);
-      for (int f = 0; f < N; ++f) {
-        if ((f == 2 || f == 3) && !Policy::kDScale) continue;
-        if ((f == 4 || f == 5) && !Policy::kLin) continue;
-        if ((f == 6 || f == 7) && !Policy::kAux) continue;
-        lanes[f][l] += v[f];
-        if (kColumns) col[f][j] += v[f];
+      terms((j != skip) & pol.keep(s[j], pos, row_params, col_params), v);
+      for (int f = 0; f < N; ++f)
+        if (used(f)) lanes[f][l] += v[f];
+      if (kColumns) {
+        if (pr.num_params != 0) terms(pol.keep(s[j], pos, col_params, row_params), v);  // (no self pair here)
+        for (int f = 0; f < N; ++f)
+          if (used(f)) col[f][j] += v[f];
       }
     };
     int64_t j = 0;
@@ -769,11 +791,14 @@ METRICOPS_SIMD_CLONES void shared_row_backward(const Policy& p, const Problem<ac
   const ParamView<acc_t> none{};
   const acc_t ref_pos = ref.pos, ref_neg = ref.neg;
   const acc_t ap = rc.a[i], an = rc.a[rc.n + i], glp = rc.glin[i], gln = rc.glin[rc.n + i];
+  acc_t row_values[kMaxParams] = {};
+  const ParamView<acc_t> row_params = local_params(pr, i, row_values);
+  const ParamView<acc_t> col_params0 = pr.col_params(c0);
   if (!cc) col_from = n;
   for (int64_t j = 0; j < col_from; ++j) {
     const acc_t sj = s[j];
     const bool pos = ck[j] == rk;
-    const bool valid = (j != skip) & pol.keep(sj, pos, none, none);
+    const bool valid = (j != skip) & pol.keep(sj, pos, row_params, col_params0.moved(j));
     acc_t phi, dphi, dlin;
     pol.grad(sj, pos, none, none, phi, dphi, dlin);
     const acc_t e = lse_exp(phi - (pos ? ref_pos : ref_neg));
@@ -788,13 +813,15 @@ METRICOPS_SIMD_CLONES void shared_row_backward(const Policy& p, const Problem<ac
   for (int64_t j = col_from; j < n; ++j) {
     const acc_t sj = s[j];
     const bool pos = ck[j] == rk;
-    const bool valid = pol.keep(sj, pos, none, none);
+    const ParamView<acc_t> col_params = col_params0.moved(j);
+    const bool valid = pol.keep(sj, pos, row_params, col_params);
+    const bool valid_t = pol.keep(sj, pos, col_params, row_params);  // seen from the column
     acc_t phi, dphi, dlin;
     pol.grad(sj, pos, none, none, phi, dphi, dlin);
     const acc_t e = lse_exp(phi - (pos ? ref_pos : ref_neg));
-    const acc_t d =
-        ((pos ? glp : gln) + (pos ? cglp[j] : cgln[j])) * dlin + ((pos ? ap : an) + (pos ? cap[j] : can[j])) * e * dphi;
-    g[j] = valid ? d : acc_t(0);
+    const acc_t d = (pos ? glp : gln) * dlin + (pos ? ap : an) * e * dphi;
+    const acc_t dt = (pos ? cglp[j] : cgln[j]) * dlin + (pos ? cap[j] : can[j]) * e * dphi;
+    g[j] = (valid ? d : acc_t(0)) + (valid_t ? dt : acc_t(0));
   }
 }
 

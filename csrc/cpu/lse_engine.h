@@ -108,7 +108,8 @@ struct Problem {
 };
 
 // Row i's parameters copied into `values` (kMaxParams), as a view of them (none without parameters): the
-// fixed-reference loops read locals, which GCC keeps in registers.
+// backward's and the fixed-reference loops read locals, which GCC keeps in registers (through the problem's
+// pointer it may reload them per entry and leave a loop scalar).
 template <typename acc_t>
 inline ParamView<acc_t> local_params(const Problem<acc_t>& pr, int64_t i, acc_t* values) {
   if (!pr.params_t) return {};
@@ -501,8 +502,7 @@ METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& p
   const int64_t rk = pr.row_keys[i];
   const int64_t* __restrict__ ck = pr.col_keys + c0;
   acc_t own_values[kMaxParams] = {};
-  for (int64_t k = 0; k < pr.num_params; ++k) own_values[k] = pr.row_params(i)[k];
-  const ParamView<acc_t> own{own_values, 1, 0};
+  const ParamView<acc_t> own = local_params(pr, i, own_values);
   const ParamView<acc_t> other0 = pr.col_params(c0);
   const acc_t lp = rg.field(kGLsePos)[i], ln = rg.field(kGLseNeg)[i];
   const acc_t gp = rg.field(kGGradLsePos)[i], gn = rg.field(kGGradLseNeg)[i];
@@ -591,8 +591,8 @@ void symmetrize_block(acc_t* G, int64_t ld, int64_t n) {
 // one evaluation and one exp per entry, added to its row's and its column's sums in one pass, no max pass.
 // Row parameters that only keep() reads (the MS miner's thresholds) are tested once from the row and once
 // from the column. The backward's dL/ds then takes one exp per entry instead of two. B = 2048, D = 128, 2 threads,
-// alternating runs: forward+backward of SupCon 12.0 -> 10.9 ms, MS 12.5 -> 10.7, GeneralizedLifted 13.1 -> 11.0, the
-// CLIP loss at N = 4096, D = 256 155 -> 139 ms.
+// alternating runs (medians of 4): forward+backward of SupCon 14.4 -> 13.2 ms, MS 14.6 -> 12.8, MS with its miner
+// 22.8 -> 18.0, GeneralizedLifted 14.9 -> 12.6, the CLIP loss at N = 4096, D = 256 171 -> 156 ms.
 // Exact unless a sum falls so low that its terms flushed to 0 (φ - hi_c < -87: lse_exp) would show: the
 // forward checks every sum against e^kSharedMinLogSum per term (flushed terms then stay below 1e-7 of it) and
 // redoes the call with the general epilogues if one is lower; the backward applies the same test to the LSEs.

@@ -472,6 +472,10 @@ def yardstick_sentence(report: dict) -> str:
     )
 
 
+# behind(): a slower path's memory is mentioned from this ratio on.
+_MEMORY_NOTED = 1.05
+
+
 def behind(report: dict, threshold: float = 0.995) -> Tuple[List[str], List[str]]:
     """Rows where a contender doing the same work is faster than the first contender.
 
@@ -494,8 +498,8 @@ def behind(report: dict, threshold: float = 0.995) -> Tuple[List[str], List[str]
                 mem_base, mem = row.get("peak_bytes", {}).get(base), row.get("peak_bytes", {}).get(name)
                 memory = (
                     f", in {fmt_ratio(mem / mem_base)} less memory ({fmt_bytes(mem_base)} vs {fmt_bytes(mem)})"
-                    if mem and mem_base and mem > mem_base
-                    else ""
+                    if mem and mem_base and mem >= _MEMORY_NOTED * mem_base
+                    else ""  # (a few % apart: two runs of the same engine, not "1.00× less memory")
                 )
                 own.append(
                     f"- {row['op']} ({row['mode']}), {size}: {base} takes {fmt_ratio(t_base / t)} the time "

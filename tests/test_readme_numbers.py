@@ -177,6 +177,20 @@ def test_generator_lists_a_slower_streaming_path_with_its_memory():
     ) in block
 
 
+def test_generator_leaves_out_a_memory_difference_of_a_few_percent():
+    """Two metricops paths a few % apart in memory (the same engine: the sampled peak's spread) are listed by
+    time alone, never "in 1.00× less memory (11 MiB vs 11 MiB)"."""
+    report = _fake_report()
+    row = _row(report, "contrastive_loss (scale)", B=16384)
+    row["seconds"]["metricops matrix"] = 0.008
+    row["peak_bytes"]["metricops matrix"] = int(row["peak_bytes"]["metricops streaming"] * 1.03)
+    block = rt.render(report)
+    assert (
+        "- contrastive_loss (scale) (forward+backward), B=16384: metricops streaming takes 1.25× the time of "
+        "metricops matrix (10.0 ms vs 8.00 ms)."
+    ) in block
+
+
 def test_generator_refuses_a_ratio_between_different_computations():
     report = _fake_report()
     row = _row(report, "semihard_triplet_loss", B=1024)

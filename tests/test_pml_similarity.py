@@ -404,3 +404,29 @@ def test_multi_similarity_log1p_is_exact_above_softplus_threshold():
     want = pml_losses.MultiSimilarityLoss()(x, labels)
     for got in (metricops.multi_similarity_loss(x, labels), metricops.pml.losses.MultiSimilarityLoss()(x, labels)):
         torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+
+
+def test_mean_nonzero_counts_the_terms_pml_rounds_to_zero():
+    """AvgNonZeroReducer averages the terms > 0. NT-Xent's pair terms log(1 + Σ_n e^{z_in − z_ip}) are all > 0,
+    and metricops counts them all; PML computes −log(num/den + tiny), exactly 0 once the sum falls below half
+    an ulp of 1, and leaves those pairs out of its count (documented in metricops/reference/similarity.py).
+    Here, at τ = 0.01, four ordered pairs have terms of ~2e-22 and two of ~3e-11."""
+    c = 0.75**0.5
+    x = torch.tensor(
+        [[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0.5, 0, c], [0, 0.5, c]], dtype=torch.float64
+    )
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    z = (x @ x.T) / 0.01
+    terms = []
+    for i in range(6):
+        for p in range(6):
+            if p != i and labels[p] == labels[i]:
+                negatives = z[i][labels != labels[i]]
+                terms.append(torch.log1p(torch.exp(torch.logsumexp(negatives, 0) - z[i, p])))  # exact when tiny
+    terms = torch.stack(terms)
+    assert (terms > 0).all() and (terms < 1e-20).sum() == 4 and (terms > 1e-12).sum() == 2
+    ours = losses.NTXentLoss(temperature=0.01, reducer=reducers.AvgNonZeroReducer())(x, labels)
+    torch.testing.assert_close(ours, terms.sum() / 6, rtol=1e-9, atol=0)
+    pml = pml_losses.NTXentLoss(temperature=0.01, reducer=pml_reducers.AvgNonZeroReducer())(x, labels)
+    # PML: the two pairs it sees as > 0 (its own terms carry ~1e-5 relative rounding at this size)
+    torch.testing.assert_close(pml, terms.sum() / 2, rtol=1e-3, atol=0)

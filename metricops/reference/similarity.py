@@ -16,7 +16,12 @@ PML semantics that are easy to get wrong (each is pinned by a test):
   NT-Xent and LiftedStructure are "pos_pair" losses and average over **positive pairs**
   (ordered: (i, p) and (p, i) both count). ``"mean_nonzero"`` is ``AvgNonZeroReducer``:
   mean of the elements (anchors or pairs) that are > 0, and 0 when none is. Defaults:
-  SupCon and Circle ``"mean_nonzero"``, the others ``"mean"``.
+  SupCon and Circle ``"mean_nonzero"``, the others ``"mean"``. Here > 0 is exact: PML's own
+  arithmetic rounds a term to exactly 0 once it falls below about half an ulp of 1 (NT-Xent's
+  −log(num/den + tiny), MS's log(1 + Σ)), and its count then leaves that term out. So where
+  terms are that small (below ~1e-16 in float64, ~6e-8 in float32: e.g. NT-Xent at τ = 0.01
+  with well-separated pairs, MS with base above the similarities), PML's "mean_nonzero"
+  divides by fewer terms than metricops' (test_pml_similarity.py pins one such case).
 * ``reduction="none"`` returns (B,): the anchor's term; for NT-Xent and lifted structure
   the sum of the anchor's positive-pair terms.
 * Whole-batch zero rules (the loss is exactly 0, attached, zero gradient):

@@ -22,7 +22,7 @@ MEMORY_LIMIT_BYTES = 2 * 2**30
 REAL_SHARE = 0.10
 # interleaved_times: a contender whose call follows another's that took this many times its own last time (and
 # at least SETTLE_MIN_SECONDS) makes SETTLE_CALLS untimed calls first.
-SETTLE_AFTER_SLOWER = 10.0
+SETTLE_AFTER_SLOWER = 2.0
 SETTLE_MIN_SECONDS = 0.05
 SETTLE_CALLS = 2
 
@@ -113,10 +113,12 @@ def interleaved_times(
     A shuffle still leaves a few rounds (at least min_rounds, 5 where a contender takes seconds) unequal: a call
     right after one that took far longer pays for that one's freed pages (measured: GeneralizedLifted at
     B = 2048 took 22-31 ms right after the 3.6 s reference, which holds 6 GiB, 13-16 ms on the next call and
-    12-14 from then on; the committed medians had the functional at 25 ms and its drop-in at 18). So a
-    contender that follows a call of another lasting SETTLE_AFTER_SLOWER times its own last time, and at least
-    SETTLE_MIN_SECONDS, first makes SETTLE_CALLS untimed calls: each contender is timed in its own steady
-    state."""
+    12-14 from then on; the committed medians had the functional at 25 ms and its drop-in at 18). A lighter
+    predecessor does it too: with the rule at 10× instead of 2×, the functional NT-Xent at B = 2048 (14 ms
+    alone, as its drop-in) was timed at 20.5 ms and its drop-in at 15.4, the 95 ms reference (164 MiB) in
+    their rounds. So a contender that follows a call of another lasting SETTLE_AFTER_SLOWER times its own
+    last time, and at least SETTLE_MIN_SECONDS, first makes SETTLE_CALLS untimed calls: each contender is
+    timed in its own steady state."""
     if warm_up:
         for fn in runs.values():
             fn()

@@ -430,3 +430,21 @@ def test_mean_nonzero_counts_the_terms_pml_rounds_to_zero():
     pml = pml_losses.NTXentLoss(temperature=0.01, reducer=pml_reducers.AvgNonZeroReducer())(x, labels)
     # PML: the two pairs it sees as > 0 (its own terms carry ~1e-5 relative rounding at this size)
     torch.testing.assert_close(pml, terms.sum() / 2, rtol=1e-3, atol=0)
+
+
+def test_ntxent_pair_terms_above_pml_float32_cap_stay_exact():
+    """PML's NT-Xent term −log(num/den + tiny) cannot exceed −log(tiny) (87.3 in float32): at τ = 0.01 a
+    positive 1 below a negative in similarity has a term of ~100, which PML's float32 caps. metricops'
+    float32 terms stay within float32 rounding of the float64 value. Here two of the four pair terms are
+    ~100 (the mean is ~63; PML's float32 gives ~57)."""
+    x = torch.tensor([[1.0, 0, 0], [-0.5, 0.866, 0], [0.5, 0.866, 0], [0, 0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    exact = metricops.reference.ntxent_loss(x, labels, temperature=0.01)
+    assert exact > 60
+    for loss in (
+        metricops.ntxent_loss(x.float(), labels, temperature=0.01),
+        losses.NTXentLoss(temperature=0.01)(x.float(), labels),
+    ):
+        torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=0)
+    capped = pml_losses.NTXentLoss(temperature=0.01)(x.float(), labels)
+    assert capped < exact - 5  # PML's float32 value: both ~100 terms capped at 87.3

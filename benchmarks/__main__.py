@@ -35,7 +35,7 @@ def merge_reports(json_path: str, new: dict) -> dict:
     software combine; anything else is refused rather than mixed."""
     with open(json_path) as f:
         old = json.load(f)
-    same = ("device", "cpu", "threads", "torch", "python", "metricops", "libraries")
+    same = ("device", "cpu", "cpu_capability", "threads", "torch", "python", "metricops", "libraries")
     differing = [k for k in same if old["environment"].get(k) != new["environment"].get(k)]
     if differing or old.get("run", {}).get("size") != new["run"]["size"]:
         raise SystemExit(f"--merge: {json_path} comes from another environment or size ({differing or 'size'})")

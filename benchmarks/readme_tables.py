@@ -513,6 +513,12 @@ def behind(report: dict, threshold: float = 0.995) -> Tuple[List[str], List[str]
     return others, own
 
 
+def _cpu(env: dict) -> str:
+    """The CPU as the run recorded it: model and vector ISA (older runs recorded the architecture only)."""
+    cpu = env.get("cpu", "?")
+    return f"{cpu}, {env['cpu_capability']}" if env.get("cpu_capability") else cpu
+
+
 def render(report: dict) -> str:
     """The README block (without the markers) for a full run's JSON."""
     run = report.get("run", {})
@@ -521,7 +527,7 @@ def render(report: dict) -> str:
     env = report["environment"]
     others, own = behind(report)
     parts = [
-        f"Measured with `make bench` on {env.get('device', '?')} ({env.get('cpu', '?')}, {env.get('threads', '?')} "
+        f"Measured with `make bench` on {env.get('device', '?')} ({_cpu(env)}, {env.get('threads', '?')} "
         f"threads), torch {env.get('torch', '?')}, float32, one run on {env.get('time', '?')[:10]}: contenders "
         "interleaved (one call each per round, each round in its own order), medians; peak extra memory of one "
         "call. Full numbers: "

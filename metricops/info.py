@@ -8,6 +8,28 @@ import sys
 import torch
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows (often just the architecture)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_capability() -> str:
+    """The widest vector ISA torch's CPU kernels use here ("AVX512", "AVX2", "DEFAULT", ...). metricops' own
+    loops pick their clone by the same hardware features (csrc/cpu/simd.h), and BLAS its kernels: timings from
+    two CPUs of the same architecture but another capability (or vendor) are not comparable."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - older torch
+        return "unknown"
+
+
 def collect() -> dict:
     import metricops
 
@@ -23,6 +45,8 @@ def collect() -> dict:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "sanitizers": info["sanitizers"],
         "num_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_capability": cpu_capability(),
     }
 
 
@@ -40,7 +64,7 @@ def main() -> int:
     print(f"CUDA available at run time: {info['cuda_available']} (devices: {devices})")
     if info["sanitizers"]:
         print("built with AddressSanitizer/UBSan")
-    print(f"CPU threads: {info['num_threads']}")
+    print(f"CPU: {info['cpu']} (vector ISA: {info['cpu_capability']}), {info['num_threads']} threads")
     return 0
 
 

@@ -182,6 +182,7 @@ TORCH_LIBRARY(metricops, m) {
   // Rows x (B, D), columns y (M, D) (y=None: the columns are x's rows, the self pair (i, i) is ignored,
   // col_keys must be None). S = x yᵀ; entry (i, j) is positive when row_keys[i] == col_keys[j], else
   // negative. `policy` names φ_pos/φ_neg and the per-entry sums ("scaled": φ = scale·s, lin = scale·s;
+  // "scaled_learnable": the same, with the dLSE/dscale columns, which the others leave 0;
   // "multi_similarity" args (alpha, beta, base): φ_pos = -alpha(s - base), φ_neg = beta(s - base);
   // "multi_similarity_mined" args (alpha, beta, base, epsilon), row_params (B, 2) = (min positive s,
   // max negative s): only the pairs PML's MultiSimilarityMiner keeps count; "similarity_range": only

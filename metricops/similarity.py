@@ -475,8 +475,10 @@ def info_nce_loss(
     col_keys = torch.arange(m, device=queries.device)
     block_rows, block_cols, _ = _tile("streaming", queries, keys, False)
     # normalize: the op scales its tiles by the rows' inverse norms (no normalized copies of q and k)
+    # a temperature tensor takes the policy with d/dscale's sums (under torch.func its requires_grad may not show)
+    policy = "scaled_learnable" if isinstance(temperature, torch.Tensor) else "scaled"
     rows, cols, _ = ops.lse_stats(
-        queries, keys, row_keys, col_keys, None, scale, "scaled", [], normalize, symmetric, block_rows, block_cols
+        queries, keys, row_keys, col_keys, None, scale, policy, [], normalize, symmetric, block_rows, block_cols
     )
     # cross-entropy: LSE over all keys − the positive's logit (lin_pos = z_ii)
     loss = torch.logaddexp(rows[:, LSE_POS], rows[:, LSE_NEG]) - rows[:, LIN_POS]

@@ -167,6 +167,12 @@ def _scale(x):
     return torch.tensor(2.0, dtype=x.dtype, device=x.device)
 
 
+def _learnable_scale(x):
+    """A scale computed from x, so that it requires grad with x (InfoNCE's learnable temperature, as CLIP's
+    exp(logit_scale)): the "scaled_learnable" policy, whose d/dscale then reaches x too."""
+    return 2.0 * torch.exp(0.01 * x.sum())  # (x may be empty)
+
+
 def _keys(x):
     return torch.arange(x.shape[0], device=x.device)
 
@@ -231,6 +237,7 @@ SAMPLES: dict[str, Callable[..., list[SampleInput]]] = {
         ),
         SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], False, True, 2, 2)),
         SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], True, True, 2, 2)),
+        SampleInput((x, x2, _keys(x), _keys(x2), None, _learnable_scale(x), "scaled_learnable", [], True, True, 2, 2)),
     ]
     # the forward's tiles kept for the backward (CPU only: CUDA refuses save_tiles)
     + (

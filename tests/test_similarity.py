@@ -359,6 +359,41 @@ def test_saved_tiles_are_s_and_give_the_recomputed_gradient(policy, args, with_y
             assert torch.equal(recomputed, read), (block_rows, block_cols)
 
 
+@pytest.mark.parametrize("with_y", [False, True])
+def test_scaled_policy_sums_dscale_only_when_learnable(with_y):
+    """ "scaled" leaves the d/dscale columns 0 (their sums cost the CPU epilogues), "scaled_learnable" fills them;
+    every other statistic is the same. A scale that requires grad is refused by "scaled": its gradient would
+    silently miss the d/dscale part."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 4, generator=g, dtype=torch.float64) if with_y else None
+    labels = torch.randint(0, 3, (9,), generator=g)
+    col_keys = torch.randint(0, 3, (6,), generator=g) if with_y else None
+    scale = torch.tensor(3.0, dtype=torch.float64)
+    common = (x, y, labels, col_keys, None, scale)
+    plain, plain_cols, _ = ops.lse_stats(*common, "scaled", [], True, with_y, 4, 0)
+    learnable, learnable_cols, _ = ops.lse_stats(*common, "scaled_learnable", [], True, with_y, 4, 0)
+    dscale = [stat.DSCALE_POS, stat.DSCALE_NEG]
+    others = [c for c in range(stat.NUM_STATS) if c not in dscale]
+    for p_stats, l_stats in ((plain, learnable), (plain_cols, learnable_cols)):
+        assert torch.equal(p_stats[:, others], l_stats[:, others])
+        assert torch.equal(p_stats[:, dscale], torch.zeros_like(p_stats[:, dscale]))
+    # d LSE/d scale = the softmax-weighted mean of s (hand-computed from S)
+    s = F.normalize(x, dim=1) @ F.normalize(x if y is None else y, dim=1).T
+    pos = labels[:, None] == (labels if y is None else col_keys)[None, :]
+    if y is None:
+        s = s.masked_fill(torch.eye(9, dtype=torch.bool), float("nan"))
+    for c, mask in ((stat.DSCALE_POS, pos), (stat.DSCALE_NEG, ~pos)):
+        z = torch.where(mask & ~s.isnan(), 3.0 * s, float("-inf"))
+        w = torch.softmax(z, dim=1).nan_to_num()
+        expected = (w * s.nan_to_num()).sum(1)
+        torch.testing.assert_close(learnable[:, c], expected, rtol=1e-12, atol=1e-14)
+    learnable_scale = scale.clone().requires_grad_()
+    rows, _, _ = ops.lse_stats(x, y, labels, col_keys, None, learnable_scale, "scaled", [], True, False, 4, 0)
+    with pytest.raises(ValueError, match="a scale that requires grad needs policy 'scaled_learnable'"):
+        torch.where(torch.isfinite(rows[:, :2]), rows[:, :2], 0).sum().backward()
+
+
 def test_saved_tiles_bad_input():
     x = torch.randn(6, 3, dtype=torch.float64)
     labels = torch.arange(6) % 3

@@ -21,6 +21,7 @@ namespace lse {
 
 enum class PolicyKind {
   Scaled,
+  ScaledLearnable,
   MultiSimilarity,
   MultiSimilarityMined,
   SimilarityRange,
@@ -39,6 +40,7 @@ struct PolicySpec {
 
 inline PolicySpec parse_policy(c10::string_view name) {
   if (name == "scaled") return {PolicyKind::Scaled, 0, 0, true};
+  if (name == "scaled_learnable") return {PolicyKind::ScaledLearnable, 0, 0, true};
   if (name == "multi_similarity") return {PolicyKind::MultiSimilarity, 3, 0, false};
   if (name == "multi_similarity_mined") return {PolicyKind::MultiSimilarityMined, 4, 2, false};
   if (name == "similarity_range") return {PolicyKind::SimilarityRange, 0, 0, false};
@@ -46,10 +48,11 @@ inline PolicySpec parse_policy(c10::string_view name) {
   if (name == "lifted") return {PolicyKind::Lifted, 2, 0, false};
   if (name == "ntxent_pairs") return {PolicyKind::NTXentPairs, 0, 1, true};
   if (name == "lifted_pairs") return {PolicyKind::LiftedPairs, 2, 2, false};
-  TORCH_CHECK_VALUE(false,
-                    "policy must be one of 'scaled', 'multi_similarity', 'multi_similarity_mined', 'circle', "
-                    "'lifted', 'ntxent_pairs', 'lifted_pairs', got '",
-                    std::string(name), "'");
+  TORCH_CHECK_VALUE(
+      false,
+      "policy must be one of 'scaled', 'scaled_learnable', 'multi_similarity', 'multi_similarity_mined', 'circle', "
+      "'lifted', 'ntxent_pairs', 'lifted_pairs', got '",
+      std::string(name), "'");
 }
 
 // The policies on d = sqrt(2 - 2s): with normalize=True they need the rows' distance offsets
@@ -112,7 +115,9 @@ template <typename acc_t, typename F>
 inline void with_policy(const PolicySpec& spec, c10::ArrayRef<double> a, double scale, int64_t dim, const F& f) {
   switch (spec.kind) {
     case PolicyKind::Scaled:
-      return f(ScaledPolicy<acc_t>{static_cast<acc_t>(scale)});
+      return f(ScaledPolicy<acc_t, false>{static_cast<acc_t>(scale)});
+    case PolicyKind::ScaledLearnable:
+      return f(ScaledPolicy<acc_t, true>{static_cast<acc_t>(scale)});
     case PolicyKind::MultiSimilarity:
       return f(MultiSimilarityPolicy<acc_t, false>{static_cast<acc_t>(a[0]), static_cast<acc_t>(a[1]),
                                                    static_cast<acc_t>(a[2]), acc_t(0)});

@@ -17,6 +17,9 @@ LSE_POS, LSE_NEG, LIN_POS, LIN_NEG, COUNT_POS, COUNT_NEG, MIN_POS, MAX_NEG, DSCA
 # policy -> (number of args, row_params columns)
 POLICIES = {
     "scaled": (0, 0),
+    # "scaled" with the sums d/dscale needs (DSCALE_POS/NEG, 0 from every other policy): for a scale that
+    # requires grad only, since they cost the CPU epilogues two sums per entry
+    "scaled_learnable": (0, 0),
     "multi_similarity": (3, 0),
     "multi_similarity_mined": (4, 2),
     "similarity_range": (0, 0),
@@ -152,7 +155,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _scale_grad(grad, stats, scale):
-    """d/dscale of the "scaled" policy's statistics: dLSE_c/dscale is a column of the statistics, lin_c = scale·Σ s."""
+    """d/dscale of the "scaled_learnable" policy's statistics: dLSE_c/dscale is a column of the statistics, lin_c = scale·Σ s."""
     if grad is None or stats.shape[0] == 0:
         return None
     g = grad.to(stats.dtype)
@@ -206,7 +209,8 @@ def _backward(ctx, grad_row, grad_col, _grad_tiles):
         # multi_similarity_mined's thresholds only select pairs: no gradient
     if needs[5]:
         torch._check_value(
-            policy == "scaled", lambda: f"a scale that requires grad needs policy 'scaled', got {policy!r}"
+            policy == "scaled_learnable",
+            lambda: f"a scale that requires grad needs policy 'scaled_learnable', got {policy!r}",
         )
         parts = [
             p

@@ -313,6 +313,16 @@ def _packed_upper_strips(s: torch.Tensor, rows: int, self_mode: bool) -> torch.T
     return torch.cat([s[r0 : r0 + rows, (r0 if self_mode else 0) :].reshape(-1) for r0 in range(0, b, rows)])
 
 
+def _keyed_batch(g, b, m, d, classes, with_y):
+    """(x (b, d), y (m, d) or None, row keys, column keys or None): float64 rows with random keys in [0, classes),
+    drawn from g in that order."""
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    y = torch.randn(m, d, generator=g, dtype=torch.float64) if with_y else None
+    labels = torch.randint(0, classes, (b,), generator=g)
+    col_keys = torch.randint(0, classes, (m,), generator=g) if with_y else None
+    return x, y, labels, col_keys
+
+
 @pytest.mark.parametrize("with_y", [False, True])
 @pytest.mark.parametrize(
     "policy, args", [("scaled", []), ("multi_similarity", [2.0, 10.0, 0.5]), ("lifted", [0.0, 1.0])]
@@ -324,10 +334,7 @@ def test_saved_tiles_are_s_and_give_the_recomputed_gradient(policy, args, with_y
     if policy == "lifted" and with_y:
         pytest.skip("the lifted policy's callers pair rows with rows")
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(11, 5, generator=g, dtype=torch.float64)
-    y = torch.randn(7, 5, generator=g, dtype=torch.float64) if with_y else None
-    labels = torch.randint(0, 4, (11,), generator=g)
-    col_keys = torch.randint(0, 4, (7,), generator=g) if with_y else None
+    x, y, labels, col_keys = _keyed_batch(g, 11, 7, 5, 4, with_y)
     scale = torch.tensor(3.0, dtype=torch.float64)
     weights = torch.randn(11, 12, generator=g, dtype=torch.float64)
     weights[:, 4:] = 0
@@ -365,11 +372,7 @@ def test_scaled_policy_sums_dscale_only_when_learnable(with_y, device):
     """ "scaled" leaves the d/dscale columns 0 (their sums cost the CPU epilogues), "scaled_learnable" fills them;
     every other statistic is the same. A scale that requires grad is refused by "scaled": its gradient would
     silently miss the d/dscale part."""
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(9, 4, generator=g, dtype=torch.float64)
-    y = torch.randn(6, 4, generator=g, dtype=torch.float64) if with_y else None
-    labels = torch.randint(0, 3, (9,), generator=g)
-    col_keys = torch.randint(0, 3, (6,), generator=g) if with_y else None
+    x, y, labels, col_keys = _keyed_batch(torch.Generator().manual_seed(5), 9, 6, 4, 3, with_y)
     scale = torch.tensor(3.0, dtype=torch.float64)
     x, y, labels, col_keys, scale = (None if t is None else t.to(device) for t in (x, y, labels, col_keys, scale))
     common = (x, y, labels, col_keys, None, scale)

@@ -181,7 +181,8 @@ TORCH_LIBRARY(metricops, m) {
   // ---- The streaming log-sum-exp engine (metricops/similarity.py, csrc/common/lse_stats.h).
   // Rows x (B, D), columns y (M, D) (y=None: the columns are x's rows, the self pair (i, i) is ignored,
   // col_keys must be None). S = x yᵀ; entry (i, j) is positive when row_keys[i] == col_keys[j], else
-  // negative. `policy` names φ_pos/φ_neg and the per-entry sums ("scaled": φ = scale·s, lin = scale·s;
+  // negative. `policy` names φ_pos/φ_neg and the per-entry sums ("scaled": φ = lin = scale·(s - 1), the logits
+  // scale·s shifted to keep precision near s = 1 (csrc/common/lse_stats.h ScaledPolicy);
   // "scaled_learnable": the same, with the dLSE/dscale columns, which the others leave 0;
   // "multi_similarity" args (alpha, beta, base): φ_pos = -alpha(s - base), φ_neg = beta(s - base);
   // "multi_similarity_mined" args (alpha, beta, base, epsilon), row_params (B, 2) = (min positive s,
@@ -191,7 +192,7 @@ TORCH_LIBRARY(metricops, m) {
   // φ_neg = neg_margin - d (normalize=False: for unit rows; normalize=True: d = ||x̂_i - x̂_j|| for every row, s_ij
   // + o_i + o_j with o = (1 - ||x̂||²)/2, nonzero only for rows of norm < eps, which F.normalize leaves shorter
   // than 1; their o is held constant in the backward); "ntxent_pairs" row_params (B, 1) = m_i: each positive gives
-  // lin = softplus(m_i - scale·s), aux = sigmoid(m_i - scale·s)). scale: a 0-dim tensor.
+  // lin = softplus(m_i - z), aux = sigmoid(m_i - z), z = scale·(s - 1) as "scaled"). scale: a 0-dim tensor.
   // row_stats (B, 12), in float64 for float64 inputs and float32 otherwise, columns: LSE_pos, LSE_neg
   // (-inf when empty), lin_pos, lin_neg, count_pos, count_neg, min positive s, max negative s (these
   // two from "similarity_range" only, +inf / -inf from the other policies),

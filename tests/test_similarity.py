@@ -1,6 +1,8 @@
 """The log-sum-exp engine's losses (metricops/similarity.py) against metricops.reference (float64), PML itself,
 torch's cross-entropy, and their own properties: tiles, edge cases, gradcheck, opcheck, torch.compile, errors."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -386,16 +388,21 @@ def test_scaled_policy_sums_dscale_only_when_learnable(with_y, device):
         else:
             torch.testing.assert_close(p_stats[:, others], l_stats[:, others], rtol=1e-13, atol=0)
         assert torch.equal(p_stats[:, dscale], torch.zeros_like(p_stats[:, dscale]))
-    # d LSE/d scale = the softmax-weighted mean of s (hand-computed from S)
+    # Hand-computed from S, with the logits z = scale·(s - 1) (shifted by -scale: precision near s = 1): LSE_c
+    # and lin_pos over z, and d LSE_c/d scale = the softmax-weighted mean of dz/dscale = s - 1
     s = F.normalize(x, dim=1) @ F.normalize(x if y is None else y, dim=1).T
     pos = labels[:, None] == (labels if y is None else col_keys)[None, :]
     if y is None:
         s = s.masked_fill(torch.eye(9, dtype=torch.bool, device=device), float("nan"))
     for c, mask in ((stat.DSCALE_POS, pos), (stat.DSCALE_NEG, ~pos)):
-        z = torch.where(mask & ~s.isnan(), 3.0 * s, float("-inf"))
+        z = torch.where(mask & ~s.isnan(), 3.0 * (s - 1), float("-inf"))
         w = torch.softmax(z, dim=1).nan_to_num()
-        expected = (w * s.nan_to_num()).sum(1)
+        expected = (w * (s - 1).nan_to_num()).sum(1)
         torch.testing.assert_close(learnable[:, c], expected, rtol=1e-12, atol=1e-14)
+        lse = stat.LSE_POS if c == stat.DSCALE_POS else stat.LSE_NEG
+        torch.testing.assert_close(learnable[:, lse], torch.logsumexp(z, dim=1), rtol=1e-12, atol=1e-14)
+    lin_pos = torch.where(pos & ~s.isnan(), 3.0 * (s - 1), 0.0).sum(1)
+    torch.testing.assert_close(learnable[:, stat.LIN_POS], lin_pos, rtol=1e-12, atol=1e-14)
     learnable_scale = scale.clone().requires_grad_()
     rows, _, _ = ops.lse_stats(x, y, labels, col_keys, None, learnable_scale, "scaled", [], True, False, 4, 0)
     with pytest.raises(ValueError, match="a scale that requires grad needs policy 'scaled_learnable'"):
@@ -603,16 +610,17 @@ def test_similarity_range_is_the_masked_min_and_max(device, with_y):
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_positives_only_policy_against_torch_with_a_nan_row(device):
-    """ntxent_pairs gives each positive lin = softplus(m_i - scale·s) and aux = sigmoid(m_i - scale·s), and the
-    negatives nothing: on the CPU only the positives are evaluated. Against torch, across tiles and in both
-    directions (a NaN row makes its own and its positives' sums NaN, and nobody's negative sums)."""
+    """ntxent_pairs gives each positive lin = softplus(m_i - z) and aux = sigmoid(m_i - z), z = scale·(s - 1) (the
+    "scaled" policy's logits), and the negatives nothing: on the CPU only the positives are evaluated. Against
+    torch, across tiles and in both directions (a NaN row makes its own and its positives' sums NaN, and nobody's
+    negative sums)."""
     g = torch.Generator().manual_seed(9)
     x = F.normalize(torch.randn(10, 4, generator=g, dtype=torch.float64), dim=1)
     x[6] = float("nan")
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 4, 4])  # row 7 alone: no positive
     m = torch.randn(10, 1, generator=g, dtype=torch.float64)
     scale = torch.tensor(2.5, dtype=torch.float64)
-    u = m - scale * (x @ x.T)
+    u = m - scale * (x @ x.T - 1)
     pos = (labels[:, None] == labels[None, :]) & ~torch.eye(10, dtype=torch.bool)
     zero = torch.zeros((), dtype=torch.float64)
     want_lin = torch.where(pos, F.softplus(u), zero).sum(1)
@@ -836,3 +844,47 @@ def test_fixed_reference_backward_falls_back_where_a_coefficient_would_overflow(
     for a, b in zip(torch.autograd.grad(got, mine), torch.autograd.grad(want, theirs)):
         assert torch.isfinite(a).all()
         assert_close(a.double() / b.abs().max(), b / b.abs().max(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "loss, memory",
+    [(name, memory) for name in ("supcon", "ntxent") for memory in ("matrix", "streaming")]
+    + [("info_nce", None), ("info_nce_symmetric", None), ("info_nce_unnormalized", None)],
+)
+def test_float32_keeps_relative_precision_near_convergence(loss, memory):
+    """Near convergence (each anchor's one positive at s ≈ 1 - 1e-6, negatives near s = 0) the per-anchor losses
+    are ~1e-7-1e-5 and the logits near 1/τ: computed from unshifted logits, float32's rounding at 1/τ (~1e-6) made
+    their error ~50% (the float32 reference's own: 16-75% here). The engine's logits are shifted by -1/τ (ScaledPolicy),
+    so float32 keeps its relative precision: against the float64 reference, per anchor, and for the gradient. (τ =
+    0.05: the fixed-reference epilogues; normalize=False on unit rows: the running-max ones.)"""
+    g = torch.Generator().manual_seed(12)
+    centers = F.normalize(torch.randn(64, 128, generator=g, dtype=torch.float64), dim=1)
+    x = torch.repeat_interleave(centers, 2, 0) + 1e-4 * torch.randn(128, 128, generator=g, dtype=torch.float64)
+    labels = torch.arange(128) // 2
+    if loss.startswith("info_nce"):
+        q, k = x[0::2], x[1::2]
+        if loss == "info_nce_unnormalized":
+            q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        kw = {"symmetric": loss == "info_nce_symmetric", "normalize": loss != "info_nce_unnormalized"}
+        ours, theirs = (partial(f.info_nce_loss, temperature=0.05, reduction="none", **kw) for f in (metricops, ref))
+        inputs = (q, k)
+    else:
+        name = f"{loss}_loss"
+        ours = partial(getattr(metricops, name), labels=labels, temperature=0.05, reduction="none", memory=memory)
+        theirs = partial(getattr(ref, name), labels=labels, temperature=0.05, reduction="none")
+        inputs = (x,)
+    want_in = [t.clone().requires_grad_() for t in inputs]
+    got_in = [t.float().requires_grad_() for t in inputs]
+    their32_in = [t.float().requires_grad_() for t in inputs]
+    want, got, their32 = theirs(*want_in), ours(*got_in), theirs(*their32_in)
+    assert want.max() < 1e-4 and want.min() > 0  # the regime: small, nonzero losses
+    # (measured: at most 2e-4 for SupCon and NT-Xent, 2e-3 for InfoNCE, whose loss is ~1e-7 here)
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=0)
+    weights = torch.rand(want.shape, generator=g, dtype=torch.float64)
+    want_grads = torch.autograd.grad((want * weights).sum(), want_in)
+    got_grads = torch.autograd.grad((got * weights.float()).sum(), got_in)
+    their32_grads = torch.autograd.grad((their32 * weights.float()).sum(), their32_in)
+    # The gradient's positive entry is softmax - 1 (~ -1e-6), a difference either way: no worse than the float32
+    # reference's error
+    for a, b, c in zip(got_grads, want_grads, their32_grads):
+        assert (a.double() - b).norm() <= 2 * (c.double() - b).norm()

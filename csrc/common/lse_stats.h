@@ -286,10 +286,15 @@ struct ParamView {
 
 // ---------------------------------------------------------------- policies
 
-// φ_pos = φ_neg = lin_pos = scale·s (SupCon's and InfoNCE's logits z = s/τ). kScaleGrad ("scaled_learnable"):
-// also the sums of d LSE/d scale, for a learnable temperature; without it ("scaled") they are 0 and not summed:
-// two fewer sums per entry, measured on a 2-core AVX2 AMD EPYC (B = 2048, D = 128, SupCon's forward op,
-// alternating builds, with the FMA clones of cpu/simd.h) 9.64 -> 8.5-8.7 ms.
+// φ_pos = φ_neg = lin_pos = scale·(s - 1): SupCon's and InfoNCE's logits z = scale·s (scale = 1/τ), shifted by
+// the constant -scale, which their losses (LSE - z_p) and NT-Xent's (NTXentPairsPolicy) do not see. Why shifted:
+// near convergence the positives reach s -> 1, and unshifted both LSE_pos and lin_pos sit near 1/τ, so that their
+// difference, the loss (~1e-6 there), was off by float32's rounding at 1/τ (~1e-6: 50% of the loss). Shifted, both
+// sit near 0 (s - 1 is exact), and the loss keeps float32's relative precision.
+// kScaleGrad ("scaled_learnable"): also the sums of d LSE/d scale (dφ/dscale = s - 1), for a learnable
+// temperature; without it ("scaled") they are 0 and not summed: two fewer sums per entry, measured on a 2-core AVX2
+// AMD EPYC (B = 2048, D = 128, SupCon's forward op, alternating builds, with the FMA clones of cpu/simd.h)
+// 9.64 -> 8.5-8.7 ms.
 template <typename acc_t, bool kScaleGrad = false>
 struct ScaledPolicy {
   static constexpr bool kLse = true;
@@ -301,21 +306,25 @@ struct ScaledPolicy {
   static constexpr bool kBounded = true;
   static constexpr bool kParamsOnlyInKeep = true;
   acc_t scale;
+  // s in [-1, 1]: s - 1 in [-2, 0]
   METRICOPS_LSE_INLINE void phi_bounds(bool, acc_t& lo, acc_t& hi) const {
-    hi = scale < acc_t(0) ? -scale : scale;
-    lo = -hi;
+    const acc_t far = acc_t(-2) * scale;
+    lo = far < acc_t(0) ? far : acc_t(0);
+    hi = far < acc_t(0) ? acc_t(0) : far;
   }
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
+  // dφ/dscale (the d LSE/d scale sums' weight)
+  METRICOPS_LSE_INLINE acc_t dphi_dscale(acc_t s) const { return s - acc_t(1); }
   METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& lin,
-                                 acc_t& aux, acc_t& dphi_dscale) const {
-    phi = scale * s;
+                                 acc_t& aux, acc_t& dphi_ds) const {
+    phi = scale * (s - acc_t(1));
     lin = phi;
     aux = acc_t(0);
-    dphi_dscale = kScaleGrad ? s : acc_t(0);
+    dphi_ds = kScaleGrad ? dphi_dscale(s) : acc_t(0);
   }
   METRICOPS_LSE_INLINE void grad(acc_t s, bool, ParamView<acc_t>, ParamView<acc_t>, acc_t& phi, acc_t& dphi,
                                  acc_t& dlin) const {
-    phi = scale * s;
+    phi = scale * (s - acc_t(1));
     dphi = scale;
     dlin = scale;
   }
@@ -470,9 +479,10 @@ struct LiftedPolicy {
 };
 
 // NT-Xent's second pass: own[0] = m_i = LSE over the row's negatives of
-// scale·s (first pass). Each positive gives lin = softplus(m_i - z) (its
-// -log(e^z / (e^z + Σ_n e^{z_n}))) and aux = σ(m_i - z) = d lin / d m_i.
-// Negatives give nothing.
+// ScaledPolicy's logits z = scale·(s - 1) (first pass), and z here the same.
+// Each positive gives lin = softplus(m_i - z) (its -log(e^z / (e^z + Σ_n
+// e^{z_n})), which the common shift leaves alone) and aux = σ(m_i - z) =
+// d lin / d m_i. Negatives give nothing.
 template <typename acc_t>
 struct NTXentPairsPolicy {
   static constexpr bool kLse = false;
@@ -487,7 +497,7 @@ struct NTXentPairsPolicy {
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void eval(acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t>, acc_t& phi, acc_t& lin,
                                  acc_t& aux, acc_t& dphi_dscale) const {
-    const acc_t u = own[0] - scale * s;
+    const acc_t u = own[0] - scale * (s - acc_t(1));
     phi = dphi_dscale = acc_t(0);
     lin = pos ? softplus(u) : acc_t(0);
     aux = pos ? sigmoid(u) : acc_t(0);
@@ -497,7 +507,7 @@ struct NTXentPairsPolicy {
   METRICOPS_LSE_INLINE void grad(acc_t s, bool pos, ParamView<acc_t> own, ParamView<acc_t>, acc_t& phi, acc_t& dphi,
                                  acc_t& dlin) const {
     phi = dphi = acc_t(0);
-    dlin = pos ? -scale * sigmoid(own[0] - scale * s) : acc_t(0);
+    dlin = pos ? -scale * sigmoid(own[0] - scale * (s - acc_t(1))) : acc_t(0);
   }
 };
 

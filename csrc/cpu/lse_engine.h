@@ -463,9 +463,10 @@ METRICOPS_SIMD_CLONES void cols_forward(const Policy& p, const Problem<acc_t>& p
       const acc_t ep = pos ? e : acc_t(0), en = pos ? acc_t(0) : e;
       cp[l] += ep;
       cn[l] += en;
-      if (Policy::kDScale) {
-        wp[l] += ep * s[l];  // the scaled policy's dφ/dscale is s
-        wn[l] += en * s[l];
+      if constexpr (Policy::kDScale) {  // again: eval_chunk's values were one row's
+        const acc_t dsc = p.dphi_dscale(s[l]);
+        wp[l] += ep * dsc;
+        wn[l] += en * dsc;
       }
     }
   }

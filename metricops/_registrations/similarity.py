@@ -155,7 +155,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _scale_grad(grad, stats, scale):
-    """d/dscale of the "scaled_learnable" policy's statistics: dLSE_c/dscale is a column of the statistics, lin_c = scale·Σ s."""
+    """d/dscale of the "scaled_learnable" policy's statistics: dLSE_c/dscale is a column of the statistics,
+    lin_c = scale·Σ (s − 1)."""
     if grad is None or stats.shape[0] == 0:
         return None
     g = grad.to(stats.dtype)

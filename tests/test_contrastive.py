@@ -128,6 +128,19 @@ def test_contrastive_nan_in_nan_out():
         assert torch.isnan(metricops.contrastive_loss(x, labels, metric=metric))
 
 
+@pytest.mark.parametrize("memory", ["matrix", "streaming"])
+def test_contrastive_mean_nonzero_of_a_nan_and_zeros_is_nan(memory):
+    """mean_nonzero counts the terms > 0, which a NaN term is not: with every finite term 0 the count is 0, and
+    the loss is the total, NaN (the matrix path once returned 0 there, its no-term value)."""
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0], [5.0, 5.0]])
+    x[0, 0] = float("nan")
+    labels = torch.tensor([0, 0, 1, 1])  # duplicated pairs, far-apart classes: every finite term is 0
+    assert torch.isnan(reference.contrastive_loss(x, labels, reduction="mean_nonzero"))
+    assert torch.isnan(metricops.contrastive_loss(x, labels, reduction="mean_nonzero", memory=memory))
+    finite = x.nan_to_num()  # the same batch without the NaN: no term, 0
+    assert metricops.contrastive_loss(finite, labels, reduction="mean_nonzero", memory=memory) == 0
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_contrastive_gradcheck(reduction):
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 2])

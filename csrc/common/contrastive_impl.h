@@ -98,8 +98,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_impl
   } else {
     denom = row_nnz.sum();
   }
-  // No valid term: 0, and the backward scales the gradient by 0 as well.
-  at::Tensor loss = at::where(denom.gt(0), total.div(denom.clamp_min(1)), at::zeros({}, acc_opts)).to(x.scalar_type());
+  // No valid term: the total itself, 0 (the backward scales the gradient by 0 as well), or NaN from a NaN term,
+  // which mean_nonzero does not count (NaN > 0 is false), as the streaming path and the reference give.
+  at::Tensor loss = total.div(denom.clamp_min(1)).to(x.scalar_type());
   return {loss, W, row_coef, denom};
 }
 

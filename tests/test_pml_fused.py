@@ -203,15 +203,21 @@ def test_unfusable_calls_list_the_triplets_and_match_pml():
         assert_close(g1, g2, atol=1e-8, rtol=1e-6)
 
 
-def test_embeddings_changed_in_place_after_mining():
-    """The triplets are those of the values mined; the loss then sees the new values (as with PML)."""
+@pytest.mark.parametrize("how", ["in_place", "through_data"])
+def test_embeddings_changed_in_place_after_mining(how):
+    """The triplets are those of the values mined; the loss then sees the new values (as with PML). A write
+    through ``.data`` leaves the version counter alone: the values are compared too."""
     x, labels = _batch(4)
     for lib_miners, lib_losses in ((miners, losses), (pml_miners, pml_losses)):
         e = x.clone().requires_grad_()
         h = e * 1
         indices = lib_miners.TripletMarginMiner(0.2, "semihard")(h, labels)
-        with torch.no_grad():  # (LpDistance normalizes: a shift, not a scale, moves the distances)
-            h.add_(torch.linspace(-1.0, 1.0, h.numel(), dtype=h.dtype).view_as(h))
+        shift = torch.linspace(-1.0, 1.0, h.numel(), dtype=h.dtype).view_as(h)
+        if how == "through_data":
+            h.data.add_(shift)
+        else:
+            with torch.no_grad():  # (LpDistance normalizes: a shift, not a scale, moves the distances)
+                h.add_(shift)
         value = lib_losses.TripletMarginLoss(0.1)(h, labels, indices)
         if lib_miners is miners:
             ours = value

@@ -236,6 +236,13 @@ def test_miner_fused_only_when_exact(native_ops):
     emb.mul_(2.0)
     torch.testing.assert_close(loss(emb, labels, mined), pml_losses.MultiSimilarityLoss()(emb, labels, tuple(mined)))
     assert native_ops["multi_similarity_loss"] == 1  # modified in place: listed pairs
+    # written through .data, which leaves the version counter alone: the values tell
+    emb, labels = _batch(12, 4, 3, 2)
+    mined, before = miner(emb, labels), emb.clone()
+    emb.data.add_(torch.linspace(-1.0, 1.0, emb.numel(), dtype=emb.dtype).view_as(emb))
+    theirs = pml_losses.MultiSimilarityLoss()(emb, labels, pml_miners.MultiSimilarityMiner(0.2)(before, labels))
+    torch.testing.assert_close(loss(emb, labels, mined), theirs, atol=1e-12, rtol=1e-12)
+    assert native_ops["multi_similarity_loss"] == 1
 
 
 def _unit(v):

@@ -50,8 +50,14 @@ class MinedSource:
 
     def is_unchanged(self, embeddings: torch.Tensor) -> bool:
         """Whether ``embeddings`` is the very tensor mined, not modified in place since (unknowable for an
-        inference-mode tensor: no)."""
-        return self._embeddings() is embeddings and self._version is not None and _version(embeddings) == self._version
+        inference-mode tensor: no). The values are compared too: a write through ``.data`` leaves the version
+        counter alone (O(B·D), and a host sync on CUDA, as the fused losses' own checks)."""
+        return (
+            self._embeddings() is embeddings
+            and self._version is not None
+            and _version(embeddings) == self._version
+            and torch.equal(self.values, embeddings.detach())
+        )
 
 
 def _version(t: torch.Tensor):

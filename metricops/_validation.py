@@ -19,9 +19,15 @@ _CPU_FLOATS = (torch.float32, torch.float64)
 _CUDA_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def type_name(value) -> str:
+    """value's type for an error message: qualified unless a builtin (numpy 2's bool scalar is named "bool")."""
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(t)}")
 
 
 def _autocast_upcasts(t) -> bool:
@@ -101,7 +107,7 @@ def check_labels(labels, embeddings, name: str = "labels", embeddings_name: str 
 
 def check_flag(value, name: str) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
     return value
 
 
@@ -128,7 +134,7 @@ def _scalar_value(value, name: str, *, integral: bool):
             )
         value = value.item()
     elif isinstance(value, bool) or not isinstance(value, numbers.Integral if integral else numbers.Real):
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+        raise TypeError(f"{name} must be {kind}, got {type_name(value)}")
     return int(value) if integral else float(value)
 
 

@@ -88,7 +88,19 @@ BAD = [
         TypeError,
         "margin must be a number, got a Tensor of shape () and dtype torch.bool",
     ),
-    ("bh_margin_np_bool", lambda: bh(X, L, margin=np.bool_(True)), TypeError, "margin must be a number, got bool"),
+    # numpy 2 names its bool scalar type "bool": the message qualifies it, or it would contradict itself
+    (
+        "bh_margin_np_bool",
+        lambda: bh(X, L, margin=np.bool_(True)),
+        TypeError,
+        "margin must be a number, got numpy.bool",
+    ),
+    (
+        "bh_normalize_np_bool",
+        lambda: bh(X, L, normalize=np.bool_(True)),
+        TypeError,
+        "normalize must be a bool, got numpy.bool",
+    ),
     ("bh_margin_complex", lambda: bh(X, L, margin=0.2 + 0j), TypeError, "margin must be a number, got complex"),
     ("bh_soft_str", lambda: bh(X, L, soft="no"), TypeError, "soft must be a bool, got str"),
     ("bh_normalize_none", lambda: bh(X, L, normalize=None), TypeError, "normalize must be a bool, got NoneType"),
@@ -219,7 +231,7 @@ BAD = [
         TypeError,
         "k must be an int, got a Tensor of shape () and dtype torch.float32",
     ),
-    ("knn_k_np_float", lambda: metricops.knn(X, k=np.float64(2.0)), TypeError, "k must be an int, got float64"),
+    ("knn_k_np_float", lambda: metricops.knn(X, k=np.float64(2.0)), TypeError, "k must be an int, got numpy.float64"),
     (
         "knn_k_self",
         lambda: metricops.knn(X, k=4),

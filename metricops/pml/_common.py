@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import type_name
+
 
 def refuse_unsupported(cls_name: str, kwargs: dict) -> None:
     """pytorch-metric-learning accepts many more arguments; we refuse them by name rather than ignore them."""
@@ -18,7 +20,7 @@ def refuse_unsupported(cls_name: str, kwargs: dict) -> None:
 def check_call(embeddings, labels, indices_tuple):
     """A loss call's arguments as PML requires them: a tensor, labels or indices, a 3- or 4-tuple of indices."""
     if not isinstance(embeddings, torch.Tensor):
-        raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+        raise TypeError(f"embeddings must be a torch.Tensor, got {type_name(embeddings)}")
     if labels is None and indices_tuple is None:
         raise ValueError("labels and indices_tuple cannot both be None")
     if indices_tuple is not None and len(indices_tuple) not in (3, 4):

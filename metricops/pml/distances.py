@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..distance import pairwise_distance
+from .._validation import type_name
 from ._common import refuse_unsupported
 
 
@@ -48,7 +49,7 @@ class LpDistance(BaseDistance):
                 f"metricops.pml: distances.LpDistance supports power=1 or 2 only, got power={power!r}"
             )
         if not isinstance(normalize_embeddings, bool):
-            raise TypeError(f"normalize_embeddings must be a bool, got {type(normalize_embeddings).__name__}")
+            raise TypeError(f"normalize_embeddings must be a bool, got {type_name(normalize_embeddings)}")
         self.normalize_embeddings = normalize_embeddings
         self.p = p
         self.power = power

@@ -209,11 +209,11 @@ class _SimilarityLoss(_LabelledBatchLoss):
         for name in ("temperature", "alpha", "beta", "gamma"):
             if name in kwargs:
                 v.check_positive_finite(kwargs[name], name)
-        for name in ("base", "m"):
+        for name in ("base", "m", "pos_margin", "neg_margin"):
             if name in kwargs:
                 v.check_number(kwargs[name], name, finite=True)
         if kwargs.get("mining_epsilon") is not None:
-            v.check_number(kwargs["mining_epsilon"], "mining_epsilon")
+            v.check_number(kwargs["mining_epsilon"], "mining_epsilon", finite=True)
         super().__init__(**kwargs)
 
 
@@ -308,7 +308,7 @@ class InfoNCELoss(torch.nn.Module):
         v.check_flag(symmetric, "symmetric")
         v.check_flag(normalize, "normalize")
         v.check_flag(learn_temperature, "learn_temperature")
-        v.check_reduction(reduction)
+        v.check_reduction(reduction, ("mean", "sum", "none"))
         self.symmetric = symmetric
         self.normalize = normalize
         self.reduction = reduction

@@ -7,6 +7,8 @@ file is the audit across all of them (the table below lists every argument
 check), plus the eager-vs-torch.compile wording and the direct-op last line.
 """
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -680,3 +682,54 @@ def test_tensors_on_different_gpus_refused():  # pragma: no cover - needs 2 GPUs
         torch.ops.metricops.pairwise_distance(a, b, "euclidean")
     with pytest.raises(ValueError, match="labels must be on the embeddings' device"):
         metricops.batch_hard_triplet_loss(a, torch.zeros(3, dtype=torch.int64, device="cuda:1"))
+
+
+# --------------------------------------------------------------------------- nn modules: construction vs forward
+
+
+def _module_classes():
+    return [
+        c
+        for name, c in vars(mnn).items()
+        if inspect.isclass(c)
+        and issubclass(c, torch.nn.Module)
+        and c.__module__ == "metricops.nn"
+        and not name.startswith("_")
+    ]
+
+
+def _module_inputs(cls):
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(8, 4, generator=g)
+    if cls is mnn.PairwiseDistance:
+        return (emb,)
+    if cls is mnn.TripletMarginLoss:
+        return (emb, emb.flip(0), emb.roll(1, 0))
+    if cls is mnn.PairContrastiveLoss:
+        return (emb, emb.flip(0), torch.arange(8) % 2)
+    if cls is mnn.InfoNCELoss:
+        return (emb, emb.flip(0))
+    return (emb, torch.arange(8) // 2)
+
+
+_ODD_VALUES = [INF, -INF, NAN, 0.0, -1.0, 1e9, 3, True, np.bool_(True), np.float32(0.3), None, "x", "mean_nonzero"]
+_ODD_VALUES += ["none", "matrix", "streaming", "cosine"]
+
+
+@pytest.mark.parametrize("cls", _module_classes(), ids=lambda c: c.__name__)
+def test_module_constructors_refuse_what_forward_refuses(cls):
+    """Each metricops.nn module, one constructor argument at a time set to an odd value: a value the
+    constructor accepts must work in forward (nn.py refuses bad arguments at construction, with the
+    functionals' wording), so no module is built that can never run."""
+    signature = inspect.signature(cls.__init__)
+    required = {"num_classes": 4, "embedding_size": 4} if "num_classes" in signature.parameters else {}
+    optional = [p.name for p in signature.parameters.values() if p.default is not inspect.Parameter.empty]
+    assert optional, cls
+    for name in optional:
+        for value in _ODD_VALUES:
+            try:
+                module = cls(**required, **{name: value})
+            except (ValueError, TypeError):
+                continue
+            with torch.no_grad():
+                module(*_module_inputs(cls))  # must not raise

@@ -429,9 +429,13 @@ def _check_temperature(temperature, like: torch.Tensor):
         if temperature.device != like.device and temperature.device.type != "cpu":
             raise ValueError(f"temperature must be on the queries' device ({like.device}) or the CPU")
         if not torch.compiler.is_compiling() and temperature.device.type != "meta":
-            value = float(temperature.detach())
-            if not (value > 0 and value != float("inf")):
-                raise ValueError(f"temperature must be a finite number > 0, got {value}")
+            # under torch.func the values are inside wrappers (a vmapped one holds them all, and has no .item())
+            values = temperature.detach()
+            while torch._C._functorch.is_functorch_wrapped_tensor(values):
+                values = torch._C._functorch.get_unwrapped(values)
+            bad = ~((values > 0) & (values != float("inf")))
+            if bad.any():
+                raise ValueError(f"temperature must be a finite number > 0, got {values[bad].flatten()[0].item()}")
         return (1.0 / temperature).to(device=like.device, dtype=accumulation_dtype(like.dtype))
     value = v.check_positive_finite(temperature, "temperature")
     return _scale_tensor(1.0 / value, like)

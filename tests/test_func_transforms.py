@@ -14,6 +14,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 import metricops
+from metricops import reference
 from metricops._registrations._common import forward_op_names
 from common import assert_close
 from samples import NOT_DIFFERENTIABLE
@@ -157,6 +158,28 @@ def test_vmap_matches_a_loop(case):
     expected = [torch.stack(g) for g in zip(*[_autograd_grads(fn, inputs) for inputs in per_batch])]
     _assert_all_close(torch.vmap(torch.func.grad(fn, argnums=ARGNUMS))(*stacked), expected)
     _assert_all_close(torch.func.grad(lambda *t: torch.vmap(fn)(*t).sum(), argnums=ARGNUMS)(*stacked), expected)
+
+
+def test_vmap_over_a_temperature_tensor():
+    """info_nce_loss's temperature tensor batched by vmap (a sweep), outside and inside grad: the reference's
+    numbers; the value check reads the wrapped values (a batched tensor has no .item()), so a bad one still raises."""
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    taus = torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "There is a performance drop")  # functorch's loop over the batch
+        for symmetric in (False, True):
+            ours = lambda t: metricops.info_nce_loss(q, k, temperature=t, symmetric=symmetric)  # noqa: E731
+            theirs = lambda t: reference.info_nce_loss(q, k, temperature=t, symmetric=symmetric)  # noqa: E731
+            assert_close(torch.vmap(ours)(taus), torch.vmap(theirs)(taus), atol=1e-12, rtol=1e-10)
+            assert_close(
+                torch.vmap(torch.func.grad(ours))(taus),
+                torch.vmap(torch.func.grad(theirs))(taus),
+                atol=1e-12,
+                rtol=1e-9,
+            )
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0, got -1.0"):
+            torch.vmap(ours)(torch.tensor([0.1, -1.0, 2.0], dtype=torch.float64))
 
 
 def _jvp(fn, inputs, tangents):

@@ -439,6 +439,30 @@ def test_mean_nonzero_counts_the_terms_pml_rounds_to_zero():
     torch.testing.assert_close(pml, terms.sum() / 2, rtol=1e-3, atol=0)
 
 
+def test_ntxent_listed_pair_terms_keep_tiny_values():
+    """The listed-pairs path (LpDistance, ref_emb) computes each term as log(1 + e^{L - z}): a term of 3e-16 stays
+    3e-16 (logaddexp(z, L) - z made it 0, and AvgNonZeroReducer then divided by one term fewer than PML)."""
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 2, (6,), generator=g)
+    x, ref = (torch.randn(6, 2, dtype=torch.float64, generator=g) for _ in range(2))
+    z = -torch.cdist(x, ref)  # LpDistance's similarity is -d; τ = 0.07 (the default)
+    z = z / 0.07
+    terms = []
+    for i in range(6):
+        negatives = z[i][labels != labels[i]]
+        for p in range(6):
+            if labels[p] == labels[i] and p != i:  # (ref_labels is labels: PML drops the pairs (i, i))
+                terms.append(torch.log1p(torch.exp(torch.logsumexp(negatives, 0) - z[i, p])))
+    terms = torch.stack(terms)
+    assert (terms < 1e-15).any() and (terms > 0).all()  # the regime: a tiny, nonzero term
+    kw = {"reducer": reducers.AvgNonZeroReducer(), "distance": distances.LpDistance(normalize_embeddings=False)}
+    ours = losses.NTXentLoss(**kw)(x, labels, ref_emb=ref, ref_labels=labels)
+    torch.testing.assert_close(ours, terms.mean(), rtol=1e-12, atol=0)
+    kw = {"reducer": pml_reducers.AvgNonZeroReducer(), "distance": pml_distances.LpDistance(normalize_embeddings=False)}
+    theirs = pml_losses.NTXentLoss(**kw)(x, labels, ref_emb=ref, ref_labels=labels)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=0)
+
+
 def test_ntxent_pair_terms_above_pml_float32_cap_stay_exact():
     """PML's NT-Xent term −log(num/den + tiny) cannot exceed −log(tiny) (87.3 in float32): at τ = 0.01 a
     positive 1 below a negative in similarity has a term of ~100, which PML's float32 caps. metricops'

@@ -307,7 +307,9 @@ class NTXentLoss(_TemperatureLoss):
         a1, _, a2, _ = indices
         z_pos, z_neg = self._logits(pos, neg)
         neg_lse, _ = _segment_lse(z_neg, a2, n_rows, empty=float("-inf"))
-        return torch.logaddexp(z_pos, neg_lse[a1]) - z_pos
+        # log(1 + e^{L - z}), not logaddexp(z, L) - z: that rounds a term below ~1e-16·z to 0, which the
+        # nonzero reducers would then not count
+        return torch.logaddexp(neg_lse[a1] - z_pos, torch.zeros_like(z_pos))
 
 
 class MultiSimilarityLoss(_SimilarityLoss):

@@ -189,9 +189,10 @@ TORCH_LIBRARY(metricops, m) {
   // max negative s): only the pairs PML's MultiSimilarityMiner keeps count; "similarity_range": only
   // the counts and those two thresholds (no exp; the miner's first pass); "circle" args (m, gamma);
   // "lifted" args (pos_margin, neg_margin) on d = sqrt(2 - 2s): φ_pos = d - pos_margin,
-  // φ_neg = neg_margin - d (normalize=False: for unit rows; normalize=True: d = ||x̂_i - x̂_j|| for every row, s_ij
-  // + o_i + o_j with o = (1 - ||x̂||²)/2, nonzero only for rows of norm < eps, which F.normalize leaves shorter
-  // than 1; their o is held constant in the backward); "ntxent_pairs" row_params (B, 1) = m_i: each positive gives
+  // φ_neg = neg_margin - d (normalize=False: for unit rows; normalize=True: d = ||x̂_i - x̂_j|| for every row: the
+  // entries are e = s_ij + o_i + o_j = -d²/2 with o = -||x̂||²/2, -1/2 except for rows of norm < eps, which
+  // F.normalize leaves shorter than 1 (their o is held constant in the backward), and on the CPU the entries near
+  // d = 0 are recomputed from the rows); "ntxent_pairs" row_params (B, 1) = m_i: each positive gives
   // lin = softplus(m_i - z), aux = sigmoid(m_i - z), z = scale·(s - 1) as "scaled"). scale: a 0-dim tensor.
   // row_stats (B, 12), in float64 for float64 inputs and float32 otherwise, columns: LSE_pos, LSE_neg
   // (-inf when empty), lin_pos, lin_neg, count_pos, count_neg, min positive s, max negative s (these
@@ -205,8 +206,9 @@ TORCH_LIBRARY(metricops, m) {
   // made. save_tiles=False: never holds more than one block_rows × block_cols tile of S, and `tiles`
   // is (0,). save_tiles=True (CPU; needs block_rows > 0): every tile is kept, packed strip by strip
   // of block_rows rows (in the self mode each strip from its first row's column on: the upper
-  // triangle, Σ rows·(M - r0) entries; else B·M), as `tiles` in the statistics' dtype, so that the
-  // backward reads S instead of recomputing it.
+  // triangle, Σ rows·(M - r0) entries; else B·M), as `tiles` in the statistics' dtype (the entries the
+  // policy reads: S, or the distance policies' -d²/2), so that the backward reads them instead of
+  // recomputing S.
   m.def(
       "lse_stats(Tensor x, Tensor? y, Tensor row_keys, Tensor? col_keys, Tensor? row_params, Tensor scale, "
       "str policy, float[] args, bool normalize, bool col_stats, int block_rows, int block_cols, "

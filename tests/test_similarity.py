@@ -330,9 +330,9 @@ def _keyed_batch(g, b, m, d, classes, with_y):
     "policy, args", [("scaled", []), ("multi_similarity", [2.0, 10.0, 0.5]), ("lifted", [0.0, 1.0])]
 )
 def test_saved_tiles_are_s_and_give_the_recomputed_gradient(policy, args, with_y):
-    """save_tiles keeps S's tiles (packed as documented, the sizes a ragged last strip gives) and the backward that
-    reads them returns exactly the gradient of the one that recomputes them, unchanged by a second backward (a
-    retained graph reads the same tiles again)."""
+    """save_tiles keeps S's tiles (a distance policy's entries -d²/2; packed as documented, the sizes a ragged last
+    strip gives) and the backward that reads them returns exactly the gradient of the one that recomputes them,
+    unchanged by a second backward (a retained graph reads the same tiles again)."""
     if policy == "lifted" and with_y:
         pytest.skip("the lifted policy's callers pair rows with rows")
     g = torch.Generator().manual_seed(3)
@@ -350,6 +350,8 @@ def test_saved_tiles_are_s_and_give_the_recomputed_gradient(policy, args, with_y
             )
             if save:
                 s = F.normalize(x, dim=1) @ F.normalize(x if y is None else y, dim=1).T
+                if policy == "lifted":  # the distance policies' entries: s + o_i + o_j = -d²/2 (o = -1/2 here)
+                    s = s - 1
                 if block_cols == 0:  # one chunk per strip: its packed layout is the strips'
                     torch.testing.assert_close(
                         tiles, _packed_upper_strips(s, block_rows, y is None), rtol=0, atol=1e-14
@@ -888,3 +890,27 @@ def test_float32_keeps_relative_precision_near_convergence(loss, memory):
     # reference's error
     for a, b, c in zip(got_grads, want_grads, their32_grads):
         assert (a.double() - b).norm() <= 2 * (c.double() - b).norm()
+
+
+@pytest.mark.parametrize("memory", ["matrix", "streaming"])
+@pytest.mark.parametrize("name", ["generalized_lifted", "lifted"])
+def test_float32_lifted_losses_at_a_near_duplicate_pair(name, memory):
+    """A negative pair at d ≈ 1e-3 (nearly equal rows) in float32: from the GEMM, d² = -2e carries ~(2D + 8)·ε of
+    rounding, so d came out as 0 (the tolerance) with a 30% gradient error; the CPU engine recomputes such entries
+    from the rows. Against the float64 reference and PML (whose cdist takes differences at this size)."""
+    fn, ref_fn, kw = LOSSES[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g, dtype=torch.float64)
+    x[1] = x[0] + 1e-3 * torch.randn(64, generator=g, dtype=torch.float64) * x[0].norm() / 8
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 3, 3])
+    d = (F.normalize(x[0], dim=0) - F.normalize(x[1], dim=0)).norm()
+    assert 5e-4 < d < 2e-3
+    want_in, got_in = x.clone().requires_grad_(), x.float().requires_grad_()
+    want, got = ref_fn(want_in, labels, **kw), fn(got_in, labels, memory=memory, **kw)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    (want_grad,), (got_grad,) = torch.autograd.grad(want, want_in), torch.autograd.grad(got, got_in)
+    assert (got_grad.double() - want_grad).norm() <= 1e-3 * want_grad.norm()
+    pml_name = {"generalized_lifted": "GeneralizedLiftedStructureLoss", "lifted": "LiftedStructureLoss"}[name]
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    theirs = getattr(pml_losses, pml_name)(**kw)(x.float(), labels)
+    torch.testing.assert_close(got, theirs, rtol=1e-6, atol=0)

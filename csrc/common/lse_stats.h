@@ -435,10 +435,15 @@ struct CirclePolicy {
   }
 };
 
-// Lifted structure on d = ‖x̂ - ŷ‖ = sqrt(2 - 2s) of normalized rows:
-// φ_pos = d - pos_margin, φ_neg = neg_margin - d. d is 0 (and so is its
-// gradient, never inf) where 2 - 2s is within the Gram form's rounding
-// (`tol`, (2D + 8)·ε): duplicated rows are at distance exactly 0.
+// Lifted structure on d = ‖x̂ - ŷ‖ of normalized rows: φ_pos = d - pos_margin,
+// φ_neg = neg_margin - d. The entries the distance policies read are not s but
+// e = s + o_i + o_j = -d²/2 (the offsets o = -||x̂||²/2, -1/2 for unit rows):
+// near 0 for nearly equal rows, where float32 keeps d²'s relative precision
+// (s itself, near 1, would round d² to ~1e-7), so that the CPU engine can put
+// the rows' exact -||x̂_i - x̂_j||²/2 there (lse_engine.h refine_entries).
+// d is 0 (and so is its gradient, never inf) for d² within `tol`: the Gram
+// form's rounding ((2D + 8)·ε) where entries are not recomputed, (8ε)² where
+// they are. Duplicated rows are at distance exactly 0.
 template <typename acc_t>
 struct LiftedPolicy {
   static constexpr bool kLse = true;
@@ -450,14 +455,15 @@ struct LiftedPolicy {
   static constexpr bool kBounded = true;
   static constexpr bool kParamsOnlyInKeep = true;
   acc_t pos_margin, neg_margin, tol;
-  // d = sqrt(2 - 2s) in [0, 2]
+  // d = sqrt(-2e) in [0, 2]
   METRICOPS_LSE_INLINE void phi_bounds(bool pos, acc_t& lo, acc_t& hi) const {
     lo = pos ? -pos_margin : neg_margin - acc_t(2);
     hi = pos ? acc_t(2) - pos_margin : neg_margin;
   }
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
-  METRICOPS_LSE_INLINE void distance(acc_t s, acc_t& d, acc_t& dd_ds) const {
-    const acc_t d2 = acc_t(2) - acc_t(2) * s;
+  // e = -d²/2 -> d, and dd/ds (= dd/de: the offsets are constants)
+  METRICOPS_LSE_INLINE void distance(acc_t e, acc_t& d, acc_t& dd_ds) const {
+    const acc_t d2 = acc_t(-2) * e;
     d = d2 > tol ? lse_sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
     dd_ds = d2 > tol ? -acc_t(1) / d : acc_t(0);
   }
@@ -534,7 +540,7 @@ struct LiftedPairsPolicy {
   METRICOPS_LSE_INLINE bool keep(acc_t, bool, ParamView<acc_t>, ParamView<acc_t>) const { return true; }
   METRICOPS_LSE_INLINE void terms(acc_t s, ParamView<acc_t> own, ParamView<acc_t> other, acc_t& r, acc_t& dr_ds,
                                   acc_t& w_own) const {
-    const acc_t d2 = acc_t(2) - acc_t(2) * s;
+    const acc_t d2 = acc_t(-2) * s;  // s: the entry e = -d²/2 (LiftedPolicy)
     const acc_t d = d2 > tol ? ::sqrt(d2) : (d2 != d2 ? d2 : acc_t(0));
     const acc_t dd = d2 > tol ? -acc_t(1) / d : acc_t(0);
     const acc_t li = own[0], lj = other[0];

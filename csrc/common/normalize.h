@@ -7,9 +7,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/full_like.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
@@ -48,10 +48,10 @@ C10_HOST_DEVICE inline void normalize_grad_coefficients(acc_t norm, acc_t g_dot_
 // NaN row) and the projection factor k = 1/n² when n >= eps, else 0 (the clamp
 // is active: the Jacobian is I/eps). ATen ops, so CPU and CUDA share them.
 //
-// distance_offsets (optional), from the same norms: o = (1 - ||x̂||²)/2 per row for x̂ = F.normalize(row),
-// 0 for a row of norm >= eps (x̂ is a unit vector, exactly 0 here), (1 - (n/eps)²)/2 below (1/2 for a zero
-// row), NaN for a NaN row. The lifted policies add o_i + o_j to s_ij so that 2 - 2s is the squared distance
-// of x̂_i and x̂_j for every row (the LSE engine's Problem::row_offset).
+// distance_offsets (optional), from the same norms: o = -||x̂||²/2 per row for x̂ = F.normalize(row),
+// -1/2 for a row of norm >= eps (x̂ is a unit vector, exactly -1/2 here), -(n/eps)²/2 below (0 for a zero
+// row), NaN for a NaN row. The lifted policies read e = s_ij + o_i + o_j = -||x̂_i - x̂_j||²/2 for every row
+// (the LSE engine's Problem::row_offset; common/lse_stats.h LiftedPolicy).
 inline std::pair<at::Tensor, at::Tensor> folded_norm_factors(const at::Tensor& rows, at::ScalarType acc,
                                                              at::Tensor* distance_offsets = nullptr) {
   const at::Tensor norm = at::linalg_vector_norm(rows, 2, {1}, false, acc);
@@ -59,7 +59,7 @@ inline std::pair<at::Tensor, at::Tensor> folded_norm_factors(const at::Tensor& r
   const at::Tensor projection = at::where(norm.ge(kNormalizeEps), norm.square().reciprocal(), 0.0);
   if (distance_offsets) {
     const at::Tensor q = norm.div(kNormalizeEps).square();  // ||x̂||² below eps
-    *distance_offsets = at::where(norm.ge(kNormalizeEps), at::zeros_like(norm), q.neg().add(1).mul(0.5));
+    *distance_offsets = at::where(norm.ge(kNormalizeEps), at::full_like(norm, -0.5), q.mul(-0.5));
   }
   return {inv_norm, projection};
 }

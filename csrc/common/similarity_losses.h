@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -55,10 +56,15 @@ inline PolicySpec parse_policy(c10::string_view name) {
       std::string(name), "'");
 }
 
-// The policies on d = sqrt(2 - 2s): with normalize=True they need the rows' distance offsets
-// (common/normalize.h folded_norm_factors' distance_offsets) where a row's norm is below eps.
+// The policies on d, which read e = s + o_i + o_j = -d²/2 (common/lse_stats.h LiftedPolicy): the rows'
+// distance offsets o are common/normalize.h folded_norm_factors' with normalize=True, and
+// unit_row_distance_offsets (rows taken as unit vectors) without.
 inline bool uses_distance(const PolicySpec& spec) {
   return spec.kind == PolicyKind::Lifted || spec.kind == PolicyKind::LiftedPairs;
+}
+
+inline at::Tensor unit_row_distance_offsets(const at::Tensor& rows, at::ScalarType acc) {
+  return at::full({rows.size(0)}, -0.5, rows.options().dtype(acc));
 }
 
 // Checks the engine ops' arguments; returns the policy.
@@ -109,10 +115,19 @@ inline PolicySpec check_lse_inputs(const at::Tensor& x, const c10::optional<at::
   return spec;
 }
 
+// The distance policies' d² below which d is taken as 0: the Gram form's rounding, (2·dim + 8)·ε; (8ε)² where the
+// driver recomputes the entries near 0 from the rows (`exact_near_zero`: the CPU engine with normalize=True).
+template <typename acc_t>
+inline acc_t distance_tolerance(int64_t dim, bool exact_near_zero) {
+  const acc_t eps = std::numeric_limits<acc_t>::epsilon();
+  return exact_near_zero ? acc_t(64) * eps * eps : static_cast<acc_t>(2 * dim + 8) * eps;
+}
+
 // Runs f(policy) with the policy object for `spec` (acc_t statistics).
-// `dim`: the embeddings' width (the lifted policy's distance tolerance).
+// `dim`, `exact_near_zero`: the distance policies' tolerance (distance_tolerance).
 template <typename acc_t, typename F>
-inline void with_policy(const PolicySpec& spec, c10::ArrayRef<double> a, double scale, int64_t dim, const F& f) {
+inline void with_policy(const PolicySpec& spec, c10::ArrayRef<double> a, double scale, int64_t dim,
+                        bool exact_near_zero, const F& f) {
   switch (spec.kind) {
     case PolicyKind::Scaled:
       return f(ScaledPolicy<acc_t, false>{static_cast<acc_t>(scale)});
@@ -128,16 +143,14 @@ inline void with_policy(const PolicySpec& spec, c10::ArrayRef<double> a, double 
       return f(SimilarityRangePolicy<acc_t>{});
     case PolicyKind::Circle:
       return f(CirclePolicy<acc_t>{static_cast<acc_t>(a[0]), static_cast<acc_t>(a[1])});
-    case PolicyKind::Lifted: {
-      const acc_t tol = static_cast<acc_t>(2 * dim + 8) * std::numeric_limits<acc_t>::epsilon();
-      return f(LiftedPolicy<acc_t>{static_cast<acc_t>(a[0]), static_cast<acc_t>(a[1]), tol});
-    }
+    case PolicyKind::Lifted:
+      return f(LiftedPolicy<acc_t>{static_cast<acc_t>(a[0]), static_cast<acc_t>(a[1]),
+                                   distance_tolerance<acc_t>(dim, exact_near_zero)});
     case PolicyKind::NTXentPairs:
       return f(NTXentPairsPolicy<acc_t>{static_cast<acc_t>(scale)});
-    case PolicyKind::LiftedPairs: {
-      const acc_t tol = static_cast<acc_t>(2 * dim + 8) * std::numeric_limits<acc_t>::epsilon();
-      return f(LiftedPairsPolicy<acc_t>{static_cast<acc_t>(a[0]), tol, a[1] != 0});
-    }
+    case PolicyKind::LiftedPairs:
+      return f(LiftedPairsPolicy<acc_t>{static_cast<acc_t>(a[0]), distance_tolerance<acc_t>(dim, exact_near_zero),
+                                        a[1] != 0});
   }
   TORCH_CHECK(false, "metricops: unknown lse policy");
 }

@@ -99,6 +99,9 @@ struct Problem {
   // s + o_i + o_j (o = 0 for every row of norm >= eps). nullptr: no offsets (both or neither are set).
   const acc_t* row_offset = nullptr;  // (B,)
   const acc_t* col_offset = nullptr;  // (M,); row_offset in the self mode
+  // A distance policy with normalize=True (the offsets make each entry e = -d²/2): entries with d² below this are
+  // recomputed from the rows (refine_entries); 0: none.
+  acc_t refine_below = 0;
 
   int64_t rows() const { return x.size(0); }
   int64_t cols() const { return y.size(0); }
@@ -156,28 +159,7 @@ METRICOPS_SIMD_CLONES void scale_tile_row(const Problem<acc_t>& pr, acc_t* __res
   for (int64_t j = 0; j < n; ++j) s[j] *= ri * rc[j];
 }
 
-// Row i of a raw GEMM tile -> the entries the policy reads: scale_tile_row, then the rows' offsets
-// (Problem::row_offset) where the problem has them. (The gradient dL/ds is scaled only: the offsets do not
-// depend on the rows, except through q for a row of norm below eps, whose share of the gradient is left out.)
-template <typename acc_t>
-METRICOPS_SIMD_CLONES void similarity_tile_row(const Problem<acc_t>& pr, acc_t* __restrict__ s, int64_t n, int64_t i,
-                                               int64_t c0) {
-  scale_tile_row(pr, s, n, i, c0);
-  if (!pr.row_offset) return;
-  const acc_t oi = pr.row_offset[i];
-  const acc_t* __restrict__ oc = pr.col_offset + c0;
-  for (int64_t j = 0; j < n; ++j) s[j] += oi + oc[j];
-}
-
-// ------------------------------------------------------------ forward epilogues
-//
-// Written as simple loops over small scratch arrays (selects, no branches,
-// lane-split reductions) so that GCC vectorises them in each
-// METRICOPS_SIMD_CLONES clone; the policies' functions inline into them.
-
-// Entries per scratch chunk of the row epilogue (L1-resident).
-constexpr int64_t kRowChunk = 512;
-
+// Max and min of v[0..n) in kSimdLanes lanes (vectorised; NaN entries are skipped).
 template <typename acc_t>
 inline acc_t lane_max(const acc_t* v, int64_t n) {
   constexpr int64_t L = kSimdLanes;
@@ -205,6 +187,73 @@ inline acc_t lane_min(const acc_t* v, int64_t n) {
   for (int64_t l = 0; l < L; ++l) m = lanes[l] < m ? lanes[l] : m;
   return m;
 }
+
+// ------------------------------------------------------------ entries near zero distance
+//
+// The distance policies read e = s + o_i + o_j = -d²/2. From the GEMM, e carries the Gram form's rounding,
+// ~(2D + 8)·ε absolute: for nearly equal rows that is most of d² (float32, D = 64: d = 1e-3 came out as 0), and
+// the gradient's 1/d amplifies it. With normalize=True the entries with d² below refine_threshold are recomputed
+// as -||x̂_i - x̂_j||²/2 from the rows (x̂ = row / max(||row||, eps), F.normalize's, so rows of norm below eps
+// too): a relative error of ~ε/d instead of ~D·ε/d². Such pairs are rare (near-duplicates, a collapsed class), and
+// a row's check is one vectorised max when it has none.
+
+// d² below which entries are recomputed: 2^10 times the Gram form's rounding, so that the others keep d² to
+// ~1e-3 relative (float32, D = 128: d² < 0.032, s > 0.984).
+template <typename acc_t>
+acc_t refine_threshold(int64_t dim) {
+  return static_cast<acc_t>(1024.0 * static_cast<double>(2 * dim + 8) * std::numeric_limits<acc_t>::epsilon());
+}
+
+// -||x̂_i - ŷ_j||²/2 from the raw rows and their inverse norms.
+template <typename acc_t>
+acc_t exact_distance_entry(const Problem<acc_t>& pr, int64_t i, int64_t j) {
+  const int64_t D = pr.x.size(1);
+  const acc_t* __restrict__ xi = pr.x.template const_data_ptr<acc_t>() + i * D;
+  const acc_t* __restrict__ yj = pr.y.template const_data_ptr<acc_t>() + j * D;
+  const acc_t a = pr.row_inv_norm[i], b = pr.col_inv_norm[j];
+  acc_t sum = 0;
+  for (int64_t k = 0; k < D; ++k) {
+    const acc_t diff = xi[k] * a - yj[k] * b;
+    sum += diff * diff;
+  }
+  return acc_t(-0.5) * sum;
+}
+
+// Entries e[0..n) of row i (columns c0..) with d² < refine_below, recomputed (the self pair is left: ignored).
+template <typename acc_t>
+METRICOPS_SIMD_CLONES void refine_entries(const Problem<acc_t>& pr, acc_t* __restrict__ e, int64_t n, int64_t i,
+                                          int64_t c0) {
+  const acc_t bound = acc_t(-0.5) * pr.refine_below;  // e > bound: d² < refine_below (NaN: no)
+  const int64_t skip = pr.self && i >= c0 && i < c0 + n ? i - c0 : n;
+  const acc_t* after = e + std::min(skip + 1, n);
+  if (!(lane_max(e, skip) > bound || lane_max(after, n - std::min(skip + 1, n)) > bound)) return;
+  for (int64_t j = 0; j < n; ++j)
+    if (j != skip && e[j] > bound) e[j] = exact_distance_entry(pr, i, c0 + j);
+}
+
+// Row i of a raw GEMM tile -> the entries the policy reads: scale_tile_row, then the rows' offsets
+// (Problem::row_offset) where the problem has them, and the entries near zero distance recomputed. (The gradient
+// dL/ds is scaled only: the offsets do not depend on the rows, except through q for a row of norm below eps,
+// whose share of the gradient is left out.)
+template <typename acc_t>
+METRICOPS_SIMD_CLONES void similarity_tile_row(const Problem<acc_t>& pr, acc_t* __restrict__ s, int64_t n, int64_t i,
+                                               int64_t c0) {
+  scale_tile_row(pr, s, n, i, c0);
+  if (!pr.row_offset) return;
+  const acc_t oi = pr.row_offset[i];
+  const acc_t* __restrict__ oc = pr.col_offset + c0;
+  for (int64_t j = 0; j < n; ++j) s[j] += oi + oc[j];
+  if (pr.refine_below > acc_t(0)) refine_entries(pr, s, n, i, c0);
+}
+
+// ------------------------------------------------------------ forward epilogues
+//
+// Written as simple loops over small scratch arrays (selects, no branches,
+// lane-split reductions) so that GCC vectorises them in each
+// METRICOPS_SIMD_CLONES clone; the policies' functions inline into them.
+
+// Entries per scratch chunk of the row epilogue (L1-resident).
+constexpr int64_t kRowChunk = 512;
 
 // The reference an exp pass subtracts: the running max, or 0 while a class
 // is still empty (its φ's are all -inf then, and exp(-inf - 0) = 0).
@@ -720,7 +769,7 @@ METRICOPS_SIMD_CLONES void shared_block_forward(const Policy& p, const Problem<a
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
     acc_t* __restrict__ s = S + r * ld + j0;
-    similarity_tile_row(pr, s, w, i, c0 + j0);  // in place: saved tiles hold s
+    similarity_tile_row(pr, s, w, i, c0 + j0);  // in place: saved tiles hold the entries
     const int64_t rk = pr.row_keys[i];
     const int64_t skip = pr.self && i >= c0 + j0 && i < c0 + j1 ? i - (c0 + j0) : -1;
     acc_t row_values[kMaxParams] = {};
@@ -873,13 +922,14 @@ acc_t entry_scale(const Problem<acc_t>& pr, int64_t i, int64_t j) {
   return pr.row_inv_norm ? pr.row_inv_norm[i] * pr.col_inv_norm[j] : acc_t(1);
 }
 
-// s_ij as the tiles have it (similarity_tile_row).
+// s_ij as the tiles have it (similarity_tile_row; (i, j) is not the self pair).
 template <typename acc_t>
 acc_t pair_similarity(const Problem<acc_t>& pr, int64_t i, int64_t j) {
   const int64_t D = pr.x.size(1);
   const acc_t dot =
       dot_product(pr.x.template const_data_ptr<acc_t>() + i * D, pr.y.template const_data_ptr<acc_t>() + j * D, D);
-  return dot * entry_scale(pr, i, j) + (pr.row_offset ? pr.row_offset[i] + pr.col_offset[j] : acc_t(0));
+  const acc_t e = dot * entry_scale(pr, i, j) + (pr.row_offset ? pr.row_offset[i] + pr.col_offset[j] : acc_t(0));
+  return pr.refine_below > acc_t(0) && e > acc_t(-0.5) * pr.refine_below ? exact_distance_entry(pr, i, j) : e;
 }
 
 // forward() for a positives-only policy: each row's lin/aux sums over its positives, its counts.
@@ -1050,8 +1100,9 @@ void shared_forward(const Policy& p, const Problem<acc_t>& pr, const SharedRefer
 // by acc_init) and, with pr.col_stats in the non-self mode, of every column
 // (col_acc, (M, kNumAcc)). saved (optional, saved_tiles_size entries): the
 // tiles are computed there, one after the other, instead of in one reused
-// buffer, and kept (as similarities, after the normalize scaling) for the
-// backward, which then skips their GEMMs.
+// buffer, and kept (as the entries the policy reads: s after the normalize
+// scaling, or a distance policy's -d²/2) for the backward, which then skips
+// their GEMMs.
 template <typename Policy, typename acc_t>
 void forward(const Policy& p, const Problem<acc_t>& pr, acc_t* row_acc, acc_t* col_acc, at::Tensor* saved = nullptr) {
   const int64_t B = pr.rows(), M = pr.cols();

@@ -27,7 +27,7 @@ struct Prepared {
   c10::optional<at::Tensor> y;
   // normalize=True only: (1/max(||row||, eps), projection factor) per row (common/normalize.h)
   std::pair<at::Tensor, at::Tensor> x_norms, y_norms;
-  at::Tensor x_offsets, y_offsets;  // a distance policy with normalize=True: Problem::row_offset/col_offset
+  at::Tensor x_offsets, y_offsets;  // a distance policy: Problem::row_offset/col_offset
 };
 
 template <typename acc_t>
@@ -53,6 +53,8 @@ lse_engine::Problem<acc_t> make_problem(const Prepared& in, bool col_stats, int6
   if (in.x_offsets.defined()) {
     pr.row_offset = in.x_offsets.const_data_ptr<acc_t>();
     pr.col_offset = pr.self ? pr.row_offset : in.y_offsets.const_data_ptr<acc_t>();
+    // a distance policy: with normalize=True the entries near zero distance are recomputed from the rows
+    if (pr.row_inv_norm) pr.refine_below = lse_engine::refine_threshold<acc_t>(x.size(1));
   }
   return pr;
 }
@@ -66,10 +68,13 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   p.rk = row_keys.to(at::kLong).contiguous();
   p.ck = col_keys.has_value() ? col_keys->to(at::kLong).contiguous() : p.rk;
   if (row_params.has_value()) p.params_t = row_params->t().contiguous();
+  const bool offsets = uses_distance(spec);
   if (normalize) {
-    const bool offsets = uses_distance(spec);
     p.x_norms = folded_norm_factors(p.x, p.x.scalar_type(), offsets ? &p.x_offsets : nullptr);
     if (p.y.has_value()) p.y_norms = folded_norm_factors(*p.y, p.y->scalar_type(), offsets ? &p.y_offsets : nullptr);
+  } else if (offsets) {
+    p.x_offsets = unit_row_distance_offsets(p.x, p.x.scalar_type());
+    if (p.y.has_value()) p.y_offsets = unit_row_distance_offsets(*p.y, p.y->scalar_type());
   }
   return p;
 }
@@ -96,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cpu(
     std::vector<acc_t> racc(B * kNumAcc), cacc(col_stats ? M * kNumAcc : 0);
     for (int64_t i = 0; i < B; ++i) acc_init(racc.data() + i * kNumAcc);
     for (int64_t j = 0; j < static_cast<int64_t>(cacc.size()) / kNumAcc; ++j) acc_init(cacc.data() + j * kNumAcc);
-    with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
+    with_policy<acc_t>(spec, args, scale_value, in.x.size(1), normalize, [&](const auto& pol) {
       lse_engine::forward(pol, pr, racc.data(), col_stats ? cacc.data() : nullptr, save_tiles ? &tiles : nullptr);
     });
     lse_engine::finalize(racc.data(), B, row_out.mutable_data_ptr<acc_t>());
@@ -156,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
     const std::vector<acc_t> col_g = has_col ? coefficients(col_stats, grad_col_stats, M) : std::vector<acc_t>();
     lse_engine::GradCoefficients<acc_t> rg{row_g.data(), B}, cg;
     if (has_col) cg = {col_g.data(), M};
-    with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
+    with_policy<acc_t>(spec, args, scale_value, in.x.size(1), normalize, [&](const auto& pol) {
       lse_engine::backward(pol, pr, rg, cg, grad_x, in.y.has_value() ? &grad_y : nullptr,
                            tiles.defined() ? &tiles : nullptr);
     });

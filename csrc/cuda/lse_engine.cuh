@@ -43,8 +43,8 @@ struct DeviceProblem {
   // in the self mode), by which each raw entry of x yᵀ is scaled; else nullptr.
   const acc_t* row_inv_norm;
   const acc_t* col_inv_norm;
-  // a distance policy with normalize=True, else both nullptr: (1 - ||x̂||²)/2 per row of x and of y,
-  // added to each s_ij (see cpu/lse_engine.h Problem::row_offset)
+  // a distance policy, else both nullptr: -||x̂||²/2 per row of x and of y (-1/2 for unit rows), added to
+  // each s_ij (see cpu/lse_engine.h Problem::row_offset)
   const acc_t* row_offset;
   const acc_t* col_offset;
   C10_DEVICE acc_t entry_scale(int64_t i, int64_t col) const {

@@ -30,7 +30,7 @@ struct Prepared {
   bool self;
   // normalize=True only: (1/max(||row||, eps), projection factor) per row (common/normalize.h)
   std::pair<at::Tensor, at::Tensor> x_norms, y_norms;
-  at::Tensor x_offsets, y_offsets;  // a distance policy with normalize=True: DeviceProblem::row/col_offset
+  at::Tensor x_offsets, y_offsets;  // a distance policy: DeviceProblem::row/col_offset
 };
 
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
@@ -44,12 +44,15 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   p.rk = row_keys.to(at::kLong).contiguous();
   p.ck = col_keys.has_value() ? col_keys->to(at::kLong).contiguous() : p.rk;
   if (row_params.has_value()) p.params = row_params->to(acc).contiguous();
+  const bool offsets = uses_distance(spec);
   if (normalize) {
-    const bool offsets = uses_distance(spec);
     p.x_norms = folded_norm_factors(p.x, acc, offsets ? &p.x_offsets : nullptr);
     p.y_norms = p.self ? p.x_norms : folded_norm_factors(p.y, acc, offsets ? &p.y_offsets : nullptr);
-    if (p.self) p.y_offsets = p.x_offsets;
+  } else if (offsets) {
+    p.x_offsets = unit_row_distance_offsets(p.x, acc);
+    if (!p.self) p.y_offsets = unit_row_distance_offsets(p.y, acc);
   }
+  if (p.self) p.y_offsets = p.x_offsets;
   return p;
 }
 
@@ -95,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const auto pr = device_problem<acc_t>(in);
-    with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
+    with_policy<acc_t>(spec, args, scale_value, in.x.size(1), /*exact_near_zero=*/false, [&](const auto& pol) {
       lse_engine::forward(pol, pr, in.x, in.y, block_rows, block_cols, racc.mutable_data_ptr<acc_t>(),
                           col_stats ? cacc.mutable_data_ptr<acc_t>() : nullptr);
     });
@@ -148,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
       const at::Tensor rg = coefficients(row_stats, grad_row_stats, B);
       const at::Tensor cg = has_col ? coefficients(col_stats, grad_col_stats, M) : at::Tensor();
       const auto pr = device_problem<acc_t>(in);
-      with_policy<acc_t>(spec, args, scale_value, in.x.size(1), [&](const auto& pol) {
+      with_policy<acc_t>(spec, args, scale_value, in.x.size(1), /*exact_near_zero=*/false, [&](const auto& pol) {
         lse_engine::backward(pol, pr, in.x, in.y, block_rows, block_cols, rg.const_data_ptr<acc_t>(),
                              has_col ? cg.const_data_ptr<acc_t>() : nullptr, grad_x, in.self ? nullptr : &grad_y);
       });

@@ -304,7 +304,10 @@ class InfoNCELoss(torch.nn.Module):
         reduction: str = "mean",
     ):
         super().__init__()
-        v.check_positive_finite(temperature, "temperature")
+        if isinstance(temperature, torch.Tensor):  # as forward takes it
+            _similarity._check_temperature(temperature, temperature.new_empty(0, dtype=torch.float32))
+        else:
+            v.check_positive_finite(temperature, "temperature")
         v.check_flag(symmetric, "symmetric")
         v.check_flag(normalize, "normalize")
         v.check_flag(learn_temperature, "learn_temperature")
@@ -315,6 +318,11 @@ class InfoNCELoss(torch.nn.Module):
         self.learn_temperature = learn_temperature
         if learn_temperature:
             self.logit_scale = torch.nn.Parameter(torch.tensor(-math.log(float(temperature))))
+            tau = torch.exp(-self.logit_scale.detach())  # as forward computes it, in float32
+            if not (tau > 0 and torch.isfinite(tau) and torch.isfinite(1 / tau)):
+                raise ValueError(
+                    f"temperature must be within float32's range (its logit scale is a float32 parameter), got {temperature}"
+                )
         else:
             self._temperature = temperature
 

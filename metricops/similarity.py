@@ -66,6 +66,19 @@ def _scale_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, dtype=accumulation_dtype(x.dtype), device=x.device)
 
 
+def _inverse_temperature(temperature, x: torch.Tensor) -> torch.Tensor:
+    """1/temperature for a float temperature, as the engine's 0-dim scale; refused, naming the argument, when it
+    overflows the statistics' dtype (float32: temperature below ~3e-39)."""
+    value = v.check_positive_finite(temperature, "temperature")
+    dtype = accumulation_dtype(x.dtype)
+    if 1.0 / value > torch.finfo(dtype).max:
+        raise ValueError(
+            f"temperature must be at least {1 / torch.finfo(dtype).max:.3g} for {dtype} embeddings "
+            f"(1/temperature overflows), got {value}"
+        )
+    return _scale_tensor(1.0 / value, x)
+
+
 def _reduce(terms: torch.Tensor, reduction: str, count=None) -> torch.Tensor:
     """Reduce per-anchor terms: "mean" over `count` (default: the number of terms), "mean_nonzero" over the terms
     > 0; with no term 0, attached to the graph. The result has the embeddings' dtype."""
@@ -147,9 +160,10 @@ def _out_dtype(stats_terms: torch.Tensor, embeddings: torch.Tensor) -> torch.Ten
 def _supcon_per_anchor(embeddings, labels, *, temperature, memory, ref_emb=None, ref_labels=None):
     """SupCon's per-anchor losses (B,) (0 for an anchor without positive; all 0 when the batch has no positive or
     no negative pair, as PML)."""
-    temperature = v.check_positive_finite(temperature, "temperature")
+    v.check_positive_finite(temperature, "temperature")
     x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
-    st, _ = _stats(x, y, labels, ref_labels, "scaled", scale=1.0 / temperature, memory=memory)
+    scale = _inverse_temperature(temperature, embeddings)
+    st, _ = _stats(x, y, labels, ref_labels, "scaled", scale=scale, memory=memory)
     n_pos, n_neg = st[:, COUNT_POS], st[:, COUNT_NEG]
     has_pos = n_pos > 0
     batch_ok = has_pos.any() & (n_neg > 0).any()
@@ -186,9 +200,9 @@ def supcon_loss(
 
 def _ntxent_per_anchor(embeddings, labels, *, temperature, memory, ref_emb=None, ref_labels=None):
     """(per-anchor sums over positive pairs (B,), positive pairs per anchor (B,) float)."""
-    temperature = v.check_positive_finite(temperature, "temperature")
+    v.check_positive_finite(temperature, "temperature")
     x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
-    scale = 1.0 / temperature
+    scale = _inverse_temperature(temperature, embeddings)
     st, _ = _stats(x, y, labels, ref_labels, "scaled", scale=scale, memory=memory)
     m = st[:, LSE_NEG : LSE_NEG + 1]  # log Σ_n e^{z_in}; -inf without negatives (each pair then gives 0)
     st2, _ = _stats(x, y, labels, ref_labels, "ntxent_pairs", scale=scale, params=m.contiguous(), memory=memory)
@@ -433,12 +447,13 @@ def _check_temperature(temperature, like: torch.Tensor):
             values = temperature.detach()
             while torch._C._functorch.is_functorch_wrapped_tensor(values):
                 values = torch._C._functorch.get_unwrapped(values)
-            bad = ~((values > 0) & (values != float("inf")))
+            bad = ~((values > 0) & torch.isfinite(values) & torch.isfinite(1 / values))
             if bad.any():
-                raise ValueError(f"temperature must be a finite number > 0, got {values[bad].flatten()[0].item()}")
+                raise ValueError(
+                    f"temperature must be a finite number > 0 whose inverse is finite, got {values[bad].flatten()[0].item()}"
+                )
         return (1.0 / temperature).to(device=like.device, dtype=accumulation_dtype(like.dtype))
-    value = v.check_positive_finite(temperature, "temperature")
-    return _scale_tensor(1.0 / value, like)
+    return _inverse_temperature(temperature, like)
 
 
 def info_nce_loss(

@@ -178,7 +178,9 @@ def test_vmap_over_a_temperature_tensor():
                 atol=1e-12,
                 rtol=1e-9,
             )
-        with pytest.raises(ValueError, match="temperature must be a finite number > 0, got -1.0"):
+        with pytest.raises(
+            ValueError, match="temperature must be a finite number > 0 whose inverse is finite, got -1.0"
+        ):
             torch.vmap(ours)(torch.tensor([0.1, -1.0, 2.0], dtype=torch.float64))
 
 

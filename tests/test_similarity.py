@@ -914,3 +914,63 @@ def test_float32_lifted_losses_at_a_near_duplicate_pair(name, memory):
     pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
     theirs = getattr(pml_losses, pml_name)(**kw)(x.float(), labels)
     torch.testing.assert_close(got, theirs, rtol=1e-6, atol=0)
+
+
+def test_info_nce_raw_dot_products_keep_a_zero_gradient_at_zero_loss():
+    """normalize=False with logits of 1e4-1e5: each query's positive dominates, the float32 loss is exactly 0 and
+    so is torch's gradient. The backward must take exp(φ - LSE) with the forward's rounded φ (no FMA contraction
+    there): contracted, exp(±ulp/2) - 1 made an O(1) gradient. Also against float64 at larger losses."""
+    g = torch.Generator().manual_seed(0)
+    q = 10 * torch.randn(4, 16, generator=g)
+    k = q + 0.1 * torch.randn(4, 16, generator=g)
+    a, b = q.clone().requires_grad_(), k.clone().requires_grad_()
+    loss = metricops.info_nce_loss(a, b, temperature=0.01, normalize=False)
+    loss.backward()
+    assert loss == 0 and torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(b.grad, torch.zeros_like(b))
+    # a nonzero loss at logits of ~1e4: extra negatives (keys past N) next to each query's positive
+    q = 10 * torch.randn(8, 32, generator=g, dtype=torch.float64)
+    k = torch.cat([q + 0.01 * torch.randn(8, 32, generator=g, dtype=torch.float64), q])
+    want_in = [q.clone().requires_grad_(), k.clone().requires_grad_()]
+    got_in = [q.float().requires_grad_(), k.float().requires_grad_()]
+    torch_in = [q.float().requires_grad_(), k.float().requires_grad_()]
+    want = F.cross_entropy(want_in[0] @ want_in[1].T / 0.1, torch.arange(8))
+    theirs = F.cross_entropy(torch_in[0] @ torch_in[1].T / 0.1, torch.arange(8))
+    got = metricops.info_nce_loss(*got_in, temperature=0.1, normalize=False)
+    assert want > 1e-2 and (want_in[0] @ want_in[1].T).max() / 0.1 > 1e4
+    want_grads = torch.autograd.grad(want, want_in)
+    errors = [
+        [(u.double() - w).norm() / w.norm() for u, w in zip(torch.autograd.grad(loss, inputs), want_grads)]
+        for loss, inputs in ((got, got_in), (theirs, torch_in))
+    ]
+    for ours, torch_error in zip(*errors):  # no worse than torch's own float32
+        assert ours <= 2 * torch_error + 1e-6, (ours, torch_error)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_row_whose_norm_overflows_gives_nan(name):
+    """float32 rows of norm above ~1.8e19: the engine's raw products overflow with them. docs/API.md promises NaN;
+    with the row's inverse norm left at 0 it passed for a zero row (the lifted losses put it at distance √2 from a
+    parallel row: a finite, wrong loss)."""
+    fn, _, kw = LOSSES[name]
+    x = torch.tensor([[1e20, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert torch.isnan(fn(x, labels, **kw))
+
+
+def test_lifted_tiny_rows_near_each_other_get_no_amplified_gradient():
+    """Two rows of norm below eps (F.normalize leaves them at norm ||x||/eps), 5e-8 apart once normalized: their
+    offsets are held constant in the backward, so an exact small d there would turn the missing term through
+    ||x̂||² into a gradient 1/d too large (1e18 here, PML: 5e11). Such pairs keep the Gram form's d, 0 within its
+    rounding, as documented: the gradient stays bounded."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    x = torch.tensor([[3e-13, 4e-13, 0.0], [3.0000003e-13, 4.0000004e-13, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1])
+    for ours, theirs in (
+        (metricops.lifted_structure_loss, pml_losses.LiftedStructureLoss()),
+        (metricops.generalized_lifted_structure_loss, pml_losses.GeneralizedLiftedStructureLoss()),
+    ):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.testing.assert_close(ours(a, labels), theirs(b, labels), rtol=1e-6, atol=0)
+        ours(a, labels).backward()
+        theirs(b, labels).backward()
+        assert a.grad.isfinite().all() and a.grad.abs().max() <= 2 * b.grad.abs().max()

@@ -54,6 +54,11 @@ def test_module_equals_functional_and_reads_attributes(cls, op, kwargs, change):
         (lambda: mnn.LiftedStructureLoss(memory="disk"), "memory"),
         (lambda: mnn.InfoNCELoss(temperature=-0.1), "temperature"),
         (lambda: mnn.InfoNCELoss(symmetric=1), "symmetric"),
+        # what forward would refuse: an integer tensor, and a τ whose float32 logit scale gives τ = 0 or inf
+        (lambda: mnn.InfoNCELoss(temperature=torch.tensor(2)), "temperature must be a float or a 0-dim floating"),
+        (lambda: mnn.InfoNCELoss(temperature=1e-50, learn_temperature=True), "temperature must be within float32"),
+        (lambda: mnn.InfoNCELoss(temperature=1e50, learn_temperature=True), "temperature must be within float32"),
+        (lambda: mnn.InfoNCELoss(temperature=1e-40, learn_temperature=True), "temperature must be within float32"),
     ],
 )
 def test_bad_constructor_arguments(make, match):

@@ -90,6 +90,13 @@ BAD = [
         TypeError,
         "margin must be a number, got a Tensor of shape () and dtype torch.bool",
     ),
+    # 1/temperature must fit the statistics' dtype (torch.full's own overflow message names no argument)
+    (
+        "supcon_temperature_inverse_overflows",
+        lambda: metricops.supcon_loss(X.float(), L, temperature=1e-300),
+        ValueError,
+        "temperature must be at least 2.94e-39 for torch.float32 embeddings (1/temperature overflows), got 1e-300",
+    ),
     # numpy 2 names its bool scalar type "bool": the message qualifies it, or it would contradict itself
     (
         "bh_margin_np_bool",

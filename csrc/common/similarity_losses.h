@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/where.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -65,6 +66,12 @@ inline bool uses_distance(const PolicySpec& spec) {
 
 inline at::Tensor unit_row_distance_offsets(const at::Tensor& rows, at::ScalarType acc) {
   return at::full({rows.size(0)}, -0.5, rows.options().dtype(acc));
+}
+
+// folded_norm_factors' inverse norms for the engine: NaN for a row whose norm overflows (inverse norm 0), whose raw
+// products overflow as well; as 0 it would pass for a zero row (a finite, wrong loss).
+inline at::Tensor engine_inv_norms(const at::Tensor& inv_norm) {
+  return at::where(inv_norm.eq(0), std::numeric_limits<double>::quiet_NaN(), inv_norm);
 }
 
 // Checks the engine ops' arguments; returns the policy.

@@ -102,6 +102,7 @@ struct Problem {
   // A distance policy with normalize=True (the offsets make each entry e = -d²/2): entries with d² below this are
   // recomputed from the rows (refine_entries); 0: none.
   acc_t refine_below = 0;
+  acc_t gram_tolerance = 0;  // with refine_below: the Gram form's rounding of d², (2D + 8)·ε
 
   int64_t rows() const { return x.size(0); }
   int64_t cols() const { return y.size(0); }
@@ -219,6 +220,16 @@ acc_t exact_distance_entry(const Problem<acc_t>& pr, int64_t i, int64_t j) {
   return acc_t(-0.5) * sum;
 }
 
+// The entry (i, j) of Gram value e (d² < refine_below) recomputed, unless a row has norm below eps (offset other than
+// -1/2): the backward holds that row's offset constant, missing the term through ||x̂||², which 1/d would amplify
+// at a small exact d; such an entry keeps the Gram form's value, 0 within its rounding (gram_tolerance), as before.
+template <typename acc_t>
+acc_t refined_entry(const Problem<acc_t>& pr, int64_t i, int64_t j, acc_t e) {
+  if (pr.row_offset[i] != acc_t(-0.5) || pr.col_offset[j] != acc_t(-0.5))
+    return acc_t(-2) * e <= pr.gram_tolerance ? acc_t(0) : e;
+  return exact_distance_entry(pr, i, j);
+}
+
 // Entries e[0..n) of row i (columns c0..) with d² < refine_below, recomputed (the self pair is left: ignored).
 template <typename acc_t>
 METRICOPS_SIMD_CLONES void refine_entries(const Problem<acc_t>& pr, acc_t* __restrict__ e, int64_t n, int64_t i,
@@ -228,7 +239,7 @@ METRICOPS_SIMD_CLONES void refine_entries(const Problem<acc_t>& pr, acc_t* __res
   const acc_t* after = e + std::min(skip + 1, n);
   if (!(lane_max(e, skip) > bound || lane_max(after, n - std::min(skip + 1, n)) > bound)) return;
   for (int64_t j = 0; j < n; ++j)
-    if (j != skip && e[j] > bound) e[j] = exact_distance_entry(pr, i, c0 + j);
+    if (j != skip && e[j] > bound) e[j] = refined_entry(pr, i, c0 + j, e[j]);
 }
 
 // Row i of a raw GEMM tile -> the entries the policy reads: scale_tile_row, then the rows' offsets
@@ -539,6 +550,15 @@ struct GradCoefficients {
   const acc_t* field(int f) const { return data + f * n; }
 };
 
+// No FMA contraction here: the forward's LSE is consistent with φ rounded (row_forward stores it before its exps),
+// and exp(φ - LSE) must see that same φ. Contracted, φ - LSE became fma(scale, s - 1, -LSE), the unrounded φ: with
+// logits of 1e4-1e5 (InfoNCE on raw dot products) a single positive's exp(φ - LSE) = exp(0) = 1 came out
+// exp(±ulp/2) and its dL/ds = scale·(1·e - 1) ~ O(1) where the loss and its true gradient are 0. (The
+// fixed-reference epilogues take exp(φ - bound) the same way forward and backward, so they keep FMA.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math", "fp-contract=off")
+#endif
 // Row i's entries s[0..n) (columns c0..) -> g[0..n): dL/ds_ij from the row's
 // coefficients, plus (for columns j >= col_from) dL/ds seen from column j
 // with the column's coefficients. g may be s (in place).
@@ -614,6 +634,9 @@ METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& p
     g[j] = (valid ? d : acc_t(0)) + (valid_t ? dt : acc_t(0));
   }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 // The self mode's diagonal block (n × n at the start of rows of stride ld):
 // both orders of each pair are row-direction entries, so G += Gᵀ, in place
@@ -929,7 +952,7 @@ acc_t pair_similarity(const Problem<acc_t>& pr, int64_t i, int64_t j) {
   const acc_t dot =
       dot_product(pr.x.template const_data_ptr<acc_t>() + i * D, pr.y.template const_data_ptr<acc_t>() + j * D, D);
   const acc_t e = dot * entry_scale(pr, i, j) + (pr.row_offset ? pr.row_offset[i] + pr.col_offset[j] : acc_t(0));
-  return pr.refine_below > acc_t(0) && e > acc_t(-0.5) * pr.refine_below ? exact_distance_entry(pr, i, j) : e;
+  return pr.refine_below > acc_t(0) && e > acc_t(-0.5) * pr.refine_below ? refined_entry(pr, i, j, e) : e;
 }
 
 // forward() for a positives-only policy: each row's lin/aux sums over its positives, its counts.

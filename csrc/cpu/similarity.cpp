@@ -54,7 +54,10 @@ lse_engine::Problem<acc_t> make_problem(const Prepared& in, bool col_stats, int6
     pr.row_offset = in.x_offsets.const_data_ptr<acc_t>();
     pr.col_offset = pr.self ? pr.row_offset : in.y_offsets.const_data_ptr<acc_t>();
     // a distance policy: with normalize=True the entries near zero distance are recomputed from the rows
-    if (pr.row_inv_norm) pr.refine_below = lse_engine::refine_threshold<acc_t>(x.size(1));
+    if (pr.row_inv_norm) {
+      pr.refine_below = lse_engine::refine_threshold<acc_t>(x.size(1));
+      pr.gram_tolerance = distance_tolerance<acc_t>(x.size(1), /*exact_near_zero=*/false);
+    }
   }
   return pr;
 }
@@ -71,7 +74,11 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   const bool offsets = uses_distance(spec);
   if (normalize) {
     p.x_norms = folded_norm_factors(p.x, p.x.scalar_type(), offsets ? &p.x_offsets : nullptr);
-    if (p.y.has_value()) p.y_norms = folded_norm_factors(*p.y, p.y->scalar_type(), offsets ? &p.y_offsets : nullptr);
+    p.x_norms.first = engine_inv_norms(p.x_norms.first);
+    if (p.y.has_value()) {
+      p.y_norms = folded_norm_factors(*p.y, p.y->scalar_type(), offsets ? &p.y_offsets : nullptr);
+      p.y_norms.first = engine_inv_norms(p.y_norms.first);
+    }
   } else if (offsets) {
     p.x_offsets = unit_row_distance_offsets(p.x, p.x.scalar_type());
     if (p.y.has_value()) p.y_offsets = unit_row_distance_offsets(*p.y, p.y->scalar_type());

@@ -47,7 +47,9 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   const bool offsets = uses_distance(spec);
   if (normalize) {
     p.x_norms = folded_norm_factors(p.x, acc, offsets ? &p.x_offsets : nullptr);
+    p.x_norms.first = engine_inv_norms(p.x_norms.first);
     p.y_norms = p.self ? p.x_norms : folded_norm_factors(p.y, acc, offsets ? &p.y_offsets : nullptr);
+    if (!p.self) p.y_norms.first = engine_inv_norms(p.y_norms.first);
   } else if (offsets) {
     p.x_offsets = unit_row_distance_offsets(p.x, acc);
     if (!p.self) p.y_offsets = unit_row_distance_offsets(p.y, acc);

@@ -550,15 +550,6 @@ struct GradCoefficients {
   const acc_t* field(int f) const { return data + f * n; }
 };
 
-// No FMA contraction here: the forward's LSE is consistent with φ rounded (row_forward stores it before its exps),
-// and exp(φ - LSE) must see that same φ. Contracted, φ - LSE became fma(scale, s - 1, -LSE), the unrounded φ: with
-// logits of 1e4-1e5 (InfoNCE on raw dot products) a single positive's exp(φ - LSE) = exp(0) = 1 came out
-// exp(±ulp/2) and its dL/ds = scale·(1·e - 1) ~ O(1) where the loss and its true gradient are 0. (The
-// fixed-reference epilogues take exp(φ - bound) the same way forward and backward, so they keep FMA.)
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math", "fp-contract=off")
-#endif
 // Row i's entries s[0..n) (columns c0..) -> g[0..n): dL/ds_ij from the row's
 // coefficients, plus (for columns j >= col_from) dL/ds seen from column j
 // with the column's coefficients. g may be s (in place).
@@ -600,15 +591,24 @@ METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& p
     }
     return;
   }
-  for (int64_t j = 0; j < col_from; ++j) {
-    const bool pos = ck[j] == rk;
-    const ParamView<acc_t> other = other0.moved(j);
-    const bool valid = (j != skip) & pol.keep(s[j], pos, own, other);
-    acc_t phi, dphi, dlin;
-    pol.grad(s[j], pos, own, other, phi, dphi, dlin);
-    acc_t d = (pos ? glp : gln) * dlin;
-    if (Policy::kLse) d += (pos ? gp : gn) * lse_exp(phi - (pos ? lp : ln)) * dphi;
-    g[j] = valid ? d : acc_t(0);
+  // The policy's values go through memory (ph, dph, dl) before exp(φ - LSE): the forward's LSE is made of φ rounded
+  // (row_forward stores it before its exps), and with FMA (the x86-64-v3/v4 clones) φ - LSE straight from the
+  // policy's product contracted into fma(scale, s - 1, -LSE), the unrounded φ. With logits of 1e4-1e5 (info_nce_loss
+  // on raw dot products) a lone positive's exp(φ - LSE) = 1 came out exp(±ulp/2), and dL/ds = scale·(e - 1) ~ O(1)
+  // where the loss and its gradient are 0. (fp-contract=off on this function instead cost Circle 1.6x: it kept the
+  // helpers from inlining.) The fixed-reference epilogues take exp(φ - bound) alike forward and backward.
+  acc_t ph[kRowChunk], dph[kRowChunk], dl[kRowChunk];
+  for (int64_t j0 = 0; j0 < col_from; j0 += kRowChunk) {
+    const int64_t j1 = std::min(col_from, j0 + kRowChunk);
+    for (int64_t j = j0; j < j1; ++j)
+      pol.grad(s[j], ck[j] == rk, own, other0.moved(j), ph[j - j0], dph[j - j0], dl[j - j0]);
+    for (int64_t j = j0; j < j1; ++j) {
+      const bool pos = ck[j] == rk;
+      const bool valid = (j != skip) & pol.keep(s[j], pos, own, other0.moved(j));
+      acc_t d = (pos ? glp : gln) * dl[j - j0];
+      if (Policy::kLse) d += (pos ? gp : gn) * lse_exp(ph[j - j0] - (pos ? lp : ln)) * dph[j - j0];
+      g[j] = valid ? d : acc_t(0);
+    }
   }
   if (col_from >= n) return;
   const acc_t* __restrict__ clp = cg.field(kGLsePos) + c0;
@@ -617,26 +617,31 @@ METRICOPS_SIMD_CLONES void row_backward(const Policy& p, const Problem<acc_t>& p
   const acc_t* __restrict__ cgn = cg.field(kGGradLseNeg) + c0;
   const acc_t* __restrict__ cglp = cg.field(kGGradLinPos) + c0;
   const acc_t* __restrict__ cgln = cg.field(kGGradLinNeg) + c0;
-  for (int64_t j = col_from; j < n; ++j) {
-    const bool pos = ck[j] == rk;
-    const ParamView<acc_t> other = other0.moved(j);
-    const bool valid = pol.keep(s[j], pos, own, other);
-    const bool valid_t = pol.keep(s[j], pos, other, own);
-    acc_t phi, dphi, dlin, phi_t, dphi_t, dlin_t;
-    pol.grad(s[j], pos, own, other, phi, dphi, dlin);
-    pol.grad(s[j], pos, other, own, phi_t, dphi_t, dlin_t);
-    acc_t d = (pos ? glp : gln) * dlin;
-    acc_t dt = (pos ? cglp[j] : cgln[j]) * dlin_t;
-    if (Policy::kLse) {
-      d += (pos ? gp : gn) * lse_exp(phi - (pos ? lp : ln)) * dphi;
-      dt += (pos ? cgp[j] : cgn[j]) * lse_exp(phi_t - (pos ? clp[j] : cln[j])) * dphi_t;
+  acc_t ph_t[kRowChunk], dph_t[kRowChunk], dl_t[kRowChunk];
+  for (int64_t j0 = col_from; j0 < n; j0 += kRowChunk) {
+    const int64_t j1 = std::min(n, j0 + kRowChunk);
+    for (int64_t j = j0; j < j1; ++j) {
+      const bool pos = ck[j] == rk;
+      const ParamView<acc_t> other = other0.moved(j);
+      pol.grad(s[j], pos, own, other, ph[j - j0], dph[j - j0], dl[j - j0]);
+      pol.grad(s[j], pos, other, own, ph_t[j - j0], dph_t[j - j0], dl_t[j - j0]);
     }
-    g[j] = (valid ? d : acc_t(0)) + (valid_t ? dt : acc_t(0));
+    for (int64_t j = j0; j < j1; ++j) {
+      const bool pos = ck[j] == rk;
+      const ParamView<acc_t> other = other0.moved(j);
+      const bool valid = pol.keep(s[j], pos, own, other);
+      const bool valid_t = pol.keep(s[j], pos, other, own);
+      const int64_t l = j - j0;
+      acc_t d = (pos ? glp : gln) * dl[l];
+      acc_t dt = (pos ? cglp[j] : cgln[j]) * dl_t[l];
+      if (Policy::kLse) {
+        d += (pos ? gp : gn) * lse_exp(ph[l] - (pos ? lp : ln)) * dph[l];
+        dt += (pos ? cgp[j] : cgn[j]) * lse_exp(ph_t[l] - (pos ? clp[j] : cln[j])) * dph_t[l];
+      }
+      g[j] = (valid ? d : acc_t(0)) + (valid_t ? dt : acc_t(0));
+    }
   }
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
 
 // The self mode's diagonal block (n × n at the start of rows of stride ld):
 // both orders of each pair are row-direction entries, so G += Gᵀ, in place

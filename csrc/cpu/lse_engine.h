@@ -93,10 +93,10 @@ struct Problem {
   // normalized copy of x or y is made; nullptr: S = x yᵀ.
   const acc_t* row_inv_norm = nullptr;  // (B,)
   const acc_t* col_inv_norm = nullptr;  // (M,); row_inv_norm in the self mode
-  // The lifted policies (normalize=True) read d² = 2 - 2s, which holds for unit rows only; F.normalize
-  // leaves a row of norm n < eps at norm n/eps (a zero row at 0). With q = ||x̂||², d² = q_i + q_j - 2 s_ij
-  // = 2 - 2(s_ij + o_i + o_j) for o = (1 - q)/2: each entry of the tiles the policy reads is
-  // s + o_i + o_j (o = 0 for every row of norm >= eps). nullptr: no offsets (both or neither are set).
+  // The distance policies read e = -d²/2 (common/lse_stats.h LiftedPolicy). With q = ||x̂||² (1 for unit rows;
+  // F.normalize leaves a row of norm n < eps at norm n/eps, a zero row at 0), d² = q_i + q_j - 2 s_ij, so each
+  // entry of the tiles the policy reads is s + o_i + o_j for o = -q/2 (-1/2 for every row of norm >= eps, and for
+  // every row with normalize=False). nullptr: no offsets (both or neither are set).
   const acc_t* row_offset = nullptr;  // (B,)
   const acc_t* col_offset = nullptr;  // (M,); row_offset in the self mode
   // A distance policy with normalize=True (the offsets make each entry e = -d²/2): entries with d² below this are

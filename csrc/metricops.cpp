@@ -194,12 +194,16 @@ TORCH_LIBRARY(metricops, m) {
   // F.normalize leaves shorter than 1 (their o is held constant in the backward), and on the CPU the entries near
   // d = 0 are recomputed from the rows); "ntxent_pairs" row_params (B, 1) = m_i: each positive gives
   // lin = softplus(m_i - z), aux = sigmoid(m_i - z), z = scale·(s - 1) as "scaled"). scale: a 0-dim tensor.
-  // row_stats (B, 12), in float64 for float64 inputs and float32 otherwise, columns: LSE_pos, LSE_neg
+  // row_stats (B, 13), in float64 for float64 inputs and float32 otherwise, columns: LSE_pos, LSE_neg
   // (-inf when empty), lin_pos, lin_neg, count_pos, count_neg, min positive s, max negative s (these
   // two from "similarity_range" only, +inf / -inf from the other policies),
-  // dLSE_pos/dscale, dLSE_neg/dscale, aux_pos, aux_neg. col_stats: the same per column of y when
-  // col_stats (y required), else (0, 12). Gradients flow through columns 0-3 only (the backward);
-  // the others are piecewise constant or are used by the caller's own formulas. block_rows/block_cols
+  // dLSE_pos/dscale, dLSE_neg/dscale, aux_pos, aux_neg, term. col_stats: the same per column of y when
+  // col_stats (y required), else (0, 13). `head` (csrc/common/lse_heads.h) names a loss whose per-anchor
+  // term the op computes from these statistics into column 12 ("supcon", "info_nce" on "scaled";
+  // "multi_similarity", "multi_similarity_mined", "circle", "generalized_lifted" on the policy of that
+  // name and "lifted"; "none": 0). Gradients flow through columns 0-3 and 12 only (the backward, which
+  // applies the head's derivatives); the others are piecewise constant or are used by the caller's own
+  // formulas. block_rows/block_cols
   // <= 0 pick the device's tiles; > 0 force them (tests cross tile boundaries with them). normalize:
   // S is the cosine similarity of F.normalize(x) and F.normalize(y) (eps 1e-12), gradients to the raw
   // x and y: each GEMM tile of x yᵀ is scaled by the rows' inverse norms, so no normalized copy is
@@ -212,14 +216,15 @@ TORCH_LIBRARY(metricops, m) {
   m.def(
       "lse_stats(Tensor x, Tensor? y, Tensor row_keys, Tensor? col_keys, Tensor? row_params, Tensor scale, "
       "str policy, float[] args, bool normalize, bool col_stats, int block_rows, int block_cols, "
-      "bool save_tiles=False) -> (Tensor row_stats, Tensor col_stats, Tensor tiles)");
+      "bool save_tiles=False, str head=\"none\") -> (Tensor row_stats, Tensor col_stats, Tensor tiles)");
   // Gradients of lse_stats w.r.t. x and y (y: (0, D) when y is None) from the gradients of its
-  // statistics' columns 0-3 (None: zero), recomputing S tile by tile, or reading it from the
-  // forward's `tiles` (same tiles: the same block_rows/block_cols) when given and not empty.
+  // statistics' columns 0-3 and 12 (None: zero; `head` as the forward's), recomputing S tile by tile,
+  // or reading it from the forward's `tiles` (same tiles: the same block_rows/block_cols) when given
+  // and not empty.
   m.def(
       "lse_stats_backward(Tensor? grad_row_stats, Tensor? grad_col_stats, Tensor x, Tensor? y, Tensor row_keys, "
       "Tensor? col_keys, Tensor? row_params, Tensor scale, str policy, float[] args, bool normalize, "
-      "Tensor row_stats, Tensor col_stats, int block_rows, int block_cols, Tensor? tiles=None) -> "
+      "Tensor row_stats, Tensor col_stats, int block_rows, int block_cols, Tensor? tiles=None, str head=\"none\") -> "
       "(Tensor grad_x, Tensor grad_y)");
 
   // Losses with learnable class parameters (metricops/class_losses.py), chunked

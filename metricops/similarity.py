@@ -27,6 +27,7 @@ from ._registrations.similarity import (
     LSE_POS,
     MAX_NEG,
     MIN_POS,
+    TERM,
 )
 
 # Tests set this to (rows, cols) to force every engine call to tiles of that shape, so that tile boundaries
@@ -113,8 +114,12 @@ def _prepare_labelled(embeddings, labels, reduction, memory, ref_emb=None, ref_l
     return x, ref_emb, labels, ref_labels
 
 
-def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, memory="auto", col_stats=False):
-    """The engine's statistics on the cosine similarities of x's (and y's) rows: the op normalizes them itself."""
+def _stats(
+    x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, memory="auto", col_stats=False, head="none"
+):
+    """The engine's statistics on the cosine similarities of x's (and y's) rows: the op normalizes them itself.
+    ``head`` names the loss whose per-anchor term the op also computes (column TERM), with its gradient: one op
+    instead of a dozen small ones around it (csrc/common/lse_heads.h)."""
     grad_needed = torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad))
     # The pair passes read a few entries per row: the CPU computes those alone (no tiles) unless asked to keep S
     block_rows, block_cols, save_tiles = _tile(memory, x, y, grad_needed and policy not in _POSITIVES_ONLY)
@@ -134,6 +139,7 @@ def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, me
         block_rows,
         block_cols,
         save_tiles,
+        head,
     )
     return rows, cols
 
@@ -141,12 +147,6 @@ def _stats(x, y, labels, ref_labels, policy, args=(), scale=1.0, params=None, me
 def _safe(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """t where valid, else 0: keeps -inf (an empty set's LSE) out of the formulas whose gradient it would poison."""
     return torch.where(valid, t, torch.zeros_like(t))
-
-
-def _log1p_exp(t: torch.Tensor) -> torch.Tensor:
-    """log(1 + e^t), exactly: F.softplus returns t itself above its threshold (20), off by up to e^-20 (MS's
-    LSE over the negatives reaches 25 at β = 50, where PML's log(1 + Σ) is exact)."""
-    return torch.logaddexp(t, torch.zeros_like(t))
 
 
 def _out_dtype(stats_terms: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
@@ -163,14 +163,10 @@ def _supcon_per_anchor(embeddings, labels, *, temperature, memory, ref_emb=None,
     v.check_positive_finite(temperature, "temperature")
     x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
     scale = _inverse_temperature(temperature, embeddings)
-    st, _ = _stats(x, y, labels, ref_labels, "scaled", scale=scale, memory=memory)
-    n_pos, n_neg = st[:, COUNT_POS], st[:, COUNT_NEG]
-    has_pos = n_pos > 0
-    batch_ok = has_pos.any() & (n_neg > 0).any()
-    valid = has_pos & batch_ok
-    lse_all = torch.logaddexp(_safe(st[:, LSE_POS], valid), _safe(st[:, LSE_NEG], valid))
-    loss = lse_all - _safe(st[:, LIN_POS], valid) / n_pos.clamp_min(1)
-    return _out_dtype(_safe(loss, valid), embeddings)
+    # head "supcon": LSE over the row's pairs − mean z of its positives, 0 without a positive (or for a batch
+    # without any positive or any negative pair)
+    st, _ = _stats(x, y, labels, ref_labels, "scaled", scale=scale, memory=memory, head="supcon")
+    return _out_dtype(st[:, TERM], embeddings)
 
 
 def supcon_loss(
@@ -246,8 +242,12 @@ def _multi_similarity_per_anchor(
     beta = v.check_positive_finite(beta, "beta")
     base = v.check_number(base, "base", finite=True)
     x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
+    # heads "multi_similarity(_mined)": log(1 + Σ_p)/α + log(1 + Σ_n)/β over the classes the anchor has; mined, 0
+    # for a miner output of <= 1 positive and <= 1 negative pair (PML)
     if mining_epsilon is None:
-        st, _ = _stats(x, y, labels, ref_labels, "multi_similarity", (alpha, beta, base), memory=memory)
+        st, _ = _stats(
+            x, y, labels, ref_labels, "multi_similarity", (alpha, beta, base), memory=memory, head="multi_similarity"
+        )
     else:
         eps = v.check_number(mining_epsilon, "mining_epsilon", finite=True)
         with torch.no_grad():  # the miner's thresholds select pairs; they carry no gradient
@@ -264,15 +264,9 @@ def _multi_similarity_per_anchor(
             (alpha, beta, base, eps),
             params=thresholds,
             memory=memory,
+            head="multi_similarity_mined",
         )
-    has_pos, has_neg = st[:, COUNT_POS] > 0, st[:, COUNT_NEG] > 0
-    pos = _log1p_exp(_safe(st[:, LSE_POS], has_pos))
-    neg = _log1p_exp(_safe(st[:, LSE_NEG], has_neg))
-    loss = _safe(pos, has_pos) / alpha + _safe(neg, has_neg) / beta
-    if mining_epsilon is not None:  # PML: a miner output of <= 1 positive and <= 1 negative pair gives 0
-        enough = (st[:, COUNT_POS].sum() > 1) | (st[:, COUNT_NEG].sum() > 1)
-        loss = _safe(loss, enough.expand_as(loss))
-    return _out_dtype(loss, embeddings)
+    return _out_dtype(st[:, TERM], embeddings)
 
 
 def multi_similarity_loss(
@@ -308,10 +302,9 @@ def _circle_per_anchor(embeddings, labels, *, m, gamma, memory, ref_emb=None, re
     m = v.check_number(m, "m", finite=True)
     gamma = v.check_positive_finite(gamma, "gamma")
     x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
-    st, _ = _stats(x, y, labels, ref_labels, "circle", (m, gamma), memory=memory)
-    valid = (st[:, COUNT_POS] > 0) & (st[:, COUNT_NEG] > 0)
-    loss = torch.nn.functional.softplus(_safe(st[:, LSE_POS], valid) + _safe(st[:, LSE_NEG], valid))
-    return _out_dtype(_safe(loss, valid), embeddings)
+    # head "circle": softplus(LSE_pos + LSE_neg) (F.softplus, as PML), 0 without a positive or a negative
+    st, _ = _stats(x, y, labels, ref_labels, "circle", (m, gamma), memory=memory, head="circle")
+    return _out_dtype(st[:, TERM], embeddings)
 
 
 def circle_loss(
@@ -342,10 +335,11 @@ def _generalized_lifted_per_anchor(
     pos_margin = v.check_number(pos_margin, "pos_margin", finite=True)
     neg_margin = v.check_number(neg_margin, "neg_margin", finite=True)
     x, y, labels, ref_labels = _prepare_labelled(embeddings, labels, "none", memory, ref_emb, ref_labels)
-    st, _ = _stats(x, y, labels, ref_labels, "lifted", (pos_margin, neg_margin), memory=memory)
-    has_pos, has_neg = st[:, COUNT_POS] > 0, st[:, COUNT_NEG] > 0
-    loss = torch.relu(_safe(st[:, LSE_POS], has_pos) + _safe(st[:, LSE_NEG], has_neg))
-    return _out_dtype(loss, embeddings)
+    # head "generalized_lifted": relu(LSE_pos + LSE_neg), an empty set's LSE counting as 0
+    st, _ = _stats(
+        x, y, labels, ref_labels, "lifted", (pos_margin, neg_margin), memory=memory, head="generalized_lifted"
+    )
+    return _out_dtype(st[:, TERM], embeddings)
 
 
 def generalized_lifted_structure_loss(
@@ -495,13 +489,33 @@ def info_nce_loss(
     block_rows, block_cols, _ = _tile("streaming", queries, keys, False)
     # normalize: the op scales its tiles by the rows' inverse norms (no normalized copies of q and k)
     # a temperature tensor takes the policy with d/dscale's sums (under torch.func its requires_grad may not show)
-    policy = "scaled_learnable" if isinstance(temperature, torch.Tensor) else "scaled"
+    # (its gradient is the caller's formula's; a float's goes through the op's head "info_nce")
+    learnable = isinstance(temperature, torch.Tensor)
+    policy = "scaled_learnable" if learnable else "scaled"
     rows, cols, _ = ops.lse_stats(
-        queries, keys, row_keys, col_keys, None, scale, policy, [], normalize, symmetric, block_rows, block_cols
+        queries,
+        keys,
+        row_keys,
+        col_keys,
+        None,
+        scale,
+        policy,
+        [],
+        normalize,
+        symmetric,
+        block_rows,
+        block_cols,
+        False,
+        "none" if learnable else "info_nce",
     )
     # cross-entropy: LSE over all keys − the positive's logit (lin_pos = z_ii)
-    loss = torch.logaddexp(rows[:, LSE_POS], rows[:, LSE_NEG]) - rows[:, LIN_POS]
-    if symmetric:
-        loss = 0.5 * (loss + torch.logaddexp(cols[:, LSE_POS], cols[:, LSE_NEG]) - cols[:, LIN_POS])
+    if learnable:
+        loss = torch.logaddexp(rows[:, LSE_POS], rows[:, LSE_NEG]) - rows[:, LIN_POS]
+        if symmetric:
+            loss = 0.5 * (loss + torch.logaddexp(cols[:, LSE_POS], cols[:, LSE_NEG]) - cols[:, LIN_POS])
+    else:
+        loss = rows[:, TERM]
+        if symmetric:
+            loss = 0.5 * (loss + cols[:, TERM])
     loss = _out_dtype(loss, queries)
     return _reduce(loss, reduction)

@@ -238,6 +238,18 @@ SAMPLES: dict[str, Callable[..., list[SampleInput]]] = {
         SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], False, True, 2, 2)),
         SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], True, True, 2, 2)),
         SampleInput((x, x2, _keys(x), _keys(x2), None, _learnable_scale(x), "scaled_learnable", [], True, True, 2, 2)),
+        # with a loss head (the per-anchor term in column 12, differentiated inside the backward op; Circle's
+        # policy holds its weights constant, so gradcheck cannot check it: tests/test_similarity.py does)
+        SampleInput((x, None, pair_labels(x), None, None, _scale(x), "scaled", [], True, False, 2, 3, False, "supcon")),
+        SampleInput(
+            (x, None, pair_labels(x), None, None, _scale(x), "multi_similarity", [2.0, 10.0, 0.5], True, False, 0, 0)
+            + (False, "multi_similarity")
+        ),
+        SampleInput(
+            (x, None, pair_labels(x), None, None, _scale(x), "lifted", [0.0, 1.0], True, False, 0, 0, False)
+            + ("generalized_lifted",)
+        ),
+        SampleInput((x, x2, _keys(x), _keys(x2), None, _scale(x), "scaled", [], True, True, 2, 2, False, "info_nce")),
     ]
     # the forward's tiles kept for the backward (CPU only: CUDA refuses save_tiles)
     + (

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import metricops  # noqa: F401  (registers the ops)
+from metricops._registrations.similarity import LIN_NEG, LIN_POS, LSE_NEG, LSE_POS, TERM
 from metricops._registrations._common import LIB, backward_op_names, forward_of, forward_op_names, native_op_names
 from common import assert_close, cpu_and_cuda
 from samples import NOT_DIFFERENTIABLE, SAMPLES, as_tuple, backward_samples, detached, embeddings, fake_run
@@ -55,15 +56,15 @@ def test_every_op_is_registered_and_has_samples():
         assert SAMPLES[name](*embeddings((6, 4), "cpu", torch.float64)), f"{name}: no sample at B=6"
 
 
-# Engine ops whose outputs are internal statistics (12 per row): their parity with metricops.reference is
+# Engine ops whose outputs are internal statistics (13 per row): their parity with metricops.reference is
 # checked through every public loss built on them, for every policy, tile shape and memory mode.
 CHECKED_THROUGH_PUBLIC_LOSSES = {
     "lse_stats": "checked through the similarity losses against metricops.reference in tests/test_similarity.py",
 }
 
-# Ops whose outputs carry gradients in their leading columns only (the schema says which): lse_stats' log-sum-exps
-# and linear sums; its other statistics are piecewise constant or enter the callers' formulas as constants.
-DIFFERENTIABLE_COLUMNS = {"lse_stats": 4}
+# Ops whose outputs carry gradients in some columns only (the schema says which): lse_stats' log-sum-exps, linear
+# sums and its head's term; its other statistics are piecewise constant or enter the callers' formulas as constants.
+DIFFERENTIABLE_COLUMNS = {"lse_stats": [LSE_POS, LSE_NEG, LIN_POS, LIN_NEG, TERM]}
 
 
 def _leaves_in(args, leaves):
@@ -107,7 +108,7 @@ def test_gradcheck(device, name):
             outputs = as_tuple(getattr(ops, name)(*args))
             if name in DIFFERENTIABLE_COLUMNS:
                 # (its 1-D outputs, like lse_stats' saved tiles, are not differentiable: gradcheck skips them)
-                outputs = tuple(out[:, : DIFFERENTIABLE_COLUMNS[name]] if out.dim() == 2 else out for out in outputs)
+                outputs = tuple(out[:, DIFFERENTIABLE_COLUMNS[name]] if out.dim() == 2 else out for out in outputs)
             return tuple(r for r in outputs if r.is_floating_point())  # indices: no grad
 
         assert torch.autograd.gradcheck(fn, used, eps=1e-6, atol=1e-5), (name, sample.args[2:])

@@ -338,7 +338,7 @@ def test_saved_tiles_are_s_and_give_the_recomputed_gradient(policy, args, with_y
     g = torch.Generator().manual_seed(3)
     x, y, labels, col_keys = _keyed_batch(g, 11, 7, 5, 4, with_y)
     scale = torch.tensor(3.0, dtype=torch.float64)
-    weights = torch.randn(11, 12, generator=g, dtype=torch.float64)
+    weights = torch.randn(11, stat.NUM_STATS, generator=g, dtype=torch.float64)
     weights[:, 4:] = 0
     for block_rows, block_cols in ((4, 0), (3, 2), (128, 0)):
         grads = []
@@ -690,6 +690,32 @@ def test_native_op_checks_name_the_argument():
         ops.lse_stats(x, None, labels, None, None, scale, "ntxent_pairs", [], False, False, 0, 0)
     with pytest.raises(ValueError, match="args"):
         ops.lse_stats(x, None, labels, None, None, scale, "circle", [0.4], False, False, 0, 0)
+    # a loss head: a known name, on the statistics of its own loss's policy; the fake kernel says the same
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    base = (x, None, labels, None, None, scale)
+    for policy, args, head, message in (
+        ("scaled", [], "triplet", "head must be one of 'none', 'supcon'"),
+        ("circle", [0.4, 80.0], "supcon", "head 'supcon' reads another policy's statistics, got policy 'circle'"),
+        ("scaled_learnable", [], "info_nce", "head 'info_nce' reads another policy's statistics"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ops.lse_stats(*base, policy, args, False, False, 0, 0, False, head)
+        rows, cols, _ = ops.lse_stats(*base, policy, args, False, False, 0, 0)
+        with pytest.raises(ValueError, match=message):
+            ops.lse_stats_backward(rows, None, *base, policy, args, False, rows, cols, 0, 0, None, head)
+        with FakeTensorMode() as mode, pytest.raises(ValueError, match=message):
+            ops.lse_stats(
+                *[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in base],
+                policy,
+                args,
+                False,
+                False,
+                0,
+                0,
+                False,
+                head,
+            )
 
 
 def test_losses_save_tiles_only_when_a_backward_will_read_them(monkeypatch):

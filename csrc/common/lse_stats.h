@@ -77,6 +77,7 @@ enum StatField : int {
   kDScaleNeg,
   kAuxPos,
   kAuxNeg,
+  kTerm,  // the loss head's per-anchor term (common/lse_heads.h; 0 without a head)
   kNumStats
 };
 
@@ -257,6 +258,7 @@ C10_HOST_DEVICE inline void acc_finalize(const acc_t* a, acc_t* out) {
   out[kCountNeg] = a[kAccCountNeg];
   out[kMinPos] = a[kAccMinPos];
   out[kMaxNeg] = a[kAccMaxNegS];
+  out[kTerm] = acc_t(0);
 }
 
 // Backward coefficients of one row from its finished statistics and the

@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
@@ -16,6 +17,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/lse_heads.h"
 #include "common/lse_stats.h"
 
 namespace metricops {
@@ -120,6 +122,55 @@ inline PolicySpec check_lse_inputs(const at::Tensor& x, const c10::optional<at::
   TORCH_CHECK_VALUE(scale.dim() == 0, "scale must be a 0-dim tensor, got shape ", scale.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "scale must be floating, got ", scale.scalar_type());
   return spec;
+}
+
+// The ops' `head` (common/lse_heads.h), checked against the policy it reads: each head is one loss's formula on
+// that loss's statistics.
+inline HeadKind parse_head(c10::string_view head, const PolicySpec& spec, c10::string_view policy) {
+  struct Entry {
+    const char* name;
+    HeadKind kind;
+    PolicyKind policy;
+  };
+  static constexpr Entry kHeads[] = {
+      {"supcon", HeadKind::SupCon, PolicyKind::Scaled},
+      {"multi_similarity", HeadKind::MultiSimilarity, PolicyKind::MultiSimilarity},
+      {"multi_similarity_mined", HeadKind::MultiSimilarityMined, PolicyKind::MultiSimilarityMined},
+      {"circle", HeadKind::Circle, PolicyKind::Circle},
+      {"generalized_lifted", HeadKind::GeneralizedLifted, PolicyKind::Lifted},
+      {"info_nce", HeadKind::InfoNCE, PolicyKind::Scaled},
+  };
+  if (head == "none") return HeadKind::None;
+  for (const Entry& e : kHeads) {
+    if (head != e.name) continue;
+    TORCH_CHECK_VALUE(spec.kind == e.policy, "head '", std::string(head),
+                      "' reads another policy's statistics, got policy '", std::string(policy), "'");
+    return e.kind;
+  }
+  TORCH_CHECK_VALUE(false,
+                    "head must be one of 'none', 'supcon', 'multi_similarity', 'multi_similarity_mined', 'circle', "
+                    "'generalized_lifted', 'info_nce', got '",
+                    std::string(head), "'");
+}
+
+// The batch totals (Σ count_pos, Σ count_neg) of finished statistics (B, kNumStats) that a head reads, on their
+// device; undefined for a head that reads none.
+inline at::Tensor head_totals(const at::Tensor& stats, HeadKind kind) {
+  if (!head_reads_totals(kind)) return at::Tensor();
+  return stats.narrow(1, kCountPos, 2).sum(0).contiguous();
+}
+
+// The head's constants: MS's 1/α and 1/β are the policy's first two args.
+template <typename acc_t>
+inline HeadSpec<acc_t> make_head_spec(HeadKind kind, c10::ArrayRef<double> args, const at::Tensor& totals) {
+  HeadSpec<acc_t> h;
+  h.kind = kind;
+  if (kind == HeadKind::MultiSimilarity || kind == HeadKind::MultiSimilarityMined) {
+    h.inv_alpha = 1.0 / args[0];
+    h.inv_beta = 1.0 / args[1];
+  }
+  h.totals = totals.defined() ? totals.const_data_ptr<acc_t>() : nullptr;
+  return h;
 }
 
 // The distance policies' d² below which d is taken as 0: the Gram form's rounding, (2·dim + 8)·ε; (8ε)² where the

@@ -86,12 +86,22 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   return p;
 }
 
+// The head's term of each finished row (column kTerm).
+template <typename acc_t>
+void apply_head(at::Tensor& stats, HeadKind kind, at::ArrayRef<double> args) {
+  const at::Tensor totals = head_totals(stats, kind);
+  const HeadSpec<acc_t> h = make_head_spec<acc_t>(kind, args, totals);
+  acc_t* st = stats.mutable_data_ptr<acc_t>();
+  for (int64_t i = 0; i < stats.size(0); ++i) head_finalize(st + i * kNumStats, h);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
     const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
     c10::string_view policy, at::ArrayRef<double> args, bool normalize, bool col_stats, int64_t block_rows,
-    int64_t block_cols, bool save_tiles) {
+    int64_t block_cols, bool save_tiles, c10::string_view head) {
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, col_stats);
+  const HeadKind head_kind = parse_head(head, spec, policy);
   TORCH_CHECK_VALUE(
       !save_tiles || block_rows > 0,
       "save_tiles=True needs block_rows > 0 (the saved tiles' size depends on it), got block_rows=", block_rows);
@@ -113,6 +123,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cpu(
     });
     lse_engine::finalize(racc.data(), B, row_out.mutable_data_ptr<acc_t>());
     if (col_stats) lse_engine::finalize(cacc.data(), M, col_out.mutable_data_ptr<acc_t>());
+    if (head_kind != HeadKind::None) {
+      apply_head<acc_t>(row_out, head_kind, args);
+      if (col_stats) apply_head<acc_t>(col_out, head_kind, args);
+    }
   });
   return {row_out, col_out, tiles};
 }
@@ -122,9 +136,11 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
     const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
     c10::string_view policy, at::ArrayRef<double> args, bool normalize, const at::Tensor& row_stats,
-    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols, const c10::optional<at::Tensor>& tiles_in) {
+    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols, const c10::optional<at::Tensor>& tiles_in,
+    c10::string_view head) {
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
+  const HeadKind head_kind = parse_head(head, spec, policy);
   const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize, spec);
   const int64_t B = in.x.size(0), M = in.y.has_value() ? in.y->size(0) : B;
   // The forward's saved tiles, if any: their size is fixed by the tiles (block_rows), so a mismatch means
@@ -149,17 +165,20 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_backward_cpu", [&] {
     using acc_t = scalar_t;
     const auto pr = make_problem<acc_t>(in, has_col, block_rows, block_cols);
-    // Backward coefficients in structure-of-arrays layout (GradCoefficients).
-    const auto coefficients = [](const at::Tensor& stats, const c10::optional<at::Tensor>& grad, int64_t n) {
+    // Backward coefficients in structure-of-arrays layout (GradCoefficients), the head's term included.
+    const auto coefficients = [&](const at::Tensor& stats, const c10::optional<at::Tensor>& grad, int64_t n) {
       const at::Tensor st = stats.contiguous();
       at::Tensor g;
       if (grad.has_value()) g = grad->to(stats.scalar_type()).contiguous();
       std::vector<acc_t> out(n * kNumGrad);
       const acc_t* sp = st.const_data_ptr<acc_t>();
       const acc_t* gp = g.defined() ? g.const_data_ptr<acc_t>() : nullptr;
+      const at::Tensor totals = head_totals(st, head_kind);
+      const HeadSpec<acc_t> h = make_head_spec<acc_t>(head_kind, args, totals);
       acc_t row[kNumGrad];
       for (int64_t i = 0; i < n; ++i) {
         grad_coefficients(sp + i * kNumStats, gp ? gp + i * kNumStats : nullptr, row);
+        head_grad_coefficients(sp + i * kNumStats, gp ? gp + i * kNumStats : nullptr, h, row);
         for (int f = 0; f < kNumGrad; ++f) out[f * n + i] = row[f];
       }
       return out;

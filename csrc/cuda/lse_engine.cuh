@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/lse_heads.h"
 #include "common/lse_stats.h"
 #include "cuda/cuda_helpers.h"
 
@@ -78,12 +79,21 @@ __global__ void finalize_kernel(const acc_t* acc, int64_t n, acc_t* stats) {
   METRICOPS_CUDA_KERNEL_LOOP(i, n) { acc_finalize(acc + i * kNumAcc, stats + i * kNumStats); }
 }
 
-// grad_coefficients per row, stored structure-of-arrays (kNumGrad × n).
+// The loss head's term of each finished row (common/lse_heads.h).
 template <typename acc_t>
-__global__ void coefficients_kernel(const acc_t* stats, const acc_t* grad_stats, int64_t n, acc_t* out) {
+__global__ void head_kernel(acc_t* stats, int64_t n, HeadSpec<acc_t> h) {
+  METRICOPS_CUDA_KERNEL_LOOP(i, n) { head_finalize(stats + i * kNumStats, h); }
+}
+
+// grad_coefficients per row, the head's term included, stored structure-of-arrays (kNumGrad × n).
+template <typename acc_t>
+__global__ void coefficients_kernel(const acc_t* stats, const acc_t* grad_stats, int64_t n, HeadSpec<acc_t> h,
+                                    acc_t* out) {
   METRICOPS_CUDA_KERNEL_LOOP(i, n) {
     acc_t row[kNumGrad];
-    grad_coefficients(stats + i * kNumStats, grad_stats ? grad_stats + i * kNumStats : nullptr, row);
+    const acc_t* grad_row = grad_stats ? grad_stats + i * kNumStats : nullptr;
+    grad_coefficients(stats + i * kNumStats, grad_row, row);
+    head_grad_coefficients(stats + i * kNumStats, grad_row, h, row);
     for (int f = 0; f < kNumGrad; ++f) out[f * n + i] = row[f];
   }
 }

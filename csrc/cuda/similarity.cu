@@ -76,9 +76,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
     const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
     c10::string_view policy, at::ArrayRef<double> args, bool normalize, bool col_stats, int64_t block_rows,
-    int64_t block_cols, bool save_tiles) {
+    int64_t block_cols, bool save_tiles, c10::string_view head) {
   METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, col_stats);
+  const HeadKind head_kind = parse_head(head, spec, policy);
   TORCH_CHECK(!save_tiles,
               "lse_stats: save_tiles=True is not implemented on CUDA (its backward recomputes the tiles); "
               "pass save_tiles=False");
@@ -112,6 +113,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
                                                                                   col_out.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    if (head_kind != HeadKind::None) {
+      const auto apply_head = [&](at::Tensor& stats) {
+        const at::Tensor totals = head_totals(stats, head_kind);
+        lse_engine::head_kernel<<<grid_for(stats.size(0)), kThreads, 0, current_stream()>>>(
+            stats.mutable_data_ptr<acc_t>(), stats.size(0), make_head_spec<acc_t>(head_kind, args, totals));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      apply_head(row_out);
+      if (col_stats && M > 0) apply_head(col_out);
+    }
   });
   return {row_out, col_out, no_tiles};
 }
@@ -121,12 +132,14 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, const at::Tensor& row_keys,
     const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, const at::Tensor& scale,
     c10::string_view policy, at::ArrayRef<double> args, bool normalize, const at::Tensor& row_stats,
-    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols, const c10::optional<at::Tensor>& tiles) {
+    const at::Tensor& col_stats, int64_t block_rows, int64_t block_cols, const c10::optional<at::Tensor>& tiles,
+    c10::string_view head) {
   METRICOPS_CUDA_DEVICE_GUARD(x_in.device());
   TORCH_CHECK(!tiles.has_value() || tiles->numel() == 0,
               "lse_stats_backward: saved tiles are not implemented on CUDA (it recomputes them); pass tiles=None");
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
+  const HeadKind head_kind = parse_head(head, spec, policy);
   const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize, spec);
   const int64_t B = in.x.size(0), M = in.y.size(0);
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumStats,
@@ -144,9 +157,10 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
         at::Tensor g;
         if (grad.has_value()) g = grad->to(in.x.scalar_type()).contiguous();
         at::Tensor out = at::empty({kNumGrad * n}, in.x.options());
+        const at::Tensor totals = head_totals(st, head_kind);
         lse_engine::coefficients_kernel<<<grid_for(n), kThreads, 0, current_stream()>>>(
             st.const_data_ptr<acc_t>(), g.defined() ? g.const_data_ptr<acc_t>() : nullptr, n,
-            out.mutable_data_ptr<acc_t>());
+            make_head_spec<acc_t>(head_kind, args, totals), out.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return out;
       };

@@ -9,11 +9,23 @@ from .._reduction import accumulation_dtype
 from ._autograd import register_autograd
 from ._common import LIB, check_embeddings, check_same_device_dtype
 
-NUM_STATS = 12
-# Columns of the statistics (csrc/common/lse_stats.h StatField).
-LSE_POS, LSE_NEG, LIN_POS, LIN_NEG, COUNT_POS, COUNT_NEG, MIN_POS, MAX_NEG, DSCALE_POS, DSCALE_NEG, AUX_POS, AUX_NEG = (
-    range(NUM_STATS)
-)
+NUM_STATS = 13
+# Columns of the statistics (csrc/common/lse_stats.h StatField); TERM: the head's per-anchor loss term.
+(
+    LSE_POS,
+    LSE_NEG,
+    LIN_POS,
+    LIN_NEG,
+    COUNT_POS,
+    COUNT_NEG,
+    MIN_POS,
+    MAX_NEG,
+    DSCALE_POS,
+    DSCALE_NEG,
+    AUX_POS,
+    AUX_NEG,
+    TERM,
+) = range(NUM_STATS)
 # policy -> (number of args, row_params columns)
 POLICIES = {
     "scaled": (0, 0),
@@ -30,6 +42,18 @@ POLICIES = {
 }
 
 
+# head -> the policy whose statistics it reads (csrc/common/similarity_losses.h parse_head)
+HEADS = {
+    "none": None,
+    "supcon": "scaled",
+    "multi_similarity": "multi_similarity",
+    "multi_similarity_mined": "multi_similarity_mined",
+    "circle": "circle",
+    "generalized_lifted": "lifted",
+    "info_nce": "scaled",
+}
+
+
 def _check_keys(keys, emb, name, emb_name):
     n = emb.shape[0]
     torch._check_value(
@@ -41,8 +65,13 @@ def _check_keys(keys, emb, name, emb_name):
     )
 
 
-def _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats):
+def _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats, head="none"):
     torch._check_value(policy in POLICIES, lambda: f"policy must be one of {tuple(POLICIES)}, got {policy!r}")
+    torch._check_value(head in HEADS, lambda: f"head must be one of {', '.join(repr(h) for h in HEADS)}, got {head!r}")
+    torch._check_value(
+        head == "none" or HEADS[head] == policy,
+        lambda: f"head {head!r} reads another policy's statistics, got policy {policy!r}",
+    )
     check_embeddings(x, "x")
     _check_keys(row_keys, x, "row_keys", "x")
     if y is not None:
@@ -100,8 +129,9 @@ def _lse_stats_fake(
     block_rows,
     block_cols,
     save_tiles=False,
+    head="none",
 ):
-    _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats)
+    _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats, head)
     torch._check_value(
         not save_tiles or block_rows > 0,
         lambda: f"save_tiles=True needs block_rows > 0 (the saved tiles' size depends on it), got block_rows={block_rows}",
@@ -135,6 +165,7 @@ def _lse_stats_backward_fake(
     br,
     bc,
     tiles=None,
+    head="none",
 ):
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     gy = torch.empty_like(y, memory_format=torch.contiguous_format) if y is not None else x.new_empty((0, x.shape[1]))
@@ -146,12 +177,13 @@ def _setup_context(ctx, inputs, output):
     x, y, row_keys, col_keys, row_params, scale, policy, args, normalize, col_stats, block_rows, block_cols = inputs[
         :12
     ]
+    head = inputs[13]
     row_stats, col_stats_out, tiles = output
-    # columns 0-3 of the statistics carry gradients, the others are used as constants; the tiles are S itself,
-    # kept for the backward only
+    # columns 0-3 and TERM of the statistics carry gradients, the others are used as constants; the tiles are S
+    # itself, kept for the backward only
     ctx.mark_non_differentiable(tiles)
     ctx.save_for_backward(x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats_out, tiles)
-    ctx.args = (policy, args, normalize, block_rows, block_cols)
+    ctx.args = (policy, args, normalize, block_rows, block_cols, head)
 
 
 def _scale_grad(grad, stats, scale):
@@ -167,11 +199,11 @@ def _scale_grad(grad, stats, scale):
 
 def _backward(ctx, grad_row, grad_col, _grad_tiles):
     x, y, row_keys, col_keys, row_params, scale, row_stats, col_stats, tiles = ctx.saved_tensors
-    policy, args, normalize, block_rows, block_cols = ctx.args
+    policy, args, normalize, block_rows, block_cols, head = ctx.args
     needs = ctx.needs_input_grad
     grad_x = grad_y = grad_params = grad_scale = None
     if grad_row is None and grad_col is None:
-        return (None,) * 13
+        return (None,) * 14
     if needs[0] or (y is not None and needs[1]):
         grad_x, grad_y = ops.lse_stats_backward(
             grad_row,
@@ -190,6 +222,7 @@ def _backward(ctx, grad_row, grad_col, _grad_tiles):
             block_rows,
             block_cols,
             tiles if tiles.numel() > 0 else None,
+            head,
         )
         if y is None:
             grad_y = None
@@ -219,7 +252,7 @@ def _backward(ctx, grad_row, grad_col, _grad_tiles):
             if p is not None
         ]
         grad_scale = sum(parts).to(scale.dtype) if parts else None
-    return grad_x, grad_y, None, None, grad_params, grad_scale, None, None, None, None, None, None, None
+    return grad_x, grad_y, None, None, grad_params, grad_scale, None, None, None, None, None, None, None, None
 
 
 register_autograd("lse_stats", _backward, _setup_context)

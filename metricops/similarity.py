@@ -125,7 +125,7 @@ def _stats(
     block_rows, block_cols, save_tiles = _tile(memory, x, y, grad_needed and policy not in _POSITIVES_ONLY)
     if not isinstance(scale, torch.Tensor):
         scale = _scale_tensor(scale, x)
-    rows, cols, _ = ops.lse_stats(
+    rows, cols, _ = ops.lse_stats.default(
         x,
         y,
         labels,
@@ -492,7 +492,7 @@ def info_nce_loss(
     # (its gradient is the caller's formula's; a float's goes through the op's head "info_nce")
     learnable = isinstance(temperature, torch.Tensor)
     policy = "scaled_learnable" if learnable else "scaled"
-    rows, cols, _ = ops.lse_stats(
+    rows, cols, _ = ops.lse_stats.default(
         queries,
         keys,
         row_keys,

@@ -2,12 +2,16 @@
 // backward): the similarity losses of metricops/similarity.py are built on
 // their per-row statistics.
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -15,6 +19,7 @@
 #include "common/normalize.h"
 #include "common/similarity_losses.h"
 #include "cpu/lse_engine.h"
+#include "cpu/simd.h"
 
 namespace metricops {
 namespace cpu {
@@ -62,6 +67,52 @@ lse_engine::Problem<acc_t> make_problem(const Prepared& in, bool col_stats, int6
   return pr;
 }
 
+// common/normalize.h folded_norm_factors, engine_inv_norms and the distance offsets, in one pass over the rows with
+// the same rule per row (the CUDA op takes those ATen forms): their ~10 small ATen ops cost tens of µs per call,
+// which at B = 128 is as much as the GEMM. Per row of norm n: 1/max(n, eps), NaN for a NaN row and for an
+// overflowing one (1/n = 0: its raw products overflow too); the projection factor 1/n² (0 below eps and for NaN);
+// the offset -1/2 (-(n/eps)²/2 below eps, NaN for NaN).
+template <typename acc_t>
+void engine_norm_factors(const at::Tensor& rows, std::pair<at::Tensor, at::Tensor>& norms, at::Tensor* offsets) {
+  const int64_t n = rows.size(0), dim = rows.size(1);
+  norms.first = at::empty({n}, rows.options());
+  norms.second = at::empty({n}, rows.options());
+  if (offsets) *offsets = at::empty({n}, rows.options());
+  const acc_t* x = rows.const_data_ptr<acc_t>();
+  acc_t* inv = norms.first.mutable_data_ptr<acc_t>();
+  acc_t* proj = norms.second.mutable_data_ptr<acc_t>();
+  acc_t* off = offsets ? offsets->mutable_data_ptr<acc_t>() : nullptr;
+  const acc_t eps = static_cast<acc_t>(kNormalizeEps);
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t norm = std::sqrt(squared_norm(x + i * dim, dim));
+      const bool above = norm >= eps;
+      const acc_t r = acc_t(1) / (above || norm != norm ? norm : eps);
+      inv[i] = r == acc_t(0) ? std::numeric_limits<acc_t>::quiet_NaN() : r;
+      proj[i] = above ? acc_t(1) / (norm * norm) : acc_t(0);
+      if (off) {
+        const acc_t q = norm / eps;
+        off[i] = above ? acc_t(-0.5) : acc_t(-0.5) * (q * q);
+      }
+    }
+  });
+}
+
+// common/normalize.h project_folded_norm_grad, row by row: grad_r -= <grad_r, x_r>·k_r·x_r.
+template <typename acc_t>
+void project_engine_norm_grad(at::Tensor& grad, const at::Tensor& rows, const at::Tensor& projection) {
+  const int64_t n = rows.size(0), dim = rows.size(1);
+  acc_t* g = grad.mutable_data_ptr<acc_t>();
+  const acc_t* x = rows.const_data_ptr<acc_t>();
+  const acc_t* k = projection.const_data_ptr<acc_t>();
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t c = dot_product(g + i * dim, x + i * dim, dim) * k[i];
+      subtract_scaled_row(x + i * dim, c, dim, g + i * dim);
+    }
+  });
+}
+
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
                  const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, bool normalize,
                  const PolicySpec& spec) {
@@ -73,12 +124,10 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   if (row_params.has_value()) p.params_t = row_params->t().contiguous();
   const bool offsets = uses_distance(spec);
   if (normalize) {
-    p.x_norms = folded_norm_factors(p.x, p.x.scalar_type(), offsets ? &p.x_offsets : nullptr);
-    p.x_norms.first = engine_inv_norms(p.x_norms.first);
-    if (p.y.has_value()) {
-      p.y_norms = folded_norm_factors(*p.y, p.y->scalar_type(), offsets ? &p.y_offsets : nullptr);
-      p.y_norms.first = engine_inv_norms(p.y_norms.first);
-    }
+    AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "metricops_lse_norms", [&] {
+      engine_norm_factors<scalar_t>(p.x, p.x_norms, offsets ? &p.x_offsets : nullptr);
+      if (p.y.has_value()) engine_norm_factors<scalar_t>(*p.y, p.y_norms, offsets ? &p.y_offsets : nullptr);
+    });
   } else if (offsets) {
     p.x_offsets = unit_row_distance_offsets(p.x, p.x.scalar_type());
     if (p.y.has_value()) p.y_offsets = unit_row_distance_offsets(*p.y, p.y->scalar_type());
@@ -193,8 +242,10 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
     });
   });
   if (normalize) {
-    project_folded_norm_grad(grad_x, in.x, in.x_norms.second);
-    if (in.y.has_value()) project_folded_norm_grad(grad_y, *in.y, in.y_norms.second);
+    AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_norm_grad", [&] {
+      project_engine_norm_grad<scalar_t>(grad_x, in.x, in.x_norms.second);
+      if (in.y.has_value()) project_engine_norm_grad<scalar_t>(grad_y, *in.y, in.y_norms.second);
+    });
   }
   return {grad_x, grad_y};
 }

@@ -205,7 +205,7 @@ def _backward(ctx, grad_row, grad_col, _grad_tiles):
     if grad_row is None and grad_col is None:
         return (None,) * 14
     if needs[0] or (y is not None and needs[1]):
-        grad_x, grad_y = ops.lse_stats_backward(
+        grad_x, grad_y = ops.lse_stats_backward.default(
             grad_row,
             grad_col,
             x,
@@ -235,7 +235,7 @@ def _backward(ctx, grad_row, grad_col, _grad_tiles):
             # pass with w = g (r and LA are symmetric).
             g = grad_row[:, LIN_POS].to(row_params.dtype)
             weighted = torch.stack([row_params[:, 0], g], 1)
-            again, _, _ = ops.lse_stats(
+            again, _, _ = ops.lse_stats.default(
                 x, y, row_keys, col_keys, weighted, scale, policy, args, normalize, False, block_rows, block_cols
             )
             grad_l = g * row_stats[:, AUX_POS] + again[:, AUX_POS]

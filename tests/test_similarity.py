@@ -1001,3 +1001,104 @@ def test_lifted_tiny_rows_near_each_other_get_no_amplified_gradient():
         ours(a, labels).backward()
         theirs(b, labels).backward()
         assert a.grad.isfinite().all() and a.grad.abs().max() <= 2 * b.grad.abs().max()
+
+
+def _head_formula(head, st, args, cols=None):
+    """The per-anchor formulas in plain torch on the statistics (what metricops/similarity.py computed before the
+    heads moved into the op): the oracle of the op's TERM column and its gradient."""
+
+    def safe(t, valid):
+        return torch.where(valid, t, torch.zeros_like(t))
+
+    lse_pos, lse_neg, lin_pos = st[:, stat.LSE_POS], st[:, stat.LSE_NEG], st[:, stat.LIN_POS]
+    n_pos, n_neg = st[:, stat.COUNT_POS], st[:, stat.COUNT_NEG]
+    has_pos, has_neg = n_pos > 0, n_neg > 0
+    if head == "supcon":
+        valid = has_pos & has_pos.any() & has_neg.any()
+        loss = torch.logaddexp(safe(lse_pos, valid), safe(lse_neg, valid)) - safe(lin_pos, valid) / n_pos.clamp_min(1)
+        return safe(loss, valid)
+    if head in ("multi_similarity", "multi_similarity_mined"):
+        zero = torch.zeros_like(lse_pos)
+        pos = torch.logaddexp(safe(lse_pos, has_pos), zero)
+        neg = torch.logaddexp(safe(lse_neg, has_neg), zero)
+        loss = safe(pos, has_pos) / args[0] + safe(neg, has_neg) / args[1]
+        if head == "multi_similarity_mined":
+            enough = (n_pos.sum() > 1) | (n_neg.sum() > 1)
+            loss = safe(loss, enough.expand_as(loss))
+        return loss
+    if head == "circle":
+        valid = has_pos & has_neg
+        return safe(F.softplus(safe(lse_pos, valid) + safe(lse_neg, valid)), valid)
+    if head == "generalized_lifted":
+        return torch.relu(safe(lse_pos, has_pos) + safe(lse_neg, has_neg))
+    assert head == "info_nce"
+    return torch.logaddexp(lse_pos, lse_neg) - lin_pos
+
+
+@pytest.mark.parametrize("kind", ["classes", "distinct", "same", "nan_row", "one_pair"])
+@pytest.mark.parametrize(
+    "policy, args, head",
+    [
+        ("scaled", [], "supcon"),
+        ("multi_similarity", [2.0, 10.0, 0.5], "multi_similarity"),
+        ("multi_similarity_mined", [2.0, 10.0, 0.5, 0.1], "multi_similarity_mined"),
+        ("circle", [0.4, 80.0], "circle"),
+        ("lifted", [0.0, 1.0], "generalized_lifted"),
+        ("lifted", [0.0, -5.0], "generalized_lifted"),  # every term below 0: relu's zero gradient
+        ("scaled", [], "info_nce"),
+    ],
+)
+def test_loss_heads_match_their_torch_formulas(policy, args, head, kind):
+    """The op's head (column TERM, and its gradient through lse_stats_backward) equals the loss's formula written
+    in torch on the same op's statistics, values and gradients, in float64: anchors without a positive or a
+    negative, batches without any, a NaN row, a miner output of a single pair, relu and softplus thresholds."""
+    b = 2 if kind == "one_pair" else 11
+    x = _data(b=b, d=5, seed=5).detach()
+    if kind == "nan_row":
+        x[4, 2] = float("nan")
+    labels = _labels("classes" if kind in ("nan_row", "one_pair") else kind, b)
+    if kind == "one_pair":
+        labels = torch.tensor([0, 0])
+    paired = head == "info_nce"
+    y = _data(b=b, d=5, seed=6).detach() if paired else None
+    row_keys, col_keys = (torch.arange(b), torch.arange(b)) if paired else (labels, None)
+    scale = torch.tensor(3.0, dtype=torch.float64)
+    params = None
+    if policy == "multi_similarity_mined":
+        first, _, _ = ops.lse_stats(x, None, labels, None, None, scale, "similarity_range", [], True, False, 0, 0)
+        params = first[:, stat.MIN_POS : stat.MAX_NEG + 1].contiguous()
+    weights = torch.randn(b, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(with_head):
+        a = x.clone().requires_grad_()
+        c = None if y is None else y.clone().requires_grad_()
+        rows, cols, _ = ops.lse_stats(
+            a,
+            c,
+            row_keys,
+            col_keys,
+            params,
+            scale,
+            policy,
+            args,
+            True,
+            paired,
+            4,
+            3,
+            False,
+            head if with_head else "none",
+        )
+        if with_head:
+            terms = rows[:, stat.TERM] + (cols[:, stat.TERM] if paired else 0)
+        else:
+            terms = _head_formula(head, rows, args) + (_head_formula(head, cols, args) if paired else 0)
+        grads = torch.autograd.grad((terms * weights).nansum(), [t for t in (a, c) if t is not None])
+        return terms.detach(), grads
+
+    got, got_grads = run(True)
+    want, want_grads = run(False)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, equal_nan=True)
+    if kind == "nan_row" and head not in ("info_nce", "multi_similarity_mined"):  # (the miner drops NaN pairs)
+        assert got[4].isnan()  # the NaN row's own term

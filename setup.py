@@ -95,8 +95,11 @@ def get_extensions():
     debug = os.environ.get("METRICOPS_DEBUG", "0") == "1"
     sanitize = os.environ.get("METRICOPS_SANITIZE", "0") == "1"
     opt = ["-O0", "-g"] if debug or sanitize else ["-O3"]
-    # -fno-math-errno lets sqrt vectorise; NaN/Inf semantics are unchanged.
-    cxx = opt + ["-fdiagnostics-color=always", "-fopenmp", "-fno-math-errno"]
+    # -fno-math-errno lets sqrt vectorise; NaN/Inf semantics are unchanged. -fno-wrapv undoes the -fwrapv of
+    # Python's CFLAGS, which torch passes to every extension: with wrapping signed indices GCC could not vectorise
+    # cpu/simd.h's lane sums (a 128-float dot product took ~170 ns instead of ~16 ns on a 2-core AVX2 EPYC), and
+    # nothing here relies on signed overflow.
+    cxx = opt + ["-fdiagnostics-color=always", "-fopenmp", "-fno-math-errno", "-fno-wrapv"]
     link = ["-fopenmp"]
     if sanitize:
         flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]

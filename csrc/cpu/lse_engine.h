@@ -212,12 +212,17 @@ acc_t exact_distance_entry(const Problem<acc_t>& pr, int64_t i, int64_t j) {
   const acc_t* __restrict__ xi = pr.x.template const_data_ptr<acc_t>() + i * D;
   const acc_t* __restrict__ yj = pr.y.template const_data_ptr<acc_t>() + j * D;
   const acc_t a = pr.row_inv_norm[i], b = pr.col_inv_norm[j];
-  acc_t sum = 0;
-  for (int64_t k = 0; k < D; ++k) {
-    const acc_t diff = xi[k] * a - yj[k] * b;
-    sum += diff * diff;
-  }
-  return acc_t(-0.5) * sum;
+  return acc_t(-0.5) * lane_sum<acc_t>(D, [&](int64_t k) {
+           const acc_t diff = xi[k] * a - yj[k] * b;
+           return diff * diff;
+         });
+}
+
+// The entries the engine recomputes are those above this bound (e = -d²/2 > -refine_below/2: d² < refine_below;
+// NaN: never).
+template <typename acc_t>
+acc_t refine_bound(const Problem<acc_t>& pr) {
+  return acc_t(-0.5) * pr.refine_below;
 }
 
 // The entry (i, j) of Gram value e (d² < refine_below) recomputed, unless a row has norm below eps (offset other than
@@ -234,7 +239,7 @@ acc_t refined_entry(const Problem<acc_t>& pr, int64_t i, int64_t j, acc_t e) {
 template <typename acc_t>
 METRICOPS_SIMD_CLONES void refine_entries(const Problem<acc_t>& pr, acc_t* __restrict__ e, int64_t n, int64_t i,
                                           int64_t c0) {
-  const acc_t bound = acc_t(-0.5) * pr.refine_below;  // e > bound: d² < refine_below (NaN: no)
+  const acc_t bound = refine_bound(pr);
   const int64_t skip = pr.self && i >= c0 && i < c0 + n ? i - c0 : n;
   const acc_t* after = e + std::min(skip + 1, n);
   if (!(lane_max(e, skip) > bound || lane_max(after, n - std::min(skip + 1, n)) > bound)) return;
@@ -957,7 +962,7 @@ acc_t pair_similarity(const Problem<acc_t>& pr, int64_t i, int64_t j) {
   const acc_t dot =
       dot_product(pr.x.template const_data_ptr<acc_t>() + i * D, pr.y.template const_data_ptr<acc_t>() + j * D, D);
   const acc_t e = dot * entry_scale(pr, i, j) + (pr.row_offset ? pr.row_offset[i] + pr.col_offset[j] : acc_t(0));
-  return pr.refine_below > acc_t(0) && e > acc_t(-0.5) * pr.refine_below ? refined_entry(pr, i, j, e) : e;
+  return pr.refine_below > acc_t(0) && e > refine_bound(pr) ? refined_entry(pr, i, j, e) : e;
 }
 
 // forward() for a positives-only policy: each row's lin/aux sums over its positives, its counts.

@@ -247,18 +247,21 @@ SIMILARITY = Table(
         "yardstick, not the loss: one GEMM, forward only",
     ),
     rows=(
-        Row("SupCon", "supcon_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
+        *(Row("SupCon", "supcon_loss", {"B": b, "D": 128}, _SIM_CELLS) for b in (128, 512, 2048)),
         Row("NT-Xent", "ntxent_loss", {"B": 512, "D": 128}, _SIM_CELLS),
         Row("NT-Xent", "ntxent_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
-        Row("Multi-Similarity", "multi_similarity_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
+        *(Row("Multi-Similarity", "multi_similarity_loss", {"B": b, "D": 128}, _SIM_CELLS) for b in (128, 512, 2048)),
         Row(
             "Multi-Similarity + its miner (`mining_epsilon=0.1`)",
             "multi_similarity_loss + miner",
             {"B": 2048, "D": 128},
             _SIM_CELLS,
         ),
-        Row("Circle", "circle_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
-        Row("generalized lifted structure", "generalized_lifted_structure_loss", {"B": 2048, "D": 128}, _SIM_CELLS),
+        *(Row("Circle", "circle_loss", {"B": b, "D": 128}, _SIM_CELLS) for b in (128, 512, 2048)),
+        *(
+            Row("generalized lifted structure", "generalized_lifted_structure_loss", {"B": b, "D": 128}, _SIM_CELLS)
+            for b in (128, 512, 2048)
+        ),
         *(
             Row("lifted structure (PML's)", "lifted_structure_loss", {"B": b, "D": 128}, _SIM_CELLS)
             for b in (256, 2048)
@@ -519,6 +522,23 @@ def _cpu(env: dict) -> str:
     return f"{cpu}, {env['cpu_capability']}" if env.get("cpu_capability") else cpu
 
 
+def _runs_phrase(report: dict) -> str:
+    """When the JSON was measured: one run, or the runs `--merge` combined (each suite's rows from its latest run;
+    a row's ratios always come from one run)."""
+    runs = report.get("run", {}).get("runs") or []
+    if len(runs) < 2:
+        return f"one run on {report['environment'].get('time', '?')[:10]}"
+    latest = {}
+    for r in runs:
+        for op in r.get("ops", []):
+            latest[op] = r.get("time", "?")
+    by_time: Dict[str, List[str]] = {}
+    for op, t in latest.items():
+        by_time.setdefault(t, []).append(op)
+    parts = "; ".join(f"{', '.join(ops)}: {t[:16].replace('T', ' ')} UTC" for t, ops in sorted(by_time.items()))
+    return f"{len(by_time)} runs on the same machine and libraries ({parts}; each row's ratios from one run)"
+
+
 def render(report: dict) -> str:
     """The README block (without the markers) for a full run's JSON."""
     run = report.get("run", {})
@@ -528,7 +548,7 @@ def render(report: dict) -> str:
     others, own = behind(report)
     parts = [
         f"Measured with `make bench` on {env.get('device', '?')} ({_cpu(env)}, {env.get('threads', '?')} "
-        f"threads), torch {env.get('torch', '?')}, float32, one run on {env.get('time', '?')[:10]}: contenders "
+        f"threads), torch {env.get('torch', '?')}, float32, {_runs_phrase(report)}: contenders "
         "interleaved (one call each per round, each round in its own order), medians; peak extra memory of one "
         "call. Full numbers: "
         "`benchmarks/results/cpu-latest.json` and `cpu-latest.png`. \"×\" = the contender's time / metricops' time, "

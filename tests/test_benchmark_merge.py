@@ -26,6 +26,14 @@ def test_merge_keeps_old_cases_and_replaces_remeasured_ones(tmp_path):
     assert got == {("a", 1): 1.0, ("b", 1): 3.0, ("c", 4): 5.0}
     assert merged["run"]["ops"] == ["x", "y"] and merged["run"]["seconds"] == 15.0
     assert [r["time"] for r in merged["run"]["runs"]] == ["2026-11-30T12:00:00Z", "2026-11-30T13:00:00Z"]
+    # the README's header names each suite's run, not "one run"
+    from benchmarks.readme_tables import _runs_phrase
+
+    assert _runs_phrase(merged) == (
+        "2 runs on the same machine and libraries (x: 2026-11-30 12:00 UTC; y: 2026-11-30 13:00 UTC; each row's "
+        "ratios from one run)"
+    )
+    assert _runs_phrase(new) == "one run on 2026-11-30"
 
 
 # Two x86_64 CPUs of another model or vector ISA time the same code differently (harness.environment): one of

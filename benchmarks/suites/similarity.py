@@ -77,8 +77,14 @@ def _sizes(quick):
     if quick:
         small = [(128, 64)]
         return {"default": (512, 64), "ntxent_loss": small, "lifted_structure_loss": small, "info_nce": (2048, 128)}
+    # Common training batches too (B = 128, 512), where fixed per-call costs weigh most.
+    small_and_large = [(128, 128), (512, 128), (2048, 128)]
     return {
         "default": (2048, 128),
+        "supcon_loss": small_and_large,
+        "multi_similarity_loss": small_and_large,
+        "circle_loss": small_and_large,
+        "generalized_lifted_structure_loss": small_and_large,
         "ntxent_loss": [(512, 128), (2048, 128)],
         "lifted_structure_loss": [(256, 128), (2048, 128)],
         "info_nce": (16384, 256),

@@ -16,7 +16,9 @@
 
 #include <cmath>
 
+#include "common/hinge.h"
 #include "common/lse_stats.h"
+#include "common/triplet.h"
 
 namespace metricops {
 namespace lse {
@@ -63,12 +65,6 @@ C10_HOST_DEVICE inline double head_logaddexp(double a, double b, double& da, dou
   return r;
 }
 
-// log(1 + e^t) exactly (MS's log(1 + Σ)), and its derivative sigmoid(t).
-C10_HOST_DEVICE inline double head_log1p_exp(double t, double& dt) {
-  double unused;
-  return head_logaddexp(t, 0.0, dt, unused);
-}
-
 // A row's term; d[0..2] = ∂term/∂(LSE_pos, LSE_neg, lin_pos). Rows a head
 // leaves out give 0 with zero derivatives (the formulas' masks: an empty set's
 // -inf LSE never reaches an exp whose gradient it would poison).
@@ -92,37 +88,33 @@ C10_HOST_DEVICE inline acc_t head_term(const acc_t* st, const HeadSpec<acc_t>& h
     case HeadKind::MultiSimilarityMined: {
       // PML's miner path: a miner output of <= 1 positive and <= 1 negative pair gives 0
       if (h.kind == HeadKind::MultiSimilarityMined && !(h.totals[0] > 1 || h.totals[1] > 1)) return acc_t(0);
+      // log(1 + Σ) exactly (lse_stats.h softplus), not F.softplus's threshold: PML's log1p is exact
       double term = 0;
       if (np > 0) {
-        term += head_log1p_exp(lp, d[0]) * h.inv_alpha;
-        d[0] *= h.inv_alpha;
+        term += softplus(lp) * h.inv_alpha;
+        d[0] = sigmoid(lp) * h.inv_alpha;
       }
       if (nn > 0) {
-        term += head_log1p_exp(ln, d[1]) * h.inv_beta;
-        d[1] *= h.inv_beta;
+        term += softplus(ln) * h.inv_beta;
+        d[1] = sigmoid(ln) * h.inv_beta;
       }
       return static_cast<acc_t>(term);
     }
     case HeadKind::Circle: {
       if (!(np > 0 && nn > 0)) return acc_t(0);
-      // F.softplus (beta 1, threshold 20), as PML: t itself above the threshold
+      // F.softplus (beta 1, threshold 20), as PML: common/triplet.h's
       const double t = lp + ln;
-      if (t > 20) {
-        d[0] = d[1] = 1;
-        return static_cast<acc_t>(t);
-      }
-      double dt;
-      const double v = head_log1p_exp(t, dt);
-      d[0] = d[1] = dt;
-      return static_cast<acc_t>(v);
+      d[0] = d[1] = ::metricops::softplus_grad(t);
+      return static_cast<acc_t>(::metricops::softplus(t));
     }
     case HeadKind::GeneralizedLifted: {
       const double t = (np > 0 ? lp : 0.0) + (nn > 0 ? ln : 0.0);
-      // relu: gradient 1 above 0, 0 at 0 and for NaN (torch's threshold_backward)
-      const double g = t > 0 ? 1.0 : 0.0;
-      d[0] = np > 0 ? g : 0.0;
-      d[1] = nn > 0 ? g : 0.0;
-      return static_cast<acc_t>(t > 0 || t != t ? t : 0.0);
+      // relu as torch: NaN stays NaN, gradient 0 at 0 and for NaN (common/hinge.h)
+      double value, slope;
+      clamp_min_hinge(t, value, slope);
+      d[0] = np > 0 ? slope : 0.0;
+      d[1] = nn > 0 ? slope : 0.0;
+      return static_cast<acc_t>(value);
     }
     case HeadKind::InfoNCE: {
       const double all = head_logaddexp(lp, ln, d[0], d[1]);

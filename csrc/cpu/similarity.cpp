@@ -87,7 +87,7 @@ void engine_norm_factors(const at::Tensor& rows, std::pair<at::Tensor, at::Tenso
     for (int64_t i = begin; i < end; ++i) {
       const acc_t norm = std::sqrt(squared_norm(x + i * dim, dim));
       const bool above = norm >= eps;
-      const acc_t r = acc_t(1) / (above || norm != norm ? norm : eps);
+      const acc_t r = acc_t(1) / normalize_denominator(norm, eps);
       inv[i] = r == acc_t(0) ? std::numeric_limits<acc_t>::quiet_NaN() : r;
       proj[i] = above ? acc_t(1) / (norm * norm) : acc_t(0);
       if (off) {

@@ -436,7 +436,10 @@ def _check_temperature(temperature, like: torch.Tensor):
             )
         if temperature.device != like.device and temperature.device.type != "cpu":
             raise ValueError(f"temperature must be on the queries' device ({like.device}) or the CPU")
-        if not torch.compiler.is_compiling() and temperature.device.type != "meta":
+        # Reading the values syncs with the device: not while compiling or capturing a CUDA graph (a sync fails the
+        # capture; the op itself reads the scale on the device)
+        capturing = temperature.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing and temperature.device.type != "meta":
             # under torch.func the values are inside wrappers (a vmapped one holds them all, and has no .item())
             values = temperature.detach()
             while torch._C._functorch.is_functorch_wrapped_tensor(values):

@@ -135,3 +135,41 @@ def test_cuda_graph_capture(name):
     expected.backward()
     assert_close(static_loss, expected, atol=1e-5, rtol=1e-4)
     assert_close(x.grad, x_eager.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.needs_cuda
+def test_cuda_graph_capture_learnable_temperature():
+    """InfoNCE with a learnable temperature captures too: its host check is skipped while capturing, and the op
+    reads the scale on the device (an .item() there failed the capture). The graph's gradients, the
+    temperature's among them, follow a new temperature written into the static tensor."""
+    q = torch.randn(48, 16, device="cuda", requires_grad=True)
+    k = torch.randn(48, 16, device="cuda")
+    tau = torch.tensor(0.1, device="cuda", requires_grad=True)
+
+    def step():
+        loss = metricops.info_nce_loss(q, k, temperature=tau, symmetric=True)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            q.grad = tau.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    q.grad = tau.grad = None
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    with torch.no_grad():
+        tau.fill_(0.07)
+    graph.replay()
+    torch.cuda.synchronize()
+    q_eager = q.detach().clone().requires_grad_()
+    tau_eager = torch.tensor(0.07, device="cuda", requires_grad=True)
+    expected = metricops.info_nce_loss(q_eager, k, temperature=tau_eager, symmetric=True)
+    expected.backward()
+    assert_close(static_loss, expected, atol=1e-5, rtol=1e-4)
+    assert_close(q.grad, q_eager.grad, atol=1e-5, rtol=1e-4)
+    assert_close(tau.grad, tau_eager.grad, atol=1e-5, rtol=1e-4)

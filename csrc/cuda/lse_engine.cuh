@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "common/lse_heads.h"
 #include "common/lse_stats.h"
@@ -48,6 +50,9 @@ struct DeviceProblem {
   // each s_ij (see cpu/lse_engine.h Problem::row_offset)
   const acc_t* row_offset;
   const acc_t* col_offset;
+  // The op's 0-dim scale (1/temperature), read by the kernels: reading it on the host would sync the device on
+  // every call and fail a CUDA-graph capture.
+  const acc_t* scale;
   C10_DEVICE acc_t entry_scale(int64_t i, int64_t col) const {
     return row_inv_norm ? row_inv_norm[i] * col_inv_norm[col] : acc_t(1);
   }
@@ -59,6 +64,22 @@ struct DeviceProblem {
   C10_DEVICE ParamView<acc_t> row_params(int64_t i) const { return {params, 1, i * num_params}; }
   C10_DEVICE ParamView<acc_t> col_params(int64_t j) const { return {self ? params : nullptr, 1, j * num_params}; }
 };
+
+template <typename Policy, typename = void>
+struct has_scale : std::false_type {};
+template <typename Policy>
+struct has_scale<Policy, std::void_t<decltype(std::declval<Policy&>().scale)>> : std::true_type {};
+// the policies with_policy builds from the op's scale
+static_assert(has_scale<ScaledPolicy<float, false>>::value && has_scale<ScaledPolicy<float, true>>::value &&
+              has_scale<NTXentPairsPolicy<float>>::value && !has_scale<CirclePolicy<float>>::value);
+
+// The policy as the kernels use it: with the scale from the device (the host built it with a NaN placeholder, so
+// a kernel that forgot this would turn every statistic into NaN).
+template <typename Policy, typename acc_t>
+C10_DEVICE inline Policy with_device_scale(Policy p, const DeviceProblem<acc_t>& pr) {
+  if constexpr (has_scale<Policy>::value) p.scale = *pr.scale;
+  return p;
+}
 
 inline void tile_shape(int64_t B, int64_t M, bool self, int64_t block_rows, int64_t block_cols, int64_t& R,
                        int64_t& W) {
@@ -101,8 +122,9 @@ __global__ void coefficients_kernel(const acc_t* stats, const acc_t* grad_stats,
 // One warp per strip row: the row's entries of the chunk (columns c0..c0+cols)
 // merged into its accumulator.
 template <typename Policy, typename acc_t>
-__global__ void rows_forward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc_t* __restrict__ S, int64_t rows,
+__global__ void rows_forward_kernel(Policy policy, DeviceProblem<acc_t> pr, const acc_t* __restrict__ S, int64_t rows,
                                     int64_t cols, int64_t r0, int64_t c0, acc_t* __restrict__ row_acc) {
+  const Policy p = with_device_scale(policy, pr);
   const int lane = threadIdx.x % 32;
   const int64_t warps = blockDim.x / 32;
   for (int64_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += static_cast<int64_t>(gridDim.x) * warps) {
@@ -134,8 +156,9 @@ __global__ void rows_forward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc
 // One thread per chunk column j >= jfirst: its entries in the strip's rows
 // seen from the column, merged into col_acc (global column c0 + j).
 template <typename Policy, typename acc_t>
-__global__ void cols_forward_kernel(Policy p, DeviceProblem<acc_t> pr, const acc_t* __restrict__ S, int64_t rows,
+__global__ void cols_forward_kernel(Policy policy, DeviceProblem<acc_t> pr, const acc_t* __restrict__ S, int64_t rows,
                                     int64_t cols, int64_t r0, int64_t c0, int64_t jfirst, acc_t* __restrict__ col_acc) {
+  const Policy p = with_device_scale(policy, pr);
   METRICOPS_CUDA_KERNEL_LOOP(t, cols - jfirst) {
     const int64_t j = jfirst + t, col = c0 + j;
     const int64_t ck = pr.col_keys[col];
@@ -171,9 +194,10 @@ __device__ inline acc_t direction_grad(const Policy& p, acc_t s, bool pos, Param
 // coefficients (rg, SoA over B rows), plus, for columns j >= col_from, the
 // column direction from the columns' coefficients (cg, SoA over ncols).
 template <typename Policy, typename acc_t>
-__global__ void backward_kernel(Policy p, DeviceProblem<acc_t> pr, acc_t* __restrict__ S, int64_t rows, int64_t cols,
+__global__ void backward_kernel(Policy policy, DeviceProblem<acc_t> pr, acc_t* __restrict__ S, int64_t rows, int64_t cols,
                                 int64_t r0, int64_t c0, const acc_t* __restrict__ rg, int64_t nrows,
                                 const acc_t* __restrict__ cg, int64_t ncols, int64_t col_from) {
+  const Policy p = with_device_scale(policy, pr);
   METRICOPS_CUDA_KERNEL_LOOP(e, rows * cols) {
     const int64_t r = e / cols, j = e % cols;
     const int64_t i = r0 + r, col = c0 + j;

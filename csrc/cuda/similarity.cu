@@ -9,6 +9,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 #include <utility>
 
@@ -25,8 +26,12 @@ using namespace ::metricops::lse;
 
 at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The host's policy holds no scale: the kernels read it from the device (lse_engine::with_device_scale).
+constexpr double kScaleOnDevice = std::numeric_limits<double>::quiet_NaN();
+
 struct Prepared {
   at::Tensor x, y, rk, ck, params;
+  at::Tensor scale;  // 0-dim, acc dtype, on x's device: the kernels read it (DeviceProblem::scale)
   bool self;
   // normalize=True only: (1/max(||row||, eps), projection factor) per row (common/normalize.h)
   std::pair<at::Tensor, at::Tensor> x_norms, y_norms;
@@ -34,11 +39,12 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
-                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params, bool normalize,
-                 const PolicySpec& spec) {
+                 const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params,
+                 const at::Tensor& scale, bool normalize, const PolicySpec& spec) {
   Prepared p;
   const at::ScalarType acc = acc_type(x);
   p.x = x.to(acc).contiguous();
+  p.scale = scale.to(x.device(), acc).contiguous();  // no copy when metricops built it there (it always does)
   p.self = !y.has_value();
   p.y = p.self ? p.x : y->to(acc).contiguous();
   p.rk = row_keys.to(at::kLong).contiguous();
@@ -69,7 +75,8 @@ lse_engine::DeviceProblem<acc_t> device_problem(const Prepared& in) {
           normalize ? in.x_norms.first.const_data_ptr<acc_t>() : nullptr,
           normalize ? in.y_norms.first.const_data_ptr<acc_t>() : nullptr,
           in.x_offsets.defined() ? in.x_offsets.const_data_ptr<acc_t>() : nullptr,
-          in.y_offsets.defined() ? in.y_offsets.const_data_ptr<acc_t>() : nullptr};
+          in.y_offsets.defined() ? in.y_offsets.const_data_ptr<acc_t>() : nullptr,
+          in.scale.const_data_ptr<acc_t>()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
@@ -83,13 +90,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
   TORCH_CHECK(!save_tiles,
               "lse_stats: save_tiles=True is not implemented on CUDA (its backward recomputes the tiles); "
               "pass save_tiles=False");
-  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize, spec);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, scale, normalize, spec);
   const int64_t B = in.x.size(0), M = in.y.size(0);
   at::Tensor row_out = at::empty({B, kNumStats}, in.x.options());
   at::Tensor col_out = at::empty({col_stats ? M : 0, kNumStats}, in.x.options());
   at::Tensor no_tiles = at::empty({0}, in.x.options());
   if (B == 0) return {row_out, col_out, no_tiles};
-  const double scale_value = scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_cuda", [&] {
     using acc_t = scalar_t;
     at::Tensor racc = at::empty({B, kNumAcc}, in.x.options());
@@ -101,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_stats_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const auto pr = device_problem<acc_t>(in);
-    with_policy<acc_t>(spec, args, scale_value, in.x.size(1), /*exact_near_zero=*/false, [&](const auto& pol) {
+    with_policy<acc_t>(spec, args, kScaleOnDevice, in.x.size(1), /*exact_near_zero=*/false, [&](const auto& pol) {
       lse_engine::forward(pol, pr, in.x, in.y, block_rows, block_cols, racc.mutable_data_ptr<acc_t>(),
                           col_stats ? cacc.mutable_data_ptr<acc_t>() : nullptr);
     });
@@ -140,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
   const bool has_col = col_stats.size(0) > 0;
   const PolicySpec spec = check_lse_inputs(x_in, y_in, row_keys, col_keys, row_params, scale, policy, args, has_col);
   const HeadKind head_kind = parse_head(head, spec, policy);
-  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, normalize, spec);
+  const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, scale, normalize, spec);
   const int64_t B = in.x.size(0), M = in.y.size(0);
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumStats,
                     "row_stats must have shape (", B, ", ", int(kNumStats), "), got ", row_stats.sizes());
@@ -149,8 +155,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
   at::Tensor grad_x = at::zeros_like(in.x);
   at::Tensor grad_y = in.self ? at::zeros({0, in.x.size(1)}, in.x.options()) : at::zeros_like(in.y);
   if (B > 0 && M > 0) {
-    const double scale_value = scale.item<double>();
-    AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_backward_cuda", [&] {
+      AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_backward_cuda", [&] {
       using acc_t = scalar_t;
       const auto coefficients = [&](const at::Tensor& stats, const c10::optional<at::Tensor>& grad, int64_t n) {
         const at::Tensor st = stats.to(in.x.scalar_type()).contiguous();
@@ -167,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
       const at::Tensor rg = coefficients(row_stats, grad_row_stats, B);
       const at::Tensor cg = has_col ? coefficients(col_stats, grad_col_stats, M) : at::Tensor();
       const auto pr = device_problem<acc_t>(in);
-      with_policy<acc_t>(spec, args, scale_value, in.x.size(1), /*exact_near_zero=*/false, [&](const auto& pol) {
+      with_policy<acc_t>(spec, args, kScaleOnDevice, in.x.size(1), /*exact_near_zero=*/false, [&](const auto& pol) {
         lse_engine::backward(pol, pr, in.x, in.y, block_rows, block_cols, rg.const_data_ptr<acc_t>(),
                              has_col ? cg.const_data_ptr<acc_t>() : nullptr, grad_x, in.self ? nullptr : &grad_y);
       });

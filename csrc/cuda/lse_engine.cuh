@@ -194,8 +194,8 @@ __device__ inline acc_t direction_grad(const Policy& p, acc_t s, bool pos, Param
 // coefficients (rg, SoA over B rows), plus, for columns j >= col_from, the
 // column direction from the columns' coefficients (cg, SoA over ncols).
 template <typename Policy, typename acc_t>
-__global__ void backward_kernel(Policy policy, DeviceProblem<acc_t> pr, acc_t* __restrict__ S, int64_t rows, int64_t cols,
-                                int64_t r0, int64_t c0, const acc_t* __restrict__ rg, int64_t nrows,
+__global__ void backward_kernel(Policy policy, DeviceProblem<acc_t> pr, acc_t* __restrict__ S, int64_t rows,
+                                int64_t cols, int64_t r0, int64_t c0, const acc_t* __restrict__ rg, int64_t nrows,
                                 const acc_t* __restrict__ cg, int64_t ncols, int64_t col_from) {
   const Policy p = with_device_scale(policy, pr);
   METRICOPS_CUDA_KERNEL_LOOP(e, rows * cols) {

@@ -155,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
   at::Tensor grad_x = at::zeros_like(in.x);
   at::Tensor grad_y = in.self ? at::zeros({0, in.x.size(1)}, in.x.options()) : at::zeros_like(in.y);
   if (B > 0 && M > 0) {
-      AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "metricops_lse_stats_backward_cuda", [&] {
       using acc_t = scalar_t;
       const auto coefficients = [&](const at::Tensor& stats, const c10::optional<at::Tensor>& grad, int64_t n) {
         const at::Tensor st = stats.to(in.x.scalar_type()).contiguous();

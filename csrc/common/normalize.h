@@ -7,7 +7,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
-#include <ATen/ops/full_like.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/where.h>
 #include <c10/macros/Macros.h>
@@ -41,26 +40,36 @@ C10_HOST_DEVICE inline void normalize_grad_coefficients(acc_t norm, acc_t g_dot_
   }
 }
 
+// The LSE engine's factors of one row of norm n (normalize=True; cpu/similarity.cpp and cuda/similarity.cu both
+// call this, so the CPU tests run the GPU's rule). As folded_norm_factors below, plus the engine's NaN rule:
+// - inv_norm: 1/max(n, eps); NaN for a NaN row and for one whose norm overflows (1/n = 0: its raw products
+//   overflow too, and as 0 it would pass for a zero row, giving a finite, wrong loss);
+// - projection: 1/n² when n >= eps, else 0 (the clamp is active; 0 for NaN);
+// - offset: the distance policies' o = -||x̂||²/2: -1/2 when n >= eps, -(n/eps)²/2 below, NaN for NaN.
+template <typename acc_t>
+struct EngineNormRow {
+  acc_t inv_norm, projection, offset;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline EngineNormRow<acc_t> engine_norm_row(acc_t norm, acc_t eps) {
+  const bool above = norm >= eps;
+  const acc_t r = acc_t(1) / normalize_denominator(norm, eps);
+  const acc_t q = norm / eps;
+  return {r == acc_t(0) ? acc_t(NAN) : r, above ? acc_t(1) / (norm * norm) : acc_t(0),
+          above ? acc_t(-0.5) : acc_t(-0.5) * (q * q)};
+}
+
 // The same rule with the normalization folded into a GEMM: the GEMM takes the
 // raw rows and its output is scaled by 1/max(n, eps) per row (the class
 // losses' weight and proxies, the LSE engine's normalize=True), so no
 // normalized copy is made. Per row, in `acc`: that inverse norm (NaN for a
 // NaN row) and the projection factor k = 1/n² when n >= eps, else 0 (the clamp
-// is active: the Jacobian is I/eps). ATen ops, so CPU and CUDA share them.
-//
-// distance_offsets (optional), from the same norms: o = -||x̂||²/2 per row for x̂ = F.normalize(row),
-// -1/2 for a row of norm >= eps (x̂ is a unit vector, exactly -1/2 here), -(n/eps)²/2 below (0 for a zero
-// row), NaN for a NaN row. The lifted policies read e = s_ij + o_i + o_j = -||x̂_i - x̂_j||²/2 for every row
-// (the LSE engine's Problem::row_offset; common/lse_stats.h LiftedPolicy).
-inline std::pair<at::Tensor, at::Tensor> folded_norm_factors(const at::Tensor& rows, at::ScalarType acc,
-                                                             at::Tensor* distance_offsets = nullptr) {
+// is active: the Jacobian is I/eps). ATen ops, so CPU and CUDA share them (the class losses).
+inline std::pair<at::Tensor, at::Tensor> folded_norm_factors(const at::Tensor& rows, at::ScalarType acc) {
   const at::Tensor norm = at::linalg_vector_norm(rows, 2, {1}, false, acc);
   const at::Tensor inv_norm = norm.clamp_min(kNormalizeEps).reciprocal();  // clamp_min keeps NaN
   const at::Tensor projection = at::where(norm.ge(kNormalizeEps), norm.square().reciprocal(), 0.0);
-  if (distance_offsets) {
-    const at::Tensor q = norm.div(kNormalizeEps).square();  // ||x̂||² below eps
-    *distance_offsets = at::where(norm.ge(kNormalizeEps), at::full_like(norm, -0.5), q.mul(-0.5));
-  }
   return {inv_norm, projection};
 }
 

@@ -60,7 +60,7 @@ inline PolicySpec parse_policy(c10::string_view name) {
 }
 
 // The policies on d, which read e = s + o_i + o_j = -d²/2 (common/lse_stats.h LiftedPolicy): the rows'
-// distance offsets o are common/normalize.h folded_norm_factors' with normalize=True, and
+// distance offsets o are common/normalize.h engine_norm_row's with normalize=True, and
 // unit_row_distance_offsets (rows taken as unit vectors) without.
 inline bool uses_distance(const PolicySpec& spec) {
   return spec.kind == PolicyKind::Lifted || spec.kind == PolicyKind::LiftedPairs;
@@ -68,12 +68,6 @@ inline bool uses_distance(const PolicySpec& spec) {
 
 inline at::Tensor unit_row_distance_offsets(const at::Tensor& rows, at::ScalarType acc) {
   return at::full({rows.size(0)}, -0.5, rows.options().dtype(acc));
-}
-
-// folded_norm_factors' inverse norms for the engine: NaN for a row whose norm overflows (inverse norm 0), whose raw
-// products overflow as well; as 0 it would pass for a zero row (a finite, wrong loss).
-inline at::Tensor engine_inv_norms(const at::Tensor& inv_norm) {
-  return at::where(inv_norm.eq(0), std::numeric_limits<double>::quiet_NaN(), inv_norm);
 }
 
 // Checks the engine ops' arguments; returns the policy.

@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -67,11 +66,8 @@ lse_engine::Problem<acc_t> make_problem(const Prepared& in, bool col_stats, int6
   return pr;
 }
 
-// common/normalize.h folded_norm_factors, engine_inv_norms and the distance offsets, in one pass over the rows with
-// the same rule per row (the CUDA op takes those ATen forms): their ~10 small ATen ops cost tens of µs per call,
-// which at B = 128 is as much as the GEMM. Per row of norm n: 1/max(n, eps), NaN for a NaN row and for an
-// overflowing one (1/n = 0: its raw products overflow too); the projection factor 1/n² (0 below eps and for NaN);
-// the offset -1/2 (-(n/eps)²/2 below eps, NaN for NaN).
+// common/normalize.h engine_norm_row for each row (the CUDA op runs the same function on ATen's norms), in one
+// parallel pass: as ~10 small ATen ops this cost tens of µs per call, as much as the GEMM at B = 128.
 template <typename acc_t>
 void engine_norm_factors(const at::Tensor& rows, std::pair<at::Tensor, at::Tensor>& norms, at::Tensor* offsets) {
   const int64_t n = rows.size(0), dim = rows.size(1);
@@ -85,15 +81,10 @@ void engine_norm_factors(const at::Tensor& rows, std::pair<at::Tensor, at::Tenso
   const acc_t eps = static_cast<acc_t>(kNormalizeEps);
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t norm = std::sqrt(squared_norm(x + i * dim, dim));
-      const bool above = norm >= eps;
-      const acc_t r = acc_t(1) / normalize_denominator(norm, eps);
-      inv[i] = r == acc_t(0) ? std::numeric_limits<acc_t>::quiet_NaN() : r;
-      proj[i] = above ? acc_t(1) / (norm * norm) : acc_t(0);
-      if (off) {
-        const acc_t q = norm / eps;
-        off[i] = above ? acc_t(-0.5) : acc_t(-0.5) * (q * q);
-      }
+      const EngineNormRow<acc_t> f = engine_norm_row(std::sqrt(squared_norm(x + i * dim, dim)), eps);
+      inv[i] = f.inv_norm;
+      proj[i] = f.projection;
+      if (off) off[i] = f.offset;
     }
   });
 }

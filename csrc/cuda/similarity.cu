@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
@@ -38,6 +39,33 @@ struct Prepared {
   at::Tensor x_offsets, y_offsets;  // a distance policy: DeviceProblem::row/col_offset
 };
 
+template <typename acc_t>
+__global__ void engine_norm_factors_kernel(const acc_t* norm, int64_t n, acc_t* inv, acc_t* proj, acc_t* off) {
+  METRICOPS_CUDA_KERNEL_LOOP(i, n) {
+    const EngineNormRow<acc_t> f = engine_norm_row(norm[i], static_cast<acc_t>(kNormalizeEps));
+    inv[i] = f.inv_norm;
+    proj[i] = f.projection;
+    if (off) off[i] = f.offset;
+  }
+}
+
+// common/normalize.h engine_norm_row per row of `rows` (acc dtype, contiguous): the rule the CPU op runs, on ATen's
+// row norms.
+void engine_norm_factors(const at::Tensor& rows, std::pair<at::Tensor, at::Tensor>& norms, at::Tensor* offsets) {
+  const int64_t n = rows.size(0);
+  const at::Tensor norm = at::linalg_vector_norm(rows, 2, {1}, false, rows.scalar_type());
+  norms.first = at::empty({n}, rows.options());
+  norms.second = at::empty({n}, rows.options());
+  if (offsets) *offsets = at::empty({n}, rows.options());
+  if (n == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "metricops_lse_norms_cuda", [&] {
+    engine_norm_factors_kernel<scalar_t><<<grid_for(n), kThreads, 0, current_stream()>>>(
+        norm.const_data_ptr<scalar_t>(), n, norms.first.mutable_data_ptr<scalar_t>(),
+        norms.second.mutable_data_ptr<scalar_t>(), offsets ? offsets->mutable_data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const at::Tensor& row_keys,
                  const c10::optional<at::Tensor>& col_keys, const c10::optional<at::Tensor>& row_params,
                  const at::Tensor& scale, bool normalize, const PolicySpec& spec) {
@@ -52,10 +80,11 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   if (row_params.has_value()) p.params = row_params->to(acc).contiguous();
   const bool offsets = uses_distance(spec);
   if (normalize) {
-    p.x_norms = folded_norm_factors(p.x, acc, offsets ? &p.x_offsets : nullptr);
-    p.x_norms.first = engine_inv_norms(p.x_norms.first);
-    p.y_norms = p.self ? p.x_norms : folded_norm_factors(p.y, acc, offsets ? &p.y_offsets : nullptr);
-    if (!p.self) p.y_norms.first = engine_inv_norms(p.y_norms.first);
+    engine_norm_factors(p.x, p.x_norms, offsets ? &p.x_offsets : nullptr);
+    if (p.self)
+      p.y_norms = p.x_norms;
+    else
+      engine_norm_factors(p.y, p.y_norms, offsets ? &p.y_offsets : nullptr);
   } else if (offsets) {
     p.x_offsets = unit_row_distance_offsets(p.x, acc);
     if (!p.self) p.y_offsets = unit_row_distance_offsets(p.y, acc);

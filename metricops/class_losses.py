@@ -9,7 +9,6 @@ instead when C·B is small) and give exact gradients to the embeddings and to th
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -56,18 +55,12 @@ def _check_class_inputs(embeddings, labels, weight, weight_name):
 
 
 def _check_margin_softmax_args(kind, margin, scale):
-    """(margin, scale) as floats: ArcFace's margin in [0, π) radians, CosFace's finite; scale > 0, finite."""
-    if kind == "arcface":
-        margin = v.check_number(margin, "margin")
-        if not 0 <= margin < math.pi:
-            raise ValueError(f"margin must be in [0, π) radians for ArcFace, got {margin}")
-    else:
-        margin = v.check_number(margin, "margin", finite=True)
-    return margin, v.check_positive_finite(scale, "scale")
+    """(margin, scale) as floats: any finite values, as PML takes them (ArcFace's margin in radians)."""
+    return v.check_number(margin, "margin", finite=True), v.check_number(scale, "scale", finite=True)
 
 
 def _check_proxy_anchor_args(margin, alpha):
-    return v.check_number(margin, "margin", finite=True), v.check_positive_finite(alpha, "alpha")
+    return v.check_number(margin, "margin", finite=True), v.check_number(alpha, "alpha", finite=True)
 
 
 def _margin_softmax(embeddings, labels, weight, kind, margin, scale, reduction):
@@ -101,8 +94,9 @@ def arcface_loss(
         labels: ``(B,)`` int32/int64 class indices in ``[0, C)``.
         weight: ``(C, D)``, the ``nn.Linear`` layout (pytorch-metric-learning's ``W`` is its transpose);
             its rows are L2-normalized inside.
-        margin: ``m`` in radians, in ``[0, π)`` (0.5 rad is PML's default of 28.6°).
-        scale: ``s > 0``.
+        margin: ``m`` in radians (0.5 rad is PML's default of 28.6°); any finite number, as PML takes it
+            (m ≤ 0: every target takes cos(θ + m); m > π: none does).
+        scale: ``s``, any finite number (PML's default 64).
         reduction: ``"mean"`` (over the B rows; 0 for B = 0), ``"sum"`` or ``"none"`` (``(B,)``).
 
     With cos θ_ic = cos(x_i, w_c), the logits of row i are cos θ_ic, except the label's, which becomes
@@ -156,7 +150,7 @@ def proxy_anchor_loss(
 
     Args:
         embeddings: ``(B, D)``; labels ``(B,)`` class indices in ``[0, C)``; proxies ``(C, D)``.
-        margin: δ (finite); alpha: α > 0.
+        margin: δ; alpha: α; any finite numbers, as PML takes them.
 
     With S = cos(embeddings, proxies) (both L2-normalized inside), returns
     ``(1/|C⁺|)·Σ_{c∈C⁺} log(1 + Σ_{i: y_i = c} e^{−α(S_ic − δ)}) + (1/C)·Σ_c log(1 + Σ_{i: y_i ≠ c} e^{α(S_ic + δ)})``,

@@ -175,14 +175,53 @@ def test_nn_modules_hold_their_parameters():
 
 
 def test_nn_modules_refuse_bad_arguments():
-    with pytest.raises(ValueError, match=r"margin must be in \[0, π\)"):
-        mnn.ArcFaceLoss(C, D, margin=4.0)
-    with pytest.raises(ValueError, match="scale must"):
-        mnn.CosFaceLoss(C, D, scale=0.0)
-    with pytest.raises(ValueError, match="alpha must"):
-        mnn.ProxyAnchorLoss(C, D, alpha=-1.0)
+    with pytest.raises(ValueError, match="margin must be a finite number"):
+        mnn.ArcFaceLoss(C, D, margin=math.inf)
+    with pytest.raises(ValueError, match="scale must not be NaN"):
+        mnn.CosFaceLoss(C, D, scale=math.nan)
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        mnn.ProxyAnchorLoss(C, D, alpha=-math.inf)
     with pytest.raises(ValueError, match="num_classes must be >= 1"):
         mnn.ProxyAnchorLoss(0, D)
+
+
+# Values PML 2.9 takes that an earlier metricops refused (at the first forward): ArcFace margins outside
+# [0°, 180°) (≤ 0: every target takes cos(θ + m); past 180°: none does), scale 0 (the loss is log C) or
+# negative, ProxyAnchor's α 0 or negative.
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("ArcFaceLoss", {"margin": -10.0, "scale": 8.0}),
+        ("ArcFaceLoss", {"margin": 0.0, "scale": 8.0}),
+        ("ArcFaceLoss", {"margin": 180.0, "scale": 8.0}),
+        ("ArcFaceLoss", {"margin": 200.0, "scale": 8.0}),
+        ("ArcFaceLoss", {"margin": 400.0, "scale": 8.0}),
+        ("ArcFaceLoss", {"margin": 28.6, "scale": -3.0}),
+        ("CosFaceLoss", {"margin": 0.35, "scale": 0.0}),
+        ("CosFaceLoss", {"margin": -0.5, "scale": -4.0}),
+        ("ProxyAnchorLoss", {"alpha": 0.0}),
+        ("ProxyAnchorLoss", {"alpha": -8.0, "margin": -0.2}),
+    ],
+)
+def test_values_pml_takes_match_pml(name, kw):
+    ours, theirs = _pair(name, both=kw)
+    x, labels = _data(seed=3)
+    _assert_same(ours, theirs, x, labels)
+    if name == "CosFaceLoss" and kw["scale"] == 0.0:
+        assert ours(x, labels).item() == pytest.approx(math.log(C))
+
+
+@pytest.mark.parametrize("name", ["ArcFaceLoss", "CosFaceLoss", "ProxyAnchorLoss"])
+def test_drop_ins_refuse_non_finite_arguments_at_construction(name):
+    """Not at the first forward: a training run should not build its loss and fail later. ArcFace's message
+    names the value as given (degrees)."""
+    second = "alpha" if name == "ProxyAnchorLoss" else "scale"
+    for arg in ("margin", second):
+        for bad in (math.inf, math.nan, "x"):
+            with pytest.raises((ValueError, TypeError), match=arg):
+                getattr(mo_losses, name)(C, D, **{arg: bad})
+    with pytest.raises(ValueError, match="got inf"):
+        mo_losses.ArcFaceLoss(C, D, margin=math.inf)
 
 
 def test_proxy_anchor_log1p_is_exact_above_softplus_threshold():

@@ -31,7 +31,11 @@ def _grads(loss_fn, *leaves):
 
 
 @pytest.mark.parametrize("kind", ["arcface", "cosface"])
-@pytest.mark.parametrize("margin,scale", [(None, None), (0.2, 8.0), (1.3, 30.0)])
+@pytest.mark.parametrize(
+    "margin,scale",
+    # PML takes any margin and scale: ArcFace past π (no target inside θ ≤ π − m) and negative (all inside)
+    [(None, None), (0.2, 8.0), (1.3, 30.0), (-0.3, 8.0), (3.5, 8.0), (2.0, -4.0), (0.4, 0.0)],
+)
 def test_margin_softmax_matches_pml(kind, margin, scale):
     B, C, D = 24, 7, 5
     x, labels = _inputs(B, C, D)
@@ -74,7 +78,7 @@ def test_arcface_defaults_are_pmls():
     assert abs(math.radians(28.6) - 0.5) < 2e-3
 
 
-@pytest.mark.parametrize("margin,alpha", [(0.1, 32.0), (0.5, 4.0)])
+@pytest.mark.parametrize("margin,alpha", [(0.1, 32.0), (0.5, 4.0), (0.1, 0.0), (-0.2, -6.0)])
 def test_proxy_anchor_matches_pml(margin, alpha):
     B, C, D = 30, 12, 6  # labels in [0, 6): half of the classes are absent from the batch
     g = torch.Generator().manual_seed(3)
@@ -96,7 +100,8 @@ def test_proxy_anchor_matches_pml(margin, alpha):
     torch.testing.assert_close(loss_r, loss_p, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx_r, gx_p, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(gP_r, gP_p, rtol=1e-8, atol=1e-10)
-    assert gP_r[6:].abs().sum() > 0  # absent classes still get the negative term's gradient
+    if alpha != 0:  # (α = 0: every exponent is 0, no gradient at all)
+        assert gP_r[6:].abs().sum() > 0  # absent classes still get the negative term's gradient
 
 
 def _unit(deg):

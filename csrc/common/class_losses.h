@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -76,6 +77,14 @@ struct OnlineLse {
   C10_HOST_DEVICE acc_t value() const { return max + std::log(sum); }
 };
 
+// ArcFace's θ ≤ π − m (θ = acos c in [0, π]) as c ≥ threshold, for any real margin m (PML takes any):
+// −cos m = cos(π − m) for m in (0, π]; every θ for m ≤ 0 (π − m ≥ π); none for m > π (π − m < 0).
+inline double arcface_threshold(double margin) {
+  if (margin <= 0) return -std::numeric_limits<double>::infinity();
+  if (margin > M_PI) return std::numeric_limits<double>::infinity();
+  return -std::cos(margin);
+}
+
 // ArcFace/CosFace constants, computed once on the host in double.
 template <typename acc_t>
 struct MarginSoftmaxPolicy {
@@ -83,7 +92,7 @@ struct MarginSoftmaxPolicy {
   acc_t scale;
   acc_t margin;
   acc_t cos_m, sin_m;
-  acc_t threshold;  // ArcFace: cos(π − m) = −cos m; θ ≤ π − m is cos θ ≥ threshold
+  acc_t threshold;  // ArcFace: θ ≤ π − m is cos θ ≥ threshold (arcface_threshold)
   acc_t fallback;   // ArcFace: m·sin m, subtracted past the threshold
 
   static MarginSoftmaxPolicy make(MarginKind kind, double margin, double scale) {
@@ -92,7 +101,7 @@ struct MarginSoftmaxPolicy {
             static_cast<acc_t>(margin),
             static_cast<acc_t>(std::cos(margin)),
             static_cast<acc_t>(std::sin(margin)),
-            static_cast<acc_t>(-std::cos(margin)),
+            static_cast<acc_t>(arcface_threshold(margin)),
             static_cast<acc_t>(margin * std::sin(margin))};
   }
 
@@ -220,17 +229,14 @@ inline void check_class_loss_inputs(const at::Tensor& embeddings, const at::Tens
                     weight.sizes());
 }
 
-inline void check_margin_softmax_args(MarginKind kind, double margin, double scale) {
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a finite number > 0, got ", scale);
-  if (kind == MarginKind::ArcFace) {
-    TORCH_CHECK_VALUE(margin >= 0 && margin < M_PI, "margin must be in [0, π) radians for ArcFace, got ", margin);
-  } else {
-    TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be a finite number, got ", margin);
-  }
+// Any finite values, as PML takes them (scale 0 gives log C; the running-max LSEs take logits of either sign).
+inline void check_margin_softmax_args(MarginKind, double margin, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be a finite number, got ", margin);
 }
 
 inline void check_proxy_anchor_args(double margin, double alpha) {
-  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0, "alpha must be a finite number > 0, got ", alpha);
+  TORCH_CHECK_VALUE(std::isfinite(alpha), "alpha must be a finite number, got ", alpha);
   TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be a finite number, got ", margin);
 }
 

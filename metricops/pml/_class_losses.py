@@ -83,6 +83,8 @@ class _MarginSoftmaxLoss(torch.nn.Module):
         refuse_unsupported(name, kwargs)
         v.check_int(num_classes, "num_classes", min_value=1)
         v.check_int(embedding_size, "embedding_size", min_value=1)
+        v.check_number(margin, "margin", finite=True)  # here, not at the first forward (any finite value, as PML)
+        v.check_number(scale, "scale", finite=True)
         self.num_classes = num_classes
         self.scale = scale
         self.distance = _check_distance(distance, name, cosine_only=True)
@@ -130,7 +132,7 @@ class ArcFaceLoss(_MarginSoftmaxLoss):
         weight_init_func=None,
         **kwargs,
     ):
-        degrees = v.check_number(margin, "margin")
+        degrees = v.check_number(margin, "margin", finite=True)  # in degrees, as given
         super().__init__(num_classes, embedding_size, margin, scale, distance, reducer, weight_init_func, kwargs)
         self.margin = math.radians(degrees)  # PML's init_margin: np.radians
 
@@ -181,6 +183,7 @@ class ProxyAnchorLoss(torch.nn.Module):
         refuse_unsupported("losses.ProxyAnchorLoss", kwargs)
         v.check_int(num_classes, "num_classes", min_value=1)
         v.check_int(embedding_size, "embedding_size", min_value=1)
+        _class_losses._check_proxy_anchor_args(margin, alpha)
         self.proxies = torch.nn.Parameter(torch.Tensor(num_classes, embedding_size))
         self.weight_init_func = weight_init_func or _kaiming_fan_out
         self.weight_init_func(self.proxies)
@@ -230,6 +233,7 @@ class ProxyAnchorLoss(torch.nn.Module):
 
     def _terms_on_the_matrix(self, embeddings, labels, indices_tuple):
         """PML's compute_loss on the (B, C) matrix, for what the native op does not cover (see module doc)."""
+        _class_losses._check_proxy_anchor_args(self.margin, self.alpha)  # as the native path (attributes may change)
         miner_weights = _miner_weights(indices_tuple, labels, embeddings.dtype).unsqueeze(1) - 1
         mat = self.distance(embeddings, self.proxies)
         is_pos = torch.nn.functional.one_hot(labels.long(), self.num_classes).bool()

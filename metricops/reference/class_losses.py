@@ -33,11 +33,18 @@ def _sine_with_floored_slope(cos_theta: torch.Tensor) -> torch.Tensor:
 def arcface_target_logit(cos_theta: torch.Tensor, margin: float) -> torch.Tensor:
     """cos(θ + m) where θ ≤ π − m, else cos θ − m·sin m (cos θ clamped to [−1, 1] first, as PML does).
 
-    θ ≤ π − m is cos θ ≥ −cos m; cos(θ + m) = cos θ·cos m − sin θ·sin m.
+    θ = acos(cos θ) is in [0, π], so θ ≤ π − m holds for every θ when m ≤ 0, for none when m > π, and is
+    cos θ ≥ −cos m between; cos(θ + m) = cos θ·cos m − sin θ·sin m.
     """
     c = cos_theta.clamp(-1, 1)
     plus_margin = c * math.cos(margin) - _sine_with_floored_slope(c) * math.sin(margin)
-    return torch.where(c >= -math.cos(margin), plus_margin, c - margin * math.sin(margin))
+    if margin <= 0:
+        inside = torch.ones_like(c, dtype=torch.bool)
+    elif margin > math.pi:
+        inside = torch.zeros_like(c, dtype=torch.bool)
+    else:
+        inside = c >= -math.cos(margin)
+    return torch.where(inside, plus_margin, c - margin * math.sin(margin))
 
 
 def cosface_target_logit(cos_theta: torch.Tensor, margin: float) -> torch.Tensor:

@@ -92,7 +92,7 @@ def knn(
     v.check_embeddings_pair(queries, "queries", database, "database")
     v.check_metric(metric)
     v.check_flag(progress, "progress")
-    n = queries.shape[0] - 1 if database is None else database.shape[0]
+    n = max(queries.shape[0] - 1, 0) if database is None else database.shape[0]  # (empty self-search: 0)
     k = _check_k(k, n, self_excluded=database is None)
     queries = queries.detach()
     database = None if database is None else database.detach()
@@ -176,8 +176,9 @@ def _prepare(relevance, num_relevant, k, name_k="k"):
             raise TypeError(f"num_relevant must be an integer or floating tensor, got {num_relevant.dtype}")
         num_relevant = num_relevant.to(device=rel.device, dtype=torch.float64)
         if checking and num_relevant.numel() > 0:
-            if not bool(((num_relevant >= 0) & (num_relevant == num_relevant.floor())).all()):
-                raise ValueError("num_relevant must hold whole numbers >= 0 (relevant items per query)")
+            whole = (num_relevant >= 0) & (num_relevant == num_relevant.floor()) & torch.isfinite(num_relevant)
+            if not bool(whole.all()):  # (inf equals its floor)
+                raise ValueError("num_relevant must hold finite whole numbers >= 0 (relevant items per query)")
             if not bool((hits <= num_relevant).all()):
                 raise ValueError(
                     "num_relevant must be at least the number of relevant items in each row of relevance "

@@ -377,6 +377,11 @@ def test_nan_inf_embeddings(bad, metric):
     assert not torch.isfinite(d[3, torch.arange(8) != 3]).any()
     clean = [0, 1, 2, 4, 5, 6, 7]
     assert torch.isfinite(d[clean][:, clean]).all()
+    # as docs/API.md states: an infinite coordinate gives inf against finite rows for the euclidean metrics, and
+    # NaN for cosine (an undefined direction, as F.cosine_similarity has it)
+    if bad == bad:
+        off = d[3, torch.arange(8) != 3]
+        assert (torch.isnan(off) if metric == "cosine" else torch.isposinf(off)).all(), metric
     if bad != bad:  # NaN: the losses that see row 3 are NaN
         for name in ("batch_hard", "batch_all", "contrastive"):
             assert torch.isnan(out[name]), name

@@ -318,8 +318,9 @@ def test_single_metrics_validate_relevance_and_num_relevant(metric):
         graded[0, 0] = bad
         with pytest.raises(ValueError, match=r"relevance must hold only 0 \(not relevant\) and 1 \(relevant\)"):
             metric(graded, torch.tensor([3, 1]))
-    for bad_nr in (torch.tensor([3.5, 1.0]), torch.tensor([-1, 1]), torch.tensor([float("nan"), 1.0])):
-        with pytest.raises(ValueError, match=r"num_relevant must hold whole numbers >= 0"):
+    bad_counts = [[3.5, 1.0], [-1.0, 1.0], [float("nan"), 1.0], [float("inf"), 1.0]]  # inf equals its floor
+    for bad_nr in map(torch.tensor, bad_counts):
+        with pytest.raises(ValueError, match=r"num_relevant must hold finite whole numbers >= 0"):
             metric(torch.zeros(2, 5), bad_nr)
     with pytest.raises(TypeError, match="num_relevant must be an integer or floating tensor, got torch.bool"):
         metric(rel, torch.tensor([True, True]))

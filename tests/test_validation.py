@@ -248,6 +248,18 @@ BAD = [
         "k must be between 1 and the number of database rows a query can return (3, self excluded), got k=4",
     ),
     (
+        "knn_k_empty_self_search",
+        lambda: metricops.knn(X[:0], k=1),
+        ValueError,
+        "k must be between 1 and the number of database rows a query can return (0, self excluded), got k=1",
+    ),
+    (
+        "knn_k_empty_self_search_op",
+        lambda: torch.ops.metricops.knn(X[:0], None, 1, "euclidean", 0),
+        ValueError,
+        "k must be between 1 and the number of database rows a query can return (0, self excluded), got k=1",
+    ),
+    (
         "knn_k_db",
         lambda: metricops.knn(X, X[:2], k=3),
         ValueError,

@@ -7,6 +7,7 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
@@ -46,7 +47,8 @@ inline int64_t check_knn_inputs(const at::Tensor& queries, const std::optional<a
     TORCH_CHECK_VALUE(queries.size(1) == database->size(1), "database must have the same embedding size D as queries (",
                       queries.size(1), "), got shape ", database->sizes());
   }
-  const int64_t available = database.has_value() ? database->size(0) : queries.size(0) - 1;
+  // (an empty self-search can return 0 rows, not -1)
+  const int64_t available = database.has_value() ? database->size(0) : std::max<int64_t>(queries.size(0) - 1, 0);
   TORCH_CHECK_VALUE(k >= 1 && k <= available,
                     "k must be between 1 and the number of database rows a query can return (", available,
                     database.has_value() ? "" : ", self excluded", "), got k=", k);

@@ -24,7 +24,7 @@ def _knn_fake(queries, database, k, metric, chunk_size=0):
         queries.shape[1] == db.shape[1],
         lambda: f"database must have the same embedding size D as queries ({queries.shape[1]}), got shape {tuple(db.shape)}",
     )
-    available = db.shape[0] - (1 if database is None else 0)
+    available = max(db.shape[0] - (1 if database is None else 0), 0)  # (an empty self-search: 0, not -1)
     what = "" if database is not None else ", self excluded"
     torch._check_value(
         k >= 1 and k <= available,

@@ -479,3 +479,62 @@ def test_ntxent_pair_terms_above_pml_float32_cap_stay_exact():
         torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=0)
     capped = pml_losses.NTXentLoss(temperature=0.01)(x.float(), labels)
     assert capped < exact - 5  # PML's float32 value: both ~100 terms capped at 87.3
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_listed_indices_count_from_the_end_and_out_of_range_raises(name):
+    """indices_tuple as PML's tensor indexing reads it: -1 is the last row, and an index past the batch raises
+    IndexError. The listed-pairs path keyed each pair as a·B + b, so p = -1 or 7 (B = 6) aliased another pair:
+    a wrong finite loss, or a backward that raised."""
+    emb, labels = _batch(6, 3, 3, 0)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    t = torch.tensor
+    for indices in ((t([0, 1]), t([1, -1]), t([3, 2])), (t([0, -5]), t([1, 0]), t([0, 2]), t([2, 3]))):
+        _run(*_make(name, None, "default"), emb, labels, indices=(indices, indices))
+    ours, _ = _make(name, None, "default")
+    with pytest.raises(IndexError, match="indices_tuple: index 7 is out of bounds"):
+        ours(emb, labels, indices_tuple=(t([0, 1]), t([1, 7]), t([3, 2])))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_empty_batch_with_reducers_of_per_anchor_terms_is_zero(name):
+    """B = 0 through the reducers that reduce the per-anchor vector (PerAnchorReducer, MultipleReducers): PML's
+    zero loss (at most one pair listed), not the NaN mean of no term; attached, with a zero gradient."""
+    for make in (lambda m: m.PerAnchorReducer(), lambda m: m.MultipleReducers({"loss": m.MeanReducer()})):
+        ours = getattr(losses, name)(reducer=make(reducers))
+        theirs = getattr(pml_losses, name)(reducer=make(pml_reducers))
+        for b in (0, 1):
+            emb = torch.randn(b, 4, dtype=torch.float64, requires_grad=True)
+            labels = torch.zeros(b, dtype=torch.long)
+            got = ours(emb, labels)
+            assert got.item() == 0.0 == theirs(emb, labels).item()
+            (grad,) = torch.autograd.grad(got, emb, allow_unused=True)
+            assert grad is None or not grad.any()
+
+
+@pytest.mark.parametrize("name", ["GeneralizedLiftedStructureLoss", "LiftedStructureLoss", "SupConLoss"])
+def test_lp_distance_takes_half_precision_on_cpu(name):
+    """float16 with an LpDistance on CPU ran into the native distance's "x must be float32 or float64" (naming
+    an internal argument) while the cosine paths took it. Now computed in float32 and rounded once: no farther
+    from PML's float64 value than PML's own float16 run."""
+    emb, labels = _batch(16, 8, 4, 6, dtype=torch.float32)
+    kw = {"distance": None} if name != "SupConLoss" else {}
+    ours = getattr(losses, name)(distance=distances.LpDistance(), **{k: v for k, v in kw.items() if v})
+    theirs = getattr(pml_losses, name)(distance=pml_distances.LpDistance())
+    exact = theirs(emb.double(), labels).item()
+    pml_error = abs(theirs(emb.half(), labels).item() - exact)
+    got = ours(emb.half(), labels)
+    assert got.dtype == torch.float16
+    assert abs(got.item() - exact) <= 2 * pml_error + 2 * torch.finfo(torch.float16).eps * abs(exact)
+
+
+def test_circle_loss_reads_m_at_each_call():
+    """The documented difference: PML's CircleLoss derives op, on, Δp, Δn from m at construction (setting m later
+    changes nothing there); metricops' reads m at each call, as its other attributes."""
+    emb, labels = _batch(10, 4, 3, 0)
+    changed = losses.CircleLoss()
+    changed.m = 0.1
+    torch.testing.assert_close(changed(emb, labels), losses.CircleLoss(m=0.1)(emb, labels), rtol=1e-12, atol=0)
+    pml_changed = pml_losses.CircleLoss()
+    pml_changed.m = 0.1
+    torch.testing.assert_close(pml_changed(emb, labels), pml_losses.CircleLoss()(emb, labels), rtol=1e-12, atol=0)

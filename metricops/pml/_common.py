@@ -30,6 +30,20 @@ def check_call(embeddings, labels, indices_tuple):
         )
 
 
+def wrap_indices(t: torch.Tensor, size: int, what: str) -> torch.Tensor:
+    """Listed indices as PML's tensor indexing reads them: -size <= i < 0 counts from the end; any other index
+    outside [0, size) raises IndexError (else a pair's row-major key would silently alias another pair)."""
+    if t.numel() == 0:
+        return t
+    bad = (t < -size) | (t >= size)
+    if bool(bad.any()):
+        raise IndexError(
+            f"indices_tuple: index {int(t[bad][0])} is out of bounds for the {size} {what} rows "
+            f"(valid: -{size} to {size - 1})"
+        )
+    return torch.where(t < 0, t + size, t)
+
+
 def set_ref(embeddings, labels, ref_emb, ref_labels):
     """PML's set_ref_emb: without ref_emb the batch is its own reference (same labels object)."""
     if embeddings.dim() != 2 or (ref_emb is not None and ref_emb.dim() != 2):

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validation as v
-from ..distance import pairwise_distance
 from ._common import refuse_unsupported, set_ref
 from ._mined import MinedSource, MinedTriplets
 from .distances import BaseDistance, CosineSimilarity
@@ -55,8 +54,7 @@ def _mine_pairs(distance: BaseDistance, epsilon: float, x, labels, ref, ref_labe
         if cosine:
             mat = x[rows] @ ref.T
         else:
-            metric = "euclidean" if distance.power == 1 else "sqeuclidean"
-            mat = pairwise_distance(x[rows], ref, metric=metric, normalize=distance.normalize_embeddings)
+            mat = distance(x[rows], ref)  # LpDistance: metricops.pairwise_distance (half precision on CPU too)
         matches = labels[rows, None] == ref_labels[None, :]
         diffs = ~matches
         if self_labels:

@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import reducers as _reducers
-from ..distance import pairwise_distance
-from ._common import all_pairs, check_call, refuse_unsupported, set_ref
+from ._common import all_pairs, check_call, refuse_unsupported, set_ref, wrap_indices
 from .distances import BaseDistance, CosineSimilarity, LpDistance
 
 from ._listed_pairs import _pair_values, _segment_lse, _unique_pairs, _pair_blocks, _no_terms, _element
@@ -157,6 +156,10 @@ class _SimilarityLoss(torch.nn.Module):
         reduction = self._native_reduction()
         if reduction is None:
             return None
+        if reduction == "none" and embeddings.shape[0] <= 1:
+            # PML's GenericPairLoss: at most one positive and one negative pair (that is, B <= 1) is the zero
+            # loss, whatever the reducer (a MeanReducer of no term would be NaN)
+            return self.reducer(_no_terms(), embeddings, labels)
         out = op(reduction)
         if reduction != "none":
             return out
@@ -176,6 +179,10 @@ class _SimilarityLoss(torch.nn.Module):
         a1, p, a2, n = (torch.as_tensor(t, device=embeddings.device).long() for t in (a1, p, a2, n))
         if all(len(t) <= 1 for t in (a1, p, a2, n)):  # PML's GenericPairLoss returns the zero loss
             return _no_terms()
+        # as PML's tensor indexing: negative indices count from the end, others out of range raise
+        n_rows, n_cols = embeddings.shape[0], ref_emb.shape[0]
+        a1, a2 = (wrap_indices(t, n_rows, "anchor") for t in (a1, a2))
+        p, n = (wrap_indices(t, n_cols, "reference") for t in (p, n))
         if not self._pair_based:
             n_cols = ref_emb.shape[0]
             a1, p = _unique_pairs(a1, p, n_cols)
@@ -230,8 +237,7 @@ class _SimilarityLoss(torch.nn.Module):
         metricops' exact pairwise distance."""
         if isinstance(self.distance, CosineSimilarity):
             return F.normalize(x, p=2, dim=1) @ F.normalize(y, p=2, dim=1).T
-        metric = "euclidean" if self.distance.power == 1 else "sqeuclidean"
-        return pairwise_distance(x, y, metric=metric, normalize=self.distance.normalize_embeddings)
+        return self.distance(x, y)  # LpDistance: metricops.pairwise_distance (half precision on CPU too)
 
     def _similarity(self, values):
         """PML's "if dealing with actual distances, use negative distances"."""

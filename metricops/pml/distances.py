@@ -25,8 +25,13 @@ class BaseDistance(torch.nn.Module):
     def forward(self, query_emb: torch.Tensor, ref_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
         if query_emb.dim() != 2 or (ref_emb is not None and ref_emb.dim() != 2):
             raise ValueError("embeddings must be a 2D tensor of shape (batch_size, embedding_size)")
+        dtype = query_emb.dtype
+        if query_emb.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            # the native op takes half precision on CUDA only; PML's torch ops take it on CPU too
+            query_emb = query_emb.float()
+            ref_emb = None if ref_emb is None else ref_emb.float()
         d = pairwise_distance(query_emb, ref_emb, metric=self.metric, normalize=self.normalize_embeddings)
-        return 1 - d if self.is_inverted else d
+        return (1 - d if self.is_inverted else d).to(dtype)
 
     # PML's helpers, with its sign conventions for similarities.
     def margin(self, x, y):

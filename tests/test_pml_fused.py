@@ -345,3 +345,87 @@ def test_interval_weights_opcheck_and_bad_input():
         torch.ops.metricops.triplet_interval_weights(dist, labels.float(), 0.0, True, 0.3, False)
     empty, count = torch.ops.metricops.triplet_interval_weights(dist[:0, :0], labels[:0], 0.0, True, 0.3, False)
     assert empty.shape == (0, 0) and count.shape == (0,)
+
+
+def _raw(lib_distances):
+    return lib_distances.LpDistance(normalize_embeddings=False)
+
+
+@pytest.mark.parametrize("kind,mu,margin", [("all", 1.0, 2.0), ("easy", 1.0, 2.0), ("semihard", 1.0, 2.0)])
+def test_miner_bound_ties_with_many_positives_match_pml(kind, mu, margin):
+    """Integer points tie exactly at the miner's bound μ = 1 (m = d(a, n) − d(a, p) = 1). With 9 positives per
+    anchor the fused loss took the batch-all op, which counts m < μ where PML's miner keeps m <= μ ("easy":
+    drops it): 2.0 against PML's 48/38 for "all". Values and gradients now agree with PML."""
+    x = torch.tensor([[0.0]] * 9 + [[1.0], [2.0], [3.0]], dtype=torch.float64)
+    labels = torch.tensor([0] * 10 + [1] * 2)
+    results = []
+    for lib_losses, lib_miners, lib_distances in ((losses, miners, distances), (pml_losses, pml_miners, pml_distances)):
+        e = x.clone().requires_grad_()
+        miner = lib_miners.TripletMarginMiner(mu, kind, distance=_raw(lib_distances))
+        value = lib_losses.TripletMarginLoss(margin, distance=_raw(lib_distances))(e, labels, miner(e, labels))
+        results.append((value.detach(), torch.autograd.grad(value, e, allow_unused=True)[0]))
+    (v1, g1), (v2, g2) = results
+    assert_close(v1, v2, rtol=1e-12, atol=1e-12)
+    assert_close(g1, torch.zeros_like(x) if g2 is None else g2, rtol=1e-12, atol=1e-12)
+    if kind == "all":
+        assert v1.item() == pytest.approx(48 / 38)
+
+
+@pytest.mark.parametrize("kind", ["easy", "semihard", "all"])
+def test_miner_output_with_an_infinite_row_matches_pml(kind):
+    """Pairs the miner did not select are left out of the fused loss, not multiplied by 0: 0 · inf was NaN
+    where PML (and the listed triplets) give 1.5 ("easy")."""
+    x = torch.tensor([[0.0], [1.0], [3.0], [float("inf")]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    got = []
+    for lib_losses, lib_miners, lib_distances in ((losses, miners, distances), (pml_losses, pml_miners, pml_distances)):
+        miner = lib_miners.TripletMarginMiner(0.1, kind, distance=_raw(lib_distances))
+        loss = lib_losses.TripletMarginLoss(3.0, distance=_raw(lib_distances))
+        got.append(loss(x, labels, miner(x, labels)))
+    torch.testing.assert_close(got[0], got[1], rtol=1e-12, atol=0, equal_nan=True)
+    if kind == "easy":
+        assert got[0].item() == 1.5
+
+
+def test_triplet_drop_ins_take_half_precision_on_cpu():
+    """TripletMarginLoss and both miners refused float16 on CPU (the native mining op's check, naming
+    "embeddings"), where PML computes it; mining now runs on a float32 copy, the loss on the half values."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4).half()
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    exact = pml_losses.TripletMarginLoss()(x.double(), y).item()
+    ours = losses.TripletMarginLoss()(x, y)
+    assert ours.dtype == torch.float16
+    assert abs(ours.item() - exact) <= 2 * abs(pml_losses.TripletMarginLoss()(x, y).item() - exact) + 2e-3
+    for ours_miner, their_miner in (
+        (miners.BatchHardMiner(), pml_miners.BatchHardMiner()),
+        (miners.TripletMarginMiner(0.5, "all"), pml_miners.TripletMarginMiner(0.5, "all")),
+    ):
+        ours_t = [t.tolist() for t in ours_miner(x, y)]
+        theirs_t = [t.tolist() for t in their_miner(x.float(), y)]
+        assert ours_t == theirs_t
+
+
+def test_miners_take_float_labels_as_pml():
+    """PML compares labels, whatever their values: 0.5 and 1.5 are two classes (refused before)."""
+    torch.manual_seed(1)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.tensor([0.5, 0.5, 1.5, 1.5, 2.5, 2.5, 0.5, 1.5], dtype=torch.float64)
+    for ours, theirs in ((miners.TripletMarginMiner(0.3, "all"), pml_miners.TripletMarginMiner(0.3, "all")),):
+        assert [t.tolist() for t in ours(x, y)] == [t.tolist() for t in theirs(x, y)]
+
+
+def test_attributes_set_after_construction_are_checked_with_their_names():
+    x, y = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    loss = losses.TripletMarginLoss()
+    loss.triplets_per_anchor = 2  # was silently computed as "all"
+    with pytest.raises(NotImplementedError, match="triplets_per_anchor"):
+        loss(x, y)
+    miner = miners.TripletMarginMiner()
+    miner.type_of_triplets = "bogus"
+    with pytest.raises(NotImplementedError, match="type_of_triplets"):
+        miner(x, y)
+    contrastive = losses.ContrastiveLoss()
+    contrastive.pos_margin = "a"
+    with pytest.raises(TypeError, match="pos_margin"):
+        contrastive(x, y)

@@ -44,6 +44,14 @@ def wrap_indices(t: torch.Tensor, size: int, what: str) -> torch.Tensor:
     return torch.where(t < 0, t + size, t)
 
 
+def mining_values(embeddings: torch.Tensor) -> torch.Tensor:
+    """Embeddings as the native mining ops take them: float16/bfloat16 on CPU in float32 (PML's torch ops take
+    half precision on CPU; the native ops on CUDA only). Indices only: no gradient goes through these."""
+    if embeddings.device.type == "cpu" and embeddings.dtype in (torch.float16, torch.bfloat16):
+        return embeddings.detach().float()
+    return embeddings
+
+
 def set_ref(embeddings, labels, ref_emb, ref_labels):
     """PML's set_ref_emb: without ref_emb the batch is its own reference (same labels object)."""
     if embeddings.dim() != 2 or (ref_emb is not None and ref_emb.dim() != 2):

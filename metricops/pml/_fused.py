@@ -23,9 +23,10 @@ m (``"all"``: m <= μ, ``"hard"``: m <= min(μ, 0), ``"semihard"``:
   bound. At a bound of 0 (hard, semihard; "all"/"easy" with margin 0) those
   are d(a, p) == d(a, n) exactly (duplicated or collapsed embeddings, and a
   few per million float32 triplets by rounding alone): they are found on the
-  op's own distances and added or removed with their value and gradient. At
-  another bound an exact tie is a rounding coincidence, like the last-bit
-  differences between PML's distances and ours, and is left as the op counts it.
+  op's own distances and added or removed with their value and gradient. Below
+  the streaming sizes a miner's bound always takes the per-slot path, which
+  compares as PML does (integer-valued embeddings tie exactly at any bound); at
+  streaming sizes an exact tie at another bound than 0 is left as the op counts it.
 
 BatchHardMiner + TripletMarginLoss is the native batch-hard loss averaged
 over its nonzero terms; it mines with the very op the miner materializes with.
@@ -149,12 +150,12 @@ def pair_distance(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, metric: str
     return torch.where(squared > 0, squared, torch.ones_like(squared)).sqrt() * (squared > 0)
 
 
-def use_slots(batch: int, max_positives: int, zero_bound: bool) -> bool:
+def use_slots(batch: int, max_positives: int, exact_bound: bool) -> bool:
     """Whether the per-positive-slot path (O(B² · positives per anchor) work, O(B²) memory) runs rather than
-    the batch-all op (O(B² log B)): with few positives per anchor, or a bound at 0 (whose ties the op path
-    must search in O(B² · positives) anyway), below the size where the ops stream row blocks."""
+    the batch-all op (O(B² log B)): with few positives per anchor, or a miner's bound (whose ties the op path
+    would have to search in O(B² · positives) anyway), below the size where the ops stream row blocks."""
     few = 2 * max(1, math.ceil(math.log2(max(batch, 2))))  # the native kernels' "few positives" rule
-    return batch < _memory.AUTO_STREAM_MIN_B and (zero_bound or max_positives <= few)
+    return batch < _memory.AUTO_STREAM_MIN_B and (exact_bound or max_positives <= few)
 
 
 def _slot_loss(x, labels, interval, loss_margin: float, metric: str, embeddings):
@@ -172,10 +173,14 @@ def _slot_loss(x, labels, interval, loss_margin: float, metric: str, embeddings)
         )
         count = row_count.sum()
         divisor = count.clamp_min(1)
-    rows = (weight * dist).sum(dim=1)  # summed in float64 below: Σ weight · d without a B² cast
+    # summed in float64 below: Σ weight · d without a B² cast. Unselected pairs (weight 0) are left out, not
+    # multiplied: 0 · inf (a row with an infinite coordinate) would be NaN where PML never reads the pair.
+    rows = torch.where(weight != 0, weight * dist, 0).sum(dim=1)
     total = float(loss_margin) * count.double() + rows.detach().double().sum()
     slope = rows.sum() / divisor.to(rows.dtype)  # its gradient: weight / count
-    loss = (total / divisor.double()).to(embeddings.dtype) + (slope - slope.detach()).to(embeddings.dtype)
+    # the value from the float64 total, the gradient from slope (inf − inf is NaN: then only the value counts)
+    straight_through = torch.nan_to_num(slope - slope.detach(), nan=0.0)
+    loss = (total / divisor.double()).to(embeddings.dtype) + straight_through.to(embeddings.dtype)
     return torch.where(count > 0, loss, zero_loss(embeddings))
 
 
@@ -190,7 +195,9 @@ def triplet_margin_loss(
     x = _normalized(embeddings, normalize)
     zero_bound = lower == 0.0 or (inclusive and upper == 0.0)
     positives, real = positives_per_anchor(labels)
-    if use_slots(x.shape[0], positives.shape[1], zero_bound):
+    # A bound of the miner's (lower, or an inclusive upper) must be compared as PML does: the slot path does,
+    # the op's sums count m < t (exact ties at t: integer-valued embeddings make them, at any t).
+    if use_slots(x.shape[0], positives.shape[1], lower is not None or inclusive):
         return _slot_loss(x, labels, interval, loss_margin, metric, embeddings)
     m_margin = float(loss_margin)
     sum_u, count_u, dist = _below(x, labels, upper, metric)

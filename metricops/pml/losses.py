@@ -18,7 +18,7 @@ from .. import _validation as v
 from ..contrastive import contrastive_loss
 from . import _fused
 from . import reducers as _reducers
-from ._common import all_pairs, all_triplets, check_call as _check_call, refuse_unsupported, set_ref
+from ._common import all_pairs, all_triplets, check_call as _check_call, mining_values, refuse_unsupported, set_ref
 from ._mined import MinedTriplets
 from ._similarity import (  # noqa: F401 (the similarity losses, re-exported)
     CircleLoss,
@@ -77,6 +77,8 @@ class ContrastiveLoss(torch.nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         _check_call(embeddings, labels, indices_tuple)
+        v.check_number(self.pos_margin, "pos_margin")  # again: the attributes may be set after construction
+        v.check_number(self.neg_margin, "neg_margin")
         ref, ref_lab = set_ref(embeddings, labels, ref_emb, ref_labels)
         if indices_tuple is None and ref_emb is None and _native_dtype(embeddings, labels) and self._default_reducer():
             return self._all_pairs_native(embeddings, labels)
@@ -157,6 +159,17 @@ class TripletMarginLoss(torch.nn.Module):
         self.distance = resolve(distance, "losses.TripletMarginLoss")
         self.reducer = _reducers.resolve(reducer, ["loss"], _reducers.AvgNonZeroReducer, "losses.TripletMarginLoss")
 
+    def _check_attributes(self):
+        """The constructor's checks again (the attributes may be set after construction)."""
+        if self.triplets_per_anchor != "all":
+            raise NotImplementedError(
+                f"metricops.pml: losses.TripletMarginLoss supports triplets_per_anchor='all' only, "
+                f"got {self.triplets_per_anchor!r}"
+            )
+        v.check_number(self.margin, "margin", finite=True)
+        v.check_flag(self.swap, "swap")
+        v.check_flag(self.smooth_loss, "smooth_loss")
+
     def _triplets(self, embeddings, labels, ref_emb, ref_labels, indices_tuple):
         if indices_tuple is None:
             self_ref = ref_emb is None or ref_labels is None or ref_labels is labels
@@ -164,7 +177,7 @@ class TripletMarginLoss(torch.nn.Module):
                 import metricops
 
                 return metricops.mine_triplets(
-                    embeddings,
+                    mining_values(embeddings),
                     labels,
                     strategy="all",
                     metric=self.distance.metric,
@@ -179,6 +192,7 @@ class TripletMarginLoss(torch.nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         _check_call(embeddings, labels, indices_tuple)
+        self._check_attributes()
         ref, ref_lab = set_ref(embeddings, labels, ref_emb, ref_labels)
         if ref_emb is None:
             fused = self._fused(embeddings, labels, indices_tuple)

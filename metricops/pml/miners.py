@@ -18,7 +18,7 @@ import torch
 from .. import _validation as v
 from ..distance import pairwise_distance
 from ..triplet import mine_triplets
-from ._common import matches_and_diffs, refuse_unsupported
+from ._common import matches_and_diffs, mining_values, refuse_unsupported
 from ._fused import batch_hard_indices
 from ._mined import MinedSource, MinedTriplets, TripletSelection
 from ._ms_miner import MultiSimilarityMiner  # noqa: F401 (re-exported)
@@ -120,11 +120,12 @@ def _batch_hard_reference(selection, mat, matches, diffs):
 
 
 def _integer_labels(labels, name="labels"):
-    """pytorch-metric-learning takes float labels too; the kernels compare integers."""
+    """pytorch-metric-learning takes float labels too (any values: it only compares them); the kernels compare
+    integers. Integral values are kept; other floats become the indices of their distinct values."""
     if labels.dtype in (torch.int32, torch.int64):
         return labels
     if labels.is_floating_point() and not torch.equal(labels, labels.round()):
-        raise ValueError(f"{name} must hold integer values (int32/int64, or integral floats)")
+        return torch.unique(labels, return_inverse=True)[1]
     return labels.to(torch.int64)
 
 
@@ -140,6 +141,11 @@ class _TripletMiner(torch.nn.Module):
         raise NotImplementedError
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        v.check_tensor(embeddings, "embeddings")
+        ref_is_batch = ref_emb is embeddings
+        embeddings = mining_values(embeddings)  # (indices only)
+        if isinstance(ref_emb, torch.Tensor):
+            ref_emb = embeddings if ref_is_batch else mining_values(ref_emb)
         v.check_embeddings(embeddings, "embeddings")
         v.check_tensor(labels, "labels")
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
@@ -205,7 +211,12 @@ class TripletMarginMiner(_TripletMiner):
         self.type_of_triplets = type_of_triplets
 
     def _selection(self):
+        # the attributes again (they may be set after construction), with the constructor's messages
+        if self.type_of_triplets not in TRIPLET_TYPES:
+            raise NotImplementedError(
+                f"metricops.pml: miners.TripletMarginMiner type_of_triplets must be one of "
+                f"{', '.join(repr(t) for t in TRIPLET_TYPES)}, got {self.type_of_triplets!r}"
+            )
         d = self.distance
-        return TripletSelection(
-            self.type_of_triplets, float(self.margin), d.metric, d.normalize_embeddings, d.is_inverted
-        )
+        margin = v.check_number(self.margin, "margin", finite=True)
+        return TripletSelection(self.type_of_triplets, float(margin), d.metric, d.normalize_embeddings, d.is_inverted)

@@ -1102,3 +1102,36 @@ def test_loss_heads_match_their_torch_formulas(policy, args, head, kind):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, equal_nan=True)
     if kind == "nan_row" and head not in ("info_nce", "multi_similarity_mined"):  # (the miner drops NaN pairs)
         assert got[4].isnan()  # the NaN row's own term
+
+
+def test_backward_op_checks_the_statistics_shapes():
+    """lse_stats_backward read kNumStats values per row of grad_row_stats, grad_col_stats and col_stats without
+    checking their shapes: a (1, 13) gradient for 6 rows was read past its end. Each is now checked, by the
+    kernel and by the fake kernel alike."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randn(5, 4, dtype=torch.float64)
+    labels, col_labels = torch.arange(6) // 2, torch.arange(5) // 2
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    rows, cols, _ = ops.lse_stats(x, y, labels, col_labels, None, scale, "scaled", [], True, True, 0, 0)
+    good = torch.ones_like(rows)
+
+    def backward(grad_rows, grad_cols, row_stats=rows, col_stats=cols):
+        return ops.lse_stats_backward(
+            grad_rows, grad_cols, x, y, labels, col_labels, None, scale, "scaled", [], True, row_stats, col_stats, 0, 0
+        )
+
+    cases = [
+        ((good[:1], None), r"grad_row_stats must have shape \(6, 13\), got \[1, 13\]"),
+        ((good[:, :5], None), r"grad_row_stats must have shape \(6, 13\)"),
+        ((good, torch.ones(1, 13, dtype=torch.float64)), r"grad_col_stats must have shape \(5, 13\)"),
+        ((good, None, rows, cols[:, :5]), r"col_stats must have shape \(5, 13\)"),
+        ((good, None, rows[:4]), r"row_stats must have shape \(6, 13\)"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            backward(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match=message):
+            backward(*args)
+    backward(good, torch.ones_like(cols))  # the right shapes pass

@@ -218,3 +218,24 @@ def test_distributed_contrastive_streams_in_row_blocks(monkeypatch, small_blocks
         assert_close(out, expected)
         assert_close(g, torch.autograd.grad(expected, x)[0])
         assert len(shapes) == 2 * 5 and all(q[0] <= 7 and db == (30, 5) for q, db in shapes), shapes  # 5 blocks, twice
+
+
+def test_contrastive_streaming_backward_checks_grad_and_denom():
+    """grad and denom are 0-dim: a (B, D) grad was broadcast into the gradient (a garbage result), a (B,) one
+    failed in a broadcast naming nothing. The kernel and the fake kernel say the same."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.metricops
+    x, labels = torch.randn(6, 4), torch.arange(6) // 2
+    _, denom = ops.contrastive_loss_streaming(x, labels, 0.0, 1.0, "euclidean", False, "mean", 2)
+    cases = [
+        ((torch.ones(6, 4), denom), r"grad must be a 0-dim tensor \(the loss's gradient\), got shape \[6, 4\]"),
+        ((torch.ones(6), denom), r"grad must be a 0-dim tensor"),
+        ((torch.ones(()), torch.ones(6, 4, dtype=denom.dtype)), r"denom must be a 0-dim tensor"),
+    ]
+    for (grad, den), message in cases:
+        call = lambda: ops.contrastive_loss_streaming_backward(grad, x, labels, den, 0.0, 1.0, "euclidean", False, 2)  # noqa: E731
+        with pytest.raises(ValueError, match=message):
+            call()
+        with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match=message):
+            call()

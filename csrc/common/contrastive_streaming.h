@@ -25,11 +25,18 @@ inline Reduction check_contrastive_streaming_inputs(const at::Tensor& embeddings
                     "('none' returns the B×B matrix), got '", std::string(reduction), "'");
 }
 
-// The backward's embeddings and labels, checked: contiguous, labels int64.
-inline std::tuple<at::Tensor, at::Tensor> prepare_contrastive_streaming_backward(const at::Tensor& embeddings,
-                                                                                 const at::Tensor& labels) {
+// The backward's embeddings and labels, checked: contiguous, labels int64; grad (the loss's) and denom (the
+// forward's) are 0-dim on the embeddings' device (a wider one broadcast into the gradient).
+inline std::tuple<at::Tensor, at::Tensor> prepare_contrastive_streaming_backward(const at::Tensor& grad,
+                                                                                 const at::Tensor& embeddings,
+                                                                                 const at::Tensor& labels,
+                                                                                 const at::Tensor& denom) {
   check_embeddings(embeddings, "embeddings");
   check_labels(labels, embeddings);
+  TORCH_CHECK_VALUE(grad.dim() == 0, "grad must be a 0-dim tensor (the loss's gradient), got shape ", grad.sizes());
+  TORCH_CHECK_VALUE(denom.dim() == 0, "denom must be a 0-dim tensor (the forward's), got shape ", denom.sizes());
+  TORCH_CHECK_VALUE(grad.device() == embeddings.device() && denom.device() == embeddings.device(),
+                    "grad and denom must be on the embeddings' device (", embeddings.device(), ")");
   return {embeddings.contiguous(), labels_int64(labels)};
 }
 

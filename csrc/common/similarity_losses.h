@@ -118,6 +118,31 @@ inline PolicySpec check_lse_inputs(const at::Tensor& x, const c10::optional<at::
   return spec;
 }
 
+// lse_stats_backward's statistics and their gradients: (B, kNumStats) per row, and (M, kNumStats) per column when
+// the forward kept column statistics (col_stats non-empty). The kernels read kNumStats values per row of each.
+inline void check_lse_backward_stats(const c10::optional<at::Tensor>& grad_row_stats,
+                                     const c10::optional<at::Tensor>& grad_col_stats, const at::Tensor& row_stats,
+                                     const at::Tensor& col_stats, int64_t B, int64_t M) {
+  const auto check = [](const at::Tensor& t, const char* name, int64_t n) {
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == n && t.size(1) == kNumStats, name, " must have shape (", n, ", ",
+                      int(kNumStats), "), got ", t.sizes());
+  };
+  check(row_stats, "row_stats", B);
+  TORCH_CHECK_VALUE(col_stats.dim() == 2, "col_stats must have shape (", M, ", ", int(kNumStats), ") or (0, ",
+                    int(kNumStats), "), got ", col_stats.sizes());
+  const bool has_col = col_stats.size(0) > 0;
+  if (has_col) check(col_stats, "col_stats", M);
+  if (grad_row_stats.has_value()) check(*grad_row_stats, "grad_row_stats", B);
+  if (grad_col_stats.has_value()) {
+    if (has_col)
+      check(*grad_col_stats, "grad_col_stats", M);
+    else
+      TORCH_CHECK_VALUE(grad_col_stats->numel() == 0,
+                        "grad_col_stats must be None or empty without column statistics, got shape ",
+                        grad_col_stats->sizes());
+  }
+}
+
 // The ops' `head` (common/lse_heads.h), checked against the policy it reads: each head is one loss's formula on
 // that loss's statistics.
 inline HeadKind parse_head(c10::string_view head, const PolicySpec& spec, c10::string_view policy) {

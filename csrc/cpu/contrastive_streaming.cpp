@@ -85,7 +85,7 @@ at::Tensor contrastive_loss_streaming_backward_cpu(const at::Tensor& grad, const
                                                    double pos_margin, double neg_margin, c10::string_view metric_name,
                                                    bool squared, int64_t block_rows) {
   const Metric metric = parse_metric(metric_name);
-  const auto [x, labels] = prepare_contrastive_streaming_backward(embeddings, labels_in);
+  const auto [x, labels] = prepare_contrastive_streaming_backward(grad, embeddings, labels_in, denom);
   const int64_t B = x.size(0);
   at::Tensor out = at::zeros_like(x);
   if (B == 0) return out;

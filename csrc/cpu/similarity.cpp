@@ -195,10 +195,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cpu(
                       ", got ", tiles_in->scalar_type());
     tiles = tiles_in->contiguous();
   }
-  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumStats,
-                    "row_stats must have shape (", B, ", ", int(kNumStats), "), got ", row_stats.sizes());
-  TORCH_CHECK_VALUE(!has_col || (col_stats.dim() == 2 && col_stats.size(0) == M), "col_stats must have shape (", M,
-                    ", ", int(kNumStats), "), got ", col_stats.sizes());
+  check_lse_backward_stats(grad_row_stats, grad_col_stats, row_stats, col_stats, B, M);
   at::Tensor grad_x = at::zeros_like(in.x);
   at::Tensor grad_y = in.y.has_value() ? at::zeros_like(*in.y) : at::zeros({0, in.x.size(1)}, in.x.options());
   const double scale_value = scale.item<double>();

@@ -129,7 +129,7 @@ at::Tensor contrastive_loss_streaming_backward_cuda(const at::Tensor& grad, cons
                                                     bool squared, int64_t block_rows) {
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const Metric metric = parse_metric(metric_name);
-  const auto [x, labels] = prepare_contrastive_streaming_backward(embeddings, labels_in);
+  const auto [x, labels] = prepare_contrastive_streaming_backward(grad, embeddings, labels_in, denom);
   const int64_t B = x.size(0);
   if (B == 0) return at::zeros_like(x);
   const at::Tensor aux = row_aux_acc_cuda(x, metric);

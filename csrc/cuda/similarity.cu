@@ -177,10 +177,7 @@ std::tuple<at::Tensor, at::Tensor> lse_stats_backward_cuda(
   const HeadKind head_kind = parse_head(head, spec, policy);
   const Prepared in = prepare(x_in, y_in, row_keys, col_keys, row_params, scale, normalize, spec);
   const int64_t B = in.x.size(0), M = in.y.size(0);
-  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumStats,
-                    "row_stats must have shape (", B, ", ", int(kNumStats), "), got ", row_stats.sizes());
-  TORCH_CHECK_VALUE(!has_col || (col_stats.dim() == 2 && col_stats.size(0) == M), "col_stats must have shape (", M,
-                    ", ", int(kNumStats), "), got ", col_stats.sizes());
+  check_lse_backward_stats(grad_row_stats, grad_col_stats, row_stats, col_stats, B, M);
   at::Tensor grad_x = at::zeros_like(in.x);
   at::Tensor grad_y = in.self ? at::zeros({0, in.x.size(1)}, in.x.options()) : at::zeros_like(in.y);
   if (B > 0 && M > 0) {

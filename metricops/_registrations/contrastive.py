@@ -162,6 +162,15 @@ def _contrastive_streaming_fake(embeddings, labels, pos_margin, neg_margin, metr
 def _contrastive_streaming_backward_fake(
     grad, embeddings, labels, denom, pos_margin, neg_margin, metric, squared, block_rows
 ):
+    check_embeddings(embeddings, "embeddings")
+    check_labels(labels, embeddings)
+    # csrc/common/contrastive_streaming.h prepare_contrastive_streaming_backward
+    torch._check_value(
+        grad.dim() == 0, lambda: f"grad must be a 0-dim tensor (the loss's gradient), got shape {list(grad.shape)}"
+    )
+    torch._check_value(
+        denom.dim() == 0, lambda: f"denom must be a 0-dim tensor (the forward's), got shape {list(denom.shape)}"
+    )
     return contiguous_like(embeddings)
 
 

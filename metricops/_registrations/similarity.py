@@ -167,6 +167,34 @@ def _lse_stats_backward_fake(
     tiles=None,
     head="none",
 ):
+    _check_inputs(x, y, row_keys, col_keys, row_params, scale, policy, args, col_stats.shape[0] > 0, head)
+    b = x.shape[0]
+    m = y.shape[0] if y is not None else b
+
+    def check_stats(t, name, n):  # csrc/common/similarity_losses.h check_lse_backward_stats
+        torch._check_value(
+            t.dim() == 2 and t.shape[0] == n and t.shape[1] == NUM_STATS,
+            lambda: f"{name} must have shape ({n}, {NUM_STATS}), got {list(t.shape)}",
+        )
+
+    check_stats(row_stats, "row_stats", b)
+    torch._check_value(
+        col_stats.dim() == 2,
+        lambda: f"col_stats must have shape ({m}, {NUM_STATS}) or (0, {NUM_STATS}), got {list(col_stats.shape)}",
+    )
+    has_col = col_stats.shape[0] > 0
+    if has_col:
+        check_stats(col_stats, "col_stats", m)
+    if grad_row is not None:
+        check_stats(grad_row, "grad_row_stats", b)
+    if grad_col is not None:
+        if has_col:
+            check_stats(grad_col, "grad_col_stats", m)
+        else:
+            torch._check_value(
+                grad_col.numel() == 0,
+                lambda: f"grad_col_stats must be None or empty without column statistics, got shape {list(grad_col.shape)}",
+            )
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     gy = torch.empty_like(y, memory_format=torch.contiguous_format) if y is not None else x.new_empty((0, x.shape[1]))
     return gx, gy

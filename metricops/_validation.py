@@ -182,7 +182,9 @@ def check_pair_labels(y, x0, name: str = "y"):
         raise TypeError(f"{name} must be a bool, integer or floating tensor, got {y.dtype}")
     # A value check needs a host sync: done in eager mode only (under
     # torch.compile the values are taken as given, nonzero meaning similar).
-    if not torch.compiler.is_compiling() and y.device.type != "meta" and y.numel() > 0:
+    # (nor under torch.func transforms, whose batched values cannot be read)
+    readable = not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    if readable and y.device.type != "meta" and y.numel() > 0:
         if not bool(((y == 0) | (y == 1)).all()):
             raise ValueError(f"{name} must hold only 0 (dissimilar) and 1 (similar)")
     return y != 0

@@ -43,9 +43,11 @@ def _check_class_inputs(embeddings, labels, weight, weight_name):
     if num_classes < 1:
         raise ValueError(f"{weight_name} must hold at least one class (C >= 1), got shape {tuple(weight.shape)}")
     # Reading the labels syncs with the device: not while compiling or capturing a CUDA graph, where the
-    # kernels' own handling stands (CPU: the same check; CUDA: labels are never used as an index).
+    # kernels' own handling stands (CPU: the same check; CUDA: labels are never used as an index); nor under
+    # torch.func transforms (vmap's batched labels cannot be read; each sample reaches the kernel's check).
     capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not torch.compiler.is_compiling() and not capturing and labels.device.type != "meta" and labels.numel() > 0:
+    readable = not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    if readable and not capturing and labels.device.type != "meta" and labels.numel() > 0:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi

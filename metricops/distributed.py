@@ -91,6 +91,22 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.sizes[ctx.rank]], None, None, None
 
 
+_DTYPE_LIST = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+)
+_DTYPE_CODES = {dt: k for k, dt in enumerate(_DTYPE_LIST)}
+_DTYPES_BY_CODE = {k: str(dt) for k, dt in enumerate(_DTYPE_LIST)}
+
+
 def _gather(embeddings, labels, group) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
     """(all_embeddings, all_labels, offset of the local shard, world_size)."""
     v.check_tensor(embeddings, "embeddings")
@@ -114,13 +130,23 @@ def _gather(embeddings, labels, group) -> Tuple[torch.Tensor, torch.Tensor, int,
         return embeddings, labels, 0, 1
     # Shapes first: shards may differ in B; D must agree. Every rank sees the
     # same table, so every rank raises together (no rank left hanging).
-    shape = torch.tensor([embeddings.shape[0], embeddings.shape[1]], dtype=torch.int64, device=embeddings.device)
+    # The dtypes too: a collective between shards of different dtypes aborts one rank (gloo) and hands another
+    # reinterpreted bytes.
+    codes = [_DTYPE_CODES.get(embeddings.dtype, -1), _DTYPE_CODES.get(labels.dtype, -1)]
+    shape = torch.tensor(
+        [embeddings.shape[0], embeddings.shape[1], *codes], dtype=torch.int64, device=embeddings.device
+    )
     shapes = [torch.empty_like(shape) for _ in range(world)]
     dist.all_gather(shapes, shape, group=group)
-    shapes = [tuple(int(s) for s in t.tolist()) for t in shapes]
+    table = [tuple(int(s) for s in t.tolist()) for t in shapes]
+    shapes = [(b, d) for b, d, _, _ in table]
     dims = {d for _, d in shapes}
     if len(dims) != 1:
         raise ValueError(f"embeddings must have the same size D on every rank, got (B, D) per rank = {shapes}")
+    for name, k in (("embeddings", 2), ("labels", 3)):
+        if len({row[k] for row in table}) != 1:
+            dtypes = [_DTYPES_BY_CODE.get(row[k], "another dtype") for row in table]
+            raise TypeError(f"{name} must have the same dtype on every rank, got per rank {dtypes}")
     sizes = [b for b, _ in shapes]
     all_labels = _all_gather_padded(labels, sizes, group)
     all_embeddings = _GatherWithGrad.apply(embeddings, sizes, rank, group)

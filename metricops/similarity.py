@@ -427,8 +427,9 @@ def lifted_structure_loss(
 
 
 def _check_temperature(temperature, like: torch.Tensor):
-    """1/temperature as a 0-dim tensor in the statistics' dtype (differentiable when temperature requires grad)."""
-    if isinstance(temperature, torch.Tensor):
+    """1/temperature as a 0-dim tensor in the statistics' dtype (differentiable when temperature requires grad).
+    A non-floating tensor is a number, as for every other loss (an integer 0-dim tensor; a bool is refused)."""
+    if isinstance(temperature, torch.Tensor) and temperature.is_floating_point():
         if temperature.dim() != 0 or not temperature.is_floating_point():
             raise ValueError(
                 f"temperature must be a float or a 0-dim floating tensor, got a {temperature.dtype} tensor of shape "
@@ -493,7 +494,7 @@ def info_nce_loss(
     # normalize: the op scales its tiles by the rows' inverse norms (no normalized copies of q and k)
     # a temperature tensor takes the policy with d/dscale's sums (under torch.func its requires_grad may not show)
     # (its gradient is the caller's formula's; a float's goes through the op's head "info_nce")
-    learnable = isinstance(temperature, torch.Tensor)
+    learnable = isinstance(temperature, torch.Tensor) and temperature.is_floating_point()
     policy = "scaled_learnable" if learnable else "scaled"
     rows, cols, _ = ops.lse_stats.default(
         queries,

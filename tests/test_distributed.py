@@ -168,6 +168,16 @@ def _worker(rank, port, out_dir):
             results["bad_d"] = None
         except ValueError as exc:
             results["bad_d"] = str(exc)
+        # So are mismatched dtypes (gloo aborted one rank and handed the other reinterpreted bytes).
+        for key, (emb_dtype, lab_dtype) in {
+            "bad_emb_dtype": ((torch.float32, torch.float64)[rank], torch.int64),
+            "bad_label_dtype": (torch.float64, (torch.int32, torch.int64)[rank]),
+        }.items():
+            try:
+                mdist.all_gather_embeddings(torch.zeros(2, 3, dtype=emb_dtype), torch.zeros(2, dtype=lab_dtype))
+                results[key] = None
+            except TypeError as exc:
+                results[key] = str(exc)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -265,6 +275,13 @@ def test_empty_shard(ranks, name, factory):
 def test_mismatched_dim_is_refused_on_every_rank(ranks):
     for rk in ranks:
         assert rk["bad_d"] is not None and "same size D on every rank" in rk["bad_d"]
+
+
+def test_mismatched_dtypes_are_refused_on_every_rank(ranks):
+    for rk in ranks:
+        assert "embeddings must have the same dtype on every rank" in rk["bad_emb_dtype"]
+        assert "torch.float32" in rk["bad_emb_dtype"] and "torch.float64" in rk["bad_emb_dtype"]
+        assert "labels must have the same dtype on every rank" in rk["bad_label_dtype"]
 
 
 # ---------------------------------------------------------------- no process group

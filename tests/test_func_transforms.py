@@ -246,3 +246,28 @@ def test_cases_cover_every_differentiable_op():
     """Each op with an autograd formula (its *_backward op aside) is the first op of some case."""
     differentiable = set(forward_op_names()) - NOT_DIFFERENTIABLE
     assert differentiable == {op for _, op in CASES.values()}
+
+
+def test_vmap_over_labels_of_class_losses_and_pair_labels():
+    """vmap over labels (one label set per batch): the class losses' label range check and pair_contrastive_loss's
+    0/1 check read the values, which a batched tensor cannot give ("calling .item()"); they are skipped under
+    torch.func transforms (each sample still reaches the kernel's own range check)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 8, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    labels = torch.stack([torch.randperm(8, generator=g) % 4 for _ in range(3)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "There is a performance drop")
+        for fn in (
+            lambda e, lab: metricops.arcface_loss(e, lab, weight, scale=8.0),
+            lambda e, lab: metricops.cosface_loss(e, lab, weight, scale=8.0),
+            lambda e, lab: metricops.proxy_anchor_loss(e, lab, weight, alpha=8.0),
+            lambda e, lab: metricops.pair_contrastive_loss(e, e.flip(0), lab % 2),
+        ):
+            expected = torch.stack([fn(x[i], labels[i]) for i in range(3)])
+            assert_close(torch.vmap(fn)(x, labels), expected, atol=1e-12, rtol=1e-10)
+            grads = torch.vmap(torch.func.grad(fn))(x, labels)
+            for i in range(3):
+                assert_close(grads[i], torch.func.grad(fn)(x[i], labels[i]), atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="labels must be class indices"):  # each sample's kernel check
+        torch.vmap(lambda e, lab: metricops.arcface_loss(e, lab, weight))(x, labels + 4)

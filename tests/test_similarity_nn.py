@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import metricops
 import metricops.nn as mnn
 from metricops import reference as R
 
@@ -54,8 +55,8 @@ def test_module_equals_functional_and_reads_attributes(cls, op, kwargs, change):
         (lambda: mnn.LiftedStructureLoss(memory="disk"), "memory"),
         (lambda: mnn.InfoNCELoss(temperature=-0.1), "temperature"),
         (lambda: mnn.InfoNCELoss(symmetric=1), "symmetric"),
-        # what forward would refuse: an integer tensor, and a τ whose float32 logit scale gives τ = 0 or inf
-        (lambda: mnn.InfoNCELoss(temperature=torch.tensor(2)), "temperature must be a float or a 0-dim floating"),
+        # what forward would refuse: a bool tensor, and a τ whose float32 logit scale gives τ = 0 or inf
+        (lambda: mnn.InfoNCELoss(temperature=torch.tensor(True)), "temperature"),
         (lambda: mnn.InfoNCELoss(temperature=1e-50, learn_temperature=True), "temperature must be within float32"),
         (lambda: mnn.InfoNCELoss(temperature=1e50, learn_temperature=True), "temperature must be within float32"),
         (lambda: mnn.InfoNCELoss(temperature=1e-40, learn_temperature=True), "temperature must be within float32"),
@@ -120,3 +121,12 @@ def test_margin_ranking_loss_is_torchs():
     assert mnn.MarginRankingLoss is torch.nn.MarginRankingLoss
     x1, x2, y = torch.randn(5), torch.randn(5), torch.tensor([1.0, -1, 1, -1, 1])
     torch.testing.assert_close(mnn.MarginRankingLoss(margin=0.2)(x1, x2, y), F.margin_ranking_loss(x1, x2, y, 0.2))
+
+
+def test_info_nce_takes_an_integer_temperature_tensor_as_a_number():
+    """As every other loss's numbers (API.md): an integer 0-dim tensor is the number it holds (refused before,
+    while supcon_loss took it)."""
+    q, k = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    expected = metricops.info_nce_loss(q, k, temperature=2.0)
+    torch.testing.assert_close(metricops.info_nce_loss(q, k, temperature=torch.tensor(2)), expected, rtol=0, atol=0)
+    torch.testing.assert_close(mnn.InfoNCELoss(temperature=torch.tensor(2))(q, k), expected, rtol=0, atol=0)

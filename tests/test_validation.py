@@ -447,6 +447,7 @@ REALS = [
     ("proxy_anchor_margin", lambda m: metricops.proxy_anchor_loss(X, L, W, margin=m), 0.125),
     ("proxy_anchor_alpha", lambda a: metricops.proxy_anchor_loss(X, L, W, alpha=a), 32.0),
 ]
+_TENSOR_TEMPERATURE_CALLS = tuple(c for i, c, _ in REALS if "info_nce_temperature" in i)
 INTEGERS = [
     ("knn_k", lambda k: metricops.knn(X, k=k)[1], 2),
     ("rm_ks", lambda k: metricops.retrieval_metrics(X, L, ks=(k,)), 2),
@@ -459,6 +460,12 @@ def test_real_arguments_accept_numpy_scalars_and_0dim_tensors(call, value):
     expected = call(value)
     for same in (np.float32(value), np.float64(value), torch.tensor(value), torch.tensor(value, dtype=torch.float64)):
         got = call(same)
+        if call in _TENSOR_TEMPERATURE_CALLS and isinstance(same, torch.Tensor):
+            # info_nce_loss takes a floating tensor as a (possibly learnable) temperature: its loss comes from
+            # the statistics in torch ops, a float's from the op's head, so the last bits may differ (they did
+            # under some thread states of the full suite)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+            continue
         assert got == expected if isinstance(got, dict) else torch.equal(got, expected), type(same)
     if value == int(value):  # an integer is a real number too
         assert torch.equal(call(np.int64(value)), expected) and torch.equal(call(torch.tensor(int(value))), expected)

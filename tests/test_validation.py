@@ -8,6 +8,7 @@ check), plus the eager-vs-torch.compile wording and the direct-op last line.
 """
 
 import inspect
+import math
 
 import numpy as np
 import pytest
@@ -759,3 +760,50 @@ def test_module_constructors_refuse_what_forward_refuses(cls):
                 continue
             with torch.no_grad():
                 module(*_module_inputs(cls))  # must not raise
+
+
+# Every op's scalar arguments (metric, strategy, reduction, margins, eps, p, chunk_size, scale, alpha): the fake
+# kernels checked tensors only, so a direct op call under torch.compile traced and failed only when run.
+_SX, _SLAB, nan = torch.randn(6, 4), torch.arange(6) // 2, math.nan
+ops = torch.ops.metricops
+_SCALAR_ARGUMENT_CALLS = {
+    "pd_metric": lambda: ops.pairwise_distance(_SX, None, "bogus"),
+    "l2_eps": lambda: ops.l2_normalize(_SX, -1.0),
+    "knn_metric": lambda: ops.knn(_SX, None, 2, "bogus", 0),
+    "knn_chunk": lambda: ops.knn(_SX, None, 2, "euclidean", -1),
+    "bh_nan": lambda: ops.batch_hard_triplet(_SX, _SLAB, nan, "euclidean", False, 0),
+    "bh_metric": lambda: ops.batch_hard_triplet(_SX, _SLAB, 0.2, "bogus", False, 0),
+    "sh_nan": lambda: ops.semihard_triplet(_SX, _SLAB, nan, "euclidean"),
+    "ba_metric": lambda: ops.batch_all_triplet(_SX, _SLAB, 0.2, "bogus"),
+    "ba_inf": lambda: ops.batch_all_triplet(_SX, _SLAB, math.inf, "euclidean"),
+    "bas_nan": lambda: ops.batch_all_triplet_streaming(_SX, _SLAB, nan, "euclidean", 2),
+    "shs_metric": lambda: ops.semihard_triplet_streaming(_SX, _SLAB, 0.2, "bogus", 2),
+    "stats_nan": lambda: ops.triplet_statistics(_SX, _SLAB, nan, "euclidean"),
+    "mine_strategy": lambda: ops.mine_triplets(_SX, _SLAB, "bogus", 0.2, "euclidean"),
+    "mine_metric": lambda: ops.mine_triplets(_SX, _SLAB, "all", 0.2, "bogus"),
+    "cl_nan": lambda: ops.contrastive_loss(_SX, _SLAB, nan, 1.0, "euclidean", False, "mean"),
+    "cl_metric": lambda: ops.contrastive_loss(_SX, _SLAB, 0.0, 1.0, "bogus", False, "mean"),
+    "cl_red": lambda: ops.contrastive_loss(_SX, _SLAB, 0.0, 1.0, "euclidean", False, "avg"),
+    "cls_red": lambda: ops.contrastive_loss_streaming(_SX, _SLAB, 0.0, 1.0, "euclidean", False, "none", 2),
+    "cls_metric": lambda: ops.contrastive_loss_streaming(_SX, _SLAB, 0.0, 1.0, "bogus", False, "mean", 2),
+    "pcl_nan": lambda: ops.pair_contrastive_loss(_SX, _SX.flip(0), _SLAB > 0, nan, "euclidean", False),
+    "pcl_metric": lambda: ops.pair_contrastive_loss(_SX, _SX.flip(0), _SLAB > 0, 1.0, "bogus", False),
+    "tml_nan": lambda: ops.triplet_margin_loss(_SX, _SX, _SX, nan, 2.0, 1e-6, False, False),
+    "tml_p": lambda: ops.triplet_margin_loss(_SX, _SX, _SX, 1.0, 0.0, 1e-6, False, False),
+    "tml_sq": lambda: ops.triplet_margin_loss(_SX, _SX, _SX, 1.0, 1.0, 1e-6, False, True),
+    "ms_scale": lambda: ops.margin_softmax_loss(_SX, _SLAB % 3, torch.randn(3, 4), "arcface", 0.5, math.inf),
+    "pa_alpha": lambda: ops.proxy_anchor_loss(_SX, _SLAB % 3, torch.randn(3, 4), 0.1, nan),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCALAR_ARGUMENT_CALLS))
+def test_fake_kernels_check_scalar_arguments_as_the_kernels(name):
+    """The same exception and message from the kernel and from the fake kernel (FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    call = _SCALAR_ARGUMENT_CALLS[name]
+    with pytest.raises(ValueError) as eager:
+        call()
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError) as fake:
+        call()
+    assert str(fake.value).splitlines()[0] == str(eager.value).splitlines()[0]

@@ -14,6 +14,8 @@ in eager mode.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._ops import ops  # noqa: F401  (the native library must be loaded before its ops are listed)
@@ -96,3 +98,32 @@ def check_labels(labels, embeddings, name="labels"):
         labels.device == embeddings.device,
         lambda: f"{name} must be on the embeddings' device ({embeddings.device}), got {labels.device}",
     )
+
+
+# The scalar arguments' checks of the C++ ops (csrc/common/checks.h, triplet_impl.h, reduction.h, ...), same
+# wording (numbers as C++ streams print them: %g): a direct op call under FakeTensorMode or torch.compile raises
+# what the kernel would.
+def check_metric(metric):
+    torch._check_value(
+        metric in ("euclidean", "sqeuclidean", "cosine"),
+        lambda: f"metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got '{metric}'",
+    )
+
+
+def check_reduction(reduction):
+    torch._check_value(
+        reduction in ("mean", "sum", "mean_nonzero", "none"),
+        lambda: f"reduction must be one of 'mean', 'sum', 'mean_nonzero', 'none', got '{reduction}'",
+    )
+
+
+def check_finite_arg(value, name):
+    torch._check_value(math.isfinite(value), lambda: f"{name} must be a finite number, got {value:g}")
+
+
+def check_not_nan_arg(value, name):
+    torch._check_value(not math.isnan(value), lambda: f"{name} must not be NaN")
+
+
+def check_positive_eps(eps):
+    torch._check_value(math.isfinite(eps) and eps > 0, lambda: f"eps must be a positive finite number, got {eps:g}")

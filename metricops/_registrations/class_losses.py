@@ -7,7 +7,7 @@ import torch
 from .._ops import ops
 from .._reduction import accumulation_dtype
 from ._autograd import register_autograd
-from ._common import LIB, check_embeddings, check_labels, check_same_device_dtype, contiguous_like
+from ._common import LIB, check_embeddings, check_finite_arg, check_labels, check_same_device_dtype, contiguous_like
 
 
 def _check_class_inputs(x, labels, weight, weight_name):
@@ -45,6 +45,8 @@ def _weight_grad_like(weight):
 def _margin_softmax_loss_fake(x, labels, weight, kind, margin, scale, class_chunk=0):
     _check_class_inputs(x, labels, weight, "weight")
     torch._check_value(kind in ("arcface", "cosface"), lambda: f"kind must be 'arcface' or 'cosface', got '{kind}'")
+    check_finite_arg(scale, "scale")
+    check_finite_arg(margin, "margin")
     acc = accumulation_dtype(x.dtype)
     return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((x.shape[0],), dtype=acc)
 
@@ -80,6 +82,8 @@ register_autograd("margin_softmax_loss", _margin_softmax_backward, _margin_softm
 @torch.library.register_fake(LIB + "proxy_anchor_loss")
 def _proxy_anchor_loss_fake(x, labels, proxies, margin, alpha, class_chunk=0, save_tile=False, normalize=False):
     _check_class_inputs(x, labels, proxies, "proxies")
+    check_finite_arg(alpha, "alpha")
+    check_finite_arg(margin, "margin")
     acc = accumulation_dtype(x.dtype)
     C = proxies.shape[0]
     tile = x.new_empty((C if save_tile else 0, x.shape[0]), dtype=acc)
@@ -126,6 +130,8 @@ def _proxy_anchor_loss_and_grad_fake(
     x, labels, proxies, margin, alpha, class_chunk=0, normalize=False, grad_embeddings=False, grad_proxies=False
 ):
     _check_class_inputs(x, labels, proxies, "proxies")
+    check_finite_arg(alpha, "alpha")
+    check_finite_arg(margin, "margin")
     acc = accumulation_dtype(x.dtype)
     C, D = proxies.shape
     grad_x = x.new_empty((x.shape[0] if grad_embeddings else 0, D))

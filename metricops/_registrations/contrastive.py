@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._ops import ops
 from .._reduction import accumulation_dtype
 from ._autograd import register_autograd
-from ._common import LIB, check_embeddings, check_labels, check_same_device_dtype, check_same_shape, contiguous_like
+from ._common import (
+    LIB,
+    check_embeddings,
+    check_labels,
+    check_metric,
+    check_not_nan_arg,
+    check_reduction,
+    check_same_device_dtype,
+    check_same_shape,
+    contiguous_like,
+)
 
 
 # --------------------------------------------------------------------------
@@ -17,8 +29,12 @@ from ._common import LIB, check_embeddings, check_labels, check_same_device_dtyp
 
 @torch.library.register_fake(LIB + "contrastive_loss")
 def _contrastive_loss_fake(x, labels, pos_margin, neg_margin, metric, squared, reduction):
+    check_metric(metric)  # csrc/common/contrastive_impl.h's order: metric, reduction, inputs, margins
+    check_reduction(reduction)
     check_embeddings(x, "embeddings")
     check_labels(labels, x)
+    check_not_nan_arg(pos_margin, "pos_margin")
+    check_not_nan_arg(neg_margin, "neg_margin")
     B = x.shape[0]
     none = reduction == "none"
     loss = x.new_empty((B, B)) if none else x.new_empty(())
@@ -34,6 +50,8 @@ def _contrastive_loss_fake(x, labels, pos_margin, neg_margin, metric, squared, r
 def _contrastive_loss_backward_fake(
     grad, x, labels, mat, row_coef, denom, pos_margin, neg_margin, metric, squared, reduction
 ):
+    check_metric(metric)
+    check_reduction(reduction)
     return contiguous_like(x)
 
 
@@ -64,6 +82,7 @@ register_autograd("contrastive_loss", _contrastive_loss_backward, _contrastive_l
 
 @torch.library.register_fake(LIB + "pair_contrastive_loss")
 def _pair_contrastive_loss_fake(x0, x1, y, margin, metric, squared):
+    check_metric(metric)
     check_embeddings(x0, "x0")
     check_embeddings(x1, "x1")
     check_same_device_dtype(x0, "x0", x1, "x1")
@@ -77,12 +96,14 @@ def _pair_contrastive_loss_fake(x0, x1, y, margin, metric, squared):
         lambda: f"y must be a bool tensor here (the Python wrapper converts it), got {y.dtype}",
     )
     torch._check_value(y.device == x0.device, lambda: f"y must be on x0's device ({x0.device}), got {y.device}")
+    check_not_nan_arg(margin, "margin")
     n = x0.shape[0]
     return x0.new_empty((n,)), x0.new_empty((n,), dtype=accumulation_dtype(x0.dtype))
 
 
 @torch.library.register_fake(LIB + "pair_contrastive_loss_backward")
 def _pair_contrastive_loss_backward_fake(grad, x0, x1, y, dist, margin, metric, squared):
+    check_metric(metric)
     return contiguous_like(x0), contiguous_like(x1)
 
 
@@ -119,6 +140,12 @@ def _triplet_margin_loss_fake(a, p, n, margin, norm_p, eps, swap, squared):
     check_same_device_dtype(a, "anchor", n, "negative")
     check_same_shape(a, "anchor", p, "positive")
     check_same_shape(a, "anchor", n, "negative")
+    check_not_nan_arg(margin, "margin")
+    check_not_nan_arg(eps, "eps")
+    torch._check_value(math.isfinite(norm_p) and norm_p > 0, lambda: f"p must be a finite number > 0, got {norm_p:g}")
+    torch._check_value(
+        not squared or norm_p == 2.0, lambda: f"squared=True requires p=2 (squared L2 distances), got p={norm_p:g}"
+    )
     rows = a.shape[0]
     return a.new_empty((rows,)), a.new_empty((rows, 3), dtype=accumulation_dtype(a.dtype))
 
@@ -153,8 +180,14 @@ register_autograd("triplet_margin_loss", _triplet_backward, _triplet_setup_conte
 
 @torch.library.register_fake(LIB + "contrastive_loss_streaming")
 def _contrastive_streaming_fake(embeddings, labels, pos_margin, neg_margin, metric, squared, reduction, block_rows):
+    check_metric(metric)
     check_embeddings(embeddings, "embeddings")  # dtypes too, as the kernel (and the matrix op's fake) does
     check_labels(labels, embeddings)
+    torch._check_value(
+        reduction in ("mean", "sum", "mean_nonzero"),
+        lambda: "reduction must be one of 'mean', 'sum', 'mean_nonzero' with memory='streaming' "
+        f"('none' returns the B×B matrix), got '{reduction}'",
+    )
     return embeddings.new_empty(()), embeddings.new_empty((), dtype=torch.float64)
 
 

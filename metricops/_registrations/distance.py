@@ -7,7 +7,7 @@ import torch
 from .._ops import ops
 from .._reduction import accumulation_dtype
 from ._autograd import register_autograd
-from ._common import LIB, check_embeddings, check_same_device_dtype, contiguous_like
+from ._common import LIB, check_embeddings, check_metric, check_positive_eps, check_same_device_dtype, contiguous_like
 
 
 # --------------------------------------------------------------------------
@@ -18,6 +18,7 @@ from ._common import LIB, check_embeddings, check_same_device_dtype, contiguous_
 @torch.library.register_fake(LIB + "pairwise_distance")
 def _pairwise_distance_fake(x, y, metric):
     other = x if y is None else y
+    check_metric(metric)
     check_embeddings(x, "x")
     check_embeddings(other, "y")
     if y is not None:
@@ -31,6 +32,7 @@ def _pairwise_distance_fake(x, y, metric):
 
 @torch.library.register_fake(LIB + "pairwise_distance_backward")
 def _pairwise_distance_backward_fake(grad, x, y, dist, metric):
+    check_metric(metric)
     grad_y = x.new_empty((0, x.shape[1])) if y is None else contiguous_like(y)
     return contiguous_like(x), grad_y
 
@@ -62,11 +64,13 @@ register_autograd("pairwise_distance", _pairwise_distance_backward, _pairwise_di
 @torch.library.register_fake(LIB + "l2_normalize")
 def _l2_normalize_fake(x, eps):
     check_embeddings(x, "embeddings")
+    check_positive_eps(eps)
     return contiguous_like(x), x.new_empty((x.shape[0],), dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.register_fake(LIB + "l2_normalize_backward")
 def _l2_normalize_backward_fake(grad, x, norm, eps):
+    check_positive_eps(eps)
     return contiguous_like(x)
 
 

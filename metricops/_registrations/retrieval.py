@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from ._autograd import register_not_differentiable
-from ._common import LIB, check_embeddings, check_same_device_dtype
+from ._common import LIB, check_embeddings, check_metric, check_same_device_dtype
 
 
 @torch.library.register_fake(LIB + "knn")
 def _knn_fake(queries, database, k, metric, chunk_size=0):
     db = queries if database is None else database
+    check_metric(metric)
     check_embeddings(queries, "queries")
     if database is not None:
         check_embeddings(database, "database")
@@ -30,6 +31,7 @@ def _knn_fake(queries, database, k, metric, chunk_size=0):
         k >= 1 and k <= available,
         lambda: f"k must be between 1 and the number of database rows a query can return ({available}{what}), got k={k}",
     )
+    torch._check_value(chunk_size >= 0, lambda: f"chunk_size must be >= 0 (0 picks it automatically), got {chunk_size}")
     q = queries.shape[0]
     return queries.new_empty((q, k)), queries.new_empty((q, k), dtype=torch.int64)
 

@@ -7,12 +7,15 @@ import torch
 from .._ops import ops
 from .._reduction import accumulation_dtype  # the summed outputs' dtype
 from ._autograd import register_autograd, register_not_differentiable
-from ._common import LIB, check_embeddings, check_labels, contiguous_like
+from ._common import LIB, check_embeddings, check_finite_arg, check_labels, check_metric, contiguous_like
 
 
-def _check_batch(embeddings, labels):
+def _check_batch(embeddings, labels, margin, metric):
+    """csrc/common/triplet_impl.h prepare_labelled_batch's checks, in its order: metric, inputs, margin."""
+    check_metric(metric)
     check_embeddings(embeddings, "embeddings")
     check_labels(labels, embeddings)
+    check_finite_arg(margin, "margin")
 
 
 # ------------------------------------------------------------------ batch-hard
@@ -20,7 +23,7 @@ def _check_batch(embeddings, labels):
 
 @torch.library.register_fake(LIB + "batch_hard_triplet")
 def _batch_hard_fake(embeddings, labels, margin, metric, soft, block_rows, normalize=False):
-    _check_batch(embeddings, labels)
+    _check_batch(embeddings, labels, margin, metric)
     B = embeddings.shape[0]
     index = embeddings.new_empty((B,), dtype=torch.int64)
     return (
@@ -89,7 +92,7 @@ register_autograd("batch_hard_triplet", _batch_hard_backward, _batch_hard_setup_
 
 @torch.library.register_fake(LIB + "semihard_triplet")
 def _semihard_fake(embeddings, labels, margin, metric):
-    _check_batch(embeddings, labels)
+    _check_batch(embeddings, labels, margin, metric)
     B = embeddings.shape[0]
     return embeddings.new_empty((B, B)), embeddings.new_empty((B, B), dtype=torch.int64), embeddings.new_empty((B, B))
 
@@ -116,6 +119,7 @@ def _semihard_backward(ctx, grad_losses, grad_negative, grad_dist):
 
 @torch.library.register_fake(LIB + "semihard_triplet_backward")
 def _semihard_backward_fake(grad_losses, grad_dist, embeddings, losses, negative, dist, metric):
+    check_metric(metric)
     return contiguous_like(embeddings)
 
 
@@ -126,7 +130,7 @@ register_autograd("semihard_triplet", _semihard_backward, _semihard_setup_contex
 
 @torch.library.register_fake(LIB + "batch_all_triplet")
 def _batch_all_fake(embeddings, labels, margin, metric):
-    _check_batch(embeddings, labels)
+    _check_batch(embeddings, labels, margin, metric)
     B = embeddings.shape[0]
     count = embeddings.new_empty((), dtype=torch.int64)
     return (
@@ -168,7 +172,7 @@ register_autograd("batch_all_triplet", _batch_all_backward, _batch_all_setup_con
 
 @torch.library.register_fake(LIB + "semihard_triplet_streaming")
 def _semihard_streaming_fake(embeddings, labels, margin, metric, block_rows):
-    _check_batch(embeddings, labels)
+    _check_batch(embeddings, labels, margin, metric)
     B = embeddings.shape[0]
     count = embeddings.new_empty((B,), dtype=torch.int64)
     return embeddings.new_empty((B,), dtype=accumulation_dtype(embeddings.dtype)), count, torch.empty_like(count)
@@ -176,7 +180,7 @@ def _semihard_streaming_fake(embeddings, labels, margin, metric, block_rows):
 
 @torch.library.register_fake(LIB + "batch_all_triplet_streaming")
 def _batch_all_streaming_fake(embeddings, labels, margin, metric, block_rows):
-    _check_batch(embeddings, labels)
+    _check_batch(embeddings, labels, margin, metric)
     count = embeddings.new_empty((), dtype=torch.int64)
     return embeddings.new_empty((), dtype=accumulation_dtype(embeddings.dtype)), count, torch.empty_like(count)
 
@@ -184,6 +188,7 @@ def _batch_all_streaming_fake(embeddings, labels, margin, metric, block_rows):
 @torch.library.register_fake(LIB + "semihard_triplet_streaming_backward")
 @torch.library.register_fake(LIB + "batch_all_triplet_streaming_backward")
 def _streaming_backward_fake(grad, embeddings, labels, margin, metric, block_rows):
+    check_metric(metric)
     return contiguous_like(embeddings)
 
 
@@ -215,7 +220,7 @@ for _name in ("semihard_triplet_streaming", "batch_all_triplet_streaming"):
 
 @torch.library.register_fake(LIB + "triplet_statistics")
 def _statistics_fake(embeddings, labels, margin, metric):
-    _check_batch(embeddings, labels)
+    _check_batch(embeddings, labels, margin, metric)
     return embeddings.new_empty((4,), dtype=torch.int64)
 
 
@@ -224,7 +229,13 @@ register_not_differentiable("triplet_statistics")  # integer counts
 
 @torch.library.register_fake(LIB + "mine_triplets")
 def _mine_fake(embeddings, labels, strategy, margin, metric):
-    _check_batch(embeddings, labels)
+    check_metric(metric)  # the kernel's order: metric, strategy, inputs
+    torch._check_value(
+        strategy in ("all", "violating", "semihard", "hard", "easy", "batch_hard"),
+        lambda: "strategy must be one of 'all', 'violating', 'semihard', 'hard', 'easy', 'batch_hard', "
+        f"got '{strategy}'",
+    )
+    _check_batch(embeddings, labels, margin, metric)
     n = torch.library.get_ctx().new_dynamic_size()
     index = embeddings.new_empty((n,), dtype=torch.int64)
     return index, torch.empty_like(index), torch.empty_like(index)

@@ -56,7 +56,7 @@ def _check_class_inputs(embeddings, labels, weight, weight_name):
             )
 
 
-def _check_margin_softmax_args(kind, margin, scale):
+def _check_margin_softmax_args(margin, scale):
     """(margin, scale) as floats: any finite values, as PML takes them (ArcFace's margin in radians)."""
     return v.check_number(margin, "margin", finite=True), v.check_number(scale, "scale", finite=True)
 
@@ -67,7 +67,7 @@ def _check_proxy_anchor_args(margin, alpha):
 
 def _margin_softmax(embeddings, labels, weight, kind, margin, scale, reduction):
     _check_class_inputs(embeddings, labels, weight, "weight")
-    margin, scale = _check_margin_softmax_args(kind, margin, scale)
+    margin, scale = _check_margin_softmax_args(margin, scale)
     v.check_reduction(reduction, _MARGIN_REDUCTIONS)
     x = _l2_normalize(embeddings)
     rows, _ = ops.margin_softmax_loss(x, labels, weight, kind, margin, scale, _CLASS_CHUNK)

@@ -383,7 +383,7 @@ class ArcFaceLoss(_ClassParameterLoss):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.5, scale: float = 64.0):
         super().__init__()
         self._check_sizes(num_classes, embedding_size)
-        _class_losses._check_margin_softmax_args(self._kind, margin, scale)
+        _class_losses._check_margin_softmax_args(margin, scale)
         self.margin = margin
         self.scale = scale
         self.weight = torch.nn.Parameter(torch.empty(num_classes, embedding_size))

@@ -430,7 +430,7 @@ def _check_temperature(temperature, like: torch.Tensor):
     """1/temperature as a 0-dim tensor in the statistics' dtype (differentiable when temperature requires grad).
     A non-floating tensor is a number, as for every other loss (an integer 0-dim tensor; a bool is refused)."""
     if isinstance(temperature, torch.Tensor) and temperature.is_floating_point():
-        if temperature.dim() != 0 or not temperature.is_floating_point():
+        if temperature.dim() != 0:
             raise ValueError(
                 f"temperature must be a float or a 0-dim floating tensor, got a {temperature.dtype} tensor of shape "
                 f"{tuple(temperature.shape)}"

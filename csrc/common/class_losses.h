@@ -230,7 +230,7 @@ inline void check_class_loss_inputs(const at::Tensor& embeddings, const at::Tens
 }
 
 // Any finite values, as PML takes them (scale 0 gives log C; the running-max LSEs take logits of either sign).
-inline void check_margin_softmax_args(MarginKind, double margin, double scale) {
+inline void check_margin_softmax_args(double margin, double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number, got ", scale);
   TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be a finite number, got ", margin);
 }

@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_cpu(const at::Tensor& emb
                                                            double margin, double scale, int64_t class_chunk) {
   const MarginKind kind = parse_margin_kind(kind_name);
   check_class_loss_inputs(embeddings, labels_in, weight, "weight");
-  check_margin_softmax_args(kind, margin, scale);
+  check_margin_softmax_args(margin, scale);
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t B = x.size(0), C = weight.size(0);
@@ -213,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cpu(
     const at::Tensor& lse_in, c10::string_view kind_name, double margin, double scale, int64_t class_chunk) {
   const MarginKind kind = parse_margin_kind(kind_name);
   check_class_loss_inputs(embeddings, labels_in, weight, "weight");
-  check_margin_softmax_args(kind, margin, scale);
+  check_margin_softmax_args(margin, scale);
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t B = x.size(0), C = weight.size(0);

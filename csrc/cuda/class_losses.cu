@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_cuda(const at::Tensor& em
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const MarginKind kind = parse_margin_kind(kind_name);
   check_class_loss_inputs(embeddings, labels_in, weight, "weight");
-  check_margin_softmax_args(kind, margin, scale);
+  check_margin_softmax_args(margin, scale);
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t B = x.size(0), C = weight.size(0);
@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_loss_backward_cuda(
   METRICOPS_CUDA_DEVICE_GUARD(embeddings.device());
   const MarginKind kind = parse_margin_kind(kind_name);
   check_class_loss_inputs(embeddings, labels_in, weight, "weight");
-  check_margin_softmax_args(kind, margin, scale);
+  check_margin_softmax_args(margin, scale);
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t B = x.size(0), C = weight.size(0);

@@ -19,6 +19,7 @@ import math
 import torch
 
 from .._ops import ops  # noqa: F401  (the native library must be loaded before its ops are listed)
+from .._validation import check_metric, check_reduction  # noqa: F401  (the wrappers' checks, the kernels' wording)
 
 LIB = "metricops::"  # qualified-name prefix for torch.library.register_fake / register_autocast
 IMPL = torch.library.Library("metricops", "IMPL")  # Python kernels live as long as this handle
@@ -100,23 +101,9 @@ def check_labels(labels, embeddings, name="labels"):
     )
 
 
-# The scalar arguments' checks of the C++ ops (csrc/common/checks.h, triplet_impl.h, reduction.h, ...), same
-# wording (numbers as C++ streams print them: %g): a direct op call under FakeTensorMode or torch.compile raises
-# what the kernel would.
-def check_metric(metric):
-    torch._check_value(
-        metric in ("euclidean", "sqeuclidean", "cosine"),
-        lambda: f"metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got '{metric}'",
-    )
-
-
-def check_reduction(reduction):
-    torch._check_value(
-        reduction in ("mean", "sum", "mean_nonzero", "none"),
-        lambda: f"reduction must be one of 'mean', 'sum', 'mean_nonzero', 'none', got '{reduction}'",
-    )
-
-
+# The scalar arguments' checks of the C++ ops (csrc/common/checks.h, triplet_impl.h, ...), same wording
+# (numbers as C++ streams print them: %g), beside check_metric and check_reduction above: a direct op call under
+# FakeTensorMode or torch.compile raises what the kernel would.
 def check_finite_arg(value, name):
     torch._check_value(math.isfinite(value), lambda: f"{name} must be a finite number, got {value:g}")
 

@@ -144,23 +144,16 @@ class TripletMarginLoss(torch.nn.Module):
     ):
         super().__init__()
         refuse_unsupported("losses.TripletMarginLoss", kwargs)
-        if triplets_per_anchor != "all":
-            raise NotImplementedError(
-                f"metricops.pml: losses.TripletMarginLoss supports triplets_per_anchor='all' only, "
-                f"got {triplets_per_anchor!r}"
-            )
-        v.check_number(margin, "margin", finite=True)
-        v.check_flag(swap, "swap")
-        v.check_flag(smooth_loss, "smooth_loss")
         self.margin = margin
         self.swap = swap
         self.smooth_loss = smooth_loss
         self.triplets_per_anchor = triplets_per_anchor
+        self._check_attributes()
         self.distance = resolve(distance, "losses.TripletMarginLoss")
         self.reducer = _reducers.resolve(reducer, ["loss"], _reducers.AvgNonZeroReducer, "losses.TripletMarginLoss")
 
     def _check_attributes(self):
-        """The constructor's checks again (the attributes may be set after construction)."""
+        """At construction and at each call (the attributes may be set after construction)."""
         if self.triplets_per_anchor != "all":
             raise NotImplementedError(
                 f"metricops.pml: losses.TripletMarginLoss supports triplets_per_anchor='all' only, "

@@ -202,16 +202,12 @@ class TripletMarginMiner(_TripletMiner):
 
     def __init__(self, margin=0.2, type_of_triplets="all", distance=None, **kwargs):
         super().__init__(distance, kwargs)
-        if type_of_triplets not in TRIPLET_TYPES:
-            raise NotImplementedError(
-                f"metricops.pml: miners.TripletMarginMiner type_of_triplets must be one of "
-                f"{', '.join(repr(t) for t in TRIPLET_TYPES)}, got {type_of_triplets!r}"
-            )
-        self.margin = v.check_number(margin, "margin", finite=True)
+        self.margin = margin
         self.type_of_triplets = type_of_triplets
+        self._selection()  # checks both, as each call does
 
     def _selection(self):
-        # the attributes again (they may be set after construction), with the constructor's messages
+        # at construction and at each call (the attributes may be set after construction)
         if self.type_of_triplets not in TRIPLET_TYPES:
             raise NotImplementedError(
                 f"metricops.pml: miners.TripletMarginMiner type_of_triplets must be one of "

@@ -407,3 +407,30 @@ def test_nan_knn_orders_nan_last():
     d, i = metricops.knn(q, db, k=5)
     assert torch.equal(i[:, -1], torch.full((3,), 2))
     assert torch.isnan(d[:, -1]).all() and torch.isfinite(d[:, :-1]).all()
+
+
+@pytest.mark.parametrize("memory", ["matrix", "streaming"])
+@pytest.mark.parametrize("batch", [8, 48, 200])  # few positives per anchor (scan) and many (sorted counts)
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_infinite_rows_match_reference(metric, batch, memory):
+    """Two rows of different classes with an infinite coordinate: a triplet whose d(a, p) and d(a, n) are both
+    inf has the term margin + inf - inf = NaN, as F.triplet_margin_loss gives. The batch-all kernels count only
+    active terms, and once summed such rows to inf; every loss must give the reference's value (NaN where it
+    is NaN), which F.triplet_margin_loss confirms from outside."""
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 4, dtype=torch.float64, generator=g)
+    labels = torch.arange(batch) % 4
+    x[1, 0] = float("inf")
+    x[2, 3] = -float("inf")
+    for name in LOSSES:
+        for reduction in ("mean", "sum", "mean_nonzero") if name != "contrastive" else ("mean", "sum"):
+            kw = dict(metric=metric, reduction=reduction, memory=memory)
+            got = _loss(name, x, labels, **kw)
+            kw.pop("memory")
+            want = _ref_loss(name, x, labels, **kw)
+            assert torch.equal(got.isnan(), want.isnan()), (name, reduction, got, want)
+            assert_close(got.nan_to_num(), want.nan_to_num())
+    # outside oracle: anchor 5 (label 1, as row 1) with positive 1 and negative 2, both at distance inf
+    a, p, n = x[5:6], x[1:2], x[2:3]
+    assert torch.nn.functional.triplet_margin_loss(a, p, n, margin=0.2).isnan()
+    assert metricops.batch_all_triplet_loss(x, labels, metric=metric, reduction="sum", memory=memory).isnan()

@@ -6,6 +6,7 @@
 #include <c10/macros/Macros.h>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "common/distance.h"
 #include "common/hinge.h"
@@ -129,6 +130,17 @@ template <typename T>
 C10_HOST_DEVICE inline bool batch_all_term(T shifted, T d_an, T& term) {
   term = shifted - d_an;
   return term > T(0);
+}
+
+// Whether an anchor's batch-all term sum is NaN. The kernels count and sum
+// only active terms, so a NaN term must be found from the row instead: a NaN
+// distance, or a pair with margin + d_ap = d_an = +inf (inf - inf; relu keeps
+// the NaN, as F.triplet_margin_loss does). max_shifted: the largest
+// margin + d_ap over the positives; rounding is monotone, so that is +inf
+// exactly when some positive's is.
+template <typename T>
+C10_HOST_DEVICE inline bool batch_all_sum_is_nan(bool nan_distance, T max_shifted, bool inf_negative) {
+  return nan_distance || (inf_negative && max_shifted == std::numeric_limits<T>::infinity());
 }
 
 // triplet_statistics' class of one negative for one (anchor, positive), as

@@ -172,7 +172,7 @@ struct BatchAllWorkspace {
 
 // Batch-all terms of anchor i. Writes each pair's signed multiplicity in
 // active triplets (d(sum)/d(d[i, j])) into mult_row, which must hold zeros,
-// and sets the term sum (NaN when a distance is NaN), the number of valid
+// and sets the term sum (NaN when a term is: batch_all_sum_is_nan), the number of valid
 // triplets and the number of active (> 0) ones.
 template <typename scalar_t>
 void batch_all_row(const scalar_t* row, const int64_t* lab, int64_t B, int64_t i, scalar_t m,
@@ -181,15 +181,19 @@ void batch_all_row(const scalar_t* row, const int64_t* lab, int64_t B, int64_t i
   ws.shifted.clear();
   ws.pos_index.clear();
   int64_t n = 0;
-  bool any_nan = false;
+  bool any_nan = false, inf_negative = false;
+  scalar_t max_shifted = -std::numeric_limits<scalar_t>::infinity();
   for (int64_t p = 0; p < B; ++p) {
     if (lab[p] != lab[i]) {
       ++n;
       any_nan |= row[p] != row[p];
+      inf_negative |= row[p] == std::numeric_limits<scalar_t>::infinity();
     } else if (p != i) {
-      ws.shifted.push_back(m + row[p]);
+      const scalar_t shifted = m + row[p];
+      ws.shifted.push_back(shifted);
       ws.pos_index.push_back(p);
       any_nan |= row[p] != row[p];
+      max_shifted = std::max(max_shifted, shifted);
     }
   }
   const int64_t P = static_cast<int64_t>(ws.shifted.size());
@@ -223,7 +227,7 @@ void batch_all_row(const scalar_t* row, const int64_t* lab, int64_t B, int64_t i
       mult_row[ws.negs.index[k]] = -static_cast<scalar_t>(P - first - nan_shifted);
     }
   }
-  sum_out = any_nan ? std::numeric_limits<double>::quiet_NaN() : sum;
+  sum_out = batch_all_sum_is_nan(any_nan, max_shifted, inf_negative) ? std::numeric_limits<double>::quiet_NaN() : sum;
   valid_out = P * n;
   active_out = active;
 }

@@ -95,30 +95,40 @@ constexpr int kScanWarps = kThreads / 32;
 
 // Anchor a's row: numbers of negatives and positives, and whether a
 // negative's or a positive's distance is NaN. Every lane gets the result.
+template <typename acc_t>
 struct RowFacts {
   int64_t negatives, positives;
-  bool nan_negative, nan_positive;
+  bool nan_negative, nan_positive, inf_negative;
+  acc_t max_positive;  // the largest non-NaN positive distance (-inf: none)
 };
 
 template <typename acc_t>
-__device__ RowFacts row_facts(const acc_t* row, const int64_t* labels, int64_t a, int64_t la, int64_t B, int lane) {
+__device__ RowFacts<acc_t> row_facts(const acc_t* row, const int64_t* labels, int64_t a, int64_t la, int64_t B,
+                                     int lane) {
   int64_t n = 0, P = 0;
-  bool nan_n = false, nan_p = false;
+  bool nan_n = false, nan_p = false, inf_n = false;
+  acc_t max_p = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = lane; j < B; j += 32) {
     const acc_t d = row[j];
     if (labels[j] != la) {
       ++n;
       nan_n |= d != d;
+      inf_n |= d == std::numeric_limits<acc_t>::infinity();
     } else if (j != a) {
       ++P;
       nan_p |= d != d;
+      max_p = d > max_p ? d : max_p;
     }
   }
   for (int offset = 16; offset > 0; offset /= 2) {
     n += __shfl_xor_sync(kFullMask, n, offset);
     P += __shfl_xor_sync(kFullMask, P, offset);
+    const acc_t other = __shfl_xor_sync(kFullMask, max_p, offset);
+    max_p = other > max_p ? other : max_p;
   }
-  return {n, P, __any_sync(kFullMask, nan_n) != 0, __any_sync(kFullMask, nan_p) != 0};
+  return {
+      n,    P, __any_sync(kFullMask, nan_n) != 0, __any_sync(kFullMask, nan_p) != 0, __any_sync(kFullMask, inf_n) != 0,
+      max_p};
 }
 
 // The next (up to) 32 positives of anchor a at columns >= cursor, in column
@@ -175,7 +185,7 @@ template <typename acc_t>
 struct ScanRow {
   int64_t a, label;
   const acc_t* dist;
-  RowFacts facts;
+  RowFacts<acc_t> facts;
   C10_HOST_DEVICE bool has_triplets() const { return facts.negatives > 0 && facts.positives > 0; }
 };
 
@@ -231,8 +241,8 @@ __global__ void semihard_scan_kernel(const acc_t* __restrict__ dist, int64_t row
   }
 }
 
-// batch_all_kernel's results by scan: per row its term sum (NaN when a
-// distance is NaN), valid and active triplets; multiplicity (zeros in) as
+// batch_all_kernel's results by scan: per row its term sum (NaN when a term
+// is: batch_all_sum_is_nan), valid and active triplets; multiplicity (zeros in) as
 // batch_all_kernel writes it. Per negative column, a ballot over the lanes'
 // positives counts the triplets it is active in.
 template <typename acc_t>
@@ -279,8 +289,9 @@ __global__ void batch_all_scan_kernel(const acc_t* __restrict__ dist, int64_t ro
       active += __shfl_xor_sync(kFullMask, active, offset);
     }
     if (lane == 0) {
-      const RowFacts& f = sr.facts;
-      const bool nan = sr.has_triplets() && (f.nan_negative || f.nan_positive);
+      const RowFacts<acc_t>& f = sr.facts;
+      const bool nan = sr.has_triplets() &&
+                       batch_all_sum_is_nan(f.nan_negative || f.nan_positive, margin + f.max_positive, f.inf_negative);
       row_term[r] = nan ? std::numeric_limits<double>::quiet_NaN() : sum;
       row_valid[r] = f.negatives * f.positives;
       row_active[r] = active;
@@ -400,7 +411,9 @@ __global__ void batch_all_kernel(const acc_t* __restrict__ dist, const bool* __r
     const acc_t* negs = neg_sorted + a * B;
     if (positive[idx]) {
       const int64_t cnt = count_active_negatives(negs, n, d, margin);
-      const bool nan_row = d != d || negs[n - 1] != negs[n - 1];
+      const acc_t farthest = negs[n - 1];  // NaN sorts last
+      const bool nan_row = batch_all_sum_is_nan(d != d || farthest != farthest, margin + d,
+                                                farthest == std::numeric_limits<acc_t>::infinity());
       multiplicity[idx] = static_cast<acc_t>(cnt);
       active[idx] = cnt;
       term_sum[idx] = nan_row

@@ -150,6 +150,27 @@ def test_distances_match():
         torch.testing.assert_close(ours(x)[off], theirs(x)[off], atol=1e-5, rtol=1e-5)
 
 
+def test_cosine_zero_row_gradient_is_zero_where_pml_is_huge():
+    """docs/API.md's deliberate difference: an all-zero row's cosine is 0 with gradient 0 here; PML's
+    F.normalize (eps 1e-12) gives it a gradient of ~1e12. The other rows, and the values, agree."""
+    x = torch.randn(8, 4, dtype=torch.float64)
+    x[3] = 0
+    labels = torch.arange(8) % 2
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    distances.CosineSimilarity()(ours).sum().backward()
+    pml_distances.CosineSimilarity()(theirs).sum().backward()
+    assert torch.equal(ours.grad[3], torch.zeros(4, dtype=torch.float64))
+    assert theirs.grad[3].abs().max() > 1e9
+    ours.grad, theirs.grad = None, None
+    a = losses.TripletMarginLoss(distance=distances.CosineSimilarity())(ours, labels)
+    b = pml_losses.TripletMarginLoss(distance=pml_distances.CosineSimilarity())(theirs, labels)
+    a.backward(), b.backward()
+    torch.testing.assert_close(a, b)
+    assert torch.equal(ours.grad[3], torch.zeros(4, dtype=torch.float64))
+    rest = torch.arange(8) != 3
+    torch.testing.assert_close(ours.grad[rest], theirs.grad[rest])
+
+
 @pytest.mark.parametrize(
     "make, match",
     [

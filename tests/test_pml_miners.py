@@ -107,6 +107,41 @@ def test_pml_losses_with_our_miners():
         assert_close(torch.autograd.grad(ours, x1)[0], torch.autograd.grad(theirs, x2)[0], atol=1e-5, rtol=1e-4)
 
 
+_EVERY_MINER = [
+    ("MultiSimilarityMiner", {"epsilon": 0.3}),
+    ("BatchHardMiner", {}),
+    ("TripletMarginMiner", {"margin": 0.2, "type_of_triplets": "semihard"}),
+]
+_EVERY_PAIR_OR_TRIPLET_LOSS = [
+    "TripletMarginLoss",
+    "ContrastiveLoss",
+    "MultiSimilarityLoss",
+    "SupConLoss",
+    "NTXentLoss",
+    "CircleLoss",
+    "LiftedStructureLoss",
+    "GeneralizedLiftedStructureLoss",
+]
+
+
+@pytest.mark.parametrize("miner_name, miner_kw", _EVERY_MINER, ids=[m[0] for m in _EVERY_MINER])
+@pytest.mark.parametrize("loss_name", _EVERY_PAIR_OR_TRIPLET_LOSS)
+def test_every_miner_into_every_loss_matches_pml(miner_name, miner_kw, loss_name):
+    """Each metricops.pml miner's lazy output fed to each loss, as PML users chain them: the pair miner's
+    output into a triplet loss once raised AttributeError (the fused path read a triplet rule from it)."""
+    gen = torch.Generator().manual_seed(3)
+    for cosine in (False, True):
+        x = torch.randn(24, 8, dtype=torch.float64, generator=gen)
+        labels = torch.randint(0, 4, (24,), generator=gen)
+        kw = dict(miner_kw, distance=distances.CosineSimilarity()) if cosine else miner_kw
+        pml_kw = dict(miner_kw, distance=pml_distances.CosineSimilarity()) if cosine else miner_kw
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = getattr(losses, loss_name)()(x1, labels, getattr(miners, miner_name)(**kw)(x1, labels))
+        theirs = getattr(pml_losses, loss_name)()(x2, labels, getattr(pml_miners, miner_name)(**pml_kw)(x2, labels))
+        assert_close(ours, theirs, atol=1e-9, rtol=1e-7)
+        assert_close(torch.autograd.grad(ours, x1)[0], torch.autograd.grad(theirs, x2)[0], atol=1e-9, rtol=1e-6)
+
+
 MARGINS = (-0.5, -0.2, -0.05, 0.0, 0.05, 0.2, 0.5)
 
 

@@ -19,7 +19,7 @@ from ..contrastive import contrastive_loss
 from . import _fused
 from . import reducers as _reducers
 from ._common import all_pairs, all_triplets, check_call as _check_call, mining_values, refuse_unsupported, set_ref
-from ._mined import MinedTriplets
+from ._mined import MinedTriplets, TripletSelection
 from ._similarity import (  # noqa: F401 (the similarity losses, re-exported)
     CircleLoss,
     GeneralizedLiftedStructureLoss,
@@ -211,6 +211,8 @@ class TripletMarginLoss(torch.nn.Module):
         if not isinstance(indices_tuple, MinedTriplets) or indices_tuple.source is None:
             return None
         selection, source = indices_tuple.selection, indices_tuple.source
+        if not isinstance(selection, TripletSelection):  # a pair miner's output: listed, converted as PML does
+            return None
         same_distance = (selection.metric, selection.normalize, selection.is_inverted) == (
             dist.metric,
             dist.normalize_embeddings,

@@ -171,6 +171,22 @@ def test_cosine_zero_row_gradient_is_zero_where_pml_is_huge():
     torch.testing.assert_close(ours.grad[rest], theirs.grad[rest])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("batch", [12, 64])  # the slot path's size, and many positives per anchor (the op path's)
+def test_nonfinite_embedding_gives_pmls_value(batch, bad):
+    """PML's AvgNonZeroReducer drops NaN terms (NaN > 0 is false), so a NaN or inf coordinate leaves PML's
+    ContrastiveLoss and TripletMarginLoss finite; the fused ops' sums would turn NaN. Below the streaming sizes
+    the drop-ins take the paths that drop them too."""
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 4, dtype=torch.float64, generator=gen)
+    labels = torch.arange(batch) % 3
+    x[0, 0] = bad
+    for name in ("ContrastiveLoss", "TripletMarginLoss"):
+        ours, theirs = getattr(losses, name)()(x, labels), getattr(pml_losses, name)()(x, labels)
+        assert torch.isfinite(theirs), name
+        torch.testing.assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize(
     "make, match",
     [

@@ -52,6 +52,17 @@ def mining_values(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings
 
 
+def nonfinite_below_streaming(embeddings: torch.Tensor) -> bool:
+    """Whether a batch with a NaN or infinite coordinate is small enough (below the streaming sizes) for the
+    O(B²) paths that follow PML's AvgNonZeroReducer, which drops NaN terms where the fused ops' sums turn NaN.
+    Not checked while compiling (a data-dependent branch)."""
+    from .._memory import AUTO_STREAM_MIN_B
+
+    if torch.compiler.is_compiling() or embeddings.shape[0] >= AUTO_STREAM_MIN_B:
+        return False
+    return not bool(torch.isfinite(embeddings).all())
+
+
 def set_ref(embeddings, labels, ref_emb, ref_labels):
     """PML's set_ref_emb: without ref_emb the batch is its own reference (same labels object)."""
     if embeddings.dim() != 2 or (ref_emb is not None and ref_emb.dim() != 2):

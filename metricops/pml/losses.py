@@ -18,7 +18,15 @@ from .. import _validation as v
 from ..contrastive import contrastive_loss
 from . import _fused
 from . import reducers as _reducers
-from ._common import all_pairs, all_triplets, check_call as _check_call, mining_values, refuse_unsupported, set_ref
+from ._common import (
+    all_pairs,
+    all_triplets,
+    check_call as _check_call,
+    mining_values,
+    nonfinite_below_streaming,
+    refuse_unsupported,
+    set_ref,
+)
 from ._mined import MinedTriplets, TripletSelection
 from ._similarity import (  # noqa: F401 (the similarity losses, re-exported)
     CircleLoss,
@@ -80,7 +88,13 @@ class ContrastiveLoss(torch.nn.Module):
         v.check_number(self.pos_margin, "pos_margin")  # again: the attributes may be set after construction
         v.check_number(self.neg_margin, "neg_margin")
         ref, ref_lab = set_ref(embeddings, labels, ref_emb, ref_labels)
-        if indices_tuple is None and ref_emb is None and _native_dtype(embeddings, labels) and self._default_reducer():
+        if (
+            indices_tuple is None
+            and ref_emb is None
+            and _native_dtype(embeddings, labels)
+            and self._default_reducer()
+            and not nonfinite_below_streaming(embeddings)
+        ):
             return self._all_pairs_native(embeddings, labels)
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, None if ref_emb is None else ref, ref_lab)
         return self.reducer(loss_dict, embeddings, labels)

@@ -172,8 +172,18 @@ class TripletMarginLoss(_FunctionalModule):
     _loss_margin = False
 
     def __init__(
-        self, margin: float = 1.0, p: float = 2.0, eps: float = 1e-6, swap: bool = False, reduction: str = "mean"
+        self,
+        margin: float = 1.0,
+        p: float = 2.0,
+        eps: float = 1e-6,
+        swap: bool = False,
+        size_average=None,
+        reduce=None,
+        reduction: str = "mean",
     ):
+        if size_average is not None or reduce is not None:
+            # torch.nn's deprecated pair, as torch.nn's own losses map it (with its deprecation warning)
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
         super().__init__(margin=margin, p=p, eps=eps, swap=swap, reduction=reduction)
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:

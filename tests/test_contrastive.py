@@ -249,6 +249,17 @@ def test_triplet_module_drop_in():
         g_ref = torch.autograd.grad(expected.sum(), (a, pos, neg))
         for x, y in zip(g, g_ref):
             assert_close(x, y)
+    # torch's full signature: the deprecated size_average/reduce pair, and all seven arguments positionally
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for kw in (dict(size_average=False), dict(reduce=False), dict(size_average=True, reduce=True)):
+            ours, theirs = metricops.nn.TripletMarginLoss(**kw), torch.nn.TripletMarginLoss(**kw)
+            assert ours.reduction == theirs.reduction
+            assert_close(ours(a, pos, neg), theirs(a, pos, neg))
+        args = (0.5, 1.0, 1e-4, True, None, None, "sum")
+        assert_close(metricops.nn.TripletMarginLoss(*args)(a, pos, neg), torch.nn.TripletMarginLoss(*args)(a, pos, neg))
     # Unbatched (D,) inputs, as torch accepts them.
     v = [torch.randn(5) for _ in range(3)]
     for reduction in ("mean", "none"):

@@ -201,6 +201,22 @@ def test_learnable_temperature_gradient(symmetric):
     assert_close(torch.autograd.grad(got, logit_scale)[0], torch.autograd.grad(expected, logit_scale)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_temperature_is_inverted_in_the_statistics_dtype(dtype):
+    """A float16/bfloat16 τ is a number in that dtype; 1/τ rounded back to it was off by up to 2^-9 (bfloat16
+    0.0698: 14.3217 became 14.3125), and the loss and τ's gradient carried that. Now the same τ in float64 gives
+    the same loss, and τ's gradient differs only by its final rounding to τ's dtype."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(20, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(20, 8, generator=g, dtype=torch.float64)
+    low = torch.tensor(0.0698, dtype=dtype, requires_grad=True)
+    exact = low.detach().double().requires_grad_()
+    got, expected = metricops.info_nce_loss(q, k, temperature=low), metricops.info_nce_loss(q, k, temperature=exact)
+    assert got.item() == expected.item()
+    got.backward(), expected.backward()
+    assert low.grad.dtype == dtype and low.grad == exact.grad.to(dtype)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_against_pytorch_metric_learning(seed):
     pml_losses = pytest.importorskip("pytorch_metric_learning.losses")

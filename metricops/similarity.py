@@ -445,21 +445,20 @@ def _check_temperature(temperature, like: torch.Tensor):
             values = temperature.detach()
             while torch._C._functorch.is_functorch_wrapped_tensor(values):
                 values = torch._C._functorch.get_unwrapped(values)
-            bad = ~((values > 0) & torch.isfinite(values) & torch.isfinite(1 / values.to(_at_least_float32(values))))
+            bad = ~((values > 0) & torch.isfinite(values) & torch.isfinite(_inverse(values, like)))
             if bad.any():
                 raise ValueError(
                     f"temperature must be a finite number > 0 whose inverse is finite, got {values[bad].flatten()[0].item()}"
                 )
-        # inverted in the statistics' dtype at least: a float16/bfloat16 temperature's inverse rounded in its own dtype is off by
-        # up to 2^-9 (bfloat16), which the loss and the temperature's gradient then carry
-        acc = accumulation_dtype(like.dtype)
-        inverse = 1.0 / temperature.to(torch.promote_types(temperature.dtype, acc))
-        return inverse.to(device=like.device, dtype=acc)
+        return _inverse(temperature, like).to(like.device)
     return _inverse_temperature(temperature, like)
 
 
-def _at_least_float32(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
+def _inverse(temperature: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """1/temperature in the statistics' dtype, inverted in it or wider: a float16/bfloat16 temperature inverted in
+    its own dtype is off by up to 2^-9 (bfloat16), which the loss and the temperature's gradient would carry."""
+    acc = accumulation_dtype(like.dtype)
+    return (1.0 / temperature.to(torch.promote_types(temperature.dtype, acc))).to(acc)
 
 
 def info_nce_loss(

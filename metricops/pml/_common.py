@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._memory import AUTO_STREAM_MIN_B
 from .._validation import type_name
 
 
@@ -55,10 +56,10 @@ def mining_values(embeddings: torch.Tensor) -> torch.Tensor:
 def nonfinite_below_streaming(embeddings: torch.Tensor) -> bool:
     """Whether a batch with a NaN or infinite coordinate is small enough (below the streaming sizes) for the
     O(B²) paths that follow PML's AvgNonZeroReducer, which drops NaN terms where the fused ops' sums turn NaN.
-    Not checked while compiling (a data-dependent branch)."""
-    from .._memory import AUTO_STREAM_MIN_B
-
-    if torch.compiler.is_compiling() or embeddings.shape[0] >= AUTO_STREAM_MIN_B:
+    Looking is one host sync on CUDA; not done while compiling or capturing a CUDA graph (a data-dependent branch)."""
+    if embeddings.shape[0] >= AUTO_STREAM_MIN_B or torch.compiler.is_compiling():
+        return False
+    if embeddings.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     return not bool(torch.isfinite(embeddings).all())
 

@@ -198,9 +198,11 @@ def triplet_margin_loss(
     positives, real = positives_per_anchor(labels)
     # A bound of the miner's (lower, or an inclusive upper) must be compared as PML does: the slot path does,
     # the op's sums count m < t (exact ties at t: integer-valued embeddings make them, at any t).
-    # So must a batch with a NaN or inf coordinate: PML's reducer drops NaN terms, the op's sums turn NaN.
-    exact_bound = lower is not None or inclusive or nonfinite_below_streaming(embeddings)
-    if use_slots(x.shape[0], positives.shape[1], exact_bound):
+    # So must a batch with a NaN or inf coordinate (looked at only when the op path would run): PML's reducer
+    # drops NaN terms, the op's sums turn NaN.
+    if use_slots(x.shape[0], positives.shape[1], lower is not None or inclusive) or nonfinite_below_streaming(
+        embeddings
+    ):
         return _slot_loss(x, labels, interval, loss_margin, metric, embeddings)
     m_margin = float(loss_margin)
     sum_u, count_u, dist = _below(x, labels, upper, metric)

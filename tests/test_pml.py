@@ -150,6 +150,27 @@ def test_distances_match():
         torch.testing.assert_close(ours(x)[off], theirs(x)[off], atol=1e-5, rtol=1e-5)
 
 
+def test_distance_helper_methods_match_pml():
+    """BaseDistance's public helpers, for code written against PML's distances: each equal to PML's."""
+    gen = torch.Generator().manual_seed(4)
+    q, r = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    for name in DISTANCES:
+        ours, theirs = _pair(name)
+        for method, args in [
+            ("pairwise_distance", (q, r)),
+            ("maybe_normalize", (q,)),
+            ("normalize", (q,)),
+            ("get_norm", (q,)),
+            ("smallest_dist", (q, r)),
+            ("largest_dist", (q, r)),
+            ("margin", (q, r)),
+        ]:
+            assert torch.equal(getattr(ours, method)(*args), getattr(theirs, method)(*args)), (name, method)
+        for method in ("smallest_dist", "largest_dist"):
+            a, b = getattr(ours, method)(q, dim=1), getattr(theirs, method)(q, dim=1)
+            assert torch.equal(a.values, b.values) and torch.equal(a.indices, b.indices), (name, method)
+
+
 def test_cosine_zero_row_gradient_is_zero_where_pml_is_huge():
     """docs/API.md's deliberate difference: an all-zero row's cosine is 0 with gradient 0 here; PML's
     F.normalize (eps 1e-12) gives it a gradient of ~1e12. The other rows, and the values, agree."""

@@ -33,12 +33,29 @@ class BaseDistance(torch.nn.Module):
         d = pairwise_distance(query_emb, ref_emb, metric=self.metric, normalize=self.normalize_embeddings)
         return (1 - d if self.is_inverted else d).to(dtype)
 
-    # PML's helpers, with its sign conventions for similarities.
+    # PML's helpers (BaseDistance's public methods, for code written against PML's distances), with its sign
+    # conventions for similarities.
     def margin(self, x, y):
         return y - x if self.is_inverted else x - y
 
-    def smallest_dist(self, a, b):
-        return torch.maximum(a, b) if self.is_inverted else torch.minimum(a, b)
+    def smallest_dist(self, *args, **kwargs):
+        return torch.max(*args, **kwargs) if self.is_inverted else torch.min(*args, **kwargs)
+
+    def largest_dist(self, *args, **kwargs):
+        return torch.min(*args, **kwargs) if self.is_inverted else torch.max(*args, **kwargs)
+
+    def normalize(self, embeddings, dim=1, **kwargs):
+        return torch.nn.functional.normalize(embeddings, p=self.p, dim=dim, **kwargs)
+
+    def maybe_normalize(self, embeddings, dim=1, **kwargs):
+        return self.normalize(embeddings, dim=dim, **kwargs) if self._pml_normalizes else embeddings
+
+    def get_norm(self, embeddings, dim=1, **kwargs):
+        return torch.norm(embeddings, p=self.p, dim=dim, **kwargs)
+
+    @property
+    def _pml_normalizes(self) -> bool:
+        return self.normalize_embeddings
 
 
 class LpDistance(BaseDistance):
@@ -61,6 +78,10 @@ class LpDistance(BaseDistance):
         self.is_inverted = False
         self.metric = "euclidean" if power == 1 else "sqeuclidean"
 
+    def pairwise_distance(self, query_emb, ref_emb):
+        """PML's row-wise distance of paired rows (no normalization, no power, as PML's)."""
+        return torch.nn.functional.pairwise_distance(query_emb, ref_emb, p=self.p)
+
 
 class CosineSimilarity(BaseDistance):
     """``CosineSimilarity()``: cos(x, y), a similarity (PML inverts margins and min/max for it)."""
@@ -73,6 +94,14 @@ class CosineSimilarity(BaseDistance):
         self.power = 1
         self.is_inverted = True
         self.metric = "cosine"
+
+    @property
+    def _pml_normalizes(self) -> bool:
+        return True  # PML's CosineSimilarity has normalize_embeddings=True; here that flag is the op's (above)
+
+    def pairwise_distance(self, query_emb, ref_emb):
+        """PML's row-wise similarity of paired rows: their dot product (rows normalized by the caller, as PML's)."""
+        return torch.sum(query_emb * ref_emb, dim=1)
 
 
 def resolve(distance, cls_name: str) -> BaseDistance:
